@@ -66,7 +66,7 @@ class Recipe:
 
     SWEEP_FIELDS = ("name", "description", "ranks", "regimes", "lrs", "seeds", "max_extend")
 
-    def validate(self) -> "Recipe":
+    def validate(self) -> Recipe:
         parse_ranks(self.ranks)
         parse_regimes(self.regimes)
         parse_lrs(self.lrs)

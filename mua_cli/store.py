@@ -1,0 +1,107 @@
+"""The trial store: Optuna storage (an SQLite file in the run folder, or any Optuna storage URL,
+e.g. PostgreSQL, when several machines share a sweep), read back as one pandas DataFrame.
+
+A trial is written once, when it has finished (Optuna's `add_trial`), so a sweep cut off mid-trial
+leaves nothing half-written, and the trial's key (a hash of everything that changes its outcome)
+makes re-runs skip it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from .errors import MuaError
+from .theory import FULL, REGIMES
+from .trial import TrialResult, TrialSpec
+
+STUDY = "mua"
+DB_NAME = "trials.db"
+_DISTRIBUTIONS = {
+    "regime": CategoricalDistribution([*REGIMES, FULL]),
+    "rank": IntDistribution(0, 1 << 24),
+    "lr": FloatDistribution(1e-12, 1e6, log=True),
+    "seed": IntDistribution(0, 1 << 31),
+}
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def storage_url(run_dir: Path, storage: str | None = None) -> str:
+    return storage or os.environ.get("MUA_STORAGE") or f"sqlite:///{Path(run_dir).resolve() / DB_NAME}"
+
+
+class TrialStore:
+    def __init__(self, run_dir: Path, storage: str | None = None, create: bool = True):
+        self.run_dir = Path(run_dir)
+        self.url = storage_url(self.run_dir, storage)
+        db = self.run_dir / DB_NAME
+        if self.url.startswith("sqlite:///") and not create and not db.is_file():
+            raise MuaError(f"{self.run_dir} holds no trial store ({DB_NAME}); run `mua sweep --out {self.run_dir}`")
+        if self.url.startswith("sqlite:///"):
+            if db.is_file():
+                _check_sqlite(db)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.study = optuna.create_study(storage=self.url, study_name=STUDY, load_if_exists=True)
+        except Exception as e:  # sqlalchemy's errors for an unreadable or foreign database
+            raise MuaError(f"cannot open the trial store {self.url}: {_first_line(e)}") from None
+
+    def trials(self) -> list[optuna.trial.FrozenTrial]:
+        return [t for t in self.study.get_trials(deepcopy=False) if "key" in t.user_attrs]
+
+    def keys(self) -> set[str]:
+        return {t.user_attrs["key"] for t in self.trials()}
+
+    def add(self, spec: TrialSpec, result: TrialResult, meta: dict) -> None:
+        state = TrialState.FAIL if result.status == "failed" else TrialState.COMPLETE
+        attrs = {"key": spec.key, **result.to_dict(), **meta}
+        trial = optuna.trial.create_trial(
+            params={"regime": spec.regime, "rank": spec.rank, "lr": spec.lr, "seed": spec.seed},
+            distributions=_DISTRIBUTIONS,
+            value=None if state == TrialState.FAIL else result.metric,
+            state=state,
+            user_attrs=attrs,
+        )
+        self.study.add_trial(trial)
+
+
+def load_trials(run_dir: Path, storage: str | None = None) -> pd.DataFrame:
+    """Every stored trial of a run as a DataFrame (one row a trial)."""
+    store = TrialStore(run_dir, storage, create=False)
+    rows = []
+    for t in store.trials():
+        a = dict(t.user_attrs)
+        metric = a.get("metric", math.nan)
+        rows.append(
+            {
+                "number": t.number,
+                **t.params,
+                "status": a.get("status"),
+                "metric": math.inf if a.get("status") == "diverged" else metric,
+                **{k: v for k, v in a.items() if k not in ("metric", "status")},
+            }
+        )
+    if not rows:
+        raise MuaError(f"{run_dir} has no trials yet; run `mua sweep --out {run_dir}` first")
+    df = pd.DataFrame(rows)
+    df["rank"] = df["rank"].astype(int)
+    return df.sort_values(["regime", "rank", "lr", "seed"]).reset_index(drop=True)
+
+
+def _check_sqlite(db: Path) -> None:
+    with open(db, "rb") as f:
+        head = f.read(16)
+    if head and head != b"SQLite format 3\x00":
+        raise MuaError(f"{db} is not an SQLite trial store (corrupted?); it was left untouched")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -1,0 +1,190 @@
+"""Planning the LR grid, running the trials, growing the grid until every optimum is interior,
+and resuming: finished trials (found by key in the store) are never run or stored twice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import MuaError
+from .recipe import Recipe
+from .store import TrialStore
+from .theory import FULL, lr_label, parse_lrs, parse_regimes
+from .trial import TrialResult, TrialSpec
+
+GROW_FACTOR = 2.0  # grids are powers of 2; an extension adds the next power beyond the edge
+
+
+class Listener:
+    """What a sweep reports while it runs; the CLI renders it. Every method is optional."""
+
+    def note(self, message: str) -> None: ...
+    def start(self, total: int, done: int) -> None: ...
+    def grow(self, added: int) -> None: ...
+    def trial_start(self, spec: TrialSpec) -> None: ...
+    def step(self, step: int, loss: float) -> None: ...
+    def trial_done(self, spec: TrialSpec, result: TrialResult) -> None: ...
+
+
+@dataclass
+class SweepSummary:
+    run_dir: Path
+    ran: int = 0
+    skipped: int = 0
+    added: list[str] = field(default_factory=list)  # one line per grid extension
+    at_edge: list[str] = field(default_factory=list)  # groups still at an edge after max_extend
+    device: str = "cpu"
+
+
+def trial_key(recipe: Recipe, regime: str, rank: int, lr: float, seed: int) -> str:
+    blob = json.dumps(
+        {"recipe": recipe.outcome_fields(), "regime": regime, "rank": rank, "lr": f"{lr:.12g}", "seed": seed},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def make_spec(recipe: Recipe, regime: str, rank: int, lr: float, seed: int) -> TrialSpec:
+    return TrialSpec(regime, rank, lr, seed, trial_key(recipe, regime, rank, lr, seed))
+
+
+def groups(recipe: Recipe) -> list[tuple[str, int]]:
+    """The (regime, rank) pairs the sweep covers; full finetuning is the pair ("full", 0)."""
+    out = [(reg.name, r) for reg in parse_regimes(recipe.regimes) for r in recipe.lora_ranks]
+    if recipe.wants_full:
+        out.append((FULL, 0))
+    return out
+
+
+def plan(recipe: Recipe) -> list[TrialSpec]:
+    lrs = parse_lrs(recipe.lrs)
+    return [
+        make_spec(recipe, reg, rank, lr, seed)
+        for reg, rank in groups(recipe)
+        for lr in lrs
+        for seed in range(recipe.seeds)
+    ]
+
+
+def extension(lrs_metrics: dict[float, list[float]], base_grid: list[float], max_extend: int) -> tuple[float | None, str]:
+    """The next LR to add for one (regime, rank), or None with the reason there is none.
+
+    Diverged trials count as +inf: they bound the optimum from above. The number of extensions
+    so far is read off the grid itself, so a resumed sweep continues where it stopped.
+    """
+    means = {lr: sum(v) / len(v) for lr, v in lrs_metrics.items() if v}
+    if len(means) < 2:
+        return None, "no finished trials"
+    grid = sorted(means)
+    extended = sum(1 for lr in grid if lr < min(base_grid) * 0.999 or lr > max(base_grid) * 1.001)
+    finite = [lr for lr in grid if math.isfinite(means[lr])]
+    if not finite:
+        edge, new = "low", grid[0] / GROW_FACTOR  # everything diverged: look lower
+    else:
+        best = min(finite, key=lambda lr: means[lr])
+        if best == grid[0]:
+            edge, new = "low", grid[0] / GROW_FACTOR
+        elif best == grid[-1]:
+            edge, new = "high", grid[-1] * GROW_FACTOR
+        else:
+            return None, "interior"
+    if extended >= max_extend:
+        return None, f"still best at the {edge} edge after {extended} extension(s)"
+    return new, edge
+
+
+def run_sweep(
+    recipe: Recipe,
+    run_dir: Path,
+    device: str = "cpu",
+    listener: Listener | None = None,
+    storage: str | None = None,
+) -> SweepSummary:
+    from .runner import TrialRunner  # torch and the model load only when trials run
+
+    listener = listener or Listener()
+    run_dir = Path(run_dir)
+    store = TrialStore(run_dir, storage)
+    _pin_recipe(run_dir, recipe)
+    summary = SweepSummary(run_dir=run_dir, device=device)
+    done = store.keys()
+    pending = [s for s in plan(recipe) if s.key not in done]
+    summary.skipped = len(plan(recipe)) - len(pending)
+    listener.start(total=len(plan(recipe)), done=summary.skipped)
+    if summary.skipped:
+        listener.note(f"resuming: {summary.skipped} finished trial(s) found in {run_dir}, skipped")
+    runner = TrialRunner(recipe, device, listener)
+    base_grid = parse_lrs(recipe.lrs)
+    while True:
+        for spec in pending:
+            listener.trial_start(spec)
+            result = runner.run(spec)
+            store.add(spec, result, _meta(recipe, spec, result))
+            done.add(spec.key)
+            summary.ran += 1
+            listener.trial_done(spec, result)
+        pending = []
+        metrics = _group_metrics(store)
+        summary.at_edge = []
+        for reg, rank in groups(recipe):
+            new, why = extension(metrics.get((reg, rank), {}), base_grid, recipe.max_extend)
+            name = "full-ft" if reg == FULL else f"{reg} r={rank}"
+            if new is None:
+                if why.startswith("still"):
+                    summary.at_edge.append(f"{name}: {why}")
+                continue
+            specs = [make_spec(recipe, reg, rank, new, s) for s in range(recipe.seeds)]
+            specs = [s for s in specs if s.key not in done]
+            if specs:
+                line = f"{name}: best at the {why} edge of the grid, added lr={lr_label(new)}"
+                summary.added.append(line)
+                listener.note(line)
+                pending.extend(specs)
+        if not pending:
+            return summary
+        listener.grow(len(pending))
+
+
+def _group_metrics(store: TrialStore) -> dict[tuple[str, int], dict[float, list[float]]]:
+    out: dict = defaultdict(lambda: defaultdict(list))
+    for t in store.trials():
+        a = t.user_attrs
+        if a.get("status") == "failed":
+            continue
+        value = math.inf if a.get("status") == "diverged" else float(a["metric"])
+        out[(t.params["regime"], int(t.params["rank"]))][float(t.params["lr"])].append(value)
+    return out
+
+
+def _meta(recipe: Recipe, spec: TrialSpec, result: TrialResult) -> dict:
+    return {
+        **spec.lora_settings(recipe.alpha0),
+        "steps": recipe.steps,
+        "batch_size": recipe.batch_size,
+        "seq_len": recipe.seq_len,
+        "fingerprint": recipe.fingerprint(),
+        "recipe": recipe.outcome_fields(),
+    }
+
+
+def _pin_recipe(run_dir: Path, recipe: Recipe) -> None:
+    """One run folder, one set of outcome-changing settings: a changed `--steps` needs a new folder."""
+    path = run_dir / "recipe.yaml"
+    if path.is_file():
+        try:
+            old = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError:
+            old = {}
+        if old.get("fingerprint") and old["fingerprint"] != recipe.fingerprint():
+            raise MuaError(
+                f"{run_dir} was swept with other settings (steps, batch, model, data...); "
+                "use a new --out folder, or the same settings to resume"
+            )
+    path.write_text(yaml.safe_dump({"fingerprint": recipe.fingerprint(), **recipe.to_dict()}, sort_keys=False))
