@@ -1,0 +1,98 @@
+"""Sweeps store every trial once, resume after an interruption, and grow the grid off its edges."""
+
+import math
+
+import pytest
+
+from mua_cli.errors import MuaError
+from mua_cli.recipe import load_recipe
+from mua_cli.store import TrialStore, load_trials
+from mua_cli.sweep import Listener, extension, plan, run_sweep
+
+
+class Interrupt(Listener):
+    """Raises Ctrl-C in the middle of the n-th trial."""
+
+    def __init__(self, after_trials: int):
+        self.finished, self.after = 0, after_trials
+
+    def trial_done(self, spec, result):
+        self.finished += 1
+
+    def step(self, step, loss):
+        if self.finished == self.after and step == 3:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_sweep_resumes_without_loss_or_duplicates(micro_recipe_path, tmp_path):
+    recipe = load_recipe(str(micro_recipe_path), ranks="4", regimes="B:1", lrs="2^-8:2^-6", max_extend=0)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(recipe, run, "cpu", Interrupt(after_trials=2))
+    assert len(TrialStore(run).trials()) == 2  # the trial cut off mid-way was not stored
+    summary = run_sweep(recipe, run, "cpu")
+    assert summary.skipped == 2 and summary.ran == 1
+    df = load_trials(run)
+    assert len(df) == 3 and df["key"].is_unique
+    assert sorted(df["lr"]) == [2**-8, 2**-7, 2**-6]
+    again = run_sweep(recipe, run, "cpu")  # a third run finds everything done
+    assert again.ran == 0 and len(load_trials(run)) == 3
+
+
+def test_every_trial_records_what_the_issue_asks(micro_recipe_path, tmp_path):
+    recipe = load_recipe(str(micro_recipe_path), ranks="4", regimes="B:1,A:r", lrs="2^-8:2^-6", max_extend=0)
+    run_sweep(recipe, tmp_path / "run", "cpu")
+    df = load_trials(tmp_path / "run")
+    row = df[df["regime"] == "B:1"].iloc[0]
+    assert row["lora_alpha"] == 4 and not row["use_rslora"] and row["alpha"] == 1.0 and row["init"] == "B"
+    row = df[df["regime"] == "A:r"].iloc[0]
+    assert row["lora_alpha"] == 1 and row["alpha"] == pytest.approx(0.25) and row["init"] == "A"
+    for col in ("loss_curve", "metric", "status", "wall_time", "device", "recipe", "error", "steps", "batch_size"):
+        assert col in df.columns
+    assert len(row["loss_curve"]) == recipe.steps and row["recipe"]["steps"] == recipe.steps
+    ok = df[df["status"] == "ok"]
+    tail = ok.iloc[0]["loss_curve"][-math.ceil(0.1 * recipe.steps):]
+    assert ok.iloc[0]["metric"] == pytest.approx(sum(tail) / len(tail))
+
+
+def test_huge_lr_diverges_and_is_stored_as_diverged(micro_recipe_path, tmp_path):
+    recipe = load_recipe(str(micro_recipe_path), ranks="4", regimes="A:1", lrs="2^-8,2^2,2^10", max_extend=0,
+                         alpha0=8.0)
+    run_sweep(recipe, tmp_path / "run", "cpu")
+    df = load_trials(tmp_path / "run").set_index("lr")
+    assert df.loc[2**10, "status"] == "diverged" and math.isinf(df.loc[2**10, "metric"])
+    assert len(df.loc[2**10, "loss_curve"]) < recipe.steps  # stopped early
+    assert df.loc[2**-8, "status"] == "ok"
+
+
+def test_changing_steps_needs_a_new_run_folder(micro_recipe_path, tmp_path):
+    recipe = load_recipe(str(micro_recipe_path), ranks="4", regimes="B:1", lrs="2^-8:2^-6", max_extend=0)
+    run_sweep(recipe, tmp_path / "run", "cpu")
+    other = load_recipe(str(micro_recipe_path), ranks="4", regimes="B:1", lrs="2^-8:2^-6", steps=20)
+    assert {s.key for s in plan(other)}.isdisjoint({s.key for s in plan(recipe)})
+    with pytest.raises(MuaError, match="other settings"):
+        run_sweep(other, tmp_path / "run", "cpu")
+    assert len(load_trials(tmp_path / "run")) == 3
+
+
+def test_extension_rules():
+    grid = [2.0**-k for k in (8, 7, 6)]
+    assert extension({2**-8: [1.0], 2**-7: [2.0], 2**-6: [3.0]}, grid, 2) == (2**-9, "low")
+    assert extension({2**-8: [3.0], 2**-7: [2.0], 2**-6: [1.0]}, grid, 2) == (2**-5, "high")
+    assert extension({2**-8: [3.0], 2**-7: [1.0], 2**-6: [math.inf]}, grid, 2) == (None, "interior")
+    # the high side diverging makes a best-at-top optimum interior once the new point is in
+    assert extension({2**-8: [3.0], 2**-7: [2.0], 2**-6: [1.0], 2**-5: [math.inf]}, grid, 2)[0] is None
+    everything_diverged = {2**-8: [math.inf], 2**-7: [math.inf], 2**-6: [math.inf]}
+    assert extension(everything_diverged, grid, 2) == (2**-9, "low")
+    new, why = extension({2**-10: [0.5], 2**-9: [1.0], 2**-8: [1.5], 2**-7: [2.0], 2**-6: [3.0]}, grid, 2)
+    assert new is None and "after 2 extension" in why
+
+
+def test_sweep_grows_the_grid_off_an_edge(micro_recipe_path, tmp_path):
+    # A grid far below the optimum: the best point is the top edge, so the sweep adds higher LRs.
+    recipe = load_recipe(str(micro_recipe_path), ranks="4", regimes="A:r", lrs="2^-16:2^-14", max_extend=2)
+    summary = run_sweep(recipe, tmp_path / "run", "cpu")
+    lrs = sorted(load_trials(tmp_path / "run")["lr"])
+    assert lrs == [2**-16, 2**-15, 2**-14, 2**-13, 2**-12]
+    assert len(summary.added) == 2 and "high edge" in summary.added[0]
+    assert summary.at_edge and "after 2 extension" in summary.at_edge[0]
