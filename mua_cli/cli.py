@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -125,6 +126,105 @@ def sweep(
             console.print(f"[yellow]![/] {line}: widen --lrs or raise max_extend")
         console.print(sweep_table(load_trials(run_dir, storage)))
         console.print(f"ran {summary.ran} trial(s), skipped {summary.skipped} already stored · next: mua fit {run_dir}")
+
+
+def fit_of(run_dir: Path, refit: bool = False):
+    """The run's fit: fit.json when it is newer than the trial store, else a fresh fit (saved)."""
+    import json
+
+    from .fit import FitResult, fit_run
+    from .store import DB_NAME, load_trials
+
+    path = run_dir / "fit.json"
+    db = run_dir / DB_NAME
+    if not refit and path.is_file() and (not db.is_file() or path.stat().st_mtime >= db.stat().st_mtime):
+        try:
+            return FitResult.from_dict(json.loads(path.read_text()))
+        except ValueError:
+            pass  # unreadable: fit again from the trials
+    result = fit_run(load_trials(run_dir))
+    path.write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False))
+    return result
+
+
+@app.command()
+def fit(
+    run: Annotated[Path | None, typer.Argument(help="Run folder (default: the newest under runs/).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print fit.json to stdout.")] = False,
+    plot: Annotated[bool, typer.Option(help="Write fit.png.")] = True,
+):
+    """Find η* per regime and rank, fit the η*-vs-rank exponent per regime and test it against μA.
+
+    Writes fit.json and fit.png into the run folder.
+
+    Examples:
+
+      mua fit
+
+      mua fit runs/tiny-1a2b3c4d --json
+    """
+    with user_errors():
+        from .report import fit_tables
+
+        run_dir = run_folder(run)
+        result = fit_of(run_dir, refit=True)
+        if plot:
+            from .plots import plot_fit
+
+            plot_fit(result, run_dir / "fit.png")
+        if json_out:
+            typer.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
+            return
+        console = Console()
+        for table in fit_tables(result):
+            console.print(table)
+        console.print(f"wrote {run_dir / 'fit.json'}" + (f" and {run_dir / 'fit.png'}" if plot else ""))
+
+
+@app.command()
+def transfer(
+    run: Annotated[Path | None, typer.Argument(help="Run folder (default: the newest under runs/).")] = None,
+    to: Annotated[str, typer.Option("--to", help="'full-ft', or a target LoRA rank such as 256.")] = "full-ft",
+    regime: Annotated[str | None, typer.Option(help="Regime for a rank target (default B:1 if swept, else the first).")] = None,
+    heuristic: Annotated[bool, typer.Option(help="Allow the 'LoRA Without Regret' heuristic (A:r LR / 10) for full-ft.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print the learning rate alone.")] = False,
+):
+    """Predict the learning rate for full finetuning or a target LoRA rank, with an interval.
+
+    Examples:
+
+      mua transfer --to full-ft
+
+      mua transfer runs/tiny-1a2b3c4d --to 256 --regime A:r
+
+      LR=$(mua transfer --to full-ft --quiet)
+    """
+    with user_errors():
+        from .report import prediction_panel
+        from .transfer import FULL_TARGET, predict_full, predict_rank
+
+        result = fit_of(run_folder(run))
+        target = to.strip().lower()
+        if target in (FULL_TARGET, "full"):
+            pred = predict_full(result, heuristic=heuristic)
+        else:
+            try:
+                rank = int(target)
+            except ValueError:
+                raise MuaError(f"--to takes 'full-ft' or a positive rank, not {to!r}") from None
+            if rank < 1:
+                raise MuaError(f"--to takes a positive rank, not {rank}")
+            name = regime or ("B:1" if "B:1" in result.regimes else next(iter(sorted(result.regimes)), None))
+            if name is None:
+                raise MuaError("the run has no LoRA trials to predict from")
+            pred = predict_rank(result, name, rank)
+        if json_out:
+            typer.echo(json.dumps(pred.to_dict(), allow_nan=False))
+        elif quiet:
+            typer.echo(f"{pred.lr:.6g}")
+        else:
+            Console().print(prediction_panel(pred))
 
 
 @app.command()

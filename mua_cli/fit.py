@@ -395,7 +395,7 @@ def fit_regime(optima: list[RankOptimum], regime: str) -> RegimeFit:
     res = y - rf.intercept - rf.slope * x
     rf.resid_se = math.sqrt(float(res @ res) / rf.dof)
     w = (x - xbar) / sxx
-    rf.slope_se = math.sqrt(rf.resid_se**2 / sxx + float((w**2 * se**2).sum()))
+    rf.slope_se = math.sqrt(rf.resid_se**2 / sxx)
     half = t95(rf.dof) * rf.slope_se
     rf.slope_interval = [rf.slope - half, rf.slope + half]
     inside = rf.slope_interval[0] <= reg.rank_exponent <= rf.slope_interval[1]

@@ -61,3 +61,86 @@ def sweep_table(df: pd.DataFrame) -> Table:
             where,
         )
     return t
+
+
+def _lr(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3g}"
+
+
+def _interval(lo: float | None, hi: float | None) -> str:
+    return "—" if lo is None or hi is None else f"[{lo:.3g}, {hi:.3g}]"
+
+
+def fit_tables(fit) -> list:
+    """The η* per (regime, rank) table, the exponent table, and the full-finetuning comparison."""
+    t = Table(title="η* per regime and rank (95 % interval)")
+    for col in ("regime", "rank", "η*", "interval", "method", "best grid LR", "seeds", "note"):
+        t.add_column(col)
+    rows = list(fit.optima) + ([fit.full] if fit.full else [])
+    for o in rows:
+        note = o.reason or o.note or ""
+        if o.edge:
+            note = f"[yellow]optimum at the {o.edge} edge: no η*[/]"
+        t.add_row(
+            "full-ft" if o.regime == FULL else o.regime,
+            "—" if o.regime == FULL else str(o.rank),
+            _lr(o.lr_star),
+            _interval(o.lo, o.hi),
+            o.interval_method or "—",
+            "—" if o.best_grid_lr is None else lr_label(o.best_grid_lr),
+            str(o.n_seeds),
+            note,
+        )
+    s = Table(title="η* ∝ r^slope per regime, tested against μA")
+    for col in ("regime", "ranks used", "slope", "95 % interval", "μA", "verdict", "η* at μA's slope (r=1)"):
+        s.add_column(col)
+    for name, rf in sorted(fit.regimes.items()):
+        verdict = {"consistent": "[green]consistent[/]", "inconsistent": "[red]inconsistent[/]"}.get(
+            rf.verdict, f"[yellow]{rf.verdict}[/]"
+        )
+        s.add_row(
+            name,
+            ",".join(map(str, rf.ranks_used)) or "—",
+            "—" if rf.slope is None else f"{rf.slope:+.3f}",
+            "—" if not rf.slope_interval else f"[{rf.slope_interval[0]:+.3f}, {rf.slope_interval[1]:+.3f}]",
+            f"{rf.expected_slope:+g}",
+            verdict,
+            "—" if rf.intercept_mua is None else f"{2.0 ** rf.intercept_mua:.3g}",
+        )
+    s.caption = "Few ranks give few degrees of freedom: intervals come from the t distribution."
+    out = [t, s]
+    if fit.full_vs_b1:
+        c = fit.full_vs_b1
+        f = Table(title="full finetuning: measured vs B:1's prediction (μA: ratio ≈ 1)")
+        for col in ("B:1 pooled η*", "full-ft η*", "ratio B:1 / full", "95 % interval", "ratio ≈ 1?"):
+            f.add_column(col)
+        f.add_row(_lr(c.b1_lr), _lr(c.full_lr), f"{c.ratio:.3g}", _interval(*c.ratio_interval),
+                  "[green]yes[/]" if c.consistent_with_one else "[red]no[/]")
+        out.append(f)
+    return out
+
+
+def prediction_panel(pred):
+    """A person's view of one prediction: the number, its interval, its basis, and what it holds for."""
+    from rich.panel import Panel
+
+    target = "full finetuning" if pred.target == "full-ft" else f"LoRA rank {pred.target} ({pred.regime})"
+    lines = [
+        f"[bold]learning rate for {target}: [green]{pred.lr:.4g}[/][/]   95 % interval [{pred.lo:.3g}, {pred.hi:.3g}]",
+        f"basis: {pred.basis} — {pred.reason}",
+        f"from ranks: {', '.join(map(str, pred.ranks_used))}",
+    ]
+    if pred.basis == "heuristic":
+        lines.append("[yellow]HEURISTIC, not μA: 'LoRA Without Regret' (Schulman et al., 2025)[/]")
+    ev = pred.evidence or {}
+    if ev.get("calibrated"):
+        lines.append(f"[bold]evidence:[/] {ev['calibrated']}")
+    lines.append("")
+    lines.append("[bold]holds for[/] (" + pred.caveat + "):")
+    for k, v in pred.settings.items():
+        lines.append(f"  {k}: {v}")
+    if pred.peft:
+        lines.append(f"[bold]peft:[/] {pred.peft}")
+    for n in pred.notes:
+        lines.append(f"[yellow]note:[/] {n}")
+    return Panel("\n".join(lines), title="mua transfer", expand=False)

@@ -100,7 +100,7 @@ def _mua_slope(rf: RegimeFit, x0: float) -> tuple[float, float]:
     uncertainty and the scatter of the measured optima about μA's line (the target rank's own deviation).
     """
     var = rf.intercept_mua_se**2 + (rf.resid_se_mua or 0.0) ** 2
-    return rf.intercept_mua + 0 * x0, t95(rf.dof_mua) * math.sqrt(var)
+    return rf.intercept_mua + rf.expected_slope * x0, t95(rf.dof_mua) * math.sqrt(var)
 
 
 def _peft_snippet(regime: str, alpha0: float, rank: int) -> str:
