@@ -1,0 +1,159 @@
+"""The command line end to end, and every bad input a user can give: one clear line, exit code 2."""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from mua_cli.cli import app
+
+runner = CliRunner()
+
+
+def mua(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def swept_run(tmp_path_factory, model_cache):
+    """One real sweep of the micro recipe, shared by the tests that only read it."""
+    import os
+
+    import yaml
+
+    from conftest import TINY_TEST_RECIPE
+
+    os.environ["MUA_CACHE"] = str(model_cache)
+    root = tmp_path_factory.mktemp("cli")
+    recipe = root / "micro.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY_TEST_RECIPE, "steps": 20, "lrs": "2^-11:2^-3", "max_extend": 2}))
+    run = root / "run"
+    res = mua("sweep", "--recipe", recipe, "--ranks", "2,4,8", "--regimes", "A:r,B:1", "--out", run, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    return run
+
+
+def test_sweep_fit_transfer_end_to_end(swept_run):
+    res = mua("fit", swept_run)
+    assert res.exit_code == 0, res.output
+    assert (swept_run / "fit.json").is_file() and (swept_run / "fit.png").stat().st_size > 10_000
+    doc = json.loads((swept_run / "fit.json").read_text())
+    assert set(doc["regimes"]) == {"A:r", "B:1"}
+    assert doc["n_trials"] >= 2 * 3 * 9
+    res = mua("transfer", swept_run, "--to", "full-ft", "--json")
+    assert res.exit_code == 0, res.output
+    pred = json.loads(res.stdout)
+    assert pred["target"] == "full-ft" and pred["regime"] == "B:1" and pred["basis"] == "B:1-pooled"
+    lo, hi = pred["interval"]
+    assert lo <= pred["lr"] <= hi
+    res_q = mua("transfer", swept_run, "--to", "full-ft", "--quiet")
+    assert float(res_q.stdout.strip()) == pytest.approx(pred["lr"], rel=1e-4)
+    res = mua("transfer", swept_run, "--to", "full-ft")
+    assert res.exit_code == 0 and "holds only for the same optimizer" in res.output
+
+
+def test_transfer_to_rank_json_schema(swept_run):
+    res = mua("transfer", swept_run, "--to", "128", "--regime", "A:r", "--json")
+    assert res.exit_code == 0, res.output
+    pred = json.loads(res.stdout)
+    for key in ("lr", "interval", "target", "regime", "basis", "settings", "caveat", "reason"):
+        assert key in pred
+    assert pred["target"] == 128 and pred["basis"] in ("muA-slope", "free-slope")
+    assert pred["settings"]["lora_alpha"] == 1 and pred["settings"]["steps"] == 20
+
+
+def test_resweep_skips_everything(swept_run, tmp_path):
+    before = (swept_run / "trials.db").read_bytes()
+    recipe = tmp_path / "r.yaml"
+    import yaml
+
+    from conftest import TINY_TEST_RECIPE
+
+    recipe.write_text(yaml.safe_dump({**TINY_TEST_RECIPE, "steps": 20, "lrs": "2^-11:2^-3", "max_extend": 2}))
+    res = mua("sweep", "--recipe", recipe, "--ranks", "2,4,8", "--regimes", "A:r,B:1", "--out", swept_run,
+              "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "ran 0 trial(s)" in res.output
+    assert (swept_run / "trials.db").read_bytes() == before
+
+
+def test_theory_and_recipes_and_help():
+    res = mua("theory")
+    assert res.exit_code == 0 and "B:sqrt" in res.output and "-0.25" in res.output and "full finetuning" in res.output
+    res = mua("recipes")
+    assert res.exit_code == 0 and "tiny" in res.output
+    for cmd in ("sweep", "fit", "transfer"):
+        res = mua(cmd, "--help")
+        assert res.exit_code == 0 and "Examples" in res.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sweep", "--ranks", "4,x"], "bad rank"),
+        (["sweep", "--ranks", "0"], "at least 1"),
+        (["sweep", "--regimes", "C:9"], "unknown regime"),
+        (["sweep", "--lrs", "2^-4:2^-3"], "at least 3"),
+        (["sweep", "--recipe", "no/such/recipe.yaml"], "does not exist"),
+        (["sweep", "--recipe", "nosuchrecipe"], "no recipe named"),
+        (["sweep", "--device", "tpu"], "unknown device"),
+        (["fit", "no/such/run"], "does not exist"),
+        (["transfer", "no/such/run"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = mua(*args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert "Traceback" not in res.output
+
+
+def test_empty_dataset_and_missing_model(tmp_path, micro_recipe_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    res = mua("sweep", "--recipe", micro_recipe_path, "--out", tmp_path / "r1", "--device", "cpu", "--quiet")
+    assert res.exit_code == 0, res.output
+    import yaml
+
+    raw = yaml.safe_load(micro_recipe_path.read_text())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**raw, "data": str(empty)}))
+    res = mua("sweep", "--recipe", bad, "--out", tmp_path / "r2", "--device", "cpu")
+    assert res.exit_code == 2 and "empty" in res.output and "Traceback" not in res.output
+    bad.write_text(yaml.safe_dump({**raw, "model": str(tmp_path / "no-model")}))
+    res = mua("sweep", "--recipe", bad, "--out", tmp_path / "r3", "--device", "cpu")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    bad.write_text("steps: [unclosed")
+    res = mua("sweep", "--recipe", bad)
+    assert res.exit_code == 2 and "YAML" in res.output
+    bad.write_text(yaml.safe_dump({**raw, "stepz": 3}))
+    res = mua("sweep", "--recipe", bad)
+    assert res.exit_code == 2 and "unknown key" in res.output
+
+
+def test_run_without_trials_and_corrupted_store(tmp_path):
+    (tmp_path / "empty-run").mkdir()
+    res = mua("fit", tmp_path / "empty-run")
+    assert res.exit_code == 2 and "no trial store" in res.output
+    bad = tmp_path / "bad-run"
+    bad.mkdir()
+    garbage = b"this is not a database" * 100
+    (bad / "trials.db").write_bytes(garbage)
+    for args in (["fit", bad], ["transfer", bad], ["sweep", "--out", bad, "--device", "cpu"]):
+        res = mua(*args)
+        assert res.exit_code == 2 and "corrupted" in res.output, res.output
+    assert (bad / "trials.db").read_bytes() == garbage  # left untouched
+
+
+def test_full_ft_without_b1_is_a_clear_error(tmp_path, micro_recipe_path):
+    run = tmp_path / "run"
+    res = mua("sweep", "--recipe", micro_recipe_path, "--ranks", "2,4", "--regimes", "A:r", "--out", run,
+              "--device", "cpu", "--quiet")
+    assert res.exit_code == 0, res.output
+    res = mua("transfer", run, "--to", "full-ft")
+    assert res.exit_code == 2 and "--regimes B:1" in res.output
+    res = mua("transfer", run, "--to", "abc")
+    assert res.exit_code == 2 and "--to" in res.output
+    shutil.rmtree(run)
