@@ -1,25 +1,54 @@
-"""Putting LoRA on a model for a μA regime (peft + the paper's exact inits), or full finetuning."""
+"""Putting LoRA on a model for a μA regime (peft + the paper's exact inits), or full finetuning; the
+optimizer's parameter groups (a new classification head at its own fixed LR, per-layer fan-in scaling)."""
 
 from __future__ import annotations
 
+import copy
 import math
+import re
+from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
+from .errors import MuaError
 from .theory import FULL, Regime, get_regime
 
+ALL_LINEAR = "all-linear"
 
-def lora_config(regime: Regime, rank: int, alpha0: float, targets) -> LoraConfig:
+
+def normalize_targets(targets) -> str | list[str]:
+    """'all-linear', a list of module names, or 'q_proj,v_proj' (the command line's form) → peft's form."""
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else [str(t).strip() for t in targets]
+    names = [t for t in names if t]
+    if not names:
+        raise MuaError("no LoRA target module given; use all-linear or names such as q_proj,v_proj")
+    return ALL_LINEAR if names == [ALL_LINEAR] else names
+
+
+def lora_config(
+    regime: Regime, rank: int, alpha0: float, targets, head: tuple[str, ...] | list[str] = ()
+) -> LoraConfig:
+    """peft's config for one regime and rank. A classification `head` (top-level module names) is kept out of
+    LoRA and trained in full (peft's modules_to_save)."""
+    extra: dict = {}
+    if head:
+        extra["modules_to_save"] = list(head)
+        extra["exclude_modules"] = _head_regex(head)
     return LoraConfig(
         r=rank,
-        target_modules=targets,
+        target_modules=normalize_targets(targets),
         lora_dropout=0.0,
         bias="none",
         init_lora_weights=True,  # overwritten by init_lora() below
         **regime.peft_args(alpha0, rank),
+        **extra,
     )
+
+
+def _head_regex(head) -> str:
+    return r"^(.*\.)?(" + "|".join(re.escape(h) for h in head) + r")(\..*)?$"
 
 
 @torch.no_grad()
@@ -45,21 +74,174 @@ def init_lora(model: torch.nn.Module, regime: Regime, rank: int, seed: int) -> i
     return n
 
 
-def prepare(base: torch.nn.Module, regime_name: str, rank: int, alpha0: float, targets, seed: int):
-    """A trainable copy of `base` for one trial; the base itself stays untouched."""
-    import copy
+def head_modules(model: torch.nn.Module, task: str) -> list[str]:
+    """A classifier's task head: its top-level modules with parameters other than the pretrained body
+    (`classifier` for BERT/RoBERTa/ViT, `score` for Llama/GPT-2). Causal LMs have none (lm_head is pretrained)."""
+    if task == "causal-lm":
+        return []
+    body = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    return [
+        name for name, child in model.named_children() if child is not body and any(True for _ in child.parameters())
+    ]
 
+
+def prepare(
+    base: torch.nn.Module,
+    regime_name: str,
+    rank: int,
+    alpha0: float,
+    targets,
+    seed: int,
+    head: tuple[str, ...] | list[str] = (),
+):
+    """A trainable copy of `base` for one trial; the base itself stays untouched.
+
+    Trainable parameters are float32 (master weights) whatever the base's dtype; a bf16 base runs under autocast.
+    """
     model = copy.deepcopy(base)
     if regime_name == FULL:
         for p in model.parameters():
             p.requires_grad_(True)
-        return model
-    regime = get_regime(regime_name)
-    model = get_peft_model(model, lora_config(regime, rank, alpha0, targets))
-    if init_lora(model, regime, rank, seed) == 0:
-        raise RuntimeError("no LoRA layer was created")
+    else:
+        regime = get_regime(regime_name)
+        model = get_peft_model(model, lora_config(regime, rank, alpha0, targets, head))
+        if init_lora(model, regime, rank, seed) == 0:
+            raise RuntimeError("no LoRA layer was created")
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     return model
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def lora_target_names(base: torch.nn.Module, targets, head=()) -> list[str]:
+    """The module names LoRA will adapt (peft's matching: all-linear less the output layer, or names matched
+    as suffixes), less the head; a clear error when that is nothing."""
+    t = normalize_targets(targets)
+    out_emb = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    rx = re.compile(_head_regex(head)) if head else None
+    names = []
+    for name, module in base.named_modules():
+        if not name or not _is_linear(module) or (rx and rx.match(name)):
+            continue
+        if t == ALL_LINEAR:
+            if module is not out_emb:
+                names.append(name)
+        elif any(name == k or name.endswith("." + k) for k in t):
+            names.append(name)
+    if not names:
+        some = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if n and _is_linear(m)})
+        raise MuaError(
+            f"LoRA targets {targets!r} match no linear layer of the model; its linear layers are named "
+            f"{', '.join(some[:12]) or '(none)'} (or use all-linear)"
+        )
+    return names
+
+
+# ------------------------------------------------------------------------------------------ parameter groups
+
+
+@dataclass
+class GroupInfo:
+    name: str
+    lr: float
+    n_params: int
+    scale: float | None = None  # the per-layer factor on the trial's LR; None for the head's fixed LR
+
+
+@dataclass
+class Groups:
+    groups: list[dict]  # torch optimizer parameter groups ({"params": [...], "lr": ...})
+    info: list[GroupInfo] = field(default_factory=list)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.groups for p in g["params"]]
+
+
+def _strip_peft(name: str) -> str:
+    return name[len("base_model.model.") :] if name.startswith("base_model.model.") else name
+
+
+def _fan_in(module: torch.nn.Module) -> int | None:
+    if isinstance(module, LoraLayer):
+        return int(module.in_features)
+    if isinstance(module, torch.nn.Linear):
+        return int(module.in_features)
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nx"):  # GPT-2's transposed linear
+        return int(module.nx)
+    return None
+
+
+def param_groups(
+    model: torch.nn.Module,
+    regime_name: str,
+    lr: float,
+    head: tuple[str, ...] | list[str] = (),
+    head_lr: float = 1e-3,
+    per_layer: bool = False,
+    base_n: int | None = None,
+) -> Groups:
+    """The optimizer's parameter groups for one trial.
+
+    - A classification head (top-level modules `head`) trains in full at the fixed `head_lr`, in LoRA and
+      full-finetuning trials alike; everything else trains at the trial's `lr`.
+    - `per_layer`: DESIGN.md's fan-in rule with base_n = the model's width: a layer with fan-in n_in gets
+      lr · base_n/n_in (Init[B] LoRA and full finetuning) or lr · sqrt(base_n/n_in) (Init[A] LoRA); LoRA's A
+      and B of a layer share its factor. In full finetuning only the weight matrices of linear layers are
+      scaled; embeddings, norms and biases keep the trial's LR.
+    Without a head and per-layer scaling this is one group of every trainable parameter, in model order.
+    """
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head_ids: set[int] = set()
+    if head:
+        for name, module in model.named_modules():
+            if _strip_peft(name) in head:
+                head_ids.update(id(p) for p in module.parameters() if p.requires_grad)
+    scale: dict[int, float] = {}
+    if per_layer:
+        if not base_n:
+            raise MuaError("--per-layer-lr needs the model's hidden size (base_n); its config has none")
+        power = 1.0 if regime_name == FULL or get_regime(regime_name).init == "B" else 0.5
+        for module in model.modules():
+            n_in = _fan_in(module)
+            if n_in is None:
+                continue
+            if isinstance(module, LoraLayer):
+                owned = [p for d in (module.lora_A, module.lora_B) for m in d.values() for p in m.parameters()]
+            elif regime_name == FULL:
+                owned = [module.weight]
+            else:
+                continue
+            for p in owned:
+                if p.requires_grad and id(p) not in head_ids:
+                    scale.setdefault(id(p), (base_n / n_in) ** power)
+    buckets: dict[tuple, list] = {}
+    for _, p in trainable:
+        key = ("head",) if id(p) in head_ids else ("body", scale.get(id(p), 1.0))
+        buckets.setdefault(key, []).append(p)
+    out = Groups(groups=[])
+    if list(buckets) == [("body", 1.0)]:
+        params = buckets[("body", 1.0)]
+        out.groups.append({"params": params})  # the trial's LR, exactly as a plain optimizer over all of them
+        out.info.append(GroupInfo("all trainable", lr, sum(p.numel() for p in params), 1.0))
+        return out
+    for key in sorted(buckets, key=lambda k: (k[0] == "head", -k[1] if len(k) > 1 else 0)):
+        params = buckets[key]
+        n = sum(p.numel() for p in params)
+        if key[0] == "head":
+            out.groups.append({"params": params, "lr": head_lr})
+            out.info.append(GroupInfo(f"head ({', '.join(head)})", head_lr, n, None))
+        else:
+            s = key[1]
+            out.groups.append({"params": params, "lr": lr * s})
+            label = "body" if not per_layer else f"fan-in scale {s:.4g}"
+            out.info.append(GroupInfo(label, lr * s, n, s))
+    return out

@@ -83,6 +83,13 @@ def sweep(
     alpha0: Annotated[float | None, typer.Option(help="α0 in α = α0 · r^-γ.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per step.")] = None,
     metric: Annotated[str | None, typer.Option(help="Final metric: 'train' (last 10 % of steps) or 'eval'.")] = None,
+    model: Annotated[str | None, typer.Option(help="Hugging Face model: hub name or local folder.")] = None,
+    task: Annotated[str | None, typer.Option(help="causal-lm, seq-cls or image-cls.")] = None,
+    data: Annotated[str | None, typer.Option(help="A .txt/.jsonl/.csv file, a dataset, an image folder.")] = None,
+    targets: Annotated[str | None, typer.Option(help="LoRA targets, e.g. q_proj,v_proj (default all-linear).")] = None,
+    per_layer_lr: Annotated[
+        bool | None, typer.Option("--per-layer-lr/--no-per-layer-lr", help="Scale each layer's LR by its fan-in.")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<recipe>-<settings hash>).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL to share one sweep across machines.")] = None,
@@ -97,6 +104,8 @@ def sweep(
       mua sweep
 
       mua sweep --ranks 4,16,64,full --regimes A:r,B:1 --lrs 2^-12:2^-4 --steps 200
+
+      mua sweep --recipe roberta-base-sst2 --ranks 4,16,full --per-layer-lr
     """
     with user_errors():
         from .recipe import load_recipe
@@ -106,7 +115,8 @@ def sweep(
         from .sweep import run_sweep
 
         r = load_recipe(recipe, ranks=ranks, regimes=regimes, lrs=lrs, steps=steps, seeds=seeds, alpha0=alpha0,
-                        batch_size=batch_size, metric=metric)
+                        batch_size=batch_size, metric=metric, model=model, task=task, data=data, targets=targets,
+                        per_layer_lr=per_layer_lr)
         dev = resolve_device(device)
         run_dir = out or RUNS_DIR / f"{r.name}-{r.fingerprint()[:8]}"
         console, _ = consoles(quiet)

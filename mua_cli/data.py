@@ -52,9 +52,7 @@ class TokenData:
         n_eval = int(len(tokens) * eval_fraction)
         train, held = tokens[: len(tokens) - n_eval], tokens[len(tokens) - n_eval :]
         if len(train) < 4 * (seq_len + 1):
-            raise MuaError(
-                f"dataset {source} is too small: {len(train)} training tokens for windows of {seq_len + 1}"
-            )
+            raise MuaError(f"dataset {source} is too small: {len(train)} training tokens for windows of {seq_len + 1}")
         if eval_fraction > 0 and len(held) < seq_len + 1:
             held = train[-(seq_len + 1) * 4 :]
         return cls(train=train, eval=held, seq_len=seq_len)
@@ -80,3 +78,326 @@ def load_text_data(spec: str, seq_len: int, eval_fraction: float) -> TokenData:
     if not text.strip():
         raise MuaError(f"dataset {spec} is empty")
     return TokenData.from_tokens(byte_tokens(text), seq_len, eval_fraction, spec)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real data: local text / JSONL / CSV / Parquet files, Hugging Face datasets (hub name or `save_to_disk` folder),
+# image folders (one subfolder per class). Everything below is new; the embedded byte-level path above is unchanged.
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SPLIT_SEED = 0  # the train / held-out split of records is fixed, whatever the trial's seed
+
+
+class Records:
+    """A table of records: a list of dicts (local files, image folders) or a `datasets.Dataset`.
+
+    Columns are read whole (`column`), single cells lazily (`cell`, for images)."""
+
+    def __init__(self, name: str, rows: list[dict] | None = None, dataset=None, label_names: list[str] | None = None):
+        self.name, self.rows, self.dataset = name, rows, dataset
+        self._label_names = label_names
+
+    def __len__(self) -> int:
+        return len(self.dataset) if self.dataset is not None else len(self.rows)
+
+    @property
+    def columns(self) -> list[str]:
+        if self.dataset is not None:
+            return list(self.dataset.column_names)
+        cols: dict[str, None] = {}
+        for r in self.rows[:100]:
+            cols.update(dict.fromkeys(r))
+        return list(cols)
+
+    def column(self, name: str) -> list:
+        if self.dataset is not None:
+            return list(self.dataset[name])
+        return [r.get(name) for r in self.rows]
+
+    def cell(self, i: int, name: str):
+        if self.dataset is not None:
+            return self.dataset[int(i)][name]
+        return self.rows[int(i)].get(name)
+
+    def feature(self, name: str):
+        """The `datasets` feature of a column (ClassLabel, Image, ...), or None."""
+        if self.dataset is None:
+            return None
+        return self.dataset.features.get(name)
+
+    def class_names(self, name: str) -> list[str] | None:
+        feat = self.feature(name)
+        if feat is not None and hasattr(feat, "names") and getattr(feat, "num_classes", None):
+            return list(feat.names)
+        return self._label_names
+
+    def need(self, name: str, what: str) -> None:
+        if name not in self.columns:
+            raise MuaError(
+                f"dataset {self.name} has no {what} field {name!r}; its fields: {', '.join(self.columns) or '(none)'}"
+                f" (set text_field / label_field in the recipe)"
+            )
+
+
+@dataclass
+class Source:
+    """What `--data` names: a plain text (LM only) or a table of records."""
+
+    name: str
+    text: str | None = None
+    records: Records | None = None
+
+
+def open_source(spec: str) -> Source:
+    """Open `--data`: `embedded:NAME`, a local file or folder, or a Hugging Face dataset `NAME[:CONFIG][@SPLIT]`."""
+    spec = str(spec).strip()
+    if not spec:
+        raise MuaError("no dataset given; set data in the recipe or --data")
+    if spec.startswith("embedded:"):
+        return Source(spec, text=read_text(spec))
+    p = Path(spec).expanduser()
+    if p.is_file():
+        suffix = p.suffix.lower()
+        if suffix in RECORD_SUFFIXES:
+            return Source(spec, records=_read_record_file(p, spec))
+        if suffix in TEXT_SUFFIXES or suffix == "":
+            return Source(spec, text=read_text(str(p)))
+        raise MuaError(
+            f"data file {spec}: unknown type {suffix!r}; use .txt, .jsonl, .json, .csv, .tsv or .parquet, "
+            "a dataset folder (save_to_disk) or an image folder"
+        )
+    if p.is_dir():
+        return Source(spec, records=_read_folder(p, spec))
+    if _looks_local(spec):
+        raise MuaError(f"data {spec} does not exist")
+    return Source(spec, records=_load_hub_dataset(spec))
+
+
+def _looks_local(spec: str) -> bool:
+    """A hub dataset is NAME or OWNER/NAME (plus :CONFIG / @SPLIT); anything path-like must exist here."""
+    base = spec.split(":", 1)[0].split("@", 1)[0]
+    return (
+        spec.startswith((".", "/", "~"))
+        or base.count("/") > 1
+        or Path(base).suffix.lower() in (*TEXT_SUFFIXES, *RECORD_SUFFIXES)
+        or "\\" in spec
+    )
+
+
+def _read_record_file(p: Path, spec: str) -> Records:
+    import csv
+    import json
+
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import datasets
+
+            return Records(spec, dataset=datasets.Dataset.from_parquet(str(p)))
+        text = p.read_text(encoding="utf-8")
+        if suffix in (".csv", ".tsv"):
+            rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
+        elif suffix == ".json" and text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = []
+            for i, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise MuaError(f"data file {spec}, line {i}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise MuaError(f"data file {spec} is not UTF-8 text") from None
+    except (ValueError, OSError) as e:
+        if isinstance(e, MuaError):
+            raise
+        raise MuaError(f"cannot read data file {spec}: {_first_line(e)}") from None
+    if not isinstance(rows, list) or any(not isinstance(r, dict) for r in rows):
+        raise MuaError(f"data file {spec}: every record must be a JSON object")
+    return Records(spec, rows=rows)
+
+
+def _read_folder(p: Path, spec: str) -> Records:
+    if any((p / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as e:  # datasets' own errors for a broken folder
+            raise MuaError(f"cannot load the dataset folder {spec}: {_first_line(e)}") from None
+        return Records(spec, dataset=_pick_split(ds, "train", spec))
+    classes = sorted(d.name for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+    rows = [
+        {"image": str(f), "label": c}
+        for c in classes
+        for f in sorted((p / c).rglob("*"))
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if classes and rows:
+        return Records(spec, rows=rows, label_names=[c for c in classes if any(r["label"] == c for r in rows)])
+    if classes:
+        raise MuaError(f"image folder {spec} holds no images in its class subfolders ({', '.join(classes[:5])})")
+    raise MuaError(
+        f"{spec} is neither a saved dataset (datasets' save_to_disk) nor an image folder (one subfolder per class)"
+    )
+
+
+def _pick_split(ds, split: str, spec: str):
+    import datasets
+
+    if isinstance(ds, datasets.DatasetDict):
+        if split in ds:
+            return ds[split]
+        if split == "train" and len(ds) >= 1:
+            return ds[next(iter(ds))]
+        raise MuaError(f"dataset {spec} has no split {split!r}; its splits: {', '.join(ds)}")
+    return ds
+
+
+def _load_hub_dataset(spec: str) -> Records:
+    """A Hugging Face hub dataset: NAME[:CONFIG][@SPLIT] (split 'train' by default), from datasets' cache
+    or the hub. The held-out part is cut from this one split (recipe eval_fraction)."""
+    import datasets
+
+    name, _, split = spec.partition("@")
+    name, _, config = name.partition(":")
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as e:  # offline, unknown name, bad config or split: one line for the user
+        raise MuaError(f"cannot load dataset {spec!r}: {_first_line(e)}") from None
+    return Records(spec, dataset=_pick_split(ds, split or "train", spec))
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def split_indices(n: int, eval_fraction: float) -> tuple[list[int], list[int]]:
+    """A fixed shuffle of n records into training and held-out indices."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    n_eval = int(n * eval_fraction)
+    if eval_fraction > 0 and n_eval == 0 and n >= 2:
+        n_eval = 1
+    return order[: n - n_eval], order[n - n_eval :]
+
+
+# ---------------------------------------------------------------- texts of records
+
+
+def is_messages(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "content" in m for m in value)
+
+
+def render_messages(messages: list[dict], tokenizer=None) -> str:
+    """A chat as text: the tokenizer's chat template where it has one, else plain 'role: content' lines."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return "".join(f"{m.get('role', 'user')}: {m['content']}\n" for m in messages)
+
+
+def text_fields(records: Records, text_field: str) -> list[str]:
+    """The record fields that hold the input text: text_field (comma-separated for several), else 'messages'."""
+    fields = [f.strip() for f in str(text_field).split(",") if f.strip()]
+    cols = records.columns
+    if fields and all(f in cols for f in fields):
+        return fields
+    if "messages" in cols and fields == ["text"]:
+        return ["messages"]
+    missing = next(f for f in fields if f not in cols) if fields else text_field
+    records.need(missing, "text")
+    return fields
+
+
+def record_texts(records: Records, text_field: str, tokenizer=None) -> list[str]:
+    """One text per record; several fields are joined by a newline; chats go through the chat template."""
+    fields = text_fields(records, text_field)
+    cols = [records.column(f) for f in fields]
+    out = []
+    for values in zip(*cols, strict=True):
+        parts = [render_messages(v, tokenizer) if is_messages(v) else ("" if v is None else str(v)) for v in values]
+        out.append("\n".join(parts))
+    return out
+
+
+# ---------------------------------------------------------------- language modelling: packed token streams
+
+
+def encode_text(text: str, tokenizer=None) -> torch.Tensor:
+    if tokenizer is None:
+        return byte_tokens(text)
+    return torch.tensor(tokenizer(text, add_special_tokens=True)["input_ids"], dtype=torch.long)
+
+
+def pack_documents(docs: list[str], tokenizer=None) -> torch.Tensor:
+    """Documents tokenized and concatenated into one stream, each ended by EOS (a blank line for bytes)."""
+    if not docs:
+        return torch.zeros(0, dtype=torch.long)
+    if tokenizer is None:
+        return byte_tokens("\n\n".join(docs) + "\n\n")
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for chunk in range(0, len(docs), 1000):
+        for seq in tokenizer(docs[chunk : chunk + 1000], add_special_tokens=True)["input_ids"]:
+            ids.extend(seq)
+            if eos is not None and (not seq or seq[-1] != eos):
+                ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def load_lm_data(spec: str, seq_len: int, eval_fraction: float, text_field: str = "text", tokenizer=None) -> TokenData:
+    """Token windows for language modelling. Plain text: one stream whose tail is held out (bytes without a
+    tokenizer: the embedded path, exactly `load_text_data`). Records: documents split into training and
+    held-out sets, each packed into one stream."""
+    source = open_source(spec)
+    if source.text is not None:
+        if not source.text.strip():
+            raise MuaError(f"dataset {spec} is empty")
+        if tokenizer is None:
+            return TokenData.from_tokens(byte_tokens(source.text), seq_len, eval_fraction, spec)
+        return TokenData.from_tokens(encode_text(source.text, tokenizer), seq_len, eval_fraction, spec)
+    records = source.records
+    if len(records) == 0:
+        raise MuaError(f"dataset {spec} is empty")
+    docs = record_texts(records, text_field, tokenizer)
+    if not any(d.strip() for d in docs):
+        raise MuaError(f"dataset {spec} is empty: every {text_field!r} is blank")
+    train_idx, eval_idx = split_indices(len(docs), eval_fraction)
+    train = pack_documents([docs[i] for i in train_idx if docs[i].strip()], tokenizer)
+    held = pack_documents([docs[i] for i in eval_idx if docs[i].strip()], tokenizer)
+    if len(train) < 4 * (seq_len + 1):
+        raise MuaError(f"dataset {spec} is too small: {len(train)} training tokens for windows of {seq_len + 1}")
+    if eval_fraction > 0 and len(held) < seq_len + 1:
+        held = train[-(seq_len + 1) * 4 :]
+    return TokenData(train=train, eval=held, seq_len=seq_len)
+
+
+# ---------------------------------------------------------------- classification: labels
+
+
+def record_labels(records: Records, label_field: str) -> tuple[list[int], list[str]]:
+    """Integer labels and their names: a ClassLabel's names, an image folder's classes, else the sorted
+    distinct values."""
+    field = label_field
+    if field not in records.columns:
+        field = next((f for f in ("label", "labels") if f in records.columns), label_field)
+    records.need(field, "label")
+    values = records.column(field)
+    if any(v is None or (isinstance(v, str) and not v.strip()) for v in values):
+        raise MuaError(f"dataset {records.name}: some records have no {field!r}")
+    names = records.class_names(field)
+    if names is not None:
+        index = {n: i for i, n in enumerate(names)}
+        labels = [int(v) if isinstance(v, int) else index[str(v)] for v in values]
+        return labels, names
+    if any(isinstance(v, float) and not v.is_integer() for v in values):
+        raise MuaError(f"dataset {records.name}: {field!r} holds non-integer numbers; classification needs classes")
+    if all(isinstance(v, int | float) for v in values):
+        distinct = sorted({int(v) for v in values})
+        index = {v: i for i, v in enumerate(distinct)}
+        return [index[int(v)] for v in values], [str(v) for v in distinct]
+    distinct = sorted({str(v) for v in values})
+    index = {v: i for i, v in enumerate(distinct)}
+    return [index[str(v)] for v in values], distinct

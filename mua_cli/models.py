@@ -7,10 +7,11 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from .data import BYTE_VOCAB, TokenData, load_text_data
 from .errors import MuaError
@@ -40,8 +41,12 @@ def embedded_config(recipe: Recipe) -> LlamaConfig:
 
 def embedded_key(recipe: Recipe) -> str:
     blob = json.dumps(
-        {"config": embedded_config(recipe).to_dict(), "pretrain": {**PRETRAIN_DEFAULTS, **recipe.pretrain},
-         "seq_len": recipe.seq_len, "v": 1},
+        {
+            "config": embedded_config(recipe).to_dict(),
+            "pretrain": {**PRETRAIN_DEFAULTS, **recipe.pretrain},
+            "seq_len": recipe.seq_len,
+            "v": 1,
+        },
         sort_keys=True,
         default=str,
     )
@@ -49,10 +54,14 @@ def embedded_key(recipe: Recipe) -> str:
 
 
 def load_base(recipe: Recipe, on_note=None) -> torch.nn.Module:
-    """The frozen starting point of every trial, on the CPU in fp32 (trials move their copy)."""
+    """The frozen starting point of every trial, on the CPU in fp32 (trials move their copy).
+
+    For seq-cls / image-cls models, use `load_hf` with the data's labels (see tasks.load_workload)."""
     if recipe.model.startswith("embedded:"):
+        if recipe.task != "causal-lm":
+            raise MuaError(f"the embedded model is a causal LM; task {recipe.task!r} needs --model NAME_OR_PATH")
         return load_embedded(recipe, on_note)
-    return load_hf(recipe.model, recipe.task)
+    return load_hf(recipe.model, recipe.task).model
 
 
 def load_embedded(recipe: Recipe, on_note=None) -> torch.nn.Module:
@@ -102,10 +111,125 @@ def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
 
 
-def load_hf(name_or_path: str, task: str) -> torch.nn.Module:
+AUTO_CLASSES = {
+    "causal-lm": "AutoModelForCausalLM",
+    "seq-cls": "AutoModelForSequenceClassification",
+    "image-cls": "AutoModelForImageClassification",
+}
+
+
+@dataclass
+class Loaded:
+    """A Hugging Face model as loaded, and the weights it did not find in the checkpoint (a new head)."""
+
+    model: torch.nn.Module
+    new_weights: list[str] = field(default_factory=list)
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _local_or_hub(name_or_path: str, what: str) -> None:
+    """A path-like name must exist here; anything else is a hub name (resolved from the local HF cache)."""
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise MuaError(f"{what} {name_or_path} is a file; give the folder that holds config.json")
+        if not (p / "config.json").is_file():
+            raise MuaError(f"{what} folder {name_or_path} holds no config.json (save it with save_pretrained)")
+        return
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
+        raise MuaError(f"{what} {name_or_path} does not exist")
+
+
+def load_hf(
+    name_or_path: str,
+    task: str,
+    labels: list[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Loaded:
+    """Any Hugging Face causal LM, sequence classifier or image classifier, by hub name or local folder.
+
+    Classifiers get `len(labels)` outputs; a head that does not fit (or is missing) is newly initialized, and its
+    weights are listed in `new_weights`."""
+    import transformers
+
+    if task not in AUTO_CLASSES:
+        raise MuaError(f"unknown task {task!r}; choose from {', '.join(AUTO_CLASSES)}")
+    _local_or_hub(name_or_path, "model")
+    _quiet_transformers()
+    auto = getattr(transformers, AUTO_CLASSES[task])
+    kwargs: dict = {"dtype": dtype}
     if task != "causal-lm":
-        raise MuaError(f"task {task!r} is not supported yet")
+        if not labels or len(labels) < 2:
+            raise MuaError(f"classification needs at least 2 classes; the data has {len(labels or [])}")
+        kwargs.update(
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={n: i for i, n in enumerate(labels)},
+            ignore_mismatched_sizes=True,
+        )
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=torch.float32)
-    except OSError as e:
-        raise MuaError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
+        model, info = auto.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise MuaError(f"cannot load model {name_or_path!r} for {task}: {_first_line(e)}") from None
+    new = sorted(
+        set(info.get("missing_keys") or ())
+        | {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()}
+    )
+    if getattr(model.config, "pad_token_id", None) is None and task == "seq-cls":
+        model.config.pad_token_id = getattr(model.config, "eos_token_id", None)
+    return Loaded(model=model, new_weights=new)
+
+
+def load_tokenizer(name_or_path: str):
+    """The model's tokenizer (from its folder or hub name); a pad token is set where there is none."""
+    from transformers import AutoTokenizer
+
+    _local_or_hub(name_or_path, "model")
+    _quiet_transformers()
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MuaError(f"cannot load the tokenizer of {name_or_path!r}: {_first_line(e)}") from None
+    if tok.pad_token is None:
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        elif tok.unk_token is not None:
+            tok.pad_token = tok.unk_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_image_processor(name_or_path: str):
+    """The model's image processor, or None where the folder has none (then the config's image size and a
+    0.5 / 0.5 normalization are used)."""
+    from transformers import AutoImageProcessor
+
+    _quiet_transformers()
+    try:
+        return AutoImageProcessor.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def hidden_size(model: torch.nn.Module) -> int | None:
+    """The model's width n (base_n of the per-layer LR rule)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in ("hidden_size", "n_embd", "d_model", "dim"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

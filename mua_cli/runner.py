@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .data import load_text_data
 from .errors import MuaError
-from .models import load_base
 from .recipe import Recipe
+from .tasks import load_workload
 from .train import run_trial
 from .trial import TrialResult, TrialSpec
 
@@ -25,9 +24,9 @@ def resolve_device(device: str) -> str:
 class TrialRunner:
     def __init__(self, recipe: Recipe, device: str, listener=None):
         self.recipe, self.device, self.listener = recipe, device, listener
-        self.base = load_base(recipe, on_note=getattr(listener, "note", None))
+        work = load_workload(recipe, device, on_note=getattr(listener, "note", None))
+        self.base, self.data, self.notes = work.base, work.task, work.notes  # data: a task (tasks.py)
         self.base.requires_grad_(False)
-        self.data = load_text_data(recipe.data, recipe.seq_len, recipe.eval_fraction)
 
     def run(self, spec: TrialSpec) -> TrialResult:
         on_step = getattr(self.listener, "step", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import traceback
@@ -9,10 +10,11 @@ from collections.abc import Callable
 
 import torch
 
-from .adapters import prepare, trainable_parameters
+from .adapters import head_modules, param_groups, prepare
 from .data import TokenData
-from .models import lm_loss
+from .models import hidden_size, lm_loss
 from .recipe import Recipe
+from .tasks import as_task
 from .trial import TrialResult, TrialSpec
 
 
@@ -51,24 +53,25 @@ def run_trial(
 
 
 def _train(spec, base, data, recipe, device, on_step, t0) -> TrialResult:
+    task = as_task(data)
+    head = head_modules(base, recipe.task)
     torch.manual_seed(spec.seed)
-    model = prepare(base, spec.regime, spec.rank, recipe.alpha0, recipe.targets, spec.seed).to(device)
+    model = prepare(base, spec.regime, spec.rank, recipe.alpha0, recipe.targets, spec.seed, head).to(device)
     model.train()
-    params = trainable_parameters(model)
+    groups = param_groups(model, spec.regime, spec.lr, head, recipe.head_lr, recipe.per_layer_lr, hidden_size(base))
+    params = groups.params
     fused = device.startswith("cuda")
-    opt = torch.optim.AdamW(params, lr=spec.lr, betas=tuple(recipe.betas), eps=recipe.eps,
+    opt = torch.optim.AdamW(groups.groups, lr=spec.lr, betas=tuple(recipe.betas), eps=recipe.eps,
                             weight_decay=recipe.weight_decay, fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe))
-    starts = data.batch_starts(spec.seed, recipe.steps, recipe.batch_size)
-    tokens = data.train.to(device)
-    starts = starts.to(device)
+    batch_at = task.train_batches(spec.seed, recipe.steps, recipe.batch_size, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
     curve: list[float] = []
     status = "ok"
     for step in range(recipe.steps):
-        batch = data.windows(tokens, starts[step])
+        batch = batch_at(step)
         with autocast:
-            loss = lm_loss(model, batch)
+            loss = task.loss(model, batch)
         value = float(loss.detach())
         curve.append(round(value, 5) if math.isfinite(value) else value)
         if not math.isfinite(value) or value > recipe.divergence_factor * curve[0]:
@@ -83,17 +86,44 @@ def _train(spec, base, data, recipe, device, on_step, t0) -> TrialResult:
         if on_step:
             on_step(step, value)
     result = TrialResult(status, math.inf, curve, initial_loss=curve[0], device=device)
+    result.info = _info(recipe, task, groups, head, base)
     if status == "ok":
         tail = curve[-max(1, int(math.ceil(recipe.metric_frac * len(curve)))) :]
         result.metric = sum(tail) / len(tail)
         if recipe.metric == "eval" or recipe.eval_fraction > 0:
-            result.eval_loss = evaluate(model, data, recipe.batch_size, device)
+            low = next(base.parameters()).dtype != torch.float32  # a bf16 base evaluates under autocast too
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda") and low):
+                scores = evaluate_task(model, task, recipe.batch_size, device)
+            result.eval_loss = scores["loss"]
+            if "accuracy" in scores:
+                result.info["eval_accuracy"] = scores["accuracy"]
         if recipe.metric == "eval":
             result.metric = result.eval_loss
         if not math.isfinite(result.metric):
             result.status, result.metric = "diverged", math.inf
     result.wall_time = time.perf_counter() - t0
     return result
+
+
+def _info(recipe, task, groups, head, base) -> dict:
+    """What the trial trained and how: stored with it (the head's fixed LR, the LR groups, dtypes)."""
+    info = {
+        "task": task.kind,
+        "trainable_params": sum(p.numel() for p in groups.params),
+        "lr_groups": [dataclasses.asdict(g) for g in groups.info],
+        "base_dtype": str(next(base.parameters()).dtype).replace("torch.", ""),
+    }
+    if head:
+        info["head"] = {"modules": list(head), "lr": recipe.head_lr, "trained": "in full (not LoRA)"}
+    return info
+
+
+@torch.no_grad()
+def evaluate_task(model: torch.nn.Module, task, batch_size: int, device: str) -> dict:
+    model.eval()
+    scores = task.evaluate(model, batch_size, device)
+    model.train()
+    return scores
 
 
 @torch.no_grad()

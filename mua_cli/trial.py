@@ -37,6 +37,7 @@ class TrialResult:
     wall_time: float = 0.0
     device: str = "cpu"
     error: str = ""
+    info: dict = field(default_factory=dict)  # how it trained: task, LR groups (head, per-layer), eval accuracy
 
     def to_dict(self) -> dict:
         return asdict(self)
