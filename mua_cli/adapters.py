@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -104,7 +105,9 @@ def prepare(
             p.requires_grad_(True)
     else:
         regime = get_regime(regime_name)
-        model = get_peft_model(model, lora_config(regime, rank, alpha0, targets, head))
+        with warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself and says so
+            warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+            model = get_peft_model(model, lora_config(regime, rank, alpha0, targets, head))
         if init_lora(model, regime, rank, seed) == 0:
             raise RuntimeError("no LoRA layer was created")
     for p in model.parameters():

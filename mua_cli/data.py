@@ -111,10 +111,15 @@ class Records:
             cols.update(dict.fromkeys(r))
         return list(cols)
 
-    def column(self, name: str) -> list:
+    def column(self, name: str, indices: list[int] | None = None) -> list:
+        """A column's values, for all records or for `indices` (in that order)."""
         if self.dataset is not None:
-            return list(self.dataset[name])
-        return [r.get(name) for r in self.rows]
+            if indices is None:
+                return list(self.dataset[name])
+            return list(self.dataset.select_columns([name])[list(indices)][name]) if len(indices) else []
+        if indices is None:
+            return [r.get(name) for r in self.rows]
+        return [self.rows[i].get(name) for i in indices]
 
     def cell(self, i: int, name: str):
         if self.dataset is not None:
@@ -311,10 +316,11 @@ def text_fields(records: Records, text_field: str) -> list[str]:
     return fields
 
 
-def record_texts(records: Records, text_field: str, tokenizer=None) -> list[str]:
-    """One text per record; several fields are joined by a newline; chats go through the chat template."""
+def record_texts(records: Records, text_field: str, tokenizer=None, indices: list[int] | None = None) -> list[str]:
+    """One text per record (all, or those at `indices`); several fields are joined by a newline; chats go
+    through the chat template."""
     fields = text_fields(records, text_field)
-    cols = [records.column(f) for f in fields]
+    cols = [records.column(f, indices) for f in fields]
     out = []
     for values in zip(*cols, strict=True):
         parts = [render_messages(v, tokenizer) if is_messages(v) else ("" if v is None else str(v)) for v in values]
@@ -347,10 +353,19 @@ def pack_documents(docs: list[str], tokenizer=None) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def load_lm_data(spec: str, seq_len: int, eval_fraction: float, text_field: str = "text", tokenizer=None) -> TokenData:
+def load_lm_data(
+    spec: str,
+    seq_len: int,
+    eval_fraction: float,
+    text_field: str = "text",
+    tokenizer=None,
+    max_tokens: int | None = None,
+) -> TokenData:
     """Token windows for language modelling. Plain text: one stream whose tail is held out (bytes without a
     tokenizer: the embedded path, exactly `load_text_data`). Records: documents split into training and
-    held-out sets, each packed into one stream."""
+    held-out sets (a fixed shuffle), each packed into one stream; with `max_tokens`, documents are read only
+    until the training stream holds that many tokens (and the held-out one a tenth of it), so a large dataset
+    is not tokenized whole."""
     source = open_source(spec)
     if source.text is not None:
         if not source.text.strip():
@@ -361,17 +376,29 @@ def load_lm_data(spec: str, seq_len: int, eval_fraction: float, text_field: str 
     records = source.records
     if len(records) == 0:
         raise MuaError(f"dataset {spec} is empty")
-    docs = record_texts(records, text_field, tokenizer)
-    if not any(d.strip() for d in docs):
+    text_fields(records, text_field)  # a missing field fails here, before any work
+    train_idx, eval_idx = split_indices(len(records), eval_fraction)
+    train = _pack_until(records, text_field, tokenizer, train_idx, max_tokens)
+    held = _pack_until(records, text_field, tokenizer, eval_idx, max_tokens and max(max_tokens // 10, 8 * seq_len))
+    if len(train) == 0 and len(held) == 0:
         raise MuaError(f"dataset {spec} is empty: every {text_field!r} is blank")
-    train_idx, eval_idx = split_indices(len(docs), eval_fraction)
-    train = pack_documents([docs[i] for i in train_idx if docs[i].strip()], tokenizer)
-    held = pack_documents([docs[i] for i in eval_idx if docs[i].strip()], tokenizer)
     if len(train) < 4 * (seq_len + 1):
         raise MuaError(f"dataset {spec} is too small: {len(train)} training tokens for windows of {seq_len + 1}")
     if eval_fraction > 0 and len(held) < seq_len + 1:
         held = train[-(seq_len + 1) * 4 :]
     return TokenData(train=train, eval=held, seq_len=seq_len)
+
+
+def _pack_until(records: Records, text_field: str, tokenizer, indices: list[int], max_tokens: int | None):
+    parts, have = [], 0
+    for at in range(0, len(indices), 1000):
+        docs = [d for d in record_texts(records, text_field, tokenizer, indices[at : at + 1000]) if d.strip()]
+        stream = pack_documents(docs, tokenizer)
+        parts.append(stream)
+        have += len(stream)
+        if max_tokens is not None and have >= max_tokens:
+            break
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
 # ---------------------------------------------------------------- classification: labels

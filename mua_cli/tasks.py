@@ -74,19 +74,19 @@ class LMTask:
 
 
 class _ClassTask:
-    """Shared by the classifiers: a labelled example set split into training and held-out indices."""
+    """Shared by the classifiers: labelled examples, the first `n_train` for training, the rest held out."""
 
     kind = ""
 
-    def __init__(self, labels: list[int], names: list[str], eval_fraction: float):
+    def __init__(self, labels: list[int], names: list[str], n_train: int):
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.names = names
-        train, held = split_indices(len(labels), eval_fraction)
-        self.train_idx, self.eval_idx = torch.tensor(train, dtype=torch.long), torch.tensor(held, dtype=torch.long)
-        if len(self.train_idx) == 0:
+        if n_train == 0:
             raise MuaError("the dataset has no training examples left after the held-out split")
+        self.train_idx = torch.arange(n_train)
+        self.eval_idx = torch.arange(n_train, len(labels))
         if len(self.eval_idx) == 0:
-            self.eval_idx = self.train_idx[: min(len(self.train_idx), 64)]
+            self.eval_idx = self.train_idx[: min(n_train, 64)]
 
     def describe(self) -> str:
         n_train, n_eval = len(self.train_idx), len(self.eval_idx)
@@ -122,8 +122,8 @@ class TextClsTask(_ClassTask):
 
     kind = "seq-cls"
 
-    def __init__(self, ids: list[list[int]], labels: list[int], names: list[str], pad_id: int, eval_fraction: float):
-        super().__init__(labels, names, eval_fraction)
+    def __init__(self, ids: list[list[int]], labels: list[int], names: list[str], pad_id: int, n_train: int):
+        super().__init__(labels, names, n_train)
         lengths = [max(1, len(x)) for x in ids]
         width = max(lengths)
         self.input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
@@ -150,21 +150,22 @@ class ImageClsTask(_ClassTask):
         self,
         records: Records,
         column: str,
+        rows: list[int],
         labels: list[int],
         names: list[str],
-        eval_fraction: float,
+        n_train: int,
         processor=None,
         image_size: int = 224,
         channels: int = 3,
     ):
-        super().__init__(labels, names, eval_fraction)
-        self.records, self.column, self.processor = records, column, processor
+        super().__init__(labels, names, n_train)
+        self.records, self.column, self.rows, self.processor = records, column, rows, processor
         self.image_size, self.channels = image_size, channels
         self._cache: dict[int, torch.Tensor] = {}
 
     def pixels(self, i: int) -> torch.Tensor:
         if i not in self._cache:
-            image = _to_pil(self.records.cell(i, self.column), self.records.name).convert(
+            image = _to_pil(self.records.cell(self.rows[i], self.column), self.records.name).convert(
                 "L" if self.channels == 1 else "RGB"
             )
             if self.processor is not None:
@@ -262,7 +263,10 @@ def load_workload(recipe: Recipe, device: str = "cpu", on_note=None) -> Workload
             base = base.to(dtype)
     elif recipe.task == "causal-lm":
         tok = load_tokenizer(recipe.model)
-        task = LMTask(load_lm_data(recipe.data, recipe.seq_len, recipe.eval_fraction, recipe.text_field, tok))
+        budget = 2 * recipe.steps * recipe.batch_size * (recipe.seq_len + 1)
+        task = LMTask(
+            load_lm_data(recipe.data, recipe.seq_len, recipe.eval_fraction, recipe.text_field, tok, max_tokens=budget)
+        )
         loaded = load_hf(recipe.model, "causal-lm", dtype=dtype)
         base, new = loaded.model, loaded.new_weights
         _check_vocab(base, int(max(task.data.train.max(), task.data.eval.max())), recipe.model)
@@ -270,8 +274,9 @@ def load_workload(recipe: Recipe, device: str = "cpu", on_note=None) -> Workload
         tok = load_tokenizer(recipe.model)
         records = _records_of(recipe.data, "seq-cls")
         labels, names = record_labels(records, recipe.label_field)
-        ids = _tokenize_inputs(records, recipe, tok)
-        task = TextClsTask(ids, labels, names, tok.pad_token_id or 0, recipe.eval_fraction)
+        rows, n_train = select_examples(len(records), recipe)
+        ids = _tokenize_inputs(records, recipe, tok, rows)
+        task = TextClsTask(ids, [labels[i] for i in rows], names, tok.pad_token_id or 0, n_train)
         loaded = load_hf(recipe.model, "seq-cls", labels=names, dtype=dtype)
         base, new = loaded.model, loaded.new_weights
         if tok.pad_token_id is not None:
@@ -281,15 +286,17 @@ def load_workload(recipe: Recipe, device: str = "cpu", on_note=None) -> Workload
         records = _records_of(recipe.data, "image-cls")
         labels, names = record_labels(records, recipe.label_field)
         column = image_column(records, recipe.text_field)
+        rows, n_train = select_examples(len(records), recipe)
         loaded = load_hf(recipe.model, "image-cls", labels=names, dtype=dtype)
         base, new = loaded.model, loaded.new_weights
         cfg = base.config
         task = ImageClsTask(
             records,
             column,
-            labels,
+            rows,
+            [labels[i] for i in rows],
             names,
-            recipe.eval_fraction,
+            n_train,
             load_image_processor(recipe.model),
             int(getattr(cfg, "image_size", 224) or 224),
             int(getattr(cfg, "num_channels", 3) or 3),
@@ -327,14 +334,24 @@ def _check_vocab(model: torch.nn.Module, max_id: int, name: str) -> None:
         )
 
 
-def _tokenize_inputs(records: Records, recipe: Recipe, tok) -> list[list[int]]:
+def select_examples(n: int, recipe: Recipe) -> tuple[list[int], int]:
+    """Record indices to use, training ones first, and how many are for training: a fixed shuffle split by
+    eval_fraction; at most steps × batch_size training examples (one pass) and the held-out examples that
+    evaluation reads, so a large dataset is not preprocessed whole."""
+    train, held = split_indices(n, recipe.eval_fraction)
+    train = train[: recipe.steps * recipe.batch_size]
+    held = held[: recipe.batch_size * EVAL_MAX_BATCHES]
+    return train + held, len(train)
+
+
+def _tokenize_inputs(records: Records, recipe: Recipe, tok, rows: list[int]) -> list[list[int]]:
     """Token ids per record, truncated to seq_len: one text field, or two as a pair (e.g. premise,hypothesis)."""
     fields = text_fields(records, recipe.text_field)
     if len(fields) == 2:
-        cols = [[_as_text(v, tok) for v in records.column(f)] for f in fields]
+        cols = [[_as_text(v, tok) for v in records.column(f, rows)] for f in fields]
         enc = tok(cols[0], cols[1], truncation=True, max_length=recipe.seq_len)
     else:
-        enc = tok(record_texts(records, recipe.text_field, tok), truncation=True, max_length=recipe.seq_len)
+        enc = tok(record_texts(records, recipe.text_field, tok, rows), truncation=True, max_length=recipe.seq_len)
     ids = list(enc["input_ids"])
     if not any(ids):
         raise MuaError(f"dataset {recipe.data} is empty: no text in {recipe.text_field!r}")
