@@ -50,7 +50,8 @@ def test_sweep_fit_transfer_with_full_finetuning(kind, root):
     res = mua("sweep", "--recipe", recipe, "--ranks", "2,4,full", "--out", run, "--device", "cpu")
     assert res.exit_code == 0, res.output
     df = load_trials(run)
-    assert set(zip(df["regime"], df["rank"], strict=True)) == {("A:r", 2), ("A:r", 4), ("B:1", 2), ("B:1", 4), ("full", 0)}
+    groups = set(zip(df["regime"], df["rank"], strict=True))
+    assert groups == {("A:r", 2), ("A:r", 4), ("B:1", 2), ("B:1", 4), ("full", 0)}
     assert (df["status"] != "failed").all(), df[df["status"] == "failed"]["error"].iloc[0]
     task = fields.get("task", "causal-lm")
     assert all(info["task"] == task for info in df["info"])
@@ -141,7 +142,7 @@ def test_every_recipe_loads_validates_and_is_listed():
         assert recipe.description, path
         if recipe.model.startswith("embedded:"):
             continue
-        assert "GPU" in raw["description"] or "GPU" in path.read_text(), f"{path.name}: say which GPU it needs"
+        assert "GPU" in raw["description"], f"{path.name}: say which GPU it needs"
         assert recipe.wants_full and recipe.lora_ranks and recipe.dtype == "bfloat16"
         assert recipe.task in ("causal-lm", "seq-cls", "image-cls")
-        assert path.stem in res.output.replace("\n", "") or path.stem[:20] in res.output
+        assert path.stem in res.output
