@@ -31,6 +31,7 @@ from .models import hidden_size, lm_loss, load_base, load_hf, load_image_process
 from .recipe import Recipe
 
 EVAL_MAX_BATCHES = 16  # classification: held-out examples evaluated per trial, in batches
+PAD_MULTIPLE = 16  # text batches are padded to a multiple of this: few distinct shapes for the GPU's kernels
 
 
 def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -132,7 +133,7 @@ class TextClsTask(_ClassTask):
         self.lengths = torch.tensor(lengths, dtype=torch.long)
 
     def batch(self, idx: torch.Tensor, device: str) -> dict:
-        width = int(self.lengths[idx].max())
+        width = min(self.input_ids.shape[1], -(-int(self.lengths[idx].max()) // PAD_MULTIPLE) * PAD_MULTIPLE)
         mask = torch.arange(width)[None, :] < self.lengths[idx][:, None]
         return {
             "input_ids": self.input_ids[idx, :width].to(device),
