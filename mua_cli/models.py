@@ -186,11 +186,24 @@ def load_hf(
     return Loaded(model=model, new_weights=new)
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
+
+
 def load_tokenizer(name_or_path: str):
     """The model's tokenizer (from its folder or hub name); a pad token is set where there is none."""
     from transformers import AutoTokenizer
 
     _local_or_hub(name_or_path, "model")
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise MuaError(f"model folder {name_or_path} holds no tokenizer; save it beside the model (save_pretrained)")
     _quiet_transformers()
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)

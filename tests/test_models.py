@@ -167,3 +167,20 @@ def test_embedded_model_is_only_a_causal_lm():
     recipe = recipe_from_dict({"task": "seq-cls"})
     with pytest.raises(MuaError, match="embedded model is a causal LM"):
         load_workload(recipe, "cpu")
+
+
+def test_image_model_without_processor_resizes_to_its_config(tmp_path):
+    model = T.vit(tmp_path / "vit", image_size=16, processor=False)
+    images = T.image_folder(tmp_path / "img", per_class=4, size=23)
+    recipe = recipe_from_dict({"model": str(model), "task": "image-cls", "data": str(images)})
+    work = load_workload(recipe, "cpu")
+    batch = work.task.train_batches(0, 2, 3, "cpu")(1)
+    assert batch["pixel_values"].shape == (3, 3, 16, 16) and batch["pixel_values"].abs().max() <= 1.0
+    assert work.task.names == ["blue", "red"]
+
+
+def test_model_folder_without_tokenizer_is_a_clear_error(tmp_path):
+    model = T.vit(tmp_path / "vit")  # no tokenizer saved
+    recipe = recipe_from_dict({"model": str(model), "task": "seq-cls", "data": str(T.cls_csv(tmp_path / "d.csv"))})
+    with pytest.raises(MuaError, match="holds no tokenizer"):
+        load_workload(recipe, "cpu")
