@@ -76,7 +76,8 @@ class RankOptimum:
     n_diverged: int = 0
     reason: str | None = None  # why there is no η*
     note: str | None = None
-    points: list[dict] = field(default_factory=list)  # per LR: lr, mean_metric (None if diverged), n, n_diverged
+    # per LR: lr, mean_metric (None if diverged), n, n_diverged
+    points: list[dict] = field(default_factory=list)
 
     @property
     def usable(self) -> bool:
@@ -183,42 +184,28 @@ class FitResult:
     schema: int = 1
 
     def to_dict(self) -> dict:
-        return jsonable(
-            {
-                "schema": self.schema,
-                "settings": self.settings,
-                "n_trials": self.n_trials,
-                "n_failed": self.n_failed,
-                "n_diverged": self.n_diverged,
-                "optima": [o.to_dict() for o in self.optima],
-                "regimes": {k: r.to_dict() for k, r in self.regimes.items()},
-                "full": self.full.to_dict() if self.full else None,
-                "full_vs_b1": self.full_vs_b1.to_dict() if self.full_vs_b1 else None,
-            }
-        )
+        """fit.json: JSON-ready (no NaN/inf), and `from_dict` reads it back."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["optima"] = [o.to_dict() for o in self.optima]
+        d["regimes"] = {k: r.to_dict() for k, r in self.regimes.items()}
+        for k in ("full", "full_vs_b1"):
+            d[k] = d[k].to_dict() if d[k] else None
+        return jsonable(d)
 
     @classmethod
     def from_dict(cls, d: dict) -> FitResult:
         try:
-            return cls(
-                settings=d["settings"],
-                optima=[_build(RankOptimum, o) for o in d["optima"]],
-                regimes={k: _build(RegimeFit, r) for k, r in d["regimes"].items()},
-                full=_build(RankOptimum, d["full"]) if d.get("full") else None,
-                full_vs_b1=_build(FullComparison, d["full_vs_b1"]) if d.get("full_vs_b1") else None,
-                n_trials=d.get("n_trials", 0),
-                n_failed=d.get("n_failed", 0),
-                n_diverged=d.get("n_diverged", 0),
-                schema=d.get("schema", 1),
-            )
+            d = dict(d)
+            d["optima"] = [_build(RankOptimum, o) for o in d["optima"]]
+            d["regimes"] = {k: _build(RegimeFit, r) for k, r in d["regimes"].items()}
+            d["full"] = _build(RankOptimum, d["full"]) if d.get("full") else None
+            d["full_vs_b1"] = _build(FullComparison, d["full_vs_b1"]) if d.get("full_vs_b1") else None
+            return _build(cls, d)
         except (KeyError, TypeError, AttributeError) as e:
             raise MuaError(f"not a mua fit document (bad or missing field: {e})") from None
 
     def optima_for(self, regime: str) -> list[RankOptimum]:
         return sorted((o for o in self.optima if o.regime == regime), key=lambda o: o.rank)
-
-
-# ---------------------------------------------------------------------------------------------- optimum
 
 
 def _clean(df: pd.DataFrame) -> pd.DataFrame:
@@ -283,7 +270,8 @@ def optimum(group: pd.DataFrame) -> RankOptimum:
         raise MuaError("no trials in this group")
     base = RankOptimum(regime=str(group["regime"].iloc[0]), rank=int(group["rank"].iloc[0]))
     d = _clean(group)
-    base.n_seeds, base.n_lrs, base.n_diverged = d["seed"].nunique(), d["lr"].nunique(), int(d["diverged"].sum())
+    base.n_seeds, base.n_lrs = int(d["seed"].nunique()), int(d["lr"].nunique())
+    base.n_diverged = int(d["diverged"].sum())
     if d.empty:
         base.reason = "every trial failed"
         return base
@@ -308,14 +296,14 @@ def optimum(group: pd.DataFrame) -> RankOptimum:
     if i == 0 or i == len(xs) - 1:
         base.edge = "low" if i == 0 else "high"
         side = "below" if i == 0 else "above"
-        base.reason = f"best LR {best} is at the {base.edge} edge of the grid {span}: extend the grid {side} it"
+        base.reason = f"best LR {best} is at the {base.edge} edge of the grid {span}: extend it {side}"
         return base
     if finite.sum() < 3:
         base.reason = f"only {int(finite.sum())} learning rates have a finite loss; an optimum needs 3"
         return base
     if not (finite[i - 1] and finite[i + 1]):
         x_star, lo, hi, method = float(xs[i]), float(xs[i - 1]), float(xs[i + 1]), "grid"
-        base.note = "a neighbour of the best grid LR diverged: η* is the best grid LR, bracketed by its neighbours"
+        base.note = "a neighbour of the best grid LR diverged: η* is that LR, bracketed by its neighbours"
     else:
         x_star = float(_vertices(xs, means[None, :])[0])
         lo, hi, method = float(xs[i - 1]), float(xs[i + 1]), "grid"
@@ -349,9 +337,6 @@ def fit_full(df_full: pd.DataFrame) -> RankOptimum:
     if df_full.empty:
         raise MuaError("no full-finetuning trials in this run; add them with --ranks ...,full")
     return optimum(df_full.assign(regime=FULL, rank=0))
-
-
-# ---------------------------------------------------------------------------------------------- regimes
 
 
 def fit_regime(optima: list[RankOptimum], regime: str) -> RegimeFit:
@@ -389,21 +374,18 @@ def fit_regime(optima: list[RankOptimum], regime: str) -> RegimeFit:
     rf.slope = float(((x - xbar) * (y - y.mean())).sum() / sxx)
     rf.intercept = float(y.mean() - rf.slope * xbar)
     if n == 2:
-        rf.note = "two usable ranks give a slope but no interval (0 degrees of freedom): μA's exponent untested"
+        rf.note = "two usable ranks give a slope but no interval (0 dof): μA's exponent untested"
         return rf
     rf.dof = n - 2
     res = y - rf.intercept - rf.slope * x
     rf.resid_se = math.sqrt(float(res @ res) / rf.dof)
     w = (x - xbar) / sxx
-    rf.slope_se = math.sqrt(rf.resid_se**2 / sxx)
+    rf.slope_se = math.sqrt(rf.resid_se**2 / sxx + float((w**2 * se**2).sum()))
     half = t95(rf.dof) * rf.slope_se
     rf.slope_interval = [rf.slope - half, rf.slope + half]
     inside = rf.slope_interval[0] <= reg.rank_exponent <= rf.slope_interval[1]
     rf.verdict = "consistent" if inside else "inconsistent"
     return rf
-
-
-# ---------------------------------------------------------------------------------------------- run
 
 
 def _recipe(v: Any) -> dict:
@@ -415,22 +397,18 @@ def _recipe(v: Any) -> dict:
 
 
 def _check_one_run(df: pd.DataFrame) -> None:
-    for col in ("steps", "batch_size", "seq_len"):
-        vals = sorted(set(df[col].dropna().tolist()))
-        if len(vals) > 1:
+    recs = [_recipe(r) for r in df["recipe"]] if "recipe" in df else []
+    seen = {c: [f"{v:g}" for v in pd.to_numeric(df[c]).dropna()] for c in ("steps", "batch_size", "seq_len")}
+    seen |= {
+        f"recipe {k!r}": [json.dumps(r[k], sort_keys=True, default=str) for r in recs if k in r]
+        for k in OUTCOME_KEYS
+    }
+    for what, vals in seen.items():
+        if len(set(vals)) > 1:
             raise MuaError(
-                f"this run mixes trials with different {col} ({', '.join(map(str, vals))}): an optimal LR "
-                f"holds for one setting, so fit each setting as its own run"
+                f"this run mixes trials with different {what} ({', '.join(sorted(set(vals)))}): an "
+                f"optimal LR holds for one setting, so fit each setting as its own run"
             )
-    if "recipe" in df:
-        recs = [_recipe(r) for r in df["recipe"]]
-        for k in OUTCOME_KEYS:
-            vals = {json.dumps(r.get(k), sort_keys=True, default=str) for r in recs if k in r}
-            if len(vals) > 1:
-                raise MuaError(
-                    f"this run mixes trials with different recipe {k!r} ({', '.join(sorted(vals))}): "
-                    f"an optimal LR holds for one recipe, so fit each as its own run"
-                )
 
 
 def _settings(df: pd.DataFrame) -> dict:
@@ -452,7 +430,7 @@ def _settings(df: pd.DataFrame) -> dict:
 
 
 def _compare(b1: RegimeFit, full: RankOptimum) -> FullComparison:
-    """η*_B:1 (pooled over usable ranks) / η*_full; 95% half-widths of the two log2 values add in quadrature."""
+    """η*_B:1 (pooled over usable ranks) / η*_full; the two 95% log2 half-widths add in quadrature."""
     p = pool_log2(b1.log2_lr_stars, b1.se_log2s)
     hw_full = full.half_width_log2
     r = p.mean - full.log2_lr_star
@@ -485,7 +463,7 @@ def fit_run(df: pd.DataFrame) -> FitResult:
     if clean.empty:
         raise MuaError(f"no usable trials: all {len(df)} trials failed")
     if clean["diverged"].all():
-        raise MuaError(f"every one of the {len(clean)} finished trials diverged: lower the learning-rate grid")
+        raise MuaError(f"all {len(clean)} finished trials diverged: lower the learning-rate grid")
     lora = df[df["regime"] != FULL]
     optima = [optimum(g) for _, g in lora.groupby(["regime", "rank"], sort=True)]
     present = set(lora["regime"])

@@ -1,4 +1,4 @@
-"""Predictions from a fit: the LR at a target rank, or for full finetuning, each with a 95% interval and its basis.
+"""Predictions from a fit: the LR at a target rank or for full finetuning, with a 95% interval and a basis.
 
 Every prediction carries the sweep's settings and the caveat that it holds only for them (DESIGN.md §1): the
 optimum moves with the optimizer, schedule, steps and batch. Reads a `FitResult` (or fit.json through
@@ -89,7 +89,9 @@ def _free_slope(rf: RegimeFit, x0: float) -> tuple[float, float]:
     n, xbar = len(x), float(x.mean())
     sxx = float(((x - xbar) ** 2).sum())
     d = x0 - xbar
-    var = rf.resid_se**2 * (1 + 1 / n + d**2 / sxx) + float((((1 / n) + (x - xbar) * d / sxx) ** 2 * se**2).sum())
+    var = rf.resid_se**2 * (1 + 1 / n + d**2 / sxx) + float(
+        (((1 / n) + (x - xbar) * d / sxx) ** 2 * se**2).sum()
+    )
     return rf.intercept + rf.slope * x0, t95(rf.dof) * math.sqrt(var)
 
 
@@ -144,7 +146,9 @@ def predict_rank(fit: FitResult, regime: str, rank: int) -> Prediction:
         centre, half = _mua_slope(rf, x0)
         basis = "muA-slope"
         if rf.verdict == "consistent":
-            reason = "free slope consistent with μA's; μA's slope used for a tighter, theory-backed extrapolation"
+            reason = (
+                "free slope consistent with μA's; μA's slope used for a tighter, theory-backed extrapolation"
+            )
         else:
             reason = (
                 f"only two usable ranks: the free slope ({rf.slope:+.3f}) has no interval, so μA's {exp} "
@@ -213,8 +217,10 @@ def predict_full(fit: FitResult, heuristic: bool = False) -> Prediction:
         if heuristic and ar is not None and ar.ranks_used:
             return _heuristic(fit, ar)
         if b1 is None:
-            msg = f"no {TRANSFER_REGIME} trials in this run: sweep with --regimes {TRANSFER_REGIME} to predict a "
-            msg += "full-finetuning learning rate"
+            msg = (
+                f"no {TRANSFER_REGIME} trials in this run: sweep with --regimes {TRANSFER_REGIME} "
+                f"to predict a full-finetuning learning rate"
+            )
         else:
             msg = _too_few(b1, 1, "a full-finetuning prediction")
         if ar is not None and not heuristic:
@@ -252,8 +258,8 @@ def predict_full(fit: FitResult, heuristic: bool = False) -> Prediction:
                     f"this run also measured full finetuning: η*_full = {lr_label(c.full_lr)} "
                     f"({c.full_lr:.3g}); η*_{TRANSFER_REGIME} / η*_full = {c.ratio:.2f} "
                     f"(95% {c.ratio_interval[0]:.2f}–{c.ratio_interval[1]:.2f}), {verdict}. For a model "
-                    f"where only {TRANSFER_REGIME} is swept with this recipe, dividing its prediction by this "
-                    f"ratio calibrates it, if the ratio is stable across widths"
+                    f"where only {TRANSFER_REGIME} is swept with this recipe, dividing its prediction by "
+                    f"this ratio calibrates it, if the ratio is stable across widths"
                 ),
             )
     return Prediction(
@@ -288,13 +294,13 @@ def _heuristic(fit: FitResult, ar: RegimeFit) -> Prediction:
         reason=(
             f"heuristic, not μA: the 'LoRA Without Regret' rule of thumb (Schulman et al. 2025) that with "
             f"peft's usual setup ({HEURISTIC_REGIME}) the best LoRA LR is about {HEURISTIC_FACTOR:g}× the "
-            f"full-finetuning LR; η*_{HEURISTIC_REGIME} pooled over ranks {', '.join(map(str, ar.ranks_used))}, "
-            f"divided by {HEURISTIC_FACTOR:g}"
+            f"full-finetuning LR; η*_{HEURISTIC_REGIME} pooled over ranks "
+            f"{', '.join(map(str, ar.ranks_used))}, divided by {HEURISTIC_FACTOR:g}"
         ),
         ranks_used=list(ar.ranks_used),
         settings=_full_settings(fit),
         notes=[
-            f"the interval covers only the measured {HEURISTIC_REGIME} optimum, not the rule of thumb's factor; "
-            f"sweep {TRANSFER_REGIME} for μA's prediction"
+            f"the interval covers only the measured {HEURISTIC_REGIME} optimum, not the rule of thumb's "
+            f"factor; sweep {TRANSFER_REGIME} for μA's prediction"
         ],
     )

@@ -250,3 +250,11 @@ def test_pool_log2():
     var = np.var(ys, ddof=1) / 3 + sum(s**2 for s in ses) / 9
     assert p.mean == pytest.approx(np.mean(ys)) and p.se == pytest.approx(math.sqrt(var))
     assert p.half == pytest.approx(4.302653 * math.sqrt(var), rel=1e-5) and p.dof == 2
+
+
+def test_noise_free_fit_keeps_the_per_rank_widths():
+    # exact optima fit a line perfectly; the slope's SE still carries the ±0.25 log2 per-rank floor
+    rf = fit_run(trials({"A:1": -0.5})).regimes["A:1"]
+    assert rf.resid_se == pytest.approx(0.0, abs=1e-9)
+    assert rf.slope_se == pytest.approx(0.25 / 1.959964 * math.sqrt(0.05), rel=1e-3)
+    assert rf.verdict == "consistent"

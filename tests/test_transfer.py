@@ -15,7 +15,18 @@ from mua_cli.transfer import CAVEAT, predict_full, predict_rank
 
 LOG2C = -8.3
 RECIPE = {"model": "embedded:tiny", "alpha0": 1.0, "betas": [0.9, 0.999], "warmup_frac": 0.05, "steps": 100}
-KEYS = {"lr", "interval", "target", "regime", "basis", "reason", "ranks_used", "settings", "caveat", "evidence"}
+KEYS = {
+    "lr",
+    "interval",
+    "target",
+    "regime",
+    "basis",
+    "reason",
+    "ranks_used",
+    "settings",
+    "caveat",
+    "evidence",
+}
 
 
 def trials(spec, ranks=(4, 16, 64, 256), seeds=(0,), grid=range(-20, 4), noise=0.0, full_log2=None, rng=0):
@@ -68,7 +79,9 @@ def test_inconsistent_slope_uses_the_free_slope_and_widens_with_distance():
     truth = LOG2C - 0.5 * 12
     assert math.log2(p.lr) == pytest.approx(truth, abs=0.3)
     assert math.log2(p.lo) < truth < math.log2(p.hi)
-    assert half_width(predict_rank(fit, "A:r", 32)) < half_width(predict_rank(fit, "A:r", 1024)) < half_width(p)
+    assert (
+        half_width(predict_rank(fit, "A:r", 32)) < half_width(predict_rank(fit, "A:r", 1024)) < half_width(p)
+    )
 
 
 def test_two_ranks_use_mua_untested():
