@@ -76,8 +76,12 @@ def run_folder(run: Path | None) -> Path:
 def sweep(
     recipe: Annotated[str | None, typer.Option(help="Recipe name (see `mua recipes`) or path to a YAML file.")] = None,
     ranks: Annotated[str | None, typer.Option(help="LoRA ranks, e.g. 4,16,64; add 'full' for full finetuning.")] = None,
-    regimes: Annotated[str | None, typer.Option(help="μA regimes <init>:<scaling>, e.g. A:r,B:1 (see `mua theory`).")] = None,
-    lrs: Annotated[str | None, typer.Option(help="LR grid: a power-of-2 range '2^-12:2^-4' or a list '1e-3,2e-3'.")] = None,
+    regimes: Annotated[
+        str | None, typer.Option(help="μA regimes <init>:<scaling>, e.g. A:r,B:1 (see `mua theory`).")
+    ] = None,
+    lrs: Annotated[
+        str | None, typer.Option(help="LR grid: a power-of-2 range '2^-12:2^-4' or a list '1e-3,2e-3'.")
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps per trial.")] = None,
     seeds: Annotated[int | None, typer.Option(help="Seeds per grid point.")] = None,
     alpha0: Annotated[float | None, typer.Option(help="α0 in α = α0 · r^-γ.")] = None,
@@ -114,9 +118,22 @@ def sweep(
         from .store import load_trials
         from .sweep import run_sweep
 
-        r = load_recipe(recipe, ranks=ranks, regimes=regimes, lrs=lrs, steps=steps, seeds=seeds, alpha0=alpha0,
-                        batch_size=batch_size, metric=metric, model=model, task=task, data=data, targets=targets,
-                        per_layer_lr=per_layer_lr)
+        r = load_recipe(
+            recipe,
+            ranks=ranks,
+            regimes=regimes,
+            lrs=lrs,
+            steps=steps,
+            seeds=seeds,
+            alpha0=alpha0,
+            batch_size=batch_size,
+            metric=metric,
+            model=model,
+            task=task,
+            data=data,
+            targets=targets,
+            per_layer_lr=per_layer_lr,
+        )
         dev = resolve_device(device)
         run_dir = out or RUNS_DIR / f"{r.name}-{r.fingerprint()[:8]}"
         console, _ = consoles(quiet)
@@ -139,9 +156,11 @@ def sweep(
 
 
 def fit_of(run_dir: Path, refit: bool = False):
-    """The run's fit: fit.json when it is newer than the trial store, else a fresh fit (saved)."""
-    import json
+    """The run's fit: fit.json when it is newer than the trial store, else a fresh fit (saved).
 
+    A fit.json that cannot be read back (truncated, hand-edited, another schema) is no reason to stop: the
+    trials are the truth, so it is fitted again and rewritten.
+    """
     from .fit import FitResult, fit_run
     from .store import DB_NAME, load_trials
 
@@ -149,9 +168,12 @@ def fit_of(run_dir: Path, refit: bool = False):
     db = run_dir / DB_NAME
     if not refit and path.is_file() and (not db.is_file() or path.stat().st_mtime >= db.stat().st_mtime):
         try:
-            return FitResult.from_dict(json.loads(path.read_text()))
-        except ValueError:
-            pass  # unreadable: fit again from the trials
+            doc = json.loads(path.read_text())
+            if not isinstance(doc, dict):
+                raise MuaError("fit.json is not a JSON object")
+            return FitResult.from_dict(doc)
+        except (MuaError, ValueError, OSError):
+            pass  # unreadable, corrupt or not a fit document: fit again from the trials
     result = fit_run(load_trials(run_dir))
     path.write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     return result
@@ -195,8 +217,12 @@ def fit(
 def transfer(
     run: Annotated[Path | None, typer.Argument(help="Run folder (default: the newest under runs/).")] = None,
     to: Annotated[str, typer.Option("--to", help="'full-ft', or a target LoRA rank such as 256.")] = "full-ft",
-    regime: Annotated[str | None, typer.Option(help="Regime for a rank target (default B:1 if swept, else the first).")] = None,
-    heuristic: Annotated[bool, typer.Option(help="Allow the 'LoRA Without Regret' heuristic (A:r LR / 10) for full-ft.")] = False,
+    regime: Annotated[
+        str | None, typer.Option(help="Regime for a rank target (default B:1 if swept, else the first).")
+    ] = None,
+    heuristic: Annotated[
+        bool, typer.Option(help="Allow the 'LoRA Without Regret' heuristic (A:r LR / 10) for full-ft.")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print the learning rate alone.")] = False,
 ):

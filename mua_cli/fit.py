@@ -38,6 +38,17 @@ def t95(dof: int) -> float:
     return float(stats.t.ppf(0.975, dof))
 
 
+def few_dof_note(dof: int | None, what: str, n_ranks: int) -> str | None:
+    """A plain note when an interval rests on t with one degree of freedom (t = 12.7, 6.5× a normal one)."""
+    if dof != 1:
+        return None
+    t = t95(1)
+    return (
+        f"{what} rests on {n_ranks} usable ranks, so its 95% interval uses Student's t with 1 degree of freedom "
+        f"(t = {t:.1f}, {t / Z95:.1f}× a normal interval): it is wide for that reason; more usable ranks narrow it"
+    )
+
+
 def jsonable(v: Any) -> Any:
     """Plain JSON types; NaN and ±inf become None so `json.dumps(..., allow_nan=False)` succeeds."""
     if isinstance(v, bool | np.bool_):
@@ -374,9 +385,11 @@ def fit_regime(optima: list[RankOptimum], regime: str) -> RegimeFit:
     rf.slope = float(((x - xbar) * (y - y.mean())).sum() / sxx)
     rf.intercept = float(y.mean() - rf.slope * xbar)
     if n == 2:
-        rf.note = "two usable ranks give a slope but no interval (0 dof): μA's exponent untested"
+        dof_note = few_dof_note(rf.dof_mua, "η* on μA's line", n)
+        rf.note = f"two usable ranks give a slope but no interval (0 dof): μA's exponent untested; {dof_note}"
         return rf
     rf.dof = n - 2
+    rf.note = few_dof_note(rf.dof, "the slope", n)
     res = y - rf.intercept - rf.slope * x
     rf.resid_se = math.sqrt(float(res @ res) / rf.dof)
     w = (x - xbar) / sxx
@@ -400,8 +413,7 @@ def _check_one_run(df: pd.DataFrame) -> None:
     recs = [_recipe(r) for r in df["recipe"]] if "recipe" in df else []
     seen = {c: [f"{v:g}" for v in pd.to_numeric(df[c]).dropna()] for c in ("steps", "batch_size", "seq_len")}
     seen |= {
-        f"recipe {k!r}": [json.dumps(r[k], sort_keys=True, default=str) for r in recs if k in r]
-        for k in OUTCOME_KEYS
+        f"recipe {k!r}": [json.dumps(r[k], sort_keys=True, default=str) for r in recs if k in r] for k in OUTCOME_KEYS
     }
     for what, vals in seen.items():
         if len(set(vals)) > 1:

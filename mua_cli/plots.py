@@ -13,6 +13,12 @@ import numpy as np  # noqa: E402
 from .fit import FitResult, RankOptimum  # noqa: E402
 
 
+def _legend(ax) -> None:
+    """A legend where the panel has labelled artists; an empty panel gets none (and no matplotlib warning)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
 def _loss_panel(ax, title: str, optima: list[RankOptimum]) -> None:
     cmap = plt.get_cmap("viridis")
     for i, o in enumerate(sorted(optima, key=lambda o: o.rank)):
@@ -28,7 +34,7 @@ def _loss_panel(ax, title: str, optima: list[RankOptimum]) -> None:
     ax.set_xlabel("learning rate")
     ax.set_ylabel("final loss")
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    _legend(ax)
 
 
 def plot_fit(fit: FitResult, path: Path) -> Path:
@@ -43,7 +49,7 @@ def plot_fit(fit: FitResult, path: Path) -> Path:
             pts = [(p["lr"], p["mean_metric"]) for p in fit.full.points if p.get("mean_metric") is not None]
             if pts:
                 top.plot(*zip(*pts, strict=True), "s--", color="red", label="full FT", ms=3)
-                top.legend(fontsize=7)
+                _legend(top)
         ax = axes[1][j]
         rf = fit.regimes[name]
         used = [o for o in ops if o.lr_star]
@@ -56,8 +62,12 @@ def plot_fit(fit: FitResult, path: Path) -> Path:
             if rf.slope is not None and rf.intercept is not None:
                 ax.plot(grid, 2 ** (rf.intercept + rf.slope * np.log2(grid)), "-", label=f"fit: slope {rf.slope:+.2f}")
             if rf.intercept_mua is not None:
-                ax.plot(grid, 2 ** (rf.intercept_mua + rf.expected_slope * np.log2(grid)), "--",
-                        label=f"μA: slope {rf.expected_slope:+.2f}")
+                ax.plot(
+                    grid,
+                    2 ** (rf.intercept_mua + rf.expected_slope * np.log2(grid)),
+                    "--",
+                    label=f"μA: slope {rf.expected_slope:+.2f}",
+                )
             if name == "B:1" and fit.full is not None and fit.full.lr_star:
                 ax.axhline(fit.full.lr_star, color="red", ls=":", label="full FT η*")
         ax.set_xscale("log", base=2)
@@ -65,7 +75,9 @@ def plot_fit(fit: FitResult, path: Path) -> Path:
         ax.set_xlabel("rank")
         ax.set_ylabel("η*")
         ax.set_title(f"{name}: η* vs rank ({rf.verdict})")
-        ax.legend(fontsize=7)
+        if not used:
+            ax.text(0.5, 0.5, "no rank has an interior η*", ha="center", va="center", transform=ax.transAxes)
+        _legend(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .theory import FULL, lr_label, theory_rows
 
@@ -16,8 +18,15 @@ def theory_table() -> Table:
         t.add_column(col)
     for row in theory_rows():
         rank_exp = "—" if row["rank_exponent"] is None else f"{row['rank_exponent']:+g}"
-        t.add_row(row["regime"], row["init"], row["alpha"], row["peft"], row["optimal_lr"], rank_exp,
-                  f"{row['width_exponent']:+g}")
+        t.add_row(
+            row["regime"],
+            row["init"],
+            row["alpha"],
+            row["peft"],
+            row["optimal_lr"],
+            rank_exp,
+            f"{row['width_exponent']:+g}",
+        )
     t.caption = "B:1 (Init[B], lora_alpha = r) shares full finetuning's width scaling: its LR transfers to full FT."
     return t
 
@@ -105,17 +114,25 @@ def fit_tables(fit) -> list:
             "—" if not rf.slope_interval else f"[{rf.slope_interval[0]:+.3f}, {rf.slope_interval[1]:+.3f}]",
             f"{rf.expected_slope:+g}",
             verdict,
-            "—" if rf.intercept_mua is None else f"{2.0 ** rf.intercept_mua:.3g}",
+            "—" if rf.intercept_mua is None else f"{2.0**rf.intercept_mua:.3g}",
         )
     s.caption = "Few ranks give few degrees of freedom: intervals come from the t distribution."
     out = [t, s]
+    notes = [f"[yellow]note[/] ({name}): {escape(rf.note)}" for name, rf in sorted(fit.regimes.items()) if rf.note]
+    if notes:
+        out.append(Text.from_markup("\n".join(notes)))
     if fit.full_vs_b1:
         c = fit.full_vs_b1
         f = Table(title="full finetuning: measured vs B:1's prediction (μA: ratio ≈ 1)")
         for col in ("B:1 pooled η*", "full-ft η*", "ratio B:1 / full", "95 % interval", "ratio ≈ 1?"):
             f.add_column(col)
-        f.add_row(_lr(c.b1_lr), _lr(c.full_lr), f"{c.ratio:.3g}", _interval(*c.ratio_interval),
-                  "[green]yes[/]" if c.consistent_with_one else "[red]no[/]")
+        f.add_row(
+            _lr(c.b1_lr),
+            _lr(c.full_lr),
+            f"{c.ratio:.3g}",
+            _interval(*c.ratio_interval),
+            "[green]yes[/]" if c.consistent_with_one else "[red]no[/]",
+        )
         out.append(f)
     return out
 
@@ -138,7 +155,7 @@ def prediction_panel(pred):
     lines.append("")
     lines.append("[bold]holds for[/] (" + pred.caveat + "):")
     for k, v in pred.settings.items():
-        lines.append(f"  {k}: {v}")
+        lines.append(f"  {k}: {', '.join(map(str, v)) if isinstance(v, list | tuple) else v}")
     if pred.peft:
         lines.append(f"[bold]peft:[/] {pred.peft}")
     for n in pred.notes:

@@ -72,9 +72,7 @@ class Regime:
         return "Init[B]: A = 0, B ~ N(0, 1/r)"
 
 
-REGIMES: dict[str, Regime] = {
-    r.name: r for r in (Regime(i, s) for i in "AB" for s in ("r", "sqrt", "1"))
-}
+REGIMES: dict[str, Regime] = {r.name: r for r in (Regime(i, s) for i in "AB" for s in ("r", "sqrt", "1"))}
 TRANSFER_REGIME = "B:1"
 HEURISTIC_REGIME = "A:r"  # "LoRA Without Regret": η_LoRA ≈ 10 × η_full with peft's usual setup
 HEURISTIC_FACTOR = 10.0

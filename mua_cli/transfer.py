@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import MuaError
-from .fit import FitResult, RegimeFit, jsonable, pool_log2, t95
+from .fit import FitResult, RegimeFit, few_dof_note, jsonable, pool_log2, t95
 from .theory import HEURISTIC_FACTOR, HEURISTIC_REGIME, TRANSFER_REGIME, get_regime, lr_label
 
 FULL_TARGET = "full-ft"
@@ -58,9 +58,26 @@ class Prediction:
         )
 
 
+HEAD_TASKS = ("seq-cls", "image-cls")  # tasks whose model has a classification head, trained at head_lr
+
+
+def _recipe_settings(fit: FitResult, *keys: str) -> dict:
+    """The recipe's values of `keys` that the sweep recorded (fit.json of older runs may lack them)."""
+    rec = fit.settings.get("recipe") or {}
+    out = {k: rec[k] for k in keys if k in rec}
+    if out.get("head_lr") is not None and rec.get("task") not in HEAD_TASKS:
+        out.pop("head_lr")  # no classification head: head_lr is unused
+    return out
+
+
 def _common(fit: FitResult) -> dict:
     s = fit.settings
-    return {k: s.get(k) for k in ("model", "optimizer", "schedule", "steps", "batch_size", "seq_len")}
+    return {
+        "model": s.get("model"),
+        **_recipe_settings(fit, "task", "dtype"),
+        **{k: s.get(k) for k in ("optimizer", "schedule", "steps", "batch_size", "seq_len")},
+        **_recipe_settings(fit, "per_layer_lr", "head_lr"),
+    }
 
 
 def _too_few(rf: RegimeFit, need: int = 2, what: str = "a prediction") -> str:
@@ -89,9 +106,7 @@ def _free_slope(rf: RegimeFit, x0: float) -> tuple[float, float]:
     n, xbar = len(x), float(x.mean())
     sxx = float(((x - xbar) ** 2).sum())
     d = x0 - xbar
-    var = rf.resid_se**2 * (1 + 1 / n + d**2 / sxx) + float(
-        (((1 / n) + (x - xbar) * d / sxx) ** 2 * se**2).sum()
-    )
+    var = rf.resid_se**2 * (1 + 1 / n + d**2 / sxx) + float((((1 / n) + (x - xbar) * d / sxx) ** 2 * se**2).sum())
     return rf.intercept + rf.slope * x0, t95(rf.dof) * math.sqrt(var)
 
 
@@ -146,9 +161,7 @@ def predict_rank(fit: FitResult, regime: str, rank: int) -> Prediction:
         centre, half = _mua_slope(rf, x0)
         basis = "muA-slope"
         if rf.verdict == "consistent":
-            reason = (
-                "free slope consistent with μA's; μA's slope used for a tighter, theory-backed extrapolation"
-            )
+            reason = "free slope consistent with μA's; μA's slope used for a tighter, theory-backed extrapolation"
         else:
             reason = (
                 f"only two usable ranks: the free slope ({rf.slope:+.3f}) has no interval, so μA's {exp} "
@@ -162,9 +175,13 @@ def predict_rank(fit: FitResult, regime: str, rank: int) -> Prediction:
         **reg.peft_args(alpha0, rank),
         "alpha": reg.alpha(alpha0, rank),
         "alpha0": alpha0,
+        **_recipe_settings(fit, "targets"),
         **_common(fit),
     }
     notes = []
+    dof = rf.dof if basis == "free-slope" else rf.dof_mua
+    if note := few_dof_note(dof, "this prediction", len(rf.ranks_used)):
+        notes.append(note)
     lo_r, hi_r = rf.ranks_used[0], rf.ranks_used[-1]
     if not lo_r <= rank <= hi_r:
         notes.append(f"extrapolates from the measured ranks {lo_r}–{hi_r} to rank {rank}")
@@ -196,13 +213,20 @@ def predict_rank(fit: FitResult, regime: str, rank: int) -> Prediction:
     )
 
 
+def _lr_text(lr: float) -> str:
+    """'2^-9 (0.00195)' for a power of two; the number alone otherwise (its label would repeat it)."""
+    label, number = lr_label(lr), f"{lr:.3g}"
+    return number if label == number else f"{label} ({number})"
+
+
 def _full_settings(fit: FitResult) -> dict:
     return {"method": "full finetuning", **_common(fit)}
 
 
-def _pooled(rf: RegimeFit) -> tuple[float, float]:
+def _pooled(rf: RegimeFit) -> tuple[float, float, str | None]:
+    """log2 centre and 95% half-width of the regime's η* pooled over its usable ranks, and a few-dof note."""
     p = pool_log2(rf.log2_lr_stars, rf.se_log2s)
-    return p.mean, p.half
+    return p.mean, p.half, few_dof_note(p.dof, f"the {rf.regime} η* pooled over ranks", len(rf.ranks_used))
 
 
 def predict_full(fit: FitResult, heuristic: bool = False) -> Prediction:
@@ -228,8 +252,8 @@ def predict_full(fit: FitResult, heuristic: bool = False) -> Prediction:
         elif heuristic and (ar is None or not ar.ranks_used):
             msg += f" (--heuristic needs a usable {HEURISTIC_REGIME} rank, and this run has none)"
         raise MuaError(msg)
-    centre, half = _pooled(b1)
-    notes = []
+    centre, half, dof_note = _pooled(b1)
+    notes = [dof_note] if dof_note else []
     if len(b1.ranks_used) == 1:
         notes.append(f"one usable {TRANSFER_REGIME} rank ({b1.ranks_used[0]}): its own interval, no pooling")
     if b1.verdict == "inconsistent":
@@ -255,8 +279,8 @@ def predict_full(fit: FitResult, heuristic: bool = False) -> Prediction:
                 ratio=c.ratio,
                 ratio_interval=c.ratio_interval,
                 calibrated=(
-                    f"this run also measured full finetuning: η*_full = {lr_label(c.full_lr)} "
-                    f"({c.full_lr:.3g}); η*_{TRANSFER_REGIME} / η*_full = {c.ratio:.2f} "
+                    f"this run also measured full finetuning: η*_full = {_lr_text(c.full_lr)}; "
+                    f"η*_{TRANSFER_REGIME} / η*_full = {c.ratio:.2f} "
                     f"(95% {c.ratio_interval[0]:.2f}–{c.ratio_interval[1]:.2f}), {verdict}. For a model "
                     f"where only {TRANSFER_REGIME} is swept with this recipe, dividing its prediction by "
                     f"this ratio calibrates it, if the ratio is stable across widths"
@@ -282,7 +306,7 @@ def predict_full(fit: FitResult, heuristic: bool = False) -> Prediction:
 
 
 def _heuristic(fit: FitResult, ar: RegimeFit) -> Prediction:
-    centre, half = _pooled(ar)
+    centre, half, dof_note = _pooled(ar)
     shift = math.log2(HEURISTIC_FACTOR)
     return Prediction(
         lr=2.0 ** (centre - shift),
@@ -301,6 +325,7 @@ def _heuristic(fit: FitResult, ar: RegimeFit) -> Prediction:
         settings=_full_settings(fit),
         notes=[
             f"the interval covers only the measured {HEURISTIC_REGIME} optimum, not the rule of thumb's "
-            f"factor; sweep {TRANSFER_REGIME} for μA's prediction"
+            f"factor; sweep {TRANSFER_REGIME} for μA's prediction",
+            *([dof_note] if dof_note else []),
         ],
     )

@@ -6,8 +6,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mua_cli.adapters import prepare
 
-CFG = LlamaConfig(vocab_size=64, hidden_size=96, intermediate_size=192, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=2)
+CFG = LlamaConfig(
+    vocab_size=64,
+    hidden_size=96,
+    intermediate_size=192,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+)
 
 
 def base():

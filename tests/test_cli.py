@@ -1,6 +1,7 @@
 """The command line end to end, and every bad input a user can give: one clear line, exit code 2."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -21,7 +22,6 @@ def swept_run(tmp_path_factory, model_cache):
     import os
 
     import yaml
-
     from conftest import TINY_TEST_RECIPE
 
     os.environ["MUA_CACHE"] = str(model_cache)
@@ -63,16 +63,31 @@ def test_transfer_to_rank_json_schema(swept_run):
     assert pred["settings"]["lora_alpha"] == 1 and pred["settings"]["steps"] == 20
 
 
+@pytest.mark.parametrize(
+    "content",
+    ['{"optima": [', "[]", "{}", '{"optima": 3, "regimes": {}}', '{"regimes": {"B:1": {"x": 1}}}', "\xff\xfe"],
+)
+def test_corrupt_fit_json_is_refitted_not_a_crash(swept_run, content):
+    path = swept_run / "fit.json"
+    path.write_bytes(content.encode("latin-1"))
+    later = (swept_run / "trials.db").stat().st_mtime + 60
+    os.utime(path, (later, later))  # newer than the store: transfer would trust it if it could read it
+    res = mua("transfer", swept_run, "--to", "full-ft", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["regime"] == "B:1"
+    assert set(json.loads(path.read_text())["regimes"]) == {"A:r", "B:1"}  # rewritten from the trials
+
+
 def test_resweep_skips_everything(swept_run, tmp_path):
     before = (swept_run / "trials.db").read_bytes()
     recipe = tmp_path / "r.yaml"
     import yaml
-
     from conftest import TINY_TEST_RECIPE
 
     recipe.write_text(yaml.safe_dump({**TINY_TEST_RECIPE, "steps": 20, "lrs": "2^-11:2^-3", "max_extend": 2}))
-    res = mua("sweep", "--recipe", recipe, "--ranks", "2,4,8", "--regimes", "A:r,B:1", "--out", swept_run,
-              "--device", "cpu")
+    res = mua(
+        "sweep", "--recipe", recipe, "--ranks", "2,4,8", "--regimes", "A:r,B:1", "--out", swept_run, "--device", "cpu"
+    )
     assert res.exit_code == 0, res.output
     assert "ran 0 trial(s)" in res.output
     assert (swept_run / "trials.db").read_bytes() == before
@@ -149,8 +164,20 @@ def test_run_without_trials_and_corrupted_store(tmp_path):
 
 def test_full_ft_without_b1_is_a_clear_error(tmp_path, micro_recipe_path):
     run = tmp_path / "run"
-    res = mua("sweep", "--recipe", micro_recipe_path, "--ranks", "2,4", "--regimes", "A:r", "--out", run,
-              "--device", "cpu", "--quiet")
+    res = mua(
+        "sweep",
+        "--recipe",
+        micro_recipe_path,
+        "--ranks",
+        "2,4",
+        "--regimes",
+        "A:r",
+        "--out",
+        run,
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert res.exit_code == 0, res.output
     res = mua("transfer", run, "--to", "full-ft")
     assert res.exit_code == 2 and "--regimes B:1" in res.output

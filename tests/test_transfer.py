@@ -79,9 +79,7 @@ def test_inconsistent_slope_uses_the_free_slope_and_widens_with_distance():
     truth = LOG2C - 0.5 * 12
     assert math.log2(p.lr) == pytest.approx(truth, abs=0.3)
     assert math.log2(p.lo) < truth < math.log2(p.hi)
-    assert (
-        half_width(predict_rank(fit, "A:r", 32)) < half_width(predict_rank(fit, "A:r", 1024)) < half_width(p)
-    )
+    assert half_width(predict_rank(fit, "A:r", 32)) < half_width(predict_rank(fit, "A:r", 1024)) < half_width(p)
 
 
 def test_two_ranks_use_mua_untested():
@@ -154,3 +152,59 @@ def test_predictions_survive_the_fit_json_round_trip():
     back = FitResult.from_dict(json.loads(json.dumps(fit.to_dict(), allow_nan=False)))
     assert predict_rank(back, "A:1", 512).to_dict() == predict_rank(fit, "A:1", 512).to_dict()
     assert predict_full(back).to_dict() == predict_full(fit).to_dict()
+
+
+def test_full_lr_is_labelled_once_in_the_evidence():
+    fit = fit_run(trials({"B:1": 0.0}, seeds=(0, 1), noise=0.002, full_log2=LOG2C - 1.5))
+    text = predict_full(fit).evidence["calibrated"]
+    number = f"{fit.full_vs_b1.full_lr:.3g}"
+    assert f"η*_full = {number};" in text and text.count(number) == 1
+    on_grid = fit_run(trials({"B:1": 0.0}, full_log2=-9.0))  # η*_full exactly 2^-9: label and number
+    assert "η*_full = 2^-9 (0.00195);" in predict_full(on_grid).evidence["calibrated"]
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "seq-cls"])
+def test_settings_carry_task_dtype_targets_per_layer_lr_and_head_lr(task):
+    from mua_cli.report import prediction_panel
+
+    rec = {**RECIPE, "task": task, "dtype": "bfloat16", "targets": ["q_proj", "v_proj"], "per_layer_lr": True,
+           "head_lr": 0.002}  # fmt: skip
+    df = trials({"B:1": 0.0})
+    fit = fit_run(df.assign(recipe=[rec] * len(df)))
+    s = predict_rank(fit, "B:1", 256).settings
+    assert (s["task"], s["dtype"], s["targets"], s["per_layer_lr"]) == (task, "bfloat16", ["q_proj", "v_proj"], True)
+    f = predict_full(fit).settings
+    assert (f["task"], f["dtype"], f["per_layer_lr"]) == (task, "bfloat16", True) and "targets" not in f
+    if task == "seq-cls":
+        assert s["head_lr"] == f["head_lr"] == 0.002
+    else:  # a causal LM has no classification head: head_lr means nothing there
+        assert "head_lr" not in s and "head_lr" not in f
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(prediction_panel(predict_rank(fit, "B:1", 256)))
+    out = console.export_text()
+    assert "targets: q_proj, v_proj" in out and f"task: {task}" in out and "dtype: bfloat16" in out
+    legacy = FitResult.from_dict(
+        {**fit.to_dict(), "settings": {k: v for k, v in fit.settings.items() if k != "recipe"}}
+    )
+    assert "task" not in predict_rank(legacy, "B:1", 256).settings  # an older fit.json: simply absent
+
+
+def test_one_degree_of_freedom_is_said_plainly():
+    from rich.console import Console
+
+    from mua_cli.report import fit_tables
+
+    two = fit_run(trials({"A:1": -0.5, "B:1": 0.0}, ranks=(4, 64)))  # pooled / μA-line intervals: t(1)
+    for p in (predict_rank(two, "A:1", 256), predict_full(two)):
+        assert any("1 degree of freedom" in n and "t = 12.7" in n for n in p.notes), p.notes
+    assert "1 degree of freedom" in two.regimes["A:1"].note
+    three = fit_run(trials({"A:r": 0.0}, ranks=(4, 16, 64), noise=0.002))  # the free slope: t(1)
+    assert three.regimes["A:r"].dof == 1 and "the slope rests on 3 usable ranks" in three.regimes["A:r"].note
+    console = Console(record=True, width=300)
+    for table in fit_tables(three):
+        console.print(table)
+    assert "note (A:r): the slope rests on 3 usable ranks" in console.export_text()
+    four = fit_run(trials({"A:r": 0.0}))  # 2 dof: no such note
+    assert four.regimes["A:r"].note is None and not predict_rank(four, "A:r", 256).notes
