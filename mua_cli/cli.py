@@ -95,7 +95,13 @@ def sweep(
         bool | None, typer.Option("--per-layer-lr/--no-per-layer-lr", help="Scale each layer's LR by its fan-in.")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<recipe>-<settings hash>).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda (every visible GPU) or cuda:N.")] = "auto",
+    workers_per_gpu: Annotated[
+        int, typer.Option(min=0, help="Trial processes per GPU; 0 picks by model size (4 small, 2 medium, 1 large).")
+    ] = 0,
+    batch_trials: Annotated[
+        int, typer.Option(min=0, help="LoRA trials per forward pass (same rank, other LRs); 0 picks by size.")
+    ] = 0,
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL to share one sweep across machines.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")] = False,
 ):
@@ -116,6 +122,7 @@ def sweep(
         from .report import sweep_table
         from .runner import resolve_device
         from .store import load_trials
+        from .execute import Execution
         from .sweep import run_sweep
 
         r = load_recipe(
@@ -143,7 +150,8 @@ def sweep(
         listener.note(f"run folder {run_dir} · device {dev} · {r.settings_text()}")
         try:
             with listener:
-                summary = run_sweep(r, run_dir, dev, listener, storage)
+                ex = Execution(dev, workers_per_gpu, batch_trials)
+                summary = run_sweep(r, run_dir, dev, listener, storage, ex)
         except KeyboardInterrupt:
             Console(stderr=True).print(
                 f"[yellow]interrupted:[/] finished trials are stored in {run_dir}; run the same command to resume"

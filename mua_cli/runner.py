@@ -1,4 +1,5 @@
-"""Runs trials on one device: loads the base model and the data once, then one trial after another."""
+"""Runs trials on one device: loads the base model and the data once, then one unit of work after another
+(a unit is one trial, or several LoRA trials that differ only in LR and train side by side: batched.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,28 @@ class TrialRunner:
         work = load_workload(recipe, device, on_note=getattr(listener, "note", None))
         self.base, self.data, self.notes = work.base, work.task, work.notes  # data: a task (tasks.py)
         self.base.requires_grad_(False)
+        if device.startswith("cuda"):
+            self.base.to(device)  # once, not per trial: each trial's copy is then made on the GPU
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.base.parameters())
 
     def run(self, spec: TrialSpec) -> TrialResult:
         on_step = getattr(self.listener, "step", None)
         return run_trial(spec, self.base, self.data, self.recipe, self.device, on_step)
+
+    def run_unit(self, unit: list[TrialSpec]) -> list[TrialResult]:
+        """Several trials batched; a group too big for the GPU's memory is split in halves until it fits."""
+        if len(unit) == 1:
+            return [self.run(unit[0])]
+        from .batched import run_batched
+
+        try:
+            return run_batched(
+                unit, self.base, self.data, self.recipe, self.device, getattr(self.listener, "step", None)
+            )
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            half = len(unit) // 2
+            return self.run_unit(unit[:half]) + self.run_unit(unit[half:])

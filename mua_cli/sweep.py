@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from .errors import MuaError
+from .execute import Execution, executor
 from .recipe import Recipe
 from .store import TrialStore
 from .theory import FULL, lr_label, parse_lrs, parse_regimes
@@ -73,7 +74,9 @@ def plan(recipe: Recipe) -> list[TrialSpec]:
     ]
 
 
-def extension(lrs_metrics: dict[float, list[float]], base_grid: list[float], max_extend: int) -> tuple[float | None, str]:
+def extension(
+    lrs_metrics: dict[float, list[float]], base_grid: list[float], max_extend: int
+) -> tuple[float | None, str]:
     """The next LR to add for one (regime, rank), or None with the reason there is none.
 
     Diverged trials count as +inf: they bound the optimum from above. The number of extensions
@@ -106,8 +109,8 @@ def run_sweep(
     device: str = "cpu",
     listener: Listener | None = None,
     storage: str | None = None,
+    execution: Execution | None = None,
 ) -> SweepSummary:
-    from .runner import TrialRunner  # torch and the model load only when trials run
 
     listener = listener or Listener()
     run_dir = Path(run_dir)
@@ -120,12 +123,23 @@ def run_sweep(
     listener.start(total=len(plan(recipe)), done=summary.skipped)
     if summary.skipped:
         listener.note(f"resuming: {summary.skipped} finished trial(s) found in {run_dir}, skipped")
-    runner = TrialRunner(recipe, device, listener)
+    ex = execution or Execution(device)
+    ex.device = device
+    runner = executor(recipe, ex, listener)  # torch and the model load only here, when trials run
+    try:
+        _rounds(recipe, store, runner, pending, done, summary, listener)
+    except BaseException:
+        runner.close(interrupted=True)
+        raise
+    runner.close()
+    return summary
+
+
+def _rounds(recipe, store, runner, pending, done, summary, listener) -> None:
+    """Run the pending trials, then extend the grid where an optimum sits at an edge; again until none does."""
     base_grid = parse_lrs(recipe.lrs)
     while True:
-        for spec in pending:
-            listener.trial_start(spec)
-            result = runner.run(spec)
+        for spec, result in runner.run(pending):
             store.add(spec, result, _meta(recipe, spec, result))
             done.add(spec.key)
             summary.ran += 1
@@ -148,7 +162,7 @@ def run_sweep(
                 listener.note(line)
                 pending.extend(specs)
         if not pending:
-            return summary
+            return
         listener.grow(len(pending))
 
 

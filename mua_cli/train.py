@@ -17,6 +17,8 @@ from .recipe import Recipe
 from .tasks import as_task
 from .trial import TrialResult, TrialSpec
 
+CHECK_EVERY = 10  # on a GPU, losses are read (and divergence checked) every this many steps
+
 
 def lr_lambda(recipe: Recipe) -> Callable[[int], float]:
     """Linear warmup over warmup_frac of the steps, then cosine decay to min_lr_ratio × peak."""
@@ -30,6 +32,34 @@ def lr_lambda(recipe: Recipe) -> Callable[[int], float]:
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     return f
+
+
+def first_divergence(values: list[float], factor: float) -> int | None:
+    """The first step whose loss is non-finite or above `factor` × the starting loss."""
+    for i, v in enumerate(values):
+        if not math.isfinite(v) or v > factor * values[0]:
+            return i
+    return None
+
+
+def finish(values: list[float], recipe: Recipe, device: str) -> TrialResult:
+    """A loss curve → a result: the curve ends at its first diverging step (included); the metric of a
+    finished trial is the training loss averaged over the last `metric_frac` of its steps."""
+    cut = first_divergence(values, recipe.divergence_factor)
+    curve = [round(v, 5) if math.isfinite(v) else v for v in values[: None if cut is None else cut + 1]]
+    result = TrialResult("ok" if cut is None else "diverged", math.inf, curve, initial_loss=curve[0], device=device)
+    if cut is None:
+        tail = curve[-max(1, int(math.ceil(recipe.metric_frac * len(curve)))) :]
+        result.metric = sum(tail) / len(tail)
+    return result
+
+
+def set_eval(result: TrialResult, eval_loss: float, recipe: Recipe) -> None:
+    result.eval_loss = eval_loss
+    if recipe.metric == "eval":
+        result.metric = eval_loss
+    if not math.isfinite(result.metric):
+        result.status, result.metric = "diverged", math.inf
 
 
 def run_trial(
@@ -48,8 +78,13 @@ def run_trial(
         raise
     except Exception as e:  # a failed trial is stored with its error; the sweep goes on
         tb = traceback.format_exc(limit=3)
-        return TrialResult("failed", math.nan, wall_time=time.perf_counter() - t0, device=device,
-                           error=f"{type(e).__name__}: {e}\n{tb}")
+        return TrialResult(
+            "failed",
+            math.nan,
+            wall_time=time.perf_counter() - t0,
+            device=device,
+            error=f"{type(e).__name__}: {e}\n{tb}",
+        )
 
 
 def _train(spec, base, data, recipe, device, on_step, t0) -> TrialResult:
@@ -61,46 +96,47 @@ def _train(spec, base, data, recipe, device, on_step, t0) -> TrialResult:
     groups = param_groups(model, spec.regime, spec.lr, head, recipe.head_lr, recipe.per_layer_lr, hidden_size(base))
     params = groups.params
     fused = device.startswith("cuda")
-    opt = torch.optim.AdamW(groups.groups, lr=spec.lr, betas=tuple(recipe.betas), eps=recipe.eps,
-                            weight_decay=recipe.weight_decay, fused=fused or None)
+    opt = torch.optim.AdamW(
+        groups.groups,
+        lr=spec.lr,
+        betas=tuple(recipe.betas),
+        eps=recipe.eps,
+        weight_decay=recipe.weight_decay,
+        fused=fused or None,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe))
     batch_at = task.train_batches(spec.seed, recipe.steps, recipe.batch_size, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
-    curve: list[float] = []
-    status = "ok"
+    # Losses stay on the device and are read every `check` steps: the step loop never waits for the host.
+    check = 1 if device == "cpu" else CHECK_EVERY
+    losses = torch.full((recipe.steps,), math.nan, device=device)
+    seen: list[float] = []
     for step in range(recipe.steps):
         batch = batch_at(step)
         with autocast:
             loss = task.loss(model, batch)
-        value = float(loss.detach())
-        curve.append(round(value, 5) if math.isfinite(value) else value)
-        if not math.isfinite(value) or value > recipe.divergence_factor * curve[0]:
-            status = "diverged"
-            break
+        losses[step] = loss.detach()
         loss.backward()
         if recipe.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip, foreach=True)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if on_step:
-            on_step(step, value)
-    result = TrialResult(status, math.inf, curve, initial_loss=curve[0], device=device)
+        if (step + 1) % check == 0 or step + 1 == recipe.steps:
+            seen += losses[len(seen) : step + 1].tolist()
+            if on_step:
+                on_step(step, seen[-1])
+            if first_divergence(seen, recipe.divergence_factor) is not None:
+                break
+    result = finish(seen, recipe, device)
     result.info = _info(recipe, task, groups, head, base)
-    if status == "ok":
-        tail = curve[-max(1, int(math.ceil(recipe.metric_frac * len(curve)))) :]
-        result.metric = sum(tail) / len(tail)
-        if recipe.metric == "eval" or recipe.eval_fraction > 0:
-            low = next(base.parameters()).dtype != torch.float32  # a bf16 base evaluates under autocast too
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda") and low):
-                scores = evaluate_task(model, task, recipe.batch_size, device)
-            result.eval_loss = scores["loss"]
-            if "accuracy" in scores:
-                result.info["eval_accuracy"] = scores["accuracy"]
-        if recipe.metric == "eval":
-            result.metric = result.eval_loss
-        if not math.isfinite(result.metric):
-            result.status, result.metric = "diverged", math.inf
+    if result.status == "ok" and (recipe.metric == "eval" or recipe.eval_fraction > 0):
+        low = next(base.parameters()).dtype != torch.float32  # a bf16 base evaluates under autocast too
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda") and low):
+            scores = evaluate_task(model, task, recipe.batch_size, device)
+        set_eval(result, scores["loss"], recipe)
+        if "accuracy" in scores:
+            result.info["eval_accuracy"] = scores["accuracy"]
     result.wall_time = time.perf_counter() - t0
     return result
 

@@ -51,13 +51,14 @@ def test_every_trial_records_what_the_issue_asks(micro_recipe_path, tmp_path):
         assert col in df.columns
     assert len(row["loss_curve"]) == recipe.steps and row["recipe"]["steps"] == recipe.steps
     ok = df[df["status"] == "ok"]
-    tail = ok.iloc[0]["loss_curve"][-math.ceil(0.1 * recipe.steps):]
+    tail = ok.iloc[0]["loss_curve"][-math.ceil(0.1 * recipe.steps) :]
     assert ok.iloc[0]["metric"] == pytest.approx(sum(tail) / len(tail))
 
 
 def test_huge_lr_diverges_and_is_stored_as_diverged(micro_recipe_path, tmp_path):
-    recipe = load_recipe(str(micro_recipe_path), ranks="4", regimes="A:1", lrs="2^-8,2^2,2^10", max_extend=0,
-                         alpha0=8.0)
+    recipe = load_recipe(
+        str(micro_recipe_path), ranks="4", regimes="A:1", lrs="2^-8,2^2,2^10", max_extend=0, alpha0=8.0
+    )
     run_sweep(recipe, tmp_path / "run", "cpu")
     df = load_trials(tmp_path / "run").set_index("lr")
     assert df.loc[2**10, "status"] == "diverged" and math.isinf(df.loc[2**10, "metric"])

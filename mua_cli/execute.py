@@ -1,0 +1,186 @@
+"""Where and how a sweep's trials run: units of work (batched.py groups LoRA trials that differ only in LR),
+run in this process on one device, or by worker processes over every visible GPU, several per GPU.
+
+The parent process alone writes the trial store: workers send results back, so SQLite never sees two writers.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import signal
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .errors import MuaError
+from .recipe import Recipe
+from .trial import TrialResult, TrialSpec
+
+SMALL, MEDIUM = 30e6, 400e6  # base parameters: below SMALL a GPU holds 4 workers, below MEDIUM 2, else 1
+TOKENS_PER_STEP = {"small": 1 << 17, "medium": 1 << 15, "large": 0}  # token budget of one batched step
+
+
+@dataclass
+class Execution:
+    """How to run, not what: none of this enters a trial's identity."""
+
+    device: str = "cpu"  # resolved: cpu, cuda (every visible GPU) or cuda:N (that one)
+    workers_per_gpu: int = 0  # 0: by the model's size
+    batch_trials: int = 0  # LoRA trials per forward pass; 0: by the model's size on a GPU, 1 on the CPU
+
+
+def size_class(n_params: int) -> str:
+    return "small" if n_params < SMALL else "medium" if n_params < MEDIUM else "large"
+
+
+def trials_per_pass(ex: Execution, recipe: Recipe, n_params: int) -> int:
+    if ex.batch_trials:
+        return ex.batch_trials
+    if not ex.device.startswith("cuda"):
+        return 1  # measured: no gain on the CPU (the work is the same, and it is compute-bound)
+    tokens = recipe.batch_size * (recipe.seq_len + 1)
+    return max(1, min(16, TOKENS_PER_STEP[size_class(n_params)] // tokens))
+
+
+def workers_per_gpu(ex: Execution, n_params: int) -> int:
+    if ex.workers_per_gpu:
+        return ex.workers_per_gpu
+    return {"small": 4, "medium": 2, "large": 1}[size_class(n_params)]
+
+
+def units(pending: list[TrialSpec], recipe: Recipe, k: int) -> list[list[TrialSpec]]:
+    """Trials of one (regime, rank, seed) in groups of at most k, by LR; the rest one by one. Balanced groups:
+    8 trials with k=6 make two groups of 4, not 6 and 2."""
+    from .batched import can_batch
+
+    out: list[list[TrialSpec]] = []
+    by_group: dict[tuple, list[TrialSpec]] = defaultdict(list)
+    for s in pending:
+        if k > 1 and can_batch(s, recipe):
+            by_group[(s.regime, s.rank, s.seed)].append(s)
+        else:
+            out.append([s])
+    for specs in by_group.values():
+        specs.sort(key=lambda s: s.lr)
+        n = math.ceil(len(specs) / k)
+        size = math.ceil(len(specs) / n)
+        out.extend(specs[i : i + size] for i in range(0, len(specs), size))
+    return out
+
+
+class LocalExecutor:
+    """Every unit in this process, on one device."""
+
+    def __init__(self, recipe: Recipe, ex: Execution, listener):
+        from .runner import TrialRunner
+
+        self.recipe, self.listener = recipe, listener
+        self.runner = TrialRunner(recipe, ex.device, listener)
+        self.k = trials_per_pass(ex, recipe, self.runner.n_params)
+        if self.k > 1:
+            listener.note(f"up to {self.k} LoRA trials per forward pass (batched adapters)")
+
+    def run(self, pending: list[TrialSpec]) -> Iterator[tuple[TrialSpec, TrialResult]]:
+        for unit in units(pending, self.recipe, self.k):
+            self.listener.trial_start(unit[0])
+            yield from zip(unit, self.runner.run_unit(unit), strict=True)
+
+    def close(self, interrupted: bool = False) -> None: ...
+
+
+def _worker(recipe: Recipe, device: str, tasks, results) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
+    try:
+        from .runner import TrialRunner
+
+        runner = TrialRunner(recipe, device)
+    except Exception as e:  # noqa: BLE001 — reported to the parent as one line
+        results.put(("error", device, f"{type(e).__name__}: {e}"))
+        return
+    results.put(("ready", device, runner.n_params))
+    while (unit := tasks.get()) is not None:
+        for spec, result in zip(unit, runner.run_unit(unit), strict=True):
+            results.put(("done", spec, result))
+
+
+class PoolExecutor:
+    """Worker processes over the visible GPUs. The first worker starts alone (it may pretrain and cache the
+    embedded model); its model's size then decides how many workers each GPU gets."""
+
+    def __init__(self, recipe: Recipe, ex: Execution, listener, devices: list[str]):
+        import torch.multiprocessing as mp
+
+        self.recipe, self.listener, self.ctx = recipe, listener, mp.get_context("spawn")
+        self.tasks, self.results = self.ctx.Queue(), self.ctx.Queue()
+        self.procs: list = []
+        self._start(devices[0])
+        n_params = self._ready(1)
+        self.k = trials_per_pass(ex, recipe, n_params)
+        per = workers_per_gpu(ex, n_params)
+        for i in range(len(devices) * per - 1):
+            self._start(devices[(i + 1) % len(devices)])
+        self._ready(len(self.procs) - 1)
+        batched = f", up to {self.k} LoRA trials per forward pass" if self.k > 1 else ""
+        listener.note(f"{len(devices)} device(s) ({', '.join(devices)}) × {per} worker process(es){batched}")
+
+    def _start(self, device: str) -> None:
+        p = self.ctx.Process(target=_worker, args=(self.recipe, device, self.tasks, self.results), daemon=True)
+        p.start()
+        self.procs.append(p)
+
+    def _ready(self, n: int) -> int:
+        n_params = 0
+        for _ in range(n):
+            kind, device, value = self._get()
+            if kind == "error":
+                self.close(interrupted=True)
+                raise MuaError(f"worker on {device} could not load the workload: {value}")
+            n_params = value
+        return n_params
+
+    def _get(self):
+        while True:
+            try:
+                return self.results.get(timeout=5)
+            except queue.Empty:
+                if not any(p.is_alive() for p in self.procs):
+                    raise MuaError("every worker process exited; finished trials are stored, run again to resume")
+
+    def run(self, pending: list[TrialSpec]) -> Iterator[tuple[TrialSpec, TrialResult]]:
+        work = units(pending, self.recipe, self.k)
+        for unit in work:
+            self.tasks.put(unit)
+        for _ in range(sum(len(u) for u in work)):
+            kind, spec, result = self._get()
+            yield spec, result
+
+    def close(self, interrupted: bool = False) -> None:
+        """Workers finish their unit and exit; on Ctrl-C or an error they stop at once (a unit cut off
+        mid-way was not stored, so it runs again next time)."""
+        for p in self.procs:
+            if interrupted:
+                p.terminate()
+            else:
+                self.tasks.put(None)
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+
+
+def executor(recipe: Recipe, ex: Execution, listener):
+    """Worker processes over every visible GPU (`cuda`), or several on one device when asked for
+    (`--workers-per-gpu N` with cpu or cuda:N); this process otherwise."""
+    if ex.device == "cuda":
+        import torch
+
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        if not devices:
+            raise MuaError("no CUDA GPU is visible")
+        if len(devices) > 1 or ex.workers_per_gpu != 1:
+            return PoolExecutor(recipe, ex, listener, devices)
+        ex = Execution("cuda:0", ex.workers_per_gpu, ex.batch_trials)
+    elif ex.workers_per_gpu > 1:
+        return PoolExecutor(recipe, ex, listener, [ex.device])
+    return LocalExecutor(recipe, ex, listener)
