@@ -24,7 +24,7 @@ from .adapters import init_lora, lora_config
 from .recipe import Recipe
 from .tasks import LMTask
 from .theory import FULL, get_regime
-from .train import CHECK_EVERY, finish, lr_lambda, set_eval
+from .train import CHECK_EVERY, compiled, finish, lr_lambda, set_eval
 from .trial import TrialResult, TrialSpec
 
 
@@ -136,6 +136,7 @@ def _train(specs, base, task, recipe, device, on_step, t0) -> list[TrialResult]:
     batch_at = task.train_batches(first.seed, recipe.steps, recipe.batch_size, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
     check = 1 if device == "cpu" else CHECK_EVERY
+    forward = compiled(model, device)
     losses = torch.full((recipe.steps, k), math.nan, device=device)
     alive = torch.ones(k, dtype=torch.bool, device=device)
     start = torch.zeros(k, device=device)
@@ -143,7 +144,7 @@ def _train(specs, base, task, recipe, device, on_step, t0) -> list[TrialResult]:
     for step in range(recipe.steps):
         batch = batch_at(step).repeat(k, 1)
         with autocast:
-            loss = per_trial_loss(model, batch, k)
+            loss = per_trial_loss(forward, batch, k)
         losses[step] = loss.detach()
         if step == 0:
             start = loss.detach().clone()

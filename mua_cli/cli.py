@@ -118,11 +118,11 @@ def sweep(
       mua sweep --recipe roberta-base-sst2 --ranks 4,16,full --per-layer-lr
     """
     with user_errors():
+        from .execute import Execution
         from .recipe import load_recipe
         from .report import sweep_table
         from .runner import resolve_device
         from .store import load_trials
-        from .execute import Execution
         from .sweep import run_sweep
 
         r = load_recipe(

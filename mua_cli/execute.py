@@ -18,7 +18,9 @@ from .recipe import Recipe
 from .trial import TrialResult, TrialSpec
 
 SMALL, MEDIUM = 30e6, 400e6  # base parameters: below SMALL a GPU holds 4 workers, below MEDIUM 2, else 1
-TOKENS_PER_STEP = {"small": 1 << 17, "medium": 1 << 15, "large": 0}  # token budget of one batched step
+# Tokens in one batched step. Measured on an H200 (docs/performance.md): the step's fixed cost is the host
+# launching kernels (~45 ms at 5M, ~170 ms at 350M parameters), so more trials per pass keep paying up to 16.
+TOKENS_PER_STEP = {"small": 1 << 17, "medium": 1 << 17, "large": 1 << 16}
 
 
 @dataclass
@@ -39,7 +41,7 @@ def trials_per_pass(ex: Execution, recipe: Recipe, n_params: int) -> int:
         return ex.batch_trials
     if not ex.device.startswith("cuda"):
         return 1  # measured: no gain on the CPU (the work is the same, and it is compute-bound)
-    tokens = recipe.batch_size * (recipe.seq_len + 1)
+    tokens = recipe.batch_size * recipe.seq_len
     return max(1, min(16, TOKENS_PER_STEP[size_class(n_params)] // tokens))
 
 
@@ -145,10 +147,13 @@ class PoolExecutor:
                 return self.results.get(timeout=5)
             except queue.Empty:
                 if not any(p.is_alive() for p in self.procs):
-                    raise MuaError("every worker process exited; finished trials are stored, run again to resume")
+                    msg = "every worker process exited; finished trials are stored, run again to resume"
+                    raise MuaError(msg) from None
 
     def run(self, pending: list[TrialSpec]) -> Iterator[tuple[TrialSpec, TrialResult]]:
-        work = units(pending, self.recipe, self.k)
+        # no fewer units than workers where the trials allow it: an idle worker wastes its share of the GPU
+        k = min(self.k, max(1, math.ceil(len(pending) / len(self.procs))))
+        work = units(pending, self.recipe, k)
         for unit in work:
             self.tasks.put(unit)
         for _ in range(sum(len(u) for u in work)):

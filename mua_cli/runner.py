@@ -40,6 +40,14 @@ class TrialRunner:
         return run_trial(spec, self.base, self.data, self.recipe, self.device, on_step)
 
     def run_unit(self, unit: list[TrialSpec]) -> list[TrialResult]:
+        results = self._run_unit(unit)
+        if self.device.startswith("cuda"):  # this process's high-water mark so far, stored with the trial
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            for r in results:
+                r.info["peak_memory_gib"] = round(peak, 2)
+        return results
+
+    def _run_unit(self, unit: list[TrialSpec]) -> list[TrialResult]:
         """Several trials batched; a group too big for the GPU's memory is split in halves until it fits."""
         if len(unit) == 1:
             return [self.run(unit[0])]
@@ -52,4 +60,4 @@ class TrialRunner:
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             half = len(unit) // 2
-            return self.run_unit(unit[:half]) + self.run_unit(unit[half:])
+            return self._run_unit(unit[:half]) + self._run_unit(unit[half:])

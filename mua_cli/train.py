@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -32,6 +33,14 @@ def lr_lambda(recipe: Recipe) -> Callable[[int], float]:
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     return f
+
+
+def compiled(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """torch.compile'd forward when MUA_COMPILE=1 on a GPU: an experiment (benchmarks/gpu_speed.py --diag measures
+    it), off by default because each trial's new model pays the compilation again."""
+    if device.startswith("cuda") and os.environ.get("MUA_COMPILE") == "1":
+        return torch.compile(model, dynamic=False)
+    return model
 
 
 def first_divergence(values: list[float], factor: float) -> int | None:
@@ -107,6 +116,7 @@ def _train(spec, base, data, recipe, device, on_step, t0) -> TrialResult:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe))
     batch_at = task.train_batches(spec.seed, recipe.steps, recipe.batch_size, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+    forward = compiled(model, device)
     # Losses stay on the device and are read every `check` steps: the step loop never waits for the host.
     check = 1 if device == "cpu" else CHECK_EVERY
     losses = torch.full((recipe.steps,), math.nan, device=device)
@@ -114,7 +124,7 @@ def _train(spec, base, data, recipe, device, on_step, t0) -> TrialResult:
     for step in range(recipe.steps):
         batch = batch_at(step)
         with autocast:
-            loss = task.loss(model, batch)
+            loss = task.loss(forward, batch)
         losses[step] = loss.detach()
         loss.backward()
         if recipe.grad_clip > 0:

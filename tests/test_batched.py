@@ -21,7 +21,6 @@ from mua_cli.train import run_trial
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     import yaml
-
     from conftest import TINY_TEST_RECIPE
 
     p = tmp_path_factory.mktemp("recipe") / "micro.yaml"

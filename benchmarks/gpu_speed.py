@@ -1,0 +1,354 @@
+"""mua's sweep against a plain serial peft loop, on the same trials, in the same run, on the GPU.
+
+    python benchmarks/gpu_speed.py [--only 5m,124m,350m] [--steps 40] [--out benchmarks/gpu_speed.json]
+
+Workloads: Llama-shaped causal LMs of about 5M, 124M and 350M parameters, built from their configs with random
+weights (the hubs are out of reach; step time does not depend on the weights), byte-level, fed windows of the
+embedded Britannica corpus, batch 16 × 512 tokens.
+
+- plain: what one writes by hand: per trial a copy of the fp32 base, peft `get_peft_model` (with μA's init, as
+  mua sets it, so that both run the same trials), torch AdamW
+  (foreach), LambdaLR warmup + cosine, bf16 autocast, `loss.item()` every step, one trial after another.
+- mua: `run_sweep` over the same trials (same ranks, LRs, steps, seed): worker processes on every visible GPU,
+  several LoRA trials per forward pass, bf16 frozen base, fused AdamW, losses read every 10 steps. Its wall
+  time includes starting the workers and loading the model.
+- Science check: per (regime, rank), the best LR of mua's trials is within one grid step of the plain loop's.
+- MFU (350M, one LoRA trial, rank 16): FLOPs per step = 4·N·T (forward, and backward to the activations; the
+  frozen weights get no gradient) + 12·layers·d·seq·T (attention, fwd + bwd, PaLM's count), N = the matmul
+  weights (all linear layers and the LM head), T = tokens per step; LoRA's own FLOPs (< 1 %) are left out.
+  The share is of the datasheet's 989 TFLOP/s dense bf16 and of an 8192³ bf16 matmul measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mua_cli.adapters import prepare  # noqa: E402
+from mua_cli.execute import Execution  # noqa: E402
+from mua_cli.models import cache_dir, embedded_config, embedded_key  # noqa: E402
+from mua_cli.recipe import Recipe  # noqa: E402
+from mua_cli.store import load_trials  # noqa: E402
+from mua_cli.sweep import plan, run_sweep  # noqa: E402
+from mua_cli.tasks import load_workload  # noqa: E402
+from mua_cli.train import lr_lambda, run_trial  # noqa: E402
+
+DATASHEET_BF16 = 989e12
+SHAPES = {  # Llama-shaped, byte vocabulary
+    "5m": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=4),
+    "124m": dict(hidden_size=768, intermediate_size=3400, num_hidden_layers=12, num_attention_heads=12),
+    "350m": dict(hidden_size=1024, intermediate_size=3500, num_hidden_layers=24, num_attention_heads=16),
+}
+SWEEPS = {  # the trials each workload runs: ranks × LRs, one seed
+    "5m": dict(ranks="4,16", lrs="2^-12:2^-5"),
+    "124m": dict(ranks="16", lrs="2^-12:2^-5"),
+    "350m": dict(ranks="16", lrs="2^-10:2^-8"),
+}
+
+
+def recipe_for(name: str, steps: int) -> Recipe:
+    shape = {
+        **SHAPES[name],
+        "num_key_value_heads": SHAPES[name]["num_attention_heads"],
+        "max_position_embeddings": 1024,
+    }
+    return Recipe(
+        name=f"bench-{name}", model="embedded:tiny", model_config=shape,
+        pretrain={"steps": 0, "data": "embedded:shakespeare"},
+        data="embedded:britannica", seq_len=512, batch_size=16, steps=steps, eval_fraction=0.0, dtype="bfloat16",
+        regimes="B:1", max_extend=0, **SWEEPS[name],
+    )  # fmt: skip
+
+
+def seed_cache(recipe: Recipe) -> None:
+    """A random-init model of the recipe's shape, where mua looks for its pretrained model (no pretraining)."""
+    from transformers import LlamaForCausalLM
+
+    folder = cache_dir() / f"embedded-tiny-{embedded_key(recipe)}"
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        LlamaForCausalLM(embedded_config(recipe)).save_pretrained(folder)
+
+
+def plain_trial(spec, base, task, recipe, times=None) -> float:
+    """The plain loop: returns the final metric (mean train loss of the last 10 % of steps; inf if diverged)."""
+    model = prepare(base, spec.regime, spec.rank, recipe.alpha0, recipe.targets, spec.seed)  # peft + μA's init
+    model.cuda().train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe))
+    batch_at = task.train_batches(spec.seed, recipe.steps, recipe.batch_size, "cuda")
+    losses = []
+    for step in range(recipe.steps):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            batch = batch_at(step)
+            logits = model(input_ids=batch[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if times is not None:
+            times.append(time.perf_counter())
+        if not math.isfinite(losses[-1]) or losses[-1] > 2 * losses[0]:
+            return math.inf
+    tail = losses[-max(1, math.ceil(0.1 * len(losses))) :]
+    return sum(tail) / len(tail)
+
+
+def best_lrs(metrics: dict) -> dict:
+    out = {}
+    for (reg, rank, lr), m in metrics.items():
+        if math.isfinite(m) and ((reg, rank) not in out or m < out[(reg, rank)][1]):
+            out[(reg, rank)] = (lr, m)
+    return {f"{k[0]} r={k[1]}": v[0] for k, v in out.items()}
+
+
+class Clock:
+    """A sweep listener that notes when the workers were ready (the executor's note) and each trial's end."""
+
+    def __init__(self):
+        self.ready = None
+
+    def note(self, message: str) -> None:
+        if "worker" in message or "per forward pass" in message:
+            self.ready = time.perf_counter()
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
+def step_times(name: str, steps: int) -> dict:
+    """In one process: ms per trial-step of the plain loop, of mua's serial trial and of K batched trials."""
+    from mua_cli.batched import run_batched
+
+    recipe = recipe_for(name, steps)
+    seed_cache(recipe)
+    specs = plan(recipe)
+    plain_recipe = dataclasses.replace(recipe, dtype="float32")
+    work = load_workload(plain_recipe, "cpu")
+    times: list[float] = []
+    plain_trial(specs[0], work.base, work.task, plain_recipe, times)
+    out = {"workload": name, "plain_ms": round(1e3 * (times[-1] - times[10]) / (len(times) - 11), 2)}
+    del work
+    work = load_workload(recipe, "cuda")
+    base = work.base.cuda()
+    for k, compile_ in ((1, 0), (2, 0), (4, 0), (8, 0), (16, 0), (1, 1), (8, 1)):
+        os.environ["MUA_COMPILE"] = str(compile_)
+        marks: list[tuple[int, float]] = []
+        clock = lambda s, v, marks=marks: marks.append((s, time.perf_counter()))  # noqa: E731
+        t_start = time.perf_counter()
+        if k == 1:
+            res = [run_trial(specs[0], base, work.task, recipe, "cuda", clock)]
+        else:
+            res = run_batched(specs[:k], base, work.task, recipe, "cuda", clock)
+        tag = f"mua_k{k}" + ("_compiled" if compile_ else "")
+        if res[0].status == "failed":
+            out[tag] = res[0].error.splitlines()[0][:200]
+            continue
+        (s0, t0), (s1, t1) = marks[0], marks[-1]
+        out[f"{tag}_ms_per_trial_step"] = round(1e3 * (t1 - t0) / (s1 - s0) / k, 2)
+        out[f"{tag}_first_10_steps_s"] = round(t0 - t_start, 1)
+    os.environ["MUA_COMPILE"] = "0"
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def throughput(name: str, steps: int, gpus: int) -> dict:
+    recipe = recipe_for(name, steps)
+    seed_cache(recipe)
+    specs = plan(recipe)
+    plain_recipe = dataclasses.replace(recipe, dtype="float32")
+    work = load_workload(plain_recipe, "cpu")
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    plain = {(s.regime, s.rank, s.lr): plain_trial(s, work.base, work.task, plain_recipe) for s in specs}
+    plain_s = time.perf_counter() - t0
+    plain_mem = torch.cuda.max_memory_allocated() / 2**30
+    del work
+    torch.cuda.empty_cache()
+    n_params = sum(p.numel() for p in load_workload(recipe, "cpu").base.parameters())
+    row = {"workload": name, "params_M": round(n_params / 1e6, 1),
+           "trials": len(specs), "steps": steps, "plain_s": round(plain_s, 1),
+           "plain_trials_per_h": round(len(specs) * 3600 / plain_s), "plain_peak_gib": round(plain_mem, 1)}  # fmt: skip
+    for n in sorted({1, gpus}):
+        env = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n))
+        with tempfile.TemporaryDirectory() as d:
+            t0, clock = time.perf_counter(), Clock()
+            run_sweep(recipe, Path(d) / "run", "cuda", clock, execution=Execution("cuda"))
+            mua_s = time.perf_counter() - t0
+            startup = (clock.ready or t0) - t0
+            df = load_trials(Path(d) / "run")
+        if env is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = env
+        metrics = {(r.regime, int(r["rank"]), float(r.lr)): float(r.metric) for _, r in df.iterrows()}
+        tag = "mua" if n == 1 else f"mua_{n}gpu"
+        row[f"{tag}_s"] = round(mua_s, 1)
+        row[f"{tag}_trials_per_h"] = round(len(specs) * 3600 / mua_s)
+        row[f"{tag}_x_plain"] = round(plain_s / mua_s, 2)
+        row[f"{tag}_startup_s"] = round(startup, 1)
+        row[f"{tag}_x_plain_after_startup"] = round(plain_s / (mua_s - startup), 2)
+        peaks = [i.get("peak_memory_gib", 0) for i in df["info"] if isinstance(i, dict)]
+        row[f"{tag}_peak_gib_per_worker"] = max(peaks) if peaks else None
+        row[f"{tag}_failed"] = int((df["status"] == "failed").sum())
+        if n == 1:
+            bp, bm = best_lrs(plain), best_lrs(metrics)
+            row["best_lr_plain"], row["best_lr_mua"] = bp, bm
+            row["best_lr_within_one_step"] = all(abs(math.log2(bm.get(k, math.inf) / v)) <= 1 for k, v in bp.items())
+    if gpus > 1:
+        row["gpu_scaling"] = round(row["mua_s"] / row[f"mua_{gpus}gpu_s"], 2)
+    return row
+
+
+def matmul_rate() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t0)
+
+
+def step_flops(recipe: Recipe, base) -> float:
+    cfg = base.config
+    n = sum(m.weight.numel() for m in base.modules() if isinstance(m, torch.nn.Linear))
+    t = recipe.batch_size * recipe.seq_len
+    return 4 * n * t + 12 * cfg.num_hidden_layers * cfg.hidden_size * recipe.seq_len * t
+
+
+def mfu(name: str, steps: int, peak_measured: float) -> dict:
+    recipe = recipe_for(name, steps)
+    seed_cache(recipe)
+    spec = plan(recipe)[0]
+    out = {"workload": name, "rank": spec.rank, "tokens_per_step": recipe.batch_size * recipe.seq_len}
+    # plain: fp32 weights under autocast; step time from the steady second half
+    plain_recipe = dataclasses.replace(recipe, dtype="float32")
+    work = load_workload(plain_recipe, "cpu")
+    flops = step_flops(recipe, work.base)
+    times: list[float] = []
+    torch.cuda.reset_peak_memory_stats()
+    plain_trial(spec, work.base, work.task, plain_recipe, times)
+    out["plain_step_ms"] = round(1e3 * (times[-1] - times[steps // 2]) / (steps - 1 - steps // 2), 2)
+    out["plain_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    del work
+    # mua: one trial through run_trial (bf16 base, fused AdamW, no per-step sync); losses read every 10 steps
+    work = load_workload(recipe, "cuda")
+    base = work.base.cuda()
+    marks: list[tuple[int, float]] = []
+    torch.cuda.reset_peak_memory_stats()
+    result = run_trial(spec, base, work.task, recipe, "cuda", lambda s, v: marks.append((s, time.perf_counter())))
+    assert result.status != "failed", result.error
+    (s0, t0), (s1, t1) = marks[1], marks[-1]  # from step 19: the first 10 hold the warm-up
+    out["mua_step_ms"] = round(1e3 * (t1 - t0) / (s1 - s0), 2)
+    out["mua_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    out["tflop_per_step"] = round(flops / 1e12, 3)
+    for k in ("plain", "mua"):
+        rate = flops / (out[f"{k}_step_ms"] / 1e3)
+        out[f"{k}_tflops"] = round(rate / 1e12, 1)
+        out[f"{k}_mfu_datasheet"] = round(rate / DATASHEET_BF16, 3)
+        out[f"{k}_mfu_measured_matmul"] = round(rate / peak_measured, 3)
+    out["speedup"] = round(out["plain_step_ms"] / out["mua_step_ms"], 2)
+    return out
+
+
+def table(report: dict, steps: list[dict]) -> str:
+    """The markdown tables of docs/performance.md, from the benchmark's JSON output (and --diag's lines)."""
+    lines = [f"Run {report['date']} on {report['gpus']}× {report['gpu']}, torch {report['torch']}: "
+             f"`{report['command']}`; 8192³ bf16 matmul measured at {report['bf16_matmul_8192_tflops']} TFLOP/s.", "",
+             "| workload | params | trials × steps | plain trials/h | mua trials/h | ratio | mua startup | ratio after "
+             "startup | peak GiB plain / mua worker | best LR plain = mua (±1 step) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in report["throughput"]:
+        lines.append(
+            f"| {r['workload']} | {r['params_M']}M | {r['trials']} × {r['steps']} | {r['plain_trials_per_h']} | "
+            f"{r['mua_trials_per_h']} | {r['mua_x_plain']}× | {r['mua_startup_s']} s | "
+            f"{r['mua_x_plain_after_startup']}× | "
+            f"{r['plain_peak_gib']} / {r['mua_peak_gib_per_worker']} | {r['best_lr_within_one_step']} |"
+        )
+    lines += ["", "| one LoRA trial | rank | tokens/step | TFLOP/step | plain ms/step | mua ms/step | plain TFLOP/s "
+              "(share of 989 / of measured) | mua TFLOP/s (share of 989 / of measured) | peak GiB plain / mua |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in report["mfu"]:
+        lines.append(
+            f"| {r['workload']} | {r['rank']} | {r['tokens_per_step']} | {r['tflop_per_step']} | "
+            f"{r['plain_step_ms']} | "
+            f"{r['mua_step_ms']} | {r['plain_tflops']} ({r['plain_mfu_datasheet']:.0%} / "
+            f"{r['plain_mfu_measured_matmul']:.0%}) | {r['mua_tflops']} ({r['mua_mfu_datasheet']:.0%} / "
+            f"{r['mua_mfu_measured_matmul']:.0%}) | {r['plain_peak_gib']} / {r['mua_peak_gib']} |"
+        )
+    if steps:
+        lines += ["", "ms per trial-step in one process (`--diag`): K LoRA trials per forward pass, and with "
+                  "MUA_COMPILE=1 (torch.compile; its first 10 steps, compilation included, in brackets):", "",
+                  "| workload | plain | K=1 | K=2 | K=4 | K=8 | K=16 | K=1 compiled | K=8 compiled |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in steps:
+
+            def cell(tag, r=r):
+                v = r.get(f"{tag}_ms_per_trial_step")
+                first = r.get(f"{tag}_first_10_steps_s")
+                return "—" if v is None else (f"{v} ({first} s)" if "compiled" in tag else f"{v}")
+
+            tags = ["mua_k1", "mua_k2", "mua_k4", "mua_k8", "mua_k16", "mua_k1_compiled", "mua_k8_compiled"]
+            lines.append(f"| {r['workload']} | {r['plain_ms']} | " + " | ".join(cell(t) for t in tags) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="5m,124m,350m")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--diag", action="store_true", help="also time a step of each path in one process")
+    ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    ap.add_argument("--table", nargs="+", metavar="FILE", help="print the markdown tables of a JSON output "
+                    "(and --diag's JSON lines) and exit; no GPU needed")  # fmt: skip
+    args = ap.parse_args()
+    if args.table:
+        report = json.loads(Path(args.table[0]).read_text())
+        steps = [json.loads(x) for f in args.table[1:] for x in Path(f).read_text().splitlines() if x.startswith("{")]
+        print(table(report, report.get("step_times") or steps))
+        return
+    if not torch.cuda.is_available():
+        sys.exit("gpu_speed.py needs a CUDA GPU")
+    gpus = torch.cuda.device_count()
+    peak = matmul_rate()
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "gpu": torch.cuda.get_device_name(0), "gpus": gpus, "torch": torch.__version__,
+        "command": "python benchmarks/gpu_speed.py " + " ".join(sys.argv[1:]),
+        "bf16_matmul_8192_tflops": round(peak / 1e12, 1), "throughput": [], "mfu": [],
+    }  # fmt: skip
+    only = args.only.split(",")
+    if args.diag:
+        report["step_times"] = [step_times(n, 30) for n in ("5m", "124m", "350m") if n in only]
+    for name in [n for n in ("5m", "124m") if n in only]:
+        report["throughput"].append(throughput(name, args.steps, gpus))
+        print(json.dumps(report["throughput"][-1]), flush=True)
+    if "350m" in only:
+        report["mfu"].append(mfu("350m", args.steps, peak))
+        print(json.dumps(report["mfu"][-1]), flush=True)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
