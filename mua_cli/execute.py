@@ -146,8 +146,10 @@ class PoolExecutor:
             try:
                 return self.results.get(timeout=5)
             except queue.Empty:
-                if not any(p.is_alive() for p in self.procs):
-                    msg = "every worker process exited; finished trials are stored, run again to resume"
+                dead = [p for p in self.procs if p.exitcode not in (None, 0)]  # workers leave only when told
+                if dead:
+                    msg = (f"a worker process died (exit code {dead[0].exitcode}); finished trials are stored, "
+                           "run again to resume")  # fmt: skip
                     raise MuaError(msg) from None
 
     def run(self, pending: list[TrialSpec]) -> Iterator[tuple[TrialSpec, TrialResult]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,7 @@ def run_sweep(
 
     listener = listener or Listener()
     run_dir = Path(run_dir)
+    fresh = not run_dir.exists()
     store = TrialStore(run_dir, storage)
     _pin_recipe(run_dir, recipe)
     summary = SweepSummary(run_dir=run_dir, device=device)
@@ -125,7 +127,12 @@ def run_sweep(
         listener.note(f"resuming: {summary.skipped} finished trial(s) found in {run_dir}, skipped")
     ex = execution or Execution(device)
     ex.device = device
-    runner = executor(recipe, ex, listener)  # torch and the model load only here, when trials run
+    try:
+        runner = executor(recipe, ex, listener)  # torch and the model load only here, when trials run
+    except BaseException:
+        if fresh and not store.keys():  # an empty folder would pass for the latest run with `mua fit`
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     try:
         _rounds(recipe, store, runner, pending, done, summary, listener)
     except BaseException:

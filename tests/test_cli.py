@@ -140,6 +140,8 @@ def test_empty_dataset_and_missing_model(tmp_path, micro_recipe_path):
     bad.write_text(yaml.safe_dump({**raw, "model": str(tmp_path / "no-model")}))
     res = mua("sweep", "--recipe", bad, "--out", tmp_path / "r3", "--device", "cpu")
     assert res.exit_code == 2 and "Traceback" not in res.output
+    assert not (tmp_path / "r3").exists()  # no empty run folder left to pass for the latest run
+    assert (tmp_path / "r1" / "trials.db").is_file()  # an earlier run is untouched
     bad.write_text("steps: [unclosed")
     res = mua("sweep", "--recipe", bad)
     assert res.exit_code == 2 and "YAML" in res.output
