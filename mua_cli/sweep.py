@@ -3,6 +3,7 @@ and resuming: finished trials (found by key in the store) are never run or store
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -112,7 +113,6 @@ def run_sweep(
     storage: str | None = None,
     execution: Execution | None = None,
 ) -> SweepSummary:
-
     listener = listener or Listener()
     run_dir = Path(run_dir)
     fresh = not run_dir.exists()
@@ -125,8 +125,7 @@ def run_sweep(
     listener.start(total=len(plan(recipe)), done=summary.skipped)
     if summary.skipped:
         listener.note(f"resuming: {summary.skipped} finished trial(s) found in {run_dir}, skipped")
-    ex = execution or Execution(device)
-    ex.device = device
+    ex = dataclasses.replace(execution or Execution(), device=device)
     try:
         runner = executor(recipe, ex, listener)  # torch and the model load only here, when trials run
     except BaseException:
