@@ -41,7 +41,7 @@ from mua_cli.execute import Execution  # noqa: E402
 from mua_cli.models import cache_dir, embedded_config, embedded_key  # noqa: E402
 from mua_cli.recipe import Recipe  # noqa: E402
 from mua_cli.store import load_trials  # noqa: E402
-from mua_cli.sweep import plan, run_sweep  # noqa: E402
+from mua_cli.sweep import Listener, plan, run_sweep  # noqa: E402
 from mua_cli.tasks import load_workload  # noqa: E402
 from mua_cli.train import lr_lambda, run_trial  # noqa: E402
 
@@ -117,18 +117,14 @@ def best_lrs(metrics: dict) -> dict:
     return {f"{k[0]} r={k[1]}": v[0] for k, v in out.items()}
 
 
-class Clock:
-    """A sweep listener that notes when the workers were ready (the executor's note) and each trial's end."""
+class Clock(Listener):
+    """A sweep listener that notes when the workers were ready (the executor says so in a note)."""
 
-    def __init__(self):
-        self.ready = None
+    ready: float | None = None
 
     def note(self, message: str) -> None:
         if "worker" in message or "per forward pass" in message:
             self.ready = time.perf_counter()
-
-    def __getattr__(self, name):
-        return lambda *a, **k: None
 
 
 def step_times(name: str, steps: int) -> dict:

@@ -10,20 +10,17 @@ floating-point rounding (tests/test_batched.py checks it).
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 import traceback
-import warnings
 
 import torch
-from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from .adapters import init_lora, lora_config
+from .adapters import prepare
 from .recipe import Recipe
 from .tasks import LMTask
-from .theory import FULL, get_regime
+from .theory import FULL
 from .train import CHECK_EVERY, compiled, finish, lr_lambda, set_eval
 from .trial import TrialResult, TrialSpec
 
@@ -50,11 +47,8 @@ def can_batch(spec: TrialSpec, recipe: Recipe) -> bool:
 
 
 def build(base: torch.nn.Module, spec: TrialSpec, recipe: Recipe, k: int) -> tuple[torch.nn.Module, list]:
-    regime = get_regime(spec.regime)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-        model = get_peft_model(copy.deepcopy(base), lora_config(regime, spec.rank, recipe.alpha0, recipe.targets))
-    init_lora(model, regime, spec.rank, spec.seed)  # the serial path's exact draws, copied K times
+    """The serial path's model (peft, the exact init draws), its adapters then copied K times."""
+    model = prepare(base, spec.regime, spec.rank, recipe.alpha0, recipe.targets, spec.seed)
     params = []
     for module in model.modules():
         if isinstance(module, LoraLayer) and "default" in module.lora_A:
@@ -82,14 +76,14 @@ class StackedAdamW:
         self.t += 1
         grads = [p.grad for p in self.params]
         k = lr.shape[0]
-        coef = alive.float()
+        coef = torch.ones(k, device=lr.device)
         if self.clip > 0:
             sq = torch.stack([g.reshape(k, -1).pow(2).sum(1) for g in grads]).sum(0)  # [K]
-            coef = coef * (self.clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-        coef = torch.where(alive, coef, 0.0)  # a stopped trial's NaN gradient must not reach its moments
+            coef = (self.clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)
         bc1, bc2 = 1 - self.b1**self.t, 1 - self.b2**self.t
         for p, g, m, v in zip(self.params, grads, self.m, self.v, strict=True):
             shape = (-1, *[1] * (p.dim() - 1))
+            # torch.where, not a product: a stopped trial's NaN gradient must not reach its moments
             g = torch.where(alive.view(shape), g * coef.view(shape), 0.0)
             lr_k = lr.view(shape)
             p.mul_(1 - lr_k * self.wd)

@@ -19,7 +19,7 @@ from .trial import TrialResult, TrialSpec
 
 SMALL, MEDIUM = 30e6, 400e6  # base parameters: below SMALL a GPU holds 4 workers, below MEDIUM 2, else 1
 # Tokens in one batched step. Measured on an H200 (docs/performance.md): the step's fixed cost is the host
-# launching kernels (~45 ms at 5M, ~170 ms at 350M parameters), so more trials per pass keep paying up to 16.
+# launching kernels (~50 ms at 5M, ~180 ms at 350M parameters), so more trials per pass keep paying up to 16.
 TOKENS_PER_STEP = {"small": 1 << 17, "medium": 1 << 17, "large": 1 << 16}
 
 

@@ -19,6 +19,10 @@ def resolve_device(device: str) -> str:
         raise MuaError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto")
     if device != "cpu" and not device.startswith("cuda"):
         raise MuaError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if device.startswith("cuda:"):
+        index, n = device[5:], torch.cuda.device_count()
+        if not index.isdigit() or int(index) >= n:
+            raise MuaError(f"--device {device}: this machine has GPUs cuda:0 … cuda:{n - 1}")
     return device
 
 

@@ -186,3 +186,9 @@ def test_full_ft_without_b1_is_a_clear_error(tmp_path, micro_recipe_path):
     res = mua("transfer", run, "--to", "abc")
     assert res.exit_code == 2 and "--to" in res.output
     shutil.rmtree(run)
+
+
+def test_a_gpu_index_that_does_not_exist_is_one_line(tmp_path, micro_recipe_path):
+    res = mua("sweep", "--recipe", micro_recipe_path, "--out", tmp_path / "r", "--device", "cuda:99")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert not (tmp_path / "r").exists()
