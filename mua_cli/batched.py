@@ -18,10 +18,11 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from .adapters import prepare
+from .graphed import Step
 from .recipe import Recipe
 from .tasks import LMTask
 from .theory import FULL
-from .train import CHECK_EVERY, compiled, finish, lr_lambda, set_eval
+from .train import CHECK_EVERY, finish, lr_lambda, set_eval
 from .trial import TrialResult, TrialSpec
 
 
@@ -69,7 +70,7 @@ class StackedAdamW:
         self.eps, self.wd, self.clip = recipe.eps, recipe.weight_decay, recipe.grad_clip
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
-        self.t = 0
+        self.t = torch.zeros((), device=params[0].device)  # a tensor, so that a captured step counts too
 
     @torch.no_grad()
     def step(self, lr: torch.Tensor, alive: torch.Tensor) -> None:
@@ -80,7 +81,7 @@ class StackedAdamW:
         if self.clip > 0:
             sq = torch.stack([g.reshape(k, -1).pow(2).sum(1) for g in grads]).sum(0)  # [K]
             coef = (self.clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-        bc1, bc2 = 1 - self.b1**self.t, 1 - self.b2**self.t
+        bc1, bc2_sqrt = 1 - self.b1**self.t, (1 - self.b2**self.t).sqrt()
         for p, g, m, v in zip(self.params, grads, self.m, self.v, strict=True):
             shape = (-1, *[1] * (p.dim() - 1))
             # torch.where, not a product: a stopped trial's NaN gradient must not reach its moments
@@ -89,24 +90,31 @@ class StackedAdamW:
             p.mul_(1 - lr_k * self.wd)
             m.lerp_(g, 1 - self.b1)
             v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-            denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
+            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
             p.addcdiv_(m * (lr_k / bc1), denom, value=-1.0)
             p.grad = None
 
 
 def per_trial_loss(model, batch: torch.Tensor, k: int) -> torch.Tensor:
-    logits = model(input_ids=batch[:, :-1]).logits
+    logits = model(input_ids=batch[:, :-1], use_cache=False).logits
     ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
     return ce.view(k, -1).mean(1)
 
 
 def run_batched(
-    specs: list[TrialSpec], base: torch.nn.Module, task: LMTask, recipe: Recipe, device: str = "cpu", on_step=None
+    specs: list[TrialSpec],
+    base: torch.nn.Module,
+    task: LMTask,
+    recipe: Recipe,
+    device: str = "cpu",
+    on_step=None,
+    graphs: bool = True,
+    on_note=None,
 ) -> list[TrialResult]:
     """Train trials that differ only in LR together; any error fails them all (with the error)."""
     t0 = time.perf_counter()
     try:
-        return _train(specs, base, task, recipe, device, on_step, t0)
+        return _train(specs, base, task, recipe, device, on_step, t0, graphs, on_note)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:
@@ -117,7 +125,7 @@ def run_batched(
                 for _ in specs]  # fmt: skip
 
 
-def _train(specs, base, task, recipe, device, on_step, t0) -> list[TrialResult]:
+def _train(specs, base, task, recipe, device, on_step, t0, graphs, on_note) -> list[TrialResult]:
     first = specs[0]
     if any((s.regime, s.rank, s.seed) != (first.regime, first.rank, first.seed) for s in specs):
         raise ValueError("batched trials must share regime, rank and seed")
@@ -128,30 +136,40 @@ def _train(specs, base, task, recipe, device, on_step, t0) -> list[TrialResult]:
     peak = torch.tensor([s.lr for s in specs], device=device, dtype=torch.float32)
     schedule = lr_lambda(recipe)
     batch_at = task.train_batches(first.seed, recipe.steps, recipe.batch_size, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"), cache_enabled=False)
     check = 1 if device == "cpu" else CHECK_EVERY
-    forward = compiled(model, device)
-    losses = torch.full((recipe.steps, k), math.nan, device=device)
+    # What a captured step reads and writes lives as long as the trials (graphed.py)
+    batch = batch_at(0).clone()
+    lr = torch.zeros(k, device=device)
+    loss_out = torch.zeros(k, device=device)
     alive = torch.ones(k, dtype=torch.bool, device=device)
-    start = torch.zeros(k, device=device)
-    seen = 0
-    for step in range(recipe.steps):
-        batch = batch_at(step).repeat(k, 1)
+    start = torch.full((k,), math.nan, device=device)  # each trial's first loss, set by the first step
+
+    def one_step() -> None:
         with autocast:
-            loss = per_trial_loss(forward, batch, k)
-        losses[step] = loss.detach()
-        if step == 0:
-            start = loss.detach().clone()
-        alive &= torch.isfinite(loss) & (loss <= recipe.divergence_factor * start)
+            loss = per_trial_loss(model, batch.repeat(k, 1), k)
+        loss_out.copy_(loss.detach())
+        start.copy_(torch.where(start.isnan(), loss_out, start))
+        alive.logical_and_(torch.isfinite(loss_out) & (loss_out <= recipe.divergence_factor * start))
         # torch.where, not a product: a stopped trial's NaN × 0 would still be NaN
         torch.where(alive, loss, torch.zeros_like(loss)).sum().backward()
-        opt.step(peak * schedule(step) * alive, alive)
+        opt.step(lr * alive, alive)
+
+    step_fn = Step(one_step, device, graphs, on_note)
+    losses = torch.full((recipe.steps, k), math.nan, device=device)
+    seen = 0
+    for step in range(recipe.steps):
+        lr.copy_(peak * schedule(step))
+        batch.copy_(batch_at(step))
+        step_fn(params)
+        losses[step] = loss_out
         if (step + 1) % check == 0 or step + 1 == recipe.steps:
             seen = step + 1
             if on_step:
                 on_step(step, float(losses[step][alive].min()) if bool(alive.any()) else math.nan)
             if not bool(alive.any()):
                 break
+    step_fn.close()
     curves = losses[:seen].T.tolist()
     results = [finish(c, recipe, device) for c in curves]
     if recipe.metric == "eval" or recipe.eval_fraction > 0:

@@ -102,6 +102,9 @@ def sweep(
     batch_trials: Annotated[
         int, typer.Option(min=0, help="LoRA trials per forward pass (same rank, other LRs); 0 picks by size.")
     ] = 0,
+    cuda_graphs: Annotated[
+        bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="On a GPU, replay each step as a CUDA graph.")
+    ] = True,
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL to share one sweep across machines.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")] = False,
 ):
@@ -150,7 +153,7 @@ def sweep(
         listener.note(f"run folder {run_dir} · device {dev} · {r.settings_text()}")
         try:
             with listener:
-                ex = Execution(dev, workers_per_gpu, batch_trials)
+                ex = Execution(dev, workers_per_gpu, batch_trials, cuda_graphs)
                 summary = run_sweep(r, run_dir, dev, listener, storage, ex)
         except KeyboardInterrupt:
             Console(stderr=True).print(

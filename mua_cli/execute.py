@@ -6,6 +6,7 @@ The parent process alone writes the trial store: workers send results back, so S
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import queue
 import signal
@@ -30,6 +31,7 @@ class Execution:
     device: str = "cpu"  # resolved: cpu, cuda (every visible GPU) or cuda:N (that one)
     workers_per_gpu: int = 0  # 0: by the model's size
     batch_trials: int = 0  # LoRA trials per forward pass; 0: by the model's size on a GPU, 1 on the CPU
+    cuda_graphs: bool = True  # replay each step as a CUDA graph where it can be captured (graphed.py)
 
 
 def size_class(n_params: int) -> str:
@@ -78,7 +80,7 @@ class LocalExecutor:
         from .runner import TrialRunner
 
         self.recipe, self.listener = recipe, listener
-        self.runner = TrialRunner(recipe, ex.device, listener)
+        self.runner = TrialRunner(recipe, ex.device, listener, ex.cuda_graphs)
         self.k = trials_per_pass(ex, recipe, self.runner.n_params)
         if self.k > 1:
             listener.note(f"up to {self.k} LoRA trials per forward pass (batched adapters)")
@@ -91,12 +93,22 @@ class LocalExecutor:
     def close(self, interrupted: bool = False) -> None: ...
 
 
-def _worker(recipe: Recipe, device: str, tasks, results) -> None:
+class _Notes:
+    """A worker's notes (a failed graph capture, say) go to the parent, which shows them."""
+
+    def __init__(self, results, device: str):
+        self.results, self.device = results, device
+
+    def note(self, message: str) -> None:
+        self.results.put(("note", self.device, message))
+
+
+def _worker(recipe: Recipe, device: str, graphs: bool, tasks, results) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
     try:
         from .runner import TrialRunner
 
-        runner = TrialRunner(recipe, device)
+        runner = TrialRunner(recipe, device, _Notes(results, device), graphs)
     except Exception as e:  # noqa: BLE001 — reported to the parent as one line
         results.put(("error", device, f"{type(e).__name__}: {e}"))
         return
@@ -114,6 +126,7 @@ class PoolExecutor:
         import torch.multiprocessing as mp
 
         self.recipe, self.listener, self.ctx = recipe, listener, mp.get_context("spawn")
+        self.graphs = ex.cuda_graphs
         self.tasks, self.results = self.ctx.Queue(), self.ctx.Queue()
         self.procs: list = []
         self._start(devices[0])
@@ -127,7 +140,9 @@ class PoolExecutor:
         listener.note(f"{len(devices)} device(s) ({', '.join(devices)}) × {per} worker process(es){batched}")
 
     def _start(self, device: str) -> None:
-        p = self.ctx.Process(target=_worker, args=(self.recipe, device, self.tasks, self.results), daemon=True)
+        p = self.ctx.Process(
+            target=_worker, args=(self.recipe, device, self.graphs, self.tasks, self.results), daemon=True
+        )
         p.start()
         self.procs.append(p)
 
@@ -144,13 +159,17 @@ class PoolExecutor:
     def _get(self):
         while True:
             try:
-                return self.results.get(timeout=5)
+                message = self.results.get(timeout=5)
             except queue.Empty:
                 dead = [p for p in self.procs if p.exitcode not in (None, 0)]  # workers leave only when told
                 if dead:
                     msg = (f"a worker process died (exit code {dead[0].exitcode}); finished trials are stored, "
                            "run again to resume")  # fmt: skip
                     raise MuaError(msg) from None
+                continue
+            if message[0] != "note":
+                return message
+            self.listener.note(f"{message[1]}: {message[2]}")
 
     def run(self, pending: list[TrialSpec]) -> Iterator[tuple[TrialSpec, TrialResult]]:
         # no fewer units than workers where the trials allow it: an idle worker wastes its share of the GPU
@@ -187,7 +206,7 @@ def executor(recipe: Recipe, ex: Execution, listener):
             raise MuaError("no CUDA GPU is visible")
         if len(devices) > 1 or ex.workers_per_gpu != 1:
             return PoolExecutor(recipe, ex, listener, devices)
-        ex = Execution("cuda:0", ex.workers_per_gpu, ex.batch_trials)
+        ex = dataclasses.replace(ex, device="cuda:0")
     elif ex.workers_per_gpu > 1:
         return PoolExecutor(recipe, ex, listener, [ex.device])
     return LocalExecutor(recipe, ex, listener)

@@ -107,7 +107,7 @@ def pretrain(config: LlamaConfig, data: TokenData, pre: dict) -> LlamaForCausalL
 
 def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy of windows of seq_len + 1 tokens."""
-    logits = model(input_ids=batch[:, :-1]).logits
+    logits = model(input_ids=batch[:, :-1], use_cache=False).logits  # a training step keeps no KV cache
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
 
 

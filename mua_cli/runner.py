@@ -27,8 +27,8 @@ def resolve_device(device: str) -> str:
 
 
 class TrialRunner:
-    def __init__(self, recipe: Recipe, device: str, listener=None):
-        self.recipe, self.device, self.listener = recipe, device, listener
+    def __init__(self, recipe: Recipe, device: str, listener=None, graphs: bool = True):
+        self.recipe, self.device, self.listener, self.graphs = recipe, device, listener, graphs
         work = load_workload(recipe, device, on_note=getattr(listener, "note", None))
         self.base, self.data, self.notes = work.base, work.task, work.notes  # data: a task (tasks.py)
         self.base.requires_grad_(False)
@@ -40,8 +40,8 @@ class TrialRunner:
         return sum(p.numel() for p in self.base.parameters())
 
     def run(self, spec: TrialSpec) -> TrialResult:
-        on_step = getattr(self.listener, "step", None)
-        return run_trial(spec, self.base, self.data, self.recipe, self.device, on_step)
+        on_step, on_note = getattr(self.listener, "step", None), getattr(self.listener, "note", None)
+        return run_trial(spec, self.base, self.data, self.recipe, self.device, on_step, self.graphs, on_note)
 
     def run_unit(self, unit: list[TrialSpec]) -> list[TrialResult]:
         results = self._run_unit(unit)
@@ -58,9 +58,8 @@ class TrialRunner:
         from .batched import run_batched
 
         try:
-            return run_batched(
-                unit, self.base, self.data, self.recipe, self.device, getattr(self.listener, "step", None)
-            )
+            on_step, on_note = getattr(self.listener, "step", None), getattr(self.listener, "note", None)
+            return run_batched(unit, self.base, self.data, self.recipe, self.device, on_step, self.graphs, on_note)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             half = len(unit) // 2

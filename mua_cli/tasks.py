@@ -52,6 +52,7 @@ class LMTask:
     """Next-token prediction on windows of a packed token stream (the embedded default's path)."""
 
     kind = "causal-lm"
+    fixed_shape = True  # every batch has one shape: a CUDA graph can replay the step (graphed.py)
 
     def __init__(self, data: TokenData):
         self.data = data
@@ -78,6 +79,7 @@ class _ClassTask:
     """Shared by the classifiers: labelled examples, the first `n_train` for training, the rest held out."""
 
     kind = ""
+    fixed_shape = True
 
     def __init__(self, labels: list[int], names: list[str], n_train: int):
         self.labels = torch.tensor(labels, dtype=torch.long)
@@ -122,6 +124,7 @@ class TextClsTask(_ClassTask):
     """Sequence classification: token ids truncated to seq_len, padded per batch, cross-entropy on the labels."""
 
     kind = "seq-cls"
+    fixed_shape = False  # padded per batch
 
     def __init__(self, ids: list[list[int]], labels: list[int], names: list[str], pad_id: int, n_train: int):
         super().__init__(labels, names, n_train)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 import traceback
 from collections.abc import Callable
@@ -13,6 +12,7 @@ import torch
 
 from .adapters import head_modules, param_groups, prepare
 from .data import TokenData
+from .graphed import Step, set_lrs
 from .models import hidden_size, lm_loss
 from .recipe import Recipe
 from .tasks import as_task
@@ -33,14 +33,6 @@ def lr_lambda(recipe: Recipe) -> Callable[[int], float]:
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     return f
-
-
-def compiled(model: torch.nn.Module, device: str) -> torch.nn.Module:
-    """torch.compile'd forward when MUA_COMPILE=1 on a GPU: an experiment (benchmarks/gpu_speed.py --diag measures
-    it), off by default because each trial's new model pays the compilation again."""
-    if device.startswith("cuda") and os.environ.get("MUA_COMPILE") == "1":
-        return torch.compile(model, dynamic=False)
-    return model
 
 
 def first_divergence(values: list[float], factor: float) -> int | None:
@@ -78,11 +70,14 @@ def run_trial(
     recipe: Recipe,
     device: str = "cpu",
     on_step: Callable[[int, float], None] | None = None,
+    graphs: bool = True,
+    on_note: Callable[[str], None] | None = None,
 ) -> TrialResult:
-    """Train one trial. Divergence is a result, not an error; any other exception is a failed trial."""
+    """Train one trial. Divergence is a result, not an error; any other exception is a failed trial.
+    `graphs`: on a GPU, replay the step as a CUDA graph (graphed.py) where the task's batches keep one shape."""
     t0 = time.perf_counter()
     try:
-        return _train(spec, base, data, recipe, device, on_step, t0)
+        return _train(spec, base, data, recipe, device, on_step, t0, graphs, on_note)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # a failed trial is stored with its error; the sweep goes on
@@ -96,7 +91,7 @@ def run_trial(
         )
 
 
-def _train(spec, base, data, recipe, device, on_step, t0) -> TrialResult:
+def _train(spec, base, data, recipe, device, on_step, t0, graphs, on_note) -> TrialResult:
     task = as_task(data)
     head = head_modules(base, recipe.task)
     torch.manual_seed(spec.seed)
@@ -104,40 +99,57 @@ def _train(spec, base, data, recipe, device, on_step, t0) -> TrialResult:
     model.train()
     groups = param_groups(model, spec.regime, spec.lr, head, recipe.head_lr, recipe.per_layer_lr, hidden_size(base))
     params = groups.params
-    fused = device.startswith("cuda")
+    cuda = device.startswith("cuda")
+    peaks = [g.get("lr", spec.lr) for g in groups.groups]
+    # On a GPU the LRs are device tensors, updated in place: a captured step reads them (graphed.py)
+    lr_of = (lambda x: torch.tensor(float(x), device=device)) if cuda else float
     opt = torch.optim.AdamW(
-        groups.groups,
-        lr=spec.lr,
+        [{**g, "lr": lr_of(p)} for g, p in zip(groups.groups, peaks, strict=True)],
+        lr=lr_of(spec.lr),
         betas=tuple(recipe.betas),
         eps=recipe.eps,
         weight_decay=recipe.weight_decay,
-        fused=fused or None,
+        fused=cuda or None,
+        capturable=cuda,
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe))
+    schedule = lr_lambda(recipe)
     batch_at = task.train_batches(spec.seed, recipe.steps, recipe.batch_size, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
-    forward = compiled(model, device)
+    # autocast's weight-cast cache cannot live across graph replays; the base is bf16 where it matters
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda, cache_enabled=False)
+    fixed = task.fixed_shape  # batches of one shape are copied into one buffer that a graph can read
+    batch = clone_batch(batch_at(0)) if fixed else None
+    loss_out = torch.zeros((), device=device)
+
+    def one_step() -> None:
+        with autocast:
+            loss = task.loss(model, batch)
+        loss_out.copy_(loss.detach())
+        loss.backward()
+        if recipe.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step_fn = Step(one_step, device, graphs and fixed, on_note)
     # Losses stay on the device and are read every `check` steps: the step loop never waits for the host.
     check = 1 if device == "cpu" else CHECK_EVERY
     losses = torch.full((recipe.steps,), math.nan, device=device)
     seen: list[float] = []
     for step in range(recipe.steps):
-        batch = batch_at(step)
-        with autocast:
-            loss = task.loss(forward, batch)
-        losses[step] = loss.detach()
-        loss.backward()
-        if recipe.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip, foreach=True)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        set_lrs(opt, peaks, schedule(step))
+        if fixed:
+            copy_batch(batch, batch_at(step))
+        else:
+            batch = batch_at(step)
+        step_fn(params)
+        losses[step] = loss_out
         if (step + 1) % check == 0 or step + 1 == recipe.steps:
             seen += losses[len(seen) : step + 1].tolist()
             if on_step:
                 on_step(step, seen[-1])
             if first_divergence(seen, recipe.divergence_factor) is not None:
                 break
+    step_fn.close()
     result = finish(seen, recipe, device)
     result.info = _info(recipe, task, groups, head, base)
     if result.status == "ok" and (recipe.metric == "eval" or recipe.eval_fraction > 0):
@@ -149,6 +161,19 @@ def _train(spec, base, data, recipe, device, on_step, t0) -> TrialResult:
             result.info["eval_accuracy"] = scores["accuracy"]
     result.wall_time = time.perf_counter() - t0
     return result
+
+
+def clone_batch(batch):
+    """A buffer for the step's batch (a tensor or a dict of them) that lives as long as the trial."""
+    return {k: v.clone() for k, v in batch.items()} if isinstance(batch, dict) else batch.clone()
+
+
+def copy_batch(dst, src) -> None:
+    if isinstance(dst, dict):
+        for k, v in dst.items():
+            v.copy_(src[k])
+    else:
+        dst.copy_(src)
 
 
 def _info(recipe, task, groups, head, base) -> dict:

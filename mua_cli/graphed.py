@@ -1,0 +1,83 @@
+"""The training step as one CUDA graph: forward, backward, clip and optimizer replayed with one launch.
+
+Measured on an H200 (docs/performance.md): an eager LoRA step spends most of its time in the host launching
+thousands of small kernels (peft adds several per adapted layer), not on the GPU. A captured step costs one
+launch. The step function must read and write only tensors that live as long as the trial (static inputs, the
+model, the optimizer's state, its learning rates as device tensors) and hold no step-dependent Python values.
+
+The first WARMUP steps are the trial's real steps, run eagerly on a side stream (CUDA graphs need the
+allocator, cuBLAS and the optimizer's state warmed up before capture); capturing then runs nothing, and every
+later step is a replay of the same kernels, so a trial's arithmetic is the eager path's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+WARMUP = 3
+
+
+class Step:
+    """Calls `fn` once per training step: eagerly, or (on a GPU, when `graphs`) by replaying its capture.
+    A step that cannot be captured (an op that syncs with the host, say) falls back to eager, with a note."""
+
+    def __init__(self, fn: Callable[[], None], device: str, graphs: bool, on_note: Callable[[str], None] | None):
+        self.fn, self.on_note = fn, on_note
+        self.graphed = graphs and device.startswith("cuda")
+        self.count = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self, params: list[torch.Tensor]) -> None:
+        """`params`: the trainable tensors, whose gradients must be unset before capture."""
+        self.count += 1
+        if not self.graphed:
+            self.fn()
+        elif self.graph is not None:
+            self.graph.replay()
+        elif self.count <= WARMUP:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.fn()
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            self._capture(params)
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.fn()
+
+    def _capture(self, params: list[torch.Tensor]) -> None:
+        for p in params:
+            p.grad = None  # so that backward allocates them in the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.fn()
+        except torch.cuda.OutOfMemoryError:
+            raise  # the caller splits the batched trials and tries again
+        except RuntimeError as e:
+            self.graphed = False
+            for p in params:
+                p.grad = None  # set during the failed capture, never computed
+            if self.on_note:
+                self.on_note(f"CUDA graph capture failed ({str(e).splitlines()[0]}); this trial runs eagerly")
+            return
+        self.graph = graph
+
+    def close(self) -> None:
+        """Frees the graph's memory pool before the next trial allocates its own."""
+        if self.graph is not None:
+            self.graph.reset()
+            self.graph = None
+
+
+def set_lrs(opt: torch.optim.Optimizer, peaks: list[float], factor: float) -> None:
+    """The schedule's LR for this step: in place where the LR is a device tensor (read inside a graph)."""
+    for group, peak in zip(opt.param_groups, peaks, strict=True):
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(peak * factor)
+        else:
+            group["lr"] = peak * factor
