@@ -26,7 +26,6 @@ import dataclasses
 import datetime
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -41,15 +40,17 @@ from mua_cli.execute import Execution  # noqa: E402
 from mua_cli.models import cache_dir, embedded_config, embedded_key  # noqa: E402
 from mua_cli.recipe import Recipe  # noqa: E402
 from mua_cli.store import load_trials  # noqa: E402
-from mua_cli.sweep import Listener, plan, run_sweep  # noqa: E402
+from mua_cli.sweep import Listener, make_spec, plan, run_sweep  # noqa: E402
 from mua_cli.tasks import load_workload  # noqa: E402
 from mua_cli.train import lr_lambda, run_trial  # noqa: E402
 
 DATASHEET_BF16 = 989e12
-SHAPES = {  # Llama-shaped, byte vocabulary
-    "5m": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=4),
-    "124m": dict(hidden_size=768, intermediate_size=3400, num_hidden_layers=12, num_attention_heads=12),
-    "350m": dict(hidden_size=1024, intermediate_size=3500, num_hidden_layers=24, num_attention_heads=16),
+# Llama-shaped, byte vocabulary. Widths are multiples of 256, as in real models: a bf16 GEMM of width 3500 (the
+# first version of this table) ran 3.2x slower than one of 3584 on the H200 (benchmarks/gpu_profile.py).
+SHAPES = {
+    "5m": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4),
+    "124m": dict(hidden_size=768, intermediate_size=3328, num_hidden_layers=12, num_attention_heads=12),
+    "350m": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=16),
 }
 SWEEPS = {  # the trials each workload runs: ranks × LRs, one seed
     "5m": dict(ranks="4,16", lrs="2^-12:2^-5"),
@@ -128,12 +129,13 @@ class Clock(Listener):
 
 
 def step_times(name: str, steps: int) -> dict:
-    """In one process: ms per trial-step of the plain loop, of mua's serial trial and of K batched trials."""
+    """In one process: ms per trial-step of the plain loop, of mua's serial trial eager and graphed, and of K
+    batched trials (graphed; K=16 eager too). Timed from the 10th step on: warm-up and capture excluded."""
     from mua_cli.batched import run_batched
 
     recipe = recipe_for(name, steps)
     seed_cache(recipe)
-    specs = plan(recipe)
+    specs = [make_spec(recipe, "B:1", 16, 2.0 ** (-14 + i / 2), 0) for i in range(16)]  # one group, 16 LRs
     plain_recipe = dataclasses.replace(recipe, dtype="float32")
     work = load_workload(plain_recipe, "cpu")
     times: list[float] = []
@@ -142,28 +144,55 @@ def step_times(name: str, steps: int) -> dict:
     del work
     work = load_workload(recipe, "cuda")
     base = work.base.cuda()
-    for k, compile_ in ((1, 0), (2, 0), (4, 0), (8, 0), (16, 0), (1, 1), (8, 1)):
-        os.environ["MUA_COMPILE"] = str(compile_)
+    for k, graphs in ((1, False), (1, True), (2, True), (4, True), (8, True), (16, True), (16, False)):
         marks: list[tuple[int, float]] = []
         clock = lambda s, v, marks=marks: marks.append((s, time.perf_counter()))  # noqa: E731
         t_start = time.perf_counter()
-        if k == 1:
-            res = [run_trial(specs[0], base, work.task, recipe, "cuda", clock)]
-        else:
-            res = run_batched(specs[:k], base, work.task, recipe, "cuda", clock)
-        tag = f"mua_k{k}" + ("_compiled" if compile_ else "")
+        tag = f"mua_k{k}" + ("_graphed" if graphs else "")
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            if k == 1:
+                res = [run_trial(specs[0], base, work.task, recipe, "cuda", clock, graphs, print)]
+            else:
+                res = run_batched(specs[:k], base, work.task, recipe, "cuda", clock, graphs, print)
+        except torch.cuda.OutOfMemoryError:
+            out[tag] = "out of memory"
+            torch.cuda.empty_cache()
+            continue
+        out[f"{tag}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
         if res[0].status == "failed":
             out[tag] = res[0].error.splitlines()[0][:200]
             continue
         (s0, t0), (s1, t1) = marks[0], marks[-1]
         out[f"{tag}_ms_per_trial_step"] = round(1e3 * (t1 - t0) / (s1 - s0) / k, 2)
         out[f"{tag}_first_10_steps_s"] = round(t0 - t_start, 1)
-    os.environ["MUA_COMPILE"] = "0"
+    if name == "350m":  # how far fusing the elementwise kernels would go: an experiment, not mua's path
+        marks = []
+        t_start = time.perf_counter()
+        res = compiled_trial(specs[0], base, work.task, recipe, lambda s, v: marks.append((s, time.perf_counter())))
+        if res.status == "failed":
+            out["mua_k1_compiled_graphed"] = res.error.splitlines()[0][:200]
+        else:
+            (s0, t0), (s1, t1) = marks[0], marks[-1]
+            out["mua_k1_compiled_graphed_ms_per_trial_step"] = round(1e3 * (t1 - t0) / (s1 - s0), 2)
+            out["mua_k1_compiled_graphed_first_10_steps_s"] = round(t0 - t_start, 1)
     print(json.dumps(out), flush=True)
     return out
 
 
-def throughput(name: str, steps: int, gpus: int) -> dict:
+def compiled_trial(spec, base, task, recipe, clock):
+    """mua's trial with its model torch.compile'd (elementwise kernels fused) inside the CUDA graph."""
+    import mua_cli.train as train
+
+    prepare_ = train.prepare
+    train.prepare = lambda *a, **kw: torch.compile(prepare_(*a, **kw))
+    try:
+        return run_trial(spec, base, task, recipe, "cuda", clock, True, print)
+    finally:
+        train.prepare = prepare_
+
+
+def throughput(name: str, steps: int, gpus: int, ex: Execution) -> dict:
     recipe = recipe_for(name, steps)
     seed_cache(recipe)
     specs = plan(recipe)
@@ -181,18 +210,13 @@ def throughput(name: str, steps: int, gpus: int) -> dict:
            "trials": len(specs), "steps": steps, "plain_s": round(plain_s, 1),
            "plain_trials_per_h": round(len(specs) * 3600 / plain_s), "plain_peak_gib": round(plain_mem, 1)}  # fmt: skip
     for n in sorted({1, gpus}):
-        env = os.environ.get("CUDA_VISIBLE_DEVICES")
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n))
         with tempfile.TemporaryDirectory() as d:
             t0, clock = time.perf_counter(), Clock()
-            run_sweep(recipe, Path(d) / "run", "cuda", clock, execution=Execution("cuda"))
+            dev = "cuda" if n > 1 else "cuda:0"  # cuda: every visible GPU
+            run_sweep(recipe, Path(d) / "run", dev, clock, execution=dataclasses.replace(ex, device=dev))
             mua_s = time.perf_counter() - t0
             startup = (clock.ready or t0) - t0
             df = load_trials(Path(d) / "run")
-        if env is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = env
         metrics = {(r.regime, int(r["rank"]), float(r.lr)): float(r.metric) for _, r in df.iterrows()}
         tag = "mua" if n == 1 else f"mua_{n}gpu"
         row[f"{tag}_s"] = round(mua_s, 1)
@@ -232,7 +256,7 @@ def step_flops(recipe: Recipe, base) -> float:
     return 4 * n * t + 12 * cfg.num_hidden_layers * cfg.hidden_size * recipe.seq_len * t
 
 
-def mfu(name: str, steps: int, peak_measured: float) -> dict:
+def mfu(name: str, steps: int, peak_measured: float, no_graphs: bool = False) -> dict:
     recipe = recipe_for(name, steps)
     seed_cache(recipe)
     spec = plan(recipe)[0]
@@ -247,14 +271,15 @@ def mfu(name: str, steps: int, peak_measured: float) -> dict:
     out["plain_step_ms"] = round(1e3 * (times[-1] - times[steps // 2]) / (steps - 1 - steps // 2), 2)
     out["plain_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     del work
-    # mua: one trial through run_trial (bf16 base, fused AdamW, no per-step sync); losses read every 10 steps
+    # mua: one trial through run_trial (bf16 base, the step a CUDA graph); losses read every 10 steps
     work = load_workload(recipe, "cuda")
     base = work.base.cuda()
     marks: list[tuple[int, float]] = []
     torch.cuda.reset_peak_memory_stats()
-    result = run_trial(spec, base, work.task, recipe, "cuda", lambda s, v: marks.append((s, time.perf_counter())))
+    clock = lambda s, v: marks.append((s, time.perf_counter()))  # noqa: E731
+    result = run_trial(spec, base, work.task, recipe, "cuda", clock, not no_graphs, print)
     assert result.status != "failed", result.error
-    (s0, t0), (s1, t1) = marks[1], marks[-1]  # from step 19: the first 10 hold the warm-up
+    (s0, t0), (s1, t1) = marks[1], marks[-1]  # from step 19: the first 10 hold the warm-up and the capture
     out["mua_step_ms"] = round(1e3 * (t1 - t0) / (s1 - s0), 2)
     out["mua_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     out["tflop_per_step"] = round(flops / 1e12, 3)
@@ -270,7 +295,7 @@ def mfu(name: str, steps: int, peak_measured: float) -> dict:
 def table(report: dict, steps: list[dict]) -> str:
     """The markdown tables of docs/performance.md, from the benchmark's JSON output (and --diag's lines)."""
     lines = [f"Run {report['date']} on {report['gpus']}× {report['gpu']}, torch {report['torch']}: "
-             f"`{report['command']}`; 8192³ bf16 matmul measured at {report['bf16_matmul_8192_tflops']} TFLOP/s.", "",
+             f"{report['command']}; 8192³ bf16 matmul measured at {report['bf16_matmul_8192_tflops']} TFLOP/s.", "",
              "| workload | params | trials × steps | plain trials/h | mua trials/h | ratio | mua startup | ratio after "
              "startup | peak GiB plain / mua worker | best LR plain = mua (±1 step) |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -293,18 +318,21 @@ def table(report: dict, steps: list[dict]) -> str:
             f"{r['mua_mfu_measured_matmul']:.0%}) | {r['plain_peak_gib']} / {r['mua_peak_gib']} |"
         )
     if steps:
-        lines += ["", "ms per trial-step in one process (`--diag`): K LoRA trials per forward pass, and with "
-                  "MUA_COMPILE=1 (torch.compile; its first 10 steps, compilation included, in brackets):", "",
-                  "| workload | plain | K=1 | K=2 | K=4 | K=8 | K=16 | K=1 compiled | K=8 compiled |",
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "ms per trial-step in one process (`--diag`): mua's serial trial eager and as a CUDA graph, "
+                  "K LoRA trials per forward pass (graphed; K=16 eager too), and an experiment: the serial trial "
+                  "with its model torch.compile'd inside the graph. In brackets: the first 10 steps in seconds "
+                  "(warm-up, capture and any compilation).", "",
+                  "| workload | plain | K=1 eager | K=1 | K=2 | K=4 | K=8 | K=16 | K=16 eager | K=1 compiled |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in steps:
 
             def cell(tag, r=r):
                 v = r.get(f"{tag}_ms_per_trial_step")
-                first = r.get(f"{tag}_first_10_steps_s")
-                return "—" if v is None else (f"{v} ({first} s)" if "compiled" in tag else f"{v}")
+                if v is None:
+                    return "out of memory" if r.get(tag) == "out of memory" else "—"
+                return f"{v} ({r[f'{tag}_first_10_steps_s']})"
 
-            tags = ["mua_k1", "mua_k2", "mua_k4", "mua_k8", "mua_k16", "mua_k1_compiled", "mua_k8_compiled"]
+            tags = ["mua_k1", *[f"mua_k{k}_graphed" for k in (1, 2, 4, 8, 16)], "mua_k16", "mua_k1_compiled_graphed"]
             lines.append(f"| {r['workload']} | {r['plain_ms']} | " + " | ".join(cell(t) for t in tags) + " |")
     return "\n".join(lines)
 
@@ -314,14 +342,19 @@ def main() -> None:
     ap.add_argument("--only", default="5m,124m,350m")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--diag", action="store_true", help="also time a step of each path in one process")
+    ap.add_argument("--workers-per-gpu", type=int, default=0, help="mua's worker processes per GPU (0: auto)")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="mua without CUDA graphs")
     ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     ap.add_argument("--table", nargs="+", metavar="FILE", help="print the markdown tables of a JSON output "
                     "(and --diag's JSON lines) and exit; no GPU needed")  # fmt: skip
     args = ap.parse_args()
-    if args.table:
-        report = json.loads(Path(args.table[0]).read_text())
-        steps = [json.loads(x) for f in args.table[1:] for x in Path(f).read_text().splitlines() if x.startswith("{")]
-        print(table(report, report.get("step_times") or steps))
+    if args.table:  # reports (.json) of one day's runs are merged; .jsonl files hold --diag lines
+        reports = [json.loads(Path(f).read_text()) for f in args.table if f.endswith(".json")]
+        report = {**reports[0], "command": " and ".join(f"`{r['command']}`" for r in reports)}
+        for key in ("throughput", "mfu", "step_times"):
+            report[key] = [x for r in reports for x in r.get(key, [])]
+        steps = [json.loads(x) for f in args.table if f.endswith(".jsonl") for x in Path(f).read_text().splitlines()]
+        print(table(report, report["step_times"] + steps))
         return
     if not torch.cuda.is_available():
         sys.exit("gpu_speed.py needs a CUDA GPU")
@@ -337,10 +370,11 @@ def main() -> None:
     if args.diag:
         report["step_times"] = [step_times(n, 30) for n in ("5m", "124m", "350m") if n in only]
     for name in [n for n in ("5m", "124m") if n in only]:
-        report["throughput"].append(throughput(name, args.steps, gpus))
+        ex = Execution("cuda", args.workers_per_gpu, 0, not args.no_cuda_graphs)
+        report["throughput"].append(throughput(name, args.steps, gpus, ex))
         print(json.dumps(report["throughput"][-1]), flush=True)
     if "350m" in only:
-        report["mfu"].append(mfu("350m", args.steps, peak))
+        report["mfu"].append(mfu("350m", args.steps, peak, args.no_cuda_graphs))
         print(json.dumps(report["mfu"][-1]), flush=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")

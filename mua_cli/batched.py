@@ -17,7 +17,7 @@ import traceback
 import torch
 from peft.tuners.lora import LoraLayer
 
-from .adapters import prepare
+from .adapters import prepare, skip_input_casts
 from .graphed import Step
 from .recipe import Recipe
 from .tasks import LMTask
@@ -132,6 +132,8 @@ def _train(specs, base, task, recipe, device, on_step, t0, graphs, on_note) -> l
     k = len(specs)
     model, params = build(base, first, recipe, k)
     model.to(device).train()
+    if device.startswith("cuda"):
+        skip_input_casts(model)
     opt = StackedAdamW(params, recipe)
     peak = torch.tensor([s.lr for s in specs], device=device, dtype=torch.float32)
     schedule = lr_lambda(recipe)

@@ -19,9 +19,10 @@ from .recipe import Recipe
 from .trial import TrialResult, TrialSpec
 
 SMALL, MEDIUM = 30e6, 400e6  # base parameters: below SMALL a GPU holds 4 workers, below MEDIUM 2, else 1
-# Tokens in one batched step. Measured on an H200 (docs/performance.md): the step's fixed cost is the host
-# launching kernels (~50 ms at 5M, ~180 ms at 350M parameters), so more trials per pass keep paying up to 16.
-TOKENS_PER_STEP = {"small": 1 << 17, "medium": 1 << 17, "large": 1 << 16}
+# Tokens in one batched step. Measured on an H200 with the step a CUDA graph (docs/performance.md): a ~5M model
+# keeps gaining up to 16 trials per pass; a ~350M one is GPU-bound from one trial, and each one more costs
+# its activations' memory in the graph's pool.
+TOKENS_PER_STEP = {"small": 1 << 17, "medium": 1 << 16, "large": 1 << 14}
 
 
 @dataclass
@@ -50,6 +51,8 @@ def trials_per_pass(ex: Execution, recipe: Recipe, n_params: int) -> int:
 def workers_per_gpu(ex: Execution, n_params: int) -> int:
     if ex.workers_per_gpu:
         return ex.workers_per_gpu
+    if ex.cuda_graphs:
+        return 1  # a replayed step keeps the GPU busy from one process
     return {"small": 4, "medium": 2, "large": 1}[size_class(n_params)]
 
 
@@ -204,7 +207,7 @@ def executor(recipe: Recipe, ex: Execution, listener):
         devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
         if not devices:
             raise MuaError("no CUDA GPU is visible")
-        if len(devices) > 1 or ex.workers_per_gpu != 1:
+        if len(devices) > 1 or workers_per_gpu(ex, 0) != 1:
             return PoolExecutor(recipe, ex, listener, devices)
         ex = dataclasses.replace(ex, device="cuda:0")
     elif ex.workers_per_gpu > 1:

@@ -52,6 +52,7 @@ class Step:
     def _capture(self, params: list[torch.Tensor]) -> None:
         for p in params:
             p.grad = None  # so that backward allocates them in the graph's pool
+        torch.cuda.empty_cache()  # the warm-up's cached activations would otherwise sit beside the graph's own
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from .adapters import head_modules, param_groups, prepare
+from .adapters import head_modules, param_groups, prepare, skip_input_casts
 from .data import TokenData
 from .graphed import Step, set_lrs
 from .models import hidden_size, lm_loss
@@ -100,6 +100,8 @@ def _train(spec, base, data, recipe, device, on_step, t0, graphs, on_note) -> Tr
     groups = param_groups(model, spec.regime, spec.lr, head, recipe.head_lr, recipe.per_layer_lr, hidden_size(base))
     params = groups.params
     cuda = device.startswith("cuda")
+    if cuda:
+        skip_input_casts(model)
     peaks = [g.get("lr", spec.lr) for g in groups.groups]
     # On a GPU the LRs are device tensors, updated in place: a captured step reads them (graphed.py)
     lr_of = (lambda x: torch.tensor(float(x), device=device)) if cuda else float
