@@ -15,8 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 WARMUP = 3
+# cuDNN's fused attention inside a captured step gave NaN losses in 7 of 24 B:1 trials of the embedded default
+# that eager steps finish (H200, torch 2.11; docs/performance.md); without it, graphed trials match eager ones.
+GRAPH_SAFE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class Step:
@@ -39,7 +43,7 @@ class Step:
         elif self.count <= WARMUP:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), sdpa_kernel(GRAPH_SAFE_ATTENTION):
                 self.fn()
             torch.cuda.current_stream().wait_stream(side)
         else:
@@ -55,7 +59,7 @@ class Step:
         torch.cuda.empty_cache()  # the warm-up's cached activations would otherwise sit beside the graph's own
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph), sdpa_kernel(GRAPH_SAFE_ATTENTION):
                 self.fn()
         except torch.cuda.OutOfMemoryError:
             raise  # the caller splits the batched trials and tries again

@@ -65,6 +65,21 @@ def test_graphed_batch_matches_eager_with_a_diverging_trial(micro, runner):
         _same(a, b)
 
 
+def test_graphed_sweep_of_the_embedded_default_matches_eager():
+    """The embedded default's B:1 r=4 grid, whose high LRs go unstable mid-run: with cuDNN attention inside the
+    graph, trials that eager steps finish ended in NaN (graphed.py); every status and optimum must agree."""
+    tiny = load_recipe("tiny")
+    runner = TrialRunner(tiny, "cuda:0")
+    specs = [make_spec(tiny, "B:1", 4, 2.0**e, 0) for e in range(-11, -3)]
+    eager = run_batched(specs, runner.base, runner.data, tiny, "cuda:0", graphs=False)
+    graphed = run_batched(specs, runner.base, runner.data, tiny, "cuda:0", graphs=True)
+    assert [r.status for r in graphed] == [r.status for r in eager]
+    best = min(range(len(specs)), key=lambda i: eager[i].metric)
+    assert min(range(len(specs)), key=lambda i: graphed[i].metric) == best
+    for a, b in zip(eager[: best + 2], graphed[: best + 2], strict=True):  # up to one grid step past the optimum
+        assert b.metric == pytest.approx(a.metric, rel=1e-2)
+
+
 def test_a_step_that_cannot_be_captured_runs_eagerly():
     x = torch.zeros((), device="cuda:0")
     seen: list[float] = []
