@@ -29,7 +29,8 @@ class Step:
 
     def __init__(self, fn: Callable[[], None], device: str, graphs: bool, on_note: Callable[[str], None] | None):
         self.fn, self.on_note = fn, on_note
-        self.graphed = graphs and device.startswith("cuda")
+        self.cuda = device.startswith("cuda")
+        self.graphed = graphs and self.cuda
         self.count = 0
         self.graph: torch.cuda.CUDAGraph | None = None
 
@@ -37,7 +38,11 @@ class Step:
         """`params`: the trainable tensors, whose gradients must be unset before capture."""
         self.count += 1
         if not self.graphed:
-            self.fn()
+            if self.cuda:  # the same attention kernels as a graphed step: --no-cuda-graphs changes no result
+                with sdpa_kernel(GRAPH_SAFE_ATTENTION):
+                    self.fn()
+            else:
+                self.fn()
         elif self.graph is not None:
             self.graph.replay()
         elif self.count <= WARMUP:
@@ -51,7 +56,8 @@ class Step:
             if self.graph is not None:
                 self.graph.replay()
             else:
-                self.fn()
+                with sdpa_kernel(GRAPH_SAFE_ATTENTION):
+                    self.fn()
 
     def _capture(self, params: list[torch.Tensor]) -> None:
         for p in params:
