@@ -18,11 +18,12 @@ from .errors import MuaError
 from .recipe import Recipe
 from .trial import TrialResult, TrialSpec
 
-SMALL, MEDIUM = 30e6, 400e6  # base parameters: below SMALL a GPU holds 4 workers, below MEDIUM 2, else 1
-# Tokens in one batched step. Measured on an H200 with the step a CUDA graph (docs/performance.md): a ~5M model
-# keeps gaining up to 16 trials per pass; a ~350M one is GPU-bound from one trial, and each one more costs
-# its activations' memory in the graph's pool.
-TOKENS_PER_STEP = {"small": 1 << 17, "medium": 1 << 16, "large": 1 << 14}
+SMALL, MEDIUM = 30e6, 300e6  # base parameters: the size classes below
+# Tokens in one batched step, from step times measured on an H200 with the step a CUDA graph
+# (docs/performance.md): at ~5M parameters 16 trials per pass cost 4.4 ms per trial-step against 6.6 ms alone;
+# at ~120M, 8 trials 30.4 against 34.2 (16: 2 % faster for twice the memory); at ~365M the GPU is busy from
+# one trial (8 trials: 9 % faster for 78 GiB), so large models run one trial per pass.
+TOKENS_PER_STEP = {"small": 1 << 17, "medium": 1 << 16, "large": 1 << 13}
 
 
 @dataclass
@@ -52,7 +53,8 @@ def workers_per_gpu(ex: Execution, n_params: int) -> int:
     if ex.workers_per_gpu:
         return ex.workers_per_gpu
     if ex.cuda_graphs:
-        return 1  # a replayed step keeps the GPU busy from one process
+        return 1  # a replayed step keeps the GPU busy from one process, which starts in ~2 s instead of ~25
+    # eager steps are bound by the host launching kernels: several processes share a GPU (measured 2026-11-29)
     return {"small": 4, "medium": 2, "large": 1}[size_class(n_params)]
 
 

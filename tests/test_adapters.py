@@ -78,3 +78,28 @@ def test_base_is_not_modified_and_seeds_are_reproducible():
 def test_full_finetuning_trains_every_parameter():
     model = prepare(base(), "full", 0, 1.0, "all-linear", seed=0)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_skipping_peft_input_casts_is_exact_under_autocast():
+    """Under bf16 autocast peft's cast of each LoRA input to the adapter's fp32 is undone by autocast before the
+    matmul, so skipping it (what a GPU step does) changes no loss and no gradient."""
+    from mua_cli.adapters import skip_input_casts
+
+    x = torch.randint(0, CFG.vocab_size, (2, 12))
+    outs = []
+    for skip in (False, True):
+        model = prepare(base().to(torch.bfloat16), "A:r", 4, 1.0, "all-linear", seed=3)
+        for layer in lora_layers(model):  # B ≠ 0, so that the adapters' branch counts
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+        if skip:
+            skip_input_casts(model)
+        assert all(m.cast_input_dtype_enabled is not skip for m in lora_layers(model))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=x).logits.float().logsumexp(-1).mean()
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        outs.append((loss.detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = outs
+    assert torch.equal(loss_a, loss_b)
+    assert len(grads_a) == 2 * len(lora_layers(model)) and all(g.abs().sum() > 0 for g in grads_a)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))

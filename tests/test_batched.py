@@ -80,3 +80,19 @@ def test_sweeps_agree_batched_pooled_and_serial(micro, tmp_path):
         assert list(df["key"]) == list(ref["key"])
         ok = ref["status"] == "ok"
         assert df["metric"][ok].to_numpy() == pytest.approx(ref["metric"][ok].to_numpy(), rel=1e-4)
+
+
+def test_execution_defaults_follow_the_measured_rules(micro):
+    from mua_cli.execute import trials_per_pass, workers_per_gpu
+
+    gpu = Execution("cuda")
+    assert trials_per_pass(gpu, micro, 365e6) == 16  # 128 tokens per trial: even a large model takes 16
+    big = dataclasses.replace(micro, batch_size=16, seq_len=512)  # 8192 tokens per trial
+    assert [trials_per_pass(gpu, big, n) for n in (5e6, 120e6, 365e6)] == [16, 8, 1]
+    assert trials_per_pass(Execution("cpu"), micro, 5e6) == 1  # no gain on the CPU
+    assert trials_per_pass(Execution("cuda", batch_trials=3), big, 365e6) == 3
+    # one process per GPU when steps are CUDA graphs; eager steps share a GPU among several
+    assert [workers_per_gpu(gpu, n) for n in (5e6, 120e6, 365e6)] == [1, 1, 1]
+    eager = Execution("cuda", cuda_graphs=False)
+    assert [workers_per_gpu(eager, n) for n in (5e6, 120e6, 365e6)] == [4, 2, 1]
+    assert workers_per_gpu(Execution("cuda", workers_per_gpu=3), 5e6) == 3
