@@ -29,7 +29,7 @@ class Step:
 
     def __init__(self, fn: Callable[[], None], device: str, graphs: bool, on_note: Callable[[str], None] | None):
         self.fn, self.on_note = fn, on_note
-        self.cuda = device.startswith("cuda")
+        self.cuda, self.device = device.startswith("cuda"), torch.device(device)
         self.graphed = graphs and self.cuda
         self.count = 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -37,13 +37,17 @@ class Step:
     def __call__(self, params: list[torch.Tensor]) -> None:
         """`params`: the trainable tensors, whose gradients must be unset before capture."""
         self.count += 1
-        if not self.graphed:
-            if self.cuda:  # the same attention kernels as a graphed step: --no-cuda-graphs changes no result
-                with sdpa_kernel(GRAPH_SAFE_ATTENTION):
-                    self.fn()
-            else:
+        if self.graphed:
+            with torch.cuda.device(self.device):  # streams and graphs belong to the trial's GPU, not to cuda:0
+                self._graphed_step(params)
+        elif self.cuda:  # the same attention kernels as a graphed step: --no-cuda-graphs changes no result
+            with sdpa_kernel(GRAPH_SAFE_ATTENTION):
                 self.fn()
-        elif self.graph is not None:
+        else:
+            self.fn()
+
+    def _graphed_step(self, params: list[torch.Tensor]) -> None:
+        if self.graph is not None:
             self.graph.replay()
         elif self.count <= WARMUP:
             side = torch.cuda.Stream()
