@@ -1,17 +1,19 @@
 """mua's sweep against a plain serial peft loop, on the same trials, in the same run, on the GPU.
 
-    python benchmarks/gpu_speed.py [--only 5m,124m,350m] [--steps 40] [--out benchmarks/gpu_speed.json]
+    python benchmarks/gpu_speed.py [--only 5m,124m,350m] [--steps 80] [--diag] [--out benchmarks/gpu_speed.json]
 
-Workloads: Llama-shaped causal LMs of about 5M, 124M and 350M parameters, built from their configs with random
-weights (the hubs are out of reach; step time does not depend on the weights), byte-level, fed windows of the
-embedded Britannica corpus, batch 16 × 512 tokens.
+Workloads: Llama-shaped causal LMs of about 5M, 120M and 365M parameters (MLP widths multiples of 256), built
+from their configs with random weights (the hubs are out of reach; step time does not depend on the weights),
+byte-level, fed windows of the embedded Britannica corpus, batch 16 × 512 tokens.
 
 - plain: what one writes by hand: per trial a copy of the fp32 base, peft `get_peft_model` (with μA's init, as
   mua sets it, so that both run the same trials), torch AdamW
   (foreach), LambdaLR warmup + cosine, bf16 autocast, `loss.item()` every step, one trial after another.
-- mua: `run_sweep` over the same trials (same ranks, LRs, steps, seed): worker processes on every visible GPU,
-  several LoRA trials per forward pass, bf16 frozen base, fused AdamW, losses read every 10 steps. Its wall
-  time includes starting the workers and loading the model.
+- mua: `run_sweep` over the same trials (same ranks, LRs, steps, seed): every visible GPU, each step a CUDA
+  graph, several LoRA trials per forward pass where the model is small, bf16 frozen base, fused AdamW, losses
+  read every 10 steps. Its wall time includes loading the model (and starting workers, with several GPUs).
+- --diag: ms per trial-step in one process, eager and graphed, for K = 1…16 trials per pass, and the 350M
+  trial with its model torch.compile'd inside the graph (an experiment).
 - Science check: per (regime, rank), the best LR of mua's trials is within one grid step of the plain loop's.
 - MFU (350M, one LoRA trial, rank 16): FLOPs per step = 4·N·T (forward, and backward to the activations; the
   frozen weights get no gradient) + 12·layers·d·seq·T (attention, fwd + bwd, PaLM's count), N = the matmul

@@ -1,13 +1,15 @@
 """The training step as one CUDA graph: forward, backward, clip and optimizer replayed with one launch.
 
-Measured on an H200 (docs/performance.md): an eager LoRA step spends most of its time in the host launching
-thousands of small kernels (peft adds several per adapted layer), not on the GPU. A captured step costs one
-launch. The step function must read and write only tensors that live as long as the trial (static inputs, the
-model, the optimizer's state, its learning rates as device tensors) and hold no step-dependent Python values.
+Measured on an H200 (docs/performance.md): an eager LoRA step of a small model spends most of its time in the
+host launching thousands of small kernels (peft adds several per adapted layer): 37 ms per step at 5M
+parameters, 6.6 ms as a graph; at 365M, 130 against 85 ms. A captured step costs one launch. The step function
+must read and write only tensors that live as long as the trial (static inputs, the model, the optimizer's
+state, its learning rates as device tensors) and hold no step-dependent Python values.
 
 The first WARMUP steps are the trial's real steps, run eagerly on a side stream (CUDA graphs need the
 allocator, cuBLAS and the optimizer's state warmed up before capture); capturing then runs nothing, and every
-later step is a replay of the same kernels, so a trial's arithmetic is the eager path's.
+later step is a replay of the same operations. cuBLAS may choose other kernels while capturing, so losses can
+differ from eager ones around the 5th digit (tests/test_gpu.py compares them).
 """
 
 from __future__ import annotations

@@ -29,11 +29,11 @@ def resolve_device(device: str) -> str:
 class TrialRunner:
     def __init__(self, recipe: Recipe, device: str, listener=None, graphs: bool = True):
         self.recipe, self.device, self.listener, self.graphs = recipe, device, listener, graphs
+        if device.startswith("cuda:"):
+            torch.cuda.set_device(device)  # CUDA graphs and streams are made on the current device
         work = load_workload(recipe, device, on_note=getattr(listener, "note", None))
         self.base, self.data, self.notes = work.base, work.task, work.notes  # data: a task (tasks.py)
         self.base.requires_grad_(False)
-        if device.startswith("cuda:"):
-            torch.cuda.set_device(device)  # CUDA graphs and streams are made on the current device
         if device.startswith("cuda"):
             self.base.to(device)  # once, not per trial: each trial's copy is then made on the GPU
 
