@@ -2,36 +2,22 @@
 
     python benchmarks/gpu_profile.py [--workload 5m] [--k 8] [--steps 12]
 
-A diagnostic for docs/performance.md: run eagerly (a CUDA graph hides its kernels from the profiler; they
-are the same kernels). Also times bf16 GEMMs whose width is or is not a multiple of 8.
+A diagnostic for docs/performance.md: run eagerly (a CUDA graph hides its kernels from the profiler; it
+replays the same operations). Also times bf16 GEMMs whose width is or is not a multiple of 8.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 
 import torch
-from gpu_speed import recipe_for, seed_cache
+from gpu_speed import gemm_seconds, recipe_for, seed_cache
 
 from mua_cli.batched import run_batched
 from mua_cli.sweep import make_spec
 from mua_cli.tasks import load_workload
 from mua_cli.train import run_trial
-
-
-def gemm_ms(m: int, k: int, n: int) -> float:
-    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - t0) / 20
 
 
 def main() -> None:
@@ -42,7 +28,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
     for n in (3500, 3584):
-        print(f"bf16 GEMM [8192, 1024] × [1024, {n}]: {gemm_ms(8192, 1024, n):.3f} ms")
+        print(f"bf16 GEMM [8192, 1024] × [1024, {n}]: {1e3 * gemm_seconds(8192, 1024, n, reps=20):.3f} ms")
     recipe = dataclasses.replace(recipe_for(args.workload, args.steps), eval_fraction=0.0)
     seed_cache(recipe)
     work = load_workload(recipe, "cuda")

@@ -238,17 +238,22 @@ def throughput(name: str, steps: int, gpus: int, ex: Execution) -> dict:
     return row
 
 
-def matmul_rate() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+def gemm_seconds(m: int, k: int, n: int, reps: int = 10) -> float:
+    """Seconds of one bf16 [m, k] × [k, n] matmul on the GPU, after 3 warm-up runs."""
+    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(10):
+    for _ in range(reps):
         a @ b
     torch.cuda.synchronize()
-    return 10 * 2 * 8192**3 / (time.perf_counter() - t0)
+    return (time.perf_counter() - t0) / reps
+
+
+def matmul_rate() -> float:
+    return 2 * 8192**3 / gemm_seconds(8192, 8192, 8192)
 
 
 def step_flops(recipe: Recipe, base) -> float:
