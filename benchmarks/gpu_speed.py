@@ -121,12 +121,17 @@ def best_lrs(metrics: dict) -> dict:
 
 
 class Clock(Listener):
-    """A sweep listener that notes when the workers were ready (the executor says so in a note)."""
+    """When the trials could begin: the first trial started in this process, or the worker processes said they
+    were ready (their note)."""
 
     ready: float | None = None
 
     def note(self, message: str) -> None:
-        if "worker" in message or "per forward pass" in message:
+        if "worker process" in message and self.ready is None:
+            self.ready = time.perf_counter()
+
+    def trial_start(self, spec) -> None:
+        if self.ready is None:
             self.ready = time.perf_counter()
 
 
@@ -205,9 +210,9 @@ def throughput(name: str, steps: int, gpus: int, ex: Execution) -> dict:
     plain = {(s.regime, s.rank, s.lr): plain_trial(s, work.base, work.task, plain_recipe) for s in specs}
     plain_s = time.perf_counter() - t0
     plain_mem = torch.cuda.max_memory_allocated() / 2**30
+    n_params = sum(p.numel() for p in work.base.parameters())
     del work
     torch.cuda.empty_cache()
-    n_params = sum(p.numel() for p in load_workload(recipe, "cpu").base.parameters())
     row = {"workload": name, "params_M": round(n_params / 1e6, 1),
            "trials": len(specs), "steps": steps, "plain_s": round(plain_s, 1),
            "plain_trials_per_h": round(len(specs) * 3600 / plain_s), "plain_peak_gib": round(plain_mem, 1)}  # fmt: skip

@@ -28,10 +28,11 @@ def resolve_device(device: str) -> str:
 
 class TrialRunner:
     def __init__(self, recipe: Recipe, device: str, listener=None, graphs: bool = True):
-        self.recipe, self.device, self.listener, self.graphs = recipe, device, listener, graphs
+        self.recipe, self.device, self.graphs = recipe, device, graphs
+        self.on_step, self.on_note = getattr(listener, "step", None), getattr(listener, "note", None)
         if device.startswith("cuda:"):
             torch.cuda.set_device(device)  # CUDA graphs and streams are made on the current device
-        work = load_workload(recipe, device, on_note=getattr(listener, "note", None))
+        work = load_workload(recipe, device, on_note=self.on_note)
         self.base, self.data, self.notes = work.base, work.task, work.notes  # data: a task (tasks.py)
         self.base.requires_grad_(False)
         if device.startswith("cuda"):
@@ -42,8 +43,7 @@ class TrialRunner:
         return sum(p.numel() for p in self.base.parameters())
 
     def run(self, spec: TrialSpec) -> TrialResult:
-        on_step, on_note = getattr(self.listener, "step", None), getattr(self.listener, "note", None)
-        return run_trial(spec, self.base, self.data, self.recipe, self.device, on_step, self.graphs, on_note)
+        return run_trial(spec, self.base, self.data, self.recipe, self.device, self.on_step, self.graphs, self.on_note)
 
     def run_unit(self, unit: list[TrialSpec]) -> list[TrialResult]:
         results = self._run_unit(unit)
@@ -60,8 +60,9 @@ class TrialRunner:
         from .batched import run_batched
 
         try:
-            on_step, on_note = getattr(self.listener, "step", None), getattr(self.listener, "note", None)
-            return run_batched(unit, self.base, self.data, self.recipe, self.device, on_step, self.graphs, on_note)
+            return run_batched(
+                unit, self.base, self.data, self.recipe, self.device, self.on_step, self.graphs, self.on_note
+            )
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             half = len(unit) // 2
