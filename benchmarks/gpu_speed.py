@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mua_cli.adapters import prepare  # noqa: E402
 from mua_cli.execute import Execution  # noqa: E402
+from mua_cli.fused import fuse  # noqa: E402
 from mua_cli.models import cache_dir, embedded_config, embedded_key  # noqa: E402
 from mua_cli.recipe import Recipe  # noqa: E402
 from mua_cli.store import load_trials  # noqa: E402
@@ -54,10 +55,10 @@ SHAPES = {
     "124m": dict(hidden_size=768, intermediate_size=3328, num_hidden_layers=12, num_attention_heads=12),
     "350m": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=16),
 }
-SWEEPS = {  # the trials each workload runs: ranks × LRs, one seed
-    "5m": dict(ranks="4,16", lrs="2^-12:2^-5"),
-    "124m": dict(ranks="16", lrs="2^-12:2^-5"),
-    "350m": dict(ranks="16", lrs="2^-10:2^-8"),
+SWEEPS = {  # the trials each workload runs: regimes × ranks × LRs, one seed; 5m: the embedded default's grid
+    "5m": dict(regimes="A:r,B:1", ranks="4,16,64", lrs="2^-12:2^-5"),
+    "124m": dict(regimes="B:1", ranks="16", lrs="2^-12:2^-5"),
+    "350m": dict(regimes="B:1", ranks="16", lrs="2^-10:2^-8"),
 }
 
 
@@ -71,7 +72,7 @@ def recipe_for(name: str, steps: int) -> Recipe:
         name=f"bench-{name}", model="embedded:tiny", model_config=shape,
         pretrain={"steps": 0, "data": "embedded:shakespeare"},
         data="embedded:britannica", seq_len=512, batch_size=16, steps=steps, eval_fraction=0.0, dtype="bfloat16",
-        regimes="B:1", max_extend=0, **SWEEPS[name],
+        max_extend=0, **SWEEPS[name],
     )  # fmt: skip
 
 
@@ -151,11 +152,16 @@ def step_times(name: str, steps: int) -> dict:
     del work
     work = load_workload(recipe, "cuda")
     base = work.base.cuda()
-    for k, graphs in ((1, False), (1, True), (2, True), (4, True), (8, True), (16, True), (16, False)):
+    runs = [(1, True, False), (16, True, False), (1, False, True), *[(k, True, True) for k in (1, 2, 4, 8, 16)],
+            (16, False, True)]  # (K, graphed, fused); the unfused ones first: fusing patches the model  # fmt: skip
+    undo = None
+    for k, graphs, fused in runs:
+        if fused and undo is None:
+            undo = fuse(base, "cuda", print)
         marks: list[tuple[int, float]] = []
         clock = lambda s, v, marks=marks: marks.append((s, time.perf_counter()))  # noqa: E731
         t_start = time.perf_counter()
-        tag = f"mua_k{k}" + ("_graphed" if graphs else "")
+        tag = f"mua_k{k}" + ("_graphed" if graphs else "") + ("" if fused else "_unfused")
         torch.cuda.reset_peak_memory_stats()
         try:
             if k == 1:
@@ -173,7 +179,9 @@ def step_times(name: str, steps: int) -> dict:
         (s0, t0), (s1, t1) = marks[0], marks[-1]
         out[f"{tag}_ms_per_trial_step"] = round(1e3 * (t1 - t0) / (s1 - s0) / k, 2)
         out[f"{tag}_first_10_steps_s"] = round(t0 - t_start, 1)
-    if name == "350m":  # how far fusing the elementwise kernels would go: an experiment, not mua's path
+    undo()
+    if name == "350m":  # how far the compiler's fusion goes instead (unfused model): an experiment, not mua's path
+        base = load_workload(recipe, "cuda").base.cuda()  # without the instance's Liger patches
         marks = []
         t_start = time.perf_counter()
         res = compiled_trial(specs[0], base, work.task, recipe, lambda s, v: marks.append((s, time.perf_counter())))
@@ -243,6 +251,15 @@ def throughput(name: str, steps: int, gpus: int, ex: Execution) -> dict:
     return row
 
 
+def liger() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("liger-kernel")
+    except PackageNotFoundError:
+        return None
+
+
 def gemm_seconds(m: int, k: int, n: int, reps: int = 10) -> float:
     """Seconds of one bf16 [m, k] × [k, n] matmul on the GPU, after 3 warm-up runs."""
     a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -257,6 +274,60 @@ def gemm_seconds(m: int, k: int, n: int, reps: int = 10) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+def attention_seconds(batch: int, heads: int, seq: int, dim: int, reps: int = 10) -> float:
+    """Seconds of one causal attention, forward and backward, with the kernels a graphed step uses."""
+    from mua_cli.graphed import GRAPH_SAFE_ATTENTION
+
+    q, k, v = (torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))  # fmt: skip
+    grad = torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16)
+
+    def once():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+
+    with torch.nn.attention.sdpa_kernel(GRAPH_SAFE_ATTENTION):
+        for _ in range(3):
+            once()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            once()
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+def step_floor(recipe: Recipe, base, rank: int) -> dict:
+    """A lower bound on a LoRA step's time: its matrix multiplies and its attention, each timed alone at its
+    shape in bf16, and nothing else (no norm, activation, residual add, cast or optimizer). Per linear layer:
+    forward and the backward to its input; per adapted layer, LoRA's forward (2), its backward to the input
+    (2) and its weight gradients (2); per layer, attention forward and backward."""
+    from mua_cli.adapters import lora_target_names
+
+    t = recipe.batch_size * recipe.seq_len
+    adapted = set(lora_target_names(base, recipe.targets))
+    timed: dict[tuple, float] = {}
+
+    def gemm(m, k, n):
+        if (m, k, n) not in timed:
+            timed[(m, k, n)] = gemm_seconds(m, k, n)
+        return timed[(m, k, n)]
+
+    base_s = lora_s = 0.0
+    for name, m in base.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            n_in, n_out = m.in_features, m.out_features
+            base_s += gemm(t, n_in, n_out) + gemm(t, n_out, n_in)
+            if name in adapted:
+                lora_s += gemm(t, n_in, rank) + gemm(t, rank, n_out) + gemm(t, n_out, rank) + gemm(t, rank, n_in)
+                lora_s += gemm(n_out, t, rank) + gemm(rank, t, n_in)
+    cfg = base.config
+    heads, dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    attn_s = cfg.num_hidden_layers * attention_seconds(recipe.batch_size, heads, recipe.seq_len, dim)
+    ms = lambda x: round(1e3 * x, 2)  # noqa: E731
+    return {"floor_matmul_ms": ms(base_s), "floor_attention_ms": ms(attn_s), "floor_lora_ms": ms(lora_s),
+            "floor_step_ms": ms(base_s + attn_s + lora_s)}  # fmt: skip
+
+
 def matmul_rate() -> float:
     return 2 * 8192**3 / gemm_seconds(8192, 8192, 8192)
 
@@ -268,7 +339,7 @@ def step_flops(recipe: Recipe, base) -> float:
     return 4 * n * t + 12 * cfg.num_hidden_layers * cfg.hidden_size * recipe.seq_len * t
 
 
-def mfu(name: str, steps: int, peak_measured: float, no_graphs: bool = False) -> dict:
+def mfu(name: str, steps: int, peak_measured: float, ex: Execution) -> dict:
     recipe = recipe_for(name, steps)
     seed_cache(recipe)
     spec = plan(recipe)[0]
@@ -289,13 +360,16 @@ def mfu(name: str, steps: int, peak_measured: float, no_graphs: bool = False) ->
     marks: list[tuple[int, float]] = []
     torch.cuda.reset_peak_memory_stats()
     clock = lambda s, v: marks.append((s, time.perf_counter()))  # noqa: E731
-    result = run_trial(spec, base, work.task, recipe, "cuda", clock, not no_graphs, print)
+    undo = fuse(base, "cuda", print) if ex.fused_kernels else lambda: None
+    result = run_trial(spec, base, work.task, recipe, "cuda", clock, ex.cuda_graphs, print)
+    undo()
     assert result.status != "failed", result.error
     (s0, t0), (s1, t1) = marks[1], marks[-1]  # from step 19: the first 10 hold the warm-up and the capture
     out["mua_step_ms"] = round(1e3 * (t1 - t0) / (s1 - s0), 2)
     out["mua_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     out["tflop_per_step"] = round(flops / 1e12, 3)
-    for k in ("plain", "mua"):
+    out.update(step_floor(recipe, base, spec.rank))
+    for k in ("plain", "mua", "floor"):  # the floor: the highest rate these kernels allow
         rate = flops / (out[f"{k}_step_ms"] / 1e3)
         out[f"{k}_tflops"] = round(rate / 1e12, 1)
         out[f"{k}_mfu_datasheet"] = round(rate / DATASHEET_BF16, 3)
@@ -319,23 +393,31 @@ def table(report: dict, steps: list[dict]) -> str:
             f"{r['plain_peak_gib']} / {r['mua_peak_gib_per_worker']} | {r['best_lr_within_one_step']} |"
         )
     lines += ["", "| one LoRA trial | rank | tokens/step | TFLOP/step | plain ms/step | mua ms/step | plain TFLOP/s "
-              "(share of 989 / of measured) | mua TFLOP/s (share of 989 / of measured) | peak GiB plain / mua |",
-              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "(share of 989 / of measured) | mua TFLOP/s (share of 989 / of measured) | peak GiB plain / mua | "
+              "floor ms/step: matmul + attention + LoRA | floor TFLOP/s (share of 989) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+
+    def rate(r, k):
+        return f"{r[f'{k}_tflops']} ({r[f'{k}_mfu_datasheet']:.0%} / {r[f'{k}_mfu_measured_matmul']:.0%})"
+
     for r in report["mfu"]:
+        floor = ("— | —" if "floor_step_ms" not in r else f"{r['floor_step_ms']} = {r['floor_matmul_ms']} + "
+                 f"{r['floor_attention_ms']} + {r['floor_lora_ms']} | {r['floor_tflops']} "
+                 f"({r['floor_mfu_datasheet']:.0%})")  # fmt: skip
         lines.append(
             f"| {r['workload']} | {r['rank']} | {r['tokens_per_step']} | {r['tflop_per_step']} | "
-            f"{r['plain_step_ms']} | "
-            f"{r['mua_step_ms']} | {r['plain_tflops']} ({r['plain_mfu_datasheet']:.0%} / "
-            f"{r['plain_mfu_measured_matmul']:.0%}) | {r['mua_tflops']} ({r['mua_mfu_datasheet']:.0%} / "
-            f"{r['mua_mfu_measured_matmul']:.0%}) | {r['plain_peak_gib']} / {r['mua_peak_gib']} |"
+            f"{r['plain_step_ms']} | {r['mua_step_ms']} | {rate(r, 'plain')} | {rate(r, 'mua')} | "
+            f"{r['plain_peak_gib']} / {r['mua_peak_gib']} | {floor} |"
         )
     if steps:
-        lines += ["", "ms per trial-step in one process (`--diag`): mua's serial trial eager and as a CUDA graph, "
-                  "K LoRA trials per forward pass (graphed; K=16 eager too), and an experiment: the serial trial "
-                  "with its model torch.compile'd inside the graph. In brackets: the first 10 steps in seconds "
-                  "(warm-up, capture and any compilation).", "",
-                  "| workload | plain | K=1 eager | K=1 | K=2 | K=4 | K=8 | K=16 | K=16 eager | K=1 compiled |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "ms per trial-step in one process (`--diag`): mua's serial trial (K=1) and K LoRA trials per "
+                  "forward pass, each step a CUDA graph, with Liger's fused kernels and without (\"unfused\"); "
+                  "eager: not graphed (fused); compiled: an experiment, the unfused serial trial with its model "
+                  "torch.compile'd inside the graph. In brackets: the first 10 steps in seconds (warm-up, capture "
+                  "and any compilation).", "",
+                  "| workload | plain | K=1 eager | K=1 unfused | K=1 | K=2 | K=4 | K=8 | K=16 unfused | K=16 | "
+                  "K=16 eager | K=1 compiled |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in steps:
 
             def cell(tag, r=r):
@@ -344,7 +426,8 @@ def table(report: dict, steps: list[dict]) -> str:
                     return "out of memory" if r.get(tag) == "out of memory" else "—"
                 return f"{v} ({r[f'{tag}_first_10_steps_s']})"
 
-            tags = ["mua_k1", *[f"mua_k{k}_graphed" for k in (1, 2, 4, 8, 16)], "mua_k16", "mua_k1_compiled_graphed"]
+            tags = ["mua_k1", "mua_k1_graphed_unfused", *[f"mua_k{k}_graphed" for k in (1, 2, 4, 8)],
+                    "mua_k16_graphed_unfused", "mua_k16_graphed", "mua_k16", "mua_k1_compiled_graphed"]  # fmt: skip
             lines.append(f"| {r['workload']} | {r['plain_ms']} | " + " | ".join(cell(t) for t in tags) + " |")
     return "\n".join(lines)
 
@@ -356,6 +439,7 @@ def main() -> None:
     ap.add_argument("--diag", action="store_true", help="also time a step of each path in one process")
     ap.add_argument("--workers-per-gpu", type=int, default=0, help="mua's worker processes per GPU (0: auto)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="mua without CUDA graphs")
+    ap.add_argument("--no-fused-kernels", action="store_true", help="mua without Liger's fused kernels")
     ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     ap.add_argument("--table", nargs="+", metavar="FILE", help="print the markdown tables of a JSON output "
                     "(and --diag's JSON lines) and exit; no GPU needed")  # fmt: skip
@@ -376,18 +460,18 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "gpu": torch.cuda.get_device_name(0), "gpus": gpus, "torch": torch.__version__,
         "command": "python benchmarks/gpu_speed.py " + " ".join(sys.argv[1:]),
-        "bf16_matmul_8192_tflops": round(peak / 1e12, 1), "throughput": [], "mfu": [],
+        "bf16_matmul_8192_tflops": round(peak / 1e12, 1), "throughput": [], "mfu": [], "liger_kernel": liger(),
     }  # fmt: skip
     only = args.only.split(",")
-    if args.diag:
-        report["step_times"] = [step_times(n, 30) for n in ("5m", "124m", "350m") if n in only]
+    ex = Execution("cuda", args.workers_per_gpu, 0, not args.no_cuda_graphs, not args.no_fused_kernels)
     for name in [n for n in ("5m", "124m") if n in only]:
-        ex = Execution("cuda", args.workers_per_gpu, 0, not args.no_cuda_graphs)
         report["throughput"].append(throughput(name, args.steps, gpus, ex))
         print(json.dumps(report["throughput"][-1]), flush=True)
     if "350m" in only:
-        report["mfu"].append(mfu("350m", args.steps, peak, args.no_cuda_graphs))
+        report["mfu"].append(mfu("350m", args.steps, peak, ex))
         print(json.dumps(report["mfu"][-1]), flush=True)
+    if args.diag:  # last: its runs would warm the kernels' compilation for the sweeps above
+        report["step_times"] = [step_times(n, 30) for n in ("5m", "124m", "350m") if n in only]
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -105,6 +105,10 @@ def sweep(
     cuda_graphs: Annotated[
         bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="On a GPU, replay each step as a CUDA graph.")
     ] = True,
+    fused_kernels: Annotated[
+        bool,
+        typer.Option("--fused-kernels/--no-fused-kernels", help="On a GPU, Liger's fused kernels where installed."),
+    ] = True,
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL to share one sweep across machines.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")] = False,
 ):
@@ -153,7 +157,7 @@ def sweep(
         listener.note(f"run folder {run_dir} · device {dev} · {r.settings_text()}")
         try:
             with listener:
-                ex = Execution(dev, workers_per_gpu, batch_trials, cuda_graphs)
+                ex = Execution(dev, workers_per_gpu, batch_trials, cuda_graphs, fused_kernels)
                 summary = run_sweep(r, run_dir, dev, listener, storage, ex)
         except KeyboardInterrupt:
             Console(stderr=True).print(

@@ -34,6 +34,7 @@ class Execution:
     workers_per_gpu: int = 0  # 0: by the model's size
     batch_trials: int = 0  # LoRA trials per forward pass; 0: by the model's size on a GPU, 1 on the CPU
     cuda_graphs: bool = True  # replay each step as a CUDA graph where it can be captured (graphed.py)
+    fused_kernels: bool = True  # on a GPU, Liger's fused kernels where installed (fused.py)
 
 
 def size_class(n_params: int) -> str:
@@ -85,7 +86,7 @@ class LocalExecutor:
         from .runner import TrialRunner
 
         self.recipe, self.listener = recipe, listener
-        self.runner = TrialRunner(recipe, ex.device, listener, ex.cuda_graphs)
+        self.runner = TrialRunner(recipe, ex.device, listener, ex.cuda_graphs, ex.fused_kernels)
         self.k = trials_per_pass(ex, recipe, self.runner.n_params)
         if self.k > 1:
             listener.note(f"up to {self.k} LoRA trials per forward pass (batched adapters)")
@@ -95,7 +96,8 @@ class LocalExecutor:
             self.listener.trial_start(unit[0])
             yield from zip(unit, self.runner.run_unit(unit), strict=True)
 
-    def close(self, interrupted: bool = False) -> None: ...
+    def close(self, interrupted: bool = False) -> None:
+        self.runner.close()
 
 
 class _Notes:
@@ -108,12 +110,12 @@ class _Notes:
         self.results.put(("note", self.device, message))
 
 
-def _worker(recipe: Recipe, device: str, graphs: bool, tasks, results) -> None:
+def _worker(recipe: Recipe, device: str, graphs: bool, fused: bool, tasks, results) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
     try:
         from .runner import TrialRunner
 
-        runner = TrialRunner(recipe, device, _Notes(results, device), graphs)
+        runner = TrialRunner(recipe, device, _Notes(results, device), graphs, fused)
     except Exception as e:  # noqa: BLE001 — reported to the parent as one line
         results.put(("error", device, f"{type(e).__name__}: {e}"))
         return
@@ -131,7 +133,7 @@ class PoolExecutor:
         import torch.multiprocessing as mp
 
         self.recipe, self.listener, self.ctx = recipe, listener, mp.get_context("spawn")
-        self.graphs = ex.cuda_graphs
+        self.graphs, self.fused = ex.cuda_graphs, ex.fused_kernels
         self.tasks, self.results = self.ctx.Queue(), self.ctx.Queue()
         self.procs: list = []
         self._start(devices[0])
@@ -146,7 +148,7 @@ class PoolExecutor:
 
     def _start(self, device: str) -> None:
         p = self.ctx.Process(
-            target=_worker, args=(self.recipe, device, self.graphs, self.tasks, self.results), daemon=True
+            target=_worker, args=(self.recipe, device, self.graphs, self.fused, self.tasks, self.results), daemon=True
         )
         p.start()
         self.procs.append(p)

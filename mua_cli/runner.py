@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .errors import MuaError
+from .fused import fuse
 from .recipe import Recipe
 from .tasks import load_workload
 from .train import run_trial
@@ -27,7 +28,7 @@ def resolve_device(device: str) -> str:
 
 
 class TrialRunner:
-    def __init__(self, recipe: Recipe, device: str, listener=None, graphs: bool = True):
+    def __init__(self, recipe: Recipe, device: str, listener=None, graphs: bool = True, fused: bool = True):
         self.recipe, self.device, self.graphs = recipe, device, graphs
         self.on_step, self.on_note = getattr(listener, "step", None), getattr(listener, "note", None)
         if device.startswith("cuda:"):
@@ -37,6 +38,12 @@ class TrialRunner:
         self.base.requires_grad_(False)
         if device.startswith("cuda"):
             self.base.to(device)  # once, not per trial: each trial's copy is then made on the GPU
+        # each trial's model is a copy of the base, so it inherits the base's fused kernels
+        self._unfuse = fuse(self.base, device, self.on_note) if fused else lambda: None
+
+    def close(self) -> None:
+        """Undoes what fusing the kernels changed beyond this runner's models (fused.py)."""
+        self._unfuse()
 
     @property
     def n_params(self) -> int:

@@ -4,6 +4,7 @@ CUDA graph gives the eager step's trials, and a step that cannot be captured run
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,7 +31,9 @@ def micro(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runner(micro):
-    return TrialRunner(micro, "cuda:0")
+    r = TrialRunner(micro, "cuda:0")
+    yield r
+    r.close()  # Liger's process-wide patches would otherwise reach the CPU tests that follow
 
 
 def _same(a, b):
@@ -54,14 +57,19 @@ def test_graphed_trial_matches_eager(micro, runner, regime, rank):
 
 
 def test_graphed_batch_matches_eager_with_a_diverging_trial(micro, runner):
-    # The default divergence factor: with 1.05, a trial hovering at the threshold stopped at step 14 eagerly and at
-    # step 39 graphed (cuBLAS may pick other kernels while capturing: losses differ by ~1e-5 from the first replay).
-    specs = [make_spec(micro, "B:1", 4, lr, 0) for lr in (2.0**-9, 2.0**-6, 2.0**7)]  # the last blows up at once
+    # Factor 1.2: the two sound trials stay below 1.06x their first loss, and the LR-128 trial passes 1.29x at its
+    # 2nd step, during the eager warm-up of both paths. A factor of 1.05 made a sound trial hover at the threshold
+    # (stopped at step 14 eagerly, 39 graphed); the default 2.0 left the LR-128 trial to chance: its activations
+    # overflow, and the final norm bounds its loss, so it ended "ok" eagerly and in NaN graphed. The replayed
+    # steps then run with a stopped trial in the batch, which must not disturb the others.
+    micro = dataclasses.replace(micro, divergence_factor=1.2)
+    specs = [make_spec(micro, "B:1", 4, lr, 0) for lr in (2.0**-9, 2.0**-6, 2.0**7)]
     eager = run_batched(specs, runner.base, runner.data, micro, "cuda:0", graphs=False)
     notes: list[str] = []
     graphed = run_batched(specs, runner.base, runner.data, micro, "cuda:0", graphs=True, on_note=notes.append)
     assert notes == []
     assert graphed[-1].status == "diverged"
+    assert [len(r.loss_curve) for r in graphed[:2]] == [micro.steps] * 2
     for a, b in zip(eager, graphed, strict=True):
         _same(a, b)
 
@@ -74,11 +82,40 @@ def test_graphed_sweep_of_the_embedded_default_matches_eager():
     specs = [make_spec(tiny, "B:1", 4, 2.0**e, 0) for e in range(-11, -3)]
     eager = run_batched(specs, runner.base, runner.data, tiny, "cuda:0", graphs=False)
     graphed = run_batched(specs, runner.base, runner.data, tiny, "cuda:0", graphs=True)
+    runner.close()
     assert [r.status for r in graphed] == [r.status for r in eager]
     best = min(range(len(specs)), key=lambda i: eager[i].metric)
     assert min(range(len(specs)), key=lambda i: graphed[i].metric) == best
     for a, b in zip(eager[: best + 2], graphed[: best + 2], strict=True):  # up to one grid step past the optimum
         assert b.metric == pytest.approx(a.metric, rel=1e-2)
+
+
+def test_fused_kernels_keep_the_trials(micro):
+    """Liger's RMSNorm, rotary embedding and SwiGLU (fused.py) against the model's own kernels: the same
+    trials, to bf16 rounding; and closing the runner puts the modeling module back."""
+    pytest.importorskip("liger_kernel")
+    from transformers.models.llama import modeling_llama
+
+    rope, norm = modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm.forward
+    notes: list[str] = []
+    fused = TrialRunner(micro, "cuda:0", SimpleNamespace(note=notes.append))
+    plain = TrialRunner(micro, "cuda:0", fused=False)
+    assert any("fused kernels" in n for n in notes), notes
+    assert modeling_llama.apply_rotary_pos_emb is not rope
+    assert fused.base.model.norm.forward.__func__ is not norm and plain.base.model.norm.forward.__func__ is norm
+    serial = make_spec(micro, "A:r", 8, 2.0**-7, 0)
+    batch = [make_spec(micro, "B:1", 4, lr, 0) for lr in (2.0**-9, 2.0**-6)]
+    try:
+        for r in (plain, fused):
+            trials = [run_trial(serial, r.base, r.data, micro, "cuda:0")]
+            r.results = trials + run_batched(batch, r.base, r.data, micro, "cuda:0")
+    finally:
+        fused.close()
+    assert modeling_llama.apply_rotary_pos_emb is rope
+    for a, b in zip(plain.results, fused.results, strict=True):
+        assert a.status == b.status == "ok"
+        assert b.loss_curve == pytest.approx(a.loss_curve, rel=5e-3)
+        assert b.metric == pytest.approx(a.metric, rel=2e-3)
 
 
 def test_a_step_that_cannot_be_captured_runs_eagerly():

@@ -1,0 +1,91 @@
+"""Fused GPU kernels for a model's elementwise work: Liger Kernel's RMSNorm, rotary embedding and SwiGLU
+(Triton), in place of the Hugging Face modules' chains of small kernels, where liger-kernel is installed
+and knows the model's type (Llama, Qwen, Mistral, Gemma, …; `pip install liger-kernel`).
+
+Why: with the step a CUDA graph, a small model's GPU time goes mostly to elementwise kernels (casts, norms,
+rotary embeddings, SiLU), each reading and writing whole activations (docs/performance.md). The loss, and so
+each trial's metric, stays mua's own: Liger's fused cross-entropy is not used.
+
+Liger patches two things: the given model's modules (kept), and, process-wide, the transformers modeling
+module (the rotary function every instance calls, the classes later models are built from). The second is
+narrowed at once (classes back; the rotary function runs Liger's kernel for GPU tensors only) and undone when
+the sweep ends, so that nothing else in the process (a CPU model, the plain loop of benchmarks/gpu_speed.py)
+runs Liger's kernels unasked.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
+
+import torch
+
+KERNELS = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+
+
+def _nothing() -> None: ...
+
+
+def fuse(model: torch.nn.Module, device: str, on_note: Callable[[str], None] | None = None) -> Callable[[], None]:
+    """Patches `model` (on a GPU) with Liger's kernels; returns what undoes the process-wide part."""
+    note = on_note or (lambda _m: None)
+    if not device.startswith("cuda"):
+        return _nothing
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        note("liger-kernel is not installed: the model's own kernels run (pip install liger-kernel for fused ones)")
+        return _nothing
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    if apply is None:
+        note(f"no fused kernels for model type {model_type!r}: the model's own kernels run")
+        return _nothing
+    saved = _namespaces()
+    accepted = inspect.signature(apply).parameters
+    apply(model=model, **{k: v for k, v in KERNELS.items() if k in accepted})
+    _confine(saved)
+    note(f"fused kernels (liger-kernel) for {model_type}: RMSNorm, rotary embedding, SwiGLU")
+    return lambda: _restore(saved)
+
+
+def _namespaces() -> dict[str, dict]:
+    return {name: dict(vars(m)) for name, m in list(sys.modules.items())
+            if name.startswith("transformers.models.") and m is not None}  # fmt: skip
+
+
+def _confine(saved: dict[str, dict]) -> None:
+    """What Liger replaced process-wide, narrowed at once: classes go back (the model's modules are patched
+    already; a model built later, on the CPU say, must not get Triton modules), and functions (the rotary
+    embedding, which every instance calls from the module) run Liger's kernel on GPU tensors only."""
+    for name, before in saved.items():
+        space = vars(sys.modules[name])
+        for key, own in before.items():
+            new = space.get(key)
+            if new is own:
+                continue
+            if isinstance(own, type):
+                space[key] = own
+            elif callable(own) and callable(new):
+                space[key] = _on_gpu(new, own)
+
+
+def _on_gpu(fused: Callable, own: Callable) -> Callable:
+    def call(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        return (fused if first is not None and first.is_cuda else own)(*args, **kwargs)
+
+    return call
+
+
+def _restore(saved: dict[str, dict]) -> None:
+    for name, before in saved.items():
+        if (module := sys.modules.get(name)) is None:
+            continue
+        space = vars(module)
+        for key in [k for k in space if k not in before]:
+            del space[key]
+        for key, value in before.items():
+            if space.get(key) is not value:
+                space[key] = value
