@@ -274,10 +274,8 @@ def gemm_seconds(m: int, k: int, n: int, reps: int = 10) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def attention_seconds(batch: int, heads: int, seq: int, dim: int, reps: int = 10) -> float:
-    """Seconds of one causal attention, forward and backward, with the kernels a graphed step uses."""
-    from mua_cli.graphed import GRAPH_SAFE_ATTENTION
-
+def attention_seconds(batch: int, heads: int, seq: int, dim: int, backends, reps: int = 10) -> float:
+    """Seconds of one causal attention, forward and backward, with the given SDPA kernels."""
     q, k, v = (torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))  # fmt: skip
     grad = torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16)
@@ -285,7 +283,7 @@ def attention_seconds(batch: int, heads: int, seq: int, dim: int, reps: int = 10
     def once():
         torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
 
-    with torch.nn.attention.sdpa_kernel(GRAPH_SAFE_ATTENTION):
+    with torch.nn.attention.sdpa_kernel(backends):
         for _ in range(3):
             once()
         torch.cuda.synchronize()
@@ -301,7 +299,10 @@ def step_floor(recipe: Recipe, base, rank: int) -> dict:
     shape in bf16, and nothing else (no norm, activation, residual add, cast or optimizer). Per linear layer:
     forward and the backward to its input; per adapted layer, LoRA's forward (2), its backward to the input
     (2) and its weight gradients (2); per layer, attention forward and backward."""
+    from torch.nn.attention import SDPBackend
+
     from mua_cli.adapters import lora_target_names
+    from mua_cli.graphed import GRAPH_SAFE_ATTENTION
 
     t = recipe.batch_size * recipe.seq_len
     adapted = set(lora_target_names(base, recipe.targets))
@@ -322,10 +323,14 @@ def step_floor(recipe: Recipe, base, rank: int) -> dict:
                 lora_s += gemm(n_out, t, rank) + gemm(rank, t, n_in)
     cfg = base.config
     heads, dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-    attn_s = cfg.num_hidden_layers * attention_seconds(recipe.batch_size, heads, recipe.seq_len, dim)
+    shape = (recipe.batch_size, heads, recipe.seq_len, dim)
+    attn_s = cfg.num_hidden_layers * attention_seconds(*shape, GRAPH_SAFE_ATTENTION)
+    # cuDNN's attention kernel, faster but not used: inside a captured step it gave NaN (graphed.py)
+    cudnn_s = cfg.num_hidden_layers * attention_seconds(*shape, [SDPBackend.CUDNN_ATTENTION])
     ms = lambda x: round(1e3 * x, 2)  # noqa: E731
     return {"floor_matmul_ms": ms(base_s), "floor_attention_ms": ms(attn_s), "floor_lora_ms": ms(lora_s),
-            "floor_step_ms": ms(base_s + attn_s + lora_s)}  # fmt: skip
+            "floor_step_ms": ms(base_s + attn_s + lora_s), "floor_attention_cudnn_ms": ms(cudnn_s),
+            "floor_cudnn_step_ms": ms(base_s + cudnn_s + lora_s)}  # fmt: skip
 
 
 def matmul_rate() -> float:
@@ -369,7 +374,9 @@ def mfu(name: str, steps: int, peak_measured: float, ex: Execution) -> dict:
     out["mua_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     out["tflop_per_step"] = round(flops / 1e12, 3)
     out.update(step_floor(recipe, base, spec.rank))
-    for k in ("plain", "mua", "floor"):  # the floor: the highest rate these kernels allow
+    for k in ("plain", "mua", "floor", "floor_cudnn"):  # a floor: the highest rate those kernels allow
+        if f"{k}_step_ms" not in out:
+            continue
         rate = flops / (out[f"{k}_step_ms"] / 1e3)
         out[f"{k}_tflops"] = round(rate / 1e12, 1)
         out[f"{k}_mfu_datasheet"] = round(rate / DATASHEET_BF16, 3)
@@ -381,7 +388,8 @@ def mfu(name: str, steps: int, peak_measured: float, ex: Execution) -> dict:
 def table(report: dict, steps: list[dict]) -> str:
     """The markdown tables of docs/performance.md, from the benchmark's JSON output (and --diag's lines)."""
     lines = [f"Run {report['date']} on {report['gpus']}× {report['gpu']}, torch {report['torch']}: "
-             f"{report['command']}; 8192³ bf16 matmul measured at {report['bf16_matmul_8192_tflops']} TFLOP/s.", "",
+             f"{report['command']}; liger-kernel {report.get('liger_kernel')}; 8192³ bf16 matmul measured at "
+             f"{report['bf16_matmul_8192_tflops']} TFLOP/s.", "",
              "| workload | params | trials × steps | plain trials/h | mua trials/h | ratio | mua startup | ratio after "
              "startup | peak GiB plain / mua worker | best LR plain = mua (±1 step) |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -404,6 +412,9 @@ def table(report: dict, steps: list[dict]) -> str:
         floor = ("— | —" if "floor_step_ms" not in r else f"{r['floor_step_ms']} = {r['floor_matmul_ms']} + "
                  f"{r['floor_attention_ms']} + {r['floor_lora_ms']} | {r['floor_tflops']} "
                  f"({r['floor_mfu_datasheet']:.0%})")  # fmt: skip
+        if "floor_cudnn_step_ms" in r:
+            floor += (f"; with cuDNN's attention ({r['floor_attention_cudnn_ms']} ms): {r['floor_cudnn_step_ms']} ms, "
+                      f"{r['floor_cudnn_tflops']} ({r['floor_cudnn_mfu_datasheet']:.0%})")  # fmt: skip
         lines.append(
             f"| {r['workload']} | {r['rank']} | {r['tokens_per_step']} | {r['tflop_per_step']} | "
             f"{r['plain_step_ms']} | {r['mua_step_ms']} | {rate(r, 'plain')} | {rate(r, 'mua')} | "
@@ -437,6 +448,7 @@ def main() -> None:
     ap.add_argument("--only", default="5m,124m,350m")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--diag", action="store_true", help="also time a step of each path in one process")
+    ap.add_argument("--no-sweeps", action="store_true", help="skip the plain-vs-mua sweeps (5m, 124m)")
     ap.add_argument("--workers-per-gpu", type=int, default=0, help="mua's worker processes per GPU (0: auto)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="mua without CUDA graphs")
     ap.add_argument("--no-fused-kernels", action="store_true", help="mua without Liger's fused kernels")
@@ -464,7 +476,7 @@ def main() -> None:
     }  # fmt: skip
     only = args.only.split(",")
     ex = Execution("cuda", args.workers_per_gpu, 0, not args.no_cuda_graphs, not args.no_fused_kernels)
-    for name in [n for n in ("5m", "124m") if n in only]:
+    for name in [n for n in ("5m", "124m") if n in only and not args.no_sweeps]:
         report["throughput"].append(throughput(name, args.steps, gpus, ex))
         print(json.dumps(report["throughput"][-1]), flush=True)
     if "350m" in only:
