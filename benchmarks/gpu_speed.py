@@ -251,6 +251,40 @@ def throughput(name: str, steps: int, gpus: int, ex: Execution) -> dict:
     return row
 
 
+def gpu_seconds(fn, reps: int = 20) -> float:
+    """Seconds of GPU time per call of `fn`: `reps` calls captured as one CUDA graph and replayed, so that no
+    host launch is timed (a rank-16 LoRA GEMM runs shorter than its launch; timed call by call, it was
+    measured at 17 ms per step in one run and 25 in the next)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / (5 * reps)
+
+
+def gemm_seconds(m: int, k: int, n: int, reps: int = 20) -> float:
+    """Seconds of one bf16 [m, k] × [k, n] matmul on the GPU."""
+    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+    return gpu_seconds(lambda: a @ b, reps)
+
+
+def matmul_rate() -> float:
+    return 2 * 8192**3 / gemm_seconds(8192, 8192, 8192)
+
+
 def liger() -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -260,38 +294,25 @@ def liger() -> str | None:
         return None
 
 
-def gemm_seconds(m: int, k: int, n: int, reps: int = 10) -> float:
-    """Seconds of one bf16 [m, k] × [k, n] matmul on the GPU, after 3 warm-up runs."""
-    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
+def step_flops(recipe: Recipe, base) -> float:
+    cfg = base.config
+    n = sum(m.weight.numel() for m in base.modules() if isinstance(m, torch.nn.Linear))
+    t = recipe.batch_size * recipe.seq_len
+    return 4 * n * t + 12 * cfg.num_hidden_layers * cfg.hidden_size * recipe.seq_len * t
 
 
-def attention_seconds(batch: int, heads: int, seq: int, dim: int, backends, reps: int = 10) -> float:
+def attention_seconds(batch: int, heads: int, seq: int, dim: int, backends) -> float:
     """Seconds of one causal attention, forward and backward, with the given SDPA kernels."""
     q, k, v = (torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))  # fmt: skip
     grad = torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16)
 
     def once():
-        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch.autograd.grad(out, (q, k, v), grad)
 
     with torch.nn.attention.sdpa_kernel(backends):
-        for _ in range(3):
-            once()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            once()
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
+        return gpu_seconds(once, reps=10)
 
 
 def step_floor(recipe: Recipe, base, rank: int) -> dict:
@@ -331,17 +352,6 @@ def step_floor(recipe: Recipe, base, rank: int) -> dict:
     return {"floor_matmul_ms": ms(base_s), "floor_attention_ms": ms(attn_s), "floor_lora_ms": ms(lora_s),
             "floor_step_ms": ms(base_s + attn_s + lora_s), "floor_attention_cudnn_ms": ms(cudnn_s),
             "floor_cudnn_step_ms": ms(base_s + cudnn_s + lora_s)}  # fmt: skip
-
-
-def matmul_rate() -> float:
-    return 2 * 8192**3 / gemm_seconds(8192, 8192, 8192)
-
-
-def step_flops(recipe: Recipe, base) -> float:
-    cfg = base.config
-    n = sum(m.weight.numel() for m in base.modules() if isinstance(m, torch.nn.Linear))
-    t = recipe.batch_size * recipe.seq_len
-    return 4 * n * t + 12 * cfg.num_hidden_layers * cfg.hidden_size * recipe.seq_len * t
 
 
 def mfu(name: str, steps: int, peak_measured: float, ex: Execution) -> dict:
@@ -385,15 +395,26 @@ def mfu(name: str, steps: int, peak_measured: float, ex: Execution) -> dict:
     return out
 
 
-def table(report: dict, steps: list[dict]) -> str:
-    """The markdown tables of docs/performance.md, from the benchmark's JSON output (and --diag's lines)."""
-    lines = [f"Run {report['date']} on {report['gpus']}× {report['gpu']}, torch {report['torch']}: "
-             f"{report['command']}; liger-kernel {report.get('liger_kernel')}; 8192³ bf16 matmul measured at "
-             f"{report['bf16_matmul_8192_tflops']} TFLOP/s.", "",
+def latest(reports: list[dict], key: str) -> list[dict]:
+    """The rows of several runs: a later run's row of a workload replaces an earlier one's."""
+    rows = {r["workload"]: r for report in reports for r in report.get(key, [])}
+    return list(rows.values())
+
+
+def table(reports: list[dict]) -> str:
+    """The markdown tables of docs/performance.md, from the benchmark's JSON outputs, in the order run."""
+    lines = [
+        f"Runs on {reports[0]['gpus']}× {reports[0]['gpu']}, torch {reports[0]['torch']}, liger-kernel "
+        f"{reports[0].get('liger_kernel')}; a later run's row of a workload replaces an earlier one's:",
+        "",
+    ]
+    lines += [f"- {r['date']}: `{r['command']}` (8192³ bf16 matmul: {r['bf16_matmul_8192_tflops']} TFLOP/s)"
+              for r in reports]  # fmt: skip
+    lines += ["",
              "| workload | params | trials × steps | plain trials/h | mua trials/h | ratio | mua startup | ratio after "
              "startup | peak GiB plain / mua worker | best LR plain = mua (±1 step) |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in report["throughput"]:
+    for r in latest(reports, "throughput"):
         lines.append(
             f"| {r['workload']} | {r['params_M']}M | {r['trials']} × {r['steps']} | {r['plain_trials_per_h']} | "
             f"{r['mua_trials_per_h']} | {r['mua_x_plain']}× | {r['mua_startup_s']} s | "
@@ -408,7 +429,7 @@ def table(report: dict, steps: list[dict]) -> str:
     def rate(r, k):
         return f"{r[f'{k}_tflops']} ({r[f'{k}_mfu_datasheet']:.0%} / {r[f'{k}_mfu_measured_matmul']:.0%})"
 
-    for r in report["mfu"]:
+    for r in latest(reports, "mfu"):
         floor = ("— | —" if "floor_step_ms" not in r else f"{r['floor_step_ms']} = {r['floor_matmul_ms']} + "
                  f"{r['floor_attention_ms']} + {r['floor_lora_ms']} | {r['floor_tflops']} "
                  f"({r['floor_mfu_datasheet']:.0%})")  # fmt: skip
@@ -420,7 +441,7 @@ def table(report: dict, steps: list[dict]) -> str:
             f"{r['plain_step_ms']} | {r['mua_step_ms']} | {rate(r, 'plain')} | {rate(r, 'mua')} | "
             f"{r['plain_peak_gib']} / {r['mua_peak_gib']} | {floor} |"
         )
-    if steps:
+    if steps := latest(reports, "step_times"):
         lines += ["", "ms per trial-step in one process (`--diag`): mua's serial trial (K=1) and K LoRA trials per "
                   "forward pass, each step a CUDA graph, with Liger's fused kernels and without (\"unfused\"); "
                   "eager: not graphed (fused); compiled: an experiment, the unfused serial trial with its model "
@@ -453,16 +474,11 @@ def main() -> None:
     ap.add_argument("--no-cuda-graphs", action="store_true", help="mua without CUDA graphs")
     ap.add_argument("--no-fused-kernels", action="store_true", help="mua without Liger's fused kernels")
     ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
-    ap.add_argument("--table", nargs="+", metavar="FILE", help="print the markdown tables of a JSON output "
-                    "(and --diag's JSON lines) and exit; no GPU needed")  # fmt: skip
+    ap.add_argument("--table", nargs="+", metavar="FILE", help="print the markdown tables of JSON outputs "
+                    "(in the order run) and exit; no GPU needed")  # fmt: skip
     args = ap.parse_args()
-    if args.table:  # reports (.json) of one day's runs are merged; .jsonl files hold --diag lines
-        reports = [json.loads(Path(f).read_text()) for f in args.table if f.endswith(".json")]
-        report = {**reports[0], "command": " and ".join(f"`{r['command']}`" for r in reports)}
-        for key in ("throughput", "mfu", "step_times"):
-            report[key] = [x for r in reports for x in r.get(key, [])]
-        steps = [json.loads(x) for f in args.table if f.endswith(".jsonl") for x in Path(f).read_text().splitlines()]
-        print(table(report, report["step_times"] + steps))
+    if args.table:
+        print(table([json.loads(Path(f).read_text()) for f in args.table]))
         return
     if not torch.cuda.is_available():
         sys.exit("gpu_speed.py needs a CUDA GPU")

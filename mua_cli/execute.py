@@ -19,10 +19,10 @@ from .recipe import Recipe
 from .trial import TrialResult, TrialSpec
 
 SMALL, MEDIUM = 30e6, 300e6  # base parameters: the size classes below
-# Tokens in one batched step, from step times measured on an H200 with the step a CUDA graph
-# (docs/performance.md): at ~5M parameters 16 trials per pass cost 4.4 ms per trial-step against 6.6 ms alone;
-# at ~120M, 8 trials 30.4 against 34.2 (16: 2 % faster for twice the memory); at ~365M the GPU is busy from
-# one trial (8 trials: 9 % faster for 78 GiB), so large models run one trial per pass.
+# Tokens in one batched step, from step times measured on an H200 with the step a CUDA graph and fused kernels
+# (docs/performance.md): at ~5M parameters 16 trials per pass cost 3.2 ms per trial-step against 5.6 ms alone;
+# at ~120M, 8 trials 23.3 against 26.8 (16: 3 % faster for twice the memory); at ~365M, 8 trials are 11 %
+# faster than one but take 62 GiB instead of 10, so large models run one trial per pass.
 TOKENS_PER_STEP = {"small": 1 << 17, "medium": 1 << 16, "large": 1 << 13}
 
 
