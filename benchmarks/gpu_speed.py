@@ -1,24 +1,30 @@
 """mua's sweep against a plain serial peft loop, on the same trials, in the same run, on the GPU.
 
-    python benchmarks/gpu_speed.py [--only 5m,124m,350m] [--steps 80] [--diag] [--out benchmarks/gpu_speed.json]
+    python benchmarks/gpu_speed.py [--only 5m,124m,350m] [--steps 100] [--diag] [--no-sweeps]
+        [--no-fused-kernels] [--no-cuda-graphs] [--out benchmarks/gpu_speed.json]
+    python benchmarks/gpu_speed.py --table RUN.json [RUN.json ...]     # docs/performance.md's tables
 
 Workloads: Llama-shaped causal LMs of about 5M, 120M and 365M parameters (MLP widths multiples of 256), built
 from their configs with random weights (the hubs are out of reach; step time does not depend on the weights),
-byte-level, fed windows of the embedded Britannica corpus, batch 16 × 512 tokens.
+byte-level, fed windows of the embedded Britannica corpus, batch 16 × 512 tokens. The 5m sweep is the
+embedded default's grid (A:r and B:1, ranks 4, 16, 64, 8 LRs); 124m sweeps 8 LRs at rank 16.
 
 - plain: what one writes by hand: per trial a copy of the fp32 base, peft `get_peft_model` (with μA's init, as
-  mua sets it, so that both run the same trials), torch AdamW
-  (foreach), LambdaLR warmup + cosine, bf16 autocast, `loss.item()` every step, one trial after another.
+  mua sets it, so that both run the same trials), torch AdamW (foreach), LambdaLR warmup + cosine, bf16
+  autocast, `loss.item()` every step, one trial after another.
 - mua: `run_sweep` over the same trials (same ranks, LRs, steps, seed): every visible GPU, each step a CUDA
-  graph, several LoRA trials per forward pass where the model is small, bf16 frozen base, fused AdamW, losses
-  read every 10 steps. Its wall time includes loading the model (and starting workers, with several GPUs).
-- --diag: ms per trial-step in one process, eager and graphed, for K = 1…16 trials per pass, and the 350M
-  trial with its model torch.compile'd inside the graph (an experiment).
+  graph, Liger's fused kernels where installed, several LoRA trials per forward pass where the model is small,
+  bf16 frozen base, fused AdamW, losses read every 10 steps. Its wall time includes loading the model,
+  compiling the fused kernels (and starting workers, with several GPUs).
+- --diag (run last, so that its runs do not warm the sweeps' kernels): ms per trial-step in one process,
+  eager and graphed, fused and not, for K = 1…16 trials per pass, and the 350M trial with its unfused model
+  torch.compile'd inside the graph (an experiment).
 - Science check: per (regime, rank), the best LR of mua's trials is within one grid step of the plain loop's.
 - MFU (350M, one LoRA trial, rank 16): FLOPs per step = 4·N·T (forward, and backward to the activations; the
   frozen weights get no gradient) + 12·layers·d·seq·T (attention, fwd + bwd, PaLM's count), N = the matmul
   weights (all linear layers and the LM head), T = tokens per step; LoRA's own FLOPs (< 1 %) are left out.
   The share is of the datasheet's 989 TFLOP/s dense bf16 and of an 8192³ bf16 matmul measured in the same run.
+  The floor: the step's matrix multiplies and attention alone, timed as CUDA graph replays (step_floor).
 """
 
 from __future__ import annotations
