@@ -1,23 +1,41 @@
-"""Where a training step's GPU time goes: the top kernels of a few eager steps, by CUDA time.
+"""Where a training step's GPU time goes: the top kernels of a few eager steps, and their sum by kind.
 
-    python benchmarks/gpu_profile.py [--workload 5m] [--k 8] [--steps 12]
+    python benchmarks/gpu_profile.py [--workload 5m] [--k 8] [--steps 12] [--no-fused-kernels]
 
 A diagnostic for docs/performance.md: run eagerly (a CUDA graph hides its kernels from the profiler; it
-replays the same operations). Also times bf16 GEMMs whose width is or is not a multiple of 8.
+replays the same operations), with Liger's fused kernels where installed, as mua runs. Also times bf16 GEMMs
+whose width is or is not a multiple of 256.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+from collections import defaultdict
 
 import torch
 from gpu_speed import gemm_seconds, recipe_for, seed_cache
 
 from mua_cli.batched import run_batched
+from mua_cli.fused import fuse
 from mua_cli.sweep import make_spec
 from mua_cli.tasks import load_workload
 from mua_cli.train import run_trial
+
+KINDS = [  # the first pattern a kernel's name matches names its kind
+    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|splitK"),
+    ("attention", r"flash|fmha|attention|sdpa"),
+    ("optimizer", r"multi_tensor|adam|foreach"),
+    ("fused (Triton)", r"triton|rms_norm|rope|swiglu|silu_mul"),
+    ("reduction", r"reduce|norm"),
+    ("copy / cast", r"copy|Cat|cast"),
+    ("elementwise", r"elementwise"),
+]
+
+
+def kind(name: str) -> str:
+    return next((k for k, rx in KINDS if re.search(rx, name, re.IGNORECASE)), "other")
 
 
 def main() -> None:
@@ -26,13 +44,15 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=1)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--no-fused-kernels", action="store_true")
     args = ap.parse_args()
     for n in (3500, 3584):
-        print(f"bf16 GEMM [8192, 1024] × [1024, {n}]: {1e3 * gemm_seconds(8192, 1024, n, reps=20):.3f} ms")
+        print(f"bf16 GEMM [8192, 1024] × [1024, {n}]: {1e3 * gemm_seconds(8192, 1024, n):.3f} ms")
     recipe = dataclasses.replace(recipe_for(args.workload, args.steps), eval_fraction=0.0)
     seed_cache(recipe)
     work = load_workload(recipe, "cuda")
     base = work.base.cuda()
+    undo = (lambda: None) if args.no_fused_kernels else fuse(base, "cuda", print)
     specs = [make_spec(recipe, "B:1", 16, 2.0 ** (-12 + i / 2), 0) for i in range(args.k)]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         if args.k == 1:
@@ -40,8 +60,18 @@ def main() -> None:
         else:
             run_batched(specs, base, work.task, recipe, "cuda", graphs=False)
         torch.cuda.synchronize()
-    print(f"{args.workload}, K={args.k}, {args.steps} eager steps:")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    undo()
+    fused = "unfused" if args.no_fused_kernels else "fused"
+    print(f"{args.workload}, K={args.k}, {args.steps} eager steps, {fused}:")
+    events = prof.key_averages()
+    print(events.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90))
+    by_kind: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            by_kind[kind(e.key)] += e.self_device_time_total
+    total = sum(by_kind.values())
+    for k, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"{k:>16}: {us / 1e3 / args.steps:8.2f} ms per step ({us / total:.0%})")
 
 
 if __name__ == "__main__":
