@@ -80,9 +80,11 @@ def test_graphed_sweep_of_the_embedded_default_matches_eager():
     tiny = load_recipe("tiny")
     runner = TrialRunner(tiny, "cuda:0")
     specs = [make_spec(tiny, "B:1", 4, 2.0**e, 0) for e in range(-11, -3)]
-    eager = run_batched(specs, runner.base, runner.data, tiny, "cuda:0", graphs=False)
-    graphed = run_batched(specs, runner.base, runner.data, tiny, "cuda:0", graphs=True)
-    runner.close()
+    try:
+        eager = run_batched(specs, runner.base, runner.data, tiny, "cuda:0", graphs=False)
+        graphed = run_batched(specs, runner.base, runner.data, tiny, "cuda:0", graphs=True)
+    finally:
+        runner.close()
     assert [r.status for r in graphed] == [r.status for r in eager]
     best = min(range(len(specs)), key=lambda i: eager[i].metric)
     assert min(range(len(specs)), key=lambda i: graphed[i].metric) == best
@@ -90,32 +92,47 @@ def test_graphed_sweep_of_the_embedded_default_matches_eager():
         assert b.metric == pytest.approx(a.metric, rel=1e-2)
 
 
-def test_fused_kernels_keep_the_trials(micro):
-    """Liger's RMSNorm, rotary embedding and SwiGLU (fused.py) against the model's own kernels: the same
-    trials, to bf16 rounding; and closing the runner puts the modeling module back."""
-    pytest.importorskip("liger_kernel")
+def _fused_and_own(micro, specs) -> tuple[list, list]:
+    """The trials run with Liger's kernels and with the model's own, after checking that fusing took."""
     from transformers.models.llama import modeling_llama
 
     rope, norm = modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm.forward
     notes: list[str] = []
     fused = TrialRunner(micro, "cuda:0", SimpleNamespace(note=notes.append))
-    plain = TrialRunner(micro, "cuda:0", fused=False)
+    own = TrialRunner(micro, "cuda:0", fused=False)  # built after: the process-wide patches must not reach it
     assert any("fused kernels" in n for n in notes), notes
     assert modeling_llama.apply_rotary_pos_emb is not rope
-    assert fused.base.model.norm.forward.__func__ is not norm and plain.base.model.norm.forward.__func__ is norm
-    serial = make_spec(micro, "A:r", 8, 2.0**-7, 0)
-    batch = [make_spec(micro, "B:1", 4, lr, 0) for lr in (2.0**-9, 2.0**-6)]
+    assert fused.base.model.norm.forward.__func__ is not norm and own.base.model.norm.forward.__func__ is norm
+    results = {}
     try:
-        for r in (plain, fused):
-            trials = [run_trial(serial, r.base, r.data, micro, "cuda:0")]
-            r.results = trials + run_batched(batch, r.base, r.data, micro, "cuda:0")
+        for name, r in (("own", own), ("fused", fused)):
+            results[name] = [run_batched(s, r.base, r.data, micro, "cuda:0") if isinstance(s, list)
+                             else [run_trial(s, r.base, r.data, micro, "cuda:0")] for s in specs]  # fmt: skip
     finally:
         fused.close()
     assert modeling_llama.apply_rotary_pos_emb is rope
-    for a, b in zip(plain.results, fused.results, strict=True):
+    return sum(results["own"], []), sum(results["fused"], [])
+
+
+def test_fused_kernels_keep_the_trials(micro):
+    """Liger's RMSNorm, rotary embedding and SwiGLU (fused.py) against the model's own kernels: the same
+    trials, to bf16 rounding; and closing the runner puts the modeling module back."""
+    pytest.importorskip("liger_kernel")
+    serial = make_spec(micro, "A:r", 8, 2.0**-7, 0)
+    batch = [make_spec(micro, "B:1", 4, lr, 0) for lr in (2.0**-9, 2.0**-6)]
+    for a, b in zip(*_fused_and_own(micro, [serial, batch]), strict=True):
         assert a.status == b.status == "ok"
         assert b.loss_curve == pytest.approx(a.loss_curve, rel=5e-3)
         assert b.metric == pytest.approx(a.metric, rel=2e-3)
+
+
+def test_fused_kernels_keep_full_finetuning(micro):
+    """Full finetuning trains the norms' weights too: through Liger's backward."""
+    pytest.importorskip("liger_kernel")
+    (a,), (b,) = _fused_and_own(micro, [make_spec(micro, "full", 0, 2.0**-10, 0)])
+    assert a.status == b.status == "ok"
+    assert b.loss_curve == pytest.approx(a.loss_curve, rel=5e-3)
+    assert b.metric == pytest.approx(a.metric, rel=2e-3)
 
 
 def test_a_step_that_cannot_be_captured_runs_eagerly():
