@@ -19,6 +19,7 @@ from peft.tuners.lora import LoraLayer
 
 from .adapters import prepare, skip_input_casts
 from .graphed import Step
+from .lora_addmm import fold_lora_adds
 from .recipe import Recipe
 from .tasks import LMTask
 from .theory import FULL
@@ -132,6 +133,7 @@ def _train(specs, base, task, recipe, device, on_step, t0, graphs, on_note) -> l
     k = len(specs)
     model, params = build(base, first, recipe, k)
     model.to(device).train()
+    fold_lora_adds(model)
     if device.startswith("cuda"):
         skip_input_casts(model)
     opt = StackedAdamW(params, recipe)

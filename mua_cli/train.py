@@ -13,6 +13,7 @@ import torch
 from .adapters import head_modules, param_groups, prepare, skip_input_casts
 from .data import TokenData
 from .graphed import Step, set_lrs
+from .lora_addmm import fold_lora_adds
 from .models import hidden_size, lm_loss
 from .recipe import Recipe
 from .tasks import as_task
@@ -97,6 +98,7 @@ def _train(spec, base, data, recipe, device, on_step, t0, graphs, on_note) -> Tr
     torch.manual_seed(spec.seed)
     model = prepare(base, spec.regime, spec.rank, recipe.alpha0, recipe.targets, spec.seed, head).to(device)
     model.train()
+    fold_lora_adds(model)
     groups = param_groups(model, spec.regime, spec.lr, head, recipe.head_lr, recipe.per_layer_lr, hidden_size(base))
     params = groups.params
     cuda = device.startswith("cuda")

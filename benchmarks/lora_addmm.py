@@ -1,0 +1,107 @@
+"""LoRA's scale-and-add folded into its second matmul (mua_cli/lora_addmm.py) against peft's own forward: ms
+per training step (forward, backward, AdamW) of LoRA trials, both ways, in the same run, on this machine's
+device, and the ratio.
+
+    python benchmarks/lora_addmm.py [--device cpu|cuda] [--runs tiny:1,tiny:8,wide:1] [--out FILE.json]
+
+Workloads (name:K, K LoRA trials per pass, rank 16, regime B:1): the embedded default's model (width 128, 2
+layers, batch 8 × 64) and a wider one (width 512, 4 layers, batch 8 × 256; wide:8 takes ~13 s a step on two
+CPU cores). Steps are eager (a CUDA graph would replay the same kernels); the median step after 3 warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mua_cli.adapters import prepare  # noqa: E402
+from mua_cli.batched import build  # noqa: E402
+from mua_cli.lora_addmm import fold_lora_adds  # noqa: E402
+from mua_cli.recipe import Recipe  # noqa: E402
+from mua_cli.sweep import make_spec  # noqa: E402
+
+SHAPES = {  # name: (hidden, intermediate, layers, heads, batch, seq)
+    "tiny": (128, 344, 2, 4, 8, 64),
+    "wide": (512, 1536, 4, 8, 8, 256),
+}
+
+
+def step_ms(model, x, device: str, steps: int) -> float:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    cuda = device.startswith("cuda")
+    times = []
+    for i in range(steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            loss = model(input_ids=x[:, :-1], use_cache=False).logits.float().logsumexp(-1).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= 3:  # after warm-up
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return 1e3 * times[len(times) // 2]  # the median: robust to a shared machine's hiccups
+
+
+def run(name: str, k: int, device: str, steps: int) -> dict:
+    hidden, inter, layers, heads, batch, seq = SHAPES[name]
+    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads)  # fmt: skip
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).to(device)
+    base.requires_grad_(False)
+    recipe = Recipe(name="bench", model="embedded:tiny", ranks="16", regimes="B:1")
+    spec = make_spec(recipe, "B:1", 16, 1e-3, 0)
+    x = torch.randint(0, 256, (batch * k, seq + 1), device=device)
+    out = {"workload": name, "trials_per_pass": k}
+    for tag in ("peft", "folded"):
+        if k == 1:
+            model = prepare(base, "B:1", 16, 1.0, "all-linear", 0)
+        else:
+            model, _ = build(base, spec, dataclasses.replace(recipe, targets="all-linear"), k)
+        model.to(device).train()
+        if tag == "folded":
+            fold_lora_adds(model)
+        out[f"{tag}_ms"] = round(step_ms(model, x, device, steps), 2)
+    out["ratio"] = round(out["peft_ms"] / out["folded_ms"], 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=23)
+    ap.add_argument("--runs", default="tiny:1,tiny:8,wide:1")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")]
+    rows = [run(name, k, args.device, args.steps) for name, k in runs]
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    report = {"date": datetime.date.today().isoformat(), "device": args.device, "torch": torch.__version__,
+              "machine": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor()
+              or platform.machine(), "threads": torch.get_num_threads(),
+              "command": "python benchmarks/lora_addmm.py " + " ".join(sys.argv[1:]), "rows": rows}  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""LoRA's scale-and-add folded into its second matmul (lora_addmm.py) gives peft's outputs and gradients, for
+serial and batched adapters, in fp32 and under bf16 autocast; layers it cannot fold run peft's forward."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mua_cli.adapters import prepare
+from mua_cli.batched import build
+from mua_cli.lora_addmm import fold_lora_adds
+from mua_cli.recipe import Recipe
+from mua_cli.sweep import make_spec
+
+CFG = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2)
+
+
+def llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(CFG).eval()
+
+
+def perturbed(model):
+    """Every adapter weight random (B is zero at init: its branch would count for nothing)."""
+    torch.manual_seed(1)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.3)
+    return model
+
+
+def loss_and_grads(model, x, autocast: bool):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=x, use_cache=False).logits.float().logsumexp(-1).mean()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def peft_forbidden(monkeypatch):
+    """From here on, peft's own LoRA forward raises: what follows must take the folded path."""
+
+    def forbidden(*a, **k):
+        raise AssertionError("peft's forward ran")
+
+    monkeypatch.setattr(LoraLinear, "forward", forbidden)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_serial_adapters_match_peft(autocast, monkeypatch):
+    model = perturbed(prepare(llama(), "B:1", 4, 1.0, "all-linear", seed=3))
+    folded = copy.deepcopy(model)
+    assert fold_lora_adds(folded) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    x = torch.randint(0, CFG.vocab_size, (2, 9))
+    la, ga = loss_and_grads(model, x, autocast)
+    peft_forbidden(monkeypatch)
+    lb, gb = loss_and_grads(folded, x, autocast)
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-6)  # bf16: one rounding, not three
+    assert torch.allclose(la, lb, **tol)
+    assert len(ga) == 28 and all(torch.allclose(a, b, **tol) for a, b in zip(ga, gb, strict=True))
+
+
+def test_batched_adapters_match_peft(monkeypatch):
+    recipe = Recipe(name="t", model="embedded:tiny", ranks="4", regimes="A:r")
+    spec = make_spec(recipe, "A:r", 4, 0.01, 0)
+    model, params = build(llama(), spec, dataclasses.replace(recipe, targets="all-linear"), k=3)
+    perturbed(model)
+    folded = copy.deepcopy(model)
+    assert fold_lora_adds(folded) == 14
+    x = torch.randint(0, CFG.vocab_size, (6, 9))  # 3 trials × 2 rows
+    la, ga = loss_and_grads(model, x, False)
+    peft_forbidden(monkeypatch)
+    lb, gb = loss_and_grads(folded, x, False)
+    assert torch.allclose(la, lb, rtol=1e-5, atol=1e-6)
+    assert all(g.shape[0] == 3 for g in ga)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(ga, gb, strict=True))
+
+
+def test_what_cannot_be_folded_runs_peft():
+    model = perturbed(prepare(llama(), "A:r", 4, 1.0, "all-linear", seed=3))
+    fold_lora_adds(model)
+    x = torch.randint(0, CFG.vocab_size, (1, 5))
+    with torch.no_grad(), model.disable_adapter():  # disabled adapters: the base alone
+        off = model(input_ids=x).logits
+        assert torch.allclose(off, llama()(input_ids=x).logits, atol=1e-6)
+
+
+def test_trials_train_through_the_folded_layers(micro_recipe_path, monkeypatch):
+    """The serial and the batched trial paths fold their adapters: with peft's own forward forbidden, LoRA
+    trials still train."""
+    from mua_cli.batched import run_batched
+    from mua_cli.recipe import load_recipe
+    from mua_cli.runner import TrialRunner
+    from mua_cli.train import run_trial
+
+    micro = load_recipe(str(micro_recipe_path))
+    runner = TrialRunner(micro, "cpu")
+    peft_forbidden(monkeypatch)
+    specs = [make_spec(micro, "B:1", 2, lr, 0) for lr in (2.0**-8, 2.0**-6)]
+    serial = run_trial(specs[0], runner.base, runner.data, micro, "cpu")
+    batched = run_batched(specs, runner.base, runner.data, micro, "cpu")
+    assert serial.status == "ok", serial.error
+    assert [r.status for r in batched] == ["ok", "ok"], batched[0].error
+    assert batched[0].loss_curve == pytest.approx(serial.loss_curve, rel=1e-4)
