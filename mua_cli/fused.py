@@ -44,7 +44,12 @@ def fuse(model: torch.nn.Module, device: str, on_note: Callable[[str], None] | N
         return _nothing
     saved = _namespaces()
     accepted = inspect.signature(apply).parameters
-    apply(model=model, **{k: v for k, v in KERNELS.items() if k in accepted})
+    try:
+        apply(model=model, **{k: v for k, v in KERNELS.items() if k in accepted})
+    except Exception as e:  # noqa: BLE001 — a Liger that does not fit this transformers: run without it
+        _restore(saved)
+        note(f"fused kernels could not be applied ({type(e).__name__}: {e}); the model's own kernels run")
+        return _nothing
     _confine(saved)
     note(f"fused kernels (liger-kernel) for {model_type}: RMSNorm, rotary embedding, SwiGLU")
     return lambda: _restore(saved)

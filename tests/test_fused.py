@@ -79,3 +79,21 @@ def test_the_process_wide_patches_are_undone_and_the_models_kept(llama, fake_lig
     assert not hasattr(modeling_llama, "brand_new_name")
     x = torch.ones(3)
     assert llama.model.norm(x) is x  # the instance keeps its patch
+
+
+def test_a_liger_that_fails_leaves_the_model_its_own_kernels(llama, fake_liger, monkeypatch):
+    """Liger patching a transformers it does not fit: one note, the module back as it was, no error."""
+    mod = sys.modules["liger_kernel.transformers.monkey_patch"]
+
+    def half_then_fail(model=None, **kw):
+        modeling_llama.apply_rotary_pos_emb = lambda *a, **k: "half-patched"
+        raise AttributeError("module has no attribute 'LlamaMLP'")
+
+    monkeypatch.setitem(mod.MODEL_TYPE_TO_APPLY_LIGER_FN, "llama", half_then_fail)
+    rope = modeling_llama.apply_rotary_pos_emb
+    notes: list[str] = []
+    undo = fuse(llama, "cuda:0", notes.append)
+    assert modeling_llama.apply_rotary_pos_emb is rope
+    assert len(notes) == 1 and "could not be applied (AttributeError" in notes[0]
+    undo()
+    assert modeling_llama.apply_rotary_pos_emb is rope
