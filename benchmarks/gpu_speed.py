@@ -143,8 +143,9 @@ class Clock(Listener):
 
 
 def step_times(name: str, steps: int) -> dict:
-    """In one process: ms per trial-step of the plain loop, of mua's serial trial eager and graphed, and of K
-    batched trials (graphed; K=16 eager too). Timed from the 10th step on: warm-up and capture excluded."""
+    """In one process: ms per trial-step of the plain loop, of mua's serial trial and of K batched trials:
+    graphed with Liger's kernels (K = 1…16), graphed without them (K = 1, 16), eager with them (K = 1, 16).
+    Timed from the 10th step on: warm-up and capture excluded."""
     from mua_cli.batched import run_batched
 
     recipe = recipe_for(name, steps)
