@@ -113,7 +113,7 @@ def plain_trial(spec, base, task, recipe, times=None) -> float:
         losses.append(loss.item())
         if times is not None:
             times.append(time.perf_counter())
-        if not math.isfinite(losses[-1]) or losses[-1] > 2 * losses[0]:
+        if not math.isfinite(losses[-1]) or losses[-1] > recipe.divergence_factor * losses[0]:
             return math.inf
     tail = losses[-max(1, math.ceil(0.1 * len(losses))) :]
     return sum(tail) / len(tail)

@@ -65,7 +65,9 @@ def _confine(saved: dict[str, dict]) -> None:
     already; a model built later, on the CPU say, must not get Triton modules), and functions (the rotary
     embedding, which every instance calls from the module) run Liger's kernel on GPU tensors only."""
     for name, before in saved.items():
-        space = vars(sys.modules[name])
+        if (module := sys.modules.get(name)) is None:
+            continue
+        space = vars(module)
         for key, own in before.items():
             new = space.get(key)
             if new is own:

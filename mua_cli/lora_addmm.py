@@ -38,16 +38,14 @@ def _forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
         and name not in self.lora_variant
         and isinstance(self.lora_dropout[name], torch.nn.Identity)
     )
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if plain and not autocast:  # without autocast, addmm needs the base's output and the adapter in one dtype
+        plain = getattr(getattr(self.base_layer, "weight", None), "dtype", None) == self.lora_B[name].weight.dtype
     if not plain:
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
-    lora_b = self.lora_B[name]
     h = self.lora_A[name](self._cast_input_dtype(x, self.lora_A[name].weight.dtype))
-    w = lora_b.weight
-    if not torch.is_autocast_enabled(x.device.type):
-        if result.dtype != h.dtype:
-            return type(self).forward(self, x)
-        w = w.to(h.dtype)
+    w = self.lora_B[name].weight
     out_features, rank = result.shape[-1], h.shape[-1]
     if w.dim() == 2:  # [out, rank]
         out = torch.addmm(result.reshape(-1, out_features), h.reshape(-1, rank), w.t(), alpha=self.scaling[name])

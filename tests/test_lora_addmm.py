@@ -89,6 +89,16 @@ def test_what_cannot_be_folded_runs_peft():
         assert torch.allclose(off, llama()(input_ids=x).logits, atol=1e-6)
 
 
+def test_a_bf16_base_without_autocast_runs_peft():
+    """fp32 adapters on a bf16 base outside autocast: addmm would mix dtypes, so peft's forward runs."""
+    model = perturbed(prepare(llama().to(torch.bfloat16), "A:r", 4, 1.0, "all-linear", seed=3))
+    folded = copy.deepcopy(model)
+    fold_lora_adds(folded)
+    x = torch.randint(0, CFG.vocab_size, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(folded(input_ids=x).logits, model(input_ids=x).logits)
+
+
 def test_trials_train_through_the_folded_layers(micro_recipe_path, monkeypatch):
     """The serial and the batched trial paths fold their adapters: with peft's own forward forbidden, LoRA
     trials still train."""
