@@ -1,10 +1,11 @@
 """Where a training step's GPU time goes: the top kernels of a few eager steps, and their sum by kind.
 
-    python benchmarks/gpu_profile.py [--workload 5m] [--k 8] [--steps 12] [--no-fused-kernels]
+    python benchmarks/gpu_profile.py [--workload 5m] [--k 8] [--steps 12] [--graphed] [--no-fused-kernels]
 
-A diagnostic for docs/performance.md: run eagerly (a CUDA graph hides its kernels from the profiler; it
-replays the same operations), with Liger's fused kernels where installed, as mua runs. Also times bf16 GEMMs
-whose width is or is not a multiple of 256.
+A diagnostic for docs/performance.md, with Liger's fused kernels where installed, as mua runs. Eager steps by
+default; `--graphed` profiles mua's CUDA-graph replays (the first steps run eagerly, so their kernels are
+counted too: use enough steps) and prints the wall time per replayed step beside the kernels' sum. Also times
+bf16 GEMMs whose width is or is not a multiple of 256.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import time
 from collections import defaultdict
 
 import torch
@@ -23,9 +25,9 @@ from mua_cli.sweep import make_spec
 from mua_cli.tasks import load_workload
 from mua_cli.train import run_trial
 
-KINDS = [  # the first pattern a kernel's name matches names its kind
-    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|splitK"),
+KINDS = [  # the first pattern a kernel's name matches names its kind (flash kernels' names contain "cutlass")
     ("attention", r"flash|fmha|attention|sdpa"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|splitK"),
     ("optimizer", r"multi_tensor|adam|foreach"),
     ("fused (Triton)", r"triton|rms_norm|rope|swiglu|silu_mul"),
     ("reduction", r"reduce|norm"),
@@ -44,6 +46,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=1)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--graphed", action="store_true")
     ap.add_argument("--no-fused-kernels", action="store_true")
     args = ap.parse_args()
     for n in (3500, 3584):
@@ -54,15 +57,21 @@ def main() -> None:
     base = work.base.cuda()
     undo = (lambda: None) if args.no_fused_kernels else fuse(base, "cuda", print)
     specs = [make_spec(recipe, "B:1", 16, 2.0 ** (-12 + i / 2), 0) for i in range(args.k)]
+    marks: list[float] = []
+    clock = lambda s, v: marks.append(time.perf_counter())  # noqa: E731  (called every 10 steps, after a sync)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         if args.k == 1:
-            run_trial(specs[0], base, work.task, recipe, "cuda", graphs=False)
+            run_trial(specs[0], base, work.task, recipe, "cuda", clock, graphs=args.graphed)
         else:
-            run_batched(specs, base, work.task, recipe, "cuda", graphs=False)
+            run_batched(specs, base, work.task, recipe, "cuda", clock, graphs=args.graphed)
         torch.cuda.synchronize()
     undo()
     fused = "unfused" if args.no_fused_kernels else "fused"
-    print(f"{args.workload}, K={args.k}, {args.steps} eager steps, {fused}:")
+    how = "graphed (the first 3 eager)" if args.graphed else "eager"
+    print(f"{args.workload}, K={args.k}, {args.steps} steps {how}, {fused}:")
+    if len(marks) >= 2:  # steps 11 on are replays when graphed
+        n = 10 * (len(marks) - 1)
+        print(f"wall time per step (steps 11..{n + 10}, profiled): {1e3 * (marks[-1] - marks[0]) / n:.2f} ms")
     events = prof.key_averages()
     print(events.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90))
     by_kind: dict[str, float] = defaultdict(float)

@@ -17,13 +17,12 @@ import traceback
 import torch
 from peft.tuners.lora import LoraLayer
 
-from .adapters import prepare, skip_input_casts
+from .adapters import prepare
 from .graphed import Step
-from .lora_addmm import fold_lora_adds
 from .recipe import Recipe
 from .tasks import LMTask
 from .theory import FULL
-from .train import CHECK_EVERY, finish, lr_lambda, set_eval
+from .train import CHECK_EVERY, fast_forward, finish, lr_lambda, set_eval
 from .trial import TrialResult, TrialSpec
 
 
@@ -133,9 +132,7 @@ def _train(specs, base, task, recipe, device, on_step, t0, graphs, on_note) -> l
     k = len(specs)
     model, params = build(base, first, recipe, k)
     model.to(device).train()
-    fold_lora_adds(model)
-    if device.startswith("cuda"):
-        skip_input_casts(model)
+    fast_forward(model, recipe, device, causal_lm=True)
     opt = StackedAdamW(params, recipe)
     peak = torch.tensor([s.lr for s in specs], device=device, dtype=torch.float32)
     schedule = lr_lambda(recipe)

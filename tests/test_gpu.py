@@ -150,3 +150,23 @@ def test_a_step_that_cannot_be_captured_runs_eagerly():
     step.close()
     assert float(x) == 6 and seen == [1, 2, 3, 4, 5, 6]
     assert len(notes) == 1 and "runs eagerly" in notes[0]
+
+
+def test_captured_step_attends_without_a_mask_tensor(micro, runner, monkeypatch):
+    # transformers builds an explicit causal mask while a stream captures, and SDPA then cannot use flash
+    # attention (attention.py); mua's trial models attend with is_causal and no mask, captured or not.
+    calls: list[tuple[bool, bool, bool]] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((torch.cuda.is_current_stream_capturing(), attn_mask is None, bool(is_causal)))
+        return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    spec = make_spec(micro, "B:1", 2, 2.0**-7, 0)
+    notes: list[str] = []
+    result = run_trial(spec, runner.base, runner.data, micro, "cuda:0", graphs=True, on_note=notes.append)
+    assert result.status == "ok" and notes == []
+    captured = [c for c in calls if c[0]]
+    assert captured and all(c == (True, True, True) for c in captured)
+    assert runner.base.config._attn_implementation == "sdpa"  # the trial's copy was switched, not the base
