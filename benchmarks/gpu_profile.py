@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--graphed", action="store_true")
+    ap.add_argument("--ops", action="store_true", help="also the operators that launched the kernels, with stacks")
     ap.add_argument("--no-fused-kernels", action="store_true")
     args = ap.parse_args()
     for n in (3500, 3584):
@@ -59,7 +60,8 @@ def main() -> None:
     specs = [make_spec(recipe, "B:1", 16, 2.0 ** (-12 + i / 2), 0) for i in range(args.k)]
     marks: list[float] = []
     clock = lambda s, v: marks.append(time.perf_counter())  # noqa: E731  (called every 10 steps, after a sync)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if args.ops else [])
+    with torch.profiler.profile(activities=activities, with_stack=args.ops) as prof:
         if args.k == 1:
             run_trial(specs[0], base, work.task, recipe, "cuda", clock, graphs=args.graphed)
         else:
@@ -72,6 +74,9 @@ def main() -> None:
     if len(marks) >= 2:  # steps 11 on are replays when graphed
         n = 10 * (len(marks) - 1)
         print(f"wall time per step (steps 11..{n + 10}, profiled): {1e3 * (marks[-1] - marks[0]) / n:.2f} ms")
+    if args.ops:
+        ops = prof.key_averages(group_by_stack_n=6)
+        print(ops.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     events = prof.key_averages()
     print(events.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90))
     by_kind: dict[str, float] = defaultdict(float)
