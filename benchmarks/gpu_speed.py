@@ -232,30 +232,48 @@ def throughput(name: str, steps: int, gpus: int, ex: Execution) -> dict:
            "trials": len(specs), "steps": steps, "plain_s": round(plain_s, 1),
            "plain_trials_per_h": round(len(specs) * 3600 / plain_s), "plain_peak_gib": round(plain_mem, 1)}  # fmt: skip
     for n in sorted({1, gpus}):
-        with tempfile.TemporaryDirectory() as d:
-            t0, clock = time.perf_counter(), Clock()
-            dev = "cuda" if n > 1 else "cuda:0"  # cuda: every visible GPU
-            run_sweep(recipe, Path(d) / "run", dev, clock, execution=dataclasses.replace(ex, device=dev))
-            mua_s = time.perf_counter() - t0
-            startup = (clock.ready or t0) - t0
-            df = load_trials(Path(d) / "run")
-        metrics = {(r.regime, int(r["rank"]), float(r.lr)): float(r.metric) for _, r in df.iterrows()}
+        run = timed_sweep(recipe, n, ex)
         tag = "mua" if n == 1 else f"mua_{n}gpu"
-        row[f"{tag}_s"] = round(mua_s, 1)
-        row[f"{tag}_trials_per_h"] = round(len(specs) * 3600 / mua_s)
-        row[f"{tag}_x_plain"] = round(plain_s / mua_s, 2)
-        row[f"{tag}_startup_s"] = round(startup, 1)
-        row[f"{tag}_x_plain_after_startup"] = round(plain_s / (mua_s - startup), 2)
-        peaks = [i.get("peak_memory_gib", 0) for i in df["info"] if isinstance(i, dict)]
-        row[f"{tag}_peak_gib_per_worker"] = max(peaks) if peaks else None
-        row[f"{tag}_failed"] = int((df["status"] == "failed").sum())
+        row[f"{tag}_s"], row[f"{tag}_startup_s"] = run["s"], run["startup_s"]
+        row[f"{tag}_trials_per_h"] = round(len(specs) * 3600 / run["s"])
+        row[f"{tag}_x_plain"] = round(plain_s / run["s"], 2)
+        row[f"{tag}_x_plain_after_startup"] = round(plain_s / (run["s"] - run["startup_s"]), 2)
+        row[f"{tag}_peak_gib_per_worker"], row[f"{tag}_failed"] = run["peak_gib"], run["failed"]
         if n == 1:
-            bp, bm = best_lrs(plain), best_lrs(metrics)
+            bp, bm = best_lrs(plain), best_lrs(run["metrics"])
             row["best_lr_plain"], row["best_lr_mua"] = bp, bm
             row["best_lr_within_one_step"] = all(abs(math.log2(bm.get(k, math.inf) / v)) <= 1 for k, v in bp.items())
     if gpus > 1:
         row["gpu_scaling"] = round(row["mua_s"] / row[f"mua_{gpus}gpu_s"], 2)
     return row
+
+
+def timed_sweep(recipe: Recipe, gpus: int, ex: Execution) -> dict:
+    """mua's sweep of the recipe on cuda:0 (gpus=1) or on every visible GPU, timed from the call."""
+    with tempfile.TemporaryDirectory() as d:
+        t0, clock = time.perf_counter(), Clock()
+        dev = "cuda" if gpus > 1 else "cuda:0"  # cuda: every visible GPU
+        run_sweep(recipe, Path(d) / "run", dev, clock, execution=dataclasses.replace(ex, device=dev))
+        seconds = time.perf_counter() - t0
+        df = load_trials(Path(d) / "run")
+    peaks = [i.get("peak_memory_gib", 0) for i in df["info"] if isinstance(i, dict)]
+    return {"s": round(seconds, 1), "startup_s": round((clock.ready or t0) - t0, 1),
+            "metrics": {(r.regime, int(r["rank"]), float(r.lr)): float(r.metric) for _, r in df.iterrows()},
+            "peak_gib": max(peaks) if peaks else None, "failed": int((df["status"] == "failed").sum())}  # fmt: skip
+
+
+def scaling(name: str, steps: int, gpus: int, ex: Execution) -> dict:
+    """mua's sweep on one GPU and on all of them (no plain loop): the multi-GPU target."""
+    recipe = recipe_for(name, steps)
+    seed_cache(recipe)
+    one, many = timed_sweep(recipe, 1, ex), timed_sweep(recipe, gpus, ex)
+    same = best_lrs(one["metrics"]) == best_lrs(many["metrics"])
+    return {"workload": name, "trials": len(plan(recipe)), "steps": steps, "gpus": gpus,
+            "one_gpu_s": one["s"], "one_gpu_startup_s": one["startup_s"],
+            "all_gpus_s": many["s"], "all_gpus_startup_s": many["startup_s"],
+            "scaling": round(one["s"] / many["s"], 2),
+            "scaling_after_startup": round((one["s"] - one["startup_s"]) / (many["s"] - many["startup_s"]), 2),
+            "failed": one["failed"] + many["failed"], "same_best_lrs": same}  # fmt: skip
 
 
 def gpu_seconds(fn, reps: int = 20) -> float:
@@ -448,6 +466,13 @@ def table(reports: list[dict]) -> str:
             f"{r['plain_step_ms']} | {r['mua_step_ms']} | {rate(r, 'plain')} | {rate(r, 'mua')} | "
             f"{r['plain_peak_gib']} / {r['mua_peak_gib']} | {floor} |"
         )
+    if rows := latest(reports, "scaling"):
+        lines += ["", "mua's sweep on one GPU and on all of them (`--scaling`; every GPU one worker process):", "",
+                  "| workload | trials × steps | GPUs | one GPU s (startup) | all GPUs s (startup) | scaling | "
+                  "after startup | same best LRs |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {r['workload']} | {r['trials']} × {r['steps']} | {r['gpus']} | {r['one_gpu_s']} "
+                  f"({r['one_gpu_startup_s']}) | {r['all_gpus_s']} ({r['all_gpus_startup_s']}) | {r['scaling']}× | "
+                  f"{r['scaling_after_startup']}× | {r['same_best_lrs']} |" for r in rows]  # fmt: skip
     if steps := latest(reports, "step_times"):
         lines += ["", "ms per trial-step in one process (`--diag`): mua's serial trial (K=1) and K LoRA trials per "
                   "forward pass, each step a CUDA graph, with Liger's fused kernels and without (\"unfused\"); "
@@ -477,6 +502,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--diag", action="store_true", help="also time a step of each path in one process")
     ap.add_argument("--no-sweeps", action="store_true", help="skip the plain-vs-mua sweeps (5m, 124m)")
+    ap.add_argument("--scaling", action="store_true", help="only mua's sweeps (--only's 5m, 124m) on one GPU "
+                    "and on all visible GPUs")  # fmt: skip
     ap.add_argument("--workers-per-gpu", type=int, default=0, help="mua's worker processes per GPU (0: auto)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="mua without CUDA graphs")
     ap.add_argument("--no-fused-kernels", action="store_true", help="mua without Liger's fused kernels")
@@ -499,13 +526,17 @@ def main() -> None:
     }  # fmt: skip
     only = args.only.split(",")
     ex = Execution("cuda", args.workers_per_gpu, 0, not args.no_cuda_graphs, not args.no_fused_kernels)
+    if args.scaling:
+        report["scaling"] = [scaling(n, args.steps, gpus, ex) for n in ("5m", "124m") if n in only]
+        print(json.dumps(report["scaling"]), flush=True)
+        only = []
     for name in [n for n in ("5m", "124m") if n in only and not args.no_sweeps]:
         report["throughput"].append(throughput(name, args.steps, gpus, ex))
         print(json.dumps(report["throughput"][-1]), flush=True)
     if "350m" in only:
         report["mfu"].append(mfu("350m", args.steps, peak, ex))
         print(json.dumps(report["mfu"][-1]), flush=True)
-    if args.diag:  # last: its runs would warm the kernels' compilation for the sweeps above
+    if args.diag and only:  # last: its runs would warm the kernels' compilation for the sweeps above
         report["step_times"] = [step_times(n, 30) for n in ("5m", "124m", "350m") if n in only]
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
