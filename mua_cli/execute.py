@@ -126,23 +126,29 @@ def _worker(recipe: Recipe, device: str, graphs: bool, fused: bool, tasks, resul
 
 
 class PoolExecutor:
-    """Worker processes over the visible GPUs. The first worker starts alone (it may pretrain and cache the
-    embedded model); its model's size then decides how many workers each GPU gets."""
+    """Worker processes over the visible GPUs, started together (a worker takes ~10 s to start: Python,
+    torch, the model). The first worker starts alone when it must pretrain and cache the embedded model, or when
+    its model's size decides how many workers each GPU gets."""
 
     def __init__(self, recipe: Recipe, ex: Execution, listener, devices: list[str]):
         import torch.multiprocessing as mp
+
+        from .models import needs_pretraining
 
         self.recipe, self.listener, self.ctx = recipe, listener, mp.get_context("spawn")
         self.graphs, self.fused = ex.cuda_graphs, ex.fused_kernels
         self.tasks, self.results = self.ctx.Queue(), self.ctx.Queue()
         self.procs: list = []
-        self._start(devices[0])
-        n_params = self._ready(1)
+        size_free = bool(ex.workers_per_gpu or ex.cuda_graphs)  # workers_per_gpu() needs no model size then
+        first = len(devices) * workers_per_gpu(ex, 0) if size_free and not needs_pretraining(recipe) else 1
+        for i in range(first):
+            self._start(devices[i % len(devices)])
+        n_params = self._ready(first)
         self.k = trials_per_pass(ex, recipe, n_params)
         per = workers_per_gpu(ex, n_params)
-        for i in range(len(devices) * per - 1):
-            self._start(devices[(i + 1) % len(devices)])
-        self._ready(len(self.procs) - 1)
+        for i in range(first, len(devices) * per):
+            self._start(devices[i % len(devices)])
+        self._ready(len(self.procs) - first)
         batched = f", up to {self.k} LoRA trials per forward pass" if self.k > 1 else ""
         listener.note(f"{len(devices)} device(s) ({', '.join(devices)}) × {per} worker process(es){batched}")
 

@@ -64,6 +64,12 @@ def load_base(recipe: Recipe, on_note=None) -> torch.nn.Module:
     return load_hf(recipe.model, recipe.task).model
 
 
+def needs_pretraining(recipe: Recipe) -> bool:
+    """Whether loading the recipe's model would pretrain it first (the embedded model, not cached yet)."""
+    name = recipe.model.split(":", 1)[1] if recipe.model.startswith("embedded:") else None
+    return name is not None and not (cache_dir() / f"embedded-{name}-{embedded_key(recipe)}" / "config.json").is_file()
+
+
 def load_embedded(recipe: Recipe, on_note=None) -> torch.nn.Module:
     name = recipe.model.split(":", 1)[1]
     if name != "tiny":

@@ -96,3 +96,34 @@ def test_execution_defaults_follow_the_measured_rules(micro):
     eager = Execution("cuda", cuda_graphs=False)
     assert [workers_per_gpu(eager, n) for n in (5e6, 120e6, 365e6)] == [4, 2, 1]
     assert workers_per_gpu(Execution("cuda", workers_per_gpu=3), 5e6) == 3
+
+
+@pytest.mark.parametrize("pretrain", [False, True])
+def test_pool_starts_its_workers_together_unless_one_must_pretrain(micro, monkeypatch, pretrain):
+    """Workers start at once when their number is known and the model is cached (each takes ~10 s to start);
+    otherwise the first starts alone, pretrains and caches, and the others follow."""
+    import mua_cli.models as models
+    from mua_cli.execute import PoolExecutor
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(PoolExecutor, "_start", lambda self, d: (self.procs.append(d), calls.append(("start", d))))
+    monkeypatch.setattr(PoolExecutor, "_ready", lambda self, n: calls.append(("ready", n)) or 5_000_000)
+    monkeypatch.setattr(models, "needs_pretraining", lambda recipe: pretrain)
+    listener = type("L", (), {"note": lambda self, m: None})()
+    PoolExecutor(micro, Execution("cuda", cuda_graphs=True), listener, ["cuda:0", "cuda:1"])
+    if pretrain:
+        assert calls == [("start", "cuda:0"), ("ready", 1), ("start", "cuda:1"), ("ready", 1)]
+    else:
+        assert calls == [("start", "cuda:0"), ("start", "cuda:1"), ("ready", 2), ("ready", 0)]
+
+
+def test_needs_pretraining_only_for_an_uncached_embedded_model(micro, monkeypatch, tmp_path):
+    from mua_cli.models import cache_dir, embedded_key, needs_pretraining
+
+    monkeypatch.setenv("MUA_CACHE", str(tmp_path))
+    assert needs_pretraining(micro)
+    folder = cache_dir() / f"embedded-tiny-{embedded_key(micro)}"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    assert not needs_pretraining(micro)
+    assert not needs_pretraining(dataclasses.replace(micro, model=str(tmp_path / "some-hf-model")))
