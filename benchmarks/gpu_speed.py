@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mua_cli.adapters import prepare  # noqa: E402
 from mua_cli.execute import Execution  # noqa: E402
 from mua_cli.fused import fuse  # noqa: E402
-from mua_cli.models import cache_dir, embedded_config, embedded_key  # noqa: E402
+from mua_cli.models import embedded_config, embedded_folder  # noqa: E402
 from mua_cli.recipe import Recipe  # noqa: E402
 from mua_cli.store import load_trials  # noqa: E402
 from mua_cli.sweep import Listener, make_spec, plan, run_sweep  # noqa: E402
@@ -86,7 +86,7 @@ def seed_cache(recipe: Recipe) -> None:
     """A random-init model of the recipe's shape, where mua looks for its pretrained model (no pretraining)."""
     from transformers import LlamaForCausalLM
 
-    folder = cache_dir() / f"embedded-tiny-{embedded_key(recipe)}"
+    folder = embedded_folder(recipe)
     if not (folder / "config.json").is_file():
         torch.manual_seed(0)
         LlamaForCausalLM(embedded_config(recipe)).save_pretrained(folder)
@@ -429,12 +429,12 @@ def latest(reports: list[dict], key: str) -> list[dict]:
 def table(reports: list[dict]) -> str:
     """The markdown tables of docs/performance.md, from the benchmark's JSON outputs, in the order run."""
     lines = [
-        f"Runs on {reports[0]['gpus']}× {reports[0]['gpu']}, torch {reports[0]['torch']}, liger-kernel "
+        f"Runs on {reports[0]['gpu']}, torch {reports[0]['torch']}, liger-kernel "
         f"{reports[0].get('liger_kernel')}; a later run's row of a workload replaces an earlier one's:",
         "",
     ]
-    lines += [f"- {r['date']}: `{r['command']}` (8192³ bf16 matmul: {r['bf16_matmul_8192_tflops']} TFLOP/s)"
-              for r in reports]  # fmt: skip
+    lines += [f"- {r['date']}, {r['gpus']} GPU{'s' if r['gpus'] > 1 else ''}: `{r['command']}` (8192³ bf16 matmul: "
+              f"{r['bf16_matmul_8192_tflops']} TFLOP/s)" for r in reports]  # fmt: skip
     lines += ["",
              "| workload | params | trials × steps | plain trials/h | mua trials/h | ratio | mua startup | ratio after "
              "startup | peak GiB plain / mua worker | best LR plain = mua (±1 step) |",

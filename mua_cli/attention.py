@@ -2,10 +2,10 @@
 
 A causal LM's training batches are whole windows with no padding, so its mask is plain causal and SDPA's
 `is_causal=True` is exact. transformers skips building the mask in that case, except while a CUDA stream is
-capturing (it cannot tell whether a padding mask would need reading): in the captured step it then builds an
-explicit [batch, 1, seq, seq] mask, and with an explicit mask SDPA cannot use flash attention. Measured on an
-H200 (transformers 5.17, 365M Llama-shaped, one LoRA trial; docs/performance.md): the graphed step ran
-memory-efficient attention at 17.3 ms per step where the eager steps' flash attention took 5.6 ms.
+capturing: in the captured step it builds an explicit [batch, 1, seq, seq] mask, and with an explicit mask
+SDPA cannot use flash attention. Measured on an H200 (transformers 5.17, 365M Llama-shaped, one LoRA trial;
+docs/performance.md): the graphed step ran memory-efficient attention, 15.9 ms per step, where the eager
+steps' flash attention took 5.5 ms.
 
 transformers' own extension point does it: an attention implementation registered under mua's name that is
 transformers' SDPA function itself, with no mask function registered, so that no mask is made

@@ -20,9 +20,10 @@ from .trial import TrialResult, TrialSpec
 
 SMALL, MEDIUM = 30e6, 300e6  # base parameters: the size classes below
 # Tokens in one batched step, from step times measured on an H200 with the step a CUDA graph and fused kernels
-# (docs/performance.md): at ~5M parameters 16 trials per pass cost 3.2 ms per trial-step against 5.6 ms alone;
-# at ~120M, 8 trials 23.3 against 26.8 (16: 3 % faster for twice the memory); at ~365M, 8 trials are 11 %
-# faster than one but take 62 GiB instead of 10, so large models run one trial per pass.
+# (docs/performance.md): at ~5M parameters 16 trials per pass cost 2.07 ms per trial-step against 4.19 alone;
+# at ~120M, 8 trials 16.6 against 19.4 (16: 3.5 % faster for twice the memory); at ~365M (measured before
+# the captured step kept flash attention), 8 trials were 11 % faster than one but took 62 GiB instead of 10,
+# so large models run one trial per pass.
 TOKENS_PER_STEP = {"small": 1 << 17, "medium": 1 << 16, "large": 1 << 13}
 
 

@@ -11,7 +11,7 @@ gradients against peft's for serial and batched adapters.
 in one autograd function (`_LoraLinear`) whose forward adds the adapter into the base's output in place, and
 whose backward adds the adapter's input gradient into the base's inside the GEMM (`addmm_`), instead of
 autograd adding two whole input gradients. Measured on an H200 (365M, one trial; docs/performance.md): an
-out-of-place addmm copies its whole `base_out` first (one device-to-device copy per adapted layer, 2.3 ms per
+out-of-place addmm copies its whole `base_out` first (one device-to-device copy per adapted layer, 2.5 ms per
 step), and autograd's gradient sums were 168 of the step's adds.
 
 Only plain LoRA layers take this path (peft's Linear with one active adapter, no dropout, no variant such as
@@ -61,11 +61,12 @@ def _forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
     out_features, rank, scaling = result.shape[-1], h.shape[-1], self.scaling[name]
     b = b.to(result.dtype)  # under autocast: the in-place op below is not autocast's to cast
     if b.dim() == 2:  # [out, rank]
-        op, c, h, bt = "addmm", result.view(-1, out_features), h.reshape(-1, rank), b.t()
+        op, c, h, bt = "addmm", result.reshape(-1, out_features), h.reshape(-1, rank), b.t()
     else:  # batched.StackedLinear: [K, out, rank], rows grouped by trial
         k = b.shape[0]
-        op, c, h, bt = "baddbmm", result.view(k, -1, out_features), h.reshape(k, -1, rank), b.transpose(1, 2)
-    if frozen_linear:  # nothing saved the base's fresh output for its backward: add into it in place
+        op, c, h, bt = "baddbmm", result.reshape(k, -1, out_features), h.reshape(k, -1, rank), b.transpose(1, 2)
+    # c then views the base's fresh output, which nothing saved for its backward: add into it in place
+    if frozen_linear and result.is_contiguous():
         getattr(c, op + "_")(h, bt, alpha=scaling)
         return result
     return getattr(torch, op)(c, h, bt, alpha=scaling).view(result.shape)

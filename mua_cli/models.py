@@ -64,17 +64,21 @@ def load_base(recipe: Recipe, on_note=None) -> torch.nn.Module:
     return load_hf(recipe.model, recipe.task).model
 
 
+def embedded_folder(recipe: Recipe) -> Path:
+    """Where the embedded model of this recipe is cached once pretrained."""
+    return cache_dir() / f"embedded-{recipe.model.split(':', 1)[1]}-{embedded_key(recipe)}"
+
+
 def needs_pretraining(recipe: Recipe) -> bool:
     """Whether loading the recipe's model would pretrain it first (the embedded model, not cached yet)."""
-    name = recipe.model.split(":", 1)[1] if recipe.model.startswith("embedded:") else None
-    return name is not None and not (cache_dir() / f"embedded-{name}-{embedded_key(recipe)}" / "config.json").is_file()
+    return recipe.model.startswith("embedded:") and not (embedded_folder(recipe) / "config.json").is_file()
 
 
 def load_embedded(recipe: Recipe, on_note=None) -> torch.nn.Module:
     name = recipe.model.split(":", 1)[1]
     if name != "tiny":
         raise MuaError(f"no embedded model {name!r}; the embedded model is 'embedded:tiny'")
-    folder = cache_dir() / f"embedded-{name}-{embedded_key(recipe)}"
+    folder = embedded_folder(recipe)
     if (folder / "config.json").is_file():
         return LlamaForCausalLM.from_pretrained(folder)
     pre = {**PRETRAIN_DEFAULTS, **recipe.pretrain}

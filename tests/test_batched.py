@@ -118,11 +118,12 @@ def test_pool_starts_its_workers_together_unless_one_must_pretrain(micro, monkey
 
 
 def test_needs_pretraining_only_for_an_uncached_embedded_model(micro, monkeypatch, tmp_path):
-    from mua_cli.models import cache_dir, embedded_key, needs_pretraining
+    from mua_cli.models import embedded_folder, needs_pretraining
 
     monkeypatch.setenv("MUA_CACHE", str(tmp_path))
     assert needs_pretraining(micro)
-    folder = cache_dir() / f"embedded-tiny-{embedded_key(micro)}"
+    folder = embedded_folder(micro)
+    assert folder.parent == tmp_path
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
     assert not needs_pretraining(micro)
