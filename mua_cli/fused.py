@@ -16,6 +16,7 @@ runs Liger's kernels unasked.
 from __future__ import annotations
 
 import inspect
+import logging
 import sys
 from collections.abc import Callable
 
@@ -25,6 +26,21 @@ KERNELS = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused
 
 
 def _nothing() -> None: ...
+
+
+class _OptionalBackends(logging.Filter):
+    """Liger warns, the first time an op runs, about each optional backend it cannot import (CuTe DSL, Ascend
+    NPUs): two lines per op in every sweep's output on a plain CUDA machine. mua runs its Triton kernels, which
+    those lines are not about."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().startswith("Backend impl ") and "could not be imported" in record.getMessage())
+
+
+def _quiet_optional_backends() -> None:
+    logger = logging.getLogger("liger_kernel.backends.registry")
+    if not any(isinstance(f, _OptionalBackends) for f in logger.filters):
+        logger.addFilter(_OptionalBackends())
 
 
 def fuse(model: torch.nn.Module, device: str, on_note: Callable[[str], None] | None = None) -> Callable[[], None]:
@@ -51,6 +67,7 @@ def fuse(model: torch.nn.Module, device: str, on_note: Callable[[str], None] | N
         note(f"fused kernels could not be applied ({type(e).__name__}: {e}); the model's own kernels run")
         return _nothing
     _confine(saved)
+    _quiet_optional_backends()
     note(f"fused kernels (liger-kernel) for {model_type}: RMSNorm, rotary embedding, SwiGLU")
     return lambda: _restore(saved)
 
