@@ -1,7 +1,8 @@
 """Where and how a sweep's trials run: units of work (batched.py groups LoRA trials that differ only in LR),
-run in this process on one device, or by worker processes over every visible GPU, several per GPU.
+run in this process on one device, or by this process and worker processes over every visible GPU (several
+per GPU when asked), all taking units from one queue.
 
-The parent process alone writes the trial store: workers send results back, so SQLite never sees two writers.
+This process alone writes the trial store: workers send results back, so SQLite never sees two writers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import signal
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from .errors import MuaError
 from .recipe import Recipe
@@ -127,73 +129,81 @@ def _worker(recipe: Recipe, device: str, graphs: bool, fused: bool, tasks, resul
 
 
 class PoolExecutor:
-    """Worker processes over the visible GPUs, started together (a worker takes ~10 s to start: Python,
-    torch, the model). The first worker starts alone when it must pretrain and cache the embedded model, or when
-    its model's size decides how many workers each GPU gets."""
+    """Several processes over the visible GPUs (or several on one device), every one taking its next unit from
+    one queue. This process runs the first slot itself: it loads the model (pretraining and caching the
+    embedded model if it must) in ~2 s, where a worker process takes ~10 s to start (Python, torch, the
+    model), then starts the workers for the other slots and runs units while they start."""
 
     def __init__(self, recipe: Recipe, ex: Execution, listener, devices: list[str]):
         import torch.multiprocessing as mp
 
-        from .models import needs_pretraining
+        from .runner import TrialRunner
 
         self.recipe, self.listener, self.ctx = recipe, listener, mp.get_context("spawn")
-        self.graphs, self.fused = ex.cuda_graphs, ex.fused_kernels
         self.tasks, self.results = self.ctx.Queue(), self.ctx.Queue()
         self.procs: list = []
-        size_free = bool(ex.workers_per_gpu or ex.cuda_graphs)  # workers_per_gpu() needs no model size then
-        first = len(devices) * workers_per_gpu(ex, 0) if size_free and not needs_pretraining(recipe) else 1
-        for i in range(first):
-            self._start(devices[i % len(devices)])
-        n_params = self._ready(first)
-        self.k = trials_per_pass(ex, recipe, n_params)
-        per = workers_per_gpu(ex, n_params)
-        for i in range(first, len(devices) * per):
-            self._start(devices[i % len(devices)])
-        self._ready(len(self.procs) - first)
+        # no per-step progress from this process: the other slots' trials run at the same time
+        notes_only = SimpleNamespace(note=listener.note)
+        self.local = TrialRunner(recipe, devices[0], notes_only, ex.cuda_graphs, ex.fused_kernels)
+        self.k = trials_per_pass(ex, recipe, self.local.n_params)
+        per = workers_per_gpu(ex, self.local.n_params)
+        slots = [devices[i % len(devices)] for i in range(len(devices) * per)]
+        for device in slots[1:]:
+            p = self.ctx.Process(
+                target=_worker, args=(recipe, device, ex.cuda_graphs, ex.fused_kernels, self.tasks, self.results),
+                daemon=True,
+            )  # fmt: skip
+            p.start()
+            self.procs.append(p)
+        self.slots = len(slots)
         batched = f", up to {self.k} LoRA trials per forward pass" if self.k > 1 else ""
-        listener.note(f"{len(devices)} device(s) ({', '.join(devices)}) × {per} worker process(es){batched}")
+        listener.note(f"{len(devices)} device(s) ({', '.join(devices)}) × {per} process(es): this one and "
+                      f"{len(self.procs)} worker process(es) starting{batched}")  # fmt: skip
 
-    def _start(self, device: str) -> None:
-        p = self.ctx.Process(
-            target=_worker, args=(self.recipe, device, self.graphs, self.fused, self.tasks, self.results), daemon=True
-        )
-        p.start()
-        self.procs.append(p)
+    def run(self, pending: list[TrialSpec]) -> Iterator[tuple[TrialSpec, TrialResult]]:
+        # no fewer units than slots where the trials allow it: an idle slot wastes its share of the GPU
+        k = min(self.k, max(1, math.ceil(len(pending) / self.slots)))
+        work = units(pending, self.recipe, k)
+        for unit in work:
+            self.tasks.put(unit)
+        left = sum(len(u) for u in work)
+        while left:
+            unit = self._take()
+            if unit is not None:  # this process runs it, as a worker would; the workers' results wait meanwhile
+                for spec, result in zip(unit, self.local.run_unit(unit), strict=True):
+                    left -= 1
+                    yield spec, result
+            # the workers' results so far; once the queue is empty, wait for theirs (5 s at a time, then look
+            # at the queue again: a worker that could not load leaves its share there)
+            while left and (message := self._get(wait=unit is None)) is not None:
+                left -= 1
+                yield message[1], message[2]
 
-    def _ready(self, n: int) -> int:
-        n_params = 0
-        for _ in range(n):
-            kind, device, value = self._get()
-            if kind == "error":
-                self.close(interrupted=True)
-                raise MuaError(f"worker on {device} could not load the workload: {value}")
-            n_params = value
-        return n_params
+    def _take(self) -> list[TrialSpec] | None:
+        """The next unit, or None when the queue is empty (a second's wait covers the queue's feeder thread)."""
+        try:
+            return self.tasks.get(timeout=1)
+        except queue.Empty:
+            return None
 
-    def _get(self):
+    def _get(self, wait: bool):
+        """The next worker result, or None when there is none (`wait`: none within 5 s); notes are shown."""
         while True:
             try:
-                message = self.results.get(timeout=5)
+                message = self.results.get(timeout=5) if wait else self.results.get_nowait()
             except queue.Empty:
                 dead = [p for p in self.procs if p.exitcode not in (None, 0)]  # workers leave only when told
                 if dead:
                     msg = (f"a worker process died (exit code {dead[0].exitcode}); finished trials are stored, "
                            "run again to resume")  # fmt: skip
                     raise MuaError(msg) from None
-                continue
-            if message[0] != "note":
+                return None
+            if message[0] == "done":
                 return message
-            self.listener.note(f"{message[1]}: {message[2]}")
-
-    def run(self, pending: list[TrialSpec]) -> Iterator[tuple[TrialSpec, TrialResult]]:
-        # no fewer units than workers where the trials allow it: an idle worker wastes its share of the GPU
-        k = min(self.k, max(1, math.ceil(len(pending) / len(self.procs))))
-        work = units(pending, self.recipe, k)
-        for unit in work:
-            self.tasks.put(unit)
-        for _ in range(sum(len(u) for u in work)):
-            kind, spec, result = self._get()
-            yield spec, result
+            if message[0] == "error":  # it takes no units: the other processes run them
+                self.listener.note(f"worker on {message[1]} could not load the workload: {message[2]}")
+            elif message[0] == "note":
+                self.listener.note(f"{message[1]}: {message[2]}")
 
     def close(self, interrupted: bool = False) -> None:
         """Workers finish their unit and exit; on Ctrl-C or an error they stop at once (a unit cut off
@@ -207,6 +217,7 @@ class PoolExecutor:
             p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
+        self.local.close()
 
 
 def executor(recipe: Recipe, ex: Execution, listener):

@@ -69,11 +69,6 @@ def embedded_folder(recipe: Recipe) -> Path:
     return cache_dir() / f"embedded-{recipe.model.split(':', 1)[1]}-{embedded_key(recipe)}"
 
 
-def needs_pretraining(recipe: Recipe) -> bool:
-    """Whether loading the recipe's model would pretrain it first (the embedded model, not cached yet)."""
-    return recipe.model.startswith("embedded:") and not (embedded_folder(recipe) / "config.json").is_file()
-
-
 def load_embedded(recipe: Recipe, on_note=None) -> torch.nn.Module:
     name = recipe.model.split(":", 1)[1]
     if name != "tiny":

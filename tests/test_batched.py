@@ -98,33 +98,58 @@ def test_execution_defaults_follow_the_measured_rules(micro):
     assert workers_per_gpu(Execution("cuda", workers_per_gpu=3), 5e6) == 3
 
 
-@pytest.mark.parametrize("pretrain", [False, True])
-def test_pool_starts_its_workers_together_unless_one_must_pretrain(micro, monkeypatch, pretrain):
-    """Workers start at once when their number is known and the model is cached (each takes ~10 s to start);
-    otherwise the first starts alone, pretrains and caches, and the others follow."""
-    import mua_cli.models as models
+def test_pool_runs_units_in_this_process_too(micro, monkeypatch):
+    """This process loads the model for the first slot, starts workers for the others without waiting for
+    them, and takes units from the queue as they do: with workers that never take one, it runs them all."""
+    import queue
+    from types import SimpleNamespace
+
+    import torch
+
+    import mua_cli.runner as runner_module
     from mua_cli.execute import PoolExecutor
+    from mua_cli.sweep import plan
+    from mua_cli.trial import TrialResult
 
-    calls: list[tuple] = []
-    monkeypatch.setattr(PoolExecutor, "_start", lambda self, d: (self.procs.append(d), calls.append(("start", d))))
-    monkeypatch.setattr(PoolExecutor, "_ready", lambda self, n: calls.append(("ready", n)) or 5_000_000)
-    monkeypatch.setattr(models, "needs_pretraining", lambda recipe: pretrain)
-    listener = type("L", (), {"note": lambda self, m: None})()
-    PoolExecutor(micro, Execution("cuda", cuda_graphs=True), listener, ["cuda:0", "cuda:1"])
-    if pretrain:
-        assert calls == [("start", "cuda:0"), ("ready", 1), ("start", "cuda:1"), ("ready", 1)]
-    else:
-        assert calls == [("start", "cuda:0"), ("start", "cuda:1"), ("ready", 2), ("ready", 0)]
+    started: list[str] = []
 
+    class Process:  # a worker that starts and never takes a unit
+        exitcode = None
 
-def test_needs_pretraining_only_for_an_uncached_embedded_model(micro, monkeypatch, tmp_path):
-    from mua_cli.models import embedded_folder, needs_pretraining
+        def __init__(self, target, args, daemon):
+            self.device = args[1]
 
-    monkeypatch.setenv("MUA_CACHE", str(tmp_path))
-    assert needs_pretraining(micro)
-    folder = embedded_folder(micro)
-    assert folder.parent == tmp_path
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text("{}")
-    assert not needs_pretraining(micro)
-    assert not needs_pretraining(dataclasses.replace(micro, model=str(tmp_path / "some-hf-model")))
+        def start(self):
+            started.append(self.device)
+
+        def join(self, timeout=None): ...
+
+        def is_alive(self):
+            return False
+
+    class Runner:
+        n_params = 5_000_000
+
+        def __init__(self, recipe, device, listener, graphs, fused):
+            self.device, self.ran, self.closed = device, [], False
+            assert not hasattr(listener, "step")  # no per-step progress from the pool's own slot
+
+        def run_unit(self, unit):
+            self.ran.append(unit)
+            return [TrialResult("ok", 1.0) for _ in unit]
+
+        def close(self):
+            self.closed = True
+
+    ctx = SimpleNamespace(Queue=queue.Queue, Process=Process)
+    monkeypatch.setattr(torch.multiprocessing, "get_context", lambda kind: ctx)
+    monkeypatch.setattr(runner_module, "TrialRunner", Runner)
+    notes: list[str] = []
+    pool = PoolExecutor(micro, Execution("cuda"), SimpleNamespace(note=notes.append), ["cuda:0", "cuda:1", "cuda:2"])
+    assert pool.local.device == "cuda:0" and started == ["cuda:1", "cuda:2"]
+    assert "this one and 2 worker process(es)" in notes[-1]
+    specs = plan(micro)
+    ran = [spec.key for spec, result in pool.run(specs)]
+    assert sorted(ran) == sorted(s.key for s in specs) and len(pool.local.ran) >= 3  # no fewer units than slots
+    pool.close()
+    assert pool.local.closed and pool.tasks.qsize() == 2  # one stop sign per worker
