@@ -107,6 +107,7 @@ def test_pool_runs_units_in_this_process_too(micro, monkeypatch):
     import torch
 
     import mua_cli.runner as runner_module
+    from mua_cli.errors import MuaError
     from mua_cli.execute import PoolExecutor
     from mua_cli.sweep import plan
     from mua_cli.trial import TrialResult
@@ -149,7 +150,14 @@ def test_pool_runs_units_in_this_process_too(micro, monkeypatch):
     assert pool.local.device == "cuda:0" and started == ["cuda:1", "cuda:2"]
     assert "this one and 2 worker process(es)" in notes[-1]
     specs = plan(micro)
+    pool.results.put(("error", "cuda:2", "OSError: no such model"))  # a worker that could not load
     ran = [spec.key for spec, result in pool.run(specs)]
     assert sorted(ran) == sorted(s.key for s in specs) and len(pool.local.ran) >= 3  # no fewer units than slots
+    assert "worker on cuda:2 could not load the workload: OSError: no such model" in notes
     pool.close()
     assert pool.local.closed and pool.tasks.qsize() == 2  # one stop sign per worker
+
+    pool = PoolExecutor(micro, Execution("cuda"), SimpleNamespace(note=notes.append), ["cuda:0", "cuda:1"])
+    pool.procs[0].exitcode = 1  # a worker that died
+    with pytest.raises(MuaError, match="a worker process died"):
+        list(pool.run(specs))
