@@ -11,6 +11,7 @@ import dataclasses
 import math
 import queue
 import signal
+import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -130,9 +131,10 @@ def _worker(recipe: Recipe, device: str, graphs: bool, fused: bool, tasks, resul
 
 class PoolExecutor:
     """Several processes over the visible GPUs (or several on one device), every one taking its next unit from
-    one queue. This process runs the first slot itself: it loads the model (pretraining and caching the
-    embedded model if it must) in ~2 s, where a worker process takes ~10 s to start (Python, torch, the
-    model), then starts the workers for the other slots and runs units while they start."""
+    one queue. This process runs the first slot itself, in a thread: it loads the model (pretraining and
+    caching the embedded model if it must) in ~2 s, where a worker process takes ~10 s to start (Python,
+    torch, the model), then starts the workers for the other slots and runs units while they start. The main
+    thread stores every result as it comes (a Ctrl-C loses only units cut off mid-way)."""
 
     def __init__(self, recipe: Recipe, ex: Execution, listener, devices: list[str]):
         import torch.multiprocessing as mp
@@ -142,9 +144,11 @@ class PoolExecutor:
         self.recipe, self.listener, self.ctx = recipe, listener, mp.get_context("spawn")
         self.tasks, self.results = self.ctx.Queue(), self.ctx.Queue()
         self.procs: list = []
-        # no per-step progress from this process: the other slots' trials run at the same time
-        notes_only = SimpleNamespace(note=listener.note)
-        self.local = TrialRunner(recipe, devices[0], notes_only, ex.cuda_graphs, ex.fused_kernels)
+        # no per-step progress from this process's slot (the other slots' trials run at the same time); its step
+        # callback is where a Ctrl-C stops it (close), so that no thread is inside torch when the process exits
+        self._stop = threading.Event()
+        own = SimpleNamespace(note=listener.note, step=self._stop_point)
+        self.local = TrialRunner(recipe, devices[0], own, ex.cuda_graphs, ex.fused_kernels)
         self.k = trials_per_pass(ex, recipe, self.local.n_params)
         per = workers_per_gpu(ex, self.local.n_params)
         slots = [devices[i % len(devices)] for i in range(len(devices) * per)]
@@ -156,6 +160,8 @@ class PoolExecutor:
             p.start()
             self.procs.append(p)
         self.slots = len(slots)
+        self._free, self._error = threading.Event(), None  # this process's slot: idle; what stopped it
+        self._free.set()
         batched = f", up to {self.k} LoRA trials per forward pass" if self.k > 1 else ""
         listener.note(f"{len(devices)} device(s) ({', '.join(devices)}) × {per} process(es): this one and "
                       f"{len(self.procs)} worker process(es) starting{batched}")  # fmt: skip
@@ -166,18 +172,42 @@ class PoolExecutor:
         work = units(pending, self.recipe, k)
         for unit in work:
             self.tasks.put(unit)
-        left = sum(len(u) for u in work)
+        left, queued = sum(len(u) for u in work), True
         while left:
-            unit = self._take()
-            if unit is not None:  # this process runs it, as a worker would; the workers' results wait meanwhile
-                for spec, result in zip(unit, self.local.run_unit(unit), strict=True):
-                    left -= 1
-                    yield spec, result
-            # the workers' results so far; once the queue is empty, wait for theirs (5 s at a time, then look
-            # at the queue again: a worker that could not load leaves its share there)
-            while left and (message := self._get(wait=unit is None)) is not None:
+            dead = [p for p in self.procs if p.exitcode not in (None, 0)]  # workers leave only when told
+            if dead:
+                msg = (f"a worker process died (exit code {dead[0].exitcode}); finished trials are stored, "
+                       "run again to resume")  # fmt: skip
+                raise MuaError(msg)
+            if self._free.is_set():
+                if self._error is not None:
+                    raise self._error
+                unit = self._take() if queued else None
+                queued = unit is not None  # once empty, it stays so: every unit went to a live process
+                if unit is not None:
+                    self._free.clear()
+                    threading.Thread(target=self._run_local, args=(unit,), name="mua-own-slot", daemon=True).start()
+            # results as they come, this process's and the workers' alike: each is stored at once
+            if (message := self._get(timeout=0.5)) is not None:
                 left -= 1
                 yield message[1], message[2]
+
+    def _run_local(self, unit: list[TrialSpec]) -> None:
+        """This process's slot, in a thread: its results join the workers' in the one queue."""
+        try:
+            if self.local.device.startswith("cuda:"):  # the current GPU is per thread (Triton launches on it)
+                import torch
+
+                torch.cuda.set_device(self.local.device)
+            for spec, result in zip(unit, self.local.run_unit(unit), strict=True):
+                self.results.put(("done", spec, result))
+        except BaseException as e:  # noqa: BLE001 — raised again by run(), in the main thread
+            self._error = e
+        self._free.set()
+
+    def _stop_point(self, step: int, loss: float) -> None:
+        if self._stop.is_set():
+            raise KeyboardInterrupt  # trials let it through: the unit stops, nothing of it is stored
 
     def _take(self) -> list[TrialSpec] | None:
         """The next unit, or None when the queue is empty (a second's wait covers the queue's feeder thread)."""
@@ -186,17 +216,12 @@ class PoolExecutor:
         except queue.Empty:
             return None
 
-    def _get(self, wait: bool):
-        """The next worker result, or None when there is none (`wait`: none within 5 s); notes are shown."""
+    def _get(self, timeout: float):
+        """The next result, or None if none comes within `timeout` seconds; notes are shown."""
         while True:
             try:
-                message = self.results.get(timeout=5) if wait else self.results.get_nowait()
+                message = self.results.get(timeout=timeout)
             except queue.Empty:
-                dead = [p for p in self.procs if p.exitcode not in (None, 0)]  # workers leave only when told
-                if dead:
-                    msg = (f"a worker process died (exit code {dead[0].exitcode}); finished trials are stored, "
-                           "run again to resume")  # fmt: skip
-                    raise MuaError(msg) from None
                 return None
             if message[0] == "done":
                 return message
@@ -208,11 +233,13 @@ class PoolExecutor:
     def close(self, interrupted: bool = False) -> None:
         """Workers finish their unit and exit; on Ctrl-C or an error they stop at once (a unit cut off
         mid-way was not stored, so it runs again next time)."""
+        self._stop.set()
         for p in self.procs:
             if interrupted:
                 p.terminate()
             else:
                 self.tasks.put(None)
+        self._free.wait(timeout=60)  # this process's slot stops at its next step check (every 10 steps)
         for p in self.procs:
             p.join(timeout=30)
             if p.is_alive():

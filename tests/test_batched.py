@@ -133,7 +133,7 @@ def test_pool_runs_units_in_this_process_too(micro, monkeypatch):
 
         def __init__(self, recipe, device, listener, graphs, fused):
             self.device, self.ran, self.closed = device, [], False
-            assert not hasattr(listener, "step")  # no per-step progress from the pool's own slot
+            self.step = listener.step  # where the pool stops its own slot, not a progress display
 
         def run_unit(self, unit):
             self.ran.append(unit)
@@ -145,6 +145,8 @@ def test_pool_runs_units_in_this_process_too(micro, monkeypatch):
     ctx = SimpleNamespace(Queue=queue.Queue, Process=Process)
     monkeypatch.setattr(torch.multiprocessing, "get_context", lambda kind: ctx)
     monkeypatch.setattr(runner_module, "TrialRunner", Runner)
+    thread_devices: list[str] = []  # the slot's thread sets its GPU: the current device is per thread
+    monkeypatch.setattr(torch.cuda, "set_device", thread_devices.append)
     notes: list[str] = []
     pool = PoolExecutor(micro, Execution("cuda"), SimpleNamespace(note=notes.append), ["cuda:0", "cuda:1", "cuda:2"])
     assert pool.local.device == "cuda:0" and started == ["cuda:1", "cuda:2"]
@@ -154,8 +156,12 @@ def test_pool_runs_units_in_this_process_too(micro, monkeypatch):
     ran = [spec.key for spec, result in pool.run(specs)]
     assert sorted(ran) == sorted(s.key for s in specs) and len(pool.local.ran) >= 3  # no fewer units than slots
     assert "worker on cuda:2 could not load the workload: OSError: no such model" in notes
+    assert set(thread_devices) == {"cuda:0"}
+    pool.local.step(10, 1.0)  # running: nothing happens
     pool.close()
     assert pool.local.closed and pool.tasks.qsize() == 2  # one stop sign per worker
+    with pytest.raises(KeyboardInterrupt):  # closed: a unit still running would stop at its next step check
+        pool.local.step(20, 1.0)
 
     pool = PoolExecutor(micro, Execution("cuda"), SimpleNamespace(note=notes.append), ["cuda:0", "cuda:1"])
     pool.procs[0].exitcode = 1  # a worker that died

@@ -97,3 +97,32 @@ def test_sweep_grows_the_grid_off_an_edge(micro_recipe_path, tmp_path):
     assert lrs == [2**-16, 2**-15, 2**-14, 2**-13, 2**-12]
     assert len(summary.added) == 2 and "high edge" in summary.added[0]
     assert summary.at_edge and "after 2 extension" in summary.at_edge[0]
+
+
+def test_interrupted_pooled_sweep_stops_its_own_slot_and_resumes(micro_recipe_path, tmp_path):
+    """With worker processes, the mua process runs a slot in a thread: Ctrl-C (here: after the 2nd stored
+    trial) stops that thread at its next step check, stores nothing half-done, and the sweep resumes."""
+    import threading
+
+    from mua_cli.execute import Execution
+
+    class CtrlC(Listener):
+        def __init__(self):
+            self.stored = 0
+
+        def trial_done(self, spec, result):
+            self.stored += 1
+            if self.stored == 2:
+                raise KeyboardInterrupt
+
+    recipe = load_recipe(str(micro_recipe_path), ranks="4", regimes="B:1,A:r", lrs="2^-8:2^-5", max_extend=0)
+    run, pool = tmp_path / "run", Execution("cpu", workers_per_gpu=2, batch_trials=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(recipe, run, "cpu", CtrlC(), execution=pool)
+    assert not [t for t in threading.enumerate() if t.name == "mua-own-slot"]  # its thread has stopped
+    stored = len(TrialStore(run).trials())
+    assert 2 <= stored < 8
+    summary = run_sweep(recipe, run, "cpu", execution=pool)
+    assert summary.skipped == stored and summary.ran == 8 - stored
+    df = load_trials(run)
+    assert len(df) == 8 and df["key"].is_unique and (df["status"] == "ok").all()
