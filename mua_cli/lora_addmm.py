@@ -11,7 +11,7 @@ gradients against peft's for serial and batched adapters.
 in one autograd function (`_LoraLinear`) whose forward adds the adapter into the base's output in place, and
 whose backward adds the adapter's input gradient into the base's inside the GEMM (`addmm_`), instead of
 autograd adding two whole input gradients. Measured on an H200 (365M, one trial; docs/performance.md): an
-out-of-place addmm copies its whole `base_out` first (one device-to-device copy per adapted layer, 2.5 ms per
+out-of-place addmm copies its whole `base_out` first (one device-to-device copy per adapted layer, 2.3 ms per
 step), and autograd's gradient sums were 168 of the step's adds.
 
 Only plain LoRA layers take this path (peft's Linear with one active adapter, no dropout, no variant such as
