@@ -44,8 +44,11 @@ def drop_causal_mask(model: torch.nn.Module, seq_len: int) -> bool:
     as it is."""
     if maskless_reason(model, seq_len) is not None:
         return False
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    try:
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    except ImportError:  # a transformers without the extension point: the model keeps its masks
+        return False
 
     AttentionInterface.register(NAME, sdpa_attention_forward)  # mua's name, in transformers' global registry
     _config(model)._attn_implementation = NAME
