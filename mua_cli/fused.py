@@ -34,7 +34,8 @@ class _OptionalBackends(logging.Filter):
     those lines are not about."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.getMessage().startswith("Backend impl ") and "could not be imported" in record.getMessage())
+        message = record.getMessage()
+        return not (message.startswith("Backend impl ") and "could not be imported" in message)
 
 
 def _quiet_optional_backends() -> None:
