@@ -175,13 +175,10 @@ def test_captured_step_attends_without_a_mask_tensor(micro, runner, monkeypatch)
 @pytest.mark.parametrize("k", [1, 3])
 def test_whole_layer_lora_matches_peft_on_the_gpu(k, monkeypatch):
     """mua's GPU LoRA layer (lora_addmm._LoraLinear: bf16 base, autocast) against peft's own forward."""
-    import copy
-
-    from test_lora_addmm import CFG, close, llama, perturbed, whole_layer_spy
+    from test_lora_addmm import CFG, assert_folded_matches_peft, llama, perturbed
 
     from mua_cli.adapters import prepare
     from mua_cli.batched import build
-    from mua_cli.lora_addmm import fold_lora_adds
     from mua_cli.recipe import Recipe
 
     base = llama(torch.bfloat16)
@@ -190,17 +187,5 @@ def test_whole_layer_lora_matches_peft_on_the_gpu(k, monkeypatch):
     else:
         recipe = Recipe(name="t", model="embedded:tiny", ranks="4", regimes="A:r", targets="all-linear")
         model, _ = build(base, make_spec(recipe, "A:r", 4, 0.01, 0), recipe, k)
-    model = perturbed(model).cuda()
-    folded = copy.deepcopy(model)
-    fold_lora_adds(folded, whole_layer=True)
-    calls = whole_layer_spy(monkeypatch)
     x = torch.randint(0, CFG.vocab_size, (2 * k, 9), device="cuda")
-    out = []
-    for m in (model, folded):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = m(input_ids=x, use_cache=False).logits.float().logsumexp(-1).mean()
-        loss.backward()
-        out.append((loss.detach(), [p.grad for p in m.parameters() if p.requires_grad]))
-    assert len(calls) == 14
-    (la, ga), (lb, gb) = out
-    assert close(la, lb, True) and all(close(a, b, True) for a, b in zip(ga, gb, strict=True))
+    assert_folded_matches_peft(perturbed(model).cuda(), x, True, True, monkeypatch)

@@ -36,7 +36,7 @@ def perturbed(model):
 
 
 def loss_and_grads(model, x, autocast: bool):
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         loss = model(input_ids=x, use_cache=False).logits.float().logsumexp(-1).mean()
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
@@ -67,14 +67,10 @@ def whole_layer_spy(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("whole_layer", [False, True])
-@pytest.mark.parametrize("autocast", [False, True])
-def test_serial_adapters_match_peft(autocast, whole_layer, monkeypatch):
-    base = llama(torch.bfloat16 if autocast else torch.float32)
-    model = perturbed(prepare(base, "A:r", 4, 1.0, "all-linear", seed=3))  # scaling 1/4: a wrong scale shows
+def assert_folded_matches_peft(model, x, autocast: bool, whole_layer: bool, monkeypatch) -> list[torch.Tensor]:
+    """A folded copy of `model` (peft's forward forbidden) gives its loss and gradients; returns the gradients."""
     folded = copy.deepcopy(model)
     assert fold_lora_adds(folded, whole_layer) == 2 * 7  # q, k, v, o, gate, up, down per layer
-    x = torch.randint(0, CFG.vocab_size, (2, 9))
     la, ga = loss_and_grads(model, x, autocast)
     peft_forbidden(monkeypatch)
     calls = whole_layer_spy(monkeypatch)
@@ -82,6 +78,15 @@ def test_serial_adapters_match_peft(autocast, whole_layer, monkeypatch):
     assert len(calls) == (14 if whole_layer else 0)
     assert close(la, lb, autocast)
     assert len(ga) == 28 and all(close(a, b, autocast) for a, b in zip(ga, gb, strict=True))
+    return ga
+
+
+@pytest.mark.parametrize("whole_layer", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_serial_adapters_match_peft(autocast, whole_layer, monkeypatch):
+    base = llama(torch.bfloat16 if autocast else torch.float32)
+    model = perturbed(prepare(base, "A:r", 4, 1.0, "all-linear", seed=3))  # scaling 1/4: a wrong scale shows
+    assert_folded_matches_peft(model, torch.randint(0, CFG.vocab_size, (2, 9)), autocast, whole_layer, monkeypatch)
 
 
 @pytest.mark.parametrize("whole_layer", [False, True])
@@ -92,17 +97,9 @@ def test_batched_adapters_match_peft(autocast, whole_layer, monkeypatch):
     base = llama(torch.bfloat16 if autocast else torch.float32)
     model, params = build(base, spec, dataclasses.replace(recipe, targets="all-linear"), k=3)
     perturbed(model)
-    folded = copy.deepcopy(model)
-    assert fold_lora_adds(folded, whole_layer) == 14
     x = torch.randint(0, CFG.vocab_size, (6, 9))  # 3 trials × 2 rows
-    la, ga = loss_and_grads(model, x, autocast)
-    peft_forbidden(monkeypatch)
-    calls = whole_layer_spy(monkeypatch)
-    lb, gb = loss_and_grads(folded, x, autocast)
-    assert len(calls) == (14 if whole_layer else 0)
-    assert close(la, lb, autocast)
-    assert all(g.shape[0] == 3 for g in ga)
-    assert all(close(a, b, autocast) for a, b in zip(ga, gb, strict=True))
+    grads = assert_folded_matches_peft(model, x, autocast, whole_layer, monkeypatch)
+    assert all(g.shape[0] == 3 for g in grads)
 
 
 def test_what_cannot_be_folded_runs_peft():
