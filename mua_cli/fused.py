@@ -15,9 +15,11 @@ runs Liger's kernels unasked.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import sys
+import types
 from collections.abc import Callable
 
 import torch
@@ -69,6 +71,7 @@ def fuse(model: torch.nn.Module, device: str, on_note: Callable[[str], None] | N
         return _nothing
     _confine(saved)
     _quiet_optional_backends()
+    _frozen_norms(model)
     note(f"fused kernels (liger-kernel) for {model_type}: RMSNorm, rotary embedding, SwiGLU")
     return lambda: _restore(saved)
 
@@ -114,3 +117,20 @@ def _restore(saved: dict[str, dict]) -> None:
         for key, value in before.items():
             if space.get(key) is not value:
                 space[key] = value
+
+
+def _frozen_norms(model: torch.nn.Module) -> None:
+    """Liger's RMSNorm backward always computes the weight's gradient too (a reduction over every token); a
+    frozen norm (LoRA) needs only the input's. torch's fused RMSNorm skips what is not asked for: its forward
+    and backward took 44.7 µs at [8192, 1024] bf16 against Liger's 83.4 (H200, `python benchmarks/rms_norm.py`).
+    """
+    for m in model.modules():
+        if m._get_name() == "LigerRMSNorm" and getattr(m, "offset", None) == 0:  # Gemma's (1 + w) keeps Liger's
+            m.forward = types.MethodType(functools.partial(_norm_forward, liger=m.forward), m)
+
+
+def _norm_forward(self, x: torch.Tensor, liger: Callable) -> torch.Tensor:
+    w = self.weight
+    if w is None or w.requires_grad or w.dtype != x.dtype or not x.is_cuda:
+        return liger(x)
+    return torch.nn.functional.rms_norm(x, w.shape, w, self.variance_epsilon)

@@ -135,6 +135,37 @@ def test_fused_kernels_keep_full_finetuning(micro):
     assert b.metric == pytest.approx(a.metric, rel=2e-3)
 
 
+def test_frozen_norms_run_torchs_rms_norm(monkeypatch):
+    """A frozen RMSNorm (LoRA) runs torch's fused kernel, which skips the weight's gradient; a trained one
+    (full finetuning) keeps Liger's. Both give the same output and input gradient, to bf16 rounding."""
+    pytest.importorskip("liger_kernel")
+    from test_lora_addmm import llama
+
+    from mua_cli.fused import fuse
+
+    model = llama(torch.bfloat16).cuda()
+    undo = fuse(model, "cuda")
+    calls: list[int] = []
+    rms_norm = torch.nn.functional.rms_norm
+    monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda *a, **k: calls.append(1) or rms_norm(*a, **k))
+    try:
+        norm = model.model.norm
+        norm.weight.data.uniform_(0.5, 1.5)
+        x = torch.randn(64, norm.weight.shape[0], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        out = {}
+        for trained in (False, True):
+            norm.weight.requires_grad_(trained)
+            x.grad = None
+            y = norm(x)
+            y.backward(torch.ones_like(y).uniform_(-1, 1, generator=torch.Generator("cuda").manual_seed(0)))
+            out[trained] = (y.float(), x.grad.float())
+            assert len(calls) == 1  # the frozen pass only
+    finally:
+        undo()
+    for a, b in zip(out[False], out[True], strict=True):
+        assert (a - b).norm() <= 1e-2 * b.norm()
+
+
 def test_a_step_that_cannot_be_captured_runs_eagerly():
     x = torch.zeros((), device="cuda:0")
     seen: list[float] = []
@@ -156,10 +187,12 @@ def test_captured_step_attends_without_a_mask_tensor(micro, runner, monkeypatch)
     # transformers builds an explicit causal mask while a stream captures, and SDPA then cannot use flash
     # attention (attention.py); mua's trial models attend with is_causal and no mask, captured or not.
     calls: list[tuple[bool, bool, bool]] = []
+    cudnn: list[bool] = []  # cuDNN's kernel is allowed (and first) for mask-free attention only
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def spy(*args, attn_mask=None, is_causal=False, **kwargs):
         calls.append((torch.cuda.is_current_stream_capturing(), attn_mask is None, bool(is_causal)))
+        cudnn.append(torch.backends.cuda.cudnn_sdp_enabled())
         return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
@@ -168,7 +201,7 @@ def test_captured_step_attends_without_a_mask_tensor(micro, runner, monkeypatch)
     result = run_trial(spec, runner.base, runner.data, micro, "cuda:0", graphs=True, on_note=notes.append)
     assert result.status == "ok" and notes == []
     captured = [c for c in calls if c[0]]
-    assert captured and all(c == (True, True, True) for c in captured)
+    assert captured and all(c == (True, True, True) for c in captured) and all(cudnn)
     assert runner.base.config._attn_implementation == "sdpa"  # the trial's copy was switched, not the base
 
 
