@@ -336,19 +336,20 @@ def attention_seconds(batch: int, heads: int, seq: int, dim: int, backends) -> f
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         torch.autograd.grad(out, (q, k, v), grad)
 
-    with torch.nn.attention.sdpa_kernel(backends):
+    with torch.nn.attention.sdpa_kernel(backends, set_priority=True):
         return gpu_seconds(once, reps=10)
 
 
 def step_floor(recipe: Recipe, base, rank: int) -> dict:
     """A lower bound on a LoRA step's time: its matrix multiplies and its attention, each timed alone at its
     shape in bf16, and nothing else (no norm, activation, residual add, cast or optimizer). Per linear layer:
-    forward and the backward to its input; per adapted layer, LoRA's forward (2), its backward to the input
-    (2) and its weight gradients (2); per layer, attention forward and backward."""
-    from torch.nn.attention import SDPBackend
-
+    forward and the backward to its input; per adapted layer, LoRA's B side (its product, the gradient through
+    B, B's gradient) and per group of adapted layers that read one input (lora_addmm.GROUPS, A matrices
+    concatenated) the A side (x Aᵀ, the gradient to the input, A's gradient); per layer, attention forward and
+    backward with the kernels mua's mask-free attention tries first (cuDNN's)."""
     from mua_cli.adapters import lora_target_names
-    from mua_cli.graphed import GRAPH_SAFE_ATTENTION
+    from mua_cli.attention import GPU_ORDER
+    from mua_cli.lora_addmm import GROUPS
 
     t = recipe.batch_size * recipe.seq_len
     adapted = set(lora_target_names(base, recipe.targets))
@@ -360,23 +361,25 @@ def step_floor(recipe: Recipe, base, rank: int) -> dict:
         return timed[(m, k, n)]
 
     base_s = lora_s = 0.0
+    a_side: dict[str, list[int]] = {}  # input widths and summed ranks of each group of A matrices
     for name, m in base.named_modules():
         if isinstance(m, torch.nn.Linear):
             n_in, n_out = m.in_features, m.out_features
             base_s += gemm(t, n_in, n_out) + gemm(t, n_out, n_in)
             if name in adapted:
-                lora_s += gemm(t, n_in, rank) + gemm(t, rank, n_out) + gemm(t, n_out, rank) + gemm(t, rank, n_in)
-                lora_s += gemm(n_out, t, rank) + gemm(rank, t, n_in)
+                lora_s += gemm(t, rank, n_out) + gemm(t, n_out, rank) + gemm(n_out, t, rank)
+                parent, _, child = name.rpartition(".")
+                group = next((g for g in GROUPS if child in g and all(f"{parent}.{c}" in adapted for c in g)), None)
+                key = f"{parent}.{group}" if group else name
+                a_side.setdefault(key, [n_in, 0])[1] += rank
+    for n_in, ranks in a_side.values():
+        lora_s += gemm(t, n_in, ranks) + gemm(t, ranks, n_in) + gemm(ranks, t, n_in)
     cfg = base.config
     heads, dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-    shape = (recipe.batch_size, heads, recipe.seq_len, dim)
-    attn_s = cfg.num_hidden_layers * attention_seconds(*shape, GRAPH_SAFE_ATTENTION)
-    # cuDNN's attention kernel, faster but not used: inside a captured step it gave NaN (graphed.py)
-    cudnn_s = cfg.num_hidden_layers * attention_seconds(*shape, [SDPBackend.CUDNN_ATTENTION])
+    attn_s = cfg.num_hidden_layers * attention_seconds(recipe.batch_size, heads, recipe.seq_len, dim, GPU_ORDER)
     ms = lambda x: round(1e3 * x, 2)  # noqa: E731
     return {"floor_matmul_ms": ms(base_s), "floor_attention_ms": ms(attn_s), "floor_lora_ms": ms(lora_s),
-            "floor_step_ms": ms(base_s + attn_s + lora_s), "floor_attention_cudnn_ms": ms(cudnn_s),
-            "floor_cudnn_step_ms": ms(base_s + cudnn_s + lora_s)}  # fmt: skip
+            "floor_step_ms": ms(base_s + attn_s + lora_s)}  # fmt: skip
 
 
 def mfu(name: str, steps: int, peak_measured: float, ex: Execution) -> dict:

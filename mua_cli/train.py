@@ -14,7 +14,7 @@ from .adapters import head_modules, param_groups, prepare, skip_input_casts
 from .attention import drop_causal_mask
 from .data import TokenData
 from .graphed import Step, set_lrs
-from .lora_addmm import fold_lora_adds
+from .lora_addmm import fold_lora_adds, precast_adapters
 from .models import hidden_size, lm_loss
 from .recipe import Recipe
 from .tasks import as_task
@@ -62,6 +62,7 @@ def fast_forward(model: torch.nn.Module, recipe: Recipe, device: str, causal_lm:
     same arithmetic; the whole-layer LoRA function rounds at other places (bf16 on a GPU: tests/test_lora_addmm.py)."""
     fold_lora_adds(model, whole_layer=device.startswith("cuda"))
     if device.startswith("cuda"):
+        precast_adapters(model)
         skip_input_casts(model)
         if causal_lm:
             drop_causal_mask(model, recipe.seq_len)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections import Counter
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mua_cli.adapters import prepare
 from mua_cli.batched import build
-from mua_cli.lora_addmm import _LoraLinear, fold_lora_adds
+from mua_cli.lora_addmm import _GroupedLora, _LoraLinear, fold_lora_adds, precast_adapters
 from mua_cli.recipe import Recipe
 from mua_cli.sweep import make_spec
 
@@ -59,11 +60,11 @@ def peft_forbidden(monkeypatch):
     monkeypatch.setattr(LoraLinear, "forward", forbidden)
 
 
-def whole_layer_spy(monkeypatch) -> list[int]:
-    """Counts calls of the one-function layer (_LoraLinear), to show which path ran."""
-    calls: list[int] = []
-    apply = _LoraLinear.apply
-    monkeypatch.setattr(_LoraLinear, "apply", lambda *a: calls.append(1) or apply(*a))
+def whole_layer_spy(monkeypatch) -> Counter:
+    """Counts calls of the one-function layers (_LoraLinear, _GroupedLora), to show which path ran."""
+    calls: Counter = Counter()
+    for fn in (_LoraLinear, _GroupedLora):
+        monkeypatch.setattr(fn, "apply", lambda *a, fn=fn, apply=fn.apply: calls.update([fn.__name__]) or apply(*a))
     return calls
 
 
@@ -71,11 +72,21 @@ def assert_folded_matches_peft(model, x, autocast: bool, whole_layer: bool, monk
     """A folded copy of `model` (peft's forward forbidden) gives its loss and gradients; returns the gradients."""
     folded = copy.deepcopy(model)
     assert fold_lora_adds(folded, whole_layer) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    if whole_layer and autocast:  # a bf16 base: the adapters' casts made once per forward, as on a GPU
+        assert precast_adapters(folded) == 14
+        adapters = [p for n, p in folded.named_parameters() if "lora_" in n]
+        assert len({p.untyped_storage().data_ptr() for p in adapters}) == 1  # views of one flat buffer
     la, ga = loss_and_grads(model, x, autocast)
     peft_forbidden(monkeypatch)
     calls = whole_layer_spy(monkeypatch)
     lb, gb = loss_and_grads(folded, x, autocast)
-    assert len(calls) == (14 if whole_layer else 0)
+    serial = next(m for m in folded.modules() if type(m) is LoraLinear).lora_A.default.weight.dim() == 2
+    if not whole_layer:
+        assert not calls
+    elif serial:  # per layer: q/k/v and gate/up grouped, o and down alone
+        assert calls == {"_GroupedLora": 4, "_LoraLinear": 4}
+    else:  # batched adapters are never grouped
+        assert calls == {"_LoraLinear": 14}
     assert close(la, lb, autocast)
     assert len(ga) == 28 and all(close(a, b, autocast) for a, b in zip(ga, gb, strict=True))
     return ga
@@ -138,3 +149,40 @@ def test_trials_train_through_the_folded_layers(micro_recipe_path, monkeypatch):
     assert serial.status == "ok", serial.error
     assert [r.status for r in batched] == ["ok", "ok"], batched[0].error
     assert batched[0].loss_curve == pytest.approx(serial.loss_curve, rel=1e-4)
+
+
+def test_grouped_siblings_on_other_inputs_compute_alone(monkeypatch):
+    """q_proj's call computes k and v too, for the same input tensor only: k_proj given another tensor, or
+    v_proj the same one changed in place since, get their outputs for what they were given (peft's)."""
+    model = perturbed(prepare(llama(), "A:r", 4, 1.0, "all-linear", seed=3))
+    attn = model.base_model.model.model.layers[0].self_attn
+    x1, x2 = torch.randn(2, 5, CFG.hidden_size), torch.randn(2, 5, CFG.hidden_size)
+    with torch.no_grad():
+        want_k2, want_v1 = attn.k_proj(x2), attn.v_proj(x1 + 1)
+    fold_lora_adds(model, whole_layer=True)
+    calls = whole_layer_spy(monkeypatch)
+    with torch.no_grad():
+        attn.q_proj(x1)
+        got_k2 = attn.k_proj(x2)  # another tensor
+        x1.add_(1)
+        got_v1 = attn.v_proj(x1)  # the same tensor, changed in place
+    assert calls == {"_GroupedLora": 3}  # a call that finds nothing computed for its input computes the group
+    assert torch.allclose(got_k2, want_k2, atol=1e-5) and torch.allclose(got_v1, want_v1, atol=1e-5)
+
+
+def test_precast_weights_changed_since_the_copy_are_cast_again():
+    """A layer called on its own (no forward of the whole model, so no copy) after its weights changed uses
+    its new weights, not the copy made at the last forward."""
+    model = perturbed(prepare(llama(torch.bfloat16), "A:r", 4, 1.0, "all-linear", seed=3))
+    fold_lora_adds(model, whole_layer=True)
+    precast_adapters(model)
+    x = torch.randint(0, CFG.vocab_size, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=x)  # copies the casts
+        o_proj = model.base_model.model.model.layers[0].self_attn.o_proj
+        h = torch.randn(2, 9, CFG.hidden_size)
+        with torch.no_grad():
+            o_proj.lora_B.default.weight.mul_(3)
+            got = o_proj(h)
+            want = o_proj.base_layer(h) + o_proj.lora_B.default(o_proj.lora_A.default(h)) * o_proj.scaling["default"]
+    assert (got.float() - want.float()).norm() <= 2e-2 * want.float().norm()
