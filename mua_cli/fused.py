@@ -126,11 +126,13 @@ def _frozen_norms(model: torch.nn.Module) -> None:
     """
     for m in model.modules():
         if m._get_name() == "LigerRMSNorm" and getattr(m, "offset", None) == 0:  # Gemma's (1 + w) keeps Liger's
-            m.forward = types.MethodType(functools.partial(_norm_forward, liger=m.forward), m)
+            # Liger's function, not its method bound to `m`: a deepcopy (each trial's model) would keep
+            # that method bound to the base's module and its weights
+            m.forward = types.MethodType(functools.partial(_norm_forward, liger=m.forward.__func__), m)
 
 
 def _norm_forward(self, x: torch.Tensor, liger: Callable) -> torch.Tensor:
     w = self.weight
     if w is None or w.requires_grad or w.dtype != x.dtype or not x.is_cuda:
-        return liger(x)
+        return liger(self, x)
     return torch.nn.functional.rms_norm(x, w.shape, w, self.variance_epsilon)

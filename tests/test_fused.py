@@ -110,3 +110,23 @@ def test_liger_optional_backend_warnings_are_dropped(llama, fake_liger, caplog):
         logger.warning("Backend impl '%s' for op '%s' could not be imported: %s", "x._cutedsl.rope", "rope", "E")
         logger.warning("something else went wrong")
     assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
+
+
+def test_a_copied_norm_runs_on_its_own_weights():
+    """Trials train deep copies of the fused base: a copy's norm (here on the CPU, so Liger's path) must use
+    the copy's weights, not the base's (a full-finetuning trial trains them)."""
+    import copy
+    import types
+
+    from mua_cli.fused import _frozen_norms
+
+    norm = torch.nn.Module()
+    norm.weight, norm.offset = torch.nn.Parameter(torch.ones(3)), 0
+    norm.forward = types.MethodType(lambda self, x: x * self.weight, norm)  # as Liger binds its forward
+    norm._get_name = lambda: "LigerRMSNorm"
+    _frozen_norms(norm)
+    trial = copy.deepcopy(norm)
+    with torch.no_grad():
+        trial.weight.fill_(2.0)
+    assert torch.equal(trial(torch.ones(3)), torch.full((3,), 2.0))
+    assert torch.equal(norm(torch.ones(3)), torch.ones(3))
