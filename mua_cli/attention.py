@@ -24,10 +24,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 NAME = "mua_causal_sdpa"
 GPU_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-import os  # noqa
-
-if os.environ.get("MUA_EXP_NOCUDNN"):
-    GPU_ORDER = GPU_ORDER[1:]
 
 
 def _config(model: torch.nn.Module):
