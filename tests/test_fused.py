@@ -50,7 +50,8 @@ def test_cpu_is_left_alone(llama, fake_liger):
 
 
 def test_without_liger_a_gpu_run_says_how_to_get_it(llama, monkeypatch):
-    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # import fails
+    for name in ["liger_kernel", *(m for m in sys.modules if m.startswith("liger_kernel."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # import fails, even after a GPU test imported it
     notes: list[str] = []
     fuse(llama, "cuda:0", notes.append)()
     assert len(notes) == 1 and "pip install liger-kernel" in notes[0]
