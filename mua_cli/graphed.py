@@ -20,8 +20,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 WARMUP = 3
-# cuDNN's fused attention inside a captured step gave NaN losses in 7 of 24 B:1 trials of the embedded default
-# that eager steps finish (H200, torch 2.11; docs/performance.md); without it, graphed trials match eager ones.
+# cuDNN's fused attention inside a captured step with an explicit mask gave NaN losses in 7 of 24 B:1 trials of
+# the embedded default that eager steps finish (H200, torch 2.11; docs/performance.md). Mask-free causal
+# attention (attention.py) puts cuDNN's kernel first again, for its own calls only.
 GRAPH_SAFE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
