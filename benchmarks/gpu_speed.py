@@ -344,9 +344,10 @@ def step_floor(recipe: Recipe, base, rank: int) -> dict:
     """A lower bound on a LoRA step's time: its matrix multiplies and its attention, each timed alone at its
     shape in bf16, and nothing else (no norm, activation, residual add, cast or optimizer). Per linear layer:
     forward and the backward to its input; per adapted layer, LoRA's B side (its product, the gradient through
-    B, B's gradient) and per group of adapted layers that read one input (lora_addmm.GROUPS, A matrices
-    concatenated) the A side (x Aᵀ, the gradient to the input, A's gradient); per layer, attention forward and
-    backward with the kernels mua's mask-free attention tries first (cuDNN's)."""
+    B, B's gradient) and A side (x Aᵀ, the gradient to the input, A's gradient), as mua runs them: the layers
+    of a group that read one input (lora_addmm.GROUPS) share one A side, with their A matrices concatenated,
+    and their forward is one GEMM by [W | B] whose K is the group's summed ranks longer; per layer, attention
+    forward and backward with the kernels mua's mask-free attention tries first (cuDNN's)."""
     from mua_cli.adapters import lora_target_names
     from mua_cli.attention import GPU_ORDER
     from mua_cli.lora_addmm import GROUPS
@@ -360,20 +361,30 @@ def step_floor(recipe: Recipe, base, rank: int) -> dict:
             timed[(m, k, n)] = gemm_seconds(m, k, n)
         return timed[(m, k, n)]
 
-    base_s = lora_s = 0.0
-    a_side: dict[str, list[int]] = {}  # input widths and summed ranks of each group of A matrices
+    layers = []  # (name, n_in, n_out, group key or None)
     for name, m in base.named_modules():
         if isinstance(m, torch.nn.Linear):
-            n_in, n_out = m.in_features, m.out_features
+            parent, _, child = name.rpartition(".")
+            group = next((g for g in GROUPS if child in g and all(f"{parent}.{c}" in adapted for c in g)), None)
+            layers.append((name, m.in_features, m.out_features, f"{parent}.{group}" if group else None))
+    ranks: dict[str, int] = {}
+    for name, _, _, key in layers:
+        if name in adapted and key:
+            ranks[key] = ranks.get(key, 0) + rank
+    base_s = lora_s = 0.0
+    for name, n_in, n_out, key in layers:
+        if name not in adapted:
             base_s += gemm(t, n_in, n_out) + gemm(t, n_out, n_in)
-            if name in adapted:
-                lora_s += gemm(t, rank, n_out) + gemm(t, n_out, rank) + gemm(n_out, t, rank)
-                parent, _, child = name.rpartition(".")
-                group = next((g for g in GROUPS if child in g and all(f"{parent}.{c}" in adapted for c in g)), None)
-                key = f"{parent}.{group}" if group else name
-                a_side.setdefault(key, [n_in, 0])[1] += rank
-    for n_in, ranks in a_side.values():
-        lora_s += gemm(t, n_in, ranks) + gemm(t, ranks, n_in) + gemm(ranks, t, n_in)
+            continue
+        lora_s += gemm(t, n_out, rank) + gemm(n_out, t, rank)  # the gradient through B, B's gradient
+        if key:  # one GEMM of [x | x Aᵀ] by [W | B]: the base's, a few columns of K longer
+            base_s += gemm(t, n_in + ranks[key], n_out) + gemm(t, n_out, n_in)
+        else:
+            base_s += gemm(t, n_in, n_out) + gemm(t, n_out, n_in)
+            lora_s += gemm(t, rank, n_out) + gemm(t, n_in, rank) + gemm(t, rank, n_in) + gemm(rank, t, n_in)
+    for key, r in ranks.items():  # each group's A side: x Aᵀ, the gradient to the input, A's gradient
+        n_in = next(n for _, n, _, k in layers if k == key)
+        lora_s += gemm(t, n_in, r) + gemm(t, r, n_in) + gemm(r, t, n_in)
     cfg = base.config
     heads, dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
     attn_s = cfg.num_hidden_layers * attention_seconds(recipe.batch_size, heads, recipe.seq_len, dim, GPU_ORDER)

@@ -98,6 +98,7 @@ def _forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
         if parts and whole[2].dim() == 2 and all(p is not None and p[4] == whole[4] for p in parts):
             ts = [t for k in (0, 1, 2, 3, 6) for t in (p[k] for p in parts)]  # Ws, biases, As, Bs, cast Bs
             a16 = self.__dict__.get("mua_group_a16") if all(p[5] is not None for p in parts) else None
+            ts += [m.__dict__.get("mua_w_ext") if a16 is not None else None for m in group]
             outs = _GroupedLora.apply(x.to(dtype), whole[4], len(group), a16, *ts)
             for m, out in zip(group, outs, strict=True):
                 if m is not self:
@@ -162,28 +163,61 @@ def precast_adapters(model: torch.nn.Module) -> int:
         return 0
     flat = torch.empty(sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
     flat16 = torch.empty_like(flat, dtype=layers[0][2])
-    views, off = {}, 0
+    views, offsets, off = {}, {}, 0
     for p in params:
         n = p.numel()
         flat[off : off + n].view_as(p).copy_(p.data)
         p.data = flat[off : off + n].view_as(p)
-        views[id(p)] = flat16[off : off + n].view_as(p)
+        views[id(p)], offsets[id(p)] = flat16[off : off + n].view_as(p), off
         off += n
-    for group, start in group_spans:
-        if len(group) > 1:
-            a0 = group[0].lora_A[group[0].active_adapters[0]].weight
-            rows = sum(g.lora_A[g.active_adapters[0]].weight.shape[0] for g in group)
-            for g in group:
-                g.mua_group_a16 = flat16[start : start + rows * a0.shape[1]].view(rows, a0.shape[1])
+    groups = [(group, start) for group, start in group_spans if len(group) > 1]
+    for group, start in groups:
+        a0 = group[0].lora_A[group[0].active_adapters[0]].weight
+        rows = sum(g.lora_A[g.active_adapters[0]].weight.shape[0] for g in group)
+        for g in group:
+            g.mua_group_a16 = flat16[start : start + rows * a0.shape[1]].view(rows, a0.shape[1])
+    extended, to, frm = _extended_weights([g for group, _ in groups for g in group], offsets)
     layer_ab = [(m, m.lora_A[name].weight, m.lora_B[name].weight) for m, name, _ in layers]
 
     def refresh(_module, _args) -> None:
         flat16.copy_(flat)
+        if extended is not None:
+            extended[to] = flat16[frm]  # each grouped B into its columns of its layer's [W | B]
         for m, a, b in layer_ab:
             m.mua_cast = (a, b, views[id(a)], views[id(b)], (a._version, b._version))
 
     model.register_forward_pre_hook(refresh)
     return len(layers)
+
+
+def _extended_weights(members: list[LoraLinear], offsets: dict[int, int]):
+    """For the members of groups (in group order): [W | 0 .. B .. 0], [out, in + Σ ranks] in the step's dtype,
+    W copied once (it is frozen), B's columns at the member's place among the group's concatenated ranks, so
+    that x Wᵀ + (scaling · x Aᵀ) Bᵀ is one GEMM of [x | scaling · x A_allᵀ] by it: the base's GEMM with a
+    few more columns of K instead of a rank-r GEMM writing the whole output and the base's adding into it.
+    Returns the flat buffer, and the indices into it and into the cast twin that the refresh copies B by."""
+    if not members:
+        return None, None, None
+    ab = [(m.lora_A[m.active_adapters[0]].weight, m.lora_B[m.active_adapters[0]].weight) for m in members]
+    w0 = members[0].base_layer.weight
+    totals: dict[int, int] = {}  # each group's summed ranks
+    for m, (a, _) in zip(members, ab, strict=True):
+        totals[id(m.mua_group)] = totals.get(id(m.mua_group), 0) + a.shape[0]
+    size = sum(m.base_layer.weight.shape[0] * (m.base_layer.weight.shape[1] + totals[id(m.mua_group)]) for m in members)
+    extended = torch.zeros(size, dtype=w0.dtype, device=w0.device)
+    to, frm, off, col = [], [], 0, {}
+    for m, (a, b) in zip(members, ab, strict=True):
+        group, (out, n_in), r = m.mua_group, m.base_layer.weight.shape, a.shape[0]
+        k = n_in + totals[id(group)]
+        first = col.get(id(group), n_in)
+        ext = extended[off : off + out * k].view(out, k)
+        ext[:, :n_in].copy_(m.base_layer.weight)
+        rows = torch.arange(out, device=w0.device).view(-1, 1)
+        to.append((off + rows * k + first + torch.arange(r, device=w0.device)).view(-1))
+        frm.append(offsets[id(b)] + torch.arange(out * r, device=w0.device))
+        m.mua_w_ext = ext
+        col[id(group)], off = first + r, off + out * k
+    return extended, torch.cat(to), torch.cat(frm)
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -245,12 +279,14 @@ class _GroupedLora(torch.autograd.Function):
     """_LoraLinear for m layers that read the same input x (one trial, 2-D adapters, one scaling): their A
     matrices concatenated, so x is read once in the forward (x Aᵀ) and once in the backward (A's gradient), and
     the input gradient is the concatenated adapters' product plus each base's GEMM added into it (beta = 1)
-    instead of m whole gradients summed by autograd. apply(x, scaling, m, [A₁; ..; Aₘ] cast or None, W₁..Wₘ,
-    bias₁..biasₘ, A₁..Aₘ, B₁..Bₘ, B₁..Bₘ cast or None) returns the m outputs."""
+    instead of m whole gradients summed by autograd. With the weights extended by precast_adapters, each
+    output is one GEMM of [x | scaling · x Aᵀ] by [W | B] (_extended_weights). apply(x, scaling, m,
+    [A₁; ..; Aₘ] cast or None, W₁..Wₘ, bias₁..biasₘ, A₁..Aₘ, B₁..Bₘ, B₁..Bₘ cast or None, [Wᵢ | Bᵢ] or None)
+    returns the m outputs."""
 
     @staticmethod
     def forward(ctx, x, scaling, m, a16, *ts):
-        ws, biases, as_, bs, b16 = (ts[i * m : (i + 1) * m] for i in range(5))
+        ws, biases, as_, bs, b16, ext = (ts[i * m : (i + 1) * m] for i in range(6))
         dt, none = x.dtype, x.new_empty(())
         with torch.autocast(x.device.type, enabled=False):
             a16 = torch.cat(as_).to(dt) if a16 is None else a16
@@ -258,7 +294,12 @@ class _GroupedLora(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1])
             hs = torch.addmm(none, x2, a16.t(), beta=0, alpha=scaling)  # [n, Σ ranks]
             outs, cols = [], _columns(as_)
-            for w, bias, b, c in zip(ws, biases, b16, cols, strict=True):
+            if all(e is not None for e in ext):
+                xh = torch.cat([x2, hs], dim=1)
+                for e, bias in zip(ext, biases, strict=True):
+                    y = torch.mm(xh, e.t()) if bias is None else torch.addmm(bias, xh, e.t())
+                    outs.append(y.view(*x.shape[:-1], -1))
+            for w, bias, b, c in zip(ws, biases, b16, cols, strict=True) if not outs else ():
                 y = torch.mm(hs[:, c], b.t()) if bias is None else torch.addmm(bias, hs[:, c], b.t())
                 outs.append(y.addmm_(x2, w.t()).view(*x.shape[:-1], -1))
         ctx.save_for_backward(x, a16, hs, *ws, *b16)
@@ -284,7 +325,7 @@ class _GroupedLora(torch.autograd.Function):
             for g, w in zip(gs, ws, strict=True):
                 gx.addmm_(g, w)
             gx = gx.view(x.shape)
-        return gx, None, None, None, *[None] * (2 * m), *[ga[c] for c in ctx.cols], *gb, *[None] * m
+        return gx, None, None, None, *[None] * (2 * m), *[ga[c] for c in ctx.cols], *gb, *[None] * (2 * m)
 
 
 def _columns(as_) -> list[slice]:

@@ -76,6 +76,10 @@ def assert_folded_matches_peft(model, x, autocast: bool, whole_layer: bool, monk
         assert precast_adapters(folded) == 14
         adapters = [p for n, p in folded.named_parameters() if "lora_" in n]
         assert len({p.untyped_storage().data_ptr() for p in adapters}) == 1  # views of one flat buffer
+        grouped = [m for m in folded.modules() if "mua_w_ext" in m.__dict__]  # [W | B] of q/k/v, gate/up (rank 4)
+        serial_ = next(m for m in folded.modules() if type(m) is LoraLinear).lora_A.default.weight.dim() == 2
+        assert len(grouped) == (10 if serial_ else 0)
+        assert all(m.mua_w_ext.shape[1] == m.in_features + 4 * len(m.mua_group) for m in grouped)
     la, ga = loss_and_grads(model, x, autocast)
     peft_forbidden(monkeypatch)
     calls = whole_layer_spy(monkeypatch)
