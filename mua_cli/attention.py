@@ -19,11 +19,20 @@ steps' optimum. Masked attention (padded batches) never comes here, and graphed.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 NAME = "mua_causal_sdpa"
 GPU_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _gpu_order():
+    """SDPA's kernels in GPU_ORDER; an older torch without `set_priority` keeps its own order among them."""
+    if "set_priority" in inspect.signature(sdpa_kernel).parameters:
+        return sdpa_kernel(GPU_ORDER, set_priority=True)
+    return sdpa_kernel(GPU_ORDER)
 
 
 def _config(model: torch.nn.Module):
@@ -60,7 +69,7 @@ def drop_causal_mask(model: torch.nn.Module, seq_len: int) -> bool:
     def causal_sdpa(module, query, *args, **kwargs):
         if not query.is_cuda:
             return sdpa_attention_forward(module, query, *args, **kwargs)
-        with sdpa_kernel(GPU_ORDER, set_priority=True):
+        with _gpu_order():
             return sdpa_attention_forward(module, query, *args, **kwargs)
 
     AttentionInterface.register(NAME, causal_sdpa)  # mua's name, in transformers' global registry
