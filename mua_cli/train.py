@@ -14,7 +14,8 @@ from .adapters import head_modules, param_groups, prepare, skip_input_casts
 from .attention import drop_causal_mask
 from .data import TokenData
 from .graphed import Step, set_lrs
-from .lora_addmm import fold_lora_adds, precast_adapters
+from .lora_addmm import fold_lora_adds
+from .lora_gpu import precast_adapters
 from .models import hidden_size, lm_loss
 from .recipe import Recipe
 from .tasks import as_task

@@ -207,7 +207,7 @@ def test_captured_step_attends_without_a_mask_tensor(micro, runner, monkeypatch)
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_whole_layer_lora_matches_peft_on_the_gpu(k, monkeypatch):
-    """mua's GPU LoRA layer (lora_addmm._LoraLinear: bf16 base, autocast) against peft's own forward."""
+    """mua's GPU LoRA layer (lora_gpu.py: bf16 base, autocast) against peft's own forward."""
     from test_lora_addmm import CFG, assert_folded_matches_peft, llama, perturbed
 
     from mua_cli.adapters import prepare

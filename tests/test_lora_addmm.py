@@ -14,7 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mua_cli.adapters import prepare
 from mua_cli.batched import build
-from mua_cli.lora_addmm import _GroupedLora, _LoraLinear, fold_lora_adds, precast_adapters
+from mua_cli.lora_addmm import fold_lora_adds
+from mua_cli.lora_gpu import GroupedLora, LoraLinearFn, precast_adapters
 from mua_cli.recipe import Recipe
 from mua_cli.sweep import make_spec
 
@@ -61,9 +62,9 @@ def peft_forbidden(monkeypatch):
 
 
 def whole_layer_spy(monkeypatch) -> Counter:
-    """Counts calls of the one-function layers (_LoraLinear, _GroupedLora), to show which path ran."""
+    """Counts calls of the one-function layers (LoraLinearFn, GroupedLora), to show which path ran."""
     calls: Counter = Counter()
-    for fn in (_LoraLinear, _GroupedLora):
+    for fn in (LoraLinearFn, GroupedLora):
         monkeypatch.setattr(fn, "apply", lambda *a, fn=fn, apply=fn.apply: calls.update([fn.__name__]) or apply(*a))
     return calls
 
@@ -88,9 +89,9 @@ def assert_folded_matches_peft(model, x, autocast: bool, whole_layer: bool, monk
     if not whole_layer:
         assert not calls
     elif serial:  # per layer: q/k/v and gate/up grouped, o and down alone
-        assert calls == {"_GroupedLora": 4, "_LoraLinear": 4}
+        assert calls == {"GroupedLora": 4, "LoraLinearFn": 4}
     else:  # batched adapters are never grouped
-        assert calls == {"_LoraLinear": 14}
+        assert calls == {"LoraLinearFn": 14}
     assert close(la, lb, autocast)
     assert len(ga) == 28 and all(close(a, b, autocast) for a, b in zip(ga, gb, strict=True))
     return ga
@@ -170,7 +171,7 @@ def test_grouped_siblings_on_other_inputs_compute_alone(monkeypatch):
         got_k2 = attn.k_proj(x2)  # another tensor
         x1.add_(1)
         got_v1 = attn.v_proj(x1)  # the same tensor, changed in place
-    assert calls == {"_GroupedLora": 3}  # a call that finds nothing computed for its input computes the group
+    assert calls == {"GroupedLora": 3}  # a call that finds nothing computed for its input computes the group
     assert torch.allclose(got_k2, want_k2, atol=1e-5) and torch.allclose(got_v1, want_v1, atol=1e-5)
 
 
