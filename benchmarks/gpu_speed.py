@@ -257,7 +257,10 @@ def timed_sweep(recipe: Recipe, gpus: int, ex: Execution) -> dict:
         seconds = time.perf_counter() - t0
         df = load_trials(Path(d) / "run")
     peaks = [i.get("peak_memory_gib", 0) for i in df["info"] if isinstance(i, dict)]
-    return {"s": round(seconds, 1), "startup_s": round((clock.ready or t0) - t0, 1),
+    # each GPU's trials and the seconds it spent in them: how evenly the groups of trials were shared
+    busy = ({str(d): [int(len(g)), round(float(g["wall_time"].sum()), 1)] for d, g in df.groupby("device")}
+            if {"device", "wall_time"} <= set(df.columns) else {})  # fmt: skip
+    return {"s": round(seconds, 1), "startup_s": round((clock.ready or t0) - t0, 1), "trials_and_busy_s": busy,
             "metrics": {(r.regime, int(r["rank"]), float(r.lr)): float(r.metric) for _, r in df.iterrows()},
             "peak_gib": max(peaks) if peaks else None, "failed": int((df["status"] == "failed").sum())}  # fmt: skip
 
@@ -273,7 +276,8 @@ def scaling(name: str, steps: int, gpus: int, ex: Execution) -> dict:
             "all_gpus_s": many["s"], "all_gpus_startup_s": many["startup_s"],
             "scaling": round(one["s"] / many["s"], 2),
             "scaling_after_startup": round((one["s"] - one["startup_s"]) / (many["s"] - many["startup_s"]), 2),
-            "failed": one["failed"] + many["failed"], "same_best_lrs": same}  # fmt: skip
+            "failed": one["failed"] + many["failed"], "same_best_lrs": same,
+            "trials_and_busy_s_per_gpu": many["trials_and_busy_s"]}  # fmt: skip
 
 
 def gpu_seconds(fn, reps: int = 20) -> float:
