@@ -22,10 +22,10 @@ from mua_cli.sweep import make_spec
 CFG = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2)
 
 
-def llama(dtype=torch.float32):
+def llama(dtype=torch.float32, cfg=CFG):
     """Under autocast the tests use a bf16 base, as mua does on a GPU."""
     torch.manual_seed(0)
-    return LlamaForCausalLM(CFG).eval().to(dtype)
+    return LlamaForCausalLM(cfg).eval().to(dtype)
 
 
 def perturbed(model):
@@ -103,6 +103,22 @@ def test_serial_adapters_match_peft(autocast, whole_layer, monkeypatch):
     base = llama(torch.bfloat16 if autocast else torch.float32)
     model = perturbed(prepare(base, "A:r", 4, 1.0, "all-linear", seed=3))  # scaling 1/4: a wrong scale shows
     assert_folded_matches_peft(model, torch.randint(0, CFG.vocab_size, (2, 9)), autocast, whole_layer, monkeypatch)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_grouped_adapters_with_biases_and_fewer_kv_heads_match_peft(autocast, monkeypatch):
+    """q/k/v with biases (Qwen2's) and k/v narrower than q (grouped-query attention): the group's [W | B]
+    matrices differ in height and each output has its own bias (random, so a dropped or misplaced one shows;
+    small enough that attention's softmax stays soft, or bf16 gradients of q and k are noise for peft too)."""
+    cfg = LlamaConfig(**{**CFG.to_dict(), "attention_bias": True, "num_key_value_heads": 1})
+    base = llama(torch.float32, cfg)
+    for m in base.modules():
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            m.bias.data.normal_(0, 0.05)
+    model = perturbed(prepare(base.to(torch.bfloat16 if autocast else torch.float32), "A:r", 4, 1.0,
+                              "all-linear", seed=3))  # fmt: skip
+    x = torch.randint(0, CFG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert_folded_matches_peft(model, x, autocast, True, monkeypatch)
 
 
 @pytest.mark.parametrize("whole_layer", [False, True])
