@@ -2,7 +2,11 @@
 per training step (forward, backward, AdamW) of LoRA trials, both ways, in the same run, on this machine's
 device, and the ratio.
 
-    python benchmarks/lora_addmm.py [--device cpu|cuda] [--runs tiny:1,tiny:8,wide:1] [--out FILE.json]
+    python benchmarks/lora_addmm.py [--device cpu|cuda] [--runs tiny:1,tiny:8,wide:1] [--out FILE.json] [--gpu-form]
+
+"peft" and "folded": an fp32 base under autocast (the fold's first form, which the CPU runs). With
+--gpu-form (the default on a CUDA device) also "peft_bf16" and "mua_gpu": a bf16 base, peft's layers against
+the ones mua runs on a GPU (lora_gpu.py: whole-layer functions, grouped q/k/v and gate/up, the cast buffer).
 
 Workloads (name:K, K LoRA trials per pass, rank 16, regime B:1): the embedded default's model (width 128, 2
 layers, batch 8 × 64) and a wider one (width 512, 4 layers, batch 8 × 256; wide:8 takes ~13 s a step on two
@@ -12,6 +16,7 @@ CPU cores). Steps are eager (a CUDA graph would replay the same kernels); the me
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import json
@@ -28,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mua_cli.adapters import prepare  # noqa: E402
 from mua_cli.batched import build  # noqa: E402
 from mua_cli.lora_addmm import fold_lora_adds  # noqa: E402
+from mua_cli.lora_gpu import precast_adapters  # noqa: E402
 from mua_cli.recipe import Recipe  # noqa: E402
 from mua_cli.sweep import make_spec  # noqa: E402
 
@@ -37,16 +43,17 @@ SHAPES = {  # name: (hidden, intermediate, layers, heads, batch, seq)
 }
 
 
-def step_ms(model, x, device: str, steps: int) -> float:
+def step_ms(model, x, device: str, steps: int, bf16: bool) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     cuda = device.startswith("cuda")
+    kind = "cuda" if cuda else "cpu"
     times = []
     for i in range(steps):
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(kind, dtype=torch.bfloat16, enabled=cuda or bf16):
             loss = model(input_ids=x[:, :-1], use_cache=False).logits.float().logsumexp(-1).mean()
         loss.backward()
         opt.step()
@@ -59,7 +66,7 @@ def step_ms(model, x, device: str, steps: int) -> float:
     return 1e3 * times[len(times) // 2]  # the median: robust to a shared machine's hiccups
 
 
-def run(name: str, k: int, device: str, steps: int) -> dict:
+def run(name: str, k: int, device: str, steps: int, gpu_form: bool) -> dict:
     hidden, inter, layers, heads, batch, seq = SHAPES[name]
     cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=heads)  # fmt: skip
@@ -70,16 +77,24 @@ def run(name: str, k: int, device: str, steps: int) -> dict:
     spec = make_spec(recipe, "B:1", 16, 1e-3, 0)
     x = torch.randint(0, 256, (batch * k, seq + 1), device=device)
     out = {"workload": name, "trials_per_pass": k}
-    for tag in ("peft", "folded"):
+    base16 = copy.deepcopy(base).to(torch.bfloat16)
+    # fp32 base under autocast: the first form of the fold; bf16 base: mua's GPU layers (lora_gpu.py) as
+    # run_trial sets them up (whole-layer functions, q/k/v and gate/up grouped, the cast buffer)
+    for tag in ("peft", "folded", *(("peft_bf16", "mua_gpu") if gpu_form else ())):
+        b = base16 if tag in ("peft_bf16", "mua_gpu") else base
         if k == 1:
-            model = prepare(base, "B:1", 16, 1.0, "all-linear", 0)
+            model = prepare(b, "B:1", 16, 1.0, "all-linear", 0)
         else:
-            model, _ = build(base, spec, dataclasses.replace(recipe, targets="all-linear"), k)
+            model, _ = build(b, spec, dataclasses.replace(recipe, targets="all-linear"), k)
         model.to(device).train()
-        if tag == "folded":
-            fold_lora_adds(model)
-        out[f"{tag}_ms"] = round(step_ms(model, x, device, steps), 2)
+        if tag in ("folded", "mua_gpu"):
+            fold_lora_adds(model, whole_layer=tag == "mua_gpu")
+        if tag == "mua_gpu":
+            precast_adapters(model)
+        out[f"{tag}_ms"] = round(step_ms(model, x, device, steps, b is base16), 2)
     out["ratio"] = round(out["peft_ms"] / out["folded_ms"], 3)
+    if gpu_form:
+        out["ratio_gpu_form"] = round(out["peft_bf16_ms"] / out["mua_gpu_ms"], 3)
     return out
 
 
@@ -89,9 +104,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=23)
     ap.add_argument("--runs", default="tiny:1,tiny:8,wide:1")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--gpu-form", action=argparse.BooleanOptionalAction, default=None,
+                    help="also peft and mua's GPU layers on a bf16 base (default: on a CUDA device)")  # fmt: skip
     args = ap.parse_args()
+    gpu_form = args.device.startswith("cuda") if args.gpu_form is None else args.gpu_form
     runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")]
-    rows = [run(name, k, args.device, args.steps) for name, k in runs]
+    rows = [run(name, k, args.device, args.steps, gpu_form) for name, k in runs]
     for r in rows:
         print(json.dumps(r), flush=True)
     report = {"date": datetime.date.today().isoformat(), "device": args.device, "torch": torch.__version__,
