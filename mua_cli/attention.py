@@ -13,8 +13,9 @@ transformers' SDPA function itself, with no mask function registered, so that no
 
 On a GPU that function runs with cuDNN's fused attention first in SDPA's order (flash next): 1.0 ms less per
 365M step than flash attention (docs/performance.md). Captured with the explicit mask above, cuDNN's kernel
-gave NaN losses in 7 of 24 B:1 trials of the embedded default; without a mask, all 24 finish with the eager
-steps' optimum. Masked attention (padded batches) never comes here, and graphed.py keeps cuDNN out of it.
+gave NaN losses in 7 of 24 B:1 trials of the embedded default; without a mask, all 24 finish, with flash
+attention's best LRs (benchmarks/gpu_cudnn_b1_2026-11-29/). Masked attention (padded batches) never comes
+here, and graphed.py keeps cuDNN out of it.
 """
 
 from __future__ import annotations

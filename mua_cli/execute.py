@@ -152,13 +152,19 @@ class PoolExecutor:
         self.k = trials_per_pass(ex, recipe, self.local.n_params)
         per = workers_per_gpu(ex, self.local.n_params)
         slots = [devices[i % len(devices)] for i in range(len(devices) * per)]
-        for device in slots[1:]:
-            p = self.ctx.Process(
-                target=_worker, args=(recipe, device, ex.cuda_graphs, ex.fused_kernels, self.tasks, self.results),
-                daemon=True,
-            )  # fmt: skip
-            p.start()
-            self.procs.append(p)
+        try:
+            for device in slots[1:]:
+                p = self.ctx.Process(
+                    target=_worker, args=(recipe, device, ex.cuda_graphs, ex.fused_kernels, self.tasks, self.results),
+                    daemon=True,
+                )  # fmt: skip
+                p.start()
+                self.procs.append(p)
+        except BaseException:  # the workers started so far stop, and this process's model (and Liger's patches) go
+            for p in self.procs:
+                p.terminate()
+            self.local.close()
+            raise
         self.slots = len(slots)
         self._free, self._error = threading.Event(), None  # this process's slot: idle; what stopped it
         self._free.set()

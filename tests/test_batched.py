@@ -163,6 +163,18 @@ def test_pool_runs_units_in_this_process_too(micro, monkeypatch):
     with pytest.raises(KeyboardInterrupt):  # closed: a unit still running would stop at its next step check
         pool.local.step(20, 1.0)
 
+    made: list[Runner] = []
+    monkeypatch.setattr(runner_module, "TrialRunner", lambda *a: made.append(Runner(*a)) or made[-1])
+
+    def cannot_start(self):
+        raise OSError("cannot fork")
+
+    monkeypatch.setattr(Process, "start", cannot_start)
+    with pytest.raises(OSError, match="cannot fork"):  # a worker that cannot start: this process's model goes
+        PoolExecutor(micro, Execution("cuda"), SimpleNamespace(note=notes.append), ["cuda:0", "cuda:1"])
+    assert len(made) == 1 and made[0].closed
+    monkeypatch.setattr(Process, "start", lambda self: started.append(self.device))
+
     pool = PoolExecutor(micro, Execution("cuda"), SimpleNamespace(note=notes.append), ["cuda:0", "cuda:1"])
     pool.procs[0].exitcode = 1  # a worker that died
     with pytest.raises(MuaError, match="a worker process died"):
