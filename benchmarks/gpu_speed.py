@@ -128,13 +128,13 @@ def best_lrs(metrics: dict) -> dict:
 
 
 class Clock(Listener):
-    """When the trials could begin: the first trial started in this process, or the worker processes said they
-    were ready (their note)."""
+    """When the trials could begin: the first trial started in this process, or the pool (several slots) said
+    its first slot was ready (its note)."""
 
     ready: float | None = None
 
     def note(self, message: str) -> None:
-        if "worker process" in message and self.ready is None:
+        if "slot(s)" in message and self.ready is None:  # the pool's note once its first slot's model is loaded
             self.ready = time.perf_counter()
 
     def trial_start(self, spec) -> None:
@@ -260,7 +260,10 @@ def timed_sweep(recipe: Recipe, gpus: int, ex: Execution) -> dict:
     # each GPU's trials and the seconds it spent in them: how evenly the groups of trials were shared
     busy = ({str(d): [int(len(g)), round(float(g["wall_time"].sum()), 1)] for d, g in df.groupby("device")}
             if {"device", "wall_time"} <= set(df.columns) else {})  # fmt: skip
+    walls = {r.key: (float(r.wall_time), r.info.get("batched_with", 1) if isinstance(r.info, dict) else 1)
+             for _, r in df.iterrows()}  # fmt: skip
     return {"s": round(seconds, 1), "startup_s": round((clock.ready or t0) - t0, 1), "trials_and_busy_s": busy,
+            "wall_and_batch": walls,
             "metrics": {(r.regime, int(r["rank"]), float(r.lr)): float(r.metric) for _, r in df.iterrows()},
             "peak_gib": max(peaks) if peaks else None, "failed": int((df["status"] == "failed").sum())}  # fmt: skip
 

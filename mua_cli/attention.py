@@ -11,29 +11,74 @@ transformers' own extension point does it: an attention implementation registere
 transformers' SDPA function itself, with no mask function registered, so that no mask is made
 (masking_utils: "custom attention without equivalent mask creation: we don't need a mask").
 
-On a GPU that function runs with cuDNN's fused attention first in SDPA's order (flash next): 1.0 ms less per
-365M step than flash attention (docs/performance.md). Captured with the explicit mask above, cuDNN's kernel
-gave NaN losses in 7 of 24 B:1 trials of the embedded default; without a mask, all 24 finish, with flash
-attention's best LRs (benchmarks/gpu_cudnn_b1_2026-11-29/). Masked attention (padded batches) never comes
-here, and graphed.py keeps cuDNN out of it.
+On a GPU a mask-free trial steps and evaluates with cuDNN's fused attention first in SDPA's order (flash
+next): 1.0 ms less per 365M step than flash attention (docs/performance.md). Captured with the explicit mask
+above, cuDNN's kernel gave NaN losses in 7 of 24 B:1 trials of the embedded default; without a mask, all 24
+finish, with flash attention's best LRs (benchmarks/gpu_cudnn_b1_2026-11-29/). So a model that keeps its mask
+(padded batches, sliding windows) runs without cuDNN's kernel (`step_kernels`).
+
+SDPA's choice of kernels is process-wide (torch keeps it in global flags), and a sweep steps on several GPUs
+from one thread each (execute.py): two threads' own `sdpa_kernel` blocks would restore the flags under each
+other. `kernels` makes them hold one setting together.
 """
 
 from __future__ import annotations
 
 import inspect
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 NAME = "mua_causal_sdpa"
 GPU_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+GRAPH_SAFE = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # with a mask: no cuDNN
+
+_held = threading.Condition()
+_setting: dict = {"order": None, "count": 0, "context": None}
 
 
-def _gpu_order():
-    """SDPA's kernels in GPU_ORDER; an older torch without `set_priority` keeps its own order among them."""
+def step_kernels(model: torch.nn.Module) -> list[SDPBackend]:
+    """The SDPA kernels a trial's steps and evaluation on a GPU run with, in order of preference."""
+    return GPU_ORDER if getattr(_config(model), "_attn_implementation", None) == NAME else GRAPH_SAFE
+
+
+def model_kernels(model: torch.nn.Module, device: str):
+    """What a trial's evaluation runs under: its steps' kernels on a GPU (so that no thread's setting differs)."""
+    return kernels(step_kernels(model)) if device.startswith("cuda") else nullcontext()
+
+
+def _sdpa(order: list[SDPBackend]):
+    """SDPA's kernels in `order`; an older torch without `set_priority` keeps its own order among them."""
     if "set_priority" in inspect.signature(sdpa_kernel).parameters:
-        return sdpa_kernel(GPU_ORDER, set_priority=True)
-    return sdpa_kernel(GPU_ORDER)
+        return sdpa_kernel(order, set_priority=True)
+    return sdpa_kernel(order)
+
+
+@contextmanager
+def kernels(order: list[SDPBackend]) -> Iterator[None]:
+    """`sdpa_kernel(order)` for every thread inside at once: set by the first thread in, undone by the last out.
+    A thread that asks for another order waits until the held one is let go (a sweep's threads all train the
+    same model, so they ask for the same one). Not reentrant across orders within one thread."""
+    key = tuple(order)
+    with _held:
+        while _setting["count"] and _setting["order"] != key:
+            _held.wait()
+        if not _setting["count"]:
+            _setting["context"], _setting["order"] = _sdpa(order), key
+            _setting["context"].__enter__()
+        _setting["count"] += 1
+    try:
+        yield
+    finally:
+        with _held:
+            _setting["count"] -= 1
+            if not _setting["count"]:
+                _setting["context"].__exit__(None, None, None)
+                _setting["context"] = _setting["order"] = None
+                _held.notify_all()
 
 
 def _config(model: torch.nn.Module):
@@ -67,12 +112,7 @@ def drop_causal_mask(model: torch.nn.Module, seq_len: int) -> bool:
     except ImportError:  # a transformers without the extension point: the model keeps its masks
         return False
 
-    def causal_sdpa(module, query, *args, **kwargs):
-        if not query.is_cuda:
-            return sdpa_attention_forward(module, query, *args, **kwargs)
-        with _gpu_order():
-            return sdpa_attention_forward(module, query, *args, **kwargs)
-
-    AttentionInterface.register(NAME, causal_sdpa)  # mua's name, in transformers' global registry
+    # transformers' SDPA function under mua's name, with no mask function registered (its kernels: step_kernels)
+    AttentionInterface.register(NAME, sdpa_attention_forward)  # in transformers' global registry
     _config(model)._attn_implementation = NAME
     return True

@@ -18,6 +18,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from .adapters import prepare
+from .attention import model_kernels, step_kernels
 from .graphed import Step
 from .recipe import Recipe
 from .tasks import LMTask
@@ -156,7 +157,7 @@ def _train(specs, base, task, recipe, device, on_step, t0, graphs, on_note) -> l
         torch.where(alive, loss, torch.zeros_like(loss)).sum().backward()
         opt.step(lr * alive, alive)
 
-    step_fn = Step(one_step, device, graphs, on_note)
+    step_fn = Step(one_step, device, graphs, on_note, step_kernels(model))
     losses = torch.full((recipe.steps, k), math.nan, device=device)
     seen = 0
     for step in range(recipe.steps):
@@ -192,7 +193,8 @@ def _evaluate(model, task: LMTask, recipe: Recipe, k: int, device: str) -> torch
     model.eval()
     low = next(model.parameters()).dtype != torch.float32
     batches = task.data.eval_batches(recipe.batch_size)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda") and low):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda") and low), \
+            model_kernels(model, device):  # fmt: skip
         total = sum(per_trial_loss(model, b.to(device).repeat(k, 1), k) for b in batches)
     model.train()
     return (total / len(batches)).cpu()

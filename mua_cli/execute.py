@@ -1,8 +1,8 @@
 """Where and how a sweep's trials run: units of work (batched.py groups LoRA trials that differ only in LR),
-run in this process on one device, or by this process and worker processes over every visible GPU (several
-per GPU when asked), all taking units from one queue.
+run in this process on one device, or by slots over every visible GPU (several per GPU when asked): threads of
+this process, or worker processes for eager steps, all taking units from one queue.
 
-This process alone writes the trial store: workers send results back, so SQLite never sees two writers.
+This process alone writes the trial store: slots send results back, so SQLite never sees two writers.
 """
 
 from __future__ import annotations
@@ -114,6 +114,12 @@ class _Notes:
         self.results.put(("note", self.device, message))
 
 
+def _serve(runner, tasks, results) -> None:
+    while (unit := tasks.get()) is not None:
+        for spec, result in zip(unit, runner.run_unit(unit), strict=True):
+            results.put(("done", spec, result))
+
+
 def _worker(recipe: Recipe, device: str, graphs: bool, fused: bool, tasks, results) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
     try:
@@ -124,36 +130,56 @@ def _worker(recipe: Recipe, device: str, graphs: bool, fused: bool, tasks, resul
         results.put(("error", device, f"{type(e).__name__}: {e}"))
         return
     results.put(("ready", device, runner.n_params))
-    while (unit := tasks.get()) is not None:
-        for spec, result in zip(unit, runner.run_unit(unit), strict=True):
-            results.put(("done", spec, result))
+    _serve(runner, tasks, results)
+
+
+@dataclass
+class _Slot:
+    """A thread of this process that runs units on one device with its own runner."""
+
+    device: str
+    runner: object = None
+    shares_gpu: bool = False  # with another slot: each then steps on its own stream, so that both run at once
+    error: BaseException | None = None
+    thread: threading.Thread | None = None
+
+
+_BUILD = threading.Lock()  # one runner is built at a time: fusing kernels patches process-wide modules (fused.py)
 
 
 class PoolExecutor:
-    """Several processes over the visible GPUs (or several on one device), every one taking its next unit from
-    one queue. This process runs the first slot itself, in a thread: it loads the model (pretraining and
-    caching the embedded model if it must) in ~2 s, where a worker process takes ~10 s to start (Python,
-    torch, the model), then starts the workers for the other slots and runs units while they start. The main
-    thread stores every result as it comes (a Ctrl-C loses only units cut off mid-way)."""
+    """Slots over the visible GPUs (or several on one device), every one taking its next unit from one queue.
+    The main thread stores every result as it comes (a Ctrl-C loses only units cut off mid-way).
+
+    With CUDA graphs (the default) every slot is a thread of this process: a replayed step leaves the host
+    idle, so one process keeps every GPU busy. The first slot's model is loaded (pretrained and cached, for the
+    embedded model, if it must be) before the threads start; each other slot loads its own copy in its thread
+    while the first runs units, where a worker process took ~10 s to start (Python, torch, the model).
+    Eager steps are bound by the host launching kernels, so without graphs the slots after the first are worker
+    processes."""
 
     def __init__(self, recipe: Recipe, ex: Execution, listener, devices: list[str]):
         import torch.multiprocessing as mp
 
         from .runner import TrialRunner
 
-        self.recipe, self.listener, self.ctx = recipe, listener, mp.get_context("spawn")
+        self.recipe, self.listener, self.ex = recipe, listener, ex
+        self.ctx = mp.get_context("spawn")
         self.tasks, self.results = self.ctx.Queue(), self.ctx.Queue()
         self.procs: list = []
-        # no per-step progress from this process's slot (the other slots' trials run at the same time); its step
-        # callback is where a Ctrl-C stops it (close), so that no thread is inside torch when the process exits
+        # a Ctrl-C stops the slots' threads at their next step check (close), so that none is inside torch
+        # when the process exits
         self._stop = threading.Event()
-        own = SimpleNamespace(note=listener.note, step=self._stop_point)
-        self.local = TrialRunner(recipe, devices[0], own, ex.cuda_graphs, ex.fused_kernels)
-        self.k = trials_per_pass(ex, recipe, self.local.n_params)
-        per = workers_per_gpu(ex, self.local.n_params)
+        first = TrialRunner(recipe, devices[0], self._own(devices[0]), ex.cuda_graphs, ex.fused_kernels)
+        self.runners = [first]  # in the order built, closed in reverse: fused.py's process-wide patches nest
+        self.k = trials_per_pass(ex, recipe, first.n_params)
+        per = workers_per_gpu(ex, first.n_params)
         slots = [devices[i % len(devices)] for i in range(len(devices) * per)]
+        threaded = ex.cuda_graphs and devices[0].startswith("cuda")
+        self.slots = [_Slot(d, shares_gpu=threaded and slots.count(d) > 1) for d in (slots if threaded else slots[:1])]
+        self.slots[0].runner = first
         try:
-            for device in slots[1:]:
+            for device in slots[len(self.slots) :]:
                 p = self.ctx.Process(
                     target=_worker, args=(recipe, device, ex.cuda_graphs, ex.fused_kernels, self.tasks, self.results),
                     daemon=True,
@@ -163,64 +189,80 @@ class PoolExecutor:
         except BaseException:  # the workers started so far stop, and this process's model (and Liger's patches) go
             for p in self.procs:
                 p.terminate()
-            self.local.close()
+            first.close()
             raise
-        self.slots = len(slots)
-        self._free, self._error = threading.Event(), None  # this process's slot: idle; what stopped it
-        self._free.set()
+        for slot in self.slots:
+            slot.thread = threading.Thread(target=self._serve, args=(slot,), name=f"mua-{slot.device}", daemon=True)
+            slot.thread.start()
+        self.n_slots = len(slots)
         batched = f", up to {self.k} LoRA trials per forward pass" if self.k > 1 else ""
-        listener.note(f"{len(devices)} device(s) ({', '.join(devices)}) × {per} process(es): this one and "
-                      f"{len(self.procs)} worker process(es) starting{batched}")  # fmt: skip
+        how = (f"{len(self.slots)} slot(s), threads of this process" if threaded else
+               f"{len(slots)} slot(s): this process and {len(self.procs)} worker process(es) starting")  # fmt: skip
+        listener.note(f"{len(devices)} device(s) ({', '.join(devices)}): {how}{batched}")
 
     def run(self, pending: list[TrialSpec]) -> Iterator[tuple[TrialSpec, TrialResult]]:
         # no fewer units than slots where the trials allow it: an idle slot wastes its share of the GPU
-        k = min(self.k, max(1, math.ceil(len(pending) / self.slots)))
+        k = min(self.k, max(1, math.ceil(len(pending) / self.n_slots)))
         work = units(pending, self.recipe, k)
         for unit in work:
             self.tasks.put(unit)
-        left, queued = sum(len(u) for u in work), True
+        left = sum(len(u) for u in work)
         while left:
             dead = [p for p in self.procs if p.exitcode not in (None, 0)]  # workers leave only when told
             if dead:
                 msg = (f"a worker process died (exit code {dead[0].exitcode}); finished trials are stored, "
                        "run again to resume")  # fmt: skip
                 raise MuaError(msg)
-            if self._free.is_set():
-                if self._error is not None:
-                    raise self._error
-                unit = self._take() if queued else None
-                queued = unit is not None  # once empty, it stays so: every unit went to a live process
-                if unit is not None:
-                    self._free.clear()
-                    threading.Thread(target=self._run_local, args=(unit,), name="mua-own-slot", daemon=True).start()
-            # results as they come, this process's and the workers' alike: each is stored at once
+            for slot in self.slots:
+                if slot.error is not None:
+                    raise slot.error
+            # results as they come, from every slot: each is stored at once
             if (message := self._get(timeout=0.5)) is not None:
                 left -= 1
                 yield message[1], message[2]
 
-    def _run_local(self, unit: list[TrialSpec]) -> None:
-        """This process's slot, in a thread: its results join the workers' in the one queue."""
-        try:
-            if self.local.device.startswith("cuda:"):  # the current GPU is per thread (Triton launches on it)
-                import torch
+    def _own(self, device: str) -> SimpleNamespace:
+        """A thread slot's listener: no per-step progress (several slots run at once); its step callback is where
+        a Ctrl-C stops it; its notes reach the main thread through the results queue."""
 
-                torch.cuda.set_device(self.local.device)
-            for spec, result in zip(unit, self.local.run_unit(unit), strict=True):
-                self.results.put(("done", spec, result))
+        def note(message: str) -> None:
+            if threading.current_thread() is threading.main_thread():
+                self.listener.note(message)
+            else:
+                self.results.put(("note", device, message))
+
+        return SimpleNamespace(note=note, step=self._stop_point)
+
+    def _serve(self, slot: _Slot) -> None:
+        """A slot's thread: loads its model if it has none yet, then runs units until told to stop."""
+        import torch
+
+        from .runner import TrialRunner
+
+        try:
+            if slot.device.startswith("cuda:"):  # the current GPU is per thread (Triton launches on it)
+                torch.cuda.set_device(slot.device)
+            if slot.runner is None:
+                try:
+                    with _BUILD:
+                        if self._stop.is_set():
+                            return
+                        slot.runner = TrialRunner(self.recipe, slot.device, self._own(slot.device),
+                                                  self.ex.cuda_graphs, self.ex.fused_kernels)  # fmt: skip
+                        self.runners.append(slot.runner)
+                except Exception as e:  # noqa: BLE001 — this slot takes no units; the others run them
+                    self.results.put(("error", slot.device, f"{type(e).__name__}: {e}"))
+                    return
+            if slot.shares_gpu:
+                torch.cuda.synchronize(slot.device)  # the base's copy to the GPU, made on the default stream
+                torch.cuda.set_stream(torch.cuda.Stream(slot.device))
+            _serve(slot.runner, self.tasks, self.results)
         except BaseException as e:  # noqa: BLE001 — raised again by run(), in the main thread
-            self._error = e
-        self._free.set()
+            slot.error = e
 
     def _stop_point(self, step: int, loss: float) -> None:
         if self._stop.is_set():
             raise KeyboardInterrupt  # trials let it through: the unit stops, nothing of it is stored
-
-    def _take(self) -> list[TrialSpec] | None:
-        """The next unit, or None when the queue is empty (a second's wait covers the queue's feeder thread)."""
-        try:
-            return self.tasks.get(timeout=1)
-        except queue.Empty:
-            return None
 
     def _get(self, timeout: float):
         """The next result, or None if none comes within `timeout` seconds; notes are shown."""
@@ -231,31 +273,34 @@ class PoolExecutor:
                 return None
             if message[0] == "done":
                 return message
-            if message[0] == "error":  # it takes no units: the other processes run them
-                self.listener.note(f"worker on {message[1]} could not load the workload: {message[2]}")
+            if message[0] == "error":  # it takes no units: the other slots run them
+                self.listener.note(f"{message[1]} could not load the workload: {message[2]}")
             elif message[0] == "note":
                 self.listener.note(f"{message[1]}: {message[2]}")
 
     def close(self, interrupted: bool = False) -> None:
-        """Workers finish their unit and exit; on Ctrl-C or an error they stop at once (a unit cut off
-        mid-way was not stored, so it runs again next time)."""
+        """Slots finish their unit and stop; on Ctrl-C or an error they stop at once (a unit cut off mid-way was
+        not stored, so it runs again next time)."""
         self._stop.set()
         for p in self.procs:
             if interrupted:
                 p.terminate()
-            else:
-                self.tasks.put(None)
-        self._free.wait(timeout=60)  # this process's slot stops at its next step check (every 10 steps)
+        for _ in range(len(self.slots) + (0 if interrupted else len(self.procs))):
+            self.tasks.put(None)
+        for slot in self.slots:
+            slot.thread.join(timeout=60)  # a unit running stops at its next step check (every 10 steps)
         for p in self.procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
-        self.local.close()
+        with _BUILD:  # a slot still loading its model would add it after this
+            for runner in reversed(self.runners):
+                runner.close()
 
 
 def executor(recipe: Recipe, ex: Execution, listener):
-    """Worker processes over every visible GPU (`cuda`), or several on one device when asked for
-    (`--workers-per-gpu N` with cpu or cuda:N); this process otherwise."""
+    """Slots over every visible GPU (`cuda`), or several on one device when asked for (`--workers-per-gpu N`
+    with cpu or cuda:N); this process's main thread otherwise."""
     if ex.device == "cuda":
         import torch
 

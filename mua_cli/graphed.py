@@ -10,28 +10,42 @@ The first WARMUP steps are the trial's real steps, run eagerly on a side stream 
 allocator, cuBLAS and the optimizer's state warmed up before capture); capturing then runs nothing, and every
 later step is a replay of the same operations. cuBLAS may choose other kernels while capturing, so losses can
 differ from eager ones around the 5th digit (tests/test_gpu.py compares them).
+
+A sweep may capture on several GPUs from one thread each (execute.py), so a capture uses its own GPU's stream
+(torch's default capture stream is one per process, made on whichever GPU captured first), forbids unsafe CUDA
+calls in its own thread only (`thread_local`), and holds CAPTURE, so that no other thread empties the
+allocator's cache while it captures.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
+
+from .attention import GRAPH_SAFE, kernels
 
 WARMUP = 3
-# cuDNN's fused attention inside a captured step with an explicit mask gave NaN losses in 7 of 24 B:1 trials of
-# the embedded default that eager steps finish (H200, torch 2.11; docs/performance.md). Mask-free causal
-# attention (attention.py) puts cuDNN's kernel first again, for its own calls only.
-GRAPH_SAFE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+CAPTURE = threading.Lock()
+
+
+def empty_cache() -> None:
+    """torch.cuda.empty_cache, never while another thread captures (it frees cached blocks on every GPU)."""
+    with CAPTURE:
+        torch.cuda.empty_cache()
 
 
 class Step:
     """Calls `fn` once per training step: eagerly, or (on a GPU, when `graphs`) by replaying its capture.
-    A step that cannot be captured (an op that syncs with the host, say) falls back to eager, with a note."""
+    A step that cannot be captured (an op that syncs with the host, say) falls back to eager, with a note.
+    `attention`: SDPA's kernels for the step (attention.step_kernels; cuDNN's only for mask-free attention: with
+    an explicit mask it gave NaN losses in 7 of 24 captured B:1 trials of the embedded default, H200, torch 2.11)."""
 
-    def __init__(self, fn: Callable[[], None], device: str, graphs: bool, on_note: Callable[[str], None] | None):
-        self.fn, self.on_note = fn, on_note
+    def __init__(self, fn: Callable[[], None], device: str, graphs: bool, on_note: Callable[[str], None] | None,
+                 attention: list[SDPBackend] = GRAPH_SAFE):  # fmt: skip
+        self.fn, self.on_note, self.attention = fn, on_note, attention
         self.cuda, self.device = device.startswith("cuda"), torch.device(device)
         self.graphed = graphs and self.cuda
         self.count = 0
@@ -44,7 +58,7 @@ class Step:
             with torch.cuda.device(self.device):  # streams and graphs belong to the trial's GPU, not to cuda:0
                 self._graphed_step(params)
         elif self.cuda:  # the same attention kernels as a graphed step: --no-cuda-graphs changes no result
-            with sdpa_kernel(GRAPH_SAFE_ATTENTION):
+            with kernels(self.attention):
                 self.fn()
         else:
             self.fn()
@@ -55,7 +69,7 @@ class Step:
         elif self.count <= WARMUP:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), sdpa_kernel(GRAPH_SAFE_ATTENTION):
+            with torch.cuda.stream(side), kernels(self.attention):
                 self.fn()
             torch.cuda.current_stream().wait_stream(side)
         else:
@@ -63,17 +77,18 @@ class Step:
             if self.graph is not None:
                 self.graph.replay()
             else:
-                with sdpa_kernel(GRAPH_SAFE_ATTENTION):
+                with kernels(self.attention):
                     self.fn()
 
     def _capture(self, params: list[torch.Tensor]) -> None:
         for p in params:
             p.grad = None  # so that backward allocates them in the graph's pool
-        torch.cuda.empty_cache()  # the warm-up's cached activations would otherwise sit beside the graph's own
-        graph = torch.cuda.CUDAGraph()
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(self.device)
         try:
-            with torch.cuda.graph(graph), sdpa_kernel(GRAPH_SAFE_ATTENTION):
-                self.fn()
+            with CAPTURE:
+                torch.cuda.empty_cache()  # the warm-up's cached activations would otherwise sit beside the graph's
+                with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"), kernels(self.attention):
+                    self.fn()
         except torch.cuda.OutOfMemoryError:
             raise  # the caller splits the batched trials and tries again
         except RuntimeError as e:

@@ -7,6 +7,7 @@ import torch
 
 from .errors import MuaError
 from .fused import fuse
+from .graphed import empty_cache
 from .recipe import Recipe
 from .tasks import load_workload
 from .train import run_trial
@@ -71,6 +72,6 @@ class TrialRunner:
                 unit, self.base, self.data, self.recipe, self.device, self.on_step, self.graphs, self.on_note
             )
         except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
+            empty_cache()
             half = len(unit) // 2
             return self._run_unit(unit[:half]) + self._run_unit(unit[half:])

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from .adapters import head_modules, param_groups, prepare, skip_input_casts
-from .attention import drop_causal_mask
+from .attention import drop_causal_mask, model_kernels, step_kernels
 from .data import TokenData
 from .graphed import Step, set_lrs
 from .lora_addmm import fold_lora_adds
@@ -145,7 +145,7 @@ def _train(spec, base, data, recipe, device, on_step, t0, graphs, on_note) -> Tr
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step_fn = Step(one_step, device, graphs and fixed, on_note)
+    step_fn = Step(one_step, device, graphs and fixed, on_note, step_kernels(model))
     # Losses stay on the device and are read every `check` steps: the step loop never waits for the host.
     check = 1 if device == "cpu" else CHECK_EVERY
     losses = torch.full((recipe.steps,), math.nan, device=device)
@@ -169,7 +169,8 @@ def _train(spec, base, data, recipe, device, on_step, t0, graphs, on_note) -> Tr
     result.info = _info(recipe, task, groups, head, base)
     if result.status == "ok" and (recipe.metric == "eval" or recipe.eval_fraction > 0):
         low = next(base.parameters()).dtype != torch.float32  # a bf16 base evaluates under autocast too
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda") and low):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda") and low), \
+                model_kernels(model, device):  # fmt: skip
             scores = evaluate_task(model, task, recipe.batch_size, device)
         set_eval(result, scores["loss"], recipe)
         if "accuracy" in scores:

@@ -9,9 +9,10 @@ import copy
 import pytest
 import torch
 import transformers.utils.import_utils as import_utils
+from torch.nn.attention import SDPBackend
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from mua_cli.attention import NAME, drop_causal_mask, maskless_reason
+from mua_cli.attention import GPU_ORDER, GRAPH_SAFE, NAME, drop_causal_mask, kernels, maskless_reason, step_kernels
 
 SEQ = 12
 
@@ -59,6 +60,55 @@ def test_peft_copy_is_switched_too():
     model = get_peft_model(_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     assert drop_causal_mask(model, SEQ)
     assert model.base_model.model.config._attn_implementation == NAME
+
+
+def test_steps_of_a_mask_free_model_may_use_cudnn_attention():
+    model = _llama()
+    assert step_kernels(model) == GRAPH_SAFE and SDPBackend.CUDNN_ATTENTION not in GRAPH_SAFE
+    assert drop_causal_mask(model, SEQ)
+    assert step_kernels(model) == GPU_ORDER and GPU_ORDER[0] == SDPBackend.CUDNN_ATTENTION
+
+
+def test_threads_hold_one_attention_setting_together():
+    """SDPA's flags are process-wide. With a plain sdpa_kernel, the first thread out would restore cuDNN's
+    kernel while the second still runs without it; `kernels` keeps the setting until the last is out, and a
+    thread that asks for another order waits for it."""
+    import threading
+
+    cudnn = torch.backends.cuda.cudnn_sdp_enabled
+    assert cudnn()
+    a_in, b_in, a_out, b_done = (threading.Event() for _ in range(4))
+    seen: dict[str, bool] = {}
+
+    def a():
+        with kernels(GRAPH_SAFE):
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def b():
+        a_in.wait(5)
+        with kernels(GRAPH_SAFE):
+            b_in.set()
+            a_out.wait(5)
+            seen["b after a left"] = cudnn()
+            b_done.set()
+
+    def other():
+        with kernels(GPU_ORDER):
+            seen["other waited for b"] = b_done.is_set()
+            seen["other's order"] = cudnn()
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    for t in threads:
+        t.start()
+    a_in.wait(5)
+    threads.append(threading.Thread(target=other))
+    threads[-1].start()
+    for t in threads:
+        t.join(10)
+    assert seen == {"b after a left": False, "other waited for b": True, "other's order": True}
+    assert cudnn()  # the last out restored torch's own setting
 
 
 def test_left_alone_where_the_mask_is_more_than_causal():

@@ -98,19 +98,118 @@ def test_execution_defaults_follow_the_measured_rules(micro):
     assert workers_per_gpu(Execution("cuda", workers_per_gpu=3), 5e6) == 3
 
 
-def test_pool_runs_units_in_this_process_too(micro, monkeypatch):
-    """This process loads the model for the first slot, starts workers for the others without waiting for
-    them, and takes units from the queue as they do: with workers that never take one, it runs them all."""
-    import queue
+class FakeRunner:
+    """A runner that loads nothing: it records what ran where, and in what order runners were made and closed."""
+
+    n_params = 5_000_000
+    made: list = []
+    closed: list = []
+    broken: set = set()  # devices whose runner cannot be made
+
+    def __init__(self, recipe, device, listener, graphs, fused):
+        if device in self.broken:
+            raise OSError("no such model")
+        self.device, self.ran, self.step = device, [], listener.step  # step: where the pool stops a slot
+        self.made.append(self)
+
+    def run_unit(self, unit):
+        import time
+
+        from mua_cli.trial import TrialResult
+
+        time.sleep(0.01)  # so that every slot gets a turn
+        self.ran.append(unit)
+        return [TrialResult("ok", 1.0, device=self.device) for _ in unit]
+
+    def close(self):
+        self.closed.append(self)
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """TrialRunner replaced by FakeRunner, and the CUDA calls a slot's thread makes recorded."""
     from types import SimpleNamespace
 
     import torch
 
     import mua_cli.runner as runner_module
-    from mua_cli.errors import MuaError
+
+    FakeRunner.made, FakeRunner.closed, FakeRunner.broken = [], [], set()
+    monkeypatch.setattr(runner_module, "TrialRunner", FakeRunner)
+    calls = SimpleNamespace(device=[], stream=[])
+    monkeypatch.setattr(torch.cuda, "set_device", calls.device.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: f"stream on {device}")
+    monkeypatch.setattr(torch.cuda, "set_stream", calls.stream.append)
+    return calls
+
+
+def test_graphed_pool_runs_one_thread_per_gpu(micro, fake_gpus):
+    """With CUDA graphs every slot is a thread of this process on its own GPU; a GPU whose model cannot load
+    takes no units, and the models are closed in the reverse of the order they were made."""
+    from types import SimpleNamespace
+
     from mua_cli.execute import PoolExecutor
     from mua_cli.sweep import plan
-    from mua_cli.trial import TrialResult
+
+    FakeRunner.broken = {"cuda:2"}
+    notes: list[str] = []
+    gpus = ["cuda:0", "cuda:1", "cuda:2"]
+    pool = PoolExecutor(micro, Execution("cuda"), SimpleNamespace(note=notes.append), gpus)
+    assert pool.procs == [] and "3 slot(s), threads of this process" in notes[-1]
+    specs = plan(micro)
+    ran = [(spec.key, result.device) for spec, result in pool.run(specs)]
+    assert sorted(k for k, _ in ran) == sorted(s.key for s in specs)
+    assert {d for _, d in ran} == {"cuda:0", "cuda:1"}  # both loaded GPUs took units
+    assert "cuda:2 could not load the workload: OSError: no such model" in notes
+    assert sorted(fake_gpus.device) == gpus and fake_gpus.stream == []  # one GPU per slot: default streams
+    pool.close()
+    assert FakeRunner.closed == FakeRunner.made[::-1] and len(FakeRunner.made) == 2
+    with pytest.raises(KeyboardInterrupt):  # closed: a unit still running would stop at its next step check
+        FakeRunner.made[1].step(20, 1.0)
+
+
+def test_slots_that_share_a_gpu_step_on_their_own_streams(micro, fake_gpus):
+    from types import SimpleNamespace
+
+    from mua_cli.execute import PoolExecutor
+    from mua_cli.sweep import plan
+
+    pool = PoolExecutor(micro, Execution("cuda", workers_per_gpu=2), SimpleNamespace(note=print), ["cuda:0"])
+    assert len(pool.slots) == 2 and pool.procs == []
+    assert len(list(pool.run(plan(micro)))) == len(plan(micro))
+    pool.close()
+    assert fake_gpus.stream == ["stream on cuda:0"] * 2
+
+
+def test_a_slot_that_fails_stops_the_sweep_with_its_error(micro, fake_gpus, monkeypatch):
+    from types import SimpleNamespace
+
+    from mua_cli.execute import PoolExecutor
+    from mua_cli.sweep import plan
+
+    def broken(self, unit):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(FakeRunner, "run_unit", broken)
+    pool = PoolExecutor(micro, Execution("cuda"), SimpleNamespace(note=print), ["cuda:0", "cuda:1"])
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        list(pool.run(plan(micro)))
+    pool.close(interrupted=True)
+    assert len(FakeRunner.closed) == 2
+
+
+def test_eager_pool_runs_units_in_this_process_too(micro, fake_gpus, monkeypatch):
+    """Without graphs this process runs the first slot and starts worker processes for the others without
+    waiting for them, taking units from the queue as they do: with workers that never take one, it runs them
+    all."""
+    import queue
+    from types import SimpleNamespace
+
+    import torch
+
+    from mua_cli.execute import PoolExecutor
+    from mua_cli.sweep import plan
 
     started: list[str] = []
 
@@ -128,54 +227,31 @@ def test_pool_runs_units_in_this_process_too(micro, monkeypatch):
         def is_alive(self):
             return False
 
-    class Runner:
-        n_params = 5_000_000
-
-        def __init__(self, recipe, device, listener, graphs, fused):
-            self.device, self.ran, self.closed = device, [], False
-            self.step = listener.step  # where the pool stops its own slot, not a progress display
-
-        def run_unit(self, unit):
-            self.ran.append(unit)
-            return [TrialResult("ok", 1.0) for _ in unit]
-
-        def close(self):
-            self.closed = True
+        def terminate(self): ...
 
     ctx = SimpleNamespace(Queue=queue.Queue, Process=Process)
     monkeypatch.setattr(torch.multiprocessing, "get_context", lambda kind: ctx)
-    monkeypatch.setattr(runner_module, "TrialRunner", Runner)
-    thread_devices: list[str] = []  # the slot's thread sets its GPU: the current device is per thread
-    monkeypatch.setattr(torch.cuda, "set_device", thread_devices.append)
     notes: list[str] = []
-    pool = PoolExecutor(micro, Execution("cuda"), SimpleNamespace(note=notes.append), ["cuda:0", "cuda:1", "cuda:2"])
-    assert pool.local.device == "cuda:0" and started == ["cuda:1", "cuda:2"]
-    assert "this one and 2 worker process(es)" in notes[-1]
+    eager = Execution("cuda", workers_per_gpu=1, cuda_graphs=False)
+    pool = PoolExecutor(micro, eager, SimpleNamespace(note=notes.append), ["cuda:0", "cuda:1", "cuda:2"])
+    assert [s.device for s in pool.slots] == ["cuda:0"] and started == ["cuda:1", "cuda:2"]
+    assert "this process and 2 worker process(es)" in notes[-1]
     specs = plan(micro)
     pool.results.put(("error", "cuda:2", "OSError: no such model"))  # a worker that could not load
     ran = [spec.key for spec, result in pool.run(specs)]
-    assert sorted(ran) == sorted(s.key for s in specs) and len(pool.local.ran) >= 3  # no fewer units than slots
-    assert "worker on cuda:2 could not load the workload: OSError: no such model" in notes
-    assert set(thread_devices) == {"cuda:0"}
-    pool.local.step(10, 1.0)  # running: nothing happens
+    assert sorted(ran) == sorted(s.key for s in specs) and len(FakeRunner.made[0].ran) >= 3  # units ≥ slots
+    assert "cuda:2 could not load the workload: OSError: no such model" in notes
+    assert fake_gpus.device == ["cuda:0"]
     pool.close()
-    assert pool.local.closed and pool.tasks.qsize() == 2  # one stop sign per worker
-    with pytest.raises(KeyboardInterrupt):  # closed: a unit still running would stop at its next step check
-        pool.local.step(20, 1.0)
+    assert FakeRunner.closed == FakeRunner.made
+    assert pool.tasks.qsize() == 2  # a stop sign per worker left (this process's thread took its own)
 
-    made: list[Runner] = []
-    monkeypatch.setattr(runner_module, "TrialRunner", lambda *a: made.append(Runner(*a)) or made[-1])
+    FakeRunner.made, FakeRunner.closed = [], []
 
     def cannot_start(self):
         raise OSError("cannot fork")
 
     monkeypatch.setattr(Process, "start", cannot_start)
     with pytest.raises(OSError, match="cannot fork"):  # a worker that cannot start: this process's model goes
-        PoolExecutor(micro, Execution("cuda"), SimpleNamespace(note=notes.append), ["cuda:0", "cuda:1"])
-    assert len(made) == 1 and made[0].closed
-    monkeypatch.setattr(Process, "start", lambda self: started.append(self.device))
-
-    pool = PoolExecutor(micro, Execution("cuda"), SimpleNamespace(note=notes.append), ["cuda:0", "cuda:1"])
-    pool.procs[0].exitcode = 1  # a worker that died
-    with pytest.raises(MuaError, match="a worker process died"):
-        list(pool.run(specs))
+        PoolExecutor(micro, eager, SimpleNamespace(note=notes.append), ["cuda:0", "cuda:1"])
+    assert len(FakeRunner.made) == 1 and FakeRunner.closed == FakeRunner.made

@@ -222,3 +222,26 @@ def test_whole_layer_lora_matches_peft_on_the_gpu(k, monkeypatch):
         model, _ = build(base, make_spec(recipe, "A:r", 4, 0.01, 0), recipe, k)
     x = torch.randint(0, CFG.vocab_size, (2 * k, 9), device="cuda")
     assert_folded_matches_peft(perturbed(model).cuda(), x, True, True, monkeypatch)
+
+
+@pytest.mark.parametrize("per_gpu", [1, 2])
+def test_thread_slots_give_the_main_threads_trials(micro, runner, per_gpu):
+    """The pool's slots are threads of this process (execute.py): one on the GPU's default stream, as on a
+    machine of several GPUs, or two sharing this GPU, each on its own stream, one capturing while the other
+    replays. Every trial is the one the main thread runs, and every step was captured."""
+    from mua_cli.execute import Execution, PoolExecutor
+    from mua_cli.sweep import plan
+
+    specs = plan(micro)  # 2 regimes × 2 ranks × 5 LRs, one trial per unit: the same units both ways
+    ref = {s.key: run_trial(s, runner.base, runner.data, micro, "cuda:0") for s in specs}
+    notes: list[str] = []
+    pool = PoolExecutor(micro, Execution("cuda:0", per_gpu, 1), SimpleNamespace(note=notes.append), ["cuda:0"])
+    try:
+        assert len(pool.slots) == per_gpu and pool.procs == []
+        got = dict((spec.key, result) for spec, result in pool.run(specs))
+    finally:
+        pool.close()
+    assert not [n for n in notes if "capture failed" in n], notes
+    assert sorted(got) == sorted(ref)
+    for key, result in got.items():
+        _same(ref[key], result)
