@@ -97,7 +97,7 @@ def sweep(
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<recipe>-<settings hash>).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda (every visible GPU) or cuda:N.")] = "auto",
     workers_per_gpu: Annotated[
-        int, typer.Option(min=0, help="Trial processes per GPU; 0: one (eager steps: by model size).")
+        int, typer.Option(min=0, help="Trial slots per GPU (threads; processes with --no-cuda-graphs); 0: by size.")
     ] = 0,
     batch_trials: Annotated[
         int, typer.Option(min=0, help="LoRA trials per forward pass (same rank, other LRs); 0 picks by size.")

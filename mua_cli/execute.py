@@ -55,11 +55,14 @@ def trials_per_pass(ex: Execution, recipe: Recipe, n_params: int) -> int:
 
 
 def workers_per_gpu(ex: Execution, n_params: int) -> int:
+    """Slots per GPU. With CUDA graphs two threads share a GPU below 300M parameters: while one builds a group's
+    model, warms it up, captures or evaluates, the other's replays keep the GPU busy. On one H200 (2026-11-29,
+    `python benchmarks/pool_start.py`) the 5m sweep took 33.9 s with two against 45.4 with one, the 124m 14.3
+    against 17.1. Eager steps are bound by the host launching kernels: several processes share a GPU."""
     if ex.workers_per_gpu:
         return ex.workers_per_gpu
     if ex.cuda_graphs:
-        return 1  # a replayed step keeps the GPU busy from one process, which starts in ~2 s instead of ~25
-    # eager steps are bound by the host launching kernels: several processes share a GPU (measured 2026-11-29)
+        return {"small": 2, "medium": 2, "large": 1}[size_class(n_params)]
     return {"small": 4, "medium": 2, "large": 1}[size_class(n_params)]
 
 
@@ -84,13 +87,13 @@ def units(pending: list[TrialSpec], recipe: Recipe, k: int) -> list[list[TrialSp
 
 
 class LocalExecutor:
-    """Every unit in this process, on one device."""
+    """Every unit in this process's main thread, on one device (with per-step progress)."""
 
-    def __init__(self, recipe: Recipe, ex: Execution, listener):
+    def __init__(self, recipe: Recipe, ex: Execution, listener, runner=None):
         from .runner import TrialRunner
 
         self.recipe, self.listener = recipe, listener
-        self.runner = TrialRunner(recipe, ex.device, listener, ex.cuda_graphs, ex.fused_kernels)
+        self.runner = runner or TrialRunner(recipe, ex.device, listener, ex.cuda_graphs, ex.fused_kernels)
         self.k = trials_per_pass(ex, recipe, self.runner.n_params)
         if self.k > 1:
             listener.note(f"up to {self.k} LoRA trials per forward pass (batched adapters)")
@@ -158,7 +161,8 @@ class PoolExecutor:
     Eager steps are bound by the host launching kernels, so without graphs the slots after the first are worker
     processes."""
 
-    def __init__(self, recipe: Recipe, ex: Execution, listener, devices: list[str]):
+    def __init__(self, recipe: Recipe, ex: Execution, listener, devices: list[str], first=None):
+        """`first`: the first slot's runner, if made already; the pool owns it from here."""
         import torch.multiprocessing as mp
 
         from .runner import TrialRunner
@@ -170,7 +174,10 @@ class PoolExecutor:
         # a Ctrl-C stops the slots' threads at their next step check (close), so that none is inside torch
         # when the process exits
         self._stop = threading.Event()
-        first = TrialRunner(recipe, devices[0], self._own(devices[0]), ex.cuda_graphs, ex.fused_kernels)
+        if first is None:
+            first = TrialRunner(recipe, devices[0], self._own(devices[0]), ex.cuda_graphs, ex.fused_kernels)
+        else:
+            first.on_note, first.on_step = self._own(devices[0]).note, self._stop_point
         self.runners = [first]  # in the order built, closed in reverse: fused.py's process-wide patches nest
         self.k = trials_per_pass(ex, recipe, first.n_params)
         per = workers_per_gpu(ex, first.n_params)
@@ -299,17 +306,21 @@ class PoolExecutor:
 
 
 def executor(recipe: Recipe, ex: Execution, listener):
-    """Slots over every visible GPU (`cuda`), or several on one device when asked for (`--workers-per-gpu N`
-    with cpu or cuda:N); this process's main thread otherwise."""
+    """Slots over every visible GPU (`cuda`), or several on one device (`--workers-per-gpu N`, or by the
+    model's size on a GPU); this process's main thread when one slot is all there is. The first model is
+    loaded here, before that choice, which depends on its size."""
+    from .runner import TrialRunner
+
+    devices = [ex.device]
     if ex.device == "cuda":
         import torch
 
         devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
         if not devices:
             raise MuaError("no CUDA GPU is visible")
-        if len(devices) > 1 or workers_per_gpu(ex, 0) != 1:
-            return PoolExecutor(recipe, ex, listener, devices)
-        ex = dataclasses.replace(ex, device="cuda:0")
-    elif ex.workers_per_gpu > 1:
-        return PoolExecutor(recipe, ex, listener, [ex.device])
-    return LocalExecutor(recipe, ex, listener)
+        ex = dataclasses.replace(ex, device=devices[0]) if len(devices) == 1 else ex
+    first = TrialRunner(recipe, devices[0], listener, ex.cuda_graphs, ex.fused_kernels)
+    on_gpu = devices[0].startswith("cuda")
+    if len(devices) == 1 and (workers_per_gpu(ex, first.n_params) if on_gpu else max(1, ex.workers_per_gpu)) == 1:
+        return LocalExecutor(recipe, ex, listener, first)
+    return PoolExecutor(recipe, ex, listener, devices, first)  # which closes `first` if it cannot start

@@ -91,8 +91,8 @@ def test_execution_defaults_follow_the_measured_rules(micro):
     assert [trials_per_pass(gpu, big, n) for n in (5e6, 120e6, 365e6)] == [16, 8, 1]
     assert trials_per_pass(Execution("cpu"), micro, 5e6) == 1  # no gain on the CPU
     assert trials_per_pass(Execution("cuda", batch_trials=3), big, 365e6) == 3
-    # one process per GPU when steps are CUDA graphs; eager steps share a GPU among several
-    assert [workers_per_gpu(gpu, n) for n in (5e6, 120e6, 365e6)] == [1, 1, 1]
+    # two threads share a GPU below 300M parameters when steps are CUDA graphs; eager steps: more, processes
+    assert [workers_per_gpu(gpu, n) for n in (5e6, 120e6, 365e6)] == [2, 2, 1]
     eager = Execution("cuda", cuda_graphs=False)
     assert [workers_per_gpu(eager, n) for n in (5e6, 120e6, 365e6)] == [4, 2, 1]
     assert workers_per_gpu(Execution("cuda", workers_per_gpu=3), 5e6) == 3
@@ -109,7 +109,8 @@ class FakeRunner:
     def __init__(self, recipe, device, listener, graphs, fused):
         if device in self.broken:
             raise OSError("no such model")
-        self.device, self.ran, self.step = device, [], listener.step  # step: where the pool stops a slot
+        self.device, self.ran = device, []
+        self.on_step = getattr(listener, "step", None)  # in a pool's slot: where a Ctrl-C stops it
         self.made.append(self)
 
     def run_unit(self, unit):
@@ -155,7 +156,7 @@ def test_graphed_pool_runs_one_thread_per_gpu(micro, fake_gpus):
     FakeRunner.broken = {"cuda:2"}
     notes: list[str] = []
     gpus = ["cuda:0", "cuda:1", "cuda:2"]
-    pool = PoolExecutor(micro, Execution("cuda"), SimpleNamespace(note=notes.append), gpus)
+    pool = PoolExecutor(micro, Execution("cuda", workers_per_gpu=1), SimpleNamespace(note=notes.append), gpus)
     assert pool.procs == [] and "3 slot(s), threads of this process" in notes[-1]
     specs = plan(micro)
     ran = [(spec.key, result.device) for spec, result in pool.run(specs)]
@@ -166,7 +167,7 @@ def test_graphed_pool_runs_one_thread_per_gpu(micro, fake_gpus):
     pool.close()
     assert FakeRunner.closed == FakeRunner.made[::-1] and len(FakeRunner.made) == 2
     with pytest.raises(KeyboardInterrupt):  # closed: a unit still running would stop at its next step check
-        FakeRunner.made[1].step(20, 1.0)
+        FakeRunner.made[1].on_step(20, 1.0)
 
 
 def test_slots_that_share_a_gpu_step_on_their_own_streams(micro, fake_gpus):
@@ -196,7 +197,7 @@ def test_a_slot_that_fails_stops_the_sweep_with_its_error(micro, fake_gpus, monk
     with pytest.raises(RuntimeError, match="illegal memory access"):
         list(pool.run(plan(micro)))
     pool.close(interrupted=True)
-    assert len(FakeRunner.closed) == 2
+    assert FakeRunner.closed == FakeRunner.made[::-1] and len(FakeRunner.made) == 4  # two slots per GPU
 
 
 def test_eager_pool_runs_units_in_this_process_too(micro, fake_gpus, monkeypatch):
@@ -255,3 +256,29 @@ def test_eager_pool_runs_units_in_this_process_too(micro, fake_gpus, monkeypatch
     with pytest.raises(OSError, match="cannot fork"):  # a worker that cannot start: this process's model goes
         PoolExecutor(micro, eager, SimpleNamespace(note=notes.append), ["cuda:0", "cuda:1"])
     assert len(FakeRunner.made) == 1 and FakeRunner.closed == FakeRunner.made
+
+
+@pytest.mark.parametrize("gpus,n_params,slots", [(1, 5e6, 2), (1, 365e6, 1), (2, 365e6, 2), (2, 5e6, 4)])
+def test_executor_picks_the_slots_by_gpus_and_model_size(micro, fake_gpus, monkeypatch, gpus, n_params, slots):
+    """One slot in all runs in the main thread (with per-step progress); more make a pool of threads."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mua_cli.execute import LocalExecutor, PoolExecutor, executor
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(FakeRunner, "n_params", n_params)
+    listener = SimpleNamespace(note=lambda m: None, step=lambda step, loss: None)
+    run = executor(micro, Execution("cuda"), listener)
+    try:
+        if slots == 1:
+            assert isinstance(run, LocalExecutor) and run.runner.device == "cuda:0"
+            assert run.runner.on_step is listener.step
+        else:
+            assert isinstance(run, PoolExecutor) and len(run.slots) == slots and run.procs == []
+            assert run.runners[0].on_step == run._stop_point  # the first model, made before the choice
+    finally:
+        run.close()
+    assert FakeRunner.closed == FakeRunner.made[::-1]
+    assert isinstance(executor(micro, Execution("cpu"), listener), LocalExecutor)
