@@ -132,10 +132,12 @@ class Clock(Listener):
     its first slot was ready (its note)."""
 
     ready: float | None = None
+    fallbacks = 0  # steps that could not be captured and ran eagerly
 
     def note(self, message: str) -> None:
         if "slot(s)" in message and self.ready is None:  # the pool's note once its first slot's model is loaded
             self.ready = time.perf_counter()
+        self.fallbacks += "capture failed" in message
 
     def trial_start(self, spec) -> None:
         if self.ready is None:
@@ -239,6 +241,7 @@ def throughput(name: str, steps: int, gpus: int, ex: Execution) -> dict:
         row[f"{tag}_x_plain"] = round(plain_s / run["s"], 2)
         row[f"{tag}_x_plain_after_startup"] = round(plain_s / (run["s"] - run["startup_s"]), 2)
         row[f"{tag}_peak_gib_per_worker"], row[f"{tag}_failed"] = run["peak_gib"], run["failed"]
+        row[f"{tag}_capture_fallbacks"] = run["capture_fallbacks"]
         if n == 1:
             bp, bm = best_lrs(plain), best_lrs(run["metrics"])
             row["best_lr_plain"], row["best_lr_mua"] = bp, bm
@@ -260,10 +263,12 @@ def timed_sweep(recipe: Recipe, gpus: int, ex: Execution) -> dict:
     # each GPU's trials and the seconds it spent in them: how evenly the groups of trials were shared
     busy = ({str(d): [int(len(g)), round(float(g["wall_time"].sum()), 1)] for d, g in df.groupby("device")}
             if {"device", "wall_time"} <= set(df.columns) else {})  # fmt: skip
-    walls = {r["key"]: (float(r["wall_time"]), r["info"].get("batched_with", 1) if isinstance(r["info"], dict) else 1)
-             for _, r in df.iterrows()}  # fmt: skip (a row's .info is pandas' method, not the column)
+    walls = {
+        r["key"]: (float(r["wall_time"]), r["info"].get("batched_with", 1) if isinstance(r["info"], dict) else 1)
+        for _, r in df.iterrows()
+    }  # fmt: skip (a row's .info is pandas' method, not the column)
     return {"s": round(seconds, 1), "startup_s": round((clock.ready or t0) - t0, 1), "trials_and_busy_s": busy,
-            "wall_and_batch": walls,
+            "wall_and_batch": walls, "capture_fallbacks": clock.fallbacks,
             "metrics": {(r.regime, int(r["rank"]), float(r.lr)): float(r.metric) for _, r in df.iterrows()},
             "peak_gib": max(peaks) if peaks else None, "failed": int((df["status"] == "failed").sum())}  # fmt: skip
 
@@ -280,6 +285,7 @@ def scaling(name: str, steps: int, gpus: int, ex: Execution) -> dict:
             "scaling": round(one["s"] / many["s"], 2),
             "scaling_after_startup": round((one["s"] - one["startup_s"]) / (many["s"] - many["startup_s"]), 2),
             "failed": one["failed"] + many["failed"], "same_best_lrs": same,
+            "capture_fallbacks": one["capture_fallbacks"] + many["capture_fallbacks"],
             "trials_and_busy_s_per_gpu": many["trials_and_busy_s"]}  # fmt: skip
 
 

@@ -120,6 +120,7 @@ def main() -> None:
         "one_gpu_s": one["s"], "one_gpu_startup_s": one["startup_s"],
         "unit_s": [round(d, 1) for d in durations] if durations else None,
         "two_slots_on_one_gpu_s": shared["s"], "two_slots_failed": shared["failed"],
+        "capture_fallbacks": {"one_slot": one["capture_fallbacks"], "two_slots": shared["capture_fallbacks"]},
         "two_slots_same_best_lrs": best_lrs(shared["metrics"]) == best_lrs(one["metrics"]),
     }  # fmt: skip
     if durations:

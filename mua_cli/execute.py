@@ -261,7 +261,9 @@ class PoolExecutor:
                     self.results.put(("error", slot.device, f"{type(e).__name__}: {e}"))
                     return
             if slot.shares_gpu:
-                torch.cuda.synchronize(slot.device)  # the base's copy to the GPU, made on the default stream
+                # the base's copy to the GPU was made on the default stream. Not torch.cuda.synchronize: a
+                # device-wide wait while another thread captures on the same GPU breaks that capture
+                torch.cuda.default_stream(slot.device).synchronize()
                 torch.cuda.set_stream(torch.cuda.Stream(slot.device))
             _serve(slot.runner, self.tasks, self.results)
         except BaseException as e:  # noqa: BLE001 — raised again by run(), in the main thread

@@ -11,10 +11,12 @@ allocator, cuBLAS and the optimizer's state warmed up before capture); capturing
 later step is a replay of the same operations. cuBLAS may choose other kernels while capturing, so losses can
 differ from eager ones around the 5th digit (tests/test_gpu.py compares them).
 
-A sweep may capture on several GPUs from one thread each (execute.py), so a capture uses its own GPU's stream
-(torch's default capture stream is one per process, made on whichever GPU captured first), forbids unsafe CUDA
-calls in its own thread only (`thread_local`), and holds CAPTURE, so that no other thread empties the
-allocator's cache while it captures.
+A sweep may capture from several threads, one or two per GPU (execute.py), so a capture uses its own GPU's
+stream (torch's default capture stream is one per process, made on whichever GPU captured first) and forbids
+unsafe CUDA calls in its own thread only (`thread_local`). Captures, the eager warm-up steps before them (where
+a trial's kernels are first launched, and CUDA loads them) and emptying the allocator's cache each hold
+CAPTURE: on a GPU shared by two threads, one thread's capture failed while the other set up its trial
+(tests/test_gpu.py).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class Step:
         elif self.count <= WARMUP:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), kernels(self.attention):
+            with CAPTURE, torch.cuda.stream(side), kernels(self.attention):
                 self.fn()
             torch.cuda.current_stream().wait_stream(side)
         else:

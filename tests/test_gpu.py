@@ -241,7 +241,7 @@ def test_thread_slots_give_the_main_threads_trials(micro, runner, per_gpu):
         got = dict((spec.key, result) for spec, result in pool.run(specs))
     finally:
         pool.close()
-    assert not [n for n in notes if "capture failed" in n], notes
     assert sorted(got) == sorted(ref)
     for key, result in got.items():
         _same(ref[key], result)
+    assert not [n for n in notes if "capture failed" in n], notes
