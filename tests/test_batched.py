@@ -137,9 +137,11 @@ def fake_gpus(monkeypatch):
 
     FakeRunner.made, FakeRunner.closed, FakeRunner.broken = [], [], set()
     monkeypatch.setattr(runner_module, "TrialRunner", FakeRunner)
-    calls = SimpleNamespace(device=[], stream=[])
+    calls = SimpleNamespace(device=[], stream=[], synced=[])
     monkeypatch.setattr(torch.cuda, "set_device", calls.device.append)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(
+        torch.cuda, "default_stream", lambda d: SimpleNamespace(synchronize=lambda: calls.synced.append(d))
+    )
     monkeypatch.setattr(torch.cuda, "Stream", lambda device: f"stream on {device}")
     monkeypatch.setattr(torch.cuda, "set_stream", calls.stream.append)
     return calls
@@ -180,7 +182,7 @@ def test_slots_that_share_a_gpu_step_on_their_own_streams(micro, fake_gpus):
     assert len(pool.slots) == 2 and pool.procs == []
     assert len(list(pool.run(plan(micro)))) == len(plan(micro))
     pool.close()
-    assert fake_gpus.stream == ["stream on cuda:0"] * 2
+    assert fake_gpus.stream == ["stream on cuda:0"] * 2 and fake_gpus.synced == ["cuda:0"] * 2
 
 
 def test_a_slot_that_fails_stops_the_sweep_with_its_error(micro, fake_gpus, monkeypatch):
