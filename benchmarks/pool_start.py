@@ -107,7 +107,7 @@ def main() -> None:
     context = cuda_context_s()
     recipe = recipe_for(args.workload, args.steps)
     seed_cache(recipe)
-    one = timed_sweep(recipe, 1, Execution("cuda:0"))
+    one = timed_sweep(recipe, 1, Execution("cuda:0", workers_per_gpu=1))  # one slot: the sweep as it ran
     durations = unit_seconds(recipe, one["wall_and_batch"], 2)
     starts = slot_starts(recipe)
     shared = timed_sweep(recipe, 1, Execution("cuda:0", workers_per_gpu=2))
