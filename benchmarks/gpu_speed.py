@@ -462,7 +462,7 @@ def table(reports: list[dict]) -> str:
               f"{r['bf16_matmul_8192_tflops']} TFLOP/s)" for r in reports]  # fmt: skip
     lines += ["",
              "| workload | params | trials × steps | plain trials/h | mua trials/h | ratio | mua startup | ratio after "
-             "startup | peak GiB plain / mua worker | best LR plain = mua (±1 step) |",
+             "startup | peak GiB plain / mua per GPU | best LR plain = mua (±1 step) |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in latest(reports, "throughput"):
         lines.append(

@@ -93,7 +93,9 @@ class LocalExecutor:
         from .runner import TrialRunner
 
         self.recipe, self.listener = recipe, listener
-        self.runner = runner or TrialRunner(recipe, ex.device, listener, ex.cuda_graphs, ex.fused_kernels)
+        if runner is None:
+            runner = TrialRunner(recipe, ex.device, listener, ex.cuda_graphs, ex.fused_kernels)
+        self.runner = runner
         self.k = trials_per_pass(ex, recipe, self.runner.n_params)
         if self.k > 1:
             listener.note(f"up to {self.k} LoRA trials per forward pass (batched adapters)")

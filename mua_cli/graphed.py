@@ -15,8 +15,8 @@ A sweep may capture from several threads, one or two per GPU (execute.py), so a 
 stream (torch's default capture stream is one per process, made on whichever GPU captured first) and forbids
 unsafe CUDA calls in its own thread only (`thread_local`). Captures, the eager warm-up steps before them (where
 a trial's kernels are first launched, and CUDA loads them) and emptying the allocator's cache each hold
-CAPTURE: on a GPU shared by two threads, one thread's capture failed while the other set up its trial
-(tests/test_gpu.py).
+CAPTURE, one thread at a time: on a GPU shared by two threads a capture failed once in tests/test_gpu.py before
+this lock (and before a slot's start stopped synchronizing the whole device); three runs since passed.
 """
 
 from __future__ import annotations

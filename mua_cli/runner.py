@@ -55,7 +55,7 @@ class TrialRunner:
 
     def run_unit(self, unit: list[TrialSpec]) -> list[TrialResult]:
         results = self._run_unit(unit)
-        if self.device.startswith("cuda"):  # this process's high-water mark so far, stored with the trial
+        if self.device.startswith("cuda"):  # the GPU's high-water mark so far (every slot on it), stored with the trial
             peak = torch.cuda.max_memory_allocated(self.device) / 2**30
             for r in results:
                 r.info["peak_memory_gib"] = round(peak, 2)
