@@ -118,7 +118,7 @@ class FakeRunner:
 
         from mua_cli.trial import TrialResult
 
-        time.sleep(0.01)  # so that every slot gets a turn
+        time.sleep(0.05)  # so that every slot gets a turn
         self.ran.append(unit)
         return [TrialResult("ok", 1.0, device=self.device) for _ in unit]
 
