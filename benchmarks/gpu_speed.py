@@ -263,10 +263,11 @@ def timed_sweep(recipe: Recipe, gpus: int, ex: Execution) -> dict:
     # each GPU's trials and the seconds it spent in them: how evenly the groups of trials were shared
     busy = ({str(d): [int(len(g)), round(float(g["wall_time"].sum()), 1)] for d, g in df.groupby("device")}
             if {"device", "wall_time"} <= set(df.columns) else {})  # fmt: skip
+    # r["info"], not r.info: a row's .info is pandas' method
     walls = {
         r["key"]: (float(r["wall_time"]), r["info"].get("batched_with", 1) if isinstance(r["info"], dict) else 1)
         for _, r in df.iterrows()
-    }  # fmt: skip (a row's .info is pandas' method, not the column)
+    }
     return {"s": round(seconds, 1), "startup_s": round((clock.ready or t0) - t0, 1), "trials_and_busy_s": busy,
             "wall_and_batch": walls, "capture_fallbacks": clock.fallbacks,
             "metrics": {(r.regime, int(r["rank"]), float(r.lr)): float(r.metric) for _, r in df.iterrows()},

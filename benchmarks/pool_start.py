@@ -50,7 +50,7 @@ def slot_starts(recipe) -> dict:
     """Seconds to a second slot's model on cuda:0: in a thread, after a first in the main thread; in a worker."""
     t0 = time.perf_counter()
     first = TrialRunner(recipe, "cuda:0")
-    first_s = time.perf_counter() - t0
+    first_s, n_params = time.perf_counter() - t0, first.n_params
     made: list[TrialRunner] = []
     thread = threading.Thread(target=lambda: made.append(TrialRunner(recipe, "cuda:0")))
     t0 = time.perf_counter()
@@ -71,7 +71,12 @@ def slot_starts(recipe) -> dict:
     p.join(timeout=60)
     if message[0] == "error":
         sys.exit(f"the worker could not start: {message[2]}")
-    return {"first_slot_s": round(first_s, 2), "thread_s": round(thread_s, 2), "process_s": round(process_s, 2)}
+    return {
+        "first_slot_s": round(first_s, 2),
+        "thread_s": round(thread_s, 2),
+        "process_s": round(process_s, 2),
+        "params": n_params,
+    }
 
 
 def predict(durations: list[float], starts: list[float]) -> float:
@@ -83,11 +88,11 @@ def predict(durations: list[float], starts: list[float]) -> float:
     return max(free)
 
 
-def unit_seconds(recipe, walls: dict, slots: int) -> list[float] | None:
+def unit_seconds(recipe, walls: dict, slots: int, n_params: int) -> list[float] | None:
     """Each unit's seconds in the pool's queue order for `slots` slots, from the one-GPU run's trials (`walls`:
     key → (wall time, trials in its pass)); None if that run grouped its trials otherwise."""
     specs = plan(recipe)
-    k = min(trials_per_pass(Execution("cuda"), recipe, 5_000_000), -(-len(specs) // slots))
+    k = min(trials_per_pass(Execution("cuda"), recipe, n_params), -(-len(specs) // slots))
     out = []
     for unit in units(specs, recipe, k):
         if any(walls[s.key][1] != len(unit) for s in unit):
@@ -108,8 +113,8 @@ def main() -> None:
     recipe = recipe_for(args.workload, args.steps)
     seed_cache(recipe)
     one = timed_sweep(recipe, 1, Execution("cuda:0", workers_per_gpu=1))  # one slot: the sweep as it ran
-    durations = unit_seconds(recipe, one["wall_and_batch"], 2)
     starts = slot_starts(recipe)
+    durations = unit_seconds(recipe, one["wall_and_batch"], 2, starts.pop("params"))
     shared = timed_sweep(recipe, 1, Execution("cuda:0", workers_per_gpu=2))
     report = {
         "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0),

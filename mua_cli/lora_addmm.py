@@ -67,8 +67,9 @@ def _adapter(self: LoraLinear, x: torch.Tensor, args=(), kwargs=None) -> str | N
 
 
 def _whole(self: LoraLinear, name: str | None, x: torch.Tensor) -> tuple | None:
-    """(W, bias, A, B, scaling) where the layer can run as LoraLinearFn: a frozen nn.Linear base in the
-    step's dtype, on a GPU (mua_whole_layer)."""
+    """(W, bias, A, B, scaling, A cast, B cast) where the layer can run as LoraLinearFn: a frozen nn.Linear
+    base in the step's dtype, on a GPU (mua_whole_layer). The casts are precast_adapters' while A and B are
+    unchanged since it made them, else None."""
     if name is None or not getattr(self, "mua_whole_layer", False):
         return None
     base = self.base_layer

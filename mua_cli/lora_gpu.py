@@ -5,6 +5,8 @@ lora_addmm.py decides which layers take them; docs/performance.md has what each 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 
@@ -217,7 +219,8 @@ class GroupedLora(torch.autograd.Function):
 
 
 def _columns(as_) -> list[slice]:
-    ends = torch.tensor([a.shape[0] for a in as_]).cumsum(0).tolist()
+    """Each adapter's columns among the concatenated ranks."""
+    ends = list(itertools.accumulate(a.shape[0] for a in as_))
     return [slice(e - a.shape[0], e) for a, e in zip(as_, ends, strict=True)]
 
 

@@ -100,7 +100,7 @@ def test_sweep_grows_the_grid_off_an_edge(micro_recipe_path, tmp_path):
 
 
 def test_interrupted_pooled_sweep_stops_its_own_slot_and_resumes(micro_recipe_path, tmp_path):
-    """With worker processes, the mua process runs a slot in a thread: Ctrl-C (here: after the 2nd stored
+    """With worker processes, the mua process runs the first slot in a thread: Ctrl-C (here: after the 2nd stored
     trial) stops that thread at its next step check, stores nothing half-done, and the sweep resumes."""
     import threading
 
@@ -119,7 +119,7 @@ def test_interrupted_pooled_sweep_stops_its_own_slot_and_resumes(micro_recipe_pa
     run, pool = tmp_path / "run", Execution("cpu", workers_per_gpu=2, batch_trials=1)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(recipe, run, "cpu", CtrlC(), execution=pool)
-    assert not [t for t in threading.enumerate() if t.name == "mua-own-slot"]  # its thread has stopped
+    assert not [t for t in threading.enumerate() if t.name == "mua-cpu"]  # its thread (execute._Slot) has stopped
     stored = len(TrialStore(run).trials())
     assert 2 <= stored < 8
     summary = run_sweep(recipe, run, "cpu", execution=pool)
