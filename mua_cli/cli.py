@@ -235,17 +235,33 @@ def transfer(
     regime: Annotated[
         str | None, typer.Option(help="Regime for a rank target (default B:1 if swept, else the first).")
     ] = None,
+    basis: Annotated[
+        str,
+        typer.Option(
+            help="auto (measured if the run has the target, else the study's rule), predict (the rule even "
+            "where measured), measured, shrunk-slope, measured-slope, muA-slope (ranks), calibrated, "
+            "study-offset, muA-B:1 (full-ft)."
+        ),
+    ] = "auto",
+    calibrate: Annotated[
+        Path | None,
+        typer.Option(help="A proxy run with B:1 and full-ft trials (smaller model or fewer steps): its offset."),
+    ] = None,
     heuristic: Annotated[
         bool, typer.Option(help="Allow the 'LoRA Without Regret' heuristic (A:r LR / 10) for full-ft.")
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print the learning rate alone.")] = False,
 ):
-    """Predict the learning rate for full finetuning or a target LoRA rank, with an interval.
+    """The learning rate for full finetuning or a target LoRA rank, with an interval and its basis.
+
+    Measured beats predicted: a run that swept the target answers with its measured optimum.
 
     Examples:
 
       mua transfer --to full-ft
+
+      mua transfer runs/big --to full-ft --calibrate runs/small-proxy
 
       mua transfer runs/tiny-1a2b3c4d --to 256 --regime A:r
 
@@ -253,23 +269,30 @@ def transfer(
     """
     with user_errors():
         from .report import prediction_panel
-        from .transfer import FULL_TARGET, predict_full, predict_rank
+        from .theory import TRANSFER_REGIME
+        from .transfer import CHOICES, FULL_TARGET, predict_full, predict_rank
 
+        if basis not in CHOICES:
+            raise MuaError(f"unknown --basis {basis!r}; choose from {', '.join(CHOICES)}")
         result = fit_of(run_folder(run))
         target = to.strip().lower()
         if target in (FULL_TARGET, "full"):
-            pred = predict_full(result, heuristic=heuristic)
+            proxy = fit_of(run_folder(calibrate)) if calibrate is not None else None
+            pred = predict_full(result, heuristic=heuristic, basis=basis, calibration=proxy)
         else:
+            if calibrate is not None:
+                raise MuaError("--calibrate applies to --to full-ft only")
             try:
                 rank = int(target)
             except ValueError:
                 raise MuaError(f"--to takes 'full-ft' or a positive rank, not {to!r}") from None
             if rank < 1:
                 raise MuaError(f"--to takes a positive rank, not {rank}")
-            name = regime or ("B:1" if "B:1" in result.regimes else next(iter(sorted(result.regimes)), None))
+            swept = sorted(result.regimes)
+            name = regime or (TRANSFER_REGIME if TRANSFER_REGIME in swept else next(iter(swept), None))
             if name is None:
                 raise MuaError("the run has no LoRA trials to predict from")
-            pred = predict_rank(result, name, rank)
+            pred = predict_rank(result, name, rank, basis=basis)
         if json_out:
             typer.echo(json.dumps(pred.to_dict(), allow_nan=False))
         elif quiet:

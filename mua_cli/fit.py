@@ -1,10 +1,17 @@
-"""η* per (regime, rank), the rank exponent per regime, and the μA test. numpy/scipy only, no torch.
+"""η* per (regime, rank), the rank exponent per regime, and the full-finetuning comparison. No torch.
 
-The shape follows DESIGN.md §1's pitfalls: an optimum at the grid's edge is no optimum (it is reported as an
-edge, never as η*); diverged trials are results that bound the LR from above (they enter as +inf loss); a
-handful of ranks leaves few degrees of freedom, so every interval comes from the t distribution; and an
-optimum holds only for the sweep's optimizer, schedule, steps and batch, so those are kept in `settings`
-and a table that mixes them is refused.
+DESIGN.md §1's pitfalls, as this module meets them:
+- η* comes from every LR and seed within two octaves of the best grid point (optimum.py: an asymmetric
+  parabola in log2 lr with one level per seed), not from three points. An optimum at the grid's edge is no
+  optimum. Diverged trials are censored results that bound η* from above.
+- Per-rank intervals are likelihood-ratio intervals whose noise level is pooled over every group of the run,
+  so one seed borrows its noise from the other groups instead of inflating by t(1).
+- The slope is a weighted least-squares fit (weights 1/(se² + τ²), τ the scatter of the ranks about a power
+  law, never below the study's floor), with the measurement noise counted once.
+- The slope is then shrunk toward μA's exponent with the prior width the study measured (calibration.py):
+  the data and μA are weighed by their precision, and nothing is decided by a test's verdict.
+- An optimum holds only for the sweep's optimizer, schedule, steps and batch: those are kept in `settings`
+  and a table that mixes them is refused.
 """
 
 from __future__ import annotations
@@ -16,37 +23,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from . import calibration as cal
+from . import optimum as opt
 from .errors import MuaError
 from .theory import FULL, REGIMES, TRANSFER_REGIME, get_regime, lr_label
 
 Z95 = 1.959963984540054
-QUANT_FLOOR = 0.25  # log2 units: no per-rank interval is narrower than ±this (see `optimum`)
-N_BOOT = 1000
-BOOT_SEED = 2602_06204
 # recipe keys that change where the optimum sits: rows that differ in any of them are not one run
 OUTCOME_KEYS = (
     "model", "model_config", "task", "dtype", "targets", "data", "metric", "metric_frac", "betas", "eps",
     "weight_decay", "grad_clip", "warmup_frac", "min_lr_ratio", "alpha0", "per_layer_lr", "head_lr",
 )  # fmt: skip
 REQUIRED = ("regime", "rank", "lr", "seed", "status", "metric", "steps", "batch_size", "seq_len")
-
-
-def t95(dof: int) -> float:
-    """Two-sided 95% quantile of Student's t."""
-    return float(stats.t.ppf(0.975, dof))
-
-
-def few_dof_note(dof: int | None, what: str, n_ranks: int) -> str | None:
-    """A plain note when an interval rests on t with one degree of freedom (t = 12.7, 6.5× a normal one)."""
-    if dof != 1:
-        return None
-    t = t95(1)
-    return (
-        f"{what} rests on {n_ranks} usable ranks, so its 95% interval uses Student's t with 1 degree of freedom "
-        f"(t = {t:.1f}, {t / Z95:.1f}× a normal interval): it is wide for that reason; more usable ranks narrow it"
-    )
 
 
 def jsonable(v: Any) -> Any:
@@ -79,12 +68,13 @@ class RankOptimum:
     log2_lr_star: float | None = None
     lo: float | None = None  # 95% interval, lr units
     hi: float | None = None
-    interval_method: str | None = None  # "bootstrap" | "fit" | "grid"
+    interval_method: str | None = None  # "profile" (likelihood ratio, pooled noise) | "grid" (neighbours)
     edge: str | None = None  # "low" | "high": the best grid LR sits at that end of the grid
     best_grid_lr: float | None = None
     n_seeds: int = 0
     n_lrs: int = 0
     n_diverged: int = 0
+    n_points: int = 0  # finite trials in the local fit
     reason: str | None = None  # why there is no η*
     note: str | None = None
     # per LR: lr, mean_metric (None if diverged), n, n_diverged
@@ -95,16 +85,11 @@ class RankOptimum:
         return self.lr_star is not None
 
     @property
-    def half_width_log2(self) -> float | None:
-        """The larger side of the 95% interval, in log2 units."""
+    def se_log2(self) -> float | None:
+        """A standard error on log2 η*: the 95% interval's width over 2 × 1.96."""
         if not self.usable:
             return None
-        return max(self.log2_lr_star - math.log2(self.lo), math.log2(self.hi) - self.log2_lr_star)
-
-    @property
-    def se_log2(self) -> float | None:
-        hw = self.half_width_log2
-        return None if hw is None else hw / Z95
+        return math.log2(self.hi / self.lo) / (2 * Z95)
 
     def to_dict(self) -> dict:
         return jsonable({**asdict(self), "usable": self.usable, "se_log2": self.se_log2})
@@ -112,74 +97,77 @@ class RankOptimum:
 
 @dataclass
 class RegimeFit:
-    """log2 η* = intercept + slope · log2 r over a regime's usable ranks, and the test against μA's slope."""
+    """log2 η* against log2 r over a regime's usable ranks, and the slope shrunk toward μA's.
+
+    The line is kept as its weighted centre (centre_x, centre_y) and a slope, so a prediction's variance is
+    centre_se² + slope_se² · (x − centre_x)² (+ τ² for a rank's own deviation): it grows with the distance
+    of the extrapolation.
+    """
 
     regime: str
     expected_slope: float  # μA's rank exponent
     ranks: list[int]  # every rank with trials
     ranks_used: list[int]  # the usable ones, ascending
     log2_lr_stars: list[float]
-    se_log2s: list[float]  # per-rank 95% half-width / 1.96
+    se_log2s: list[float]
     unusable: list[dict] = field(default_factory=list)  # {rank, edge, reason}
-    slope: float | None = None
+    tau: float | None = None  # scatter of the ranks about the line (log2), floored at the study's value
+    centre_x: float | None = None  # weighted mean of log2 r
+    centre_y: float | None = None  # weighted mean of log2 η*
+    centre_se: float | None = None
+    slope: float | None = None  # the measured slope (weighted least squares); None with one rank
     slope_se: float | None = None
-    slope_interval: list[float] | None = None  # 95%, t(n-2); None with two ranks
-    dof: int | None = None
-    intercept: float | None = None
-    resid_se: float | None = None  # residual SE of the free fit
-    verdict: str = "untested"  # "consistent" | "inconsistent" | "untested"
-    intercept_mua: float | None = None  # mean of log2 η* − s_μA · log2 r
-    intercept_mua_se: float | None = None
-    intercept_mua_interval: list[float] | None = None  # 95%; t(n-1), or the rank's own with one rank
-    dof_mua: int | None = None
-    resid_se_mua: float | None = None  # residual SE about μA's line
+    slope_interval: list[float] | None = None  # 95%
+    verdict: str = "untested"  # "consistent" | "inconsistent" with μA at 95 %: a description, not a rule
+    prior_sd: float = cal.SLOPE_PRIOR_SD
+    shrunk_slope: float | None = None  # the slope used for predictions: data and μA weighed by precision
+    shrunk_slope_se: float | None = None
+    data_weight: float | None = None  # the measured slope's share of the shrunk slope, 0..1
+    intercept_mua: float | None = None  # log2 η* at r = 1 on μA's slope through the weighted centre
     note: str | None = None
 
     def to_dict(self) -> dict:
         return jsonable(asdict(self))
 
+    def line(self, x0: float, slope: str = "shrunk") -> tuple[float, float]:
+        """log2 η* at log2 r = x0 and its standard error, for a new rank (τ included).
 
-@dataclass
-class Pooled:
-    mean: float
-    se: float
-    half: float  # 95% half-width
-    dof: int | None
-    resid_se: float | None
-
-
-def pool_log2(ys: list[float], ses: list[float]) -> Pooled:
-    """Mean of log2 values with a 95% half-width.
-
-    Variance = scatter²/n + Σ se_i²/n²: the residual scatter alone says nothing with two ranks whose optima
-    happen to agree (quantised grids make that common), and the per-rank widths alone miss misfit; adding both
-    is conservative. t(n-1) for n ≥ 2; one value keeps its own interval.
-    """
-    y, se = np.asarray(ys, float), np.asarray(ses, float)
-    n = len(y)
-    meas = float(np.sum(se**2)) / n**2
-    if n == 1:
-        return Pooled(float(y[0]), math.sqrt(meas), Z95 * math.sqrt(meas), None, None)
-    s = float(np.std(y, ddof=1))
-    tot = math.sqrt(s**2 / n + meas)
-    return Pooled(float(y.mean()), tot, t95(n - 1) * tot, n - 1, s)
+        slope: "shrunk" (default), "measured" (the data alone) or "mua" (μA's exponent taken as exact)."""
+        if self.centre_y is None:
+            raise MuaError(f"regime {self.regime} has no usable rank")
+        if slope == "mua":
+            b, b_se = self.expected_slope, 0.0
+        elif slope == "measured":
+            if self.slope is None:
+                raise MuaError(f"regime {self.regime} has one usable rank: no measured slope")
+            b, b_se = self.slope, self.slope_se
+        else:
+            b, b_se = self.shrunk_slope, self.shrunk_slope_se
+        d = x0 - self.centre_x
+        return self.centre_y + b * d, math.sqrt(self.centre_se**2 + (b_se * d) ** 2 + self.tau**2)
 
 
 @dataclass
 class FullComparison:
-    """μA says η*_B:1 / η*_full ≈ 1; this is what the run measured."""
+    """η* of full finetuning measured beside B:1's line at the study's reference rank."""
 
-    b1_lr: float
+    b1_lr: float  # B:1's η* at ref_rank
     b1_interval: list[float]
+    ref_rank: int
     b1_ranks: list[int]
     full_lr: float
     full_interval: list[float]
-    ratio: float
+    ratio: float  # B:1 at ref_rank / full
     ratio_interval: list[float]
     consistent_with_one: bool
 
+    @property
+    def offset_log2(self) -> float:
+        """log2(η*_full) − log2(η*_B:1 at ref_rank): what `--calibrate` carries to another run."""
+        return -math.log2(self.ratio)
+
     def to_dict(self) -> dict:
-        return jsonable(asdict(self))
+        return jsonable({**asdict(self), "offset_log2": self.offset_log2})
 
 
 @dataclass
@@ -189,10 +177,12 @@ class FitResult:
     regimes: dict[str, RegimeFit]
     full: RankOptimum | None = None
     full_vs_b1: FullComparison | None = None
+    noise_sd: float | None = None  # pooled residual SD of the loss about the local fits
+    noise_dof: int = 0
     n_trials: int = 0
     n_failed: int = 0
     n_diverged: int = 0
-    schema: int = 1
+    schema: int = 2
 
     def to_dict(self) -> dict:
         """fit.json: JSON-ready (no NaN/inf), and `from_dict` reads it back."""
@@ -207,6 +197,8 @@ class FitResult:
     def from_dict(cls, d: dict) -> FitResult:
         try:
             d = dict(d)
+            if d.get("schema") != 2:
+                raise MuaError(f"fit document schema {d.get('schema')!r}, this mua writes 2")
             d["optima"] = [_build(RankOptimum, o) for o in d["optima"]]
             d["regimes"] = {k: _build(RegimeFit, r) for k, r in d["regimes"].items()}
             d["full"] = _build(RankOptimum, d["full"]) if d.get("full") else None
@@ -231,52 +223,12 @@ def _clean(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _vertices(xs: np.ndarray, means: np.ndarray) -> np.ndarray:
-    """x* for each row of per-LR means (rows: resamples; NaN = no trial, inf = diverged).
-
-    The parabola through the best point and its two neighbours, vertex clamped to the neighbours' range;
-    the best grid point itself where it has no two finite neighbours; NaN where nothing is finite.
-    """
-    y = np.where(np.isnan(means), np.inf, means)
-    rows, n = np.arange(len(y)), y.shape[1]
-    i = np.argmin(y, axis=1)
-    out = xs[i].astype(float)
-    out[~np.isfinite(y[rows, i])] = np.nan
-    j = np.clip(i, 1, n - 2)
-    x0, x1, x2 = xs[j - 1], xs[j], xs[j + 1]
-    y0, y1, y2 = y[rows, j - 1], y[rows, j], y[rows, j + 1]
-    good = (i == j) & np.isfinite(y0) & np.isfinite(y1) & np.isfinite(y2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        num = (x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)
-        den = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)
-        v = np.where(den != 0, x1 - 0.5 * num / den, x1)
-    v = np.clip(v, x0, x2)
-    return np.where(good, v, out)
+def _finite(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
 
 
-def _ls_half_width(x: np.ndarray, y: np.ndarray) -> float | None:
-    """95% half-width of a least-squares parabola's vertex: delta-method SE × t(n-3). None if not convex."""
-    xc = x - x.mean()
-    X = np.column_stack([xc**2, xc, np.ones_like(xc)])
-    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-    a, b = coef[0], coef[1]
-    if a <= 0:
-        return None
-    res = y - X @ coef
-    cov = float(res @ res) / (len(x) - 3) * np.linalg.inv(X.T @ X)
-    g = np.array([b / (2 * a**2), -1 / (2 * a), 0.0])  # ∂(-b/2a)/∂(a, b, c)
-    return t95(len(x) - 3) * math.sqrt(max(float(g @ cov @ g), 0.0))
-
-
-def optimum(group: pd.DataFrame) -> RankOptimum:
-    """η* of one (regime, rank) group with a 95% interval on log2 η*.
-
-    Interval, by the data at hand: ≥2 seeds → bootstrap over seeds (1000 seeded resamples, percentiles);
-    one seed with ≥4 finite points within two grid steps of the best → least-squares parabola on them,
-    delta-method SE, t(n-3); otherwise (or when a neighbour of the best diverged) → the neighbours' bracket.
-    The interval is then clipped to the grid's span and widened to at least ±0.25 log2 around η*: a grid
-    of powers of 2 cannot place an optimum more finely than that, whatever a lucky resample says.
-    """
+def _local(group: pd.DataFrame) -> tuple[RankOptimum, opt.LocalFit | None]:
+    """A group's bookkeeping and, where it has an interior best grid point, its profile."""
     if group.empty:
         raise MuaError("no trials in this group")
     base = RankOptimum(regime=str(group["regime"].iloc[0]), rank=int(group["rank"].iloc[0]))
@@ -285,62 +237,72 @@ def optimum(group: pd.DataFrame) -> RankOptimum:
     base.n_diverged = int(d["diverged"].sum())
     if d.empty:
         base.reason = "every trial failed"
-        return base
-    per = d.groupby(["seed", "lr"])["metric"].mean().unstack("lr")  # seeds × LRs, NaN where absent
-    xs = np.log2(per.columns.to_numpy(float))
-    mat = per.to_numpy(float)
-    have = ~np.isnan(mat)
-    with np.errstate(invalid="ignore"):
-        means = np.where(have, mat, 0.0).sum(0) / have.sum(0)
-    counts = d.groupby("lr")["diverged"].agg(["size", "sum"])
-    for k, lr in enumerate(per.columns):
-        n, n_div = (int(v) for v in counts.loc[lr])
-        base.points.append({"lr": float(lr), "mean_metric": _finite(means[k]), "n": n, "n_diverged": n_div})
+        return base, None
+    lrs = np.sort(d["lr"].unique().astype(float))
+    xs = np.log2(lrs)
+    span = f"{lr_label(lrs[0])}–{lr_label(lrs[-1])}"
+    by_lr = d.groupby("lr")
+    means = by_lr["metric"].mean().reindex(lrs).to_numpy(float)
+    counts = by_lr["diverged"].agg(["size", "sum"]).reindex(lrs)
+    for lr, m, (n, n_div) in zip(lrs, means, counts.to_numpy(), strict=True):
+        base.points.append({"lr": float(lr), "mean_metric": _finite(m), "n": int(n), "n_diverged": int(n_div)})
     finite = np.isfinite(means)
-    span = f"{lr_label(2 ** xs[0])}–{lr_label(2 ** xs[-1])}"
     if not finite.any():
         base.edge, base.reason = "low", f"every trial diverged on the grid {span}: extend the grid lower"
-        return base
+        return base, None
     i = int(np.argmin(np.where(finite, means, np.inf)))
-    base.best_grid_lr = float(2 ** xs[i])
-    best = lr_label(base.best_grid_lr)
+    base.best_grid_lr = float(lrs[i])
     if i == 0 or i == len(xs) - 1:
         base.edge = "low" if i == 0 else "high"
         side = "below" if i == 0 else "above"
-        base.reason = f"best LR {best} is at the {base.edge} edge of the grid {span}: extend it {side}"
-        return base
-    if finite.sum() < 3:
-        base.reason = f"only {int(finite.sum())} learning rates have a finite loss; an optimum needs 3"
-        return base
-    if not (finite[i - 1] and finite[i + 1]):
-        x_star, lo, hi, method = float(xs[i]), float(xs[i - 1]), float(xs[i + 1]), "grid"
-        base.note = "a neighbour of the best grid LR diverged: η* is that LR, bracketed by its neighbours"
+        base.reason = f"best LR {lr_label(lrs[i])} is at the {base.edge} edge of the grid {span}: extend it {side}"
+        return base, None
+    fin = d[~d["diverged"]]
+    lf = opt.profile(
+        np.log2(fin["lr"].to_numpy(float)),
+        fin["metric"].to_numpy(float),
+        fin["seed"].to_numpy(),
+        np.log2(d.loc[d["diverged"], "lr"].to_numpy(float)),
+        (float(xs[0]), float(xs[-1])),
+    )
+    if lf is None:
+        base.reason = f"only {int(finite.sum())} learning rates near the best have a finite loss; an optimum needs 3"
+        return base, None
+    base.n_points = lf.n
+    if not lf.curved:
+        base.reason = "the loss is flat across the learning rates near the best: no optimum to locate"
+        return base, None
+    return base, lf
+
+
+def _finish(base: RankOptimum, lf: opt.LocalFit, sigma2: float | None, dof: int) -> RankOptimum:
+    x_star = lf.x_star
+    if sigma2 is None:
+        lo, hi = lf.neighbours
+        base.interval_method = "grid"
+        base.note = "no noise estimate (too few points in every group): the interval is the best LR's neighbours"
     else:
-        x_star = float(_vertices(xs, means[None, :])[0])
-        lo, hi, method = float(xs[i - 1]), float(xs[i + 1]), "grid"
-        if base.n_seeds >= 2:
-            rng = np.random.default_rng(BOOT_SEED)
-            idx = rng.integers(0, len(mat), size=(N_BOOT, len(mat)))
-            m, h = np.where(have, mat, 0.0)[idx], have[idx]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                boot = _vertices(xs, np.where(h.sum(1) > 0, m.sum(1) / h.sum(1), np.nan))
-            lo, hi = (float(q) for q in np.nanpercentile(boot, [2.5, 97.5]))
-            method = "bootstrap"
-        else:
-            w = np.arange(max(i - 2, 0), min(i + 3, len(xs)))
-            w = w[finite[w]]
-            hw = _ls_half_width(xs[w], means[w]) if len(w) >= 4 else None
-            if hw is not None:
-                lo, hi, method = x_star - hw, x_star + hw, "fit"
-    lo = min(max(lo, float(xs[0])), x_star - QUANT_FLOOR)
-    hi = max(min(hi, float(xs[-1])), x_star + QUANT_FLOOR)
+        lo, hi = opt.interval(lf, sigma2, dof)
+        base.interval_method = "profile"
+    lo, hi = min(lo, x_star), max(hi, x_star)
+    if hi <= lo:  # a noise-free fit: the interval is the point; keep it a valid (tiny) range
+        lo, hi = x_star - 1e-6, x_star + 1e-6
     base.log2_lr_star, base.lr_star = x_star, float(2**x_star)
-    base.lo, base.hi, base.interval_method = float(2**lo), float(2**hi), method
+    base.lo, base.hi = float(2**lo), float(2**hi)
     return base
 
 
-def _finite(v: float) -> float | None:
-    return float(v) if math.isfinite(v) else None
+def estimate(groups: list[pd.DataFrame]) -> tuple[list[RankOptimum], float | None, int]:
+    """Every group's η*, their noise pooled: (optima, σ or None, the pool's degrees of freedom)."""
+    locals_ = [_local(g) for g in groups]
+    sigma2, dof = opt.pool_noise([lf for _, lf in locals_ if lf is not None])
+    out = [base if lf is None else _finish(base, lf, sigma2, dof) for base, lf in locals_]
+    return out, (None if sigma2 is None else math.sqrt(sigma2)), dof
+
+
+def optimum(group: pd.DataFrame) -> RankOptimum:
+    """η* of one group on its own (its noise from its own residuals)."""
+    return estimate([group])[0][0]
 
 
 def fit_full(df_full: pd.DataFrame) -> RankOptimum:
@@ -350,13 +312,25 @@ def fit_full(df_full: pd.DataFrame) -> RankOptimum:
     return optimum(df_full.assign(regime=FULL, rank=0))
 
 
-def fit_regime(optima: list[RankOptimum], regime: str) -> RegimeFit:
-    """OLS of log2 η* on log2 r over the usable ranks, tested against μA's exponent.
+def _tau2(x: np.ndarray, y: np.ndarray, v: np.ndarray) -> float:
+    """DerSimonian–Laird scatter of y about a weighted line beyond the variances v, floored by the study."""
+    floor = cal.RANK_SCATTER_FLOOR**2
+    if len(x) < 3:
+        return floor
+    w = 1 / v
+    X = np.column_stack([np.ones_like(x), x])
+    beta = np.linalg.solve(X.T @ (w[:, None] * X), X.T @ (w * y))
+    q = float(w @ (y - X @ beta) ** 2)
+    inv = np.linalg.inv(X.T @ (w[:, None] * X))
+    trace = float(w.sum() - np.trace(inv @ (X.T @ ((w**2)[:, None] * X))))
+    return max(floor, (q - (len(x) - 2)) / trace if trace > 0 else 0.0)
 
-    Slope variance = residual² / Sxx (t, n-2 dof) plus the per-rank interval widths propagated through the
-    OLS weights: with quantised optima a fit can look perfect, and the per-rank term keeps it from claiming
-    zero uncertainty. With two ranks the slope has no interval and μA's exponent is untested.
-    """
+
+def fit_regime(optima: list[RankOptimum], regime: str, prior_sd: float = cal.SLOPE_PRIOR_SD) -> RegimeFit:
+    """Weighted line of log2 η* on log2 r over the usable ranks; its slope shrunk toward μA's.
+
+    Weights 1/(se² + τ²); slope interval ±1.96 SE (the per-rank SEs carry their own noise level, so no t
+    inflation); shrinkage: a normal prior N(μA's exponent, prior_sd²) times the slope's likelihood."""
     reg = get_regime(regime)
     mine = sorted((o for o in optima if o.regime == reg.name), key=lambda o: o.rank)
     use = [o for o in mine if o.usable]
@@ -368,36 +342,34 @@ def fit_regime(optima: list[RankOptimum], regime: str) -> RegimeFit:
         log2_lr_stars=[float(o.log2_lr_star) for o in use],
         se_log2s=[float(o.se_log2) for o in use],
         unusable=[{"rank": o.rank, "edge": o.edge, "reason": o.reason} for o in mine if not o.usable],
+        prior_sd=prior_sd,
     )
-    n = len(use)
-    if n == 0:
+    if not use:
         rf.note = "no rank has an interior optimum: nothing to fit"
         return rf
     x = np.log2(np.array(rf.ranks_used, float))
     y, se = np.array(rf.log2_lr_stars), np.array(rf.se_log2s)
-    p = pool_log2(list(y - reg.rank_exponent * x), list(se))
-    rf.intercept_mua, rf.intercept_mua_se, rf.dof_mua, rf.resid_se_mua = p.mean, p.se, p.dof, p.resid_se
-    rf.intercept_mua_interval = [p.mean - p.half, p.mean + p.half]
-    if n == 1:
-        rf.note = f"one usable rank ({rf.ranks_used[0]}): no slope; a slope needs 2 usable ranks"
+    tau2 = _tau2(x, y, se**2 + 1e-12)
+    w = 1 / (se**2 + tau2)
+    rf.tau = math.sqrt(tau2)
+    rf.centre_x, rf.centre_y = float(w @ x / w.sum()), float(w @ y / w.sum())
+    rf.centre_se = math.sqrt(1 / w.sum())
+    rf.intercept_mua = float(w @ (y - reg.rank_exponent * x) / w.sum())
+    prior_prec = 1 / prior_sd**2
+    if len(use) == 1:
+        rf.shrunk_slope, rf.shrunk_slope_se, rf.data_weight = reg.rank_exponent, prior_sd, 0.0
+        rf.note = f"one usable rank ({rf.ranks_used[0]}): no measured slope; μA's exponent with the study's spread"
         return rf
-    xbar, sxx = float(x.mean()), float(((x - x.mean()) ** 2).sum())
-    rf.slope = float(((x - xbar) * (y - y.mean())).sum() / sxx)
-    rf.intercept = float(y.mean() - rf.slope * xbar)
-    if n == 2:
-        dof_note = few_dof_note(rf.dof_mua, "η* on μA's line", n)
-        rf.note = f"two usable ranks give a slope but no interval (0 dof): μA's exponent untested; {dof_note}"
-        return rf
-    rf.dof = n - 2
-    rf.note = few_dof_note(rf.dof, "the slope", n)
-    res = y - rf.intercept - rf.slope * x
-    rf.resid_se = math.sqrt(float(res @ res) / rf.dof)
-    w = (x - xbar) / sxx
-    rf.slope_se = math.sqrt(rf.resid_se**2 / sxx + float((w**2 * se**2).sum()))
-    half = t95(rf.dof) * rf.slope_se
-    rf.slope_interval = [rf.slope - half, rf.slope + half]
+    dx = x - rf.centre_x
+    sxx = float(w @ dx**2)
+    rf.slope, rf.slope_se = float(w @ (dx * (y - rf.centre_y)) / sxx), math.sqrt(1 / sxx)
+    rf.slope_interval = [rf.slope - Z95 * rf.slope_se, rf.slope + Z95 * rf.slope_se]
     inside = rf.slope_interval[0] <= reg.rank_exponent <= rf.slope_interval[1]
     rf.verdict = "consistent" if inside else "inconsistent"
+    data_prec = sxx
+    rf.data_weight = data_prec / (data_prec + prior_prec)
+    rf.shrunk_slope = rf.data_weight * rf.slope + (1 - rf.data_weight) * reg.rank_exponent
+    rf.shrunk_slope_se = math.sqrt(1 / (data_prec + prior_prec))
     return rf
 
 
@@ -441,15 +413,20 @@ def _settings(df: pd.DataFrame) -> dict:
     }
 
 
+def b1_reference(b1: RegimeFit, rank: int = cal.FULL_REF_RANK) -> tuple[float, float]:
+    """log2 η* of B:1 at `rank` on its (shrunk) line, and its SE: where full finetuning's offset is measured."""
+    return b1.line(math.log2(rank))
+
+
 def _compare(b1: RegimeFit, full: RankOptimum) -> FullComparison:
-    """η*_B:1 (pooled over usable ranks) / η*_full; the two 95% log2 half-widths add in quadrature."""
-    p = pool_log2(b1.log2_lr_stars, b1.se_log2s)
-    hw_full = full.half_width_log2
-    r = p.mean - full.log2_lr_star
-    half = math.sqrt(p.half**2 + hw_full**2)
+    """B:1's η* at the reference rank against full finetuning's; the two log2 SEs add in quadrature."""
+    c, c_se = b1_reference(b1)
+    r = c - full.log2_lr_star
+    half = Z95 * math.sqrt(c_se**2 + full.se_log2**2)
     return FullComparison(
-        b1_lr=2**p.mean,
-        b1_interval=[2 ** (p.mean - p.half), 2 ** (p.mean + p.half)],
+        b1_lr=2**c,
+        b1_interval=[2 ** (c - Z95 * c_se), 2 ** (c + Z95 * c_se)],
+        ref_rank=cal.FULL_REF_RANK,
         b1_ranks=list(b1.ranks_used),
         full_lr=full.lr_star,
         full_interval=[full.lo, full.hi],
@@ -459,7 +436,7 @@ def _compare(b1: RegimeFit, full: RankOptimum) -> FullComparison:
     )
 
 
-def fit_run(df: pd.DataFrame) -> FitResult:
+def fit_run(df: pd.DataFrame, prior_sd: float = cal.SLOPE_PRIOR_SD) -> FitResult:
     """Every (regime, rank) optimum, every regime's slope, full finetuning and the B:1 comparison."""
     if df is None or len(df) == 0:
         raise MuaError("the trial table is empty: run `mua sweep` first")
@@ -476,12 +453,12 @@ def fit_run(df: pd.DataFrame) -> FitResult:
         raise MuaError(f"no usable trials: all {len(df)} trials failed")
     if clean["diverged"].all():
         raise MuaError(f"all {len(clean)} finished trials diverged: lower the learning-rate grid")
-    lora = df[df["regime"] != FULL]
-    optima = [optimum(g) for _, g in lora.groupby(["regime", "rank"], sort=True)]
-    present = set(lora["regime"])
-    fits = {name: fit_regime(optima, name) for name in REGIMES if name in present}
-    full_rows = df[df["regime"] == FULL]
-    full = fit_full(full_rows) if len(full_rows) else None
+    full_rows = df[df["regime"] == FULL].assign(rank=0)
+    groups = [g for _, g in df[df["regime"] != FULL].groupby(["regime", "rank"], sort=True)]
+    found, noise_sd, noise_dof = estimate(groups + ([full_rows] if len(full_rows) else []))
+    optima, full = (found[:-1], found[-1]) if len(full_rows) else (found, None)
+    present = {o.regime for o in optima}
+    fits = {name: fit_regime(optima, name, prior_sd) for name in REGIMES if name in present}
     b1 = fits.get(TRANSFER_REGIME)
     cmp = _compare(b1, full) if (full is not None and full.usable and b1 and b1.ranks_used) else None
     return FitResult(
@@ -490,6 +467,8 @@ def fit_run(df: pd.DataFrame) -> FitResult:
         regimes=fits,
         full=full,
         full_vs_b1=cmp,
+        noise_sd=noise_sd,
+        noise_dof=noise_dof,
         n_trials=len(df),
         n_failed=len(df) - len(clean),
         n_diverged=int(clean["diverged"].sum()),

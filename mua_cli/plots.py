@@ -59,8 +59,9 @@ def plot_fit(fit: FitResult, path: Path) -> Path:
             err = np.array([[o.lr_star - o.lo, o.hi - o.lr_star] for o in used]).T
             ax.errorbar(r, y, yerr=err, fmt="o", color="black", capsize=3, label="η* (95 % interval)")
             grid = np.geomspace(r.min() / 2, r.max() * 4, 50)
-            if rf.slope is not None and rf.intercept is not None:
-                ax.plot(grid, 2 ** (rf.intercept + rf.slope * np.log2(grid)), "-", label=f"fit: slope {rf.slope:+.2f}")
+            if rf.shrunk_slope is not None and rf.centre_x is not None:
+                line = rf.centre_y + rf.shrunk_slope * (np.log2(grid) - rf.centre_x)
+                ax.plot(grid, 2**line, "-", label=f"used: slope {rf.shrunk_slope:+.2f}")
             if rf.intercept_mua is not None:
                 ax.plot(
                     grid,
@@ -74,7 +75,7 @@ def plot_fit(fit: FitResult, path: Path) -> Path:
         ax.set_yscale("log", base=2)
         ax.set_xlabel("rank")
         ax.set_ylabel("η*")
-        ax.set_title(f"{name}: η* vs rank ({rf.verdict})")
+        ax.set_title(f"{name}: η* vs rank")
         if not used:
             ax.text(0.5, 0.5, "no rank has an interior η*", ha="center", va="center", transform=ax.transAxes)
         _legend(ax)

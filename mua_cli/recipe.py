@@ -63,8 +63,9 @@ class Recipe:
     lrs: str = "2^-12:2^-4"
     seeds: int = 1
     max_extend: int = 4  # rounds of grid extension per (regime, rank)
+    refine: int = 1  # 1: add half-octave LRs either side of each interior optimum once the grid settles; 0: off
 
-    SWEEP_FIELDS = ("name", "description", "ranks", "regimes", "lrs", "seeds", "max_extend")
+    SWEEP_FIELDS = ("name", "description", "ranks", "regimes", "lrs", "seeds", "max_extend", "refine")
 
     def validate(self) -> Recipe:
         parse_ranks(self.ranks)
@@ -74,6 +75,7 @@ class Recipe:
         _check(self.batch_size >= 1, f"batch_size must be at least 1, not {self.batch_size}")
         _check(self.seq_len >= 2, f"seq_len must be at least 2, not {self.seq_len}")
         _check(self.seeds >= 1, f"seeds must be at least 1, not {self.seeds}")
+        _check(self.refine in (0, 1), f"refine must be 0 or 1, not {self.refine!r}")
         _check(self.alpha0 > 0, f"alpha0 must be positive, not {self.alpha0}")
         _check(self.metric in ("train", "eval"), f"metric must be 'train' or 'eval', not {self.metric!r}")
         _check(self.task in ("causal-lm", "seq-cls", "image-cls"), f"unknown task {self.task!r}")

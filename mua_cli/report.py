@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from . import calibration as cal
 from .theory import FULL, lr_label, theory_rows
 
 
@@ -100,38 +101,39 @@ def fit_tables(fit) -> list:
             str(o.n_seeds),
             note,
         )
-    s = Table(title="η* ∝ r^slope per regime, tested against μA")
-    for col in ("regime", "ranks used", "slope", "95 % interval", "μA", "verdict", "η* at μA's slope (r=1)"):
+    s = Table(title="η* ∝ r^slope per regime: measured, μA's, and the slope used for predictions")
+    for col in ("regime", "ranks used", "measured slope", "95 % interval", "μA", "used slope", "weight on data"):
         s.add_column(col)
     for name, rf in sorted(fit.regimes.items()):
-        verdict = {"consistent": "[green]consistent[/]", "inconsistent": "[red]inconsistent[/]"}.get(
-            rf.verdict, f"[yellow]{rf.verdict}[/]"
-        )
+        verdict = {"consistent": "", "inconsistent": " [red](excludes μA)[/]"}.get(rf.verdict, "")
         s.add_row(
             name,
             ",".join(map(str, rf.ranks_used)) or "—",
             "—" if rf.slope is None else f"{rf.slope:+.3f}",
-            "—" if not rf.slope_interval else f"[{rf.slope_interval[0]:+.3f}, {rf.slope_interval[1]:+.3f}]",
+            "—" if not rf.slope_interval else f"[{rf.slope_interval[0]:+.3f}, {rf.slope_interval[1]:+.3f}]{verdict}",
             f"{rf.expected_slope:+g}",
-            verdict,
-            "—" if rf.intercept_mua is None else f"{2.0**rf.intercept_mua:.3g}",
+            "—" if rf.shrunk_slope is None else f"{rf.shrunk_slope:+.3f} ± {rf.shrunk_slope_se:.3f}",
+            "—" if rf.data_weight is None else f"{rf.data_weight:.0%}",
         )
-    s.caption = "Few ranks give few degrees of freedom: intervals come from the t distribution."
+    noise = "" if fit.noise_sd is None else f"; loss noise σ = {fit.noise_sd:.3g} ({fit.noise_dof} dof, pooled)"
+    s.caption = (
+        f"used slope: the measured slope shrunk toward μA's by the study's spread ±{cal.SLOPE_PRIOR_SD:g}" + noise
+    )
     out = [t, s]
     notes = [f"[yellow]note[/] ({name}): {escape(rf.note)}" for name, rf in sorted(fit.regimes.items()) if rf.note]
     if notes:
         out.append(Text.from_markup("\n".join(notes)))
     if fit.full_vs_b1:
         c = fit.full_vs_b1
-        f = Table(title="full finetuning: measured vs B:1's prediction (μA: ratio ≈ 1)")
-        for col in ("B:1 pooled η*", "full-ft η*", "ratio B:1 / full", "95 % interval", "ratio ≈ 1?"):
+        f = Table(title=f"full finetuning: measured against B:1's η* at rank {c.ref_rank} (μA's raw rule: ratio 1)")
+        for col in (f"B:1 η* (r={c.ref_rank})", "full-ft η*", "ratio B:1 / full", "95 % interval", "study's ratio"):
             f.add_column(col)
         f.add_row(
             _lr(c.b1_lr),
             _lr(c.full_lr),
             f"{c.ratio:.3g}",
             _interval(*c.ratio_interval),
-            "[green]yes[/]" if c.consistent_with_one else "[red]no[/]",
+            f"{2 ** -cal.FULL_OFFSET_LOG2:.3g} (×{2**cal.FULL_OFFSET_SD:.2f})",
         )
         out.append(f)
     return out
@@ -150,8 +152,17 @@ def prediction_panel(pred):
     if pred.basis == "heuristic":
         lines.append("[yellow]HEURISTIC, not μA: 'LoRA Without Regret' (Schulman et al., 2025)[/]")
     ev = pred.evidence or {}
-    if ev.get("calibrated"):
-        lines.append(f"[bold]evidence:[/] {ev['calibrated']}")
+    if pred.basis == "measured" and ev.get("predicted") is not None:
+        lines.append(
+            f"[bold]evidence:[/] the prediction without these trials ({ev['predicted_basis']}) was "
+            f"{ev['predicted']:.3g}, {ev['ratio_predicted_to_measured']:.2f}× the measured optimum"
+        )
+    elif pred.basis == "measured" and ev.get("predicted_without_this_rank"):
+        p = ev["predicted_without_this_rank"]
+        lines.append(
+            f"[bold]evidence:[/] the other ranks' line predicted {p['lr']:.3g} here; measured / predicted = "
+            f"{p['ratio_measured_to_predicted']:.2f}"
+        )
     lines.append("")
     lines.append("[bold]holds for[/] (" + pred.caveat + "):")
     for k, v in pred.settings.items():

@@ -144,6 +144,7 @@ def run_sweep(
 def _rounds(recipe, store, runner, pending, done, summary, listener) -> None:
     """Run the pending trials, then extend the grid where an optimum sits at an edge; again until none does."""
     base_grid = parse_lrs(recipe.lrs)
+    refined = recipe.refine == 0
     while True:
         for spec, result in runner.run(pending):
             store.add(spec, result, _meta(recipe, spec, result))
@@ -167,9 +168,45 @@ def _rounds(recipe, store, runner, pending, done, summary, listener) -> None:
                 summary.added.append(line)
                 listener.note(line)
                 pending.extend(specs)
+        if not pending and not refined:
+            refined = True
+            pending = _refinements(recipe, metrics, done, summary, listener)
         if not pending:
             return
         listener.grow(len(pending))
+
+
+def refinement(lrs_metrics: dict[float, list[float]]) -> list[float]:
+    """Half-octave LRs either side of an interior best grid point that the grid lacks there.
+
+    A power-of-2 grid puts one point per octave near the optimum; the local fit (optimum.py) needs a few more
+    to estimate the curvature on both sides and the noise, and they cost two LRs per group."""
+    means = {lr: sum(v) / len(v) for lr, v in lrs_metrics.items() if v}
+    finite = {lr: m for lr, m in means.items() if math.isfinite(m)}
+    if len(finite) < 3:
+        return []
+    grid = sorted(means)
+    best = min(finite, key=finite.get)
+    if best in (grid[0], grid[-1]):
+        return []
+    out = []
+    for new in (best * 2**-0.5, best * 2**0.5):
+        if all(abs(math.log2(new / lr)) > 0.3 for lr in grid):
+            out.append(new)
+    return out
+
+
+def _refinements(recipe, metrics, done, summary, listener) -> list[TrialSpec]:
+    pending = []
+    for reg, rank in groups(recipe):
+        for lr in refinement(metrics.get((reg, rank), {})):
+            specs = [make_spec(recipe, reg, rank, lr, s) for s in range(recipe.seeds)]
+            pending.extend(s for s in specs if s.key not in done)
+    if pending:
+        line = f"refining: {len(pending)} trial(s) at half-octave LRs around each interior optimum"
+        summary.added.append(line)
+        listener.note(line)
+    return pending
 
 
 def _group_metrics(store: TrialStore) -> dict[tuple[str, int], dict[float, list[float]]]:
