@@ -29,7 +29,9 @@ def swept_run(tmp_path_factory, model_cache):
     recipe = root / "micro.yaml"
     recipe.write_text(yaml.safe_dump({**TINY_TEST_RECIPE, "steps": 20, "lrs": "2^-11:2^-3", "max_extend": 2}))
     run = root / "run"
-    res = mua("sweep", "--recipe", recipe, "--ranks", "2,4,8", "--regimes", "A:r,B:1", "--out", run, "--device", "cpu")
+    res = mua(
+        "sweep", "--recipe", recipe, "--ranks", "2,4,8,full", "--regimes", "A:r,B:1", "--out", run, "--device", "cpu"
+    )
     assert res.exit_code == 0, res.output
     return run
 
@@ -44,13 +46,25 @@ def test_sweep_fit_transfer_end_to_end(swept_run):
     res = mua("transfer", swept_run, "--to", "full-ft", "--json")
     assert res.exit_code == 0, res.output
     pred = json.loads(res.stdout)
-    assert pred["target"] == "full-ft" and pred["regime"] == "B:1" and pred["basis"] == "B:1-pooled"
+    # the run swept full finetuning: its measured optimum is the answer, the prediction is evidence
+    assert pred["target"] == "full-ft" and pred["basis"] == "measured"
+    assert pred["lr"] == pytest.approx(doc["full"]["lr_star"])
+    assert pred["evidence"]["predicted_basis"] == "study-offset" and pred["evidence"]["predicted"] > 0
     lo, hi = pred["interval"]
     assert lo <= pred["lr"] <= hi
     res_q = mua("transfer", swept_run, "--to", "full-ft", "--quiet")
     assert float(res_q.stdout.strip()) == pytest.approx(pred["lr"], rel=1e-4)
     res = mua("transfer", swept_run, "--to", "full-ft")
     assert res.exit_code == 0 and "holds only for the same optimizer" in res.output
+    assert "basis: measured" in res.output and "the prediction without these trials" in res.output
+    predicted = json.loads(mua("transfer", swept_run, "--to", "full-ft", "--basis", "predict", "--json").stdout)
+    assert predicted["basis"] == "study-offset" and predicted["lr"] == pytest.approx(pred["evidence"]["predicted"])
+    calibrated = mua("transfer", swept_run, "--to", "full-ft", "--basis", "predict", "--calibrate", swept_run, "--json")
+    assert calibrated.exit_code == 0, calibrated.output
+    # calibrated on itself: B:1 at the reference rank plus its own offset gives back its own full-ft optimum
+    assert json.loads(calibrated.stdout)["lr"] == pytest.approx(pred["lr"], rel=1e-6)
+    res = mua("transfer", swept_run, "--to", "full-ft", "--basis", "sideways")
+    assert res.exit_code == 2 and "unknown --basis" in res.output
 
 
 def test_transfer_to_rank_json_schema(swept_run):
@@ -59,7 +73,7 @@ def test_transfer_to_rank_json_schema(swept_run):
     pred = json.loads(res.stdout)
     for key in ("lr", "interval", "target", "regime", "basis", "settings", "caveat", "reason"):
         assert key in pred
-    assert pred["target"] == 128 and pred["basis"] in ("muA-slope", "free-slope")
+    assert pred["target"] == 128 and pred["basis"] == "shrunk-slope"
     assert pred["settings"]["lora_alpha"] == 1 and pred["settings"]["steps"] == 20
 
 
@@ -74,7 +88,7 @@ def test_corrupt_fit_json_is_refitted_not_a_crash(swept_run, content):
     os.utime(path, (later, later))  # newer than the store: transfer would trust it if it could read it
     res = mua("transfer", swept_run, "--to", "full-ft", "--json")
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["regime"] == "B:1"
+    assert json.loads(res.stdout)["basis"] == "measured"
     assert set(json.loads(path.read_text())["regimes"]) == {"A:r", "B:1"}  # rewritten from the trials
 
 
@@ -86,7 +100,8 @@ def test_resweep_skips_everything(swept_run, tmp_path):
 
     recipe.write_text(yaml.safe_dump({**TINY_TEST_RECIPE, "steps": 20, "lrs": "2^-11:2^-3", "max_extend": 2}))
     res = mua(
-        "sweep", "--recipe", recipe, "--ranks", "2,4,8", "--regimes", "A:r,B:1", "--out", swept_run, "--device", "cpu"
+        "sweep", "--recipe", recipe, "--ranks", "2,4,8,full", "--regimes", "A:r,B:1", "--out", swept_run, "--device",
+        "cpu",
     )
     assert res.exit_code == 0, res.output
     assert "ran 0 trial(s)" in res.output
