@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -33,9 +34,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is a local folder: never wait on a hub
+warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes, once per trial
 WORKLOADS = Path(__file__).resolve().parent / "workloads.yaml"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json")  # fmt: skip
 PART_MIB = 45
 
 
@@ -61,9 +64,7 @@ FIRST_ACT = re.compile(r"^ACT (I|1)\b", re.M)
 def _is_speaker(line: str) -> bool:
     """'Ham.', 'FIRST WITCH.', 'Ros. and Guil.': short, ends with '.', every word capitalized (or 'and')."""
     words = re.findall(r"[A-Za-z']+", line)
-    return (
-        len(line) <= 30 and line.endswith(".") and bool(words) and all(w[0].isupper() or w == "and" for w in words)
-    )
+    return len(line) <= 30 and line.endswith(".") and bool(words) and all(w[0].isupper() or w == "and" for w in words)
 
 
 def dialogue(play: str) -> str:
@@ -86,7 +87,7 @@ def dialogue(play: str) -> str:
 
 
 def build_plays(path: Path) -> dict[str, int]:
-    """plays.jsonl: passages of ~400 characters of dialogue labelled by play, deterministic, at most 1.25× the
+    """plays.jsonl: passages of ~400 characters of dialogue labelled by play, deterministic, at most 1.5× the
     smallest play's count per play (balanced-ish), in a fixed shuffled order."""
     from mua_cli.data import CORPORA_DIR, EMBEDDED_CORPORA
 
@@ -109,7 +110,7 @@ def build_plays(path: Path) -> dict[str, int]:
                 out.append(" ".join(cur))
                 cur = []
         passages[name] = out
-    cap = int(1.25 * min(map(len, passages.values())))
+    cap = int(1.5 * min(map(len, passages.values())))
     rng = random.Random(0)
     records = []
     for name, out in passages.items():
@@ -167,6 +168,10 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         del config.quantization_config
     dense = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     dense.load_state_dict(model.state_dict(), strict=True)
+    for kind in ("bos", "eos", "pad"):  # transformers 5.17 reads the GGUF's eos as <|im_start|>: the config decides
+        token_id = getattr(config, f"{kind}_token_id", None)
+        if isinstance(token_id, int):
+            setattr(tok, f"{kind}_token", tok.convert_ids_to_tokens(token_id))
     out.mkdir(parents=True, exist_ok=True)
     dense.save_pretrained(out)
     tok.save_pretrained(out)
@@ -270,7 +275,7 @@ def with_models(value, models: str):
 
 
 def smoke(base: dict, sweeps: list[dict]) -> tuple[dict, list[dict]]:
-    """The same workload, small enough for a CPU check of the whole path in seconds per workload."""
+    """The same workload, small enough for a CPU check of the whole path (SmolLM2's ~27 trials take ~2.5 min)."""
     base = {**base, "steps": 6, "batch_size": 2, "seq_len": 32}
     if base.get("model", "").startswith("embedded:"):
         width = min(64, base["model_config"]["hidden_size"] // 8)
@@ -348,10 +353,10 @@ def pretrain_embedded(recipe, device: str) -> dict:
         seconds = time.perf_counter() - t0
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         model.cpu().save_pretrained(tmp)
-        (tmp / "pretrain.json").write_text(json.dumps({**pre, "seconds": seconds, "device": dev,
-                                                       "final_loss": float(loss), "by": "studies/transfer_study.py"}))  # fmt: skip
+        done = {**pre, "seconds": seconds, "device": dev, "final_loss": loss.item(), "by": "studies/transfer_study.py"}
+        (tmp / "pretrain.json").write_text(json.dumps(done))
         tmp.rename(folder)
-        log(f"pretrained {folder.name} on {dev} in {seconds:.1f}s, final loss {float(loss):.3f}")
+        log(f"pretrained {folder.name} on {dev} in {seconds:.1f}s, final loss {loss.item():.3f}")
     return json.loads((folder / "pretrain.json").read_text())
 
 
@@ -430,13 +435,16 @@ def devices() -> list[str]:
 
 def run_workload(w: dict, args) -> float:
     from mua_cli.execute import Execution
+    from mua_cli.models import _quiet_transformers
     from mua_cli.recipe import recipe_from_dict
     from mua_cli.runner import resolve_device
     from mua_cli.sweep import run_sweep
 
+    _quiet_transformers()  # no progress bars in a log that is read afterwards
     t0 = time.perf_counter()
     name = w["name"] + ("-smoke" if args.smoke else "")  # a smoke run never lands in a real run's folder
-    base, sweeps = with_models(w["recipe"], str(Path(args.models).resolve())), w["sweeps"]
+    # the path as given enters the trials' identity (mua hashes the model name): pass the same --models to resume
+    base, sweeps = with_models(w["recipe"], str(args.models).rstrip("/")), w["sweeps"]
     if args.smoke:
         base, sweeps = smoke(base, sweeps)
     recipes = [recipe_from_dict({"name": name, **base, **s}, source=f"workload {name}") for s in sweeps]
