@@ -112,13 +112,23 @@ class RegimeFit:
     se_log2s: list[float]
     unusable: list[dict] = field(default_factory=list)  # {rank, edge, reason}
     tau: float | None = None  # scatter of the ranks about the line (log2), floored at the study's value
-    centre_x: float | None = None  # weighted mean of log2 r
-    centre_y: float | None = None  # weighted mean of log2 η*
-    centre_se: float | None = None
-    slope: float | None = None  # the measured slope (weighted least squares); None with one rank
+    slope: float | None = None  # the measured power-law slope (weighted least squares); None with one rank
     slope_se: float | None = None
     slope_interval: list[float] | None = None  # 95%
     verdict: str = "untested"  # "consistent" | "inconsistent" with μA at 95 %: a description, not a rule
+    # The prediction line: log2 η* = centre_y + b·(x − centre_x) + curvature·(x − curve_x)², x = log2 r, with the
+    # curvature in rank the study measured for this regime (calibration.RANK_CURVATURE; 0 where it found none)
+    # and b the data's slope of that curve (line_slope) shrunk toward μA's exponent (shrunk_slope).
+    curvature: float = 0.0
+    curvature_sd: float = 0.0
+    curve_x: float | None = None
+    curve_m2: float | None = None  # weighted mean of (x − curve_x)², and its weighted slope on x: for the
+    curve_s2: float | None = None  # curvature's uncertainty at a new rank
+    centre_x: float | None = None  # weighted mean of log2 r
+    centre_y: float | None = None  # weighted mean of log2 η* − curvature·(x − curve_x)²
+    centre_se: float | None = None
+    line_slope: float | None = None
+    line_slope_se: float | None = None
     prior_sd: float = cal.SLOPE_PRIOR_SD
     shrunk_slope: float | None = None  # the slope used for predictions: data and μA weighed by precision
     shrunk_slope_se: float | None = None
@@ -135,16 +145,20 @@ class RegimeFit:
         slope: "shrunk" (default), "measured" (the data alone) or "mua" (μA's exponent taken as exact)."""
         if self.centre_y is None:
             raise MuaError(f"regime {self.regime} has no usable rank")
-        if slope == "mua":
-            b, b_se = self.expected_slope, 0.0
-        elif slope == "measured":
-            if self.slope is None:
+        if slope == "mua":  # μA's pure power law through the measured ranks, no curvature
+            d = x0 - self.centre_x
+            centre = self.intercept_mua + self.expected_slope * x0
+            return centre, math.sqrt(self.centre_se**2 + self.tau**2)
+        if slope == "measured":
+            if self.line_slope is None:
                 raise MuaError(f"regime {self.regime} has one usable rank: no measured slope")
-            b, b_se = self.slope, self.slope_se
+            b, b_se = self.line_slope, self.line_slope_se
         else:
             b, b_se = self.shrunk_slope, self.shrunk_slope_se
         d = x0 - self.centre_x
-        return self.centre_y + b * d, math.sqrt(self.centre_se**2 + (b_se * d) ** 2 + self.tau**2)
+        q = (x0 - self.curve_x) ** 2 - (self.curve_m2 + self.curve_s2 * d)  # what the line cannot absorb of c·x²
+        centre = self.centre_y + b * d + self.curvature * (x0 - self.curve_x) ** 2
+        return centre, math.sqrt(self.centre_se**2 + (b_se * d) ** 2 + (self.curvature_sd * q) ** 2 + self.tau**2)
 
 
 @dataclass
@@ -349,27 +363,33 @@ def fit_regime(optima: list[RankOptimum], regime: str, prior_sd: float = cal.SLO
         return rf
     x = np.log2(np.array(rf.ranks_used, float))
     y, se = np.array(rf.log2_lr_stars), np.array(rf.se_log2s)
-    tau2 = _tau2(x, y, se**2 + 1e-12)
+    rf.curvature, rf.curvature_sd = cal.RANK_CURVATURE.get(reg.name, (0.0, 0.0))
+    rf.curve_x = float(x.mean())
+    yc = y - rf.curvature * (x - rf.curve_x) ** 2
+    tau2 = _tau2(x, yc, se**2 + 1e-12)
     w = 1 / (se**2 + tau2)
     rf.tau = math.sqrt(tau2)
-    rf.centre_x, rf.centre_y = float(w @ x / w.sum()), float(w @ y / w.sum())
+    rf.centre_x, rf.centre_y = float(w @ x / w.sum()), float(w @ yc / w.sum())
     rf.centre_se = math.sqrt(1 / w.sum())
     rf.intercept_mua = float(w @ (y - reg.rank_exponent * x) / w.sum())
+    dx = x - rf.centre_x
+    sxx = float(w @ dx**2)
+    rf.curve_m2 = float(w @ (x - rf.curve_x) ** 2 / w.sum())
+    rf.curve_s2 = float(w @ (dx * (x - rf.curve_x) ** 2) / sxx) if sxx > 0 else 0.0
     prior_prec = 1 / prior_sd**2
     if len(use) == 1:
         rf.shrunk_slope, rf.shrunk_slope_se, rf.data_weight = reg.rank_exponent, prior_sd, 0.0
         rf.note = f"one usable rank ({rf.ranks_used[0]}): no measured slope; μA's exponent with the study's spread"
         return rf
-    dx = x - rf.centre_x
-    sxx = float(w @ dx**2)
-    rf.slope, rf.slope_se = float(w @ (dx * (y - rf.centre_y)) / sxx), math.sqrt(1 / sxx)
+    rf.slope = float(w @ (dx * (y - w @ y / w.sum())) / sxx)
+    rf.slope_se = math.sqrt(1 / sxx)
     rf.slope_interval = [rf.slope - Z95 * rf.slope_se, rf.slope + Z95 * rf.slope_se]
     inside = rf.slope_interval[0] <= reg.rank_exponent <= rf.slope_interval[1]
     rf.verdict = "consistent" if inside else "inconsistent"
-    data_prec = sxx
-    rf.data_weight = data_prec / (data_prec + prior_prec)
-    rf.shrunk_slope = rf.data_weight * rf.slope + (1 - rf.data_weight) * reg.rank_exponent
-    rf.shrunk_slope_se = math.sqrt(1 / (data_prec + prior_prec))
+    rf.line_slope, rf.line_slope_se = float(w @ (dx * (yc - rf.centre_y)) / sxx), rf.slope_se
+    rf.data_weight = sxx / (sxx + prior_prec)
+    rf.shrunk_slope = rf.data_weight * rf.line_slope + (1 - rf.data_weight) * reg.rank_exponent
+    rf.shrunk_slope_se = math.sqrt(1 / (sxx + prior_prec))
     return rf
 
 

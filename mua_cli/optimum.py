@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-WINDOW = 2.0  # octaves either side of the best grid LR: the quadratic model holds near the optimum only
+WINDOW = 1.5  # octaves either side of the best grid LR: the quadratic model holds near the optimum only
 RHO_MAX = 4.0  # the curvature of one side is at most this × the other's
 STEP = 0.01  # resolution of the x* profile, in octaves
 _RHOS = np.exp(np.linspace(-math.log(RHO_MAX), math.log(RHO_MAX), 25))
@@ -68,13 +68,18 @@ def profile(x: np.ndarray, y: np.ndarray, seed: np.ndarray, diverged_x: np.ndarr
     x, y, seed = x[order], y[order], seed[order]
     means = {v: y[x == v].mean() for v in np.unique(x)}
     x_best = min(means, key=means.get)
-    keep = np.abs(x - x_best) <= WINDOW + 1e-9
+    levels = np.unique(x)
+    below, above = levels[levels < x_best][::-1], levels[levels > x_best]
+    # the window holds WINDOW octaves each side, and at least two LRs each side where the grid has them
+    lo_edge = min(x_best - WINDOW, below[1] if len(below) > 1 else x_best)
+    hi_edge = max(x_best + WINDOW, above[1] if len(above) > 1 else x_best)
+    keep = (x >= lo_edge - 1e-9) & (x <= hi_edge + 1e-9)
     x, y, seed = x[keep], y[keep], seed[keep]
     levels = np.unique(x)
     if len(levels) < 3:
         return None
-    lo = max(float(grid_span[0]), x_best - WINDOW)
-    hi = min(float(grid_span[1]), x_best + WINDOW)
+    lo = max(float(grid_span[0]), lo_edge)
+    hi = min(float(grid_span[1]), hi_edge)
     cand = np.round(np.arange(lo, hi + STEP / 2, STEP), 9)
     below, above = levels[levels < x_best], levels[levels > x_best]
     neighbours = (float(below[-1]) if len(below) else x_best, float(above[0]) if len(above) else x_best)
@@ -109,8 +114,17 @@ def pool_noise(fits: list[LocalFit]) -> tuple[float | None, int]:
     return sum(f.rss_min for f in fits if f.dof) / dof, dof
 
 
+POOL_DOF = 4.0  # how many residual degrees of freedom the run's pooled σ² counts for in a group's own σ²
+
+
 def interval(fit: LocalFit, sigma2: float, dof: int) -> tuple[float, float]:
-    """95 % likelihood-ratio interval for x*: every x* whose RSS is within σ²·F(1, dof) of the minimum."""
-    thresh = fit.rss_min + max(sigma2, 1e-12) * float(stats.f.ppf(0.95, 1, dof))
+    """95 % likelihood-ratio interval for x*: every x* whose RSS is within σ²·F(1, ·) of the minimum.
+
+    σ² is the group's own residual variance shrunk toward the run's pooled σ² (which counts as POOL_DOF
+    degrees of freedom): a group whose curve the model fits worse than the others gets a wider interval, and
+    a group with no residual degrees of freedom of its own borrows the pool's."""
+    k = min(POOL_DOF, dof)
+    own = (fit.rss_min + k * sigma2) / (fit.dof + k) if fit.dof + k > 0 else sigma2
+    thresh = fit.rss_min + max(own, 1e-12) * float(stats.f.ppf(0.95, 1, fit.dof + k))
     inside = fit.grid[fit.rss <= thresh]
     return float(inside.min()), float(inside.max())

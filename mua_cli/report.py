@@ -133,7 +133,7 @@ def fit_tables(fit) -> list:
             _lr(c.full_lr),
             f"{c.ratio:.3g}",
             _interval(*c.ratio_interval),
-            f"{2 ** -cal.FULL_OFFSET_LOG2:.3g} (×{2**cal.FULL_OFFSET_SD:.2f})",
+            f"{2**-cal.FULL_OFFSET_LOG2:.3g} (×{2**cal.FULL_OFFSET_SD:.2f})",
         )
         out.append(f)
     return out

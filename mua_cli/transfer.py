@@ -104,7 +104,6 @@ def _too_few(rf: RegimeFit, need: int = 2, what: str = "a prediction") -> str:
     return msg
 
 
-
 def _interval(centre: float, se: float) -> tuple[float, float, float]:
     return 2.0**centre, 2.0 ** (centre - Z95 * se), 2.0 ** (centre + Z95 * se)
 
@@ -145,9 +144,7 @@ def _rank_line(rf: RegimeFit, rank: int, basis: str) -> tuple[float, float, str]
     elif basis == "measured-slope":
         reason = f"the measured slope {rf.slope:+.3f} alone, without μA's prior (labelled: not the default)"
     elif rf.slope is None:
-        reason = (
-            f"one usable rank: μA's exponent {exp}, with the study's spread ±{rf.prior_sd:g} as its uncertainty"
-        )
+        reason = f"one usable rank: μA's exponent {exp}, with the study's spread ±{rf.prior_sd:g} as its uncertainty"
     else:
         reason = (
             f"slope {rf.shrunk_slope:+.3f}: the measured {rf.slope:+.3f} ± {rf.slope_se:.3f} and μA's {exp} "
@@ -178,8 +175,11 @@ def predict_rank(fit: FitResult, regime: str, rank: int, basis: str = "auto") ->
         others = [r for r in rf.ranks_used if r != rank]
         if others:
             pr = _rank_line(_without(rf, rank, fit), rank, "shrunk-slope")
-            evidence["predicted_without_this_rank"] = {"lr": 2.0 ** pr[0], "ratio_measured_to_predicted":
-                                                       measured.lr_star / 2.0 ** pr[0], "basis": "shrunk-slope"}
+            evidence["predicted_without_this_rank"] = {
+                "lr": 2.0 ** pr[0],
+                "ratio_measured_to_predicted": measured.lr_star / 2.0 ** pr[0],
+                "basis": "shrunk-slope",
+            }
     else:
         chosen = "shrunk-slope" if basis in ("auto", "predict") else basis
         centre, se, reason = _rank_line(rf, rank, chosen)
@@ -220,14 +220,15 @@ def predict_rank(fit: FitResult, regime: str, rank: int, basis: str = "auto") ->
 
 def _without(rf: RegimeFit, rank: int, fit: FitResult) -> RegimeFit:
     """The regime's fit with one rank left out: the prediction a run without that rank would have made."""
-    return fit_regime([o for o in fit.optima if not (o.regime == rf.regime and o.rank == rank)], rf.regime,
-                      rf.prior_sd)
+    return fit_regime([o for o in fit.optima if not (o.regime == rf.regime and o.rank == rank)], rf.regime, rf.prior_sd)
 
 
 def _check_basis(basis: str, allowed: tuple[str, ...], what: str) -> None:
     if basis not in ("auto", "predict", "measured", *allowed):
-        raise MuaError(f"basis {basis!r} does not apply to {what}; choose from auto, predict, measured, "
-                       f"{', '.join(allowed)}")
+        raise MuaError(
+            f"basis {basis!r} does not apply to {what}; choose from auto, predict, measured, {', '.join(allowed)}"
+        )
+
 
 def _peft_snippet(regime: str, alpha0: float, rank: int) -> str:
     reg = get_regime(regime)
@@ -245,7 +246,6 @@ def _lr_text(lr: float) -> str:
     """'2^-9 (0.00195)' for a power of two; the number alone otherwise (its label would repeat it)."""
     label, number = lr_label(lr), f"{lr:.3g}"
     return number if label == number else f"{label} ({number})"
-
 
 
 def _full_settings(fit: FitResult) -> dict:
@@ -314,8 +314,11 @@ def _full_line(fit: FitResult, b1: RegimeFit, basis: str, calibration: FitResult
 
 def _proxy_differences(fit: FitResult, proxy: FitResult) -> list[str]:
     keys = ("model", "steps", "batch_size", "seq_len")
-    diff = [f"{k} {proxy.settings.get(k)} → {fit.settings.get(k)}" for k in keys
-            if proxy.settings.get(k) != fit.settings.get(k)]
+    diff = [
+        f"{k} {proxy.settings.get(k)} → {fit.settings.get(k)}"
+        for k in keys
+        if proxy.settings.get(k) != fit.settings.get(k)
+    ]
     return [f"calibration run differs in {', '.join(diff)}"] if diff else []
 
 
@@ -338,8 +341,9 @@ def predict_full(
         evidence = {"measured_full_lr": measured.lr_star}
         if has_b1:
             pred = predict_full(fit, basis="predict", calibration=calibration)
-            evidence.update(predicted=pred.lr, predicted_basis=pred.basis, ratio_predicted_to_measured=pred.lr
-                            / measured.lr_star)
+            evidence.update(
+                predicted=pred.lr, predicted_basis=pred.basis, ratio_predicted_to_measured=pred.lr / measured.lr_star
+            )
         if fit.full_vs_b1 is not None:
             evidence.update(b1_over_full=fit.full_vs_b1.ratio, b1_over_full_interval=fit.full_vs_b1.ratio_interval)
         return Prediction(

@@ -116,6 +116,18 @@ def rank_scatter(workloads: list[Workload]) -> float:
     return float(math.sqrt(max(excess / n, 0.0))) if n else cal.RANK_SCATTER_FLOOR
 
 
+def curvatures(workloads: list[Workload]) -> dict[str, tuple[float, float]]:
+    """Per regime: mean and spread over workloads of the (log2 r)² coefficient of a weighted quadratic through
+    log2 η* at four or more ranks (calibration.RANK_CURVATURE). A regime seen in one workload gets none."""
+    per: dict[str, list[float]] = {}
+    for w in workloads:
+        for name, rf in w.fit.regimes.items():
+            if len(rf.ranks_used) >= 4:
+                x, y = np.log2(rf.ranks_used), np.array(rf.log2_lr_stars)
+                per.setdefault(name, []).append(float(np.polyfit(x, y, 2, w=1 / np.array(rf.se_log2s))[0]))
+    return {k: (round(float(np.mean(v)), 4), round(float(np.std(v, ddof=1)), 4)) for k, v in per.items() if len(v) > 1}
+
+
 def offsets(workloads: list[Workload]) -> dict[str, float]:
     out = {}
     for w in workloads:
@@ -125,6 +137,24 @@ def offsets(workloads: list[Workload]) -> dict[str, float]:
     return out
 
 
+def constants(workloads: list[Workload]) -> dict:
+    """The values of mua_cli/calibration.py that these workloads support."""
+    offs = list(offsets(workloads).values())
+    return {
+        "SLOPE_PRIOR_SD": round(slope_prior(workloads), 3),
+        "RANK_SCATTER_FLOOR": round(max(rank_scatter(workloads), 0.05), 3),
+        "FULL_OFFSET_LOG2": round(float(np.mean(offs)), 3) if offs else None,
+        "FULL_OFFSET_SD": round(float(np.std(offs, ddof=1)), 3) if len(offs) > 1 else None,
+        "FULL_OFFSET_N": len(offs),
+        "RANK_CURVATURE": curvatures(workloads),
+    }
+
+
+def load_all(res: Path = RESULTS) -> list[Workload]:
+    names = sorted(p.name for p in res.iterdir() if (p / "trials.csv").is_file()) if res.is_dir() else []
+    return [load(res / n) for n in names]
+
+
 def score(workloads: list[Workload]) -> dict:
     """Leave-one-workload-out predictions of full-ft and rank-256 optima; rows for the tables."""
     offs = offsets(workloads)
@@ -132,7 +162,9 @@ def score(workloads: list[Workload]) -> dict:
     for w in workloads:
         others = [o for o in workloads if o.name != w.name]
         prior = slope_prior(others)
+        saved, cal.RANK_CURVATURE = cal.RANK_CURVATURE, curvatures(others)
         src = _source_fit(w.df, prior)
+        cal.RANK_CURVATURE = saved
         t = full_truth(w)
         b1 = src.regimes.get("B:1")
         if t is not None and b1 is not None and b1.ranks_used:
@@ -213,7 +245,8 @@ def exponent_table(workloads: list[Workload]) -> pd.DataFrame:
                  "measured slope": "—" if rf.slope is None else f"{rf.slope:+.2f}",
                  "95 % interval": "—" if not rf.slope_interval else
                  f"[{rf.slope_interval[0]:+.2f}, {rf.slope_interval[1]:+.2f}]",
-                 "μA": f"{rf.expected_slope:+g}", "holds": {"consistent": "yes", "inconsistent": "no"}.get(rf.verdict, "—")}
+                 "μA": f"{rf.expected_slope:+g}",
+                 "holds": {"consistent": "yes", "inconsistent": "no"}.get(rf.verdict, "—")}
             )  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -322,14 +355,7 @@ def main() -> None:
         sys.exit(f"no study results under {res}")
     workloads = [load(res / n) for n in names]
     scored = score(workloads)
-    offs = list(scored["offsets"].values())
-    consts = {
-        "SLOPE_PRIOR_SD": round(slope_prior(workloads), 3),
-        "RANK_SCATTER_FLOOR": round(max(rank_scatter(workloads), 0.05), 3),
-        "FULL_OFFSET_LOG2": round(float(np.mean(offs)), 3) if offs else None,
-        "FULL_OFFSET_SD": round(float(np.std(offs, ddof=1)), 3) if len(offs) > 1 else None,
-        "FULL_OFFSET_N": len(offs),
-    }
+    consts = constants(workloads)
     parts = [
         "## Calibration constants the whole study supports (mua_cli/calibration.py)\n",
         "```\n" + "\n".join(f"{k} = {v}" for k, v in consts.items()) + "\n```\n",

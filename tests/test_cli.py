@@ -100,7 +100,16 @@ def test_resweep_skips_everything(swept_run, tmp_path):
 
     recipe.write_text(yaml.safe_dump({**TINY_TEST_RECIPE, "steps": 20, "lrs": "2^-11:2^-3", "max_extend": 2}))
     res = mua(
-        "sweep", "--recipe", recipe, "--ranks", "2,4,8,full", "--regimes", "A:r,B:1", "--out", swept_run, "--device",
+        "sweep",
+        "--recipe",
+        recipe,
+        "--ranks",
+        "2,4,8,full",
+        "--regimes",
+        "A:r,B:1",
+        "--out",
+        swept_run,
+        "--device",
         "cpu",
     )
     assert res.exit_code == 0, res.output

@@ -14,6 +14,13 @@ from mua_cli import calibration as cal
 from mua_cli.errors import MuaError
 from mua_cli.fit import FitResult, fit_full, fit_regime, fit_run, optimum
 
+
+@pytest.fixture(autouse=True)
+def power_law_truth(monkeypatch):
+    """The synthetic optima follow a pure power law in rank: no study curvature unless a test sets one."""
+    monkeypatch.setattr(cal, "RANK_CURVATURE", {})
+
+
 HALF = np.arange(-40, 8) / 2  # a half-octave grid, as a refined sweep has near its optimum
 
 

@@ -14,6 +14,13 @@ from mua_cli.errors import MuaError
 from mua_cli.fit import FitResult, fit_run
 from mua_cli.transfer import CAVEAT, predict_full, predict_rank
 
+
+@pytest.fixture(autouse=True)
+def power_law_truth(monkeypatch):
+    """The synthetic optima follow a pure power law in rank: no study curvature unless a test sets one."""
+    monkeypatch.setattr(cal, "RANK_CURVATURE", {})
+
+
 KEYS = {"lr", "interval", "target", "regime", "basis", "reason", "ranks_used", "settings", "caveat", "evidence"}
 
 
@@ -199,3 +206,17 @@ def test_settings_carry_task_dtype_targets_per_layer_lr_and_head_lr(task):
     assert "task" not in predict_rank(legacy, "B:1", 256).settings  # an older fit.json: simply absent
 
 
+def test_study_curvature_carries_a_bending_optimum_to_rank_256(monkeypatch):
+    # η* bends down at high rank, as Init[B] did in the study: log2 η* = c + s·x + k·(x − 4)², x = log2 r
+    k = -0.05
+    df = trials({"B:1": -0.2}, ranks=(4, 16, 64, 256), seeds=(0, 1), noise=0.005)
+    x = np.log2(df["rank"].clip(lower=1))
+    shift = np.where(df["regime"] == "B:1", k * (x - 4) ** 2, 0.0)
+    df["lr"] = df["lr"] * 2.0**shift  # move every point of a curve with its optimum: the loss curve's shape stays
+    true = truth(LOG2C, -0.2, 256) + k * 16
+    src = df[df["rank"] < 256]
+    flat = predict_rank(fit_run(src), "B:1", 256)
+    monkeypatch.setattr(cal, "RANK_CURVATURE", {"B:1": (k, 0.01)})
+    bent = predict_rank(fit_run(src), "B:1", 256)
+    assert abs(math.log2(bent.lr) - true) < 0.15 < abs(math.log2(flat.lr) - true)
+    assert inside(bent, true) and not inside(flat, true)

@@ -1,0 +1,27 @@
+"""calibration.py holds what the kept study results support: studies/report.py recomputes it from them."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from mua_cli import calibration as cal
+
+REPORT = Path(__file__).resolve().parent.parent / "studies" / "report.py"
+
+
+def test_calibration_constants_match_the_study():
+    spec = importlib.util.spec_from_file_location("study_report", REPORT)
+    report = importlib.util.module_from_spec(spec)
+    sys.modules["study_report"] = report  # its dataclasses look their module up there
+    spec.loader.exec_module(report)
+    workloads = report.load_all()
+    assert len(workloads) >= 6
+    got = report.constants(workloads)
+    for name in ("SLOPE_PRIOR_SD", "RANK_SCATTER_FLOOR", "FULL_OFFSET_LOG2", "FULL_OFFSET_SD"):
+        assert getattr(cal, name) == pytest.approx(got[name], abs=2e-3), name
+    assert cal.FULL_OFFSET_N == got["FULL_OFFSET_N"]
+    assert set(cal.RANK_CURVATURE) == set(got["RANK_CURVATURE"])
+    for regime, (mean, sd) in got["RANK_CURVATURE"].items():
+        assert cal.RANK_CURVATURE[regime] == pytest.approx((mean, sd), abs=2e-4), regime
