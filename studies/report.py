@@ -162,7 +162,9 @@ def score(workloads: list[Workload]) -> dict:
     for w in workloads:
         others = [o for o in workloads if o.name != w.name]
         prior = slope_prior(others)
-        saved, cal.RANK_CURVATURE = cal.RANK_CURVATURE, curvatures(others)
+        saved, cal.RANK_CURVATURE = cal.RANK_CURVATURE, {}
+        straight = _source_fit(w.df, prior)  # the ablation: no rank curvature
+        cal.RANK_CURVATURE = curvatures(others)
         src = _source_fit(w.df, prior)
         cal.RANK_CURVATURE = saved
         t = full_truth(w)
@@ -194,8 +196,10 @@ def score(workloads: list[Workload]) -> dict:
             if truth_o is None or rf is None or len(rf.ranks_used) < 2:
                 continue
             x0 = math.log2(TARGET_RANK)
-            for rule, slope in (("shrunk-slope", "shrunk"), ("measured-slope", "measured"), ("muA-slope", "mua")):
-                c, se = rf.line(x0, slope)
+            rules = (("shrunk-slope", "shrunk", rf), ("measured-slope", "measured", rf), ("muA-slope", "mua", rf),
+                     ("shrunk-slope, no curvature", "shrunk", straight.regimes[name]))  # fmt: skip
+            for rule, slope, line in rules:
+                c, se = line.line(x0, slope)
                 rank_rows.append(
                     {"workload": w.name, "regime": name, "rule": rule, "pred": c, "truth": truth_o.log2_lr_star,
                      "err": c - truth_o.log2_lr_star, "se": se, "covered": abs(c - truth_o.log2_lr_star) <= Z95 * se,

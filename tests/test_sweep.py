@@ -115,7 +115,9 @@ def test_interrupted_pooled_sweep_stops_its_own_slot_and_resumes(micro_recipe_pa
             if self.stored == 2:
                 raise KeyboardInterrupt
 
-    recipe = load_recipe(str(micro_recipe_path), ranks="4", regimes="B:1,A:r", lrs="2^-8:2^-5", max_extend=0)
+    recipe = load_recipe(
+        str(micro_recipe_path), ranks="4", regimes="B:1,A:r", lrs="2^-8:2^-5", max_extend=0, refine=0
+    )
     run, pool = tmp_path / "run", Execution("cpu", workers_per_gpu=2, batch_trials=1)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(recipe, run, "cpu", CtrlC(), execution=pool)
@@ -126,3 +128,24 @@ def test_interrupted_pooled_sweep_stops_its_own_slot_and_resumes(micro_recipe_pa
     assert summary.skipped == stored and summary.ran == 8 - stored
     df = load_trials(run)
     assert len(df) == 8 and df["key"].is_unique and (df["status"] == "ok").all()
+
+
+def test_refinement_adds_half_octave_points_around_an_interior_optimum():
+    from mua_cli.sweep import refinement
+
+    grid = {2.0**-10: [3.0], 2.0**-9: [2.5], 2.0**-8: [2.2], 2.0**-7: [2.6], 2.0**-6: [float("inf")]}
+    assert sorted(refinement(grid)) == pytest.approx([2.0**-8.5, 2.0**-7.5])
+    grid |= {2.0**-8.5: [2.3], 2.0**-7.5: [2.4]}
+    assert refinement(grid) == []  # already there: a resumed sweep adds nothing
+    edge = {2.0**-10: [2.0], 2.0**-9: [2.5], 2.0**-8: [2.6]}
+    assert refinement(edge) == []  # an edge optimum is extended, not refined
+
+
+def test_sweep_refines_once_the_grid_settles(micro_recipe_path, tmp_path):
+    recipe = load_recipe(str(micro_recipe_path), ranks="4", regimes="A:r", lrs="2^-9:2^-3", max_extend=2)
+    summary = run_sweep(recipe, tmp_path / "run", "cpu")
+    lrs = sorted(load_trials(tmp_path / "run")["lr"])
+    halves = [lr for lr in lrs if abs(math.log2(lr) - round(math.log2(lr))) > 0.4]
+    assert len(halves) == 2 and any("refining" in line for line in summary.added)
+    again = run_sweep(recipe, tmp_path / "run", "cpu")
+    assert again.ran == 0

@@ -70,7 +70,14 @@ def test_sweep_fit_transfer_with_full_finetuning(kind, root):
     res = mua("transfer", run, "--to", "full-ft", "--json")
     assert res.exit_code == 0, res.output
     pred = json.loads(res.stdout)
-    assert pred["target"] == "full-ft" and pred["regime"] == "B:1" and pred["lr"] > 0
+    assert pred["target"] == "full-ft" and pred["lr"] > 0
+    if doc["full"]["usable"]:  # measured beats predicted
+        assert pred["basis"] == "measured" and pred["lr"] == pytest.approx(doc["full"]["lr_star"])
+    else:
+        assert pred["basis"] == "study-offset" and pred["regime"] == "B:1"
+    res = mua("transfer", run, "--to", "full-ft", "--basis", "predict", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["basis"] == "study-offset"
 
 
 def test_targets_and_per_layer_lr_options(root, tmp_path):
@@ -99,9 +106,9 @@ def test_heuristic_transfer_from_a_r_only(root, tmp_path):
     run = tmp_path / "run"
     res = mua("sweep", "--recipe", recipe, "--ranks", "2,4,full", "--out", run, "--device", "cpu", "--quiet")
     assert res.exit_code == 0, res.output
-    res = mua("transfer", run, "--to", "full-ft")
+    res = mua("transfer", run, "--to", "full-ft", "--basis", "predict")  # a prediction, not the measured optimum
     assert res.exit_code == 2 and "--heuristic" in res.output
-    res = mua("transfer", run, "--to", "full-ft", "--heuristic", "--json")
+    res = mua("transfer", run, "--to", "full-ft", "--basis", "predict", "--heuristic", "--json")
     assert res.exit_code == 0, res.output
     pred = json.loads(res.stdout)
     assert pred["basis"] == "heuristic" and "heuristic" in json.dumps(pred).lower()
