@@ -144,9 +144,9 @@ def _parse_lr(tok: str) -> float:
 
 
 def lr_label(lr: float) -> str:
-    """2^-9 style label for a power of two, else the number."""
+    """2^-9 style label for a power of two (or a half-octave point, 2^-8.5), else the number."""
     e = math.log2(lr)
-    return f"2^{e:g}" if abs(e - round(e)) < 1e-9 else f"{lr:.3g}"
+    return f"2^{e:g}" if abs(2 * e - round(2 * e)) < 1e-9 else f"{lr:.3g}"
 
 
 def theory_rows() -> list[dict]:

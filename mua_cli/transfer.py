@@ -147,8 +147,13 @@ def _rank_line(rf: RegimeFit, rank: int, basis: str) -> tuple[float, float, str]
         reason = f"one usable rank: μA's exponent {exp}, with the study's spread ±{rf.prior_sd:g} as its uncertainty"
     else:
         reason = (
-            f"slope {rf.shrunk_slope:+.3f}: the measured {rf.slope:+.3f} ± {rf.slope_se:.3f} and μA's {exp} "
+            f"slope {rf.shrunk_slope:+.3f}: the data's {rf.line_slope:+.3f} ± {rf.slope_se:.3f} and μA's {exp} "
             f"± {rf.prior_sd:g} (the study's spread) weighed by precision, {rf.data_weight:.0%} on the data"
+        )
+    if basis != "muA-slope" and rf.curvature:
+        reason += (
+            f"; the line bends by the study's curvature for {rf.regime}, {rf.curvature:+.3f} ± {rf.curvature_sd:.3f} "
+            f"per (log2 r)² (the data's slope is taken with it)"
         )
     return centre, se, reason
 
