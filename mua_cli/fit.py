@@ -146,7 +146,6 @@ class RegimeFit:
         if self.centre_y is None:
             raise MuaError(f"regime {self.regime} has no usable rank")
         if slope == "mua":  # μA's pure power law through the measured ranks, no curvature
-            d = x0 - self.centre_x
             centre = self.intercept_mua + self.expected_slope * x0
             return centre, math.sqrt(self.centre_se**2 + self.tau**2)
         if slope == "measured":

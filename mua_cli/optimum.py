@@ -8,10 +8,12 @@ The model, in x = log2(lr) near the optimum x*:
 Each seed gets its own level c_seed (seeds shift the whole curve), the two sides their own curvature
 (ρ ∈ [1/RHO_MAX, RHO_MAX]: the loss usually rises faster above the optimum than below it), and a ≥ 0.
 For fixed (x*, ρ) the model is linear in (c_seed, a), so the residual sum of squares RSS(x*) is profiled
-exactly on a fine grid of x*. The 95 % interval is the likelihood-ratio set
-{x*: (RSS(x*) − RSS_min) / σ² ≤ F(1, dof)}, with σ² the run's pooled residual variance (`pool_noise`), so a
-group with one seed borrows its noise level from every other group instead of guessing it from one degree
-of freedom. A diverged LR is censored, not dropped: it bounds x* (and so the interval) from above.
+exactly on a fine grid of x*. The points are those within WINDOW octaves of the best grid LR (and at least two
+LRs a side): far from the optimum the loss is no parabola. The 95 % interval is the likelihood-ratio set
+{x*: (RSS(x*) − RSS_min) / σ² ≤ F(1, dof)}, with σ² the group's own residual variance shrunk toward the run's
+pooled one (`pool_noise`, `interval`), so a group with one seed borrows its noise level from the other groups
+instead of guessing it from one degree of freedom. A diverged LR is censored, not dropped: it bounds x* (and
+so the interval) from above.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ others measured:
   a proxy calibration (`--calibrate`) where the study has a proxy, and B:1's line extrapolated to rank = width;
 - rank 256 from ranks 4–64: the shrunk slope (prior width learned on the other workloads), the measured
   slope alone, and μA's slope.
-It prints the calibration constants (mua_cli/calibration.py) the whole study supports, and renders the tables
-and plots of docs/validation.md. No GPU: `python studies/report.py` re-renders from the kept files.
+It prints the calibration constants (mua_cli/calibration.py) the whole study supports, writes each workload's
+fit.json beside its trials, and renders the tables (docs/validation_tables.md) and plots of docs/validation.md.
+No GPU: `python studies/report.py` re-renders everything from the kept files.
 """
 
 from __future__ import annotations
@@ -358,6 +359,8 @@ def main() -> None:
     if not names:
         sys.exit(f"no study results under {res}")
     workloads = [load(res / n) for n in names]
+    for w in workloads:  # each workload's fit as `mua fit` writes it, kept beside its trials
+        (res / w.name / "fit.json").write_text(json.dumps(w.fit.to_dict(), indent=2, allow_nan=False) + "\n")
     scored = score(workloads)
     consts = constants(workloads)
     parts = [
