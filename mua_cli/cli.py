@@ -110,6 +110,10 @@ def sweep(
         typer.Option("--fused-kernels/--no-fused-kernels", help="On a GPU, Liger's fused kernels where installed."),
     ] = True,
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL to share one sweep across machines.")] = None,
+    retry_failed: Annotated[
+        bool,
+        typer.Option("--retry-failed/--no-retry-failed", help="Run failed trials (errors, not divergences) again."),
+    ] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")] = False,
 ):
     """Run LoRA learning-rate sweeps at several ranks and store every trial.
@@ -158,7 +162,7 @@ def sweep(
         try:
             with listener:
                 ex = Execution(dev, workers_per_gpu, batch_trials, cuda_graphs, fused_kernels)
-                summary = run_sweep(r, run_dir, dev, listener, storage, ex)
+                summary = run_sweep(r, run_dir, dev, listener, storage, ex, retry_failed)
         except KeyboardInterrupt:
             Console(stderr=True).print(
                 f"[yellow]interrupted:[/] finished trials are stored in {run_dir}; run the same command to resume"
@@ -167,7 +171,10 @@ def sweep(
         for line in summary.at_edge:
             console.print(f"[yellow]![/] {line}: widen --lrs or raise max_extend")
         console.print(sweep_table(load_trials(run_dir, storage)))
-        console.print(f"ran {summary.ran} trial(s), skipped {summary.skipped} already stored · next: mua fit {run_dir}")
+        retried = f" ({summary.retried} of them failed before)" if summary.retried else ""
+        console.print(
+            f"ran {summary.ran} trial(s){retried}, skipped {summary.skipped} already stored · next: mua fit {run_dir}"
+        )
 
 
 def fit_of(run_dir: Path, refit: bool = False):

@@ -52,8 +52,11 @@ def sweep_table(df: pd.DataFrame) -> Table:
         means = ok.groupby("lr")["metric"].mean()
         lrs = sorted(g["lr"].unique())
         finite = means[means.map(math.isfinite)]
+        n_div, n_fail = int((g["status"] == "diverged").sum()), int((g["status"] == "failed").sum())
         if finite.empty:
-            best, loss, where = "—", "—", "[red]all diverged[/]"
+            # diverged trials are results (the LR is too high); failed ones are errors (nothing was learned)
+            what = "all diverged" if not n_fail else "all failed" if not n_div else "no finite loss"
+            best, loss, where = "—", "—", f"[red]{what}[/]"
         else:
             b = finite.idxmin()
             best, loss = lr_label(b), f"{finite.min():.4f}"
@@ -63,8 +66,8 @@ def sweep_table(df: pd.DataFrame) -> Table:
             "full-ft" if regime == FULL else regime,
             "—" if regime == FULL else str(rank),
             str(len(g)),
-            str(int((g["status"] == "diverged").sum())),
-            str(int((g["status"] == "failed").sum())),
+            str(n_div),
+            str(n_fail),
             f"{lr_label(lrs[0])}…{lr_label(lrs[-1])}",
             best,
             loss,

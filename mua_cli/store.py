@@ -55,10 +55,22 @@ class TrialStore:
             raise MuaError(f"cannot open the trial store {self.url}: {_first_line(e)}") from None
 
     def trials(self) -> list[optuna.trial.FrozenTrial]:
-        return [t for t in self.study.get_trials(deepcopy=False) if "key" in t.user_attrs]
+        """One trial per key: a failed one is replaced by its retry, and a finished result is final."""
+        latest: dict[str, optuna.trial.FrozenTrial] = {}
+        for t in self.study.get_trials(deepcopy=False):
+            key = t.user_attrs.get("key")
+            if key is None:
+                continue
+            old = latest.get(key)
+            if old is None or old.user_attrs.get("status") == "failed":
+                latest[key] = t
+        return list(latest.values())
 
-    def keys(self) -> set[str]:
-        return {t.user_attrs["key"] for t in self.trials()}
+    def keys(self, final_only: bool = False) -> set[str]:
+        """Keys of the stored trials; with final_only, leave out failed ones (a sweep runs them again)."""
+        return {
+            t.user_attrs["key"] for t in self.trials() if not (final_only and t.user_attrs.get("status") == "failed")
+        }
 
     def add(self, spec: TrialSpec, result: TrialResult, meta: dict) -> None:
         state = TrialState.FAIL if result.status == "failed" else TrialState.COMPLETE

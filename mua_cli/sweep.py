@@ -40,6 +40,7 @@ class SweepSummary:
     run_dir: Path
     ran: int = 0
     skipped: int = 0
+    retried: int = 0  # failed trials (errors, not divergences) run again
     added: list[str] = field(default_factory=list)  # one line per grid extension
     at_edge: list[str] = field(default_factory=list)  # groups still at an edge after max_extend
     device: str = "cpu"
@@ -112,6 +113,7 @@ def run_sweep(
     listener: Listener | None = None,
     storage: str | None = None,
     execution: Execution | None = None,
+    retry_failed: bool = True,
 ) -> SweepSummary:
     listener = listener or Listener()
     run_dir = Path(run_dir)
@@ -119,9 +121,12 @@ def run_sweep(
     store = TrialStore(run_dir, storage)
     _pin_recipe(run_dir, recipe)
     summary = SweepSummary(run_dir=run_dir, device=device)
-    done = store.keys()
+    done = store.keys(final_only=retry_failed)
     pending = [s for s in plan(recipe) if s.key not in done]
     summary.skipped = len(plan(recipe)) - len(pending)
+    summary.retried = len({s.key for s in pending} & store.keys())
+    if summary.retried:
+        listener.note(f"retrying {summary.retried} failed trial(s) (--no-retry-failed keeps them as they are)")
     listener.start(total=len(plan(recipe)), done=summary.skipped)
     if summary.skipped:
         listener.note(f"resuming: {summary.skipped} finished trial(s) found in {run_dir}, skipped")

@@ -115,9 +115,7 @@ def test_interrupted_pooled_sweep_stops_its_own_slot_and_resumes(micro_recipe_pa
             if self.stored == 2:
                 raise KeyboardInterrupt
 
-    recipe = load_recipe(
-        str(micro_recipe_path), ranks="4", regimes="B:1,A:r", lrs="2^-8:2^-5", max_extend=0, refine=0
-    )
+    recipe = load_recipe(str(micro_recipe_path), ranks="4", regimes="B:1,A:r", lrs="2^-8:2^-5", max_extend=0, refine=0)
     run, pool = tmp_path / "run", Execution("cpu", workers_per_gpu=2, batch_trials=1)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(recipe, run, "cpu", CtrlC(), execution=pool)
@@ -149,3 +147,42 @@ def test_sweep_refines_once_the_grid_settles(micro_recipe_path, tmp_path):
     assert len(halves) == 2 and any("refining" in line for line in summary.added)
     again = run_sweep(recipe, tmp_path / "run", "cpu")
     assert again.ran == 0
+
+
+def test_failed_trials_are_retried_on_the_next_sweep_and_kept_with_no_retry(micro_recipe_path, tmp_path, monkeypatch):
+    from mua_cli import train
+    from mua_cli.execute import Execution
+    from mua_cli.report import sweep_table
+
+    real = train._train
+    broken = {2.0**-7}
+
+    def flaky(spec, *args, **kwargs):
+        if spec.lr in broken:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(train, "_train", flaky)
+    recipe = load_recipe(
+        str(micro_recipe_path), ranks="4", regimes="A:r", lrs="2^-8:2^-6", max_extend=0, refine=0, seeds=1
+    )
+    run, serial = tmp_path / "run", Execution("cpu", batch_trials=1)
+    first = run_sweep(recipe, run, "cpu", execution=serial)
+    assert first.ran == 3
+    df = load_trials(run)
+    assert list(df.loc[df["lr"] == 2.0**-7, "status"]) == ["failed"]
+    # a failed trial is an error, not a divergence: the table says so
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(sweep_table(df))
+    assert "1 │" in console.export_text()  # the failed column counts it
+
+    kept = run_sweep(recipe, run, "cpu", execution=serial, retry_failed=False)
+    assert kept.ran == 0 and kept.retried == 0
+    broken.clear()  # the cause is gone (more memory, a fixed bug): the next sweep runs it again
+    again = run_sweep(recipe, run, "cpu", execution=serial)
+    assert again.ran == 1 and again.retried == 1 and again.skipped == 2
+    df = load_trials(run)
+    assert len(df) == 3 and df["key"].is_unique and (df["status"] == "ok").all()
+    assert run_sweep(recipe, run, "cpu", execution=serial).ran == 0  # a finished result is final
