@@ -63,7 +63,9 @@ class Recipe:
     lrs: str = "2^-12:2^-4"
     seeds: int = 1
     max_extend: int = 4  # rounds of grid extension per (regime, rank)
-    refine: int = 1  # 1: add half-octave LRs either side of each interior optimum once the grid settles; 0: off
+    # 1: once the grid settles, add half-octave LRs either side of each interior optimum, then one more seed near
+    # each optimum whose interval is still wider than a factor 2; 0: off
+    refine: int = 1
 
     SWEEP_FIELDS = ("name", "description", "ranks", "regimes", "lrs", "seeds", "max_extend", "refine")
 

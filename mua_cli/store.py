@@ -87,7 +87,14 @@ class TrialStore:
 
 def load_trials(run_dir: Path, storage: str | None = None) -> pd.DataFrame:
     """Every stored trial of a run as a DataFrame (one row a trial)."""
-    store = TrialStore(run_dir, storage, create=False)
+    df = frame(TrialStore(run_dir, storage, create=False))
+    if df.empty:
+        raise MuaError(f"{run_dir} has no trials yet; run `mua sweep --out {run_dir}` first")
+    return df
+
+
+def frame(store: TrialStore) -> pd.DataFrame:
+    """A store's trials as a DataFrame, sorted by regime, rank, LR and seed; empty when it has none."""
     rows = []
     for t in store.trials():
         a = dict(t.user_attrs)
@@ -102,7 +109,7 @@ def load_trials(run_dir: Path, storage: str | None = None) -> pd.DataFrame:
             }
         )
     if not rows:
-        raise MuaError(f"{run_dir} has no trials yet; run `mua sweep --out {run_dir}` first")
+        return pd.DataFrame()
     df = pd.DataFrame(rows)
     df["rank"] = df["rank"].astype(int)
     return df.sort_values(["regime", "rank", "lr", "seed"]).reset_index(drop=True)

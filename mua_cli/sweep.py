@@ -149,7 +149,7 @@ def run_sweep(
 def _rounds(recipe, store, runner, pending, done, summary, listener) -> None:
     """Run the pending trials, then extend the grid where an optimum sits at an edge; again until none does."""
     base_grid = parse_lrs(recipe.lrs)
-    refined = recipe.refine == 0
+    stage = 0  # refinements done so far (REFINERS), once the grid has settled
     while True:
         for spec, result in runner.run(pending):
             store.add(spec, result, _meta(recipe, spec, result))
@@ -157,7 +157,7 @@ def _rounds(recipe, store, runner, pending, done, summary, listener) -> None:
             summary.ran += 1
             listener.trial_done(spec, result)
         pending = []
-        metrics = _group_metrics(store)
+        metrics = _group_metrics(store, recipe.seeds)
         summary.at_edge = []
         for reg, rank in groups(recipe):
             new, why = extension(metrics.get((reg, rank), {}), base_grid, recipe.max_extend)
@@ -173,9 +173,9 @@ def _rounds(recipe, store, runner, pending, done, summary, listener) -> None:
                 summary.added.append(line)
                 listener.note(line)
                 pending.extend(specs)
-        if not pending and not refined:
-            refined = True
-            pending = _refinements(recipe, metrics, done, summary, listener)
+        while not pending and recipe.refine and stage < len(REFINERS):
+            pending = REFINERS[stage](recipe, store, metrics, done, summary, listener)
+            stage += 1
         if not pending:
             return
         listener.grow(len(pending))
@@ -201,7 +201,7 @@ def refinement(lrs_metrics: dict[float, list[float]]) -> list[float]:
     return out
 
 
-def _refinements(recipe, metrics, done, summary, listener) -> list[TrialSpec]:
+def _refinements(recipe, store, metrics, done, summary, listener) -> list[TrialSpec]:
     pending = []
     for reg, rank in groups(recipe):
         for lr in refinement(metrics.get((reg, rank), {})):
@@ -214,11 +214,45 @@ def _refinements(recipe, metrics, done, summary, listener) -> list[TrialSpec]:
     return pending
 
 
-def _group_metrics(store: TrialStore) -> dict[tuple[str, int], dict[float, list[float]]]:
+WIDE_LOG2 = 1.0  # an η* interval wider than a factor 2 gets one more seed near it
+
+
+def _extra_seeds(recipe, store, metrics, done, summary, listener) -> list[TrialSpec]:
+    """One more seed at the three LRs nearest η* wherever η*'s interval is still wider than a factor 2.
+
+    A flat or noisy curve is where another seed pays: the local fit's interval narrows with every point near
+    the optimum, and nowhere else does a trial buy as much."""
+    from .fit import estimate
+    from .store import frame
+
+    df = frame(store)
+    wanted = set(groups(recipe))
+    parts = [g for key, g in df.groupby(["regime", "rank"]) if key in wanted] if not df.empty else []
+    pending = []
+    has_extra = set() if df.empty else set(map(tuple, df.loc[df["seed"] >= recipe.seeds, ["regime", "rank"]].values))
+    for o in estimate(parts)[0] if parts else []:
+        if not o.usable or math.log2(o.hi / o.lo) <= WIDE_LOG2 or (o.regime, o.rank) in has_extra:
+            continue  # located well enough, or given its extra seed already (once per group, ever)
+        near = sorted((p["lr"] for p in o.points), key=lambda lr: abs(math.log2(lr) - o.log2_lr_star))[:3]
+        specs = [make_spec(recipe, o.regime, o.rank, lr, recipe.seeds) for lr in near]
+        pending.extend(s for s in specs if s.key not in done)
+    if pending:
+        line = f"refining: {len(pending)} trial(s) of one more seed near each optimum whose interval is wider than 2×"
+        summary.added.append(line)
+        listener.note(line)
+    return pending
+
+
+REFINERS = (_refinements, _extra_seeds)
+
+
+def _group_metrics(store: TrialStore, seeds: int) -> dict[tuple[str, int], dict[float, list[float]]]:
+    """Per (regime, rank), LR → metrics of the recipe's seeds. Extra seeds (`_extra_seeds`) are left out, so
+    that every decision of the sweep rests on the same trials however often it is resumed."""
     out: dict = defaultdict(lambda: defaultdict(list))
     for t in store.trials():
         a = t.user_attrs
-        if a.get("status") == "failed":
+        if a.get("status") == "failed" or int(t.params["seed"]) >= seeds:
             continue
         value = math.inf if a.get("status") == "diverged" else float(a["metric"])
         out[(t.params["regime"], int(t.params["rank"]))][float(t.params["lr"])].append(value)

@@ -142,9 +142,11 @@ def test_refinement_adds_half_octave_points_around_an_interior_optimum():
 def test_sweep_refines_once_the_grid_settles(micro_recipe_path, tmp_path):
     recipe = load_recipe(str(micro_recipe_path), ranks="4", regimes="A:r", lrs="2^-9:2^-3", max_extend=2)
     summary = run_sweep(recipe, tmp_path / "run", "cpu")
-    lrs = sorted(load_trials(tmp_path / "run")["lr"])
+    df = load_trials(tmp_path / "run")
+    lrs = sorted(df.loc[df["seed"] == 0, "lr"])
     halves = [lr for lr in lrs if abs(math.log2(lr) - round(math.log2(lr))) > 0.4]
-    assert len(halves) == 2 and any("refining" in line for line in summary.added)
+    assert len(halves) == 2 and any("half-octave" in line for line in summary.added)
+    assert set(df["seed"]) <= {0, 1}  # at most one more seed, near the optimum (see the next test)
     again = run_sweep(recipe, tmp_path / "run", "cpu")
     assert again.ran == 0
 
@@ -186,3 +188,27 @@ def test_failed_trials_are_retried_on_the_next_sweep_and_kept_with_no_retry(micr
     df = load_trials(run)
     assert len(df) == 3 and df["key"].is_unique and (df["status"] == "ok").all()
     assert run_sweep(recipe, run, "cpu", execution=serial).ran == 0  # a finished result is final
+
+
+def test_refinement_adds_a_seed_only_where_the_optimum_is_poorly_located(micro_recipe_path, tmp_path, monkeypatch):
+    """A fake trainer gives A:r a sharp loss curve and B:1 a flat, noisy one: only B:1 gets another seed."""
+    import numpy as np
+
+    from mua_cli import train
+    from mua_cli.execute import Execution
+    from mua_cli.trial import TrialResult
+
+    def synthetic(spec, *args, **kwargs):
+        x = math.log2(spec.lr) + 7
+        curv, noise = (0.3, 0.0) if spec.regime == "A:r" else (0.004, 0.02)
+        jitter = noise * np.random.default_rng(abs(hash((spec.lr, spec.seed))) % 2**32).standard_normal()
+        return TrialResult("ok", 2.0 + curv * x * x * (2.0 if x > 0 else 1.0) + jitter)
+
+    monkeypatch.setattr(train, "_train", synthetic)
+    recipe = load_recipe(str(micro_recipe_path), ranks="4", regimes="A:r,B:1", lrs="2^-10:2^-4", max_extend=0)
+    summary = run_sweep(recipe, tmp_path / "run", "cpu", execution=Execution("cpu", batch_trials=1))
+    df = load_trials(tmp_path / "run")
+    extra = df[df["seed"] == recipe.seeds]
+    assert set(extra["regime"]) == {"B:1"} and len(extra) == 3
+    assert any("one more seed" in line for line in summary.added)
+    assert run_sweep(recipe, tmp_path / "run", "cpu", execution=Execution("cpu", batch_trials=1)).ran == 0
