@@ -26,7 +26,7 @@ CALIBRATE_SD = 0.3
 # Curvature of log2 η* in log2 r per regime (mean, spread across workloads), the coefficient of (log2 r)²:
 # Init[B] optima fall faster at high rank than a power law through ranks 4–64 says; Init[A] ones barely bend.
 RANK_CURVATURE: dict[str, tuple[float, float]] = {
-    "A:r": (0.0029, 0.0244),
+    "A:r": (0.0062, 0.0314),
     "A:sqrt": (-0.0171, 0.024),
     "A:1": (-0.0018, 0.0156),
     "B:r": (-0.0295, 0.02),

@@ -58,10 +58,18 @@ def user_errors():
 
 
 def latest_run() -> Path:
+    """The newest run folder under runs/ whose store holds a trial (a sweep killed before its first trial
+    leaves an empty one behind, which is no answer to `mua fit`)."""
+    from .store import TrialStore
+
     runs = sorted(RUNS_DIR.glob("*/trials.db"), key=lambda p: p.stat().st_mtime) if RUNS_DIR.is_dir() else []
-    if not runs:
-        raise MuaError("no run folder found under runs/; run `mua sweep` first or name a RUN folder")
-    return runs[-1].parent
+    for db in reversed(runs):
+        try:
+            if TrialStore(db.parent, create=False).trials():
+                return db.parent
+        except MuaError:
+            continue
+    raise MuaError("no run folder with trials under runs/; run `mua sweep` first or name a RUN folder")
 
 
 def run_folder(run: Path | None) -> Path:
@@ -276,7 +284,7 @@ def transfer(
     """
     with user_errors():
         from .report import prediction_panel
-        from .theory import TRANSFER_REGIME
+        from .theory import MAX_RANK, TRANSFER_REGIME
         from .transfer import CHOICES, FULL_TARGET, predict_full, predict_rank
 
         if basis not in CHOICES:
@@ -293,8 +301,8 @@ def transfer(
                 rank = int(target)
             except ValueError:
                 raise MuaError(f"--to takes 'full-ft' or a positive rank, not {to!r}") from None
-            if rank < 1:
-                raise MuaError(f"--to takes a positive rank, not {rank}")
+            if not 1 <= rank <= MAX_RANK:
+                raise MuaError(f"--to takes a rank from 1 to {MAX_RANK}, not {rank}")
             swept = sorted(result.regimes)
             name = regime or (TRANSFER_REGIME if TRANSFER_REGIME in swept else next(iter(swept), None))
             if name is None:

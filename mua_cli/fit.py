@@ -254,7 +254,12 @@ def _local(group: pd.DataFrame) -> tuple[RankOptimum, opt.LocalFit | None]:
     lrs = np.sort(d["lr"].unique().astype(float))
     xs = np.log2(lrs)
     span = f"{lr_label(lrs[0])}–{lr_label(lrs[-1])}"
-    by_lr = d.groupby("lr")
+    fin = d[~d["diverged"]]
+    adjusted = d["metric"].astype(float).copy()
+    adjusted[~d["diverged"]] = opt.seed_adjusted(
+        fin["lr"].to_numpy(float), fin["metric"].to_numpy(float), fin["seed"].to_numpy()
+    )
+    by_lr = d.assign(metric=adjusted).groupby("lr")
     means = by_lr["metric"].mean().reindex(lrs).to_numpy(float)
     counts = by_lr["diverged"].agg(["size", "sum"]).reindex(lrs)
     for lr, m, (n, n_div) in zip(lrs, means, counts.to_numpy(), strict=True):
@@ -270,7 +275,6 @@ def _local(group: pd.DataFrame) -> tuple[RankOptimum, opt.LocalFit | None]:
         side = "below" if i == 0 else "above"
         base.reason = f"best LR {lr_label(lrs[i])} is at the {base.edge} edge of the grid {span}: extend it {side}"
         return base, None
-    fin = d[~d["diverged"]]
     lf = opt.profile(
         np.log2(fin["lr"].to_numpy(float)),
         fin["metric"].to_numpy(float),

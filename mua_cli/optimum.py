@@ -60,6 +60,27 @@ class LocalFit:
         return bool(np.isfinite(self.rss).any()) and self.rss_min < float(np.max(self.rss[np.isfinite(self.rss)]))
 
 
+def seed_adjusted(x: np.ndarray, y: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """`y` with each seed's level moved onto the best-covered seed's, over the LRs they share.
+
+    Seeds shift a whole loss curve; a seed run at a few LRs only (a refinement's extra seed) would otherwise
+    pull those LRs' means up or down, and with them the choice of the best grid point."""
+    out = y.astype(float).copy()
+    if not len(out):
+        return out
+    seeds, counts = np.unique(seed, return_counts=True)
+    ref = seeds[np.argmax(counts)]
+    ref_y = {xv: yv for xv, yv, s in zip(x, y, seed, strict=True) if s == ref}
+    for s in seeds:
+        if s == ref:
+            continue
+        mine = seed == s
+        shared = [yv - ref_y[xv] for xv, yv in zip(x[mine], y[mine], strict=True) if xv in ref_y]
+        if shared:
+            out[mine] -= float(np.mean(shared))
+    return out
+
+
 def profile(x: np.ndarray, y: np.ndarray, seed: np.ndarray, diverged_x: np.ndarray, grid_span) -> LocalFit | None:
     """Profile RSS(x*) for finite points (x, y, seed) and diverged LRs `diverged_x` (log2).
 
@@ -68,7 +89,8 @@ def profile(x: np.ndarray, y: np.ndarray, seed: np.ndarray, diverged_x: np.ndarr
     """
     order = np.argsort(x, kind="stable")
     x, y, seed = x[order], y[order], seed[order]
-    means = {v: y[x == v].mean() for v in np.unique(x)}
+    adj = seed_adjusted(x, y, seed)
+    means = {v: adj[x == v].mean() for v in np.unique(x)}
     x_best = min(means, key=means.get)
     levels = np.unique(x)
     below, above = levels[levels < x_best][::-1], levels[levels > x_best]

@@ -17,6 +17,7 @@ from .errors import MuaError
 from .theory import FULL, parse_lrs, parse_ranks, parse_regimes
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 DEFAULT_RECIPE = "tiny"
 
 
@@ -85,6 +86,20 @@ class Recipe:
         _check(0 < self.metric_frac <= 1, "metric_frac must be in (0, 1]")
         _check(0 <= self.warmup_frac < 1, "warmup_frac must be in [0, 1)")
         _check(self.divergence_factor > 1, "divergence_factor must be above 1")
+        _check(all(0 <= b < 1 for b in self.betas), f"betas must lie in [0, 1), not {list(self.betas)}")
+        _check(
+            self.eps > 0 and self.weight_decay >= 0 and self.grad_clip > 0,
+            "eps and grad_clip must be positive and weight_decay not negative",
+        )
+        _check(0 < self.min_lr_ratio <= 1, "min_lr_ratio must be in (0, 1]")
+        _check(0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)")
+        _check(self.head_lr > 0, f"head_lr must be positive, not {self.head_lr}")
+        for k, v in self.model_config.items():
+            if k in SIZE_KEYS:
+                _check(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                    f"model_config: {k} must be a positive whole number, not {v!r}",
+                )
         return self
 
     @property
@@ -157,9 +172,11 @@ def list_recipes() -> list[tuple[str, Path, str]]:
 def load_recipe(name_or_path: str | None = None, **overrides) -> Recipe:
     path = find_recipe(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise MuaError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise MuaError(f"recipe {path} cannot be read as a YAML text file ({type(e).__name__})") from None
     if not isinstance(raw, dict):
         raise MuaError(f"recipe {path} must be a mapping of keys to values")
     raw.setdefault("name", path.stem)
@@ -176,9 +193,50 @@ def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
     for k in ("ranks", "regimes", "lrs"):
         if isinstance(raw.get(k), list):
             raw[k] = ",".join(str(x) for x in raw[k])
-    if "betas" in raw:
-        raw["betas"] = tuple(raw["betas"])
+        elif isinstance(raw.get(k), int | float) and not isinstance(raw.get(k), bool):
+            raw[k] = str(raw[k])  # `ranks: 16` in YAML
+    types = {f.name: f.type for f in dataclasses.fields(Recipe)}
+    for k, v in raw.items():
+        raw[k] = _typed(k, v, types[k], source)
     try:
         return Recipe(**raw).validate()
     except TypeError as e:
         raise MuaError(f"{source}: {e}") from None
+
+
+def _typed(key: str, v, kind: str, source: str):
+    """`v` checked against the field's annotation; one clear line naming the key when it does not fit."""
+
+    def bad(want: str):
+        return MuaError(f"{source}: {key} must be {want}, not {v!r}")
+
+    number = isinstance(v, int | float) and not isinstance(v, bool)
+    if kind == "int":
+        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
+            raise bad("a whole number")
+        return int(v)
+    if kind == "float":
+        if not number:
+            raise bad("a number")
+        return float(v)
+    if kind == "bool":
+        if not isinstance(v, bool):
+            raise bad("true or false")
+        return v
+    if kind == "str":
+        if not isinstance(v, str):
+            raise bad("text")
+        return v
+    if kind == "dict":
+        if not isinstance(v, dict) or not all(isinstance(x, str) for x in v):
+            raise bad("a mapping of names to values")
+        return v
+    if kind.startswith("tuple[float, float]"):
+        if not (isinstance(v, list | tuple) and len(v) == 2 and all(isinstance(x, int | float) for x in v)):
+            raise bad("two numbers, e.g. [0.9, 0.999]")
+        return tuple(float(x) for x in v)
+    if kind.startswith("list[str] | str"):
+        if isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(x, str) for x in v)):
+            return v
+        raise bad("a module name or a list of names")
+    return v

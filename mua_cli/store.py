@@ -19,14 +19,14 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from .errors import MuaError
-from .theory import FULL, REGIMES
+from .theory import FULL, MAX_RANK, REGIMES
 from .trial import TrialResult, TrialSpec
 
 STUDY = "mua"
 DB_NAME = "trials.db"
 _DISTRIBUTIONS = {
     "regime": CategoricalDistribution([*REGIMES, FULL]),
-    "rank": IntDistribution(0, 1 << 24),
+    "rank": IntDistribution(0, MAX_RANK),
     "lr": FloatDistribution(1e-12, 1e6, log=True),
     "seed": IntDistribution(0, 1 << 31),
 }
@@ -48,7 +48,12 @@ class TrialStore:
         if self.url.startswith("sqlite:///"):
             if db.is_file():
                 _check_sqlite(db)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.run_dir.exists() and not self.run_dir.is_dir():
+                raise MuaError(f"run folder {self.run_dir} is a file; name a folder with --out")
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise MuaError(f"cannot create the run folder {self.run_dir}: {e.strerror or e}") from None
         try:
             self.study = optuna.create_study(storage=self.url, study_name=STUDY, load_if_exists=True)
         except Exception as e:  # sqlalchemy's errors for an unreadable or foreign database

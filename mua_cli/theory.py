@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from .errors import MuaError
 
 FULL = "full"  # the trial kind for full finetuning; also the `--to full-ft` target
+MAX_RANK = 1 << 24  # past any layer's width; the trial store's rank range
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,8 @@ def parse_ranks(text: str) -> list[int | str]:
             raise MuaError(f"bad rank {tok!r} in {text!r}: ranks are positive integers or 'full'") from None
         if r < 1:
             raise MuaError(f"bad rank {r} in {text!r}: ranks must be at least 1")
+        if r > MAX_RANK:
+            raise MuaError(f"bad rank {r} in {text!r}: no layer is that wide (at most {MAX_RANK})")
         out.append(r)
     if not out:
         raise MuaError(f"no rank in {text!r}; for example --ranks 4,16,64")

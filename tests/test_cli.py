@@ -216,3 +216,60 @@ def test_a_gpu_index_that_does_not_exist_is_one_line(tmp_path, micro_recipe_path
     res = mua("sweep", "--recipe", micro_recipe_path, "--out", tmp_path / "r", "--device", "cuda:99")
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("steps", "ten", "steps must be a whole number"),
+        ("steps", 10.5, "steps must be a whole number"),
+        ("batch_size", "8", "batch_size must be a whole number"),
+        ("betas", 0.9, "betas must be two numbers"),
+        ("betas", [0.9, 1.5], "betas must lie in [0, 1)"),
+        ("model_config", 5, "model_config must be a mapping"),
+        ("model_config", {"hidden_size": -1}, "hidden_size must be a positive whole number"),
+        ("per_layer_lr", "yes", "per_layer_lr must be true or false"),
+        ("alpha0", "one", "alpha0 must be a number"),
+        ("targets", [1, 2], "targets must be a module name"),
+    ],
+)
+def test_a_recipe_field_of_the_wrong_type_is_one_line_naming_it(field, value, message, tmp_path, micro_recipe_path):
+    import yaml
+
+    raw = yaml.safe_load(micro_recipe_path.read_text())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**raw, field: value}))
+    res = mua("sweep", "--recipe", bad, "--out", tmp_path / "run", "--device", "cpu")
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreadable_recipes_runs_and_ranks_are_one_line(tmp_path, micro_recipe_path, monkeypatch):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    res = mua("sweep", "--recipe", binary)
+    assert res.exit_code == 2 and "cannot be read" in res.output and "Traceback" not in res.output
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    res = mua("sweep", "--recipe", micro_recipe_path, "--out", a_file, "--device", "cpu")
+    assert res.exit_code == 2 and "is a file" in res.output and a_file.read_text() == "x"
+    res = mua("sweep", "--ranks", "99999999")
+    assert res.exit_code == 2 and "no layer is that wide" in res.output
+    monkeypatch.chdir(tmp_path)
+    res = mua("transfer", "--to", "1000000000000000000000000000000")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def test_a_bare_fit_skips_an_empty_newest_run(swept_run, tmp_path, monkeypatch):
+    """A sweep killed before its first trial leaves an empty store; `mua fit` takes the newest run with trials."""
+    from mua_cli.store import TrialStore
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    shutil.copytree(swept_run, tmp_path / "runs" / "good")
+    TrialStore(tmp_path / "runs" / "killed")  # created, never written
+    res = mua("transfer", "--to", "full-ft", "--quiet")
+    assert res.exit_code == 0, res.output
+    res = mua("transfer", "--to", "1000000000000000000000000000000")
+    assert res.exit_code == 2 and "from 1 to" in res.output
