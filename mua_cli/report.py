@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from . import calibration as cal
+from .optimum import seed_adjusted
 from .theory import FULL, lr_label, theory_rows
 
 
@@ -48,7 +50,13 @@ def sweep_table(df: pd.DataFrame) -> Table:
     for col in ("regime", "rank", "trials", "diverged", "failed", "LR range", "best LR", "best loss", "optimum"):
         t.add_column(col, justify="right" if col not in ("regime", "optimum") else "left")
     for (regime, rank), g in df.groupby(["regime", "rank"], sort=True):
-        ok = g[g["status"] != "failed"]
+        ok = g[g["status"] != "failed"].copy()
+        fin = ok["metric"].map(math.isfinite)
+        if fin.any():  # seeds shift whole curves: put them on one level before averaging (as fit does)
+            ok.loc[fin, "metric"] = seed_adjusted(
+                np.log2(ok.loc[fin, "lr"].to_numpy(float)), ok.loc[fin, "metric"].to_numpy(float),
+                ok.loc[fin, "seed"].to_numpy(),
+            )  # fmt: skip
         means = ok.groupby("lr")["metric"].mean()
         lrs = sorted(g["lr"].unique())
         finite = means[means.map(math.isfinite)]

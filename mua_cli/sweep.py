@@ -12,10 +12,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from .errors import MuaError
 from .execute import Execution, executor
+from .optimum import seed_adjusted
 from .recipe import Recipe
 from .store import TrialStore
 from .theory import FULL, lr_label, parse_lrs, parse_regimes
@@ -147,9 +149,10 @@ def run_sweep(
 
 
 def _rounds(recipe, store, runner, pending, done, summary, listener) -> None:
-    """Run the pending trials, then extend the grid where an optimum sits at an edge; again until none does."""
+    """Run the pending trials; then, from everything stored, extend the grid where an optimum sits at an edge,
+    else refine around each optimum (REFINERS); again until nothing is added. Every decision is a function of
+    the stored trials alone, so a finished sweep resumed adds nothing."""
     base_grid = parse_lrs(recipe.lrs)
-    stage = 0  # refinements done so far (REFINERS), once the grid has settled
     while True:
         for spec, result in runner.run(pending):
             store.add(spec, result, _meta(recipe, spec, result))
@@ -157,7 +160,7 @@ def _rounds(recipe, store, runner, pending, done, summary, listener) -> None:
             summary.ran += 1
             listener.trial_done(spec, result)
         pending = []
-        metrics = _group_metrics(store, recipe.seeds)
+        metrics = _group_metrics(store)
         summary.at_edge = []
         for reg, rank in groups(recipe):
             new, why = extension(metrics.get((reg, rank), {}), base_grid, recipe.max_extend)
@@ -173,9 +176,10 @@ def _rounds(recipe, store, runner, pending, done, summary, listener) -> None:
                 summary.added.append(line)
                 listener.note(line)
                 pending.extend(specs)
-        while not pending and recipe.refine and stage < len(REFINERS):
-            pending = REFINERS[stage](recipe, store, metrics, done, summary, listener)
-            stage += 1
+        for refine in REFINERS if recipe.refine else ():
+            if pending:
+                break
+            pending = refine(recipe, store, metrics, done, summary, listener)
         if not pending:
             return
         listener.grow(len(pending))
@@ -246,16 +250,25 @@ def _extra_seeds(recipe, store, metrics, done, summary, listener) -> list[TrialS
 REFINERS = (_refinements, _extra_seeds)
 
 
-def _group_metrics(store: TrialStore, seeds: int) -> dict[tuple[str, int], dict[float, list[float]]]:
-    """Per (regime, rank), LR → metrics of the recipe's seeds. Extra seeds (`_extra_seeds`) are left out, so
-    that every decision of the sweep rests on the same trials however often it is resumed."""
-    out: dict = defaultdict(lambda: defaultdict(list))
+def _group_metrics(store: TrialStore) -> dict[tuple[str, int], dict[float, list[float]]]:
+    """Per (regime, rank), LR → metrics (inf when diverged), each seed's curve moved onto one level first
+    (optimum.seed_adjusted), so that a seed run at a few LRs only does not move their means."""
+    raw: dict = defaultdict(list)
     for t in store.trials():
         a = t.user_attrs
-        if a.get("status") == "failed" or int(t.params["seed"]) >= seeds:
+        if a.get("status") == "failed":
             continue
         value = math.inf if a.get("status") == "diverged" else float(a["metric"])
-        out[(t.params["regime"], int(t.params["rank"]))][float(t.params["lr"])].append(value)
+        raw[(t.params["regime"], int(t.params["rank"]))].append((float(t.params["lr"]), value, int(t.params["seed"])))
+    out: dict = {}
+    for group, rows in raw.items():
+        lr, y, seed = (np.array(c) for c in zip(*rows, strict=True))
+        fin = np.isfinite(y)
+        y[fin] = seed_adjusted(np.log2(lr[fin]), y[fin], seed[fin])
+        per: dict = defaultdict(list)
+        for a, b in zip(lr, y, strict=True):
+            per[float(a)].append(float(b))
+        out[group] = per
     return out
 
 
