@@ -1,6 +1,6 @@
 """η* per (regime, rank), the rank exponent per regime, and the full-finetuning comparison. No torch.
 
-DESIGN.md §1's pitfalls, as this module meets them:
+The pitfalls of reading an optimal LR off a sweep, as this module meets them (docs/validation.md):
 - η* comes from every LR and seed within two octaves of the best grid point (optimum.py: an asymmetric
   parabola in log2 lr with one level per seed), not from three points. An optimum at the grid's edge is no
   optimum. Diverged trials are censored results that bound η* from above.

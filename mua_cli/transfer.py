@@ -7,7 +7,8 @@ an interior optimum), the answer is the measured η*, and the prediction stands 
 - full finetuning: B:1's η* at the reference rank plus an offset measured on a proxy run (`--calibrate`),
   or else the study's offset with its spread (calibration.py). μA's raw 1:1 rule and the measured slope
   alone stay available by name, labelled.
-Every answer carries the sweep's settings and the caveat that it holds only for them (DESIGN.md §1).
+Every answer carries the sweep's settings and the caveat that it holds only for them: the optimum moves
+with the optimizer, schedule, steps and batch.
 Reads `FitResult`s (or fit.json through `FitResult.from_dict`), never the trials.
 """
 
