@@ -60,8 +60,8 @@ def plot_fit(fit: FitResult, path: Path) -> Path:
             ax.errorbar(r, y, yerr=err, fmt="o", color="black", capsize=3, label="η* (95 % interval)")
             grid = np.geomspace(r.min() / 2, r.max() * 4, 50)
             if rf.shrunk_slope is not None and rf.centre_x is not None:
-                line = rf.centre_y + rf.shrunk_slope * (np.log2(grid) - rf.centre_x)
-                ax.plot(grid, 2**line, "-", label=f"used: slope {rf.shrunk_slope:+.2f}")
+                line = [rf.line(float(x))[0] for x in np.log2(grid)]  # with the study's curvature, if any
+                ax.plot(grid, np.exp2(line), "-", label=f"used: slope {rf.shrunk_slope:+.2f}")
             if rf.intercept_mua is not None:
                 ax.plot(
                     grid,
