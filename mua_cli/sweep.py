@@ -19,7 +19,7 @@ from .errors import MuaError
 from .execute import Execution, executor
 from .optimum import seed_adjusted
 from .recipe import Recipe
-from .store import TrialStore
+from .store import TrialStore, frame
 from .theory import FULL, lr_label, parse_lrs, parse_regimes
 from .trial import TrialResult, TrialSpec
 
@@ -226,8 +226,7 @@ def _extra_seeds(recipe, store, metrics, done, summary, listener) -> list[TrialS
 
     A flat or noisy curve is where another seed pays: the local fit's interval narrows with every point near
     the optimum, and nowhere else does a trial buy as much."""
-    from .fit import estimate
-    from .store import frame
+    from .fit import estimate  # the science's estimator, loaded only when a sweep refines
 
     df = frame(store)
     wanted = set(groups(recipe))
