@@ -12,10 +12,10 @@ transformers' SDPA function itself, with no mask function registered, so that no
 (masking_utils: "custom attention without equivalent mask creation: we don't need a mask").
 
 On a GPU a mask-free trial steps and evaluates with cuDNN's fused attention first in SDPA's order (flash
-next): 1.0 ms less per 365M step than flash attention (docs/performance.md). Captured with the explicit mask
-above, cuDNN's kernel gave NaN losses in 7 of 24 B:1 trials of the embedded default; without a mask, all 24
-finish, with flash attention's best LRs (benchmarks/gpu_cudnn_b1_2026-11-29/). So a model that keeps its mask
-(padded batches, sliding windows) runs without cuDNN's kernel (`step_kernels`).
+next): faster than flash attention (docs/performance.md). Captured with an explicit mask, cuDNN's kernel
+gave NaN losses where eager steps finish; without a mask it agrees with flash attention (measurements in
+docs/performance.md). So a model that keeps its mask (padded batches, sliding windows) runs without cuDNN's
+kernel (`step_kernels`).
 
 SDPA's choice of kernels is process-wide (torch keeps it in global flags), and a sweep steps on several GPUs
 from one thread each (execute.py): two threads' own `sdpa_kernel` blocks would restore the flags under each

@@ -1,7 +1,7 @@
 """What the transfer study measured, as the defaults `fit` and `transfer` use. Pure Python, no torch.
 
 Every value is printed by `python studies/report.py`, which fits the kept study results (studies/results/:
-six workloads, 2026-11-30) with this package and scores each rule leave-one-workload-out; docs/validation.md
+six workloads) with this package and scores each rule leave-one-workload-out; docs/validation.md
 shows the tables behind them, and tests/test_calibration.py checks that these lines still match the report.
 Other workloads may move them: they are evidence, not theory.
 """

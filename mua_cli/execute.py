@@ -56,9 +56,9 @@ def trials_per_pass(ex: Execution, recipe: Recipe, n_params: int) -> int:
 
 def workers_per_gpu(ex: Execution, n_params: int) -> int:
     """Slots per GPU. With CUDA graphs two threads share a GPU below 300M parameters: while one builds a group's
-    model, warms it up, captures or evaluates, the other's replays keep the GPU busy. On one H200 (2026-11-29,
-    `python benchmarks/pool_start.py`) the 5m sweep took 33.9 s with two against 45.4 with one, the 124m 14.3
-    against 17.1. Eager steps are bound by the host launching kernels: several processes share a GPU."""
+    model, warms it up, captures or evaluates, the other's replays keep the GPU busy (measured by
+    benchmarks/pool_start.py; docs/performance.md). Eager steps are bound by the host launching kernels:
+    several processes share a GPU."""
     if ex.workers_per_gpu:
         return ex.workers_per_gpu
     if ex.cuda_graphs:

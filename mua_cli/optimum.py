@@ -38,7 +38,6 @@ class LocalFit:
     rss: np.ndarray  # min over ρ of the residual sum of squares; inf where censored
     n: int  # finite points in the window
     n_seeds: int
-    x_best: float  # best grid point
     neighbours: tuple[float, float]  # the grid points either side of the best
 
     @property
@@ -127,7 +126,7 @@ def profile(x: np.ndarray, y: np.ndarray, seed: np.ndarray, diverged_x: np.ndarr
     if len(above):
         rss[cand >= above.min()] = np.inf
     best = rss.min(axis=1)
-    return LocalFit(cand, best, len(x), len(seeds), float(x_best), neighbours)
+    return LocalFit(cand, best, len(x), len(seeds), neighbours)
 
 
 def pool_noise(fits: list[LocalFit]) -> tuple[float | None, int]:

@@ -211,11 +211,7 @@ def _refinements(recipe, store, metrics, done, summary, listener) -> list[TrialS
         for lr in refinement(metrics.get((reg, rank), {})):
             specs = [make_spec(recipe, reg, rank, lr, s) for s in range(recipe.seeds)]
             pending.extend(s for s in specs if s.key not in done)
-    if pending:
-        line = f"refining: {len(pending)} trial(s) at half-octave LRs around each interior optimum"
-        summary.added.append(line)
-        listener.note(line)
-    return pending
+    return _announce(pending, "at half-octave LRs around each interior optimum", summary, listener)
 
 
 WIDE_LOG2 = 1.0  # an η* interval wider than a factor 2 gets one more seed near it
@@ -239,8 +235,12 @@ def _extra_seeds(recipe, store, metrics, done, summary, listener) -> list[TrialS
         near = sorted((p["lr"] for p in o.points), key=lambda lr: abs(math.log2(lr) - o.log2_lr_star))[:3]
         specs = [make_spec(recipe, o.regime, o.rank, lr, recipe.seeds) for lr in near]
         pending.extend(s for s in specs if s.key not in done)
+    return _announce(pending, "of one more seed near each optimum whose interval is wider than 2×", summary, listener)
+
+
+def _announce(pending: list[TrialSpec], what: str, summary: SweepSummary, listener: Listener) -> list[TrialSpec]:
     if pending:
-        line = f"refining: {len(pending)} trial(s) of one more seed near each optimum whose interval is wider than 2×"
+        line = f"refining: {len(pending)} trial(s) {what}"
         summary.added.append(line)
         listener.note(line)
     return pending

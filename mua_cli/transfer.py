@@ -40,7 +40,7 @@ class Prediction:
     hi: float
     target: int | str  # a rank, or "full-ft"
     regime: str  # the regime the prediction comes from (and, for a rank, the one to train with)
-    basis: str  # one of BASES
+    basis: str  # "measured", one of RANK_BASES or FULL_BASES, or "heuristic"
     reason: str  # why this basis
     ranks_used: list[int]
     settings: dict  # what the prediction holds for: adapter setup, optimizer, schedule, steps, batch
