@@ -85,7 +85,7 @@ def run(name: str, k: int, device: str, steps: int, gpu_form: bool) -> dict:
         if k == 1:
             model = prepare(b, "B:1", 16, 1.0, "all-linear", 0)
         else:
-            model, _ = build(b, spec, dataclasses.replace(recipe, targets="all-linear"), k)
+            model, _, _ = build(b, spec, dataclasses.replace(recipe, targets="all-linear"), k)
         model.to(device).train()
         if tag in ("folded", "mua_gpu"):
             fold_lora_adds(model, whole_layer=tag == "mua_gpu")

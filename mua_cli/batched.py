@@ -3,9 +3,11 @@ rate, so they share the frozen base, the data and the init, and can train side b
 
 Each step's batch is repeated K times, copy k running through adapter k (as multi-LoRA serving does). peft
 builds the LoRA layers (same targets, same scaling as the serial path); their lora_A / lora_B are swapped for
-stacked [K, out, in] weights. An AdamW over the stack gives every trial its own learning rate, gradient clip
-and divergence stop with torch.optim.AdamW's arithmetic, so each trial matches the serial path up to
-floating-point rounding (tests/test_batched.py checks it).
+stacked [K, out, in] weights, and so are a classifier's head layers, which every trial trains in full at the
+fixed head LR. Causal LMs and classifiers alike, where the task's batches keep one shape. An AdamW over the
+stack gives every trial its own learning rate, gradient clip and divergence stop with torch.optim.AdamW's
+arithmetic, so each trial matches the serial path up to floating-point rounding (tests/test_batched.py,
+tests/test_batched_cls.py).
 """
 
 from __future__ import annotations
@@ -16,41 +18,54 @@ import traceback
 
 import torch
 from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
 
-from .adapters import prepare
+from .adapters import head_modules, prepare
 from .attention import model_kernels, step_kernels
 from .graphed import Step
 from .recipe import Recipe
-from .tasks import LMTask
+from .tasks import as_task
 from .theory import FULL
-from .train import CHECK_EVERY, fast_forward, finish, lr_lambda, set_eval
+from .train import CHECK_EVERY, clone_batch, copy_batch, fast_forward, finish, lr_lambda, set_eval
 from .trial import TrialResult, TrialSpec
 
 
 class StackedLinear(torch.nn.Module):
-    """K independent bias-free linear maps; input rows are grouped by trial: [K·B, ..., n_in]."""
+    """K independent linear maps (a bias each, if the layer had one); input rows are grouped by trial:
+    [K·B, ..., n_in]."""
 
-    def __init__(self, weight: torch.Tensor, k: int):
+    def __init__(self, weight: torch.Tensor, k: int, bias: torch.Tensor | None = None):
         super().__init__()
         self.k = k
         self.weight = torch.nn.Parameter(weight.detach().float()[None].repeat(k, 1, 1).contiguous())  # [K, out, in]
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float()[None, None].repeat(k, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         xk = x.reshape(self.k, -1, shape[-1])
-        w = self.weight.to(xk.dtype) if not torch.is_autocast_enabled(xk.device.type) else self.weight
-        y = torch.bmm(xk, w.transpose(1, 2))
+        cast = not torch.is_autocast_enabled(xk.device.type)
+        w = self.weight.to(xk.dtype) if cast else self.weight
+        if self.bias is None:
+            y = torch.bmm(xk, w.transpose(1, 2))
+        else:  # as nn.Linear's: the bias added inside the GEMM, in its dtype (baddbmm autocasts like linear)
+            y = torch.baddbmm(self.bias.to(xk.dtype) if cast else self.bias, xk, w.transpose(1, 2))
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
+class NotBatchable(Exception):
+    """The model has a part that batched trials cannot stack (a head with other layers than linear ones)."""
+
+
 def can_batch(spec: TrialSpec, recipe: Recipe) -> bool:
-    """LoRA trials of a causal LM with one LR for every weight; the rest run one by one."""
-    return spec.regime != FULL and recipe.task == "causal-lm" and not recipe.per_layer_lr
+    """LoRA trials with one LR for every adapted weight; full finetuning and per-layer LRs run one by one."""
+    return spec.regime != FULL and not recipe.per_layer_lr
 
 
-def build(base: torch.nn.Module, spec: TrialSpec, recipe: Recipe, k: int) -> tuple[torch.nn.Module, list]:
-    """The serial path's model (peft, the exact init draws), its adapters then copied K times."""
-    model = prepare(base, spec.regime, spec.rank, recipe.alpha0, recipe.targets, spec.seed)
+def build(base: torch.nn.Module, spec: TrialSpec, recipe: Recipe, k: int) -> tuple[torch.nn.Module, list, list]:
+    """The serial path's model (peft, the exact init draws), its adapters then copied K times; a classifier's
+    head, which trains in full, too. Returns the model, the adapters' and the head's stacked weights."""
+    head = head_modules(base, recipe.task)
+    model = prepare(base, spec.regime, spec.rank, recipe.alpha0, recipe.targets, spec.seed, head)
     params = []
     for module in model.modules():
         if isinstance(module, LoraLayer) and "default" in module.lora_A:
@@ -58,32 +73,57 @@ def build(base: torch.nn.Module, spec: TrialSpec, recipe: Recipe, k: int) -> tup
                 stacked = StackedLinear(holder["default"].weight, k)
                 holder["default"] = stacked
                 params.append(stacked.weight)
-    return model, params
+    head_params = []
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and name.rsplit(".", 1)[-1] in head:
+            head_params += _stack_head(module.modules_to_save, k)
+    return model, params, head_params
+
+
+def _stack_head(holder: torch.nn.ModuleDict, k: int) -> list[torch.Tensor]:
+    trained = holder["default"]
+    linears = [(n, m) for n, m in trained.named_modules() if isinstance(m, torch.nn.Linear)]
+    if sum(p.numel() for _, m in linears for p in m.parameters()) != sum(p.numel() for p in trained.parameters()):
+        raise NotBatchable("the head has layers other than linear ones")
+    out = []
+    for name, m in linears:
+        stacked = StackedLinear(m.weight, k, m.bias)
+        if name:
+            parent, _, leaf = name.rpartition(".")
+            setattr(trained.get_submodule(parent) if parent else trained, leaf, stacked)
+        else:
+            holder["default"] = stacked
+        out += [p for p in (stacked.weight, stacked.bias) if p is not None]
+    return out
 
 
 class StackedAdamW:
-    """torch.optim.AdamW's update (decoupled weight decay, bias correction) with a per-trial LR vector and
-    per-trial gradient-norm clipping. A stopped trial gets LR 0 and its gradients zeroed: it stays frozen."""
+    """torch.optim.AdamW's update (decoupled weight decay, bias correction) with per-trial LR vectors, one per
+    group of weights (the adapters at the trials' LRs, a head at its fixed one), and per-trial gradient-norm
+    clipping over every group. A stopped trial gets LR 0 and its gradients zeroed: it stays frozen."""
 
-    def __init__(self, params: list[torch.Tensor], recipe: Recipe):
-        self.params = params
+    def __init__(self, groups: list[list[torch.Tensor]], recipe: Recipe):
+        self.groups = [g for g in groups if g]
+        self.params = [p for g in self.groups for p in g]
         self.b1, self.b2 = recipe.betas
         self.eps, self.wd, self.clip = recipe.eps, recipe.weight_decay, recipe.grad_clip
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-        self.t = torch.zeros((), device=params[0].device)  # a tensor, so that a captured step counts too
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = torch.zeros((), device=self.params[0].device)  # a tensor, so that a captured step counts too
 
     @torch.no_grad()
-    def step(self, lr: torch.Tensor, alive: torch.Tensor) -> None:
+    def step(self, lrs: list[torch.Tensor], alive: torch.Tensor) -> None:
+        """`lrs`: a [K] vector per group (a group of stacked weights given at construction, in that order)."""
         self.t += 1
         grads = [p.grad for p in self.params]
-        k = lr.shape[0]
-        coef = torch.ones(k, device=lr.device)
+        k = alive.shape[0]
+        coef = torch.ones(k, device=alive.device)
         if self.clip > 0:
             sq = torch.stack([g.reshape(k, -1).pow(2).sum(1) for g in grads]).sum(0)  # [K]
             coef = (self.clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)
         bc1, bc2_sqrt = 1 - self.b1**self.t, (1 - self.b2**self.t).sqrt()
-        for p, g, m, v in zip(self.params, grads, self.m, self.v, strict=True):
+        lr_of = [lr for lr, g in zip(lrs, self.groups, strict=True) for _ in g]
+        for p, g, m, v, lr in zip(self.params, grads, self.m, self.v, lr_of, strict=True):
             shape = (-1, *[1] * (p.dim() - 1))
             # torch.where, not a product: a stopped trial's NaN gradient must not reach its moments
             g = torch.where(alive.view(shape), g * coef.view(shape), 0.0)
@@ -96,16 +136,28 @@ class StackedAdamW:
             p.grad = None
 
 
-def per_trial_loss(model, batch: torch.Tensor, k: int) -> torch.Tensor:
-    logits = model(input_ids=batch[:, :-1], use_cache=False).logits
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
+def per_trial_loss(task, model, batch, k: int) -> torch.Tensor:
+    """Each trial's mean loss over its copy of the batch (rows grouped by trial)."""
+    if task.kind == "causal-lm":
+        logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
+    else:
+        logits = task.logits(model, batch)
+        ce = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
     return ce.view(k, -1).mean(1)
+
+
+def repeat(batch, k: int):
+    """The batch K times over, copy after copy (a tensor or a dict of them)."""
+    if isinstance(batch, dict):
+        return {name: repeat(v, k) for name, v in batch.items()}
+    return batch.repeat(k, *[1] * (batch.dim() - 1))
 
 
 def run_batched(
     specs: list[TrialSpec],
     base: torch.nn.Module,
-    task: LMTask,
+    task,
     recipe: Recipe,
     device: str = "cpu",
     on_step=None,
@@ -119,51 +171,56 @@ def run_batched(
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:
-        if isinstance(e, torch.cuda.OutOfMemoryError):
-            raise  # the caller splits the group and tries again
+        if isinstance(e, (torch.cuda.OutOfMemoryError, NotBatchable)):
+            raise  # the caller splits the group and tries again, or runs its trials one by one
         error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
         return [TrialResult("failed", math.nan, wall_time=time.perf_counter() - t0, device=device, error=error)
                 for _ in specs]  # fmt: skip
 
 
 def _train(specs, base, task, recipe, device, on_step, t0, graphs, on_note) -> list[TrialResult]:
-    first = specs[0]
+    first, task = specs[0], as_task(task)
     if any((s.regime, s.rank, s.seed) != (first.regime, first.rank, first.seed) for s in specs):
         raise ValueError("batched trials must share regime, rank and seed")
+    if not task.fixed_shape:
+        raise NotBatchable("the task's batches change shape")
     k = len(specs)
-    model, params = build(base, first, recipe, k)
+    model, params, head_params = build(base, first, recipe, k)
     model.to(device).train()
-    fast_forward(model, recipe, device, causal_lm=True)
-    opt = StackedAdamW(params, recipe)
+    fast_forward(model, recipe, device, causal_lm=task.kind == "causal-lm")
+    opt = StackedAdamW([params, head_params], recipe)
     peak = torch.tensor([s.lr for s in specs], device=device, dtype=torch.float32)
     schedule = lr_lambda(recipe)
     batch_at = task.train_batches(first.seed, recipe.steps, recipe.batch_size, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"), cache_enabled=False)
     check = 1 if device == "cpu" else CHECK_EVERY
     # What a captured step reads and writes lives as long as the trials (graphed.py)
-    batch = batch_at(0).clone()
+    batch = clone_batch(repeat(batch_at(0), k))
     lr = torch.zeros(k, device=device)
+    head_lr = torch.zeros(k, device=device)
     loss_out = torch.zeros(k, device=device)
     alive = torch.ones(k, dtype=torch.bool, device=device)
     start = torch.full((k,), math.nan, device=device)  # each trial's first loss, set by the first step
 
     def one_step() -> None:
         with autocast:
-            loss = per_trial_loss(model, batch.repeat(k, 1), k)
+            loss = per_trial_loss(task, model, batch, k)
         loss_out.copy_(loss.detach())
         start.copy_(torch.where(start.isnan(), loss_out, start))
         alive.logical_and_(torch.isfinite(loss_out) & (loss_out <= recipe.divergence_factor * start))
         # torch.where, not a product: a stopped trial's NaN × 0 would still be NaN
         torch.where(alive, loss, torch.zeros_like(loss)).sum().backward()
-        opt.step(lr * alive, alive)
+        opt.step([lr * alive, head_lr * alive][: len(opt.groups)], alive)
 
     step_fn = Step(one_step, device, graphs, on_note, step_kernels(model))
     losses = torch.full((recipe.steps, k), math.nan, device=device)
     seen = 0
     for step in range(recipe.steps):
-        lr.copy_(peak * schedule(step))
-        batch.copy_(batch_at(step))
-        step_fn(params)
+        factor = schedule(step)
+        lr.copy_(peak * factor)
+        head_lr.fill_(recipe.head_lr * factor)
+        copy_batch(batch, repeat(batch_at(step), k))
+        step_fn(opt.params)
         losses[step] = loss_out
         if (step + 1) % check == 0 or step + 1 == recipe.steps:
             seen = step + 1
@@ -175,26 +232,47 @@ def _train(specs, base, task, recipe, device, on_step, t0, graphs, on_note) -> l
     curves = losses[:seen].T.tolist()
     results = [finish(c, recipe, device) for c in curves]
     if recipe.metric == "eval" or recipe.eval_fraction > 0:
-        evals = _evaluate(model, task, recipe, k, device)
-        for r, e in zip(results, evals, strict=True):
+        scores = _evaluate(model, task, recipe, k, device)
+        for i, r in enumerate(results):
             if r.status == "ok":
-                set_eval(r, float(e), recipe)
+                set_eval(r, float(scores["loss"][i]), recipe)
+                if "accuracy" in scores:
+                    r.info["eval_accuracy"] = float(scores["accuracy"][i])
     wall = (time.perf_counter() - t0) / k
-    n_params = sum(p[0].numel() for p in params)
+    n_params = sum(p[0].numel() for p in params + head_params)
     for r in results:
         r.wall_time = wall
-        r.info = {"task": task.kind, "trainable_params": n_params, "batched_with": k,
+        r.info = {**r.info, "task": task.kind, "trainable_params": n_params, "batched_with": k,
                   "base_dtype": str(next(base.parameters()).dtype).replace("torch.", "")}  # fmt: skip
     return results
 
 
 @torch.no_grad()
-def _evaluate(model, task: LMTask, recipe: Recipe, k: int, device: str) -> torch.Tensor:
+def _evaluate(model, task, recipe: Recipe, k: int, device: str) -> dict:
+    """Each trial's held-out loss (and a classifier's accuracy), on the batches the serial path evaluates."""
     model.eval()
     low = next(model.parameters()).dtype != torch.float32
-    batches = task.data.eval_batches(recipe.batch_size)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda") and low), \
             model_kernels(model, device):  # fmt: skip
-        total = sum(per_trial_loss(model, b.to(device).repeat(k, 1), k) for b in batches)
+        if task.kind == "causal-lm":
+            batches = task.data.eval_batches(recipe.batch_size)
+            total = sum(per_trial_loss(task, model, repeat(b.to(device), k), k) for b in batches)
+            scores = {"loss": total / len(batches)}
+        else:
+            scores = _evaluate_classifier(model, task, recipe.batch_size, k, device)
     model.train()
-    return (total / len(batches)).cpu()
+    return {name: v.cpu() for name, v in scores.items()}
+
+
+def _evaluate_classifier(model, task, batch_size: int, k: int, device: str) -> dict:
+    total = torch.zeros(k, device=device)
+    correct = torch.zeros(k, device=device)
+    n = 0
+    for idx in task.eval_chunks(batch_size):
+        batch = repeat(task.batch(idx, device), k)
+        logits = task.logits(model, batch).float()
+        ce = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+        total += ce.view(k, -1).sum(1)
+        correct += (logits.argmax(-1) == batch["labels"]).view(k, -1).sum(1)
+        n += len(idx)
+    return {"loss": total / n, "accuracy": correct.double() / n}  # double: the serial path's Python division

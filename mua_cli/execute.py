@@ -66,6 +66,27 @@ def workers_per_gpu(ex: Execution, n_params: int) -> int:
     return {"small": 4, "medium": 2, "large": 1}[size_class(n_params)]
 
 
+def planned(ex: Execution, recipe: Recipe, runner) -> tuple[int, int]:
+    """Slots per GPU and trials per pass: what speed asks for (the two functions above), made smaller where the
+    memory estimate says it would not fit (memory.py). What the user set is taken as given."""
+    slots, k = workers_per_gpu(ex, runner.n_params), trials_per_pass(ex, recipe, runner.n_params)
+    if not ex.device.startswith("cuda"):
+        return slots, k
+    from .memory import plan, usable_bytes
+
+    lora = runner.memory(max(recipe.lora_ranks)) if recipe.lora_ranks else None
+    full = runner.memory(None) if recipe.wants_full else None
+    if slots > 1 and ex.cuda_graphs and not ex.workers_per_gpu and getattr(runner, "has_dropout", False):
+        slots = 1  # dropout stepped by one thread while another captures breaks that capture (runner.py)
+        if runner.on_note:
+            runner.on_note("one slot per GPU: the model trains with dropout, whose random draws cannot run beside "
+                           "another slot's CUDA graph capture")  # fmt: skip
+    p = plan(lora, full, usable_bytes(runner.device), slots, k)
+    if p.reason and runner.on_note:
+        runner.on_note(p.reason)
+    return ex.workers_per_gpu or p.slots, ex.batch_trials or p.k
+
+
 def units(pending: list[TrialSpec], recipe: Recipe, k: int) -> list[list[TrialSpec]]:
     """Trials of one (regime, rank, seed) in groups of at most k, by LR; the rest one by one. Balanced groups:
     8 trials with k=6 make two groups of 4, not 6 and 2."""
@@ -309,10 +330,75 @@ class PoolExecutor:
                 runner.close()
 
 
-def executor(recipe: Recipe, ex: Execution, listener):
+# The CPU. A small model's step spends as much time in Python as in arithmetic, and its matrices are too small
+# for threads to share well: one worker process of one thread per core runs more trials per hour than one
+# process of every thread, and a process of two threads slows many times over when another program takes a
+# core (benchmarks/first_run.py). Worker processes cost their start, so only sweeps long enough get them.
+CPU_WORKER_START_S = 5.0  # a worker process's start on a 2-core CPU: Python, torch, transformers, peft, the model
+CPU_TOKEN_PARAMS_PER_S = 1e10  # one core's pace on such trials: tokens trained × base parameters, per second
+CPU_MAX_SLOTS = 4  # measured on 2 cores; more is a guess, and each slot holds its own process and model
+
+
+def cpu_slots(ex: Execution, recipe: Recipe, n_params: int, trials: int) -> int:
+    """Slots on the CPU: `--workers-per-gpu N` as given; else one per core (at most CPU_MAX_SLOTS) for a small
+    model whose `trials` would take one core ten worker starts or more; else one (this process, every thread)."""
+    if ex.workers_per_gpu:
+        return ex.workers_per_gpu
+    import torch
+
+    cores = torch.get_num_threads()
+    seconds = trials * recipe.steps * recipe.batch_size * recipe.seq_len * n_params / CPU_TOKEN_PARAMS_PER_S
+    if cores < 2 or size_class(n_params) != "small" or seconds < 10 * CPU_WORKER_START_S:
+        return 1
+    return min(cores, CPU_MAX_SLOTS)
+
+
+def _cpu_executor(recipe: Recipe, ex: Execution, listener, first, trials: int | None):
+    """One slot: this process's main thread, with every thread torch has. More: this process and worker
+    processes, the cores shared out among them as torch threads; this process's are given back on close."""
+    import os
+
+    import torch
+
+    if trials is None:  # the recipe's grid
+        from .theory import parse_lrs, parse_regimes
+
+        groups = len(parse_regimes(recipe.regimes)) * len(recipe.lora_ranks) + recipe.wants_full
+        trials = len(parse_lrs(recipe.lrs)) * groups * recipe.seeds
+    slots = cpu_slots(ex, recipe, first.n_params, trials)
+    if slots == 1:
+        return LocalExecutor(recipe, ex, listener, first)
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    threads = max(1, before // slots)
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # a spawned worker's torch starts with this many threads
+    try:
+        pool = PoolExecutor(recipe, dataclasses.replace(ex, workers_per_gpu=slots), listener, ["cpu"], first)
+    except BaseException:
+        torch.set_num_threads(before)
+        raise
+    finally:
+        if env is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = env
+    close = pool.close
+
+    def close_and_restore(interrupted: bool = False) -> None:
+        try:
+            close(interrupted)
+        finally:
+            torch.set_num_threads(before)
+
+    pool.close = close_and_restore
+    return pool
+
+
+def executor(recipe: Recipe, ex: Execution, listener, trials: int | None = None):
     """Slots over every visible GPU (`cuda`), or several on one device (`--workers-per-gpu N`, or by the
-    model's size on a GPU); this process's main thread when one slot is all there is. The first model is
-    loaded here, before that choice, which depends on its size."""
+    model's size on a GPU, or on the CPU by its size and the `trials` to run: cpu_slots); this process's main
+    thread when one slot is all there is. The first model is loaded here, before that choice, which depends on
+    its size."""
     from .runner import TrialRunner
 
     devices = [ex.device]
@@ -325,6 +411,11 @@ def executor(recipe: Recipe, ex: Execution, listener):
         ex = dataclasses.replace(ex, device=devices[0]) if len(devices) == 1 else ex
     first = TrialRunner(recipe, devices[0], listener, ex.cuda_graphs, ex.fused_kernels)
     on_gpu = devices[0].startswith("cuda")
+    if not on_gpu:
+        return _cpu_executor(recipe, ex, listener, first, trials)
+    if on_gpu:  # the memory plan, resolved here into explicit settings that every slot then follows
+        slots, k = planned(dataclasses.replace(ex, device=devices[0]), recipe, first)
+        ex = dataclasses.replace(ex, workers_per_gpu=slots, batch_trials=k)
     if len(devices) == 1 and (workers_per_gpu(ex, first.n_params) if on_gpu else max(1, ex.workers_per_gpu)) == 1:
         return LocalExecutor(recipe, ex, listener, first)
     return PoolExecutor(recipe, ex, listener, devices, first)  # which closes `first` if it cannot start

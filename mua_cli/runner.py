@@ -1,15 +1,28 @@
 """Runs trials on one device: loads the base model and the data once, then one unit of work after another
-(a unit is one trial, or several LoRA trials that differ only in LR and train side by side: batched.py)."""
+(a unit is one trial, or several LoRA trials that differ only in LR and train side by side: batched.py).
+
+Out of GPU memory is never a trial's result. A unit that runs out is split in halves until single trials
+remain; a single trial then runs with eager steps (no graph pool), then with the GPU to itself (the other slots
+on it wait), then eagerly with the GPU to itself. Only a trial that fits in none of these is stored as failed,
+with what would fit.
+"""
 
 from __future__ import annotations
 
+import gc
+import math
+import threading
+from contextlib import contextmanager
+
 import torch
 
+from .batched import NotBatchable, run_batched
 from .errors import MuaError
 from .fused import fuse
 from .graphed import empty_cache
 from .recipe import Recipe
 from .tasks import load_workload
+from .theory import FULL
 from .train import run_trial
 from .trial import TrialResult, TrialSpec
 
@@ -28,6 +41,51 @@ def resolve_device(device: str) -> str:
     return device
 
 
+class GpuShare:
+    """The slots of one GPU run units side by side; a trial that ran out of memory can have the GPU alone.
+    A readers-writer lock: `shared()` for every unit, `alone()` waits until no unit runs and keeps new ones out."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.running, self.waiting, self.exclusive = 0, 0, False
+
+    @contextmanager
+    def shared(self):
+        with self.cond:
+            self.cond.wait_for(lambda: not self.exclusive and not self.waiting)
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.running -= 1
+                self.cond.notify_all()
+
+    @contextmanager
+    def alone(self):
+        with self.cond:
+            self.waiting += 1
+            self.cond.wait_for(lambda: not self.running and not self.exclusive)
+            self.waiting -= 1
+            self.exclusive = True
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.exclusive = False
+                self.cond.notify_all()
+
+
+_SHARES: dict[str, GpuShare] = {}
+_SHARES_LOCK = threading.Lock()
+
+
+def gpu_share(device: str) -> GpuShare:
+    key = str(torch.device(device).index or 0) if device.startswith("cuda") else device
+    with _SHARES_LOCK:
+        return _SHARES.setdefault(key, GpuShare())
+
+
 class TrialRunner:
     def __init__(self, recipe: Recipe, device: str, listener=None, graphs: bool = True, fused: bool = True):
         self.recipe, self.device, self.graphs = recipe, device, graphs
@@ -41,6 +99,8 @@ class TrialRunner:
             self.base.to(device)  # once, not per trial: each trial's copy is then made on the GPU
         # each trial's model is a copy of the base, so it inherits the base's fused kernels
         self._unfuse = fuse(self.base, device, self.on_note) if fused else lambda: None
+        self.share = gpu_share(device)
+        self.batchable = True  # until a unit finds a part of the model that trials cannot share (batched.py)
 
     def close(self) -> None:
         """Undoes what fusing the kernels changed beyond this runner's models (fused.py)."""
@@ -50,8 +110,25 @@ class TrialRunner:
     def n_params(self) -> int:
         return sum(p.numel() for p in self.base.parameters())
 
-    def run(self, spec: TrialSpec) -> TrialResult:
-        return run_trial(spec, self.base, self.data, self.recipe, self.device, self.on_step, self.graphs, self.on_note)
+    @property
+    def has_dropout(self) -> bool:
+        """Whether training draws random numbers (dropout, attention dropout): on a GPU those draws advance one
+        generator that a CUDA graph being captured by another thread owns at that moment."""
+        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.base.modules()):
+            return True
+        cfg = getattr(self.base, "config", None)
+        values = cfg.to_dict().items() if cfg is not None else ()
+        return any("dropout" in k and isinstance(v, float) and v > 0 for k, v in values)
+
+    def memory(self, rank: int | None):
+        """The estimate of one trial's GPU memory at this rank (None: full finetuning); memory.py."""
+        from .memory import estimate
+
+        return estimate(self.base, self.data, self.recipe, rank)
+
+    def run(self, spec: TrialSpec, graphs: bool | None = None) -> TrialResult:
+        graphs = self.graphs if graphs is None else graphs
+        return run_trial(spec, self.base, self.data, self.recipe, self.device, self.on_step, graphs, self.on_note)
 
     def run_unit(self, unit: list[TrialSpec]) -> list[TrialResult]:
         results = self._run_unit(unit)
@@ -62,16 +139,54 @@ class TrialRunner:
         return results
 
     def _run_unit(self, unit: list[TrialSpec]) -> list[TrialResult]:
-        """Several trials batched; a group too big for the GPU's memory is split in halves until it fits."""
-        if len(unit) == 1:
-            return [self.run(unit[0])]
-        from .batched import run_batched
-
-        try:
-            return run_batched(
-                unit, self.base, self.data, self.recipe, self.device, self.on_step, self.graphs, self.on_note
-            )
-        except torch.cuda.OutOfMemoryError:
-            empty_cache()
+        if len(unit) > 1 and not self.batchable:
+            return [r for spec in unit for r in self._run_unit([spec])]
+        out = self._attempt(unit, self.graphs, alone=False)
+        if out is not None:
+            return out
+        if len(unit) > 1:
             half = len(unit) // 2
             return self._run_unit(unit[:half]) + self._run_unit(unit[half:])
+        tries = [(False, False), (True, True), (True, False)] if self.graphs else [(True, False)]
+        for alone, graphs in tries:
+            out = self._attempt(unit, graphs, alone)
+            if out is not None:
+                how = "eager steps" if not graphs else "CUDA graphs"
+                if self.on_note:
+                    self.on_note(f"{unit[0].label} ran out of GPU memory; it ran again with {how}"
+                                 + (", the GPU to itself" if alone else ""))  # fmt: skip
+                return out
+        return [self._too_big(unit[0])]
+
+    def _attempt(self, unit: list[TrialSpec], graphs: bool, alone: bool) -> list[TrialResult] | None:
+        """The unit's results, or None if it ran out of GPU memory (its memory freed before returning) or cannot
+        be batched."""
+        oom = False
+        with self.share.alone() if alone else self.share.shared():
+            try:
+                if len(unit) == 1:
+                    return [self.run(unit[0], graphs)]
+                return run_batched(unit, self.base, self.data, self.recipe, self.device, self.on_step, graphs,
+                                   self.on_note)  # fmt: skip
+            except torch.cuda.OutOfMemoryError:
+                oom = True
+            except NotBatchable as e:
+                self.batchable = False
+                if self.on_note:
+                    self.on_note(f"LoRA trials run one by one: {e}")
+                return None
+        if oom:  # out of the except block: the failed step's frames, and the tensors they hold, are gone
+            gc.collect()
+            empty_cache()
+        return None
+
+    def _too_big(self, spec: TrialSpec) -> TrialResult:
+        from .memory import usable_bytes, what_fits
+
+        mem = self.memory(None if spec.regime == FULL else spec.rank)
+        usable = usable_bytes(self.device)
+        held = torch.cuda.memory_allocated(self.device) / 2**30
+        error = (f"OutOfMemoryError: one trial alone does not fit on {self.device}, eager or graphed, with the GPU "
+                 f"to itself ({mem.describe(1)} estimated, {usable / 2**30:.1f} GiB usable, {held:.2f} GiB held "
+                 f"by this process's models); {what_fits(mem, usable, self.recipe.batch_size)}")  # fmt: skip
+        return TrialResult("failed", math.nan, device=self.device, error=error)

@@ -108,11 +108,15 @@ class _ClassTask:
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return _ce(self.logits(model, batch), batch["labels"])
 
-    def evaluate(self, model: torch.nn.Module, batch_size: int, device: str) -> dict:
+    def eval_chunks(self, batch_size: int) -> list[torch.Tensor]:
+        """The held-out examples a trial is scored on, in batches."""
         idx = self.eval_idx[: batch_size * EVAL_MAX_BATCHES]
+        return [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+
+    def evaluate(self, model: torch.nn.Module, batch_size: int, device: str) -> dict:
         total, correct, n = 0.0, 0, 0
-        for i in range(0, len(idx), batch_size):
-            batch = self.batch(idx[i : i + batch_size], device)
+        for idx in self.eval_chunks(batch_size):
+            batch = self.batch(idx, device)
             logits = self.logits(model, batch).float()
             total += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
@@ -121,22 +125,27 @@ class _ClassTask:
 
 
 class TextClsTask(_ClassTask):
-    """Sequence classification: token ids truncated to seq_len, padded per batch, cross-entropy on the labels."""
+    """Sequence classification: token ids truncated to seq_len, cross-entropy on the labels. Padded per batch
+    (to a multiple of PAD_MULTIPLE), or with `fixed` every batch to the longest example's width: one shape, so
+    that a GPU replays the step as a CUDA graph and trials batch (the mask keeps the padding out: the same loss)."""
 
     kind = "seq-cls"
-    fixed_shape = False  # padded per batch
 
-    def __init__(self, ids: list[list[int]], labels: list[int], names: list[str], pad_id: int, n_train: int):
+    def __init__(self, ids: list[list[int]], labels: list[int], names: list[str], pad_id: int, n_train: int,
+                 fixed: bool = False):  # fmt: skip
         super().__init__(labels, names, n_train)
         lengths = [max(1, len(x)) for x in ids]
-        width = max(lengths)
+        width = -(-max(lengths) // PAD_MULTIPLE) * PAD_MULTIPLE
         self.input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
         for i, x in enumerate(ids):
             self.input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
         self.lengths = torch.tensor(lengths, dtype=torch.long)
+        self.fixed_shape = fixed
 
     def batch(self, idx: torch.Tensor, device: str) -> dict:
-        width = min(self.input_ids.shape[1], -(-int(self.lengths[idx].max()) // PAD_MULTIPLE) * PAD_MULTIPLE)
+        width = self.input_ids.shape[1]
+        if not self.fixed_shape:
+            width = min(width, -(-int(self.lengths[idx].max()) // PAD_MULTIPLE) * PAD_MULTIPLE)
         mask = torch.arange(width)[None, :] < self.lengths[idx][:, None]
         return {
             "input_ids": self.input_ids[idx, :width].to(device),
@@ -280,7 +289,8 @@ def load_workload(recipe: Recipe, device: str = "cpu", on_note=None) -> Workload
         labels, names = record_labels(records, recipe.label_field)
         rows, n_train = select_examples(len(records), recipe)
         ids = _tokenize_inputs(records, recipe, tok, rows)
-        task = TextClsTask(ids, [labels[i] for i in rows], names, tok.pad_token_id or 0, n_train)
+        fixed = str(device).startswith("cuda")  # one shape for CUDA graphs; the CPU pads each batch only as needed
+        task = TextClsTask(ids, [labels[i] for i in rows], names, tok.pad_token_id or 0, n_train, fixed)
         loaded = load_hf(recipe.model, "seq-cls", labels=names, dtype=dtype)
         base, new = loaded.model, loaded.new_weights
         if tok.pad_token_id is not None:

@@ -92,8 +92,8 @@ def run_trial(
     t0 = time.perf_counter()
     try:
         return _train(spec, base, data, recipe, device, on_step, t0, graphs, on_note)
-    except (KeyboardInterrupt, SystemExit):
-        raise
+    except (KeyboardInterrupt, SystemExit, torch.cuda.OutOfMemoryError):
+        raise  # out of memory: the runner tries again with less on the GPU (runner.py)
     except Exception as e:  # a failed trial is stored with its error; the sweep goes on
         tb = traceback.format_exc(limit=3)
         return TrialResult(

@@ -111,6 +111,7 @@ class FakeRunner:
             raise OSError("no such model")
         self.device, self.ran = device, []
         self.on_step = getattr(listener, "step", None)  # in a pool's slot: where a Ctrl-C stops it
+        self.on_note = getattr(listener, "note", None)
         self.made.append(self)
 
     def run_unit(self, unit):
@@ -125,6 +126,11 @@ class FakeRunner:
     def close(self):
         self.closed.append(self)
 
+    def memory(self, rank):
+        from mua_cli.memory import TrialMemory
+
+        return TrialMemory(base=2**20, fixed=2**20, per_trial=2**20, parts={"activations": 2**20})
+
 
 @pytest.fixture
 def fake_gpus(monkeypatch):
@@ -137,6 +143,7 @@ def fake_gpus(monkeypatch):
 
     FakeRunner.made, FakeRunner.closed, FakeRunner.broken = [], [], set()
     monkeypatch.setattr(runner_module, "TrialRunner", FakeRunner)
+    monkeypatch.setattr("mua_cli.memory.usable_bytes", lambda device: 80 * 2**30)  # every plan fits
     calls = SimpleNamespace(device=[], stream=[], synced=[])
     monkeypatch.setattr(torch.cuda, "set_device", calls.device.append)
     monkeypatch.setattr(

@@ -219,7 +219,7 @@ def test_whole_layer_lora_matches_peft_on_the_gpu(k, monkeypatch):
         model = prepare(base, "A:r", 4, 1.0, "all-linear", seed=3)
     else:
         recipe = Recipe(name="t", model="embedded:tiny", ranks="4", regimes="A:r", targets="all-linear")
-        model, _ = build(base, make_spec(recipe, "A:r", 4, 0.01, 0), recipe, k)
+        model, _, _ = build(base, make_spec(recipe, "A:r", 4, 0.01, 0), recipe, k)
     x = torch.randint(0, CFG.vocab_size, (2 * k, 9), device="cuda")
     assert_folded_matches_peft(perturbed(model).cuda(), x, True, True, monkeypatch)
 

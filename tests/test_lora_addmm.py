@@ -127,7 +127,7 @@ def test_batched_adapters_match_peft(autocast, whole_layer, monkeypatch):
     recipe = Recipe(name="t", model="embedded:tiny", ranks="4", regimes="A:r")
     spec = make_spec(recipe, "A:r", 4, 0.01, 0)
     base = llama(torch.bfloat16 if autocast else torch.float32)
-    model, params = build(base, spec, dataclasses.replace(recipe, targets="all-linear"), k=3)
+    model, params, _ = build(base, spec, dataclasses.replace(recipe, targets="all-linear"), k=3)
     perturbed(model)
     x = torch.randint(0, CFG.vocab_size, (6, 9))  # 3 trials × 2 rows
     grads = assert_folded_matches_peft(model, x, autocast, whole_layer, monkeypatch)

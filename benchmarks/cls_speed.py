@@ -1,0 +1,227 @@
+"""Classifiers: mua's sweep against a plain serial peft loop, on the same trials, in the same run.
+
+    python benchmarks/cls_speed.py [--only minilm,vit-base] [--steps 100] [--device cuda:0]
+        [--model PATH --data PATH]   # minilm with other weights and labelled data (e.g. a real checkpoint)
+        [--out benchmarks/cls_speed.json]
+
+Workloads, built here with random weights (step time does not depend on them; the hubs are out of reach):
+- minilm: a BERT of all-MiniLM-L6-v2's shape (22.7M parameters: width 384, 6 layers, vocabulary 30522),
+  sequence classification of sentences that hold a class word, batch 16, at most 128 tokens;
+- vit-base: a ViT-Base/16 (86M: width 768, 12 layers, 224 × 224 images), image classification of reddish
+  against bluish noise images, batch 16.
+Each sweeps 8 LoRA trials (B:1, rank 8, LRs 2^-12 … 2^-5), one seed, a new head trained in full at head_lr.
+
+- plain: what one writes by hand: per trial a copy of the fp32 base, peft `get_peft_model` with the head in
+  modules_to_save (μA's init, as mua sets it), torch AdamW over the adapters at the trial's LR and the head at
+  head_lr, LambdaLR warmup + cosine, bf16 autocast, batches padded to their longest example, `loss.item()`
+  every step, then the held-out evaluation mua also runs; one trial after another.
+- mua: `run_sweep` over the same trials: one GPU, its memory plan, CUDA graphs, batched trials, bf16 frozen
+  base. Its wall time includes loading the model and the data.
+- Science check: the best LR of mua's trials is within one grid step of the plain loop's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mua_cli.adapters import head_modules, param_groups, prepare  # noqa: E402
+from mua_cli.execute import Execution  # noqa: E402
+from mua_cli.recipe import Recipe  # noqa: E402
+from mua_cli.store import load_trials  # noqa: E402
+from mua_cli.sweep import Listener, plan, run_sweep  # noqa: E402
+from mua_cli.tasks import load_workload  # noqa: E402
+from mua_cli.train import lr_lambda  # noqa: E402
+
+WORDS = ("river stone north market winter garden letter window silver harbor candle forest morning "
+         "engine paper valley mirror castle thunder meadow").split()  # fmt: skip
+
+
+def minilm(folder: Path, n: int, small: bool) -> tuple[Path, Path]:
+    """A MiniLM-shaped BERT, a word-level tokenizer, and n sentences labelled by the class word they hold."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "bright", "dark", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]")  # fmt: skip
+    shape = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    if small:
+        shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, max_position_embeddings=512, **shape)).save_pretrained(folder / "model")
+    fast.save_pretrained(folder / "model")
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(8, 120))]
+        words.insert(rng.randrange(len(words)), ("dark", "bright")[i % 2])
+        rows.append({"text": " ".join(words), "label": ("negative", "positive")[i % 2]})
+    data = folder / "sentences.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "model", data
+
+
+def vit_base(folder: Path, n: int, small: bool) -> tuple[Path, Path]:
+    """A ViT-Base/16 with its image processor, and n noise images, reddish or bluish by class."""
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    cfg = ViTConfig() if not small else ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                                  num_attention_heads=2, intermediate_size=64)  # fmt: skip
+    torch.manual_seed(0)
+    ViTModel(cfg, add_pooling_layer=False).save_pretrained(folder / "model")
+    ViTImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size}).save_pretrained(folder / "model")
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        cls, channel = (("blue", 2), ("red", 0))[i % 2]
+        arr = rng.integers(0, 140, (48, 48, 3), dtype=np.uint8)
+        arr[..., channel] = rng.integers(110, 255, (48, 48), dtype=np.uint8)
+        (folder / "images" / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(folder / "images" / cls / f"{i:04d}.png")
+    return folder / "model", folder / "images"
+
+
+WORKLOADS = {"minilm": (minilm, "seq-cls"), "vit-base": (vit_base, "image-cls")}
+
+
+def recipe_for(name: str, model: Path, data: Path, steps: int) -> Recipe:
+    task = WORKLOADS[name][1]
+    return Recipe(
+        name=f"bench-{name}", model=str(model), data=str(data), task=task, seq_len=128, batch_size=16,
+        steps=steps, eval_fraction=0.1, dtype="bfloat16", ranks="8", regimes="B:1", lrs="2^-12:2^-5", seeds=1,
+        max_extend=0, refine=0, **({"label_field": "label"} if task == "seq-cls" else {}),
+    ).validate()  # fmt: skip
+
+
+def plain_trial(spec, base, task, recipe: Recipe, device: str) -> float:
+    """The plain loop; returns the final metric (mean training loss of the last 10 % of steps; inf if diverged)."""
+    head = head_modules(base, recipe.task)
+    model = prepare(base, spec.regime, spec.rank, recipe.alpha0, recipe.targets, spec.seed, head).to(device).train()
+    groups = param_groups(model, spec.regime, spec.lr, head, recipe.head_lr)
+    opt = torch.optim.AdamW(groups.groups, lr=spec.lr, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe))
+    batch_at = task.train_batches(spec.seed, recipe.steps, recipe.batch_size, device)
+    cuda = device.startswith("cuda")
+    losses = []
+    for step in range(recipe.steps):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            batch = batch_at(step)
+            loss = task.loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(groups.params, recipe.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]) or losses[-1] > recipe.divergence_factor * losses[0]:
+            return math.inf
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        task.evaluate(model, recipe.batch_size, device)
+    tail = losses[-max(1, math.ceil(recipe.metric_frac * len(losses))) :]
+    return sum(tail) / len(tail)
+
+
+def best_lr(metrics: dict) -> float | None:
+    finite = {lr: m for lr, m in metrics.items() if math.isfinite(m)}
+    return min(finite, key=finite.get) if finite else None
+
+
+class Notes(Listener):
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def note(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def measure(name: str, steps: int, device: str, model: str | None, data: str | None, small: bool) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d)
+        if model is None:
+            made = WORKLOADS[name][0](folder, 16 * steps + 200, small)
+            model, data = str(made[0]), str(made[1])
+        recipe = recipe_for(name, Path(model), Path(data), steps)
+        specs = plan(recipe)
+        plain_recipe = dataclasses.replace(recipe, dtype="float32")
+        work = load_workload(plain_recipe, "cpu")  # batches padded each to its longest example, as a collator does
+        work.base.to(device)
+        t0 = time.perf_counter()
+        plain = {s.lr: plain_trial(s, work.base, work.task, plain_recipe, device) for s in specs}
+        plain_s = time.perf_counter() - t0
+        del work
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        notes = Notes()
+        t0 = time.perf_counter()
+        run_sweep(recipe, folder / "run", device, notes, execution=Execution(device))
+        mua_s = time.perf_counter() - t0
+        df = load_trials(folder / "run")
+    mua = {float(r.lr): float(r.metric) for _, r in df.iterrows()}
+    bp, bm = best_lr(plain), best_lr(mua)
+    infos = [i for i in df["info"] if isinstance(i, dict)]
+    errors = sorted({str(e).splitlines()[0] for e in df.get("error", []) if isinstance(e, str) and e})
+    # what mua's choice costs in the plain loop's own trials: its loss at mua's best LR less its best loss
+    regret = plain.get(bm, math.inf) - plain[bp] if bp is not None and bm is not None else None
+    return {
+        "workload": name, "trials": len(specs), "steps": steps,
+        "plain_s": round(plain_s, 1), "mua_s": round(mua_s, 1), "x_plain": round(plain_s / mua_s, 2),
+        "plain_trials_per_h": round(len(specs) * 3600 / plain_s), "mua_trials_per_h": round(len(specs) * 3600 / mua_s),
+        "best_lr_plain": bp, "best_lr_mua": bm,
+        "best_lr_within_one_step": bp is not None and bm is not None and abs(math.log2(bm / bp)) <= 1,
+        "plain_loss_at_mua_best_minus_best": None if regret is None else round(regret, 4),
+        "plain_metric_by_lr": {f"{lr:.3g}": round(m, 4) for lr, m in sorted(plain.items())},
+        "mua_metric_by_lr": {f"{lr:.3g}": round(m, 4) for lr, m in sorted(mua.items())},
+        "errors": errors,
+        "failed": int((df["status"] == "failed").sum()),
+        "batched_with": sorted({i.get("batched_with", 1) for i in infos}),
+        "peak_gib": max((i.get("peak_memory_gib", 0) for i in infos), default=None),
+        "capture_fallbacks": sum("capture failed" in n for n in notes.lines),
+        "notes": [n for n in notes.lines if "memory plan" in n or "one by one" in n or "capture" in n],
+    }  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="minilm,vit-base")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--model", help="minilm only: a saved sequence classifier (or body) with its tokenizer")
+    ap.add_argument("--data", help="with --model: labelled records (JSONL with text and label fields)")
+    ap.add_argument("--small", action="store_true", help="tiny shapes: a smoke test of this script on the CPU")
+    ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    args = ap.parse_args()
+    rows = []
+    for name in args.only.split(","):
+        given = (args.model, args.data) if name == "minilm" and args.model else (None, None)
+        rows.append(measure(name, args.steps, args.device, *given, args.small))
+        print(json.dumps(rows[-1]), flush=True)
+    report = {
+        "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__, "rows": rows,
+    }  # fmt: skip
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
