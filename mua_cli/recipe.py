@@ -42,7 +42,7 @@ class Recipe:
     eval_fraction: float = 0.1
     # pretraining of embedded models (cached in the user cache folder)
     pretrain: dict = field(default_factory=dict)
-    # optimization (DESIGN.md defaults: the paper's AdamW, warmup 5 %, cosine to 0.1×, clip 1.0)
+    # optimization (docs/science.md's defaults: the paper's AdamW, warmup 5 %, cosine to 0.1×, clip 1.0)
     steps: int = 100
     batch_size: int = 8
     warmup_frac: float = 0.05

@@ -1,6 +1,6 @@
 """μA facts: regimes, their peft mapping and the optimal-LR exponents. Pure Python, no torch.
 
-Source: Chen, Villar, Hayou, arXiv:2602.06204, and DESIGN.md's table. With α = α0 · r^(-γ),
+Source: Chen, Villar, Hayou, arXiv:2602.06204, and the table in docs/science.md. With α = α0 · r^(-γ),
 Adam treated as sign descent gives η* ∝ (α n r)^(-1/2) for Init[A] and η* ∝ 1/(α n) for Init[B].
 """
 
