@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated
 
@@ -185,18 +185,38 @@ def sweep(
         )
 
 
-def fit_of(run_dir: Path, refit: bool = False):
-    """The run's fit: fit.json when it is newer than the trial store, else a fresh fit (saved).
+def note(message: str) -> None:
+    Console(stderr=True).print(f"[yellow]note:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def save_text(path: Path, text: str) -> bool:
+    """Writes `text` to `path` whole or not at all (a temporary file, then renamed). False, with a note, where
+    the folder takes no writes (read-only, full): what `fit` and `transfer` cache there is not needed to answer."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+        return True
+    except OSError as e:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        note(f"{path.name} not saved: cannot write in {path.parent} ({e.strerror or e})")
+        return False
+
+
+def fit_of(run_dir: Path):
+    """The run's fit: fit.json when it is newer than the trial store, else a fresh fit (saved where the run
+    folder takes writes; the store itself is only read).
 
     A fit.json that cannot be read back (truncated, hand-edited, another schema) is no reason to stop: the
     trials are the truth, so it is fitted again and rewritten.
     """
-    from .fit import FitResult, fit_run
-    from .store import DB_NAME, load_trials
+    from .fit import FitResult
+    from .store import DB_NAME
 
     path = run_dir / "fit.json"
     db = run_dir / DB_NAME
-    if not refit and path.is_file() and (not db.is_file() or path.stat().st_mtime >= db.stat().st_mtime):
+    if path.is_file() and (not db.is_file() or path.stat().st_mtime >= db.stat().st_mtime):
         try:
             doc = json.loads(path.read_text())
             if not isinstance(doc, dict):
@@ -204,9 +224,20 @@ def fit_of(run_dir: Path, refit: bool = False):
             return FitResult.from_dict(doc)
         except (MuaError, ValueError, OSError):
             pass  # unreadable, corrupt or not a fit document: fit again from the trials
-    result = fit_run(load_trials(run_dir))
-    path.write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False))
-    return result
+    return fit_fresh(run_dir)[0]
+
+
+def fit_fresh(run_dir: Path):
+    """A fresh fit of the run's trials, and whether fit.json could be saved."""
+    from .fit import fit_run
+    from .store import load_trials
+
+    trials = load_trials(run_dir)
+    result = fit_run(trials)
+    limit = trials.attrs.get("info", {}).get("max_lora_rank")
+    if limit:  # recorded by the sweep (older runs lack it): `transfer --to RANK` checks the rank against it
+        result.settings["max_lora_rank"] = int(limit)
+    return result, save_text(run_dir / "fit.json", json.dumps(result.to_dict(), indent=2, allow_nan=False))
 
 
 @app.command()
@@ -229,18 +260,23 @@ def fit(
         from .report import fit_tables
 
         run_dir = run_folder(run)
-        result = fit_of(run_dir, refit=True)
-        if plot:
+        result, saved = fit_fresh(run_dir)
+        wrote = [run_dir / "fit.json"] if saved else []
+        if plot and saved:  # a folder that took no fit.json takes no picture either
             from .plots import plot_fit
 
-            plot_fit(result, run_dir / "fit.png")
+            try:
+                wrote.append(plot_fit(result, run_dir / "fit.png"))
+            except OSError as e:
+                note(f"fit.png not saved: cannot write in {run_dir} ({e.strerror or e})")
         if json_out:
             typer.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
             return
         console = Console()
         for table in fit_tables(result):
             console.print(table)
-        console.print(f"wrote {run_dir / 'fit.json'}" + (f" and {run_dir / 'fit.png'}" if plot else ""))
+        if wrote:
+            console.print("wrote " + " and ".join(map(str, wrote)))
 
 
 @app.command()

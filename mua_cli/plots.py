@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
 from pathlib import Path
 
 import matplotlib
@@ -80,6 +81,15 @@ def plot_fit(fit: FitResult, path: Path) -> Path:
             ax.text(0.5, 0.5, "no rank has an interior η*", ha="center", va="center", transform=ax.transAxes)
         _legend(ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:  # whole or not at all: a full disk leaves the last picture, not half of a new one
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+        tmp.replace(path)
+    except OSError:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     return path

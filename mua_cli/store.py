@@ -4,17 +4,26 @@ e.g. PostgreSQL, when several machines share a sweep), read back as one pandas D
 A trial is written once, when it has finished (Optuna's `add_trial`), so a sweep cut off mid-trial
 leaves nothing half-written, and the trial's key (a hash of everything that changes its outcome)
 makes re-runs skip it.
+
+The run folder's SQLite file is checked before anything is written to it, and opened read-only by the
+commands that only read (`fit`, `transfer`), so that they work on a read-only folder or mount and can never
+change a store they only read. A store that cannot be read or written (corrupted, read-only, a full disk)
+is one line naming the file and the cause.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
+import shutil
+import sqlite3
 from pathlib import Path
 
 import optuna
 import pandas as pd
+import sqlalchemy
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -30,39 +39,113 @@ _DISTRIBUTIONS = {
     "lr": FloatDistribution(1e-12, 1e6, log=True),
     "seed": IntDistribution(0, 1 << 31),
 }
+# what a store's backend raises when the file or the disk under it fails (optuna wraps sqlalchemy's errors)
+_STORAGE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, OSError)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def storage_url(run_dir: Path, storage: str | None = None) -> str:
-    return storage or os.environ.get("MUA_STORAGE") or f"sqlite:///{Path(run_dir).resolve() / DB_NAME}"
+    return storage or os.environ.get("MUA_STORAGE") or _local_url(run_dir)
+
+
+def _local_url(run_dir: Path) -> str:
+    return f"sqlite:///{Path(run_dir).resolve() / DB_NAME}"
 
 
 class TrialStore:
+    """A run's trials. `create=False` opens an existing store to read it: the run folder's SQLite file is then
+    opened read-only (SQLite's `mode=ro`), never created, locked for writing or changed."""
+
     def __init__(self, run_dir: Path, storage: str | None = None, create: bool = True):
         self.run_dir = Path(run_dir)
         self.url = storage_url(self.run_dir, storage)
-        db = self.run_dir / DB_NAME
-        if self.url.startswith("sqlite:///") and not create and not db.is_file():
-            raise MuaError(f"{self.run_dir} holds no trial store ({DB_NAME}); run `mua sweep --out {self.run_dir}`")
-        if self.url.startswith("sqlite:///"):
-            if db.is_file():
-                _check_sqlite(db)
-            if self.run_dir.exists() and not self.run_dir.is_dir():
-                raise MuaError(f"run folder {self.run_dir} is a file; name a folder with --out")
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise MuaError(f"cannot create the run folder {self.run_dir}: {e.strerror or e}") from None
+        self.writable = create
+        self.study: optuna.Study | None = None
+        # the run folder's own file (not a shared storage URL): checked, and opened read-only where only read
+        self.db = db = self.run_dir / DB_NAME if self.url == _local_url(self.run_dir) else None
+        if db is not None and db.is_file():
+            _check_sqlite(db, self.run_dir)
+        if not create:
+            if db is None:
+                self.study = self._open(self.url)
+            elif not db.is_file():
+                raise MuaError(f"{self.run_dir} holds no trial store ({DB_NAME}); run `mua sweep --out {self.run_dir}`")
+            elif db.stat().st_size:  # an empty file: a sweep killed while creating it; no trials
+                self.study = self._open("sqlite://", creator=lambda: _read_only(db))
+            return
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise MuaError(f"run folder {self.run_dir} is a file; name a folder with --out")
+        new_dir, new_db = not self.run_dir.exists(), db is not None and not db.exists()
         try:
-            self.study = optuna.create_study(storage=self.url, study_name=STUDY, load_if_exists=True)
-        except Exception as e:  # sqlalchemy's errors for an unreadable or foreign database
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # recipe.yaml and fit.json live there, whatever the URL
+        except OSError as e:
+            raise MuaError(f"cannot create the run folder {self.run_dir}: {e.strerror or e}") from None
+        try:
+            if not os.access(self.run_dir, os.W_OK) or (db is not None and db.exists() and not os.access(db, os.W_OK)):
+                raise MuaError(_read_only_message(self.run_dir, "not writable"))
+            self.study = self._open(self.url)
+        except MuaError:
+            if new_dir:  # a store that could not be made leaves nothing behind to pass for a run
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            elif new_db:
+                for path in (db, db.with_name(DB_NAME + "-journal")):
+                    path.unlink(missing_ok=True)
+            raise
+
+    def _open(self, url: str, creator=None) -> optuna.Study | None:
+        """The study, created when writable; None when a read-only store has none (killed while being made)."""
+        try:
+            if not self.writable:
+                kwargs = {"creator": creator} if creator else None
+                storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, skip_table_creation=True)
+                try:
+                    return optuna.load_study(study_name=STUDY, storage=storage)
+                except KeyError:
+                    return None
+            return optuna.create_study(storage=url, study_name=STUDY, load_if_exists=True)
+        except _STORAGE_ERRORS as e:
+            raise self._error(e, "open" if not self.writable else "create") from None
+        except Exception as e:  # sqlalchemy's or alembic's errors for a foreign database
             raise MuaError(f"cannot open the trial store {self.url}: {_first_line(e)}") from None
+
+    def _error(self, e: BaseException, doing: str) -> MuaError:
+        """One line for a store that failed under us: which file, and whether it is corrupted, read-only or full."""
+        cause = _root(e)
+        text = _first_line(cause).lower()
+        code = getattr(cause, "errno", None)
+        where = str(self.db) if self.db is not None else self.url
+        if code in (errno.ENOSPC, errno.EDQUOT) or "disk is full" in text:
+            if doing == "create":
+                return MuaError(f"cannot create the trial store {where}: disk full ({_first_line(cause)}); "
+                                "free some space and run again")  # fmt: skip
+            return MuaError(
+                f"cannot write the trial store {where}: disk full ({_first_line(cause)}); the trials finished "
+                "before are stored: free some space and run the same command again to resume"
+            )
+        if code in (errno.EROFS, errno.EACCES, errno.EPERM) or "readonly" in text or "read-only" in text:
+            return MuaError(_read_only_message(self.run_dir, _first_line(cause)))
+        if "malformed" in text or "not a database" in text or "encrypted" in text:
+            return MuaError(_corrupted_message(self.run_dir, _first_line(cause)))
+        if "no such table" in text:
+            return MuaError(f"{where} is an SQLite database but not a trial store ({_first_line(cause)})")
+        verb = "read" if doing == "open" else "write"
+        return MuaError(f"cannot {verb} the trial store {where}: {_first_line(cause)}")
 
     def trials(self) -> list[optuna.trial.FrozenTrial]:
         """One trial per key: a failed one is replaced by its retry, and a finished result is final."""
+        if self.study is None:
+            return []
+        try:
+            stored = self.study.get_trials(deepcopy=False)
+        except _STORAGE_ERRORS as e:
+            raise self._error(e, "open") from None
+        except ValueError as e:  # a trial's JSON garbled on disk, where SQLite's own structure is whole
+            raise MuaError(
+                _corrupted_message(self.run_dir, f"a trial's data does not parse: {_first_line(e)}")
+            ) from None
         latest: dict[str, optuna.trial.FrozenTrial] = {}
-        for t in self.study.get_trials(deepcopy=False):
+        for t in stored:
             key = t.user_attrs.get("key")
             if key is None:
                 continue
@@ -87,14 +170,41 @@ class TrialStore:
             state=state,
             user_attrs=attrs,
         )
-        self.study.add_trial(trial)
+        try:
+            self.study.add_trial(trial)  # one transaction: a trial is stored whole or not at all
+        except _STORAGE_ERRORS as e:
+            raise self._error(e, "write") from None
+
+    def info(self) -> dict:
+        """What the sweep recorded about the run besides its trials (e.g. `max_lora_rank`); {} for older runs."""
+        if self.study is None:
+            return {}
+        try:
+            return dict(self.study.user_attrs)
+        except _STORAGE_ERRORS as e:
+            raise self._error(e, "open") from None
+
+    def set_info(self, **values) -> None:
+        """Records `values` with the run; a value already recorded is not written again (a finished sweep
+        resumed leaves its store's bytes as they were)."""
+        old = self.info()
+        try:
+            for k, v in values.items():
+                if old.get(k) != v:
+                    self.study.set_user_attr(k, v)
+        except _STORAGE_ERRORS as e:
+            raise self._error(e, "write") from None
 
 
 def load_trials(run_dir: Path, storage: str | None = None) -> pd.DataFrame:
-    """Every stored trial of a run as a DataFrame (one row a trial)."""
-    df = frame(TrialStore(run_dir, storage, create=False))
+    """Every stored trial of a run as a DataFrame (one row a trial), read without writing to the store.
+
+    `attrs["info"]` holds what the sweep recorded about the run besides the trials (`TrialStore.info`)."""
+    store = TrialStore(run_dir, storage, create=False)
+    df = frame(store)
     if df.empty:
         raise MuaError(f"{run_dir} has no trials yet; run `mua sweep --out {run_dir}` first")
+    df.attrs["info"] = store.info()
     return df
 
 
@@ -120,12 +230,60 @@ def frame(store: TrialStore) -> pd.DataFrame:
     return df.sort_values(["regime", "rank", "lr", "seed"]).reset_index(drop=True)
 
 
-def _check_sqlite(db: Path) -> None:
-    with open(db, "rb") as f:
-        head = f.read(16)
-    if head and head != b"SQLite format 3\x00":
-        raise MuaError(f"{db} is not an SQLite trial store (corrupted?); it was left untouched")
+def _read_only(db: Path) -> sqlite3.Connection:
+    """A connection that cannot write: SQLite refuses every write on it, whatever the file's permissions."""
+    return sqlite3.connect(f"{Path(db).resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
 
 
-def _first_line(e: Exception) -> str:
+def _check_sqlite(db: Path, run_dir: Path) -> None:
+    """An SQLite file whose pages are whole, checked read-only before anything opens it for writing."""
+    try:
+        with open(db, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise MuaError(f"run folder {run_dir}: cannot read its trial store {DB_NAME} ({e.strerror or e})") from None
+    if not head:
+        return
+    if head != b"SQLite format 3\x00":
+        raise MuaError(_corrupted_message(run_dir, "no SQLite header"))
+    try:
+        con = _read_only(db)
+        try:
+            problems = [row[0] for row in con.execute("PRAGMA quick_check(1)")]
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:  # "database disk image is malformed", "file is not a database"
+        raise MuaError(_corrupted_message(run_dir, _first_line(e))) from None
+    if problems != ["ok"]:
+        lines = [s for s in str(problems[0]).splitlines() if s.strip() and not s.startswith("***")]
+        raise MuaError(_corrupted_message(run_dir, (lines or ["quick_check failed"])[0][:200]))
+
+
+def _corrupted_message(run_dir: Path, why: str) -> str:
+    return (
+        f"run folder {run_dir}: its trial store {DB_NAME} is corrupted or not an SQLite database ({why}); "
+        "it was left untouched"
+    )
+
+
+def _read_only_message(run_dir: Path, why: str) -> str:
+    return (
+        f"run folder {run_dir} is read-only ({why}): a sweep stores its trials there; use another --out folder "
+        "(`mua fit` and `mua transfer` read a read-only run)"
+    )
+
+
+def _root(e: BaseException) -> BaseException:
+    """The first cause of a chain: the DBAPI's or the OS's own error under optuna's and sqlalchemy's wrappers."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        nxt = getattr(e, "orig", None) or e.__cause__
+        if not isinstance(nxt, BaseException):
+            break
+        e = nxt
+    return e
+
+
+def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -3,6 +3,7 @@ and resuming: finished trials (found by key in the store) are never run or store
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -19,6 +20,7 @@ from .errors import MuaError
 from .execute import Execution, executor
 from .optimum import seed_adjusted
 from .recipe import Recipe
+from .shapes import rank_limit
 from .store import TrialStore, frame
 from .theory import FULL, lr_label, parse_lrs, parse_regimes
 from .trial import TrialResult, TrialSpec
@@ -120,10 +122,18 @@ def run_sweep(
     listener = listener or Listener()
     run_dir = Path(run_dir)
     fresh = not run_dir.exists()
+    limit = rank_limit(recipe)  # before anything is stored: a rank past the model's layers is a bad input
     store = TrialStore(run_dir, storage)
-    _pin_recipe(run_dir, recipe)
+    try:
+        _pin_recipe(run_dir, recipe)
+        done = store.keys(final_only=retry_failed)  # read before any write: a store that does not parse stays as is
+        if limit is not None:
+            store.set_info(max_lora_rank=limit)  # for `mua transfer --to RANK`
+    except MuaError:
+        if fresh:  # a folder that could not be set up would pass for the latest run with `mua fit`
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     summary = SweepSummary(run_dir=run_dir, device=device)
-    done = store.keys(final_only=retry_failed)
     pending = [s for s in plan(recipe) if s.key not in done]
     summary.skipped = len(plan(recipe)) - len(pending)
     summary.retried = len({s.key for s in pending} & store.keys())
@@ -295,4 +305,14 @@ def _pin_recipe(run_dir: Path, recipe: Recipe) -> None:
                 f"{run_dir} was swept with other settings (steps, batch, model, data...); "
                 "use a new --out folder, or the same settings to resume"
             )
-    path.write_text(yaml.safe_dump({"fingerprint": recipe.fingerprint(), **recipe.to_dict()}, sort_keys=False))
+    text = yaml.safe_dump({"fingerprint": recipe.fingerprint(), **recipe.to_dict()}, sort_keys=False)
+    if path.is_file() and path.read_text() == text:
+        return  # nothing to write: a full disk or a read-only folder cannot cost the resumed run its recipe
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise MuaError(f"cannot write {path}: {e.strerror or e}") from None

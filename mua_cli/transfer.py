@@ -166,6 +166,12 @@ def predict_rank(fit: FitResult, regime: str, rank: int, basis: str = "auto") ->
     if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 1:
         raise MuaError(f"bad target rank {rank!r}: a rank is a positive integer")
     rank = int(rank)
+    limit = fit.settings.get("max_lora_rank")  # recorded by the sweep; runs swept before it was are not checked
+    if limit and rank > int(limit):
+        raise MuaError(
+            f"rank {rank} is larger than the model's adapted layers allow: at most {int(limit)}, the smaller "
+            f"dimension min(n_in, n_out) of its widest adapted layer (a larger LoRA rank adds nothing)"
+        )
     rf = _regime_fit(fit, regime)
     reg = get_regime(regime)
     _check_basis(basis, RANK_BASES, "a rank target")

@@ -68,12 +68,12 @@ def test_sweep_fit_transfer_end_to_end(swept_run):
 
 
 def test_transfer_to_rank_json_schema(swept_run):
-    res = mua("transfer", swept_run, "--to", "128", "--regime", "A:r", "--json")
+    res = mua("transfer", swept_run, "--to", "32", "--regime", "A:r", "--json")  # the micro model is 32 wide
     assert res.exit_code == 0, res.output
     pred = json.loads(res.stdout)
     for key in ("lr", "interval", "target", "regime", "basis", "settings", "caveat", "reason"):
         assert key in pred
-    assert pred["target"] == 128 and pred["basis"] == "shrunk-slope"
+    assert pred["target"] == 32 and pred["basis"] == "shrunk-slope"
     assert pred["settings"]["lora_alpha"] == 1 and pred["settings"]["steps"] == 20
 
 
