@@ -74,6 +74,8 @@ class RankOptimum:
     n_seeds: int = 0
     n_lrs: int = 0
     n_diverged: int = 0
+    n_failed: int = 0  # errors, not results: left out (a sweep run again retries them)
+    n_trials: int = 0  # every stored trial of the group: finished, diverged and failed
     n_points: int = 0  # finite trials in the local fit
     reason: str | None = None  # why there is no η*
     note: str | None = None
@@ -247,7 +249,7 @@ def _local(group: pd.DataFrame) -> tuple[RankOptimum, opt.LocalFit | None]:
     base = RankOptimum(regime=str(group["regime"].iloc[0]), rank=int(group["rank"].iloc[0]))
     d = _clean(group)
     base.n_seeds, base.n_lrs = int(d["seed"].nunique()), int(d["lr"].nunique())
-    base.n_diverged = int(d["diverged"].sum())
+    base.n_diverged, base.n_failed, base.n_trials = int(d["diverged"].sum()), len(group) - len(d), len(group)
     if d.empty:
         base.reason = "every trial failed"
         return base, None

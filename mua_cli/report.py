@@ -95,11 +95,14 @@ def _interval(lo: float | None, hi: float | None) -> str:
 def fit_tables(fit) -> list:
     """The η* per (regime, rank) table, the exponent table, and the full-finetuning comparison."""
     t = Table(title="η* per regime and rank (95 % interval)")
-    for col in ("regime", "rank", "η*", "interval", "method", "best grid LR", "seeds", "note"):
+    for col in ("regime", "rank", "η*", "interval", "method", "best grid LR", "seeds", "trials", "note"):
         t.add_column(col)
     rows = list(fit.optima) + ([fit.full] if fit.full else [])
     for o in rows:
         note = o.reason or o.note or ""
+        # diverged trials are results (they bound η* from above); failed ones are errors, left out
+        counts = [f"{o.n_diverged} diverged"] * bool(o.n_diverged) + [f"[red]{o.n_failed} failed[/]"] * bool(o.n_failed)
+        trials = f"{o.n_trials}" + (f" ({', '.join(counts)})" if counts else "")
         if o.edge:
             note = f"[yellow]optimum at the {o.edge} edge: no η*[/]"
         t.add_row(
@@ -110,6 +113,7 @@ def fit_tables(fit) -> list:
             o.interval_method or "—",
             "—" if o.best_grid_lr is None else lr_label(o.best_grid_lr),
             str(o.n_seeds),
+            trials,
             note,
         )
     s = Table(title="η* ∝ r^slope per regime: measured, μA's, and the slope used for predictions")

@@ -159,7 +159,12 @@ def test_failed_rows_are_absent():
     extra["metric"] = [math.nan, math.nan, 0.0, math.nan]
     a, b = fit_run(base), fit_run(pd.concat([base, extra], ignore_index=True))
     assert b.n_failed == 4
-    assert [o.to_dict() for o in a.optima] == [o.to_dict() for o in b.optima]
+    counted = ("n_failed", "n_trials")  # the failed rows are counted, and change nothing else
+    assert [{k: v for k, v in o.to_dict().items() if k not in counted} for o in a.optima] == [
+        {k: v for k, v in o.to_dict().items() if k not in counted} for o in b.optima
+    ]
+    assert sum(o.n_failed for o in b.optima) == 4 and sum(o.n_failed for o in a.optima) == 0
+    assert sum(o.n_trials for o in b.optima) == sum(o.n_trials for o in a.optima) + 4
 
 
 def test_mixed_run_is_refused():
@@ -230,3 +235,19 @@ def test_line_widens_with_the_distance_of_the_extrapolation():
     ses = [rf.line(math.log2(r))[1] for r in (16, 256, 4096)]
     assert ses[0] < ses[1] < ses[2]
     assert rf.line(rf.centre_x, "mua")[1] == pytest.approx(math.sqrt(rf.centre_se**2 + rf.tau**2))
+
+
+def test_fit_table_counts_failed_and_diverged_apart():
+    from rich.console import Console
+
+    from mua_cli.report import fit_tables
+
+    base = trials({"A:r": 0.0}, ranks=(4, 16), seeds=(0,), noise=0.002)
+    extra = base.iloc[:2].copy()
+    extra["status"], extra["metric"] = ["failed", "diverged"], [math.nan, math.inf]
+    extra["lr"] = [2.0**-8, 2.0**3]
+    console = Console(record=True, width=200)
+    for table in fit_tables(fit_run(pd.concat([base, extra], ignore_index=True))):
+        console.print(table)
+    text = console.export_text()
+    assert "1 diverged, 1 failed" in text
