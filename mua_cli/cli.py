@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import warnings
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -189,57 +189,6 @@ def note(message: str) -> None:
     Console(stderr=True).print(f"[yellow]note:[/] {message}", highlight=False, soft_wrap=True)
 
 
-def save_text(path: Path, text: str) -> bool:
-    """Writes `text` to `path` whole or not at all (a temporary file, then renamed). False, with a note, where
-    the folder takes no writes (read-only, full): what `fit` and `transfer` cache there is not needed to answer."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-        return True
-    except OSError as e:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        note(f"{path.name} not saved: cannot write in {path.parent} ({e.strerror or e})")
-        return False
-
-
-def fit_of(run_dir: Path):
-    """The run's fit: fit.json when it is newer than the trial store, else a fresh fit (saved where the run
-    folder takes writes; the store itself is only read).
-
-    A fit.json that cannot be read back (truncated, hand-edited, another schema) is no reason to stop: the
-    trials are the truth, so it is fitted again and rewritten.
-    """
-    from .fit import FitResult
-    from .store import DB_NAME
-
-    path = run_dir / "fit.json"
-    db = run_dir / DB_NAME
-    if path.is_file() and (not db.is_file() or path.stat().st_mtime >= db.stat().st_mtime):
-        try:
-            doc = json.loads(path.read_text())
-            if not isinstance(doc, dict):
-                raise MuaError("fit.json is not a JSON object")
-            return FitResult.from_dict(doc)
-        except (MuaError, ValueError, OSError):
-            pass  # unreadable, corrupt or not a fit document: fit again from the trials
-    return fit_fresh(run_dir)[0]
-
-
-def fit_fresh(run_dir: Path):
-    """A fresh fit of the run's trials, and whether fit.json could be saved."""
-    from .fit import fit_run
-    from .store import load_trials
-
-    trials = load_trials(run_dir)
-    result = fit_run(trials)
-    limit = trials.attrs.get("info", {}).get("max_lora_rank")
-    if limit:  # recorded by the sweep (older runs lack it): `transfer --to RANK` checks the rank against it
-        result.settings["max_lora_rank"] = int(limit)
-    return result, save_text(run_dir / "fit.json", json.dumps(result.to_dict(), indent=2, allow_nan=False))
-
-
 @app.command()
 def fit(
     run: Annotated[Path | None, typer.Argument(help="Run folder (default: the newest under runs/).")] = None,
@@ -260,7 +209,9 @@ def fit(
         from .report import fit_tables
 
         run_dir = run_folder(run)
-        result, saved = fit_fresh(run_dir)
+        from .api import refit
+
+        result, saved = refit(run_dir, note)
         wrote = [run_dir / "fit.json"] if saved else []
         if plot and saved:  # a folder that took no fit.json takes no picture either
             from .plots import plot_fit
@@ -319,31 +270,14 @@ def transfer(
       LR=$(mua transfer --to full-ft --quiet)
     """
     with user_errors():
+        from .api import fit as fit_of
+        from .api import predict
         from .report import prediction_panel
-        from .theory import MAX_RANK, TRANSFER_REGIME
-        from .transfer import CHOICES, FULL_TARGET, predict_full, predict_rank
 
-        if basis not in CHOICES:
-            raise MuaError(f"unknown --basis {basis!r}; choose from {', '.join(CHOICES)}")
-        result = fit_of(run_folder(run))
-        target = to.strip().lower()
-        if target in (FULL_TARGET, "full"):
-            proxy = fit_of(run_folder(calibrate)) if calibrate is not None else None
-            pred = predict_full(result, heuristic=heuristic, basis=basis, calibration=proxy)
-        else:
-            if calibrate is not None:
-                raise MuaError("--calibrate applies to --to full-ft only")
-            try:
-                rank = int(target)
-            except ValueError:
-                raise MuaError(f"--to takes 'full-ft' or a positive rank, not {to!r}") from None
-            if not 1 <= rank <= MAX_RANK:
-                raise MuaError(f"--to takes a rank from 1 to {MAX_RANK}, not {rank}")
-            swept = sorted(result.regimes)
-            name = regime or (TRANSFER_REGIME if TRANSFER_REGIME in swept else next(iter(swept), None))
-            if name is None:
-                raise MuaError("the run has no LoRA trials to predict from")
-            pred = predict_rank(result, name, rank, basis=basis)
+        # fit.json where it is newer than the trials (fit wrote it), else a fresh fit
+        result = fit_of(run_folder(run), fresh=False, on_note=note)
+        proxy = fit_of(run_folder(calibrate), fresh=False, on_note=note) if calibrate is not None else None
+        pred = predict(result, to, regime, basis, proxy, heuristic)
         if json_out:
             typer.echo(json.dumps(pred.to_dict(), allow_nan=False))
         elif quiet:

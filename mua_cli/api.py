@@ -1,0 +1,102 @@
+"""mua's public API, for scripts, benchmarks and tests: sweep a recipe, fit a run, predict a learning rate.
+The `mua` command is a thin layer over these; everything else in mua_cli is internal and may move.
+
+    from mua_cli.api import load_recipe, run_sweep, fit, predict
+    run_sweep(load_recipe("tiny"), "runs/tiny")
+    print(predict(fit("runs/tiny"), "full-ft").lr)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+
+from .errors import MuaError
+from .execute import Execution
+from .fit import FitResult, fit_run
+from .recipe import Recipe, load_recipe
+from .store import DB_NAME, load_trials
+from .sweep import Listener, SweepSummary, run_sweep
+from .theory import MAX_RANK, TRANSFER_REGIME
+from .transfer import CHOICES, FULL_TARGET, Prediction, predict_full, predict_rank
+
+__all__ = [
+    "Execution", "FitResult", "Listener", "MuaError", "Prediction", "Recipe", "SweepSummary",
+    "fit", "fit_run", "load_recipe", "load_trials", "predict", "refit", "run_sweep",
+]  # fmt: skip
+
+
+def save_text(path: Path, text: str, on_note: Callable[[str], None] | None = None) -> bool:
+    """Writes `text` to `path` whole or not at all (a temporary file, then renamed). False, with a note, where
+    the folder takes no writes (read-only, full): what fit and transfer cache there is not needed to answer."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+        return True
+    except OSError as e:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if on_note:
+            on_note(f"{path.name} not saved: cannot write in {path.parent} ({e.strerror or e})")
+        return False
+
+
+def fit(run_dir: str | Path, fresh: bool = True, on_note: Callable[[str], None] | None = None) -> FitResult:
+    """The run's fit. `fresh`: fitted from the trials (and saved as fit.json where the folder takes writes);
+    else fit.json when it is newer than the trial store. A fit.json that cannot be read back (truncated,
+    hand-edited, another schema) is no reason to stop: the trials are the truth, so the run is fitted again."""
+    run_dir = Path(run_dir)
+    path, db = run_dir / "fit.json", run_dir / DB_NAME
+    if not fresh and path.is_file() and (not db.is_file() or path.stat().st_mtime >= db.stat().st_mtime):
+        try:
+            doc = json.loads(path.read_text())
+            if not isinstance(doc, dict):
+                raise MuaError("fit.json is not a JSON object")
+            return FitResult.from_dict(doc)
+        except (MuaError, ValueError, OSError):
+            pass
+    return refit(run_dir, on_note)[0]
+
+
+def refit(run_dir: str | Path, on_note: Callable[[str], None] | None = None) -> tuple[FitResult, bool]:
+    """A fresh fit of the run's trials, and whether it could be saved as fit.json (the store is only read)."""
+    run_dir = Path(run_dir)
+    trials = load_trials(run_dir)
+    result = fit_run(trials)
+    limit = trials.attrs.get("info", {}).get("max_lora_rank")
+    if limit:  # recorded by the sweep (older runs lack it): a target rank is checked against it
+        result.settings["max_lora_rank"] = int(limit)
+    return result, save_text(run_dir / "fit.json", json.dumps(result.to_dict(), indent=2, allow_nan=False), on_note)
+
+
+def predict(
+    result: FitResult,
+    to: str | int,
+    regime: str | None = None,
+    basis: str = "auto",
+    calibration: FitResult | None = None,
+    heuristic: bool = False,
+) -> Prediction:
+    """The learning rate for `to`: "full-ft" or a LoRA rank, in `regime` (default B:1 where it was swept).
+    `calibration`: a proxy run's fit whose measured full-finetuning offset replaces the study's."""
+    if basis not in CHOICES:
+        raise MuaError(f"unknown --basis {basis!r}; choose from {', '.join(CHOICES)}")
+    target = str(to).strip().lower()
+    if target in (FULL_TARGET, "full"):
+        return predict_full(result, heuristic=heuristic, basis=basis, calibration=calibration)
+    if calibration is not None:
+        raise MuaError("--calibrate applies to --to full-ft only")
+    try:
+        rank = int(target)
+    except ValueError:
+        raise MuaError(f"--to takes 'full-ft' or a positive rank, not {to!r}") from None
+    if not 1 <= rank <= MAX_RANK:
+        raise MuaError(f"--to takes a rank from 1 to {MAX_RANK}, not {rank}")
+    swept = sorted(result.regimes)
+    name = regime or (TRANSFER_REGIME if TRANSFER_REGIME in swept else next(iter(swept), None))
+    if name is None:
+        raise MuaError("the run has no LoRA trials to predict from")
+    return predict_rank(result, name, rank, basis=basis)
