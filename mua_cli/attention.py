@@ -3,9 +3,7 @@
 A causal LM's training batches are whole windows with no padding, so its mask is plain causal and SDPA's
 `is_causal=True` is exact. transformers skips building the mask in that case, except while a CUDA stream is
 capturing: in the captured step it builds an explicit [batch, 1, seq, seq] mask, and with an explicit mask
-SDPA cannot use flash attention. Measured on an H200 (transformers 5.17, 365M Llama-shaped, one LoRA trial;
-docs/performance.md): the graphed step ran memory-efficient attention, 15.9 ms per step, where the eager
-steps' flash attention took 5.5 ms.
+SDPA cannot use flash attention (docs/performance.md has the measurement).
 
 transformers' own extension point does it: an attention implementation registered under mua's name that is
 transformers' SDPA function itself, with no mask function registered, so that no mask is made

@@ -22,11 +22,9 @@ from .recipe import Recipe
 from .trial import TrialResult, TrialSpec
 
 SMALL, MEDIUM = 30e6, 300e6  # base parameters: the size classes below
-# Tokens in one batched step, from step times measured on an H200 with the step a CUDA graph and fused kernels
-# (docs/performance.md): at ~5M parameters 16 trials per pass cost 2.07 ms per trial-step against 4.19 alone;
-# at ~120M, 8 trials 16.6 against 19.4 (16: 3.5 % faster for twice the memory); at ~365M (measured before
-# the captured step kept flash attention), 8 trials were 11 % faster than one but took 62 GiB instead of 10,
-# so large models run one trial per pass.
+# Tokens in one batched step, by size class, from step times measured with the step a CUDA graph
+# (docs/performance.md): small models gain most from batching, ~120M models a little, large ones too little
+# for the memory it takes, so they run one trial per pass.
 TOKENS_PER_STEP = {"small": 1 << 17, "medium": 1 << 16, "large": 1 << 13}
 
 

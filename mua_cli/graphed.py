@@ -1,8 +1,7 @@
 """The training step as one CUDA graph: forward, backward, clip and optimizer replayed with one launch.
 
-Measured on an H200 (docs/performance.md): an eager LoRA step of a small model spends most of its time in the
-host launching thousands of small kernels (peft adds several per adapted layer): 37 ms per step at 5M
-parameters, 6.6 ms as a graph; at 365M, 130 against 85 ms. A captured step costs one launch. The step function
+An eager LoRA step of a small model spends most of its time in the host launching thousands of small kernels
+(peft adds several per adapted layer); a captured step costs one launch (docs/performance.md). The step function
 must read and write only tensors that live as long as the trial (static inputs, the model, the optimizer's
 state, its learning rates as device tensors) and hold no step-dependent Python values.
 
@@ -15,8 +14,7 @@ A sweep may capture from several threads, one or two per GPU (execute.py), so a 
 stream (torch's default capture stream is one per process, made on whichever GPU captured first) and forbids
 unsafe CUDA calls in its own thread only (`thread_local`). Captures, the eager warm-up steps before them (where
 a trial's kernels are first launched, and CUDA loads them) and emptying the allocator's cache each hold
-CAPTURE, one thread at a time: on a GPU shared by two threads a capture failed once in tests/test_gpu.py before
-this lock (and before a slot's start stopped synchronizing the whole device); three runs since passed.
+CAPTURE, one thread at a time (two threads sharing a GPU broke a capture without it).
 """
 
 from __future__ import annotations
@@ -43,7 +41,7 @@ class Step:
     """Calls `fn` once per training step: eagerly, or (on a GPU, when `graphs`) by replaying its capture.
     A step that cannot be captured (an op that syncs with the host, say) falls back to eager, with a note.
     `attention`: SDPA's kernels for the step (attention.step_kernels; cuDNN's only for mask-free attention: with
-    an explicit mask it gave NaN losses in 7 of 24 captured B:1 trials of the embedded default, H200, torch 2.11)."""
+    an explicit mask, captured, it gave NaN losses where eager steps finish; docs/performance.md)."""
 
     def __init__(self, fn: Callable[[], None], device: str, graphs: bool, on_note: Callable[[str], None] | None,
                  attention: list[SDPBackend] = GRAPH_SAFE):  # fmt: skip

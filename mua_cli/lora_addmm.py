@@ -11,9 +11,8 @@ gradients against peft's for serial and batched adapters.
 in one autograd function (lora_gpu.py's `LoraLinearFn`) that orders its GEMMs so the base's adds into the
 adapter's product, and adds the adapter's input gradient inside the base's backward GEMM instead of autograd
 adding two whole input gradients; siblings that read one input (GROUPS) run as one function (`GroupedLora`)
-with their A matrices concatenated; `precast_adapters` casts every adapter with one kernel per forward.
-Measured on an H200 (365M, one trial; docs/performance.md): the graphed step went 51.1 → 47.9 → 38.0 ms
-through these and the norm and attention changes documented there.
+with their A matrices concatenated; `precast_adapters` casts every adapter with one kernel per forward
+(what each step bought: docs/performance.md).
 
 Only plain LoRA layers take this path (peft's Linear with one active adapter, no dropout, no variant such as
 DoRA, not merged); anything else runs peft's own forward.

@@ -15,7 +15,7 @@ def precast_adapters(model: torch.nn.Module) -> int:
     """On a GPU, after fold_lora_adds(whole_layer=True): the adapters' fp32 weights are moved into one flat
     buffer (each parameter a view of it, the same objects) with a bf16 twin, copied from it by one kernel at
     the start of every forward of `model` (a pre-hook, so inside a captured step too). Why: casting each A and
-    B where it is used was 2 kernels per adapted layer, 336 per 365M step, each ~1.5 µs plus its launch gap.
+    B where it is used was 2 kernels per adapted layer, each with its launch gap.
     A group's A matrices (lora_addmm.GROUPS) sit next to each other, so their concatenation is a view too,
     and its layers get [W | B] matrices (_extended_weights) whose B columns the same pre-hook refreshes. A
     layer uses the casts only while its weights are unchanged since the copy (versions), else casts them
@@ -117,7 +117,7 @@ class LoraLinearFn(torch.autograd.Function):
     The order of the GEMMs is the point. Each of the adapter's whole-width products (its output, its input
     gradient) is written first, by a GEMM whose inner dimension is the rank, and the base's GEMM then adds
     into it (beta = 1): the base's GEMM is bound by arithmetic, so one more operand read in its epilogue costs
-    little (5 µs of 48 at 365M), whereas a rank-r GEMM adding into the base's output must read and write all
+    little, whereas a rank-r GEMM adding into the base's output must read and write all
     of it. The scaling rides on the two [tokens, rank] GEMMs (alpha), the adapter's gradients come out of
     their GEMMs in the adapter's dtype: no scale or cast kernels over whole tensors.
     """
@@ -204,8 +204,8 @@ class GroupedLora(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         gs = [gy.reshape(-1, gy.shape[-1]) for gy in gys]
         none = x2.new_empty(())
-        # each scaling · g B written whole and then concatenated: written into rows of one [Σ ranks, n] buffer
-        # instead, their GEMMs ran 12.8 µs against 7.0 (H200, 365M)
+        # each scaling · g B written whole and then concatenated: written into rows of one buffer instead, the
+        # GEMMs ran slower (strided output)
         gh = torch.cat([torch.addmm(none, g, b, beta=0, alpha=s) for g, b in zip(gs, b16, strict=True)], dim=1)
         gb = [_mm(g.t(), hs[:, c], b_dtype) for g, c in zip(gs, ctx.cols, strict=True)]
         ga = _mm(gh.t(), x2, a_dtype)
