@@ -332,8 +332,8 @@ class PoolExecutor:
 # for threads to share well: one worker process of one thread per core runs more trials per hour than one
 # process of every thread, and a process of two threads slows many times over when another program takes a
 # core (benchmarks/first_run.py). Worker processes cost their start, so only sweeps long enough get them.
-CPU_WORKER_START_S = 5.0  # a worker process's start on a 2-core CPU: Python, torch, transformers, peft, the model
-CPU_TOKEN_PARAMS_PER_S = 1e10  # one core's pace on such trials: tokens trained × base parameters, per second
+CPU_WORKER_START_S = 5.5  # CPU seconds of a worker process's start: Python, torch, transformers, peft, the model
+CPU_TOKEN_PARAMS_PER_S = 8e9  # one core's pace on the embedded default's trials: tokens trained × base parameters
 CPU_MAX_SLOTS = 4  # measured on 2 cores; more is a guess, and each slot holds its own process and model
 
 

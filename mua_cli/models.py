@@ -1,5 +1,5 @@
-"""Base models: the embedded default (a tiny byte-level Llama, pretrained once and cached) or a
-Hugging Face model by hub name or local folder."""
+"""Base models: the embedded default (a tiny byte-level Llama, pretrained once and cached, or shipped with the
+package for `recipes/tiny.yaml`) or a Hugging Face model by hub name or local folder."""
 
 from __future__ import annotations
 
@@ -69,10 +69,48 @@ def embedded_folder(recipe: Recipe) -> Path:
     return cache_dir() / f"embedded-{recipe.model.split(':', 1)[1]}-{embedded_key(recipe)}"
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent / "embedded"  # package data: pretrained weights (shipped_folder)
+
+
+def embedded_settings(recipe: Recipe) -> dict:
+    """What a recipe says of its embedded model: its shape, its pretraining and the window length; the name of
+    shipped weights. (`embedded_key`, the cache's, also hashes transformers' resolved config, which changes with
+    transformers' version.)"""
+    return {
+        "model": recipe.model,
+        "config": {**TINY_DEFAULTS, **recipe.model_config, "vocab_size": BYTE_VOCAB},
+        "pretrain": {**PRETRAIN_DEFAULTS, **recipe.pretrain},
+        "seq_len": recipe.seq_len,
+    }
+
+
+def shipped_name(recipe: Recipe) -> str:
+    blob = json.dumps(embedded_settings(recipe), sort_keys=True, default=str)
+    return f"{recipe.model.split(':', 1)[1]}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def shipped_folder(recipe: Recipe) -> Path | None:
+    """The pretrained weights shipped inside the package for exactly these settings (recipes/tiny.yaml's),
+    or None. The folder holds what `pretrain` made on the CPU (fp32, config.json and model.safetensors) and the
+    settings it was made from; `python benchmarks/ship_embedded.py` makes it again and checks it."""
+    folder = SHIPPED_DIR / shipped_name(recipe)
+    try:
+        settings = json.loads((folder / "settings.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = json.dumps(settings, sort_keys=True) == json.dumps(embedded_settings(recipe), sort_keys=True, default=str)
+    return folder if same and (folder / "model.safetensors").is_file() else None
+
+
 def load_embedded(recipe: Recipe, on_note=None) -> torch.nn.Module:
+    """The embedded model for this recipe: shipped with the package (recipes/tiny.yaml's settings: every machine
+    then starts from the same weights), else from the cache, else pretrained now (seconds to minutes on a CPU)
+    and cached."""
     name = recipe.model.split(":", 1)[1]
     if name != "tiny":
         raise MuaError(f"no embedded model {name!r}; the embedded model is 'embedded:tiny'")
+    if (shipped := shipped_folder(recipe)) is not None:
+        return LlamaForCausalLM.from_pretrained(shipped)
     folder = embedded_folder(recipe)
     if (folder / "config.json").is_file():
         return LlamaForCausalLM.from_pretrained(folder)

@@ -144,7 +144,7 @@ def run_sweep(
         listener.note(f"resuming: {summary.skipped} finished trial(s) found in {run_dir}, skipped")
     ex = dataclasses.replace(execution or Execution(), device=device)
     try:
-        runner = executor(recipe, ex, listener)  # torch and the model load only here, when trials run
+        runner = executor(recipe, ex, listener, len(pending))  # torch and the model load only here, when trials run
     except BaseException:
         if fresh and not store.keys():  # an empty folder would pass for the latest run with `mua fit`
             shutil.rmtree(run_dir, ignore_errors=True)
