@@ -22,7 +22,7 @@ run: install
 	$(BIN)/mua sweep
 	$(BIN)/mua fit
 	$(BIN)/mua transfer --to full-ft
-	$(BIN)/mua transfer --to 256
+	$(BIN)/mua transfer --to 128
 
 test: install
 	$(BIN)/python -m pytest -q
