@@ -16,7 +16,10 @@ import yaml
 from .errors import MuaError
 from .theory import FULL, parse_lrs, parse_ranks, parse_regimes
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# An installed wheel ships the recipes inside the package; a checkout (and an editable install) keeps them in
+# recipes/ beside it
+_PACKAGED = Path(__file__).resolve().parent / "recipes"
+RECIPES_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
 SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 DEFAULT_RECIPE = "tiny"
 

@@ -1,0 +1,56 @@
+"""A wheel built from this checkout carries everything a user needs without it: installed into a fresh
+environment (no editable install, no checkout on the path), `mua recipes` lists every recipe in recipes/ and the
+default recipe loads its shipped embedded model."""
+
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("wheel")
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp), str(ROOT)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if built.returncode != 0:
+        pytest.fail(built.stderr[-2000:])
+    (wheel,) = tmp.glob("mua_cli-*.whl")
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    where = "import site; print(site.getsitepackages()[0])"
+    site = Path(subprocess.check_output([str(venv / "bin" / "python"), "-c", where], text=True).strip())
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True)  # fmt: skip
+    # mua's dependencies from this environment, as a plain path: its .pth files (the editable install) stay unread
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return venv / "bin" / "python", tmp
+
+
+def _run(python, cwd, code):
+    return subprocess.run([str(python), "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_installed_wheel_lists_every_recipe(fresh):
+    python, cwd = fresh
+    res = _run(python, cwd, "import sys; from mua_cli.cli import main; sys.argv = ['mua', 'recipes']; main()")
+    assert res.returncode == 0, res.stderr[-2000:]
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        assert path.stem in res.stdout
+    where = _run(python, cwd, "import mua_cli; print(mua_cli.__file__)")
+    assert str(ROOT) not in where.stdout  # the wheel's copy ran, not this checkout
+
+
+def test_installed_wheel_has_the_default_model(fresh):
+    python, cwd = fresh
+    code = ("from mua_cli.recipe import load_recipe; from mua_cli.models import shipped_folder; "
+            "print(shipped_folder(load_recipe()))")  # fmt: skip
+    res = _run(python, cwd, code)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "mua_cli/embedded" in res.stdout and str(ROOT) not in res.stdout
