@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def fresh(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp), str(ROOT)],
         capture_output=True, text=True,
     )  # fmt: skip
     if built.returncode != 0:
