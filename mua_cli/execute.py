@@ -200,6 +200,7 @@ class PoolExecutor:
         else:
             first.on_note, first.on_step = self._own(devices[0]).note, self._stop_point
         self.runners = [first]  # in the order built, closed in reverse: fused.py's process-wide patches nest
+        self._shown = set(getattr(first, "notes", ()))  # what loading the workload said, said once
         self.k = trials_per_pass(ex, recipe, first.n_params)
         per = workers_per_gpu(ex, first.n_params)
         slots = [devices[i % len(devices)] for i in range(len(devices) * per)]
@@ -305,7 +306,8 @@ class PoolExecutor:
                 return message
             if message[0] == "error":  # it takes no units: the other slots run them
                 self.listener.note(f"{message[1]} could not load the workload: {message[2]}")
-            elif message[0] == "note":
+            elif message[0] == "note" and message[2] not in self._shown:  # not the first model's notes again
+                self._shown.add(message[2])
                 self.listener.note(f"{message[1]}: {message[2]}")
 
     def close(self, interrupted: bool = False) -> None:
@@ -408,12 +410,11 @@ def executor(recipe: Recipe, ex: Execution, listener, trials: int | None = None)
             raise MuaError("no CUDA GPU is visible")
         ex = dataclasses.replace(ex, device=devices[0]) if len(devices) == 1 else ex
     first = TrialRunner(recipe, devices[0], listener, ex.cuda_graphs, ex.fused_kernels)
-    on_gpu = devices[0].startswith("cuda")
-    if not on_gpu:
+    if not devices[0].startswith("cuda"):
         return _cpu_executor(recipe, ex, listener, first, trials)
-    if on_gpu:  # the memory plan, resolved here into explicit settings that every slot then follows
-        slots, k = planned(dataclasses.replace(ex, device=devices[0]), recipe, first)
-        ex = dataclasses.replace(ex, workers_per_gpu=slots, batch_trials=k)
-    if len(devices) == 1 and (workers_per_gpu(ex, first.n_params) if on_gpu else max(1, ex.workers_per_gpu)) == 1:
+    # the memory plan, resolved here into explicit settings that every slot then follows
+    slots, k = planned(dataclasses.replace(ex, device=devices[0]), recipe, first)
+    ex = dataclasses.replace(ex, workers_per_gpu=slots, batch_trials=k)
+    if len(devices) == 1 and slots == 1:
         return LocalExecutor(recipe, ex, listener, first)
     return PoolExecutor(recipe, ex, listener, devices, first)  # which closes `first` if it cannot start
