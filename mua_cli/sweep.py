@@ -232,7 +232,7 @@ def _extra_seeds(recipe, store, metrics, done, summary, listener) -> list[TrialS
 
     A flat or noisy curve is where another seed pays: the local fit's interval narrows with every point near
     the optimum, and nowhere else does a trial buy as much."""
-    from .fit import estimate  # the science's estimator, loaded only when a sweep refines
+    from .rank_optima import estimate  # the science's estimator, loaded only when a sweep refines
 
     df = frame(store)
     wanted = set(groups(recipe))

@@ -21,7 +21,8 @@ import numpy as np
 
 from . import calibration as cal
 from .errors import MuaError
-from .fit import Z95, FitResult, RegimeFit, b1_reference, fit_regime, jsonable
+from .fit import FitResult, RegimeFit, b1_reference, fit_regime
+from .rank_optima import Z95, jsonable
 from .theory import HEURISTIC_FACTOR, HEURISTIC_REGIME, TRANSFER_REGIME, get_regime, lr_label
 
 FULL_TARGET = "full-ft"

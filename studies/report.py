@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mua_cli import calibration as cal  # noqa: E402
-from mua_cli.fit import Z95, FitResult, fit_run  # noqa: E402
+from mua_cli.fit import FitResult, fit_run  # noqa: E402
+from mua_cli.rank_optima import Z95  # noqa: E402
 from mua_cli.theory import REGIMES  # noqa: E402
 
 RESULTS = REPO / "studies" / "results"

@@ -12,7 +12,8 @@ from synthetic import LOG2C, RECIPE, trials
 
 from mua_cli import calibration as cal
 from mua_cli.errors import MuaError
-from mua_cli.fit import FitResult, fit_full, fit_regime, fit_run, optimum
+from mua_cli.fit import FitResult, fit_regime, fit_run
+from mua_cli.rank_optima import fit_full, optimum
 
 
 @pytest.fixture(autouse=True)
