@@ -8,7 +8,7 @@ two-GPU sweep time these predict, all measured on one GPU (for when no machine o
    wall time, when its first trial started, and each unit's seconds (the wall times of its trials, summed).
 3. A slot's start on cuda:0, after a first model is loaded in the main thread (as the pool does): a TrialRunner
    built in a thread of this process (execute.PoolExecutor with CUDA graphs), and a worker process
-   (execute._worker, spawned) until it reports ready.
+   (execute.worker_main, spawned) until it reports ready.
 4. The prediction, by arithmetic on 2 and 3, not a measurement on two GPUs: the units in the pool's queue order,
    each to the first free slot; the first slot free when the one-GPU run's first trial started, the second
    that plus the thread's start (plus cuda_context_s) or the worker's; plus the one-GPU run's time after its
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpu_speed import best_lrs, recipe_for, seed_cache, timed_sweep  # noqa: E402
 
-from mua_cli.execute import Execution, _worker, trials_per_pass, units  # noqa: E402
+from mua_cli.execute import Execution, trials_per_pass, units, worker_main  # noqa: E402
 from mua_cli.runner import TrialRunner  # noqa: E402
 from mua_cli.sweep import plan  # noqa: E402
 
@@ -62,7 +62,7 @@ def slot_starts(recipe) -> dict:
     ctx = torch.multiprocessing.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
     t0 = time.perf_counter()
-    p = ctx.Process(target=_worker, args=(recipe, "cuda:0", True, True, tasks, results), daemon=True)
+    p = ctx.Process(target=worker_main, args=(recipe, "cuda:0", True, True, tasks, results), daemon=True)
     p.start()
     while (message := results.get(timeout=300))[0] not in ("ready", "error"):
         pass

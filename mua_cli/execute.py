@@ -144,7 +144,7 @@ def _serve(runner, tasks, results) -> None:
             results.put(("done", spec, result))
 
 
-def _worker(recipe: Recipe, device: str, graphs: bool, fused: bool, tasks, results) -> None:
+def worker_main(recipe: Recipe, device: str, graphs: bool, fused: bool, tasks, results) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
     try:
         from .runner import TrialRunner
@@ -209,10 +209,8 @@ class PoolExecutor:
         self.slots[0].runner = first
         try:
             for device in slots[len(self.slots) :]:
-                p = self.ctx.Process(
-                    target=_worker, args=(recipe, device, ex.cuda_graphs, ex.fused_kernels, self.tasks, self.results),
-                    daemon=True,
-                )  # fmt: skip
+                args = (recipe, device, ex.cuda_graphs, ex.fused_kernels, self.tasks, self.results)
+                p = self.ctx.Process(target=worker_main, args=args, daemon=True)
                 p.start()
                 self.procs.append(p)
         except BaseException:  # the workers started so far stop, and this process's model (and Liger's patches) go

@@ -71,7 +71,7 @@ def fuse(model: torch.nn.Module, device: str, on_note: Callable[[str], None] | N
         return _nothing
     _confine(saved)
     _quiet_optional_backends()
-    _frozen_norms(model)
+    frozen_norms(model)
     note(f"fused kernels (liger-kernel) for {model_type}: RMSNorm, rotary embedding, SwiGLU")
     return lambda: _restore(saved)
 
@@ -119,7 +119,7 @@ def _restore(saved: dict[str, dict]) -> None:
                 space[key] = value
 
 
-def _frozen_norms(model: torch.nn.Module) -> None:
+def frozen_norms(model: torch.nn.Module) -> None:
     """Liger's RMSNorm backward always computes the weight's gradient too (a reduction over every token); a
     frozen norm (LoRA) needs only the input's. torch's fused RMSNorm skips what is not asked for, and runs
     faster (`benchmarks/rms_norm.py`).

@@ -169,14 +169,14 @@ class Loaded:
     new_weights: list[str] = field(default_factory=list)
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
 
-def _local_or_hub(name_or_path: str, what: str) -> None:
+def local_or_hub(name_or_path: str, what: str) -> None:
     """A path-like name must exist here; anything else is a hub name (resolved from the local HF cache)."""
     p = Path(name_or_path).expanduser()
     if p.exists():
@@ -203,8 +203,8 @@ def load_hf(
 
     if task not in AUTO_CLASSES:
         raise MuaError(f"unknown task {task!r}; choose from {', '.join(AUTO_CLASSES)}")
-    _local_or_hub(name_or_path, "model")
-    _quiet_transformers()
+    local_or_hub(name_or_path, "model")
+    quiet_transformers()
     auto = getattr(transformers, AUTO_CLASSES[task])
     kwargs: dict = {"dtype": dtype}
     if task != "causal-lm":
@@ -243,11 +243,11 @@ def load_tokenizer(name_or_path: str):
     """The model's tokenizer (from its folder or hub name); a pad token is set where there is none."""
     from transformers import AutoTokenizer
 
-    _local_or_hub(name_or_path, "model")
+    local_or_hub(name_or_path, "model")
     folder = Path(name_or_path).expanduser()
     if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise MuaError(f"model folder {name_or_path} holds no tokenizer; save it beside the model (save_pretrained)")
-    _quiet_transformers()
+    quiet_transformers()
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -266,7 +266,7 @@ def load_image_processor(name_or_path: str):
     0.5 / 0.5 normalization are used)."""
     from transformers import AutoImageProcessor
 
-    _quiet_transformers()
+    quiet_transformers()
     try:
         return AutoImageProcessor.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError, TypeError):

@@ -48,7 +48,7 @@ def skeleton(recipe: Recipe):
     """The recipe's model with its layers' shapes and no weights, on the meta device."""
     import torch
 
-    from .models import AUTO_CLASSES, _local_or_hub, _quiet_transformers, embedded_config
+    from .models import AUTO_CLASSES, embedded_config, local_or_hub, quiet_transformers
 
     if recipe.model.startswith("embedded:"):
         from transformers import LlamaForCausalLM
@@ -57,8 +57,8 @@ def skeleton(recipe: Recipe):
             return LlamaForCausalLM(embedded_config(recipe))
     import transformers
 
-    _local_or_hub(recipe.model, "model")
-    _quiet_transformers()
+    local_or_hub(recipe.model, "model")
+    quiet_transformers()
     config = transformers.AutoConfig.from_pretrained(recipe.model)
     with torch.device("meta"):
         return getattr(transformers, AUTO_CLASSES[recipe.task]).from_config(config)

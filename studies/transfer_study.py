@@ -198,9 +198,9 @@ def check_minilm(folder: Path) -> list[str]:
     sentence-transformers saves the body without the `bert.` prefix; transformers maps that itself."""
     from transformers import AutoModelForSequenceClassification
 
-    from mua_cli.models import _quiet_transformers
+    from mua_cli.models import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     _, info = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=6, output_loading_info=True)
     new = sorted(info["missing_keys"])
     log(f"{folder}: new weights {new}; unexpected {sorted(info['unexpected_keys'])}")
@@ -435,12 +435,12 @@ def devices() -> list[str]:
 
 def run_workload(w: dict, args) -> float:
     from mua_cli.execute import Execution
-    from mua_cli.models import _quiet_transformers
+    from mua_cli.models import quiet_transformers
     from mua_cli.recipe import recipe_from_dict
     from mua_cli.runner import resolve_device
     from mua_cli.sweep import run_sweep
 
-    _quiet_transformers()  # no progress bars in a log that is read afterwards
+    quiet_transformers()  # no progress bars in a log that is read afterwards
     t0 = time.perf_counter()
     name = w["name"] + ("-smoke" if args.smoke else "")  # a smoke run never lands in a real run's folder
     # the path as given enters the trials' identity (mua hashes the model name): pass the same --models to resume

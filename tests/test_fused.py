@@ -119,13 +119,13 @@ def test_a_copied_norm_runs_on_its_own_weights():
     import copy
     import types
 
-    from mua_cli.fused import _frozen_norms
+    from mua_cli.fused import frozen_norms
 
     norm = torch.nn.Module()
     norm.weight, norm.offset = torch.nn.Parameter(torch.ones(3)), 0
     norm.forward = types.MethodType(lambda self, x: x * self.weight, norm)  # as Liger binds its forward
     norm._get_name = lambda: "LigerRMSNorm"
-    _frozen_norms(norm)
+    frozen_norms(norm)
     trial = copy.deepcopy(norm)
     with torch.no_grad():
         trial.weight.fill_(2.0)
