@@ -103,8 +103,8 @@ class StackedAdamW:
     clipping over every group. A stopped trial gets LR 0 and its gradients zeroed: it stays frozen."""
 
     def __init__(self, groups: list[list[torch.Tensor]], recipe: Recipe):
-        self.groups = [g for g in groups if g]
-        self.params = [p for g in self.groups for p in g]
+        self.groups = groups
+        self.params = [p for g in groups for p in g]
         self.b1, self.b2 = recipe.betas
         self.eps, self.wd, self.clip = recipe.eps, recipe.weight_decay, recipe.grad_clip
         self.m = [torch.zeros_like(p) for p in self.params]
@@ -210,7 +210,7 @@ def _train(specs, base, task, recipe, device, on_step, t0, graphs, on_note) -> l
         alive.logical_and_(torch.isfinite(loss_out) & (loss_out <= recipe.divergence_factor * start))
         # torch.where, not a product: a stopped trial's NaN × 0 would still be NaN
         torch.where(alive, loss, torch.zeros_like(loss)).sum().backward()
-        opt.step([lr * alive, head_lr * alive][: len(opt.groups)], alive)
+        opt.step([lr * alive, head_lr * alive], alive)
 
     step_fn = Step(one_step, device, graphs, on_note, step_kernels(model))
     losses = torch.full((recipe.steps, k), math.nan, device=device)

@@ -65,11 +65,9 @@ def workers_per_gpu(ex: Execution, n_params: int) -> int:
 
 
 def planned(ex: Execution, recipe: Recipe, runner) -> tuple[int, int]:
-    """Slots per GPU and trials per pass: what speed asks for (the two functions above), made smaller where the
-    memory estimate says it would not fit (memory.py). What the user set is taken as given."""
+    """On a GPU, slots per GPU and trials per pass: what speed asks for (the two functions above), made smaller
+    where the memory estimate says it would not fit (memory.py). What the user set is taken as given."""
     slots, k = workers_per_gpu(ex, runner.n_params), trials_per_pass(ex, recipe, runner.n_params)
-    if not ex.device.startswith("cuda"):
-        return slots, k
     from .memory import plan, usable_bytes
 
     lora = runner.memory(max(recipe.lora_ranks)) if recipe.lora_ranks else None
@@ -351,18 +349,13 @@ def cpu_slots(ex: Execution, recipe: Recipe, n_params: int, trials: int) -> int:
     return min(cores, CPU_MAX_SLOTS)
 
 
-def _cpu_executor(recipe: Recipe, ex: Execution, listener, first, trials: int | None):
+def _cpu_executor(recipe: Recipe, ex: Execution, listener, first, trials: int):
     """One slot: this process's main thread, with every thread torch has. More: this process and worker
     processes, the cores shared out among them as torch threads; this process's are given back on close."""
     import os
 
     import torch
 
-    if trials is None:  # the recipe's grid
-        from .theory import parse_lrs, parse_regimes
-
-        groups = len(parse_regimes(recipe.regimes)) * len(recipe.lora_ranks) + recipe.wants_full
-        trials = len(parse_lrs(recipe.lrs)) * groups * recipe.seeds
     slots = cpu_slots(ex, recipe, first.n_params, trials)
     if slots == 1:
         return LocalExecutor(recipe, ex, listener, first)
@@ -392,11 +385,11 @@ def _cpu_executor(recipe: Recipe, ex: Execution, listener, first, trials: int | 
     return pool
 
 
-def executor(recipe: Recipe, ex: Execution, listener, trials: int | None = None):
+def executor(recipe: Recipe, ex: Execution, listener, trials: int = 0):
     """Slots over every visible GPU (`cuda`), or several on one device (`--workers-per-gpu N`, or by the
-    model's size on a GPU, or on the CPU by its size and the `trials` to run: cpu_slots); this process's main
-    thread when one slot is all there is. The first model is loaded here, before that choice, which depends on
-    its size."""
+    model's size on a GPU, or on the CPU by its size and the `trials` to run, 0 if not known: cpu_slots); this
+    process's main thread when one slot is all there is. The first model is loaded here, before that choice,
+    which depends on its size."""
     from .runner import TrialRunner
 
     devices = [ex.device]

@@ -76,7 +76,7 @@ def estimate(base: torch.nn.Module, task, recipe: Recipe, rank: int | None) -> T
     else:
         modules = dict(base.named_modules())
         names = lora_target_names(base, recipe.targets, head)
-        trainable = head_params + sum(rank * (_fan(modules[n])[0] + _fan(modules[n])[1]) for n in names)
+        trainable = head_params + sum(rank * sum(_fan(modules[n])) for n in names)
     seq = tokens_per_example(task, base, recipe)
     tokens = recipe.batch_size * seq
     # Saved for the backward, per token and layer, in bf16: the attention block's inputs, q/k/v and output
