@@ -34,9 +34,9 @@ def test_a_large_vocabulary_shrinks_the_pass():
     """The case that lost a rank: vocabulary 49k, 16 × 256 tokens, rank 64, two slots on a 139 GiB GPU. Speed
     alone asked for 16 trials per pass; the plan keeps two slots' passes within the GPU."""
     mem = estimate(_model(49152), LM, RECIPE, 64)
-    assert mem.parts["logits"] > mem.parts["weights and optimizer"]
+    assert min(mem.parts["logits"], mem.parts["activations"]) > mem.parts["weights and optimizer"]
     p = plan(mem, None, H200, want_slots=2, want_k=16)
-    assert p.slots == 2 and 1 < p.k < 16
+    assert p.slots == 2 and 1 < p.k < 11  # 11 trials per pass ran out of memory on that GPU
     assert p.slots * (mem.base + mem.unit(p.k)) <= H200
     assert "up to" in p.reason
     small = plan(estimate(_model(256), LM, RECIPE, 64), None, H200, 2, 16)  # a byte vocabulary: no logits cost
