@@ -37,13 +37,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mua_cli.adapters import head_modules, param_groups, prepare  # noqa: E402
-from mua_cli.execute import Execution  # noqa: E402
-from mua_cli.recipe import Recipe  # noqa: E402
-from mua_cli.store import load_trials  # noqa: E402
-from mua_cli.sweep import Listener, plan, run_sweep  # noqa: E402
-from mua_cli.tasks import load_workload  # noqa: E402
-from mua_cli.train import lr_lambda  # noqa: E402
+from mua_cli.spec.recipe import Recipe  # noqa: E402
+from mua_cli.sweep.execute import Execution  # noqa: E402
+from mua_cli.sweep.run import Listener, plan, run_sweep  # noqa: E402
+from mua_cli.sweep.store import load_trials  # noqa: E402
+from mua_cli.train.adapters import head_modules, param_groups, prepare  # noqa: E402
+from mua_cli.train.loop import lr_lambda  # noqa: E402
+from mua_cli.train.tasks import load_workload  # noqa: E402
 
 WORDS = ("river stone north market winter garden letter window silver harbor candle forest morning "
          "engine paper valley mirror castle thunder meadow").split()  # fmt: skip

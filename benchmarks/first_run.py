@@ -57,9 +57,9 @@ def load_avg() -> float:
 
 
 def trials_in_process(repeats: int) -> dict:
-    from mua_cli.recipe import load_recipe
-    from mua_cli.runner import TrialRunner
-    from mua_cli.sweep import make_spec
+    from mua_cli.spec.recipe import load_recipe
+    from mua_cli.sweep.run import make_spec
+    from mua_cli.sweep.runner import TrialRunner
 
     recipe = load_recipe("tiny")
     runner = TrialRunner(recipe, "cpu")
@@ -89,9 +89,9 @@ def trials_in_process(repeats: int) -> dict:
 
 
 def profile_trial() -> dict:
-    from mua_cli.recipe import load_recipe
-    from mua_cli.runner import TrialRunner
-    from mua_cli.sweep import make_spec
+    from mua_cli.spec.recipe import load_recipe
+    from mua_cli.sweep.run import make_spec
+    from mua_cli.sweep.runner import TrialRunner
 
     torch.set_num_threads(1)
     recipe = load_recipe("tiny")
@@ -110,13 +110,13 @@ def profile_trial() -> dict:
         return sum(ct for (f, _, n), (_, _, _, ct, _) in stats.items() if n == name and file_part in f)
 
     parts = {
-        "forward (loss)": cum("mua_cli/tasks.py", "loss"),
+        "forward (loss)": cum("mua_cli/train/tasks.py", "loss"),
         "backward": cum("torch/_tensor.py", "backward"),
         "AdamW step": cum("torch/optim/adam.py", "step"),
         "gradient clipping": cum("torch/nn/utils/clip_grad.py", "clip_grad_norm_"),
-        "evaluation": cum("mua_cli/train.py", "evaluate_task"),
-        "adapters made (peft)": cum("mua_cli/adapters.py", "prepare"),
-        "batches (windows)": cum("mua_cli/data.py", "windows"),
+        "evaluation": cum("mua_cli/train/loop.py", "evaluate_task"),
+        "adapters made (peft)": cum("mua_cli/train/adapters.py", "prepare"),
+        "batches (windows)": cum("mua_cli/train/data.py", "windows"),
         "loss readback (tolist)": sum(ct for (_, _, n), (_, _, _, ct, _) in stats.items() if "'tolist'" in n),
     }  # fmt: skip
     return {"trial_s_under_cprofile": total, "shares": {k: round(v / total, 3) for k, v in parts.items()}}
@@ -128,9 +128,9 @@ POOL_RECIPE = {"ranks": "4,64", "regimes": "A:r,B:1", "lrs": "2^-8:2^-6", "refin
 def pool_child(workers: int, out_dir: str) -> None:
     """In a fresh process: 12 trials of the tiny recipe through run_sweep with `workers` slots on the CPU."""
     w0, c0 = time.perf_counter(), cpu_seconds()
-    from mua_cli.execute import Execution
-    from mua_cli.recipe import load_recipe
-    from mua_cli.sweep import run_sweep
+    from mua_cli.spec.recipe import load_recipe
+    from mua_cli.sweep.execute import Execution
+    from mua_cli.sweep.run import run_sweep
 
     recipe = load_recipe("tiny", **POOL_RECIPE)
     summary = run_sweep(recipe, Path(out_dir), "cpu", execution=Execution("cpu", workers_per_gpu=workers))
@@ -165,7 +165,7 @@ def pool(repeats: int) -> dict:
 
 def start_costs(pretrain_too: bool) -> dict:
     out = {}
-    code = "import torch; from mua_cli.recipe import load_recipe; from mua_cli.runner import TrialRunner; " \
+    code = "import torch; from mua_cli.spec.recipe import load_recipe; from mua_cli.sweep.runner import TrialRunner; " \
            "TrialRunner(load_recipe('tiny'), 'cpu')"  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     rows = []
@@ -175,9 +175,9 @@ def start_costs(pretrain_too: bool) -> dict:
         rows.append({"wall_s": time.perf_counter() - w0, "cpu_s": cpu_seconds() - c0})
     out["worker_start"] = {"rows": rows, "cpu_s": min(r["cpu_s"] for r in rows)}
 
-    from mua_cli.data import load_text_data
-    from mua_cli.models import PRETRAIN_DEFAULTS, embedded_config, load_embedded, pretrain, shipped_folder
-    from mua_cli.recipe import load_recipe
+    from mua_cli.spec.recipe import load_recipe
+    from mua_cli.train.data import load_text_data
+    from mua_cli.train.models import PRETRAIN_DEFAULTS, embedded_config, load_embedded, pretrain, shipped_folder
 
     recipe = load_recipe("tiny")
     out["shipped"] = str(shipped_folder(recipe))

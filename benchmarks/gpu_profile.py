@@ -19,11 +19,11 @@ from collections import defaultdict
 import torch
 from gpu_speed import gemm_seconds, recipe_for, seed_cache
 
-from mua_cli.batched import run_batched
-from mua_cli.fused import fuse
-from mua_cli.sweep import make_spec
-from mua_cli.tasks import load_workload
-from mua_cli.train import run_trial
+from mua_cli.accel.fused import fuse
+from mua_cli.sweep.run import make_spec
+from mua_cli.train.batched import run_batched
+from mua_cli.train.loop import run_trial
+from mua_cli.train.tasks import load_workload
 
 KINDS = [  # the first pattern a kernel's name matches names its kind (flash kernels' names contain "cutlass")
     ("attention", r"flash|fmha|attention|sdpa"),

@@ -43,15 +43,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mua_cli.adapters import prepare  # noqa: E402
-from mua_cli.execute import Execution  # noqa: E402
-from mua_cli.fused import fuse  # noqa: E402
-from mua_cli.models import embedded_config, embedded_folder  # noqa: E402
-from mua_cli.recipe import Recipe  # noqa: E402
-from mua_cli.store import load_trials  # noqa: E402
-from mua_cli.sweep import Listener, make_spec, plan, run_sweep  # noqa: E402
-from mua_cli.tasks import load_workload  # noqa: E402
-from mua_cli.train import lr_lambda, run_trial  # noqa: E402
+from mua_cli.accel.fused import fuse  # noqa: E402
+from mua_cli.spec.recipe import Recipe  # noqa: E402
+from mua_cli.sweep.execute import Execution  # noqa: E402
+from mua_cli.sweep.run import Listener, make_spec, plan, run_sweep  # noqa: E402
+from mua_cli.sweep.store import load_trials  # noqa: E402
+from mua_cli.train.adapters import prepare  # noqa: E402
+from mua_cli.train.loop import lr_lambda, run_trial  # noqa: E402
+from mua_cli.train.models import embedded_config, embedded_folder  # noqa: E402
+from mua_cli.train.tasks import load_workload  # noqa: E402
 
 DATASHEET_BF16 = 989e12
 # Llama-shaped, byte vocabulary. Widths are multiples of 256, as in real models: a bf16 GEMM of width 3500 (the
@@ -148,7 +148,7 @@ def step_times(name: str, steps: int) -> dict:
     """In one process: ms per trial-step of the plain loop, of mua's serial trial and of K batched trials:
     graphed with Liger's kernels (K = 1…16), graphed without them (K = 1, 16), eager with them (K = 1, 16).
     Timed from the 10th step on: warm-up and capture excluded."""
-    from mua_cli.batched import run_batched
+    from mua_cli.train.batched import run_batched
 
     recipe = recipe_for(name, steps)
     seed_cache(recipe)
@@ -206,7 +206,7 @@ def step_times(name: str, steps: int) -> dict:
 
 def compiled_trial(spec, base, task, recipe, clock):
     """mua's trial with its model torch.compile'd (elementwise kernels fused) inside the CUDA graph."""
-    import mua_cli.train as train
+    import mua_cli.train.loop as train
 
     prepare_ = train.prepare
     train.prepare = lambda *a, **kw: torch.compile(prepare_(*a, **kw))
@@ -362,9 +362,9 @@ def step_floor(recipe: Recipe, base, rank: int) -> dict:
     of a group that read one input (lora_addmm.GROUPS) share one A side, with their A matrices concatenated,
     and their forward is one GEMM by [W | B] whose K is the group's summed ranks longer; per layer, attention
     forward and backward with the kernels mua's mask-free attention tries first (cuDNN's)."""
-    from mua_cli.adapters import lora_target_names
-    from mua_cli.attention import GPU_ORDER
-    from mua_cli.lora_addmm import GROUPS
+    from mua_cli.accel.attention import GPU_ORDER
+    from mua_cli.accel.lora_addmm import GROUPS
+    from mua_cli.train.adapters import lora_target_names
 
     t = recipe.batch_size * recipe.seq_len
     adapted = set(lora_target_names(base, recipe.targets))

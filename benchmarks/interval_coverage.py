@@ -17,8 +17,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from synthetic import trials  # noqa: E402
 
-from mua_cli import calibration as cal  # noqa: E402
-from mua_cli.fit import fit_run  # noqa: E402
+from mua_cli.science import calibration as cal  # noqa: E402
+from mua_cli.science.fit import fit_run  # noqa: E402
 
 SETTINGS = {
     "noise 0.01, symmetric": dict(noise=0.01),

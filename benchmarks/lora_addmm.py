@@ -1,4 +1,4 @@
-"""LoRA's scale-and-add folded into its second matmul (mua_cli/lora_addmm.py) against peft's own forward: ms
+"""LoRA's scale-and-add folded into its second matmul (mua_cli/accel/lora_addmm.py) against peft's own forward: ms
 per training step (forward, backward, AdamW) of LoRA trials, both ways, in the same run, on this machine's
 device, and the ratio.
 
@@ -30,12 +30,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mua_cli.adapters import prepare  # noqa: E402
-from mua_cli.batched import build  # noqa: E402
-from mua_cli.lora_addmm import fold_lora_adds  # noqa: E402
-from mua_cli.lora_gpu import precast_adapters  # noqa: E402
-from mua_cli.recipe import Recipe  # noqa: E402
-from mua_cli.sweep import make_spec  # noqa: E402
+from mua_cli.accel.lora_addmm import fold_lora_adds  # noqa: E402
+from mua_cli.accel.lora_gpu import precast_adapters  # noqa: E402
+from mua_cli.spec.recipe import Recipe  # noqa: E402
+from mua_cli.sweep.run import make_spec  # noqa: E402
+from mua_cli.train.adapters import prepare  # noqa: E402
+from mua_cli.train.batched import build  # noqa: E402
 
 SHAPES = {  # name: (hidden, intermediate, layers, heads, batch, seq)
     "tiny": (128, 344, 2, 4, 8, 64),

@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpu_speed import best_lrs, recipe_for, seed_cache, timed_sweep  # noqa: E402
 
-from mua_cli.execute import Execution, trials_per_pass, units, worker_main  # noqa: E402
-from mua_cli.runner import TrialRunner  # noqa: E402
-from mua_cli.sweep import plan  # noqa: E402
+from mua_cli.sweep.execute import Execution, trials_per_pass, units, worker_main  # noqa: E402
+from mua_cli.sweep.run import plan  # noqa: E402
+from mua_cli.sweep.runner import TrialRunner  # noqa: E402
 
 
 def cuda_context_s() -> float:

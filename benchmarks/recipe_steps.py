@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mua_cli.data import Records, TokenData  # noqa: E402
-from mua_cli.recipe import load_recipe  # noqa: E402
-from mua_cli.tasks import ImageClsTask, LMTask, TextClsTask  # noqa: E402
-from mua_cli.train import run_trial  # noqa: E402
-from mua_cli.trial import TrialSpec  # noqa: E402
+from mua_cli.spec.recipe import load_recipe  # noqa: E402
+from mua_cli.spec.trial import TrialSpec  # noqa: E402
+from mua_cli.train.data import Records, TokenData  # noqa: E402
+from mua_cli.train.loop import run_trial  # noqa: E402
+from mua_cli.train.tasks import ImageClsTask, LMTask, TextClsTask  # noqa: E402
 
 
 def qwen_0_5b():
@@ -131,7 +131,7 @@ def measure(name: str, steps: int) -> list[dict]:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    n_trials = (2 * 3 + 1) * len(__import__("mua_cli.theory", fromlist=["x"]).parse_lrs(recipe.lrs))
+    n_trials = (2 * 3 + 1) * len(__import__("mua_cli.science.theory", fromlist=["x"]).parse_lrs(recipe.lrs))
     mean_ms = sum(r["ms_per_step"] for r in rows) / len(rows)
     rows.append({"recipe": name, "trial": "sweep estimate", "model_build_s": round(build_s, 1),
                  "trials": n_trials, "steps": load_recipe(name).steps,

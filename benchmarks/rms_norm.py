@@ -4,7 +4,7 @@ the 365M workload's shapes, in the same run; with each one's error against an fp
 
     python benchmarks/rms_norm.py [--out benchmarks/rms_norm_gpu.json]
 
-Why: mua_cli/fused.py runs torch's kernel for frozen norms, Liger's otherwise.
+Why: mua_cli/accel/fused.py runs torch's kernel for frozen norms, Liger's otherwise.
 """
 
 from __future__ import annotations

@@ -23,8 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mua_cli.data import load_text_data  # noqa: E402
-from mua_cli.models import (  # noqa: E402
+from mua_cli.spec.recipe import load_recipe  # noqa: E402
+from mua_cli.train.data import load_text_data  # noqa: E402
+from mua_cli.train.models import (  # noqa: E402
     PRETRAIN_DEFAULTS,
     SHIPPED_DIR,
     embedded_config,
@@ -32,7 +33,6 @@ from mua_cli.models import (  # noqa: E402
     pretrain,
     shipped_name,
 )
-from mua_cli.recipe import load_recipe  # noqa: E402
 
 
 def main() -> int:

@@ -14,13 +14,13 @@ from contextlib import suppress
 from pathlib import Path
 
 from .errors import MuaError
-from .execute import Execution
-from .fit import FitResult, fit_run
-from .recipe import Recipe, load_recipe
-from .store import DB_NAME, load_trials
-from .sweep import Listener, SweepSummary, run_sweep
-from .theory import MAX_RANK, TRANSFER_REGIME
-from .transfer import CHOICES, FULL_TARGET, Prediction, predict_full, predict_rank
+from .science.fit import FitResult, fit_run
+from .science.theory import MAX_RANK, TRANSFER_REGIME
+from .science.transfer import CHOICES, FULL_TARGET, Prediction, predict_full, predict_rank
+from .spec.recipe import Recipe, load_recipe
+from .sweep.execute import Execution
+from .sweep.run import Listener, SweepSummary, run_sweep
+from .sweep.store import DB_NAME, load_trials
 
 __all__ = [
     "Execution", "FitResult", "Listener", "MuaError", "Prediction", "Recipe", "SweepSummary",

@@ -8,7 +8,7 @@ others measured:
   a proxy calibration (`--calibrate`) where the study has a proxy, and B:1's line extrapolated to rank = width;
 - rank 256 from ranks 4–64: the shrunk slope (prior width learned on the other workloads), the measured
   slope alone, and μA's slope.
-It prints the calibration constants (mua_cli/calibration.py) the whole study supports, writes each workload's
+It prints the calibration constants (mua_cli/science/calibration.py) the whole study supports, writes each workload's
 fit.json beside its trials, and renders the tables (docs/validation_tables.md) and plots of docs/validation.md.
 No GPU: `python studies/report.py` re-renders everything from the kept files.
 """
@@ -29,10 +29,10 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mua_cli import calibration as cal  # noqa: E402
-from mua_cli.fit import FitResult, fit_run  # noqa: E402
-from mua_cli.rank_optima import Z95  # noqa: E402
-from mua_cli.theory import REGIMES  # noqa: E402
+from mua_cli.science import calibration as cal  # noqa: E402
+from mua_cli.science.fit import FitResult, fit_run  # noqa: E402
+from mua_cli.science.rank_optima import Z95  # noqa: E402
+from mua_cli.science.theory import REGIMES  # noqa: E402
 
 RESULTS = REPO / "studies" / "results"
 SOURCE_RANKS = (4, 16, 64)
@@ -140,7 +140,7 @@ def offsets(workloads: list[Workload]) -> dict[str, float]:
 
 
 def constants(workloads: list[Workload]) -> dict:
-    """The values of mua_cli/calibration.py that these workloads support."""
+    """The values of mua_cli/science/calibration.py that these workloads support."""
     offs = list(offsets(workloads).values())
     return {
         "SLOPE_PRIOR_SD": round(slope_prior(workloads), 3),
@@ -365,7 +365,7 @@ def main() -> None:
     scored = score(workloads)
     consts = constants(workloads)
     parts = [
-        "## Calibration constants the whole study supports (mua_cli/calibration.py)\n",
+        "## Calibration constants the whole study supports (mua_cli/science/calibration.py)\n",
         "```\n" + "\n".join(f"{k} = {v}" for k, v in consts.items()) + "\n```\n",
         "## Full finetuning, leave-one-workload-out (B:1 ranks 4–64 → measured full-ft η*)\n",
         md(summary(scored["full"])),

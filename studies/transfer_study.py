@@ -89,7 +89,7 @@ def dialogue(play: str) -> str:
 def build_plays(path: Path) -> dict[str, int]:
     """plays.jsonl: passages of ~400 characters of dialogue labelled by play, deterministic, at most 1.5× the
     smallest play's count per play (balanced-ish), in a fixed shuffled order."""
-    from mua_cli.data import CORPORA_DIR, EMBEDDED_CORPORA
+    from mua_cli.train.data import CORPORA_DIR, EMBEDDED_CORPORA
 
     with gzip.open(CORPORA_DIR / EMBEDDED_CORPORA["shakespeare"], "rt", encoding="utf-8") as f:
         text = f.read()
@@ -198,7 +198,7 @@ def check_minilm(folder: Path) -> list[str]:
     sentence-transformers saves the body without the `bert.` prefix; transformers maps that itself."""
     from transformers import AutoModelForSequenceClassification
 
-    from mua_cli.models import quiet_transformers
+    from mua_cli.train.models import quiet_transformers
 
     quiet_transformers()
     _, info = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=6, output_loading_info=True)
@@ -326,8 +326,8 @@ def pretrain_embedded(recipe, device: str) -> dict:
     import torch
     from transformers import LlamaForCausalLM
 
-    from mua_cli.data import load_text_data
-    from mua_cli.models import PRETRAIN_DEFAULTS, embedded_config, embedded_folder, lm_loss
+    from mua_cli.train.data import load_text_data
+    from mua_cli.train.models import PRETRAIN_DEFAULTS, embedded_config, embedded_folder, lm_loss
 
     folder = embedded_folder(recipe)
     if not (folder / "config.json").is_file():
@@ -364,7 +364,7 @@ def model_facts(recipe, device: str) -> dict:
     """Width, parameter count and (for a pretrained model) which weights loading had to initialize."""
     import torch
 
-    from mua_cli.models import embedded_config, hidden_size, load_hf
+    from mua_cli.train.models import embedded_config, hidden_size, load_hf
 
     if recipe.model.startswith("embedded:"):
         from transformers import LlamaForCausalLM
@@ -376,7 +376,7 @@ def model_facts(recipe, device: str) -> dict:
                 "pretrain": pretrain}  # fmt: skip
     labels = None
     if recipe.task != "causal-lm":
-        from mua_cli.data import open_source, record_labels
+        from mua_cli.train.data import open_source, record_labels
 
         labels = record_labels(open_source(recipe.data).records, recipe.label_field)[1]
     loaded = load_hf(recipe.model, recipe.task, labels=labels)  # as mua loads it (tasks.load_workload)
@@ -391,7 +391,7 @@ def export(run_dir: Path, out: Path, recipe, sweeps: list[dict], meta: dict) -> 
     """RESULTS/NAME: trials.csv (one row per trial, loss curves reduced to first/last), recipe.yaml, meta.json."""
     import pandas as pd
 
-    from mua_cli.store import load_trials
+    from mua_cli.sweep.store import load_trials
 
     df = load_trials(run_dir)
     curves = df["loss_curve"] if "loss_curve" in df else pd.Series([[]] * len(df))
@@ -434,11 +434,11 @@ def devices() -> list[str]:
 
 
 def run_workload(w: dict, args) -> float:
-    from mua_cli.execute import Execution
-    from mua_cli.models import quiet_transformers
-    from mua_cli.recipe import recipe_from_dict
-    from mua_cli.runner import resolve_device
-    from mua_cli.sweep import run_sweep
+    from mua_cli.spec.recipe import recipe_from_dict
+    from mua_cli.sweep.execute import Execution
+    from mua_cli.sweep.run import run_sweep
+    from mua_cli.sweep.runner import resolve_device
+    from mua_cli.train.models import quiet_transformers
 
     quiet_transformers()  # no progress bars in a log that is read afterwards
     t0 = time.perf_counter()

@@ -12,7 +12,15 @@ import transformers.utils.import_utils as import_utils
 from torch.nn.attention import SDPBackend
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from mua_cli.attention import GPU_ORDER, GRAPH_SAFE, NAME, drop_causal_mask, kernels, maskless_reason, step_kernels
+from mua_cli.accel.attention import (
+    GPU_ORDER,
+    GRAPH_SAFE,
+    NAME,
+    drop_causal_mask,
+    kernels,
+    maskless_reason,
+    step_kernels,
+)
 
 SEQ = 12
 

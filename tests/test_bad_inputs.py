@@ -25,9 +25,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from typer.testing import CliRunner
 
-from mua_cli.cli import app
 from mua_cli.errors import MuaError
-from mua_cli.store import DB_NAME, TrialStore
+from mua_cli.sweep.store import DB_NAME, TrialStore
+from mua_cli.ui.cli import app
 
 runner = CliRunner()
 SWEEP = ("--ranks", "2,8,full", "--regimes", "B:1", "--device", "cpu", "--quiet")
@@ -355,8 +355,8 @@ def test_fit_on_a_full_disk_answers_and_keeps_the_old_fit(run_copy, monkeypatch)
 
 
 def test_the_embedded_default_takes_ranks_up_to_its_width():
-    from mua_cli.recipe import load_recipe
-    from mua_cli.shapes import rank_limit
+    from mua_cli.spec.recipe import load_recipe
+    from mua_cli.train.shapes import rank_limit
 
     assert rank_limit(load_recipe("tiny")) == 128  # hidden size 128: q/k/v/o 128×128, MLP 128×344
     with pytest.raises(MuaError, match=r"rank 1000 is larger than the model's adapted layers allow: at most 128"):
@@ -367,8 +367,8 @@ def test_a_hugging_face_model_s_limit_comes_from_its_config_alone(tmp_path):
     """GPT-2's Conv1D layers (fan-in nx, fan-out nf); only config.json is on disk, no weights."""
     from transformers import GPT2Config
 
-    from mua_cli.recipe import Recipe
-    from mua_cli.shapes import rank_limit
+    from mua_cli.spec.recipe import Recipe
+    from mua_cli.train.shapes import rank_limit
 
     GPT2Config(vocab_size=300, n_embd=48, n_layer=1, n_head=2, n_positions=64).save_pretrained(tmp_path / "gpt2")
     recipe = Recipe(name="t", model=str(tmp_path / "gpt2"), ranks="4,48", regimes="A:r")
@@ -381,7 +381,7 @@ def test_a_sweep_rank_above_the_layers_fails_before_any_trial(swept, tmp_path, m
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded to run trials")
 
-    monkeypatch.setattr("mua_cli.sweep.executor", no_model)
+    monkeypatch.setattr("mua_cli.sweep.run.executor", no_model)
     run = tmp_path / "run"
     res = mua("sweep", "--recipe", swept.recipe, "--ranks", "2,64", "--out", run, "--device", "cpu")
     one_line_error(res, "rank 64 is larger than the model's adapted layers allow: at most 32", "lower --ranks")

@@ -8,14 +8,14 @@ import math
 
 import pytest
 
-from mua_cli.batched import run_batched
-from mua_cli.execute import Execution, units
-from mua_cli.recipe import load_recipe
-from mua_cli.runner import TrialRunner
-from mua_cli.store import load_trials
-from mua_cli.sweep import make_spec, run_sweep
-from mua_cli.theory import parse_lrs
-from mua_cli.train import run_trial
+from mua_cli.science.theory import parse_lrs
+from mua_cli.spec.recipe import load_recipe
+from mua_cli.sweep.execute import Execution, units
+from mua_cli.sweep.run import make_spec, run_sweep
+from mua_cli.sweep.runner import TrialRunner
+from mua_cli.sweep.store import load_trials
+from mua_cli.train.batched import run_batched
+from mua_cli.train.loop import run_trial
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_sweeps_agree_batched_pooled_and_serial(micro, tmp_path):
 
 
 def test_execution_defaults_follow_the_measured_rules(micro):
-    from mua_cli.execute import trials_per_pass, workers_per_gpu
+    from mua_cli.sweep.execute import trials_per_pass, workers_per_gpu
 
     gpu = Execution("cuda")
     assert trials_per_pass(gpu, micro, 365e6) == 16  # 128 tokens per trial: even a large model takes 16
@@ -117,7 +117,7 @@ class FakeRunner:
     def run_unit(self, unit):
         import time
 
-        from mua_cli.trial import TrialResult
+        from mua_cli.spec.trial import TrialResult
 
         time.sleep(0.05)  # so that every slot gets a turn
         self.ran.append(unit)
@@ -127,7 +127,7 @@ class FakeRunner:
         self.closed.append(self)
 
     def memory(self, rank):
-        from mua_cli.memory import TrialMemory
+        from mua_cli.sweep.memory import TrialMemory
 
         return TrialMemory(base=2**20, fixed=2**20, per_trial=2**20, parts={"activations": 2**20})
 
@@ -139,11 +139,11 @@ def fake_gpus(monkeypatch):
 
     import torch
 
-    import mua_cli.runner as runner_module
+    import mua_cli.sweep.runner as runner_module
 
     FakeRunner.made, FakeRunner.closed, FakeRunner.broken = [], [], set()
     monkeypatch.setattr(runner_module, "TrialRunner", FakeRunner)
-    monkeypatch.setattr("mua_cli.memory.usable_bytes", lambda device: 80 * 2**30)  # every plan fits
+    monkeypatch.setattr("mua_cli.sweep.memory.usable_bytes", lambda device: 80 * 2**30)  # every plan fits
     calls = SimpleNamespace(device=[], stream=[], synced=[])
     monkeypatch.setattr(torch.cuda, "set_device", calls.device.append)
     monkeypatch.setattr(
@@ -159,8 +159,8 @@ def test_graphed_pool_runs_one_thread_per_gpu(micro, fake_gpus):
     takes no units, and the models are closed in the reverse of the order they were made."""
     from types import SimpleNamespace
 
-    from mua_cli.execute import PoolExecutor
-    from mua_cli.sweep import plan
+    from mua_cli.sweep.execute import PoolExecutor
+    from mua_cli.sweep.run import plan
 
     FakeRunner.broken = {"cuda:2"}
     notes: list[str] = []
@@ -182,8 +182,8 @@ def test_graphed_pool_runs_one_thread_per_gpu(micro, fake_gpus):
 def test_slots_that_share_a_gpu_step_on_their_own_streams(micro, fake_gpus):
     from types import SimpleNamespace
 
-    from mua_cli.execute import PoolExecutor
-    from mua_cli.sweep import plan
+    from mua_cli.sweep.execute import PoolExecutor
+    from mua_cli.sweep.run import plan
 
     pool = PoolExecutor(micro, Execution("cuda", workers_per_gpu=2), SimpleNamespace(note=print), ["cuda:0"])
     assert len(pool.slots) == 2 and pool.procs == []
@@ -195,8 +195,8 @@ def test_slots_that_share_a_gpu_step_on_their_own_streams(micro, fake_gpus):
 def test_a_slot_that_fails_stops_the_sweep_with_its_error(micro, fake_gpus, monkeypatch):
     from types import SimpleNamespace
 
-    from mua_cli.execute import PoolExecutor
-    from mua_cli.sweep import plan
+    from mua_cli.sweep.execute import PoolExecutor
+    from mua_cli.sweep.run import plan
 
     def broken(self, unit):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -218,8 +218,8 @@ def test_eager_pool_runs_units_in_this_process_too(micro, fake_gpus, monkeypatch
 
     import torch
 
-    from mua_cli.execute import PoolExecutor
-    from mua_cli.sweep import plan
+    from mua_cli.sweep.execute import PoolExecutor
+    from mua_cli.sweep.run import plan
 
     started: list[str] = []
 
@@ -274,7 +274,7 @@ def test_executor_picks_the_slots_by_gpus_and_model_size(micro, fake_gpus, monke
 
     import torch
 
-    from mua_cli.execute import LocalExecutor, PoolExecutor, executor
+    from mua_cli.sweep.execute import LocalExecutor, PoolExecutor, executor
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(FakeRunner, "n_params", n_params)

@@ -10,11 +10,11 @@ import pytest
 import tiny_hf as T
 import torch
 
-from mua_cli.batched import NotBatchable, run_batched
-from mua_cli.recipe import load_recipe
-from mua_cli.runner import TrialRunner
-from mua_cli.sweep import make_spec
-from mua_cli.train import run_trial
+from mua_cli.spec.recipe import load_recipe
+from mua_cli.sweep.run import make_spec
+from mua_cli.sweep.runner import TrialRunner
+from mua_cli.train.batched import NotBatchable, run_batched
+from mua_cli.train.loop import run_trial
 
 KINDS = {
     "bert": (T.bert, lambda p: T.cls_csv(p / "d.csv"), {"task": "seq-cls", "label_field": "sentiment"}),

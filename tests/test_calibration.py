@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mua_cli import calibration as cal
+from mua_cli.science import calibration as cal
 
 REPORT = Path(__file__).resolve().parent.parent / "studies" / "report.py"
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from mua_cli.cli import app
+from mua_cli.ui.cli import app
 
 runner = CliRunner()
 
@@ -263,7 +263,7 @@ def test_unreadable_recipes_runs_and_ranks_are_one_line(tmp_path, micro_recipe_p
 
 def test_a_bare_fit_skips_an_empty_newest_run(swept_run, tmp_path, monkeypatch):
     """A sweep killed before its first trial leaves an empty store; `mua fit` takes the newest run with trials."""
-    from mua_cli.store import TrialStore
+    from mua_cli.sweep.store import TrialStore
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()

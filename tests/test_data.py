@@ -6,7 +6,8 @@ import pytest
 import tiny_hf as T
 import torch
 
-from mua_cli.data import (
+from mua_cli.errors import MuaError
+from mua_cli.train.data import (
     load_lm_data,
     load_text_data,
     open_source,
@@ -14,7 +15,6 @@ from mua_cli.data import (
     record_texts,
     split_indices,
 )
-from mua_cli.errors import MuaError
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ import yaml
 from conftest import TINY_TEST_RECIPE
 from safetensors.torch import load_file
 
-from mua_cli import models
-from mua_cli.execute import Execution, cpu_slots
-from mua_cli.recipe import load_recipe
-from mua_cli.store import load_trials
-from mua_cli.sweep import plan, run_sweep
+from mua_cli.spec.recipe import load_recipe
+from mua_cli.sweep.execute import Execution, cpu_slots
+from mua_cli.sweep.run import plan, run_sweep
+from mua_cli.sweep.store import load_trials
+from mua_cli.train import models
 
 ROOT = Path(__file__).resolve().parent.parent
 

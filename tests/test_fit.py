@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from synthetic import LOG2C, RECIPE, trials
 
-from mua_cli import calibration as cal
 from mua_cli.errors import MuaError
-from mua_cli.fit import FitResult, fit_regime, fit_run
-from mua_cli.rank_optima import fit_full, optimum
+from mua_cli.science import calibration as cal
+from mua_cli.science.fit import FitResult, fit_regime, fit_run
+from mua_cli.science.rank_optima import fit_full, optimum
 
 
 @pytest.fixture(autouse=True)
@@ -241,7 +241,7 @@ def test_line_widens_with_the_distance_of_the_extrapolation():
 def test_fit_table_counts_failed_and_diverged_apart():
     from rich.console import Console
 
-    from mua_cli.report import fit_tables
+    from mua_cli.ui.report import fit_tables
 
     base = trials({"A:r": 0.0}, ranks=(4, 16), seeds=(0,), noise=0.002)
     extra = base.iloc[:2].copy()

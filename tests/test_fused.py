@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama import modeling_llama
 
-from mua_cli.fused import fuse
+from mua_cli.accel.fused import fuse
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ def test_a_copied_norm_runs_on_its_own_weights():
     import copy
     import types
 
-    from mua_cli.fused import frozen_norms
+    from mua_cli.accel.fused import frozen_norms
 
     norm = torch.nn.Module()
     norm.weight, norm.offset = torch.nn.Parameter(torch.ones(3)), 0

@@ -8,11 +8,11 @@ import dataclasses
 import pytest
 import torch
 
-from mua_cli.execute import Execution
-from mua_cli.recipe import Recipe
-from mua_cli.runner import TrialRunner
-from mua_cli.store import load_trials
-from mua_cli.sweep import Listener, make_spec, run_sweep
+from mua_cli.spec.recipe import Recipe
+from mua_cli.sweep.execute import Execution
+from mua_cli.sweep.run import Listener, make_spec, run_sweep
+from mua_cli.sweep.runner import TrialRunner
+from mua_cli.sweep.store import load_trials
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -12,12 +12,12 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mua_cli.adapters import prepare
-from mua_cli.batched import build
-from mua_cli.lora_addmm import fold_lora_adds
-from mua_cli.lora_gpu import GroupedLora, LoraLinearFn, precast_adapters
-from mua_cli.recipe import Recipe
-from mua_cli.sweep import make_spec
+from mua_cli.accel.lora_addmm import fold_lora_adds
+from mua_cli.accel.lora_gpu import GroupedLora, LoraLinearFn, precast_adapters
+from mua_cli.spec.recipe import Recipe
+from mua_cli.sweep.run import make_spec
+from mua_cli.train.adapters import prepare
+from mua_cli.train.batched import build
 
 CFG = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2)
 
@@ -156,10 +156,10 @@ def test_a_bf16_base_without_autocast_runs_peft():
 def test_trials_train_through_the_folded_layers(micro_recipe_path, monkeypatch):
     """The serial and the batched trial paths fold their adapters: with peft's own forward forbidden, LoRA
     trials still train."""
-    from mua_cli.batched import run_batched
-    from mua_cli.recipe import load_recipe
-    from mua_cli.runner import TrialRunner
-    from mua_cli.train import run_trial
+    from mua_cli.spec.recipe import load_recipe
+    from mua_cli.sweep.runner import TrialRunner
+    from mua_cli.train.batched import run_batched
+    from mua_cli.train.loop import run_trial
 
     micro = load_recipe(str(micro_recipe_path))
     runner = TrialRunner(micro, "cpu")

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mua_cli.memory import GIB, estimate, plan
-from mua_cli.recipe import Recipe
-from mua_cli.runner import GpuShare, TrialRunner
-from mua_cli.trial import TrialResult, TrialSpec
+from mua_cli.spec.recipe import Recipe
+from mua_cli.spec.trial import TrialResult, TrialSpec
+from mua_cli.sweep.memory import GIB, estimate, plan
+from mua_cli.sweep.runner import GpuShare, TrialRunner
 
 LM = SimpleNamespace(kind="causal-lm")
 
@@ -72,7 +72,7 @@ class _OomRunner(TrialRunner):
         return [TrialResult("ok", s.lr, device=self.device) for s in unit]
 
     def memory(self, rank):
-        from mua_cli.memory import TrialMemory
+        from mua_cli.sweep.memory import TrialMemory
 
         return TrialMemory(GIB, GIB, 30 * GIB, {"weights and optimizer": GIB, "activations": 29 * GIB})
 
@@ -101,7 +101,7 @@ def test_a_single_trial_gets_eager_steps_then_the_gpu_alone(monkeypatch):
 
 def test_a_trial_that_never_fits_is_failed_with_what_would(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 0)
-    monkeypatch.setattr("mua_cli.memory.usable_bytes", lambda device: 16 * GIB)
+    monkeypatch.setattr("mua_cli.sweep.memory.usable_bytes", lambda device: 16 * GIB)
     runner = _OomRunner(lambda unit, graphs, alone: False)
     got = runner.run_unit(_specs(2))
     assert [r.status for r in got] == ["failed", "failed"]
@@ -142,10 +142,10 @@ def test_alone_waits_for_running_units_and_holds_new_ones():
 def test_dropout_keeps_one_slot_per_gpu(monkeypatch):
     """Dropout's random draws advance the GPU's one generator, which a capture in another thread owns: a model
     with dropout gets one slot per GPU (and still its batched passes)."""
-    from mua_cli.execute import Execution, planned
-    from mua_cli.memory import TrialMemory
+    from mua_cli.sweep.execute import Execution, planned
+    from mua_cli.sweep.memory import TrialMemory
 
-    monkeypatch.setattr("mua_cli.memory.usable_bytes", lambda device: 80 * GIB)
+    monkeypatch.setattr("mua_cli.sweep.memory.usable_bytes", lambda device: 80 * GIB)
     notes = []
     small = TrialMemory(GIB // 8, GIB // 8, GIB // 8, {"activations": GIB // 8})
     runner = SimpleNamespace(n_params=5e6, device="cuda:0", on_note=notes.append, has_dropout=True,

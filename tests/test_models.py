@@ -8,11 +8,11 @@ import tiny_hf as T
 import torch
 from peft.tuners.lora import LoraLayer
 
-from mua_cli.adapters import head_modules, lora_target_names, param_groups, prepare, trainable_parameters
 from mua_cli.errors import MuaError
-from mua_cli.models import hidden_size, load_hf, load_tokenizer
-from mua_cli.recipe import recipe_from_dict
-from mua_cli.tasks import load_workload
+from mua_cli.spec.recipe import recipe_from_dict
+from mua_cli.train.adapters import head_modules, lora_target_names, param_groups, prepare, trainable_parameters
+from mua_cli.train.models import hidden_size, load_hf, load_tokenizer
+from mua_cli.train.tasks import load_workload
 
 
 @pytest.fixture(scope="module")

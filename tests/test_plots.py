@@ -7,8 +7,8 @@ import warnings
 
 import pandas as pd
 
-from mua_cli.fit import fit_run
-from mua_cli.plots import plot_fit
+from mua_cli.science.fit import fit_run
+from mua_cli.ui.plots import plot_fit
 
 RECIPE = {"model": "embedded:tiny", "alpha0": 1.0, "steps": 100}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from mua_cli.cli import app
+from mua_cli.ui.cli import app
 
 RECORD = Path(__file__).parent / "data" / "regression_embedded.json"
 SLOPE_TOL = 0.15  # on the fitted slope of log2 η* against log2 r, per regime

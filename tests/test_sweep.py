@@ -5,9 +5,9 @@ import math
 import pytest
 
 from mua_cli.errors import MuaError
-from mua_cli.recipe import load_recipe
-from mua_cli.store import TrialStore, load_trials
-from mua_cli.sweep import Listener, extension, plan, run_sweep
+from mua_cli.spec.recipe import load_recipe
+from mua_cli.sweep.run import Listener, extension, plan, run_sweep
+from mua_cli.sweep.store import TrialStore, load_trials
 
 
 class Interrupt(Listener):
@@ -104,7 +104,7 @@ def test_interrupted_pooled_sweep_stops_its_own_slot_and_resumes(micro_recipe_pa
     trial) stops that thread at its next step check, stores nothing half-done, and the sweep resumes."""
     import threading
 
-    from mua_cli.execute import Execution
+    from mua_cli.sweep.execute import Execution
 
     class CtrlC(Listener):
         def __init__(self):
@@ -129,7 +129,7 @@ def test_interrupted_pooled_sweep_stops_its_own_slot_and_resumes(micro_recipe_pa
 
 
 def test_refinement_adds_half_octave_points_around_an_interior_optimum():
-    from mua_cli.sweep import refinement
+    from mua_cli.sweep.run import refinement
 
     grid = {2.0**-10: [3.0], 2.0**-9: [2.5], 2.0**-8: [2.2], 2.0**-7: [2.6], 2.0**-6: [float("inf")]}
     assert sorted(refinement(grid)) == pytest.approx([2.0**-8.5, 2.0**-7.5])
@@ -152,9 +152,9 @@ def test_sweep_refines_once_the_grid_settles(micro_recipe_path, tmp_path):
 
 
 def test_failed_trials_are_retried_on_the_next_sweep_and_kept_with_no_retry(micro_recipe_path, tmp_path, monkeypatch):
-    from mua_cli import train
-    from mua_cli.execute import Execution
-    from mua_cli.report import sweep_table
+    from mua_cli.sweep.execute import Execution
+    from mua_cli.train import loop as train
+    from mua_cli.ui.report import sweep_table
 
     real = train._train
     broken = {2.0**-7}
@@ -194,9 +194,9 @@ def test_refinement_adds_a_seed_only_where_the_optimum_is_poorly_located(micro_r
     """A fake trainer gives A:r a sharp loss curve and B:1 a flat, noisy one: only B:1 gets another seed."""
     import numpy as np
 
-    from mua_cli import train
-    from mua_cli.execute import Execution
-    from mua_cli.trial import TrialResult
+    from mua_cli.spec.trial import TrialResult
+    from mua_cli.sweep.execute import Execution
+    from mua_cli.train import loop as train
 
     def synthetic(spec, *args, **kwargs):
         x = math.log2(spec.lr) + 7

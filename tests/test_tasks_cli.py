@@ -9,9 +9,9 @@ import tiny_hf as T
 import yaml
 from typer.testing import CliRunner
 
-from mua_cli.cli import app
-from mua_cli.recipe import RECIPES_DIR, list_recipes, load_recipe
-from mua_cli.store import load_trials
+from mua_cli.spec.recipe import RECIPES_DIR, list_recipes, load_recipe
+from mua_cli.sweep.store import load_trials
+from mua_cli.ui.cli import app
 
 runner = CliRunner()
 

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from mua_cli.errors import MuaError
-from mua_cli.theory import REGIMES, get_regime, parse_lrs, parse_ranks, parse_regimes
+from mua_cli.science.theory import REGIMES, get_regime, parse_lrs, parse_ranks, parse_regimes
 
 
 @pytest.mark.parametrize(

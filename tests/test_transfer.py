@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from synthetic import LOG2C, RECIPE, trials, truth
 
-from mua_cli import calibration as cal
 from mua_cli.errors import MuaError
-from mua_cli.fit import FitResult, fit_run
-from mua_cli.transfer import CAVEAT, predict_full, predict_rank
+from mua_cli.science import calibration as cal
+from mua_cli.science.fit import FitResult, fit_run
+from mua_cli.science.transfer import CAVEAT, predict_full, predict_rank
 
 
 @pytest.fixture(autouse=True)
@@ -180,7 +180,7 @@ def test_predictions_survive_the_fit_json_round_trip():
 
 @pytest.mark.parametrize("task", ["causal-lm", "seq-cls"])
 def test_settings_carry_task_dtype_targets_per_layer_lr_and_head_lr(task):
-    from mua_cli.report import prediction_panel
+    from mua_cli.ui.report import prediction_panel
 
     rec = {**RECIPE, "task": task, "dtype": "bfloat16", "targets": ["q_proj", "v_proj"], "per_layer_lr": True,
            "head_lr": 0.002}  # fmt: skip

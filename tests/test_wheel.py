@@ -39,7 +39,7 @@ def _run(python, cwd, code):
 
 def test_installed_wheel_lists_every_recipe(fresh):
     python, cwd = fresh
-    res = _run(python, cwd, "import sys; from mua_cli.cli import main; sys.argv = ['mua', 'recipes']; main()")
+    res = _run(python, cwd, "import sys; from mua_cli.ui.cli import main; sys.argv = ['mua', 'recipes']; main()")
     assert res.returncode == 0, res.stderr[-2000:]
     for path in sorted((ROOT / "recipes").glob("*.yaml")):
         assert path.stem in res.stdout
@@ -49,7 +49,7 @@ def test_installed_wheel_lists_every_recipe(fresh):
 
 def test_installed_wheel_has_the_default_model(fresh):
     python, cwd = fresh
-    code = ("from mua_cli.recipe import load_recipe; from mua_cli.models import shipped_folder; "
+    code = ("from mua_cli.spec.recipe import load_recipe; from mua_cli.train.models import shipped_folder; "
             "print(shipped_folder(load_recipe()))")  # fmt: skip
     res = _run(python, cwd, code)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -10,9 +10,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from . import calibration as cal
-from .optimum import seed_adjusted
-from .theory import FULL, lr_label, theory_rows
+from ..science import calibration as cal
+from ..science.optimum import seed_adjusted
+from ..science.theory import FULL, lr_label, theory_rows
 
 
 def theory_table() -> Table:

@@ -16,15 +16,15 @@ from contextlib import contextmanager
 
 import torch
 
-from .batched import NotBatchable, run_batched
-from .errors import MuaError
-from .fused import fuse
-from .graphed import empty_cache
-from .recipe import Recipe
-from .tasks import load_workload
-from .theory import FULL
-from .train import run_trial
-from .trial import TrialResult, TrialSpec
+from ..accel.fused import fuse
+from ..accel.graphed import empty_cache
+from ..errors import MuaError
+from ..science.theory import FULL
+from ..spec.recipe import Recipe
+from ..spec.trial import TrialResult, TrialSpec
+from ..train.batched import NotBatchable, run_batched
+from ..train.loop import run_trial
+from ..train.tasks import load_workload
 
 
 def resolve_device(device: str) -> str:

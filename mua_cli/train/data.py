@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import MuaError
+from ..errors import MuaError
 
-CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
+CORPORA_DIR = Path(__file__).resolve().parent.parent / "corpora"
 EMBEDDED_CORPORA = {
     "shakespeare": "shakespeare_plays.txt.gz",  # corpus A: pretraining the embedded default
     "britannica": "britannica_1911.txt.gz",  # corpus B: finetuning

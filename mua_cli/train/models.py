@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ..errors import MuaError
+from ..spec.recipe import Recipe
 from .data import BYTE_VOCAB, TokenData, load_text_data
-from .errors import MuaError
-from .recipe import Recipe
 
 TINY_DEFAULTS = dict(
     hidden_size=64,
@@ -69,7 +69,7 @@ def embedded_folder(recipe: Recipe) -> Path:
     return cache_dir() / f"embedded-{recipe.model.split(':', 1)[1]}-{embedded_key(recipe)}"
 
 
-SHIPPED_DIR = Path(__file__).resolve().parent / "embedded"  # package data: pretrained weights (shipped_folder)
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "embedded"  # package data: pretrained weights (shipped_folder)
 
 
 def embedded_settings(recipe: Recipe) -> dict:

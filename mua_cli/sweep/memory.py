@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import head_modules, lora_target_names
-from .recipe import Recipe
+from ..spec.recipe import Recipe
+from ..train.adapters import head_modules, lora_target_names
 
 GIB = 2**30
 HEADROOM = 0.9  # of the GPU's memory (or of a per-process cap): the CUDA context, kernels' workspaces, fragmentation

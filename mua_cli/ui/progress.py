@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .sweep import Listener
-from .trial import TrialResult, TrialSpec
+from ..spec.trial import TrialResult, TrialSpec
+from ..sweep.run import Listener
 
 
 class RichListener(Listener):

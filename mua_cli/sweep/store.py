@@ -27,9 +27,9 @@ import sqlalchemy
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from .errors import MuaError
-from .theory import FULL, MAX_RANK, REGIMES
-from .trial import TrialResult, TrialSpec
+from ..errors import MuaError
+from ..science.theory import FULL, MAX_RANK, REGIMES
+from ..spec.trial import TrialResult, TrialSpec
 
 STUDY = "mua"
 DB_NAME = "trials.db"

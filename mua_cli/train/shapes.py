@@ -9,8 +9,8 @@ called, not when a sweep module is imported.
 
 from __future__ import annotations
 
-from .errors import MuaError
-from .recipe import Recipe
+from ..errors import MuaError
+from ..spec.recipe import Recipe
 
 
 def rank_limit(recipe: Recipe) -> int | None:

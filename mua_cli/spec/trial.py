@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .theory import FULL, get_regime, lr_label
+from ..science.theory import FULL, get_regime, lr_label
 
 
 @dataclass(frozen=True)

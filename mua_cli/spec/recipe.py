@@ -13,13 +13,13 @@ from pathlib import Path
 
 import yaml
 
-from .errors import MuaError
-from .theory import FULL, parse_lrs, parse_ranks, parse_regimes
+from ..errors import MuaError
+from ..science.theory import FULL, parse_lrs, parse_ranks, parse_regimes
 
 # An installed wheel ships the recipes inside the package; a checkout (and an editable install) keeps them in
 # recipes/ beside it
-_PACKAGED = Path(__file__).resolve().parent / "recipes"
-RECIPES_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
+_PACKAGED = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[2] / "recipes"
 SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 DEFAULT_RECIPE = "tiny"
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import MuaError
 from . import calibration as cal
-from .errors import MuaError
 from .fit import FitResult, RegimeFit, b1_reference, fit_regime
 from .rank_optima import Z95, jsonable
 from .theory import HEURISTIC_FACTOR, HEURISTIC_REGIME, TRANSFER_REGIME, get_regime, lr_label

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .errors import MuaError
+from ..errors import MuaError
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -60,7 +60,7 @@ def user_errors():
 def latest_run() -> Path:
     """The newest run folder under runs/ whose store holds a trial (a sweep killed before its first trial
     leaves an empty one behind, which is no answer to `mua fit`)."""
-    from .store import TrialStore
+    from ..sweep.store import TrialStore
 
     runs = sorted(RUNS_DIR.glob("*/trials.db"), key=lambda p: p.stat().st_mtime) if RUNS_DIR.is_dir() else []
     for db in reversed(runs):
@@ -137,12 +137,12 @@ def sweep(
       mua sweep --recipe roberta-base-sst2 --ranks 4,16,full --per-layer-lr
     """
     with user_errors():
-        from .execute import Execution
-        from .recipe import load_recipe
+        from ..spec.recipe import load_recipe
+        from ..sweep.execute import Execution
+        from ..sweep.run import run_sweep
+        from ..sweep.runner import resolve_device
+        from ..sweep.store import load_trials
         from .report import sweep_table
-        from .runner import resolve_device
-        from .store import load_trials
-        from .sweep import run_sweep
 
         r = load_recipe(
             recipe,
@@ -209,7 +209,7 @@ def fit(
         from .report import fit_tables
 
         run_dir = run_folder(run)
-        from .api import refit
+        from ..api import refit
 
         result, saved = refit(run_dir, note)
         wrote = [run_dir / "fit.json"] if saved else []
@@ -270,8 +270,8 @@ def transfer(
       LR=$(mua transfer --to full-ft --quiet)
     """
     with user_errors():
-        from .api import fit as fit_of
-        from .api import predict
+        from ..api import fit as fit_of
+        from ..api import predict
         from .report import prediction_panel
 
         # fit.json where it is newer than the trials (fit wrote it), else a fresh fit
@@ -297,7 +297,7 @@ def theory():
 @app.command()
 def recipes():
     """List the recipes in recipes/."""
-    from .recipe import list_recipes
+    from ..spec.recipe import list_recipes
     from .report import recipes_table
 
     Console().print(recipes_table(list_recipes()))

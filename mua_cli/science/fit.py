@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..errors import MuaError
 from . import calibration as cal
-from .errors import MuaError
 from .rank_optima import Z95, RankOptimum, clean_trials, estimate, jsonable
 from .theory import FULL, REGIMES, TRANSFER_REGIME, get_regime
 

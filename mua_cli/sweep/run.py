@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .errors import MuaError
+from ..errors import MuaError
+from ..science.optimum import seed_adjusted
+from ..science.theory import FULL, lr_label, parse_lrs, parse_regimes
+from ..spec.recipe import Recipe
+from ..spec.trial import TrialResult, TrialSpec
+from ..train.shapes import rank_limit
 from .execute import Execution, executor
-from .optimum import seed_adjusted
-from .recipe import Recipe
-from .shapes import rank_limit
 from .store import TrialStore, frame
-from .theory import FULL, lr_label, parse_lrs, parse_regimes
-from .trial import TrialResult, TrialSpec
 
 GROW_FACTOR = 2.0  # grids are powers of 2; an extension adds the next power beyond the edge
 
@@ -232,7 +232,7 @@ def _extra_seeds(recipe, store, metrics, done, summary, listener) -> list[TrialS
 
     A flat or noisy curve is where another seed pays: the local fit's interval narrows with every point near
     the optimum, and nowhere else does a trial buy as much."""
-    from .rank_optima import estimate  # the science's estimator, loaded only when a sweep refines
+    from ..science.rank_optima import estimate  # the science's estimator, loaded only when a sweep refines
 
     df = frame(store)
     wanted = set(groups(recipe))

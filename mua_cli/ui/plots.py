@@ -11,8 +11,8 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .fit import FitResult  # noqa: E402
-from .rank_optima import RankOptimum  # noqa: E402
+from ..science.fit import FitResult  # noqa: E402
+from ..science.rank_optima import RankOptimum  # noqa: E402
 
 
 def _legend(ax) -> None:

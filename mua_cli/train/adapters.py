@@ -13,8 +13,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from .errors import MuaError
-from .theory import FULL, Regime, get_regime
+from ..errors import MuaError
+from ..science.theory import FULL, Regime, get_regime
 
 ALL_LINEAR = "all-linear"
 

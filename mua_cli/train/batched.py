@@ -20,14 +20,14 @@ import torch
 from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 
+from ..accel.attention import model_kernels, step_kernels
+from ..accel.graphed import Step
+from ..science.theory import FULL
+from ..spec.recipe import Recipe
+from ..spec.trial import TrialResult, TrialSpec
 from .adapters import head_modules, prepare
-from .attention import model_kernels, step_kernels
-from .graphed import Step
-from .recipe import Recipe
+from .loop import CHECK_EVERY, clone_batch, copy_batch, fast_forward, finish, lr_lambda, set_eval
 from .tasks import as_task
-from .theory import FULL
-from .train import CHECK_EVERY, clone_batch, copy_batch, fast_forward, finish, lr_lambda, set_eval
-from .trial import TrialResult, TrialSpec
 
 
 class StackedLinear(torch.nn.Module):

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-from .errors import MuaError
-from .recipe import Recipe
-from .trial import TrialResult, TrialSpec
+from ..errors import MuaError
+from ..spec.recipe import Recipe
+from ..spec.trial import TrialResult, TrialSpec
 
 SMALL, MEDIUM = 30e6, 300e6  # base parameters: the size classes below
 # Tokens in one batched step, by size class, from step times measured with the step a CUDA graph
@@ -86,7 +86,7 @@ def planned(ex: Execution, recipe: Recipe, runner) -> tuple[int, int]:
 def units(pending: list[TrialSpec], recipe: Recipe, k: int) -> list[list[TrialSpec]]:
     """Trials of one (regime, rank, seed) in groups of at most k, by LR; the rest one by one. Balanced groups:
     8 trials with k=6 make two groups of 4, not 6 and 2."""
-    from .batched import can_batch
+    from ..train.batched import can_batch
 
     out: list[list[TrialSpec]] = []
     by_group: dict[tuple, list[TrialSpec]] = defaultdict(list)

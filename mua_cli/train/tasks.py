@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import MuaError
+from ..spec.recipe import Recipe
 from .data import (
     Records,
     TokenData,
@@ -26,9 +28,7 @@ from .data import (
     split_indices,
     text_fields,
 )
-from .errors import MuaError
 from .models import hidden_size, lm_loss, load_base, load_hf, load_image_processor, load_tokenizer
-from .recipe import Recipe
 
 EVAL_MAX_BATCHES = 16  # classification: held-out examples evaluated per trial, in batches
 PAD_MULTIPLE = 16  # text batches are padded to a multiple of this: few distinct shapes for the GPU's kernels

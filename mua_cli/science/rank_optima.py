@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..errors import MuaError
 from . import optimum as opt
-from .errors import MuaError
 from .theory import FULL, lr_label
 
 Z95 = 1.959963984540054

@@ -10,16 +10,16 @@ from collections.abc import Callable
 
 import torch
 
+from ..accel.attention import drop_causal_mask, model_kernels, step_kernels
+from ..accel.graphed import Step, set_lrs
+from ..accel.lora_addmm import fold_lora_adds
+from ..accel.lora_gpu import precast_adapters
+from ..spec.recipe import Recipe
+from ..spec.trial import TrialResult, TrialSpec
 from .adapters import head_modules, param_groups, prepare, skip_input_casts
-from .attention import drop_causal_mask, model_kernels, step_kernels
 from .data import TokenData
-from .graphed import Step, set_lrs
-from .lora_addmm import fold_lora_adds
-from .lora_gpu import precast_adapters
 from .models import hidden_size, lm_loss
-from .recipe import Recipe
 from .tasks import as_task
-from .trial import TrialResult, TrialSpec
 
 CHECK_EVERY = 10  # on a GPU, losses are read (and divergence checked) every this many steps
 

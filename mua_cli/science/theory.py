@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import MuaError
+from ..errors import MuaError
 
 FULL = "full"  # the trial kind for full finetuning; also the `--to full-ft` target
 MAX_RANK = 1 << 24  # past any layer's width; the trial store's rank range
