@@ -13,7 +13,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mua_cli.accel.lora_addmm import fold_lora_adds
-from mua_cli.accel.lora_gpu import GroupedLora, LoraLinearFn, precast_adapters
+from mua_cli.accel.lora_gpu import GroupedLora, LoraLinearFn, precast_adapters, state_of
 from mua_cli.spec.recipe import Recipe
 from mua_cli.sweep.run import make_spec
 from mua_cli.train.adapters import prepare
@@ -77,10 +77,10 @@ def assert_folded_matches_peft(model, x, autocast: bool, whole_layer: bool, monk
         assert precast_adapters(folded) == 14
         adapters = [p for n, p in folded.named_parameters() if "lora_" in n]
         assert len({p.untyped_storage().data_ptr() for p in adapters}) == 1  # views of one flat buffer
-        grouped = [m for m in folded.modules() if "mua_w_ext" in m.__dict__]  # [W | B] of q/k/v, gate/up (rank 4)
+        grouped = [(m, s) for m in folded.modules() if (s := state_of(m)) is not None and s.w_ext is not None]
         serial_ = next(m for m in folded.modules() if type(m) is LoraLinear).lora_A.default.weight.dim() == 2
         assert len(grouped) == (10 if serial_ else 0)
-        assert all(m.mua_w_ext.shape[1] == m.in_features + 4 * len(m.mua_group) for m in grouped)
+        assert all(s.w_ext.shape[1] == m.in_features + 4 * len(s.group) for m, s in grouped)  # q/k/v, gate/up: rank 4
     la, ga = loss_and_grads(model, x, autocast)
     peft_forbidden(monkeypatch)
     calls = whole_layer_spy(monkeypatch)

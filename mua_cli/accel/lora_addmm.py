@@ -25,7 +25,7 @@ import types
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-from .lora_gpu import GroupedLora, LoraLinearFn
+from .lora_gpu import GroupedLora, LoraLinearFn, Pending, ensure_state, state_of
 
 # Sibling layers that read the same input (q/k/v; the MLP's gate and up): on a GPU their adapters run as one
 # (lora_gpu.GroupedLora), so that input is read once by LoRA's A matrices and their input gradients are summed
@@ -39,14 +39,14 @@ def fold_lora_adds(model: torch.nn.Module, whole_layer: bool = False) -> int:
     for module in model.modules():
         if type(module) is LoraLinear:  # subclasses (quantized, variants) keep peft's forward
             module.forward = types.MethodType(_forward, module)
-            module.mua_whole_layer = whole_layer
+            ensure_state(module).whole_layer = whole_layer
             n += 1
         if whole_layer:
             for names in GROUPS:
                 group = [getattr(module, name, None) for name in names]
                 if all(type(m) is LoraLinear for m in group):
                     for m in group:
-                        m.mua_group = group  # a list: not registered as submodules
+                        ensure_state(m).group = group  # the same list for each
     return n
 
 
@@ -67,9 +67,10 @@ def _adapter(self: LoraLinear, x: torch.Tensor, args=(), kwargs=None) -> str | N
 
 def _whole(self: LoraLinear, name: str | None, x: torch.Tensor) -> tuple | None:
     """(W, bias, A, B, scaling, A cast, B cast) where the layer can run as LoraLinearFn: a frozen nn.Linear
-    base in the step's dtype, on a GPU (mua_whole_layer). The casts are precast_adapters' while A and B are
+    base in the step's dtype, on a GPU (LayerState.whole_layer). The casts are precast_adapters' while A and B are
     unchanged since it made them, else None."""
-    if name is None or not getattr(self, "mua_whole_layer", False):
+    state = state_of(self)
+    if name is None or state is None or not state.whole_layer:
         return None
     base = self.base_layer
     if type(base) is not torch.nn.Linear or any(p.requires_grad for p in base.parameters()):
@@ -79,32 +80,33 @@ def _whole(self: LoraLinear, name: str | None, x: torch.Tensor) -> tuple | None:
         return None
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
     a16 = b16 = None
-    cast = self.__dict__.get("mua_cast")  # (a, b, a16, b16, versions) from lora_gpu.precast_adapters
-    if cast is not None and cast[0] is a and cast[1] is b and cast[4] == (a._version, b._version):
-        a16, b16 = cast[2], cast[3]
+    cast = state.cast  # from lora_gpu.precast_adapters
+    if cast is not None and cast.a is a and cast.b is b and cast.versions == (a._version, b._version):
+        a16, b16 = cast.a16, cast.b16
     return base.weight, base.bias, a, b, self.scaling[name], a16, b16
 
 
 def _forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    pending = self.__dict__.pop("mua_pending", None)  # computed by a sibling's call on this same input
-    if pending is not None and pending[0] is x and pending[1] == x._version and not (args or kwargs):
-        return pending[2]
+    state = ensure_state(self)  # made by fold_lora_adds, which gave the layer this forward
+    pending, state.pending = state.pending, None  # computed by a sibling's call on this same input
+    if pending is not None and pending.x is x and pending.version == x._version and not (args or kwargs):
+        return pending.out
     name = _adapter(self, x, args, kwargs)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
     whole = _whole(self, name, x)
     if whole is not None:
         dtype = whole[0].dtype
-        group = self.__dict__.get("mua_group", ())
+        group = state.group
         parts = [whole if m is self else _whole(m, _adapter(m, x), x) for m in group]
         if parts and whole[2].dim() == 2 and all(p is not None and p[4] == whole[4] for p in parts):
             ts = [t for k in (0, 1, 2, 3, 6) for t in (p[k] for p in parts)]  # Ws, biases, As, Bs, cast Bs
-            a16 = self.__dict__.get("mua_group_a16") if all(p[5] is not None for p in parts) else None
-            ts += [m.__dict__.get("mua_w_ext") if a16 is not None else None for m in group]
+            a16 = state.group_a16 if all(p[5] is not None for p in parts) else None
+            ts += [state_of(m).w_ext if a16 is not None else None for m in group]
             outs = GroupedLora.apply(x.to(dtype), whole[4], len(group), a16, *ts)
             for m, out in zip(group, outs, strict=True):
                 if m is not self:
-                    m.mua_pending = (x, x._version, out)
+                    state_of(m).pending = Pending(x, x._version, out)
             return outs[group.index(self)]
         return LoraLinearFn.apply(x.to(dtype), *whole)
     base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight

@@ -1,14 +1,68 @@
 """mua's LoRA layers on a GPU: autograd functions for one adapted layer (LoraLinearFn) and for siblings that
-read one input (GroupedLora), and the adapters' weights cast once per forward (precast_adapters).
-lora_addmm.py decides which layers take them; docs/performance.md has what each piece saved on an H200.
+read one input (GroupedLora), the adapters' weights cast once per forward (precast_adapters), and the state
+mua keeps on each layer for them (LayerState). lora_addmm.py decides which layers take them; docs/performance.md
+has what each piece saved on an H200.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
+
+STATE = "mua_state"  # the key of a layer's LayerState in its __dict__
+
+
+@dataclass(frozen=True)
+class Cast:
+    """A layer's A and B cast to the step's dtype by precast_adapters' pre-hook: valid while `a` and `b` are
+    still the layer's weights and their versions are still `versions` (unchanged since the copy)."""
+
+    a: torch.Tensor  # the layer's A and B when the copy was made
+    b: torch.Tensor
+    a16: torch.Tensor  # their casts: views of the cast buffer
+    b16: torch.Tensor
+    versions: tuple[int, int]  # (a._version, b._version) when the copy was made
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A grouped layer's output computed by a sibling's call (GroupedLora computes the whole group): the
+    layer's next call returns it if that call is given the same tensor `x`, unchanged since (`version`)."""
+
+    x: torch.Tensor
+    version: int
+    out: torch.Tensor
+
+
+@dataclass
+class LayerState:
+    """What mua keeps on one folded peft LoRA layer (lora_addmm.fold_lora_adds, precast_adapters). Held in the
+    layer's __dict__ under STATE, not set as a module attribute: the group's sibling modules and the tensors
+    here must not join the layer's submodules, parameters or buffers (state_dict, .to(), named_modules)."""
+
+    whole_layer: bool = False  # may run as LoraLinearFn / GroupedLora (mua's choice on a GPU)
+    # the layers that read this one's input (lora_addmm.GROUPS, itself included): one list shared by all of them
+    group: list[LoraLinear] = field(default_factory=list)
+    cast: Cast | None = None  # A and B cast, set by precast_adapters' pre-hook at every forward
+    pending: Pending | None = None  # this layer's output computed by a sibling, taken by its next call
+    group_a16: torch.Tensor | None = None  # the group's A matrices concatenated and cast: a view of the cast buffer
+    w_ext: torch.Tensor | None = None  # [W | B] of a grouped layer (_extended_weights)
+
+
+def state_of(module: torch.nn.Module) -> LayerState | None:
+    """The layer's LayerState, or None where fold_lora_adds did not fold it."""
+    return module.__dict__.get(STATE)
+
+
+def ensure_state(module: torch.nn.Module) -> LayerState:
+    """The layer's LayerState, made empty on first use."""
+    state = module.__dict__.get(STATE)
+    if state is None:
+        state = module.__dict__[STATE] = LayerState()
+    return state
 
 
 def precast_adapters(model: torch.nn.Module) -> int:
@@ -25,7 +79,8 @@ def precast_adapters(model: torch.nn.Module) -> int:
         w = getattr(getattr(m, "base_layer", None), "weight", None)
         if (
             type(m) is LoraLinear
-            and getattr(m, "mua_whole_layer", False)
+            and (state := state_of(m)) is not None
+            and state.whole_layer
             and w is not None
             and len(m.active_adapters) == 1
         ):
@@ -39,8 +94,9 @@ def precast_adapters(model: torch.nn.Module) -> int:
     for m, name, _ in layers:
         if id(m) in placed:
             continue
-        group = [g for g in m.__dict__.get("mua_group", ()) if id(g) in included]
-        if len(group) < 2 or group != m.__dict__.get("mua_group") or m.lora_A[name].weight.dim() != 2:
+        full = state_of(m).group
+        group = [g for g in full if id(g) in included]
+        if len(group) < 2 or group != full or m.lora_A[name].weight.dim() != 2:
             group = [m]
         start = sum(p.numel() for p in params)
         params += [g.lora_A[g.active_adapters[0]].weight for g in group]
@@ -64,16 +120,16 @@ def precast_adapters(model: torch.nn.Module) -> int:
         a0 = group[0].lora_A[group[0].active_adapters[0]].weight
         rows = sum(g.lora_A[g.active_adapters[0]].weight.shape[0] for g in group)
         for g in group:
-            g.mua_group_a16 = flat16[start : start + rows * a0.shape[1]].view(rows, a0.shape[1])
+            state_of(g).group_a16 = flat16[start : start + rows * a0.shape[1]].view(rows, a0.shape[1])
     extended, to, frm = _extended_weights([g for group, _ in groups for g in group], offsets)
-    layer_ab = [(m, m.lora_A[name].weight, m.lora_B[name].weight) for m, name, _ in layers]
+    layer_ab = [(state_of(m), m.lora_A[name].weight, m.lora_B[name].weight) for m, name, _ in layers]
 
     def refresh(_module, _args) -> None:
         flat16.copy_(flat)
         if extended is not None:
             extended[to] = flat16[frm]  # each grouped B into its columns of its layer's [W | B]
-        for m, a, b in layer_ab:
-            m.mua_cast = (a, b, views[id(a)], views[id(b)], (a._version, b._version))
+        for state, a, b in layer_ab:
+            state.cast = Cast(a, b, views[id(a)], views[id(b)], (a._version, b._version))
 
     model.register_forward_pre_hook(refresh)
     return len(layers)
@@ -89,14 +145,18 @@ def _extended_weights(members: list[LoraLinear], offsets: dict[int, int]):
         return None, None, None
     ab = [(m.lora_A[m.active_adapters[0]].weight, m.lora_B[m.active_adapters[0]].weight) for m in members]
     w0 = members[0].base_layer.weight
+    groups = [state_of(m).group for m in members]  # the list each member shares with its siblings
     totals: dict[int, int] = {}  # each group's summed ranks
-    for m, (a, _) in zip(members, ab, strict=True):
-        totals[id(m.mua_group)] = totals.get(id(m.mua_group), 0) + a.shape[0]
-    size = sum(m.base_layer.weight.shape[0] * (m.base_layer.weight.shape[1] + totals[id(m.mua_group)]) for m in members)
+    for group, (a, _) in zip(groups, ab, strict=True):
+        totals[id(group)] = totals.get(id(group), 0) + a.shape[0]
+    size = sum(
+        m.base_layer.weight.shape[0] * (m.base_layer.weight.shape[1] + totals[id(group)])
+        for m, group in zip(members, groups, strict=True)
+    )
     extended = torch.zeros(size, dtype=w0.dtype, device=w0.device)
     to, frm, off, col = [], [], 0, {}
-    for m, (a, b) in zip(members, ab, strict=True):
-        group, (out, n_in), r = m.mua_group, m.base_layer.weight.shape, a.shape[0]
+    for m, group, (a, b) in zip(members, groups, ab, strict=True):
+        (out, n_in), r = m.base_layer.weight.shape, a.shape[0]
         k = n_in + totals[id(group)]
         first = col.get(id(group), n_in)
         ext = extended[off : off + out * k].view(out, k)
@@ -104,7 +164,7 @@ def _extended_weights(members: list[LoraLinear], offsets: dict[int, int]):
         rows = torch.arange(out, device=w0.device).view(-1, 1)
         to.append((off + rows * k + first + torch.arange(r, device=w0.device)).view(-1))
         frm.append(offsets[id(b)] + torch.arange(out * r, device=w0.device))
-        m.mua_w_ext = ext
+        state_of(m).w_ext = ext
         col[id(group)], off = first + r, off + out * k
     return extended, torch.cat(to), torch.cat(frm)
 
