@@ -39,11 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mua_cli.spec.recipe import Recipe  # noqa: E402
 from mua_cli.sweep.execute import Execution  # noqa: E402
-from mua_cli.sweep.run import Listener, plan, run_sweep  # noqa: E402
+from mua_cli.sweep.grid import plan  # noqa: E402
+from mua_cli.sweep.run import Listener, run_sweep  # noqa: E402
 from mua_cli.sweep.store import load_trials  # noqa: E402
 from mua_cli.train.adapters import head_modules, param_groups, prepare  # noqa: E402
 from mua_cli.train.loop import lr_lambda  # noqa: E402
-from mua_cli.train.tasks import load_workload  # noqa: E402
+from mua_cli.train.workload import load_workload  # noqa: E402
 
 WORDS = ("river stone north market winter garden letter window silver harbor candle forest morning "
          "engine paper valley mirror castle thunder meadow").split()  # fmt: skip

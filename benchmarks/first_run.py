@@ -58,7 +58,7 @@ def load_avg() -> float:
 
 def trials_in_process(repeats: int) -> dict:
     from mua_cli.spec.recipe import load_recipe
-    from mua_cli.sweep.run import make_spec
+    from mua_cli.sweep.grid import make_spec
     from mua_cli.sweep.runner import TrialRunner
 
     recipe = load_recipe("tiny")
@@ -90,7 +90,7 @@ def trials_in_process(repeats: int) -> dict:
 
 def profile_trial() -> dict:
     from mua_cli.spec.recipe import load_recipe
-    from mua_cli.sweep.run import make_spec
+    from mua_cli.sweep.grid import make_spec
     from mua_cli.sweep.runner import TrialRunner
 
     torch.set_num_threads(1)

@@ -20,10 +20,9 @@ import torch
 from gpu_speed import gemm_seconds, recipe_for, seed_cache
 
 from mua_cli.accel.fused import fuse
-from mua_cli.sweep.run import make_spec
-from mua_cli.train.batched import run_batched
-from mua_cli.train.loop import run_trial
-from mua_cli.train.tasks import load_workload
+from mua_cli.sweep.grid import make_spec
+from mua_cli.train.loop import run_batched, run_trial
+from mua_cli.train.workload import load_workload
 
 KINDS = [  # the first pattern a kernel's name matches names its kind (flash kernels' names contain "cutlass")
     ("attention", r"flash|fmha|attention|sdpa"),

@@ -46,12 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mua_cli.accel.fused import fuse  # noqa: E402
 from mua_cli.spec.recipe import Recipe  # noqa: E402
 from mua_cli.sweep.execute import Execution  # noqa: E402
-from mua_cli.sweep.run import Listener, make_spec, plan, run_sweep  # noqa: E402
+from mua_cli.sweep.grid import make_spec, plan  # noqa: E402
+from mua_cli.sweep.run import Listener, run_sweep  # noqa: E402
 from mua_cli.sweep.store import load_trials  # noqa: E402
 from mua_cli.train.adapters import prepare  # noqa: E402
 from mua_cli.train.loop import lr_lambda, run_trial  # noqa: E402
 from mua_cli.train.models import embedded_config, embedded_folder  # noqa: E402
-from mua_cli.train.tasks import load_workload  # noqa: E402
+from mua_cli.train.workload import load_workload  # noqa: E402
 
 DATASHEET_BF16 = 989e12
 # Llama-shaped, byte vocabulary. Widths are multiples of 256, as in real models: a bf16 GEMM of width 3500 (the
@@ -148,7 +149,7 @@ def step_times(name: str, steps: int) -> dict:
     """In one process: ms per trial-step of the plain loop, of mua's serial trial and of K batched trials:
     graphed with Liger's kernels (K = 1…16), graphed without them (K = 1, 16), eager with them (K = 1, 16).
     Timed from the 10th step on: warm-up and capture excluded."""
-    from mua_cli.train.batched import run_batched
+    from mua_cli.train.loop import run_batched
 
     recipe = recipe_for(name, steps)
     seed_cache(recipe)

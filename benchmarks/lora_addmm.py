@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mua_cli.accel.lora_addmm import fold_lora_adds  # noqa: E402
 from mua_cli.accel.lora_gpu import precast_adapters  # noqa: E402
 from mua_cli.spec.recipe import Recipe  # noqa: E402
-from mua_cli.sweep.run import make_spec  # noqa: E402
+from mua_cli.sweep.grid import make_spec  # noqa: E402
 from mua_cli.train.adapters import prepare  # noqa: E402
-from mua_cli.train.batched import build  # noqa: E402
+from mua_cli.train.stacked import build  # noqa: E402
 
 SHAPES = {  # name: (hidden, intermediate, layers, heads, batch, seq)
     "tiny": (128, 344, 2, 4, 8, 64),

@@ -7,8 +7,8 @@ two-GPU sweep time these predict, all measured on one GPU (for when no machine o
 2. The workload's sweep on cuda:0 in this process, as `gpu_speed.py --scaling` runs its one-GPU side: its
    wall time, when its first trial started, and each unit's seconds (the wall times of its trials, summed).
 3. A slot's start on cuda:0, after a first model is loaded in the main thread (as the pool does): a TrialRunner
-   built in a thread of this process (execute.PoolExecutor with CUDA graphs), and a worker process
-   (execute.worker_main, spawned) until it reports ready.
+   built in a thread of this process (pool.PoolExecutor with CUDA graphs), and a worker process
+   (pool.worker_main, spawned) until it reports ready.
 4. The prediction, by arithmetic on 2 and 3, not a measurement on two GPUs: the units in the pool's queue order,
    each to the first free slot; the first slot free when the one-GPU run's first trial started, the second
    that plus the thread's start (plus cuda_context_s) or the worker's; plus the one-GPU run's time after its
@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpu_speed import best_lrs, recipe_for, seed_cache, timed_sweep  # noqa: E402
 
-from mua_cli.sweep.execute import Execution, trials_per_pass, units, worker_main  # noqa: E402
-from mua_cli.sweep.run import plan  # noqa: E402
+from mua_cli.sweep.execute import Execution, trials_per_pass, units  # noqa: E402
+from mua_cli.sweep.grid import plan  # noqa: E402
+from mua_cli.sweep.pool import worker_main  # noqa: E402
 from mua_cli.sweep.runner import TrialRunner  # noqa: E402
 
 

@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mua_cli.spec.recipe import load_recipe  # noqa: E402
 from mua_cli.spec.trial import TrialSpec  # noqa: E402
-from mua_cli.train.data import Records, TokenData  # noqa: E402
+from mua_cli.train.data import TokenData  # noqa: E402
 from mua_cli.train.loop import run_trial  # noqa: E402
+from mua_cli.train.sources import Records  # noqa: E402
 from mua_cli.train.tasks import ImageClsTask, LMTask, TextClsTask  # noqa: E402
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from .errors import MuaError
 from .science.fit import FitResult, fit_run
+from .science.full_ft import predict_full
 from .science.theory import MAX_RANK, TRANSFER_REGIME
-from .science.transfer import CHOICES, FULL_TARGET, Prediction, predict_full, predict_rank
+from .science.transfer import CHOICES, FULL_TARGET, Prediction, predict_rank
 from .spec.recipe import Recipe, load_recipe
 from .sweep.execute import Execution
 from .sweep.run import Listener, SweepSummary, run_sweep
@@ -44,12 +45,20 @@ def save_text(path: Path, text: str, on_note: Callable[[str], None] | None = Non
         return False
 
 
-def fit(run_dir: str | Path, fresh: bool = True, on_note: Callable[[str], None] | None = None) -> FitResult:
+def fit(
+    run_dir: str | Path,
+    fresh: bool = True,
+    on_note: Callable[[str], None] | None = None,
+    storage: str | None = None,
+    study: str | None = None,
+) -> FitResult:
     """The run's fit. `fresh`: fitted from the trials (and saved as fit.json where the folder takes writes);
     else fit.json when it is newer than the trial store. A fit.json that cannot be read back (truncated,
-    hand-edited, another schema) is no reason to stop: the trials are the truth, so the run is fitted again."""
+    hand-edited, another schema) is no reason to stop: the trials are the truth, so the run is fitted again.
+    `storage`, `study`: the trials live there (a shared study is always fitted fresh: others may add to it)."""
     run_dir = Path(run_dir)
     path, db = run_dir / "fit.json", run_dir / DB_NAME
+    fresh = fresh or storage is not None or study is not None
     if not fresh and path.is_file() and (not db.is_file() or path.stat().st_mtime >= db.stat().st_mtime):
         try:
             doc = json.loads(path.read_text())
@@ -58,13 +67,18 @@ def fit(run_dir: str | Path, fresh: bool = True, on_note: Callable[[str], None] 
             return FitResult.from_dict(doc)
         except (MuaError, ValueError, OSError):
             pass
-    return refit(run_dir, on_note)[0]
+    return refit(run_dir, on_note, storage, study)[0]
 
 
-def refit(run_dir: str | Path, on_note: Callable[[str], None] | None = None) -> tuple[FitResult, bool]:
+def refit(
+    run_dir: str | Path,
+    on_note: Callable[[str], None] | None = None,
+    storage: str | None = None,
+    study: str | None = None,
+) -> tuple[FitResult, bool]:
     """A fresh fit of the run's trials, and whether it could be saved as fit.json (the store is only read)."""
     run_dir = Path(run_dir)
-    trials = load_trials(run_dir)
+    trials = load_trials(run_dir, storage, study)
     result = fit_run(trials)
     limit = trials.attrs.get("info", {}).get("max_lora_rank")
     if limit:  # recorded by the sweep (older runs lack it): a target rank is checked against it

@@ -89,7 +89,7 @@ def dialogue(play: str) -> str:
 def build_plays(path: Path) -> dict[str, int]:
     """plays.jsonl: passages of ~400 characters of dialogue labelled by play, deterministic, at most 1.5× the
     smallest play's count per play (balanced-ish), in a fixed shuffled order."""
-    from mua_cli.train.data import CORPORA_DIR, EMBEDDED_CORPORA
+    from mua_cli.train.sources import CORPORA_DIR, EMBEDDED_CORPORA
 
     with gzip.open(CORPORA_DIR / EMBEDDED_CORPORA["shakespeare"], "rt", encoding="utf-8") as f:
         text = f.read()
@@ -376,10 +376,10 @@ def model_facts(recipe, device: str) -> dict:
                 "pretrain": pretrain}  # fmt: skip
     labels = None
     if recipe.task != "causal-lm":
-        from mua_cli.train.data import open_source, record_labels
+        from mua_cli.train.sources import open_source, record_labels
 
         labels = record_labels(open_source(recipe.data).records, recipe.label_field)[1]
-    loaded = load_hf(recipe.model, recipe.task, labels=labels)  # as mua loads it (tasks.load_workload)
+    loaded = load_hf(recipe.model, recipe.task, labels=labels)  # as mua loads it (workload.load_workload)
     head = [k for k in loaded.new_weights if k.split(".")[0] in ("classifier", "score")]
     if len(head) != len(loaded.new_weights):
         raise SystemExit(f"{recipe.model}: weights newly initialized beyond the head: {loaded.new_weights}")

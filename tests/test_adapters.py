@@ -83,7 +83,7 @@ def test_full_finetuning_trains_every_parameter():
 def test_skipping_peft_input_casts_is_exact_under_autocast():
     """Under bf16 autocast peft's cast of each LoRA input to the adapter's fp32 is undone by autocast before the
     matmul, so skipping it (what a GPU step does) changes no loss and no gradient."""
-    from mua_cli.train.adapters import skip_input_casts
+    from mua_cli.accel import skip_input_casts
 
     x = torch.randint(0, CFG.vocab_size, (2, 12))
     outs = []

@@ -11,11 +11,11 @@ import pytest
 from mua_cli.science.theory import parse_lrs
 from mua_cli.spec.recipe import load_recipe
 from mua_cli.sweep.execute import Execution, units
-from mua_cli.sweep.run import make_spec, run_sweep
+from mua_cli.sweep.grid import make_spec
+from mua_cli.sweep.run import run_sweep
 from mua_cli.sweep.runner import TrialRunner
 from mua_cli.sweep.store import load_trials
-from mua_cli.train.batched import run_batched
-from mua_cli.train.loop import run_trial
+from mua_cli.train.loop import run_batched, run_trial
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +159,8 @@ def test_graphed_pool_runs_one_thread_per_gpu(micro, fake_gpus):
     takes no units, and the models are closed in the reverse of the order they were made."""
     from types import SimpleNamespace
 
-    from mua_cli.sweep.execute import PoolExecutor
-    from mua_cli.sweep.run import plan
+    from mua_cli.sweep.grid import plan
+    from mua_cli.sweep.pool import PoolExecutor
 
     FakeRunner.broken = {"cuda:2"}
     notes: list[str] = []
@@ -182,8 +182,8 @@ def test_graphed_pool_runs_one_thread_per_gpu(micro, fake_gpus):
 def test_slots_that_share_a_gpu_step_on_their_own_streams(micro, fake_gpus):
     from types import SimpleNamespace
 
-    from mua_cli.sweep.execute import PoolExecutor
-    from mua_cli.sweep.run import plan
+    from mua_cli.sweep.grid import plan
+    from mua_cli.sweep.pool import PoolExecutor
 
     pool = PoolExecutor(micro, Execution("cuda", workers_per_gpu=2), SimpleNamespace(note=print), ["cuda:0"])
     assert len(pool.slots) == 2 and pool.procs == []
@@ -195,8 +195,8 @@ def test_slots_that_share_a_gpu_step_on_their_own_streams(micro, fake_gpus):
 def test_a_slot_that_fails_stops_the_sweep_with_its_error(micro, fake_gpus, monkeypatch):
     from types import SimpleNamespace
 
-    from mua_cli.sweep.execute import PoolExecutor
-    from mua_cli.sweep.run import plan
+    from mua_cli.sweep.grid import plan
+    from mua_cli.sweep.pool import PoolExecutor
 
     def broken(self, unit):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -218,8 +218,8 @@ def test_eager_pool_runs_units_in_this_process_too(micro, fake_gpus, monkeypatch
 
     import torch
 
-    from mua_cli.sweep.execute import PoolExecutor
-    from mua_cli.sweep.run import plan
+    from mua_cli.sweep.grid import plan
+    from mua_cli.sweep.pool import PoolExecutor
 
     started: list[str] = []
 
@@ -274,7 +274,8 @@ def test_executor_picks_the_slots_by_gpus_and_model_size(micro, fake_gpus, monke
 
     import torch
 
-    from mua_cli.sweep.execute import LocalExecutor, PoolExecutor, executor
+    from mua_cli.sweep.execute import LocalExecutor, executor
+    from mua_cli.sweep.pool import PoolExecutor
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(FakeRunner, "n_params", n_params)

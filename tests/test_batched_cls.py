@@ -11,10 +11,10 @@ import tiny_hf as T
 import torch
 
 from mua_cli.spec.recipe import load_recipe
-from mua_cli.sweep.run import make_spec
+from mua_cli.sweep.grid import make_spec
 from mua_cli.sweep.runner import TrialRunner
-from mua_cli.train.batched import NotBatchable, run_batched
-from mua_cli.train.loop import run_trial
+from mua_cli.train.loop import run_batched, run_trial
+from mua_cli.train.stacked import NotBatchable
 
 KINDS = {
     "bert": (T.bert, lambda p: T.cls_csv(p / "d.csv"), {"task": "seq-cls", "label_field": "sentiment"}),

@@ -7,14 +7,8 @@ import tiny_hf as T
 import torch
 
 from mua_cli.errors import MuaError
-from mua_cli.train.data import (
-    load_lm_data,
-    load_text_data,
-    open_source,
-    record_labels,
-    record_texts,
-    split_indices,
-)
+from mua_cli.train.data import load_lm_data, load_text_data
+from mua_cli.train.sources import open_source, record_labels, record_texts, split_indices
 
 
 @pytest.fixture(scope="module")

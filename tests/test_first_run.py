@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from mua_cli.spec.recipe import load_recipe
 from mua_cli.sweep.execute import Execution, cpu_slots
-from mua_cli.sweep.run import plan, run_sweep
+from mua_cli.sweep.grid import plan
+from mua_cli.sweep.run import run_sweep
 from mua_cli.sweep.store import load_trials
 from mua_cli.train import models
 

@@ -11,10 +11,9 @@ import torch
 
 from mua_cli.accel.graphed import Step
 from mua_cli.spec.recipe import load_recipe
-from mua_cli.sweep.run import make_spec
+from mua_cli.sweep.grid import make_spec
 from mua_cli.sweep.runner import TrialRunner
-from mua_cli.train.batched import run_batched
-from mua_cli.train.loop import run_trial
+from mua_cli.train.loop import run_batched, run_trial
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -212,7 +211,7 @@ def test_whole_layer_lora_matches_peft_on_the_gpu(k, monkeypatch):
 
     from mua_cli.spec.recipe import Recipe
     from mua_cli.train.adapters import prepare
-    from mua_cli.train.batched import build
+    from mua_cli.train.stacked import build
 
     base = llama(torch.bfloat16)
     if k == 1:
@@ -229,8 +228,9 @@ def test_thread_slots_give_the_main_threads_trials(micro, runner, per_gpu):
     """The pool's slots are threads of this process (execute.py): one on the GPU's default stream, as on a
     machine of several GPUs, or two sharing this GPU, each on its own stream, one capturing while the other
     replays. Every trial is the one the main thread runs, and every step was captured."""
-    from mua_cli.sweep.execute import Execution, PoolExecutor
-    from mua_cli.sweep.run import plan
+    from mua_cli.sweep.execute import Execution
+    from mua_cli.sweep.grid import plan
+    from mua_cli.sweep.pool import PoolExecutor
 
     specs = plan(micro)  # 2 regimes × 2 ranks × 5 LRs, one trial per unit: the same units both ways
     ref = {s.key: run_trial(s, runner.base, runner.data, micro, "cuda:0") for s in specs}

@@ -10,7 +10,8 @@ import torch
 
 from mua_cli.spec.recipe import Recipe
 from mua_cli.sweep.execute import Execution
-from mua_cli.sweep.run import Listener, make_spec, run_sweep
+from mua_cli.sweep.grid import make_spec
+from mua_cli.sweep.run import Listener, run_sweep
 from mua_cli.sweep.runner import TrialRunner
 from mua_cli.sweep.store import load_trials
 

@@ -15,9 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from mua_cli.accel.lora_addmm import fold_lora_adds
 from mua_cli.accel.lora_gpu import GroupedLora, LoraLinearFn, precast_adapters, state_of
 from mua_cli.spec.recipe import Recipe
-from mua_cli.sweep.run import make_spec
+from mua_cli.sweep.grid import make_spec
 from mua_cli.train.adapters import prepare
-from mua_cli.train.batched import build
+from mua_cli.train.stacked import build
 
 CFG = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2)
 
@@ -158,8 +158,7 @@ def test_trials_train_through_the_folded_layers(micro_recipe_path, monkeypatch):
     trials still train."""
     from mua_cli.spec.recipe import load_recipe
     from mua_cli.sweep.runner import TrialRunner
-    from mua_cli.train.batched import run_batched
-    from mua_cli.train.loop import run_trial
+    from mua_cli.train.loop import run_batched, run_trial
 
     micro = load_recipe(str(micro_recipe_path))
     runner = TrialRunner(micro, "cpu")

@@ -12,7 +12,7 @@ from mua_cli.errors import MuaError
 from mua_cli.spec.recipe import recipe_from_dict
 from mua_cli.train.adapters import head_modules, lora_target_names, param_groups, prepare, trainable_parameters
 from mua_cli.train.models import hidden_size, load_hf, load_tokenizer
-from mua_cli.train.tasks import load_workload
+from mua_cli.train.workload import load_workload
 
 
 @pytest.fixture(scope="module")

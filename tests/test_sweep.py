@@ -6,7 +6,8 @@ import pytest
 
 from mua_cli.errors import MuaError
 from mua_cli.spec.recipe import load_recipe
-from mua_cli.sweep.run import Listener, extension, plan, run_sweep
+from mua_cli.sweep.grid import extension, plan
+from mua_cli.sweep.run import Listener, run_sweep
 from mua_cli.sweep.store import TrialStore, load_trials
 
 
@@ -119,7 +120,7 @@ def test_interrupted_pooled_sweep_stops_its_own_slot_and_resumes(micro_recipe_pa
     run, pool = tmp_path / "run", Execution("cpu", workers_per_gpu=2, batch_trials=1)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(recipe, run, "cpu", CtrlC(), execution=pool)
-    assert not [t for t in threading.enumerate() if t.name == "mua-cpu"]  # its thread (execute._Slot) has stopped
+    assert not [t for t in threading.enumerate() if t.name == "mua-cpu"]  # its thread (pool._Slot) has stopped
     stored = len(TrialStore(run).trials())
     assert 2 <= stored < 8
     summary = run_sweep(recipe, run, "cpu", execution=pool)
@@ -129,7 +130,7 @@ def test_interrupted_pooled_sweep_stops_its_own_slot_and_resumes(micro_recipe_pa
 
 
 def test_refinement_adds_half_octave_points_around_an_interior_optimum():
-    from mua_cli.sweep.run import refinement
+    from mua_cli.sweep.grid import refinement
 
     grid = {2.0**-10: [3.0], 2.0**-9: [2.5], 2.0**-8: [2.2], 2.0**-7: [2.6], 2.0**-6: [float("inf")]}
     assert sorted(refinement(grid)) == pytest.approx([2.0**-8.5, 2.0**-7.5])

@@ -12,7 +12,8 @@ from synthetic import LOG2C, RECIPE, trials, truth
 from mua_cli.errors import MuaError
 from mua_cli.science import calibration as cal
 from mua_cli.science.fit import FitResult, fit_run
-from mua_cli.science.transfer import CAVEAT, predict_full, predict_rank
+from mua_cli.science.full_ft import predict_full
+from mua_cli.science.transfer import CAVEAT, predict_rank
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,8 @@
 """A wheel built from this checkout carries everything a user needs without it: installed into a fresh
-environment (no editable install, no checkout on the path), `mua recipes` lists every recipe in recipes/ and the
-default recipe loads its shipped embedded model."""
+environment (no editable install, no checkout on the path), `mua recipes` lists every recipe in recipes/, the
+default recipe loads its shipped embedded model, and `mua sweep` runs it."""
 
+import os
 import subprocess
 import sys
 import sysconfig
@@ -33,8 +34,8 @@ def fresh(tmp_path_factory):
     return venv / "bin" / "python", tmp
 
 
-def _run(python, cwd, code):
-    return subprocess.run([str(python), "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+def _run(python, cwd, code, env=None):
+    return subprocess.run([str(python), "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_installed_wheel_lists_every_recipe(fresh):
@@ -54,3 +55,21 @@ def test_installed_wheel_has_the_default_model(fresh):
     res = _run(python, cwd, code)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "mua_cli/embedded" in res.stdout and str(ROOT) not in res.stdout
+
+
+def test_installed_wheel_sweeps_the_embedded_default(fresh):
+    """The default recipe, cut to three trials of five steps (and what refining adds), from the wheel alone, with an empty cache: the
+    shipped model loads, nothing is pretrained or downloaded, and the trials are stored."""
+    python, cwd = fresh
+    env = {**os.environ, "MUA_CACHE": str(cwd / "cache"), "HF_HUB_OFFLINE": "1"}
+    argv = ["mua", "sweep", "--ranks", "4", "--regimes", "A:r", "--lrs", "2^-7:2^-5", "--steps", "5",
+            "--device", "cpu", "--out", str(cwd / "run"), "--quiet"]  # fmt: skip
+    res = _run(python, cwd, f"import sys; from mua_cli.ui.cli import main; sys.argv = {argv!r}; main()", env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    count = "from mua_cli.api import load_trials; df = load_trials(sys.argv[1]); print(len(df), set(df.status))"
+    res = subprocess.run([str(python), "-c", "import sys; " + count, str(cwd / "run")], capture_output=True,
+                         text=True, timeout=300, env=env)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    n, statuses = res.stdout.split(" ", 1)
+    assert int(n) >= 3 and "failed" not in statuses
+    assert not (cwd / "cache").exists() or not any((cwd / "cache").rglob("*.safetensors"))  # nothing pretrained

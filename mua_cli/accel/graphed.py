@@ -1,20 +1,15 @@
-"""The training step as one CUDA graph: forward, backward, clip and optimizer replayed with one launch.
+"""The training step as one CUDA graph: forward, backward, clip and optimizer replayed with one launch, where
+an eager step of a small model spends most of its time launching kernels.
 
-An eager LoRA step of a small model spends most of its time in the host launching thousands of small kernels
-(peft adds several per adapted layer); a captured step costs one launch (docs/performance.md). The step function
-must read and write only tensors that live as long as the trial (static inputs, the model, the optimizer's
-state, its learning rates as device tensors) and hold no step-dependent Python values.
+The step function must read and write only tensors that live as long as the trial (static inputs, the model,
+the optimizer's state, its LRs as device tensors). The first WARMUP steps are real steps run eagerly on a side
+stream (capture needs the allocator, cuBLAS and the optimizer's state warmed up); every later step replays the
+capture. cuBLAS may pick other kernels while capturing, so losses can differ from eager ones around the 5th
+digit (tests/test_gpu.py).
 
-The first WARMUP steps are the trial's real steps, run eagerly on a side stream (CUDA graphs need the
-allocator, cuBLAS and the optimizer's state warmed up before capture); capturing then runs nothing, and every
-later step is a replay of the same operations. cuBLAS may choose other kernels while capturing, so losses can
-differ from eager ones around the 5th digit (tests/test_gpu.py compares them).
-
-A sweep may capture from several threads, one or two per GPU (execute.py), so a capture uses its own GPU's
-stream (torch's default capture stream is one per process, made on whichever GPU captured first) and forbids
-unsafe CUDA calls in its own thread only (`thread_local`). Captures, the eager warm-up steps before them (where
-a trial's kernels are first launched, and CUDA loads them) and emptying the allocator's cache each hold
-CAPTURE, one thread at a time (two threads sharing a GPU broke a capture without it).
+Several threads may capture, one or two per GPU: a capture uses its own GPU's stream, forbids unsafe CUDA
+calls in its own thread only, and holds CAPTURE (with the warm-up steps and emptying the allocator's cache),
+so that no two threads capture at once on one GPU.
 """
 
 from __future__ import annotations
@@ -40,8 +35,7 @@ def empty_cache() -> None:
 class Step:
     """Calls `fn` once per training step: eagerly, or (on a GPU, when `graphs`) by replaying its capture.
     A step that cannot be captured (an op that syncs with the host, say) falls back to eager, with a note.
-    `attention`: SDPA's kernels for the step (attention.step_kernels; cuDNN's only for mask-free attention: with
-    an explicit mask, captured, it gave NaN losses where eager steps finish; docs/performance.md)."""
+    `attention`: SDPA's kernels for the step (attention.step_kernels: cuDNN's only for mask-free attention)."""
 
     def __init__(self, fn: Callable[[], None], device: str, graphs: bool, on_note: Callable[[str], None] | None,
                  attention: list[SDPBackend] = GRAPH_SAFE):  # fmt: skip

@@ -171,7 +171,7 @@ def _extended_weights(members: list[LoraLinear], offsets: dict[int, int]):
 
 class LoraLinearFn(torch.autograd.Function):
     """y = x Wᵀ + bias + scaling · (x Aᵀ) Bᵀ over a frozen W in x's dtype; A and B ([rank, in] and [out, rank],
-    or [K, ·, ·] for K batched trials whose rows are grouped by trial, batched.py) in any float dtype: cast
+    or [K, ·, ·] for K batched trials whose rows are grouped by trial, train/stacked.py) in any float dtype: cast
     here, and their gradients come back in it.
 
     The order of the GEMMs is the point. Each of the adapter's whole-width products (its output, its input

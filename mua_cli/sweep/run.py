@@ -1,13 +1,12 @@
-"""Planning the LR grid, running the trials, growing the grid until every optimum is interior,
-and resuming: finished trials (found by key in the store) are never run or stored twice."""
+"""Running a sweep: the planned trials, then more where grid.py says so, until nothing is added; resuming:
+finished trials (found by key in the store) are never run or stored twice."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import math
+import os
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -18,14 +17,13 @@ import yaml
 
 from ..errors import MuaError
 from ..science.optimum import seed_adjusted
-from ..science.theory import FULL, lr_label, parse_lrs, parse_regimes
+from ..science.theory import FULL, lr_label, parse_lrs
 from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
 from ..train.shapes import rank_limit
 from .execute import Execution, executor
+from .grid import extension, groups, make_spec, plan, refinement
 from .store import TrialStore, frame
-
-GROW_FACTOR = 2.0  # grids are powers of 2; an extension adds the next power beyond the edge
 
 
 class Listener:
@@ -50,66 +48,6 @@ class SweepSummary:
     device: str = "cpu"
 
 
-def trial_key(recipe: Recipe, regime: str, rank: int, lr: float, seed: int) -> str:
-    blob = json.dumps(
-        {"recipe": recipe.outcome_fields(), "regime": regime, "rank": rank, "lr": f"{lr:.12g}", "seed": seed},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def make_spec(recipe: Recipe, regime: str, rank: int, lr: float, seed: int) -> TrialSpec:
-    return TrialSpec(regime, rank, lr, seed, trial_key(recipe, regime, rank, lr, seed))
-
-
-def groups(recipe: Recipe) -> list[tuple[str, int]]:
-    """The (regime, rank) pairs the sweep covers; full finetuning is the pair ("full", 0)."""
-    out = [(reg.name, r) for reg in parse_regimes(recipe.regimes) for r in recipe.lora_ranks]
-    if recipe.wants_full:
-        out.append((FULL, 0))
-    return out
-
-
-def plan(recipe: Recipe) -> list[TrialSpec]:
-    lrs = parse_lrs(recipe.lrs)
-    return [
-        make_spec(recipe, reg, rank, lr, seed)
-        for reg, rank in groups(recipe)
-        for lr in lrs
-        for seed in range(recipe.seeds)
-    ]
-
-
-def extension(
-    lrs_metrics: dict[float, list[float]], base_grid: list[float], max_extend: int
-) -> tuple[float | None, str]:
-    """The next LR to add for one (regime, rank), or None with the reason there is none.
-
-    Diverged trials count as +inf: they bound the optimum from above. The number of extensions
-    so far is read off the grid itself, so a resumed sweep continues where it stopped.
-    """
-    means = {lr: sum(v) / len(v) for lr, v in lrs_metrics.items() if v}
-    if len(means) < 2:
-        return None, "no finished trials"
-    grid = sorted(means)
-    extended = sum(1 for lr in grid if lr < min(base_grid) * 0.999 or lr > max(base_grid) * 1.001)
-    finite = [lr for lr in grid if math.isfinite(means[lr])]
-    if not finite:
-        edge, new = "low", grid[0] / GROW_FACTOR  # everything diverged: look lower
-    else:
-        best = min(finite, key=lambda lr: means[lr])
-        if best == grid[0]:
-            edge, new = "low", grid[0] / GROW_FACTOR
-        elif best == grid[-1]:
-            edge, new = "high", grid[-1] * GROW_FACTOR
-        else:
-            return None, "interior"
-    if extended >= max_extend:
-        return None, f"still best at the {edge} edge after {extended} extension(s)"
-    return new, edge
-
-
 def run_sweep(
     recipe: Recipe,
     run_dir: Path,
@@ -118,21 +56,37 @@ def run_sweep(
     storage: str | None = None,
     execution: Execution | None = None,
     retry_failed: bool = True,
+    study: str | None = None,
 ) -> SweepSummary:
+    """Runs the recipe's sweep into `run_dir`'s store (or `storage`), resuming what it holds. `study`: plan into
+    that shared study instead, and work on it beside any `mua worker` (worker.py)."""
     listener = listener or Listener()
     run_dir = Path(run_dir)
     fresh = not run_dir.exists()
     limit = rank_limit(recipe)  # before anything is stored: a rank past the model's layers is a bad input
-    store = TrialStore(run_dir, storage)
+    store = TrialStore(run_dir, storage, study=study)
     try:
         _pin_recipe(run_dir, recipe)
-        done = store.keys(final_only=retry_failed)  # read before any write: a store that does not parse stays as is
-        if limit is not None:
-            store.set_info(max_lora_rank=limit)  # for `mua transfer --to RANK`
+        with contextlib.ExitStack() as stack:
+            if study is None:  # a second sweep of this folder waits for the first, then skips what it stored
+                stack.enter_context(folder_lock(run_dir, listener))
+            _pin_study(store, recipe)
+            done = store.keys(final_only=retry_failed)  # read before any write: a store that does not parse stays
+            if limit is not None:
+                store.set_info(max_lora_rank=limit)  # for `mua transfer --to RANK`
+            if study is not None:
+                from .worker import plan_and_work
+
+                return plan_and_work(recipe, store, done, device, listener, execution, SweepSummary(run_dir))
+            return _sweep(recipe, store, done, device, listener, execution, fresh)
     except MuaError:
-        if fresh:  # a folder that could not be set up would pass for the latest run with `mua fit`
+        if fresh and not store.keys():  # a folder that could not be set up would pass for the latest run
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def _sweep(recipe, store, done, device, listener, execution, fresh) -> SweepSummary:
+    run_dir = store.run_dir
     summary = SweepSummary(run_dir=run_dir, device=device)
     pending = [s for s in plan(recipe) if s.key not in done]
     summary.skipped = len(plan(recipe)) - len(pending)
@@ -158,61 +112,80 @@ def run_sweep(
     return summary
 
 
+@contextlib.contextmanager
+def folder_lock(run_dir: Path, listener: Listener):
+    """This process alone sweeps `run_dir` while it holds the lock (flock on the folder itself: no lock file to
+    leave behind); the OS frees it if the process dies."""
+    import fcntl
+
+    try:
+        fd = os.open(run_dir, os.O_RDONLY)
+    except OSError as e:
+        raise MuaError(f"cannot lock the run folder {run_dir}: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            listener.note(f"another `mua sweep` is running in {run_dir}: waiting for it to finish, then resuming")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _pin_study(store: TrialStore, recipe: Recipe) -> None:
+    """One study, one set of outcome-changing settings, whatever shares its storage."""
+    old = store.info().get("fingerprint")
+    if old is not None and old != recipe.fingerprint():
+        where = f"study {store.name!r}" if store.shared else f"the trial store of {store.run_dir}"
+        raise MuaError(
+            f"{where} holds a sweep with other settings (steps, batch, model, data...); sweep into a new "
+            f"{'--study' if store.shared else '--out folder'}, or use the same settings to resume"
+        )
+    store.set_info(fingerprint=recipe.fingerprint())
+
+
 def _rounds(recipe, store, runner, pending, done, summary, listener) -> None:
-    """Run the pending trials; then, from everything stored, extend the grid where an optimum sits at an edge,
-    else refine around each optimum (REFINERS); again until nothing is added. Every decision is a function of
-    the stored trials alone, so a finished sweep resumed adds nothing."""
-    base_grid = parse_lrs(recipe.lrs)
+    """Run the pending trials, then the next round's (next_round), until nothing is added."""
     while True:
         for spec, result in runner.run(pending):
-            store.add(spec, result, _meta(recipe, spec, result))
+            store.add(spec, result, meta(recipe, spec))
             done.add(spec.key)
             summary.ran += 1
             listener.trial_done(spec, result)
-        pending = []
-        metrics = _group_metrics(store)
-        summary.at_edge = []
-        for reg, rank in groups(recipe):
-            new, why = extension(metrics.get((reg, rank), {}), base_grid, recipe.max_extend)
-            name = "full-ft" if reg == FULL else f"{reg} r={rank}"
-            if new is None:
-                if why.startswith("still"):
-                    summary.at_edge.append(f"{name}: {why}")
-                continue
-            specs = [make_spec(recipe, reg, rank, new, s) for s in range(recipe.seeds)]
-            specs = [s for s in specs if s.key not in done]
-            if specs:
-                line = f"{name}: best at the {why} edge of the grid, added lr={lr_label(new)}"
-                summary.added.append(line)
-                listener.note(line)
-                pending.extend(specs)
-        for refine in REFINERS if recipe.refine else ():
-            if pending:
-                break
-            pending = refine(recipe, store, metrics, done, summary, listener)
+        pending = next_round(recipe, store, done, summary, listener)
         if not pending:
             return
         listener.grow(len(pending))
 
 
-def refinement(lrs_metrics: dict[float, list[float]]) -> list[float]:
-    """Half-octave LRs either side of an interior best grid point that the grid lacks there.
-
-    A power-of-2 grid puts one point per octave near the optimum; the local fit (optimum.py) needs a few more
-    to estimate the curvature on both sides and the noise, and they cost two LRs per group."""
-    means = {lr: sum(v) / len(v) for lr, v in lrs_metrics.items() if v}
-    finite = {lr: m for lr, m in means.items() if math.isfinite(m)}
-    if len(finite) < 3:
-        return []
-    grid = sorted(means)
-    best = min(finite, key=finite.get)
-    if best in (grid[0], grid[-1]):
-        return []
-    out = []
-    for new in (best * 2**-0.5, best * 2**0.5):
-        if all(abs(math.log2(new / lr)) > 0.3 for lr in grid):
-            out.append(new)
-    return out
+def next_round(recipe, store, done, summary, listener) -> list[TrialSpec]:
+    """From everything stored: one more LR where an optimum sits at a grid's edge, else refinements around each
+    optimum (REFINERS). Every decision is a function of the stored trials alone, so a finished sweep resumed
+    adds nothing; `done`: keys not to add again."""
+    base_grid = parse_lrs(recipe.lrs)
+    pending: list[TrialSpec] = []
+    metrics = _group_metrics(store)
+    summary.at_edge = []
+    for reg, rank in groups(recipe):
+        new, why = extension(metrics.get((reg, rank), {}), base_grid, recipe.max_extend)
+        name = "full-ft" if reg == FULL else f"{reg} r={rank}"
+        if new is None:
+            if why.startswith("still"):
+                summary.at_edge.append(f"{name}: {why}")
+            continue
+        specs = [make_spec(recipe, reg, rank, new, s) for s in range(recipe.seeds)]
+        specs = [s for s in specs if s.key not in done]
+        if specs:
+            line = f"{name}: best at the {why} edge of the grid, added lr={lr_label(new)}"
+            summary.added.append(line)
+            listener.note(line)
+            pending.extend(specs)
+    for refine in REFINERS if recipe.refine else ():
+        if pending:
+            break
+        pending = refine(recipe, store, metrics, done, summary, listener)
+    return pending
 
 
 def _refinements(recipe, store, metrics, done, summary, listener) -> list[TrialSpec]:
@@ -281,7 +254,8 @@ def _group_metrics(store: TrialStore) -> dict[tuple[str, int], dict[float, list[
     return out
 
 
-def _meta(recipe: Recipe, spec: TrialSpec, result: TrialResult) -> dict:
+def meta(recipe: Recipe, spec: TrialSpec) -> dict:
+    """What is stored with a trial besides its result: its LoRA settings and the recipe it ran."""
     return {
         **spec.lora_settings(recipe.alpha0),
         "steps": recipe.steps,

@@ -1,5 +1,5 @@
 """Runs trials on one device: loads the base model and the data once, then one unit of work after another
-(a unit is one trial, or several LoRA trials that differ only in LR and train side by side: batched.py).
+(a unit is one trial, or several LoRA trials that differ only in LR and train side by side: train/stacked.py).
 
 Out of GPU memory is never a trial's result. A unit that runs out is split in halves until single trials
 remain; a single trial then runs with eager steps (no graph pool), then with the GPU to itself (the other slots
@@ -22,9 +22,9 @@ from ..errors import MuaError
 from ..science.theory import FULL
 from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
-from ..train.batched import NotBatchable, run_batched
-from ..train.loop import run_trial
-from ..train.tasks import load_workload
+from ..train.loop import run_batched, run_trial
+from ..train.stacked import NotBatchable
+from ..train.workload import load_workload
 
 
 def resolve_device(device: str) -> str:
@@ -100,7 +100,7 @@ class TrialRunner:
         # each trial's model is a copy of the base, so it inherits the base's fused kernels
         self._unfuse = fuse(self.base, device, self.on_note) if fused else lambda: None
         self.share = gpu_share(device)
-        self.batchable = True  # until a unit finds a part of the model that trials cannot share (batched.py)
+        self.batchable = True  # until a unit finds a part of the model that trials cannot share (train/stacked.py)
 
     def close(self) -> None:
         """Undoes what fusing the kernels changed beyond this runner's models (fused.py)."""

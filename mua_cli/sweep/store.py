@@ -30,23 +30,24 @@ from optuna.trial import TrialState
 from ..errors import MuaError
 from ..science.theory import FULL, MAX_RANK, REGIMES
 from ..spec.trial import TrialResult, TrialSpec
+from .urls import check_driver, connection_problem, redact, scrub, with_driver
 
 STUDY = "mua"
 DB_NAME = "trials.db"
-_DISTRIBUTIONS = {
+DISTRIBUTIONS = {
     "regime": CategoricalDistribution([*REGIMES, FULL]),
     "rank": IntDistribution(0, MAX_RANK),
     "lr": FloatDistribution(1e-12, 1e6, log=True),
     "seed": IntDistribution(0, 1 << 31),
 }
 # what a store's backend raises when the file or the disk under it fails (optuna wraps sqlalchemy's errors)
-_STORAGE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, OSError)
+STORAGE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, OSError)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def storage_url(run_dir: Path, storage: str | None = None) -> str:
-    return storage or os.environ.get("MUA_STORAGE") or _local_url(run_dir)
+    return with_driver(storage or os.environ.get("MUA_STORAGE") or _local_url(run_dir))
 
 
 def _local_url(run_dir: Path) -> str:
@@ -57,10 +58,13 @@ class TrialStore:
     """A run's trials. `create=False` opens an existing store to read it: the run folder's SQLite file is then
     opened read-only (SQLite's `mode=ro`), never created, locked for writing or changed."""
 
-    def __init__(self, run_dir: Path, storage: str | None = None, create: bool = True):
+    def __init__(self, run_dir: Path, storage: str | None = None, create: bool = True, study: str | None = None):
+        """`study`: a shared study (sweep/shared.py) of that name; None: the run's own study."""
         self.run_dir = Path(run_dir)
         self.url = storage_url(self.run_dir, storage)
-        self.writable = create
+        self.writable, self.name, self.shared = create, study or STUDY, study is not None
+        if (problem := check_driver(self.url)) is not None:
+            raise MuaError(problem)
         self.study: optuna.Study | None = None
         # the run folder's own file (not a shared storage URL): checked, and opened read-only where only read
         self.db = db = self.run_dir / DB_NAME if self.url == _local_url(self.run_dir) else None
@@ -95,26 +99,67 @@ class TrialStore:
 
     def _open(self, url: str, creator=None) -> optuna.Study | None:
         """The study, created when writable; None when a read-only store has none (killed while being made)."""
+        from .shared import check_schema, shared_storage
+
         try:
             if not self.writable:
                 kwargs = {"creator": creator} if creator else None
                 storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, skip_table_creation=True)
                 try:
-                    return optuna.load_study(study_name=STUDY, storage=storage)
+                    return optuna.load_study(study_name=self.name, storage=storage)
                 except KeyError:
+                    if self.shared:
+                        raise MuaError(self._no_study(storage)) from None
+                    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+                    if len(names) == 1:  # a run folder swept with `--study NAME`: its one study, unnamed
+                        self.name = names[0]
+                        return optuna.load_study(study_name=self.name, storage=storage)
                     return None
-            return optuna.create_study(storage=url, study_name=STUDY, load_if_exists=True)
-        except _STORAGE_ERRORS as e:
+            storage = shared_storage(url) if self.shared else url
+            study = optuna.create_study(storage=storage, study_name=self.name, load_if_exists=True)
+            if self.shared:
+                check_schema(study)
+            return study
+        except STORAGE_ERRORS as e:
             raise self._error(e, "open" if not self.writable else "create") from None
-        except Exception as e:  # sqlalchemy's or alembic's errors for a foreign database
-            raise MuaError(f"cannot open the trial store {self.url}: {_first_line(e)}") from None
+        except MuaError:
+            raise
+        except Exception as e:  # sqlalchemy's or alembic's errors for a foreign database or another optuna
+            raise MuaError(f"cannot open the trial store {redact(self.url)}: {self._line(e)}") from None
+
+    def open_study(self) -> optuna.Study:
+        """The shared study, which must exist (`mua worker`): one line when it does not."""
+        self.writable = False
+        try:
+            storage = optuna.storages.RDBStorage(self.url, skip_table_creation=False)
+            optuna.load_study(study_name=self.name, storage=storage)
+        except KeyError:
+            raise MuaError(self._no_study(storage)) from None
+        except STORAGE_ERRORS as e:
+            raise self._error(e, "open") from None
+        except Exception as e:  # noqa: BLE001 — another optuna's schema, a foreign database
+            raise MuaError(f"cannot open the trial store {redact(self.url)}: {self._line(e)}") from None
+        self.writable = True
+        self.study = self._open(self.url)
+        return self.study
+
+    def _no_study(self, storage) -> str:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)] if storage is not None else []
+        there = f"; studies there: {', '.join(names)}" if names else "; it holds none"
+        return f"no study {self.name!r} in {redact(self.url)}{there} (`mua sweep --study NAME` plans one)"
+
+    def _line(self, e: BaseException) -> str:
+        """A driver's message, without the password, and what it means where it is one a user can fix."""
+        text = scrub(_first_line(_root(e)), self.url)
+        meaning = connection_problem(text)
+        return f"{meaning} ({text})" if meaning else text
 
     def _error(self, e: BaseException, doing: str) -> MuaError:
         """One line for a store that failed under us: which file, and whether it is corrupted, read-only or full."""
         cause = _root(e)
         text = _first_line(cause).lower()
         code = getattr(cause, "errno", None)
-        where = str(self.db) if self.db is not None else self.url
+        where = str(self.db) if self.db is not None else redact(self.url)
         if code in (errno.ENOSPC, errno.EDQUOT) or "disk is full" in text:
             if doing == "create":
                 return MuaError(f"cannot create the trial store {where}: disk full ({_first_line(cause)}); "
@@ -130,7 +175,7 @@ class TrialStore:
         if "no such table" in text:
             return MuaError(f"{where} is an SQLite database but not a trial store ({_first_line(cause)})")
         verb = "read" if doing == "open" else "write"
-        return MuaError(f"cannot {verb} the trial store {where}: {_first_line(cause)}")
+        return MuaError(f"cannot {verb} the trial store {where}: {self._line(cause)}")
 
     def trials(self) -> list[optuna.trial.FrozenTrial]:
         """One trial per key: a failed one is replaced by its retry, and a finished result is final."""
@@ -138,7 +183,7 @@ class TrialStore:
             return []
         try:
             stored = self.study.get_trials(deepcopy=False)
-        except _STORAGE_ERRORS as e:
+        except STORAGE_ERRORS as e:
             raise self._error(e, "open") from None
         except ValueError as e:  # a trial's JSON garbled on disk, where SQLite's own structure is whole
             raise MuaError(
@@ -147,8 +192,9 @@ class TrialStore:
         latest: dict[str, optuna.trial.FrozenTrial] = {}
         for t in stored:
             key = t.user_attrs.get("key")
-            if key is None:
-                continue
+            failed = t.state == TrialState.FAIL and t.user_attrs.get("status") == "failed"
+            if key is None or not (t.state == TrialState.COMPLETE or failed):
+                continue  # queued or running in a shared study (shared.py), or a dead worker's, queued again
             old = latest.get(key)
             if old is None or old.user_attrs.get("status") == "failed":
                 latest[key] = t
@@ -165,14 +211,14 @@ class TrialStore:
         attrs = {"key": spec.key, **result.to_dict(), **meta}
         trial = optuna.trial.create_trial(
             params={"regime": spec.regime, "rank": spec.rank, "lr": spec.lr, "seed": spec.seed},
-            distributions=_DISTRIBUTIONS,
+            distributions=DISTRIBUTIONS,
             value=None if state == TrialState.FAIL else result.metric,
             state=state,
             user_attrs=attrs,
         )
         try:
             self.study.add_trial(trial)  # one transaction: a trial is stored whole or not at all
-        except _STORAGE_ERRORS as e:
+        except STORAGE_ERRORS as e:
             raise self._error(e, "write") from None
 
     def info(self) -> dict:
@@ -181,7 +227,7 @@ class TrialStore:
             return {}
         try:
             return dict(self.study.user_attrs)
-        except _STORAGE_ERRORS as e:
+        except STORAGE_ERRORS as e:
             raise self._error(e, "open") from None
 
     def set_info(self, **values) -> None:
@@ -192,18 +238,19 @@ class TrialStore:
             for k, v in values.items():
                 if old.get(k) != v:
                     self.study.set_user_attr(k, v)
-        except _STORAGE_ERRORS as e:
+        except STORAGE_ERRORS as e:
             raise self._error(e, "write") from None
 
 
-def load_trials(run_dir: Path, storage: str | None = None) -> pd.DataFrame:
+def load_trials(run_dir: Path, storage: str | None = None, study: str | None = None) -> pd.DataFrame:
     """Every stored trial of a run as a DataFrame (one row a trial), read without writing to the store.
 
     `attrs["info"]` holds what the sweep recorded about the run besides the trials (`TrialStore.info`)."""
-    store = TrialStore(run_dir, storage, create=False)
+    store = TrialStore(run_dir, storage, create=False, study=study)
     df = frame(store)
     if df.empty:
-        raise MuaError(f"{run_dir} has no trials yet; run `mua sweep --out {run_dir}` first")
+        where = f"study {store.name!r}" if store.shared else str(run_dir)
+        raise MuaError(f"{where} has no finished trials yet; run `mua sweep` (or `mua worker`) first")
     df.attrs["info"] = store.info()
     return df
 

@@ -248,12 +248,3 @@ def param_groups(
             label = "body" if not per_layer else f"fan-in scale {s:.4g}"
             out.info.append(GroupInfo(label, lr * s, n, s))
     return out
-
-
-def skip_input_casts(model: torch.nn.Module) -> None:
-    """For training under bf16 autocast: peft casts each LoRA input to the adapter's fp32, and autocast casts it
-    straight back to bf16 for the matmul. The round trip is exact and costs two copies per adapted layer
-    (measured: copies were the largest kernel class of a step on the GPU, benchmarks/gpu_profile.py)."""
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            module.cast_input_dtype_enabled = False

@@ -1,4 +1,10 @@
-"""One trial: a TrialSpec in, a TrialResult out (loss curve, final metric, status, timings)."""
+"""The training loop: where every trial's steps run, one trial alone or several LoRA trials side by side.
+
+`train_steps` is the one loop. It asks a `Trainer` for the rest: one trial's model with torch's AdamW
+(`run_trial`), or K trials that differ only in LR, stacked in one model with a per-trial AdamW (`run_batched`,
+stacked.py). On the CPU it is a plain PyTorch loop; on a GPU the same loop replays each step as a CUDA graph
+(accel.step) and reads the losses every CHECK_EVERY steps, so that the host never waits for the device.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +13,18 @@ import math
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from ..accel.attention import drop_causal_mask, model_kernels, step_kernels
-from ..accel.graphed import Step, set_lrs
-from ..accel.lora_addmm import fold_lora_adds
-from ..accel.lora_gpu import precast_adapters
+from .. import accel
+from ..accel.attention import model_kernels
+from ..accel.graphed import set_lrs
 from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
-from .adapters import head_modules, param_groups, prepare, skip_input_casts
-from .data import TokenData
-from .models import hidden_size, lm_loss
+from .adapters import head_modules, param_groups, prepare
+from .models import hidden_size
+from .stacked import NotBatchable, StackedAdamW, build, evaluate_stacked, per_trial_loss, repeat
 from .tasks import as_task
 
 CHECK_EVERY = 10  # on a GPU, losses are read (and divergence checked) every this many steps
@@ -46,6 +52,45 @@ def first_divergence(values: list[float], factor: float) -> int | None:
     return None
 
 
+@dataclass
+class Trainer:
+    """What the loop needs of the trials it trains (K of them: 1 alone, or K batched)."""
+
+    model: torch.nn.Module
+    params: list[torch.Tensor]  # the trainable tensors; their gradients are unset before a graph capture
+    k: int
+    step: Callable[[], None]  # forward, backward, clip and update on the current batch; each loss into `loss`
+    loss: torch.Tensor  # [K]: the last step's loss of each trial
+    set_lr: Callable[[float], None]  # the schedule's factor for the next step
+    load: Callable[[object], None]  # the next step's batch, put where `step` reads it
+    graphs: bool  # whether the step may be replayed as a CUDA graph (the batches keep one shape)
+
+
+def train_steps(t: Trainer, recipe: Recipe, batch_at, device: str, on_step=None, on_note=None) -> list[list[float]]:
+    """The loop: every step's LR, batch and update; each trial's loss curve, up to the check after the last
+    trial diverged (finish() cuts each curve at its own first divergence)."""
+    step_fn = accel.step(t.step, t.model, device, t.graphs, on_note)
+    check = 1 if device == "cpu" else CHECK_EVERY
+    schedule = lr_lambda(recipe)
+    losses = torch.full((recipe.steps, t.k), math.nan, device=device)  # stays on the device between checks
+    curves: list[list[float]] = [[] for _ in range(t.k)]
+    for step in range(recipe.steps):
+        t.set_lr(schedule(step))
+        t.load(batch_at(step))
+        step_fn(t.params)
+        losses[step] = t.loss
+        if (step + 1) % check == 0 or step + 1 == recipe.steps:
+            for curve, new in zip(curves, losses[len(curves[0]) : step + 1].T.tolist(), strict=True):
+                curve += new
+            live = [c[-1] for c in curves if first_divergence(c, recipe.divergence_factor) is None]
+            if on_step:  # progress, and where a pool's Ctrl-C stops the trials
+                on_step(step, min(live) if live else curves[0][-1])
+            if not live:
+                break
+    step_fn.close()
+    return curves
+
+
 def finish(values: list[float], recipe: Recipe, device: str) -> TrialResult:
     """A loss curve → a result: the curve ends at its first diverging step (included); the metric of a
     finished trial is the training loss averaged over the last `metric_frac` of its steps."""
@@ -58,17 +103,6 @@ def finish(values: list[float], recipe: Recipe, device: str) -> TrialResult:
     return result
 
 
-def fast_forward(model: torch.nn.Module, recipe: Recipe, device: str, causal_lm: bool) -> None:
-    """The forward's speed-ups, for serial and batched trials alike (docs/performance.md). Each computes the
-    same arithmetic; the whole-layer LoRA function rounds at other places (bf16 on a GPU: tests/test_lora_addmm.py)."""
-    fold_lora_adds(model, whole_layer=device.startswith("cuda"))
-    if device.startswith("cuda"):
-        precast_adapters(model)
-        skip_input_casts(model)
-        if causal_lm:
-            drop_causal_mask(model, recipe.seq_len)
-
-
 def set_eval(result: TrialResult, eval_loss: float, recipe: Recipe) -> None:
     result.eval_loss = eval_loss
     if recipe.metric == "eval":
@@ -77,10 +111,24 @@ def set_eval(result: TrialResult, eval_loss: float, recipe: Recipe) -> None:
         result.status, result.metric = "diverged", math.inf
 
 
+def _autocast(device: str):
+    # autocast's weight-cast cache cannot live across graph replays; the base is bf16 where it matters
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=accel.is_gpu(device), cache_enabled=False)
+
+
+def _failed(e: Exception, n: int, device: str, t0: float) -> list[TrialResult]:
+    error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
+    return [TrialResult("failed", math.nan, wall_time=time.perf_counter() - t0, device=device, error=error)
+            for _ in range(n)]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ one trial
+
+
 def run_trial(
     spec: TrialSpec,
     base: torch.nn.Module,
-    data: TokenData,
+    data,
     recipe: Recipe,
     device: str = "cpu",
     on_step: Callable[[int, float], None] | None = None,
@@ -88,21 +136,14 @@ def run_trial(
     on_note: Callable[[str], None] | None = None,
 ) -> TrialResult:
     """Train one trial. Divergence is a result, not an error; any other exception is a failed trial.
-    `graphs`: on a GPU, replay the step as a CUDA graph (graphed.py) where the task's batches keep one shape."""
+    `graphs`: on a GPU, replay the step as a CUDA graph where the task's batches keep one shape."""
     t0 = time.perf_counter()
     try:
         return _train(spec, base, data, recipe, device, on_step, t0, graphs, on_note)
     except (KeyboardInterrupt, SystemExit, torch.cuda.OutOfMemoryError):
-        raise  # out of memory: the runner tries again with less on the GPU (runner.py)
+        raise  # out of memory: the runner tries again with less on the GPU (sweep/runner.py)
     except Exception as e:  # a failed trial is stored with its error; the sweep goes on
-        tb = traceback.format_exc(limit=3)
-        return TrialResult(
-            "failed",
-            math.nan,
-            wall_time=time.perf_counter() - t0,
-            device=device,
-            error=f"{type(e).__name__}: {e}\n{tb}",
-        )
+        return _failed(e, 1, device, t0)[0]
 
 
 def _train(spec, base, data, recipe, device, on_step, t0, graphs, on_note) -> TrialResult:
@@ -111,67 +152,19 @@ def _train(spec, base, data, recipe, device, on_step, t0, graphs, on_note) -> Tr
     torch.manual_seed(spec.seed)
     model = prepare(base, spec.regime, spec.rank, recipe.alpha0, recipe.targets, spec.seed, head).to(device)
     model.train()
-    fast_forward(model, recipe, device, task.kind == "causal-lm")
+    accel.prepare(model, device, task.kind == "causal-lm", recipe.seq_len)
     groups = param_groups(model, spec.regime, spec.lr, head, recipe.head_lr, recipe.per_layer_lr, hidden_size(base))
-    params = groups.params
-    cuda = device.startswith("cuda")
-    peaks = [g.get("lr", spec.lr) for g in groups.groups]
-    # On a GPU the LRs are device tensors, updated in place: a captured step reads them (graphed.py)
-    lr_of = (lambda x: torch.tensor(float(x), device=device)) if cuda else float
-    opt = torch.optim.AdamW(
-        [{**g, "lr": lr_of(p)} for g, p in zip(groups.groups, peaks, strict=True)],
-        lr=lr_of(spec.lr),
-        betas=tuple(recipe.betas),
-        eps=recipe.eps,
-        weight_decay=recipe.weight_decay,
-        fused=cuda or None,
-        capturable=cuda,
-    )
-    schedule = lr_lambda(recipe)
-    batch_at = task.train_batches(spec.seed, recipe.steps, recipe.batch_size, device)
-    # autocast's weight-cast cache cannot live across graph replays; the base is bf16 where it matters
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda, cache_enabled=False)
-    fixed = task.fixed_shape  # batches of one shape are copied into one buffer that a graph can read
-    batch = clone_batch(batch_at(0)) if fixed else None
-    loss_out = torch.zeros((), device=device)
-
-    def one_step() -> None:
-        with autocast:
-            loss = task.loss(model, batch)
-        loss_out.copy_(loss.detach())
-        loss.backward()
-        if recipe.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step_fn = Step(one_step, device, graphs and fixed, on_note, step_kernels(model))
-    # Losses stay on the device and are read every `check` steps: the step loop never waits for the host.
-    check = 1 if device == "cpu" else CHECK_EVERY
-    losses = torch.full((recipe.steps,), math.nan, device=device)
-    seen: list[float] = []
-    for step in range(recipe.steps):
-        set_lrs(opt, peaks, schedule(step))
-        if fixed:
-            copy_batch(batch, batch_at(step))
-        else:
-            batch = batch_at(step)
-        step_fn(params)
-        losses[step] = loss_out
-        if (step + 1) % check == 0 or step + 1 == recipe.steps:
-            seen += losses[len(seen) : step + 1].tolist()
-            if on_step:
-                on_step(step, seen[-1])
-            if first_divergence(seen, recipe.divergence_factor) is not None:
-                break
-    step_fn.close()
-    result = finish(seen, recipe, device)
+    t = _one(model, groups, spec, task, recipe, device, graphs)
+    curve = train_steps(t, recipe, task.train_batches(spec.seed, recipe.steps, recipe.batch_size, device), device,
+                        on_step, on_note)[0]  # fmt: skip
+    result = finish(curve, recipe, device)
     result.info = _info(recipe, task, groups, head, base)
     if result.status == "ok" and (recipe.metric == "eval" or recipe.eval_fraction > 0):
         low = next(base.parameters()).dtype != torch.float32  # a bf16 base evaluates under autocast too
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda") and low), \
-                model_kernels(model, device):  # fmt: skip
-            scores = evaluate_task(model, task, recipe.batch_size, device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=accel.is_gpu(device) and low), \
+                model_kernels(model, device), torch.no_grad():  # fmt: skip
+            model.eval()
+            scores = task.evaluate(model, recipe.batch_size, device)
         set_eval(result, scores["loss"], recipe)
         if "accuracy" in scores:
             result.info["eval_accuracy"] = scores["accuracy"]
@@ -179,17 +172,42 @@ def _train(spec, base, data, recipe, device, on_step, t0, graphs, on_note) -> Tr
     return result
 
 
-def clone_batch(batch):
-    """A buffer for the step's batch (a tensor or a dict of them) that lives as long as the trial."""
-    return {k: v.clone() for k, v in batch.items()} if isinstance(batch, dict) else batch.clone()
+def _one(model, groups, spec: TrialSpec, task, recipe: Recipe, device: str, graphs: bool) -> Trainer:
+    """One trial: torch's AdamW over its LR groups (adapters, a head at its fixed LR, per-layer LRs)."""
+    gpu = accel.is_gpu(device)
+    peaks = [g.get("lr", spec.lr) for g in groups.groups]
+    # On a GPU the LRs are device tensors, updated in place: a captured step reads them (accel/graphed.py)
+    lr_of = (lambda x: torch.tensor(float(x), device=device)) if gpu else float
+    opt = torch.optim.AdamW(
+        [{**g, "lr": lr_of(p)} for g, p in zip(groups.groups, peaks, strict=True)],
+        lr=lr_of(spec.lr),
+        betas=tuple(recipe.betas),
+        eps=recipe.eps,
+        weight_decay=recipe.weight_decay,
+        fused=gpu or None,
+        capturable=gpu,
+    )
+    params, autocast, fixed = groups.params, _autocast(device), task.fixed_shape
+    batch: dict = {}  # a fixed-shape batch is copied into one buffer that a graph can read
+    loss_out = torch.zeros(1, device=device)
 
+    def load(b) -> None:
+        if fixed and "x" in batch:
+            _copy_batch(batch["x"], b)
+        else:
+            batch["x"] = _clone_batch(b) if fixed else b
 
-def copy_batch(dst, src) -> None:
-    if isinstance(dst, dict):
-        for k, v in dst.items():
-            v.copy_(src[k])
-    else:
-        dst.copy_(src)
+    def one_step() -> None:
+        with autocast:
+            loss = task.loss(model, batch["x"])
+        loss_out.copy_(loss.detach().view(1))
+        loss.backward()
+        if recipe.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return Trainer(model, params, 1, one_step, loss_out, lambda f: set_lrs(opt, peaks, f), load, graphs and fixed)
 
 
 def _info(recipe, task, groups, head, base) -> dict:
@@ -205,17 +223,104 @@ def _info(recipe, task, groups, head, base) -> dict:
     return info
 
 
-@torch.no_grad()
-def evaluate_task(model: torch.nn.Module, task, batch_size: int, device: str) -> dict:
-    model.eval()
-    scores = task.evaluate(model, batch_size, device)
-    model.train()
-    return scores
+def _clone_batch(batch):
+    """A buffer for the step's batch (a tensor or a dict of them) that lives as long as the trial."""
+    return {k: v.clone() for k, v in batch.items()} if isinstance(batch, dict) else batch.clone()
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data: TokenData, batch_size: int, device: str) -> float:
-    model.eval()
-    losses = [float(lm_loss(model, b.to(device))) for b in data.eval_batches(batch_size)]
-    model.train()
-    return sum(losses) / len(losses)
+def _copy_batch(dst, src) -> None:
+    if isinstance(dst, dict):
+        for k, v in dst.items():
+            v.copy_(src[k])
+    else:
+        dst.copy_(src)
+
+
+# ------------------------------------------------------------------------------------------ batched trials
+
+
+def run_batched(
+    specs: list[TrialSpec],
+    base: torch.nn.Module,
+    task,
+    recipe: Recipe,
+    device: str = "cpu",
+    on_step=None,
+    graphs: bool = True,
+    on_note=None,
+) -> list[TrialResult]:
+    """Train trials that differ only in LR together (stacked.py); any error fails them all (with the error)."""
+    t0 = time.perf_counter()
+    try:
+        return _train_batched(specs, base, task, recipe, device, on_step, t0, graphs, on_note)
+    except (KeyboardInterrupt, SystemExit, torch.cuda.OutOfMemoryError, NotBatchable):
+        raise  # the caller splits the group and tries again, or runs its trials one by one
+    except Exception as e:
+        return _failed(e, len(specs), device, t0)
+
+
+def _train_batched(specs, base, task, recipe, device, on_step, t0, graphs, on_note) -> list[TrialResult]:
+    first, task = specs[0], as_task(task)
+    if any((s.regime, s.rank, s.seed) != (first.regime, first.rank, first.seed) for s in specs):
+        raise ValueError("batched trials must share regime, rank and seed")
+    if not task.fixed_shape:
+        raise NotBatchable("the task's batches change shape")
+    k = len(specs)
+    model, params, head_params = build(base, first, recipe, k)
+    model.to(device).train()
+    accel.prepare(model, device, task.kind == "causal-lm", recipe.seq_len)
+    t = _stacked(model, params, head_params, specs, task, recipe, device, graphs)
+    curves = train_steps(t, recipe, task.train_batches(first.seed, recipe.steps, recipe.batch_size, device), device,
+                         on_step, on_note)  # fmt: skip
+    results = [finish(c, recipe, device) for c in curves]
+    if recipe.metric == "eval" or recipe.eval_fraction > 0:
+        scores = evaluate_stacked(model, task, recipe, k, device)
+        for i, r in enumerate(results):
+            if r.status == "ok":
+                set_eval(r, float(scores["loss"][i]), recipe)
+                if "accuracy" in scores:
+                    r.info["eval_accuracy"] = float(scores["accuracy"][i])
+    wall = (time.perf_counter() - t0) / k
+    n_params = sum(p[0].numel() for p in params + head_params)
+    for r in results:
+        r.wall_time = wall
+        r.info = {**r.info, "task": task.kind, "trainable_params": n_params, "batched_with": k,
+                  "base_dtype": str(next(base.parameters()).dtype).replace("torch.", "")}  # fmt: skip
+    return results
+
+
+def _stacked(model, params, head_params, specs, task, recipe: Recipe, device: str, graphs: bool) -> Trainer:
+    """K trials in one model: each its own LR, clip and divergence stop (a stopped trial's LR is 0)."""
+    k = len(specs)
+    opt = StackedAdamW([params, head_params], recipe)
+    peak = torch.tensor([s.lr for s in specs], device=device, dtype=torch.float32)
+    autocast = _autocast(device)
+    # What a captured step reads and writes lives as long as the trials (accel/graphed.py)
+    batch: dict = {}
+    lr = torch.zeros(k, device=device)
+    head_lr = torch.zeros(k, device=device)
+    loss_out = torch.zeros(k, device=device)
+    alive = torch.ones(k, dtype=torch.bool, device=device)
+    start = torch.full((k,), math.nan, device=device)  # each trial's first loss, set by the first step
+
+    def set_lr(factor: float) -> None:
+        lr.copy_(peak * factor)
+        head_lr.fill_(recipe.head_lr * factor)
+
+    def load(b) -> None:
+        if "x" in batch:
+            _copy_batch(batch["x"], repeat(b, k))
+        else:
+            batch["x"] = _clone_batch(repeat(b, k))
+
+    def one_step() -> None:
+        with autocast:
+            loss = per_trial_loss(task, model, batch["x"], k)
+        loss_out.copy_(loss.detach())
+        start.copy_(torch.where(start.isnan(), loss_out, start))
+        alive.logical_and_(torch.isfinite(loss_out) & (loss_out <= recipe.divergence_factor * start))
+        # torch.where, not a product: a stopped trial's NaN × 0 would still be NaN
+        torch.where(alive, loss, torch.zeros_like(loss)).sum().backward()
+        opt.step([lr * alive, head_lr * alive], alive)
+
+    return Trainer(model, opt.params, k, one_step, loss_out, set_lr, load, graphs)

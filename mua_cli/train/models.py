@@ -56,7 +56,7 @@ def embedded_key(recipe: Recipe) -> str:
 def load_base(recipe: Recipe, on_note=None) -> torch.nn.Module:
     """The frozen starting point of every trial, on the CPU in fp32 (trials move their copy).
 
-    For seq-cls / image-cls models, use `load_hf` with the data's labels (see tasks.load_workload)."""
+    For seq-cls / image-cls models, use `load_hf` with the data's labels (see workload.load_workload)."""
     if recipe.model.startswith("embedded:"):
         if recipe.task != "causal-lm":
             raise MuaError(f"the embedded model is a causal LM; task {recipe.task!r} needs --model NAME_OR_PATH")

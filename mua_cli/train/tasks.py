@@ -1,5 +1,5 @@
-"""Per-task batches, loss and evaluation (causal LM, sequence classification, image classification), and
-loading a workload: the base model and its data, matched (tokenizer, labels, image processor).
+"""Per-task batches, loss and evaluation: causal LM, sequence classification, image classification
+(workload.py loads each).
 
 Every task gives the trainer the same four things: `train_batches(seed, steps, batch_size, device)` → a
 function from step to batch (fixed by the seed: every LR of one seed sees the same data), `loss(model, batch)`,
@@ -8,27 +8,14 @@ function from step to batch (fixed by the seed: every LR of one seed sees the sa
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import MuaError
-from ..spec.recipe import Recipe
-from .data import (
-    Records,
-    TokenData,
-    is_messages,
-    load_lm_data,
-    open_source,
-    record_labels,
-    record_texts,
-    render_messages,
-    split_indices,
-    text_fields,
-)
-from .models import hidden_size, lm_loss, load_base, load_hf, load_image_processor, load_tokenizer
+from .data import TokenData
+from .models import lm_loss
+from .sources import Records
 
 EVAL_MAX_BATCHES = 16  # classification: held-out examples evaluated per trial, in batches
 PAD_MULTIPLE = 16  # text batches are padded to a multiple of this: few distinct shapes for the GPU's kernels
@@ -229,153 +216,6 @@ def image_column(records: Records, text_field: str) -> str:
         if c in cols:
             return c
     raise MuaError(f"dataset {records.name} has no image field; its fields: {', '.join(cols)} (set text_field)")
-
-
-# ------------------------------------------------------------------------------------------------- workloads
-
-
-@dataclass
-class Workload:
-    base: torch.nn.Module
-    task: LMTask | TextClsTask | ImageClsTask
-    notes: list[str] = field(default_factory=list)
-
-
-def compute_dtype(recipe: Recipe, device: str) -> torch.dtype:
-    """The frozen weights' dtype: the recipe's on a GPU, float32 on the CPU."""
-    return torch.bfloat16 if recipe.dtype == "bfloat16" and str(device).startswith("cuda") else torch.float32
-
-
-def _records_of(spec: str, task: str) -> Records:
-    source = open_source(spec)
-    if source.records is None:
-        raise MuaError(
-            f"task {task} needs records with inputs and labels (JSONL, CSV, a dataset or an image "
-            f"folder); {spec} is plain text"
-        )
-    if len(source.records) == 0:
-        raise MuaError(f"dataset {spec} is empty")
-    return source.records
-
-
-def load_workload(recipe: Recipe, device: str = "cpu", on_note=None) -> Workload:
-    """The base model (frozen, on the CPU) and the task's data for a recipe."""
-    from .adapters import head_modules, lora_target_names
-
-    notes: list[str] = []
-    dtype = compute_dtype(recipe, device)
-    if recipe.dtype == "bfloat16" and dtype == torch.float32:
-        notes.append("dtype bfloat16 is for GPUs: on the CPU the model runs in float32")
-    if recipe.model.startswith("embedded:"):
-        base = load_base(recipe, on_note)  # the embedded default: byte-level, no tokenizer
-        task: LMTask | TextClsTask | ImageClsTask = LMTask(
-            load_lm_data(recipe.data, recipe.seq_len, recipe.eval_fraction, recipe.text_field)
-        )
-        new: list[str] = []
-        if dtype != torch.float32:
-            base = base.to(dtype)
-    elif recipe.task == "causal-lm":
-        tok = load_tokenizer(recipe.model)
-        budget = 2 * recipe.steps * recipe.batch_size * (recipe.seq_len + 1)
-        task = LMTask(
-            load_lm_data(recipe.data, recipe.seq_len, recipe.eval_fraction, recipe.text_field, tok, max_tokens=budget)
-        )
-        loaded = load_hf(recipe.model, "causal-lm", dtype=dtype)
-        base, new = loaded.model, loaded.new_weights
-        _check_vocab(base, int(max(task.data.train.max(), task.data.eval.max())), recipe.model)
-    elif recipe.task == "seq-cls":
-        tok = load_tokenizer(recipe.model)
-        records = _records_of(recipe.data, "seq-cls")
-        labels, names = record_labels(records, recipe.label_field)
-        rows, n_train = select_examples(len(records), recipe)
-        ids = _tokenize_inputs(records, recipe, tok, rows)
-        fixed = str(device).startswith("cuda")  # one shape for CUDA graphs; the CPU pads each batch only as needed
-        task = TextClsTask(ids, [labels[i] for i in rows], names, tok.pad_token_id or 0, n_train, fixed)
-        loaded = load_hf(recipe.model, "seq-cls", labels=names, dtype=dtype)
-        base, new = loaded.model, loaded.new_weights
-        if tok.pad_token_id is not None:
-            base.config.pad_token_id = tok.pad_token_id
-        _check_vocab(base, int(task.input_ids.max()), recipe.model)
-    else:
-        records = _records_of(recipe.data, "image-cls")
-        labels, names = record_labels(records, recipe.label_field)
-        column = image_column(records, recipe.text_field)
-        rows, n_train = select_examples(len(records), recipe)
-        loaded = load_hf(recipe.model, "image-cls", labels=names, dtype=dtype)
-        base, new = loaded.model, loaded.new_weights
-        cfg = base.config
-        task = ImageClsTask(
-            records,
-            column,
-            rows,
-            [labels[i] for i in rows],
-            names,
-            n_train,
-            load_image_processor(recipe.model),
-            int(getattr(cfg, "image_size", 224) or 224),
-            int(getattr(cfg, "num_channels", 3) or 3),
-        )
-    notes.append(f"data {recipe.data}: {task.describe()}")
-    head = head_modules(base, recipe.task)
-    if head:
-        state = "new (initialized for the data's classes)" if new else "from the checkpoint"
-        notes.append(
-            f"head {', '.join(head)} ({state}) is not LoRA-adapted: it trains in full at the fixed head_lr "
-            f"{recipe.head_lr:g} in every trial, LoRA and full finetuning alike"
-        )
-    if recipe.lora_ranks:
-        names_ = lora_target_names(base, recipe.targets, head)
-        kinds = sorted({n.rsplit(".", 1)[-1] for n in names_})
-        given = recipe.targets if isinstance(recipe.targets, str) else ",".join(recipe.targets)
-        notes.append(f"LoRA targets ({given}): {len(names_)} layers, {', '.join(kinds)}")
-    if recipe.per_layer_lr:
-        notes.append(
-            f"per-layer LR: fan-in scaling with base_n = {hidden_size(base)} (Init[B] and full finetuning "
-            "base_n/n_in, Init[A] its square root)"
-        )
-    for n in notes:
-        if on_note:
-            on_note(n)
-    return Workload(base=base, task=task, notes=notes)
-
-
-def _check_vocab(model: torch.nn.Module, max_id: int, name: str) -> None:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None and max_id >= emb.num_embeddings:
-        raise MuaError(
-            f"the tokenizer of {name} gives token id {max_id}, beyond the model's {emb.num_embeddings} "
-            "embeddings: tokenizer and model do not match"
-        )
-
-
-def select_examples(n: int, recipe: Recipe) -> tuple[list[int], int]:
-    """Record indices to use, training ones first, and how many are for training: a fixed shuffle split by
-    eval_fraction; at most steps × batch_size training examples (one pass) and the held-out examples that
-    evaluation reads, so a large dataset is not preprocessed whole."""
-    train, held = split_indices(n, recipe.eval_fraction)
-    train = train[: recipe.steps * recipe.batch_size]
-    held = held[: recipe.batch_size * EVAL_MAX_BATCHES]
-    return train + held, len(train)
-
-
-def _tokenize_inputs(records: Records, recipe: Recipe, tok, rows: list[int]) -> list[list[int]]:
-    """Token ids per record, truncated to seq_len: one text field, or two as a pair (e.g. premise,hypothesis)."""
-    fields = text_fields(records, recipe.text_field)
-    if len(fields) == 2:
-        cols = [[_as_text(v, tok) for v in records.column(f, rows)] for f in fields]
-        enc = tok(cols[0], cols[1], truncation=True, max_length=recipe.seq_len)
-    else:
-        enc = tok(record_texts(records, recipe.text_field, tok, rows), truncation=True, max_length=recipe.seq_len)
-    ids = list(enc["input_ids"])
-    if not any(ids):
-        raise MuaError(f"dataset {recipe.data} is empty: no text in {recipe.text_field!r}")
-    return ids
-
-
-def _as_text(value, tok) -> str:
-    if is_messages(value):
-        return render_messages(value, tok)
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
 def as_task(data) -> LMTask | TextClsTask | ImageClsTask:

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated
 
@@ -72,7 +72,14 @@ def latest_run() -> Path:
     raise MuaError("no run folder with trials under runs/; run `mua sweep` first or name a RUN folder")
 
 
-def run_folder(run: Path | None) -> Path:
+def run_folder(run: Path | None, storage: str | None = None, study: str | None = None) -> Path:
+    """The run folder to read: the one named, or for a shared study runs/<study> (made, for fit.json), or the
+    newest under runs/."""
+    if run is None and (storage or study):
+        run = RUNS_DIR / (study or "mua")
+        with suppress(OSError):
+            run.mkdir(parents=True, exist_ok=True)
+        return run
     if run is None:
         return latest_run()
     if not run.is_dir():
@@ -117,7 +124,12 @@ def sweep(
         bool,
         typer.Option("--fused-kernels/--no-fused-kernels", help="On a GPU, Liger's fused kernels where installed."),
     ] = True,
-    storage: Annotated[str | None, typer.Option(help="Optuna storage URL to share one sweep across machines.")] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="Optuna storage URL, e.g. postgresql://USER@HOST/DB (default: the run folder).")
+    ] = None,
+    study: Annotated[
+        str | None, typer.Option(help="Plan into this shared study: `mua worker --study NAME` processes join it.")
+    ] = None,
     retry_failed: Annotated[
         bool,
         typer.Option("--retry-failed/--no-retry-failed", help="Run failed trials (errors, not divergences) again."),
@@ -135,6 +147,8 @@ def sweep(
       mua sweep --ranks 4,16,64,full --regimes A:r,B:1 --lrs 2^-12:2^-4 --steps 200
 
       mua sweep --recipe roberta-base-sst2 --ranks 4,16,full --per-layer-lr
+
+      mua sweep --storage postgresql://mua@db/mua --study big --device cuda:0   (then `mua worker` anywhere)
     """
     with user_errors():
         from ..spec.recipe import load_recipe
@@ -170,7 +184,7 @@ def sweep(
         try:
             with listener:
                 ex = Execution(dev, workers_per_gpu, batch_trials, cuda_graphs, fused_kernels)
-                summary = run_sweep(r, run_dir, dev, listener, storage, ex, retry_failed)
+                summary = run_sweep(r, run_dir, dev, listener, storage, ex, retry_failed, study)
         except KeyboardInterrupt:
             Console(stderr=True).print(
                 f"[yellow]interrupted:[/] finished trials are stored in {run_dir}; run the same command to resume"
@@ -178,7 +192,7 @@ def sweep(
             raise typer.Exit(130) from None
         for line in summary.at_edge:
             console.print(f"[yellow]![/] {line}: widen --lrs or raise max_extend")
-        console.print(sweep_table(load_trials(run_dir, storage)))
+        console.print(sweep_table(load_trials(run_dir, storage, study)))
         retried = f" ({summary.retried} of them failed before)" if summary.retried else ""
         console.print(
             f"ran {summary.ran} trial(s){retried}, skipped {summary.skipped} already stored · next: mua fit {run_dir}"
@@ -194,6 +208,8 @@ def fit(
     run: Annotated[Path | None, typer.Argument(help="Run folder (default: the newest under runs/).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print fit.json to stdout.")] = False,
     plot: Annotated[bool, typer.Option(help="Write fit.png.")] = True,
+    storage: Annotated[str | None, typer.Option(help="Read the trials from this Optuna storage URL.")] = None,
+    study: Annotated[str | None, typer.Option(help="Read this shared study (default run folder runs/NAME).")] = None,
 ):
     """Find η* per regime and rank, fit the η*-vs-rank exponent per regime and test it against μA.
 
@@ -208,10 +224,10 @@ def fit(
     with user_errors():
         from .report import fit_tables
 
-        run_dir = run_folder(run)
+        run_dir = run_folder(run, storage, study)
         from ..api import refit
 
-        result, saved = refit(run_dir, note)
+        result, saved = refit(run_dir, note, storage, study)
         wrote = [run_dir / "fit.json"] if saved else []
         if plot and saved:  # a folder that took no fit.json takes no picture either
             from .plots import plot_fit
@@ -254,6 +270,8 @@ def transfer(
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print the learning rate alone.")] = False,
+    storage: Annotated[str | None, typer.Option(help="Read the trials from this Optuna storage URL.")] = None,
+    study: Annotated[str | None, typer.Option(help="Read this shared study.")] = None,
 ):
     """The learning rate for full finetuning or a target LoRA rank, with an interval and its basis.
 
@@ -275,7 +293,7 @@ def transfer(
         from .report import prediction_panel
 
         # fit.json where it is newer than the trials (fit wrote it), else a fresh fit
-        result = fit_of(run_folder(run), fresh=False, on_note=note)
+        result = fit_of(run_folder(run, storage, study), fresh=False, on_note=note, storage=storage, study=study)
         proxy = fit_of(run_folder(calibrate), fresh=False, on_note=note) if calibrate is not None else None
         pred = predict(result, to, regime, basis, proxy, heuristic)
         if json_out:
@@ -284,6 +302,61 @@ def transfer(
             typer.echo(f"{pred.lr:.6g}")
         else:
             Console().print(prediction_panel(pred))
+
+
+@app.command()
+def worker(
+    study: Annotated[str, typer.Option(help="The shared study to work on (planned by `mua sweep --study NAME`).")],
+    storage: Annotated[
+        str | None, typer.Option(help="Its Optuna storage URL (default: the SQLite file of --out).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder whose trials.db holds the study (one machine).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N: one worker, one device.")] = "auto",
+    batch_trials: Annotated[int, typer.Option(min=0, help="LoRA trials per forward pass; 0 picks by size.")] = 0,
+    cuda_graphs: Annotated[
+        bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="On a GPU, replay each step as a CUDA graph.")
+    ] = True,
+    wait: Annotated[
+        float, typer.Option(min=0, help="Stop after this many seconds with no trial to run (0: wait for done).")
+    ] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress.")] = False,
+):
+    """Work on a shared study: run its queued trials until its sweep is done.
+
+    Start any number, on any machines, one or more per GPU. A worker killed mid-trial loses only that trial's
+    progress: its heartbeat stops, and another worker runs the trial again. Ctrl-C hands the trial back.
+
+    Examples:
+
+      mua worker --storage postgresql://mua@db/mua --study big --device cuda:0
+
+      mua worker --out runs/tiny --study mua --device cpu
+    """
+    with user_errors():
+        from ..sweep.execute import Execution
+        from ..sweep.runner import resolve_device
+        from ..sweep.store import TrialStore
+        from ..sweep.worker import join
+        from .progress import RichListener
+
+        if storage is None and out is None:
+            raise MuaError("mua worker needs --storage URL, or --out RUN for a study in that run folder's trials.db")
+        dev = resolve_device(device)
+        if dev == "cuda":
+            dev = "cuda:0"  # one worker, one GPU: start one per GPU with --device cuda:N
+        store = TrialStore(out or RUNS_DIR / study, storage, create=False, study=study)
+        console, _ = consoles(quiet)
+        listener = RichListener(console, live=not quiet and console.is_terminal, notes=not quiet)
+        try:
+            with listener:
+                summary = join(store, dev, listener, Execution(dev, 0, batch_trials, cuda_graphs), wait)
+        except KeyboardInterrupt:
+            Console(stderr=True).print("[yellow]interrupted:[/] the trials in hand went back to the queue")
+            raise typer.Exit(130) from None
+        console.print(
+            f"ran {summary.ran} trial(s) for study {study!r} · next: mua fit --study {study}"
+            + (" --storage URL" if storage else f" {out}")
+        )
 
 
 @app.command()

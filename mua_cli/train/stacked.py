@@ -1,33 +1,25 @@
-"""Several LoRA trials in one forward pass: the trials of one (regime, rank, seed) differ only in learning
-rate, so they share the frozen base, the data and the init, and can train side by side.
+"""Several LoRA trials side by side: the trials of one (regime, rank, seed) differ only in learning rate, so
+they share the frozen base, the data and the init.
 
 Each step's batch is repeated K times, copy k running through adapter k (as multi-LoRA serving does). peft
-builds the LoRA layers (same targets, same scaling as the serial path); their lora_A / lora_B are swapped for
+builds the LoRA layers (same targets, same scaling as one trial alone); their lora_A / lora_B are swapped for
 stacked [K, out, in] weights, and so are a classifier's head layers, which every trial trains in full at the
-fixed head LR. Causal LMs and classifiers alike, where the task's batches keep one shape. An AdamW over the
-stack gives every trial its own learning rate, gradient clip and divergence stop with torch.optim.AdamW's
-arithmetic, so each trial matches the serial path up to floating-point rounding (tests/test_batched.py,
-tests/test_batched_cls.py).
+fixed head LR. An AdamW over the stack gives every trial its own learning rate, gradient clip and divergence
+stop with torch.optim.AdamW's arithmetic, so each trial matches a trial trained alone up to floating-point
+rounding (tests/test_batched.py, tests/test_batched_cls.py). The loop that trains them is loop.py's.
 """
 
 from __future__ import annotations
-
-import math
-import time
-import traceback
 
 import torch
 from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 
-from ..accel.attention import model_kernels, step_kernels
-from ..accel.graphed import Step
+from ..accel.attention import model_kernels
 from ..science.theory import FULL
 from ..spec.recipe import Recipe
-from ..spec.trial import TrialResult, TrialSpec
+from ..spec.trial import TrialSpec
 from .adapters import head_modules, prepare
-from .loop import CHECK_EVERY, clone_batch, copy_batch, fast_forward, finish, lr_lambda, set_eval
-from .tasks import as_task
 
 
 class StackedLinear(torch.nn.Module):
@@ -154,101 +146,8 @@ def repeat(batch, k: int):
     return batch.repeat(k, *[1] * (batch.dim() - 1))
 
 
-def run_batched(
-    specs: list[TrialSpec],
-    base: torch.nn.Module,
-    task,
-    recipe: Recipe,
-    device: str = "cpu",
-    on_step=None,
-    graphs: bool = True,
-    on_note=None,
-) -> list[TrialResult]:
-    """Train trials that differ only in LR together; any error fails them all (with the error)."""
-    t0 = time.perf_counter()
-    try:
-        return _train(specs, base, task, recipe, device, on_step, t0, graphs, on_note)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as e:
-        if isinstance(e, (torch.cuda.OutOfMemoryError, NotBatchable)):
-            raise  # the caller splits the group and tries again, or runs its trials one by one
-        error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
-        return [TrialResult("failed", math.nan, wall_time=time.perf_counter() - t0, device=device, error=error)
-                for _ in specs]  # fmt: skip
-
-
-def _train(specs, base, task, recipe, device, on_step, t0, graphs, on_note) -> list[TrialResult]:
-    first, task = specs[0], as_task(task)
-    if any((s.regime, s.rank, s.seed) != (first.regime, first.rank, first.seed) for s in specs):
-        raise ValueError("batched trials must share regime, rank and seed")
-    if not task.fixed_shape:
-        raise NotBatchable("the task's batches change shape")
-    k = len(specs)
-    model, params, head_params = build(base, first, recipe, k)
-    model.to(device).train()
-    fast_forward(model, recipe, device, causal_lm=task.kind == "causal-lm")
-    opt = StackedAdamW([params, head_params], recipe)
-    peak = torch.tensor([s.lr for s in specs], device=device, dtype=torch.float32)
-    schedule = lr_lambda(recipe)
-    batch_at = task.train_batches(first.seed, recipe.steps, recipe.batch_size, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"), cache_enabled=False)
-    check = 1 if device == "cpu" else CHECK_EVERY
-    # What a captured step reads and writes lives as long as the trials (graphed.py)
-    batch = clone_batch(repeat(batch_at(0), k))
-    lr = torch.zeros(k, device=device)
-    head_lr = torch.zeros(k, device=device)
-    loss_out = torch.zeros(k, device=device)
-    alive = torch.ones(k, dtype=torch.bool, device=device)
-    start = torch.full((k,), math.nan, device=device)  # each trial's first loss, set by the first step
-
-    def one_step() -> None:
-        with autocast:
-            loss = per_trial_loss(task, model, batch, k)
-        loss_out.copy_(loss.detach())
-        start.copy_(torch.where(start.isnan(), loss_out, start))
-        alive.logical_and_(torch.isfinite(loss_out) & (loss_out <= recipe.divergence_factor * start))
-        # torch.where, not a product: a stopped trial's NaN × 0 would still be NaN
-        torch.where(alive, loss, torch.zeros_like(loss)).sum().backward()
-        opt.step([lr * alive, head_lr * alive], alive)
-
-    step_fn = Step(one_step, device, graphs, on_note, step_kernels(model))
-    losses = torch.full((recipe.steps, k), math.nan, device=device)
-    seen = 0
-    for step in range(recipe.steps):
-        factor = schedule(step)
-        lr.copy_(peak * factor)
-        head_lr.fill_(recipe.head_lr * factor)
-        copy_batch(batch, repeat(batch_at(step), k))
-        step_fn(opt.params)
-        losses[step] = loss_out
-        if (step + 1) % check == 0 or step + 1 == recipe.steps:
-            seen = step + 1
-            if on_step:
-                on_step(step, float(losses[step][alive].min()) if bool(alive.any()) else math.nan)
-            if not bool(alive.any()):
-                break
-    step_fn.close()
-    curves = losses[:seen].T.tolist()
-    results = [finish(c, recipe, device) for c in curves]
-    if recipe.metric == "eval" or recipe.eval_fraction > 0:
-        scores = _evaluate(model, task, recipe, k, device)
-        for i, r in enumerate(results):
-            if r.status == "ok":
-                set_eval(r, float(scores["loss"][i]), recipe)
-                if "accuracy" in scores:
-                    r.info["eval_accuracy"] = float(scores["accuracy"][i])
-    wall = (time.perf_counter() - t0) / k
-    n_params = sum(p[0].numel() for p in params + head_params)
-    for r in results:
-        r.wall_time = wall
-        r.info = {**r.info, "task": task.kind, "trainable_params": n_params, "batched_with": k,
-                  "base_dtype": str(next(base.parameters()).dtype).replace("torch.", "")}  # fmt: skip
-    return results
-
-
 @torch.no_grad()
-def _evaluate(model, task, recipe: Recipe, k: int, device: str) -> dict:
+def evaluate_stacked(model, task, recipe: Recipe, k: int, device: str) -> dict:
     """Each trial's held-out loss (and a classifier's accuracy), on the batches the serial path evaluates."""
     model.eval()
     low = next(model.parameters()).dtype != torch.float32

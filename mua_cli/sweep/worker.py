@@ -1,0 +1,155 @@
+"""Working on a shared study (shared.py): `mua worker` claims units of trials until the planner says the sweep
+is done; `mua sweep --study NAME` plans each round and works beside the workers."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import MuaError
+from ..spec.recipe import Recipe, recipe_from_dict
+from . import shared
+from .execute import Execution, trials_per_pass
+from .grid import plan
+from .store import STORAGE_ERRORS, TrialStore
+
+RETRY_FOR_S = 600  # a database that stays unreachable this long ends the worker (its trials go stale, then back)
+
+
+@dataclass
+class WorkSummary:
+    ran: int = 0
+    handed_back: int = 0
+
+
+def plan_and_work(recipe: Recipe, store: TrialStore, done: set[str], device: str, listener, execution, summary):
+    """The planner: queues the plan, works on it, and once no trial is waiting or running (every worker's
+    finished) queues the next round (run.next_round), until none is added; then marks the study done."""
+    from .run import meta, next_round
+
+    study = store.study
+    for name, value in {shared.SCHEMA_KEY: shared.SCHEMA, shared.RECIPE: recipe.to_dict()}.items():
+        if study.user_attrs.get(name) != value:
+            study.set_user_attr(name, value)
+    study.set_user_attr(shared.STATE, "planning")
+    everything = plan(recipe)
+    pending = [s for s in everything if s.key not in done]
+    summary.skipped, summary.device = len(everything) - len(pending), device
+    listener.start(total=len(everything), done=summary.skipped)
+    runner = _runner(recipe, device, listener, execution)
+    try:
+        while pending:
+            with shared.planning_lock(study, store.url, store.db.parent if store.db else None):
+                queued = shared.enqueue(study, pending, lambda s: meta(recipe, s))
+            if queued:
+                listener.note(f"queued {queued} trial(s) in study {store.name!r}; `mua worker` processes may join")
+            summary.ran += work(store, recipe, runner, listener, until_idle=True).ran
+            done = store.keys()
+            pending = next_round(recipe, store, done, summary, listener)
+            if pending:
+                listener.grow(len(pending))
+        study.set_user_attr(shared.STATE, "done")
+    finally:
+        runner.close()
+    return summary
+
+
+def _runner(recipe: Recipe, device: str, listener, execution: Execution | None):
+    from .runner import TrialRunner
+
+    ex = execution or Execution()
+    return TrialRunner(recipe, device, listener, ex.cuda_graphs, ex.fused_kernels)
+
+
+def join(store: TrialStore, device: str, listener, execution: Execution | None, wait_s: float) -> WorkSummary:
+    """`mua worker`: the study's recipe, then units until the study is done (or nothing came for `wait_s`)."""
+    study = store.open_study()
+    raw = study.user_attrs.get(shared.RECIPE)
+    if raw is None:
+        raise MuaError(f"study {store.name!r} has no plan yet: start `mua sweep --study {store.name}` first")
+    recipe = recipe_from_dict(raw, source=f"study {store.name!r}")
+    runner = _runner(recipe, device, listener, execution)
+    try:
+        return work(store, recipe, runner, listener, until_idle=False, wait_s=wait_s, execution=execution)
+    finally:
+        runner.close()
+
+
+def work(store, recipe, runner, listener, until_idle: bool, wait_s: float = 0.0, execution=None) -> WorkSummary:
+    """Claims and runs units until none is waiting and none is running (the planner: `until_idle`), or until the
+    study is done (a worker). A Ctrl-C or SIGTERM hands the unit in hand back to the queue."""
+    from .run import meta
+
+    study, out = store.study, WorkSummary()
+    ex = dataclasses.replace(execution or Execution(), device=runner.device)
+    k = trials_per_pass(ex, recipe, runner.n_params)
+    beat = shared.Heartbeat(study)
+    idle_since = time.monotonic()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
+    try:
+        while True:
+            _retrying(lambda: shared.reap(study), listener)
+            unit = _retrying(lambda: shared.claim(study, k, lambda s: _batchable(s, recipe)), listener)
+            if unit:
+                beat.held = unit
+                try:
+                    listener.trial_start(unit[0][1])
+                    results = runner.run_unit([spec for _, spec in unit])
+                except BaseException:
+                    _retrying(lambda held=unit: shared.release(study, held), listener)
+                    out.handed_back += len(unit)
+                    raise
+                for (trial_id, spec), result in zip(unit, results, strict=True):
+                    _retrying(lambda t=trial_id, r=result, s=spec: shared.finish(study, t, r, meta(recipe, s)),
+                              listener)  # fmt: skip
+                    out.ran += 1
+                    listener.trial_done(spec, result)
+                beat.held = []
+                idle_since = time.monotonic()
+                continue
+            waiting, running = _retrying(lambda: shared.counts(study), listener)
+            if until_idle and not waiting and not running:
+                return out
+            if not until_idle and not waiting and study.user_attrs.get(shared.STATE) == "done":
+                return out
+            if not until_idle and wait_s and time.monotonic() - idle_since > wait_s:
+                listener.note(f"no trial came for {wait_s:g} s: this worker stops")
+                return out
+            shared.wait()
+    finally:
+        beat.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _batchable(spec, recipe: Recipe) -> bool:
+    from ..train.stacked import can_batch
+
+    return can_batch(spec, recipe)
+
+
+def _retrying(fn: Callable, listener):
+    """`fn()`, tried again while the database cannot be reached (a restart, say), for up to RETRY_FOR_S."""
+    start, told = time.monotonic(), False
+    while True:
+        try:
+            return fn()
+        except STORAGE_ERRORS as e:
+            if time.monotonic() - start > RETRY_FOR_S:
+                raise MuaError(f"the trial store stayed unreachable for {RETRY_FOR_S} s; stopping") from e
+            if not told:
+                listener.note("the trial store cannot be reached; retrying (finished results are kept in memory)")
+                told = True
+            time.sleep(1.0)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
