@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import MuaError
 from .science.fit import FitResult, fit_run
 from .science.full_ft import predict_full
-from .science.theory import MAX_RANK, TRANSFER_REGIME
+from .science.theory import MAX_RANK, TRANSFER_REGIME, get_regime
 from .science.transfer import CHOICES, FULL_TARGET, Prediction, predict_rank
 from .spec.recipe import Recipe, load_recipe
 from .sweep.execute import Execution
@@ -100,6 +100,8 @@ def predict(
         raise MuaError(f"unknown --basis {basis!r}; choose from {', '.join(CHOICES)}")
     target = str(to).strip().lower()
     if target in (FULL_TARGET, "full"):
+        if regime is not None and get_regime(regime).name != TRANSFER_REGIME:  # get_regime: one line if unknown
+            raise MuaError(f"--regime applies to a rank target; full finetuning is predicted from {TRANSFER_REGIME}")
         return predict_full(result, heuristic=heuristic, basis=basis, calibration=calibration)
     if calibration is not None:
         raise MuaError("--calibrate applies to --to full-ft only")

@@ -241,16 +241,16 @@ CASES: list[Case] = [
     Case("steps-zero", NUMBERS, "0 steps", sweep("--steps", "0"), "steps must be at least 2, not 0"),
     Case("steps-one", NUMBERS, "1 step", sweep("--steps", "1"), "steps must be at least 2, not 1"),
     Case("steps-negative", NUMBERS, "-5 steps", sweep("--steps", "-5"), "at least 2, not -5"),
-    Case("steps-word", NUMBERS, "a word", sweep("--steps", "abc"), "--steps", bug=TYPER),
+    Case("steps-word", NUMBERS, "a word", sweep("--steps", "abc"), "--steps"),
     Case("batch-zero", NUMBERS, "batch 0", sweep("--batch-size", "0"), "batch_size must be at least 1"),
     Case("batch-negative", NUMBERS, "batch -8", sweep("--batch-size", "-8"), "not -8"),
-    Case("batch-word", NUMBERS, "a word", sweep("--batch-size", "x"), "--batch-size", bug=TYPER),
+    Case("batch-word", NUMBERS, "a word", sweep("--batch-size", "x"), "--batch-size"),
     Case("seeds-zero", NUMBERS, "0 seeds", sweep("--seeds", "0"), "seeds must be at least 1, not 0"),
-    Case("seeds-fraction", NUMBERS, "1.5 seeds", sweep("--seeds", "1.5"), "--seeds", bug=TYPER),
+    Case("seeds-fraction", NUMBERS, "1.5 seeds", sweep("--seeds", "1.5"), "--seeds"),
     Case("alpha0-zero", NUMBERS, "α0 = 0", sweep("--alpha0", "0"), "alpha0 must be positive"),
     Case("alpha0-negative", NUMBERS, "α0 < 0", sweep("--alpha0", "-1"), "alpha0 must be positive"),
     Case("alpha0-nan", NUMBERS, "α0 NaN", sweep("--alpha0", "nan"), "alpha0 must be positive"),
-    Case("alpha0-word", NUMBERS, "a word", sweep("--alpha0", "one"), "--alpha0", bug=TYPER),
+    Case("alpha0-word", NUMBERS, "a word", sweep("--alpha0", "one"), "--alpha0"),
     Case("metric-unknown", NUMBERS, "an unknown metric", sweep("--metric", "loss"), "not 'loss'"),
     Case("task-unknown", NUMBERS, "an unknown task", sweep("--task", "translation"), "unknown task"),
     Case(
@@ -259,9 +259,8 @@ CASES: list[Case] = [
         "-1 slots per GPU",
         sweep("--workers-per-gpu", "-1"),
         "--workers-per-gpu",
-        bug=TYPER,
     ),
-    Case("batch-trials-word", NUMBERS, "a word", sweep("--batch-trials", "x"), "--batch-trials", bug=TYPER),
+    Case("batch-trials-word", NUMBERS, "a word", sweep("--batch-trials", "x"), "--batch-trials"),
     # -------------------------------------------------------------------------------------------- devices
     Case("device-unknown", DEVICES, "an unknown device", sweep("--device", "tpu"), "unknown device 'tpu'"),
     Case("device-empty", DEVICES, "nothing", sweep("--device", ""), "unknown device ''"),
@@ -295,7 +294,6 @@ CASES: list[Case] = [
         "`cuda:x` on a machine with one GPU",
         sweep("--device", "cuda:x"),
         "--device cuda:x: this machine has GPUs",
-        bug=f"{AS_MARKUP}: `cuda:x:` becomes the emoji ❌",
         gpus=1,
     ),
     Case(
@@ -304,7 +302,6 @@ CASES: list[Case] = [
         "`cuda:-1` on a machine with one GPU",
         sweep("--device", "cuda:-1"),
         "--device cuda:-1: this machine has GPUs",
-        bug=f"{AS_MARKUP}: `cuda:-1:` becomes the emoji 👎",
         gpus=1,
     ),
     Case(
@@ -513,37 +510,30 @@ CASES: list[Case] = [
         RMODEL,
         {"model_config": {**TINY_TEST_RECIPE["model_config"], "hidden_size": 30}},
         "hidden_size",
-        bug="transformers' StrictDataclassClassValidationError (RoPE needs an even head_dim: 30 / 2 heads = 15) "
-        "escapes as a traceback, exit 1",
     ),
     recipe_case(
         "heads-not-dividing",
         RMODEL,
         {"model_config": {**TINY_TEST_RECIPE["model_config"], "num_attention_heads": 3}},
         "num_attention_heads",
-        bug="transformers' StrictDataclassClassValidationError (hidden size 32 is not a multiple of 3 heads) "
-        "escapes as a traceback, exit 1",
     ),
     recipe_case(
         "pretrain-steps-word",
         RMODEL,
         {"pretrain": {"steps": "x"}},
         "pretrain",
-        bug="ValueError from int(pre['steps']) in train/models.py pretrain() escapes as a traceback, exit 1",
     ),
     recipe_case(
         "pretrain-steps-zero",
         RMODEL,
         {"pretrain": {"steps": 0}},
         "pretrain",
-        bug="torch's OneCycleLR ValueError (total_steps 0) escapes as a traceback, exit 1",
     ),
     recipe_case(
         "pretrain-lr-word",
         RMODEL,
         {"pretrain": {"lr": "fast"}},
         "pretrain",
-        bug="TypeError from torch's AdamW ('<=' between float and str) escapes as a traceback, exit 1",
     ),
     recipe_case("pretrain-data-unknown", RMODEL, {"pretrain": {"data": "embedded:nope"}}, "no embedded corpus 'nope'"),
     recipe_case(
@@ -604,7 +594,6 @@ CASES: list[Case] = [
         "bad.parquet",
         b"PAR1 garbage",
         "cannot read data file bad.parquet: Parquet magic bytes not found",
-        bug="a stray stderr line from the datasets library ('Failed to read schema from …') comes before the error",
     ),
     data_case("data-empty-folder", "an empty folder", "folder", None, "is neither a saved dataset"),
     Case(
@@ -750,7 +739,7 @@ CASES: list[Case] = [
         RUNS,
         "trials.db of another program (SQLite)",
         cmd("fit", lambda c: c.sqlite("run", "create table notes(x)", "insert into notes values (1)")),
-        "run/trials.db is an SQLite database but not a trial store",
+        "trials.db is an SQLite database but not a trial store",
     ),
     Case(
         "transfer-store-truncated",
@@ -800,15 +789,13 @@ CASES: list[Case] = [
         "`sweep` into another program's SQLite file",
         sweep("--out", lambda c: c.sqlite("run", "create table notes(x)", "insert into notes values (1)")),
         "is an SQLite database but not a trial store",
-        bug="the sweep adds Optuna's tables to the other program's database and starts its trials",
     ),
     Case(
         "sweep-into-foreign-studies-table",
         RUNS,
         "`sweep` into an SQLite file with an unrelated `studies` table",
         sweep("--out", lambda c: c.sqlite("run", "create table studies(x)")),
-        "table studies has no column named study_name",
-        bug="the file is changed (Optuna's other tables are added) before the sweep gives up",
+        "trials.db is an SQLite database but not a trial store",
     ),
     Case(
         "fit-bare-no-runs",
@@ -859,7 +846,6 @@ CASES: list[Case] = [
         "`--to` without its value",
         cmd("transfer", lambda c: c.run(), "--to"),
         "--to",
-        bug=TYPER,
     ),
     Case(
         "basis-unknown",
@@ -916,7 +902,6 @@ CASES: list[Case] = [
         "an unknown regime with `--to full-ft`",
         cmd("transfer", lambda c: c.run(), "--to", "full-ft", "--regime", "bogus"),
         "unknown regime 'bogus'",
-        bug="--regime is not read for --to full-ft, so a regime that does not exist is ignored: exit 0 and an answer",
     ),
     Case(
         "calibrate-missing",
@@ -1107,28 +1092,26 @@ CASES: list[Case] = [
         "no-run holds no trial store",
     ),
     # ----------------------------------------------------------------------------------- the command line
-    Case("option-unknown", CLI, "an option that does not exist", cmd("sweep", "--rank", "4"), "--rank", bug=TYPER),
-    Case("argument-extra", CLI, "an extra argument", cmd("sweep", "extra"), "extra", bug=TYPER),
-    Case("fit-two-runs", CLI, "two run folders", cmd("fit", "run1", "run2"), "run2", bug=TYPER),
-    Case("option-no-value", CLI, "an option without its value", cmd("sweep", "--recipe"), "--recipe", bug=TYPER),
+    Case("option-unknown", CLI, "an option that does not exist", cmd("sweep", "--rank", "4"), "--rank"),
+    Case("argument-extra", CLI, "an extra argument", cmd("sweep", "extra"), "extra"),
+    Case("fit-two-runs", CLI, "two run folders", cmd("fit", "run1", "run2"), "run2"),
+    Case("option-no-value", CLI, "an option without its value", cmd("sweep", "--recipe"), "--recipe"),
     Case(
         "flag-with-value",
         CLI,
         "a value given to an on/off flag",
         cmd("sweep", "--per-layer-lr=maybe"),
         "--per-layer-lr",
-        bug=TYPER,
     ),
-    Case("worker-no-study", CLI, "`worker` without `--study`", cmd("worker", "--out", "run"), "--study", bug=TYPER),
+    Case("worker-no-study", CLI, "`worker` without `--study`", cmd("worker", "--out", "run"), "--study"),
     Case(
         "worker-wait-negative",
         CLI,
         "`worker --wait -1`",
         cmd("worker", "--study", "s", "--out", "run", "--wait", "-1"),
         "--wait",
-        bug=TYPER,
     ),
-    Case("command-unknown", CLI, "a command that does not exist", cmd("swep"), "swep", bug=TYPER),
+    Case("command-unknown", CLI, "a command that does not exist", cmd("swep"), "swep"),
     # ------------------------------------------------------------------------------- text that looks like markup
     Case(
         "markup-closing-tag",
@@ -1136,8 +1119,6 @@ CASES: list[Case] = [
         "a rank written `[/foo]`",
         sweep("--ranks", "[/foo]"),
         "bad rank '[/foo]'",
-        bug=f"{AS_MARKUP}: rich.errors.MarkupError ('closing tag [/foo] doesn't match any open tag') escapes as a "
-        "traceback, exit 1",
     ),
     Case(
         "markup-recipe-path",
@@ -1145,7 +1126,6 @@ CASES: list[Case] = [
         "a recipe path holding `[/x]`",
         sweep("--recipe", "[/x].yaml"),
         "recipe file [/x].yaml does not exist",
-        bug=f"{AS_MARKUP}: rich.errors.MarkupError escapes as a traceback, exit 1",
     ),
     Case(
         "markup-run-path",
@@ -1153,7 +1133,6 @@ CASES: list[Case] = [
         "a run folder named `old[/run]`",
         cmd("fit", "old[/run]"),
         "run folder old[/run] does not exist",
-        bug=f"{AS_MARKUP}: rich.errors.MarkupError escapes as a traceback, exit 1",
     ),
     Case(
         "markup-style-tag",
@@ -1161,7 +1140,6 @@ CASES: list[Case] = [
         "a rank written `[bold]x`",
         sweep("--ranks", "[bold]x"),
         "bad rank '[bold]x'",
-        bug=f"{AS_MARKUP}: `[bold]` is taken as a style and vanishes from the message",
     ),
     Case(
         "markup-emoji-code",
@@ -1169,7 +1147,6 @@ CASES: list[Case] = [
         "a rank written `:x:`",
         sweep("--ranks", ":x:"),
         "bad rank ':x:'",
-        bug=f"{AS_MARKUP}: `:x:` is printed as the emoji ❌",
     ),
     Case(
         "markup-data-path",
@@ -1177,7 +1154,6 @@ CASES: list[Case] = [
         "a data file named `[red]notes.txt` that does not exist",
         sweep("--data", "[red]notes.txt"),
         "data [red]notes.txt does not exist",
-        bug=f"{AS_MARKUP}: `[red]` is taken as a colour and vanishes from the message",
     ),
 ]
 CATEGORIES = list(dict.fromkeys(c.category for c in CASES))

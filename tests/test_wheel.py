@@ -58,8 +58,8 @@ def test_installed_wheel_has_the_default_model(fresh):
 
 
 def test_installed_wheel_sweeps_the_embedded_default(fresh):
-    """The default recipe, cut to three trials of five steps (and what refining adds), from the wheel alone, with an empty cache: the
-    shipped model loads, nothing is pretrained or downloaded, and the trials are stored."""
+    """The default recipe, cut to three trials of five steps (and what refining adds), from the wheel alone,
+    with an empty cache: the shipped model loads, nothing is pretrained or downloaded, and the trials are stored."""
     python, cwd = fresh
     env = {**os.environ, "MUA_CACHE": str(cwd / "cache"), "HF_HUB_OFFLINE": "1"}
     argv = ["mua", "sweep", "--ranks", "4", "--regimes", "A:r", "--lrs", "2^-7:2^-5", "--steps", "5",

@@ -97,6 +97,7 @@ class Recipe:
         _check(0 < self.min_lr_ratio <= 1, "min_lr_ratio must be in (0, 1]")
         _check(0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)")
         _check(self.head_lr > 0, f"head_lr must be positive, not {self.head_lr}")
+        self._check_pretrain()
         for k, v in self.model_config.items():
             if k in SIZE_KEYS:
                 _check(
@@ -104,6 +105,23 @@ class Recipe:
                     f"model_config: {k} must be a positive whole number, not {v!r}",
                 )
         return self
+
+    def _check_pretrain(self) -> None:
+        """The embedded model's pretraining: data (text), steps and batch_size (whole numbers ≥ 1), lr (> 0),
+        seed (a whole number)."""
+        known = {"data", "steps", "batch_size", "lr", "seed"}
+        unknown = sorted(set(self.pretrain) - known)
+        _check(
+            not unknown, f"pretrain: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(sorted(known))}"
+        )
+        for k in ("steps", "batch_size", "seed"):
+            v = self.pretrain.get(k, 1)
+            ok = isinstance(v, int) and not isinstance(v, bool) and (v >= 0 if k == "seed" else v >= 1)
+            _check(ok, f"pretrain: {k} must be a whole number{'' if k == 'seed' else ' of at least 1'}, not {v!r}")
+        lr = self.pretrain.get("lr", 1e-3)
+        _check(isinstance(lr, int | float) and not isinstance(lr, bool) and lr > 0,
+               f"pretrain: lr must be a positive number, not {lr!r}")  # fmt: skip
+        _check(isinstance(self.pretrain.get("data", ""), str), "pretrain: data must be text, e.g. embedded:shakespeare")
 
     @property
     def rank_list(self) -> list[int | str]:

@@ -13,6 +13,7 @@ written once, its attributes then its state: a trial cut off in between is stale
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 import time
@@ -29,12 +30,16 @@ from ..errors import MuaError
 from ..spec.trial import TrialResult, TrialSpec
 from .store import DISTRIBUTIONS
 
-HEARTBEAT_S = 5  # a worker's heartbeat for the trials it holds
-GRACE_S = 30  # a RUNNING trial without a heartbeat for this long is stale: failed, and queued again
+# a worker's heartbeat for the trials it holds; a RUNNING trial without one for GRACE_S is stale: failed, and
+# queued again (whole seconds, as Optuna takes them; the environment may shorten both, as the tests do)
+HEARTBEAT_S = int(os.environ.get("MUA_HEARTBEAT_S", "5"))
+GRACE_S = int(os.environ.get("MUA_GRACE_S", "30"))
 MAX_RETRY = 5  # a trial whose worker died this many times is left failed
 POLL_S = 1.0  # how often an idle worker looks at the queue again
 SCHEMA = 1  # what this mua writes into a shared study; a study of another schema is refused
 STATE, RECIPE, SCHEMA_KEY = "mua_state", "mua_recipe", "mua_schema"  # the study's attributes
+PLANNER_SEEN = "mua_planner_seen"  # when the planner last said it is alive (its clock, seconds since the epoch)
+PLANNER_GONE_S = 300  # a worker with nothing to claim stops when the planner has been silent this long
 
 
 def shared_storage(url: str) -> optuna.storages.RDBStorage:
@@ -68,14 +73,12 @@ def _begin_immediate(connection) -> None:
 
 
 @contextlib.contextmanager
-def planning_lock(study: optuna.Study, url: str, lock_dir: Path | None) -> Iterator[None]:
+def planning_lock(storage: optuna.storages.RDBStorage, name: str, lock_dir: Path | None) -> Iterator[None]:
     """One planner at a time queues trials: PostgreSQL's advisory lock (held by a connection of its own), or a
-    file lock beside an SQLite store (SQLite is one machine's). Other databases: no lock, and no promise."""
-    if url.startswith("postgresql"):
-        import sqlalchemy
-
-        engine = study._storage.engine  # noqa: SLF001 — the storage's own engine: same URL, same credentials
-        key = abs(hash(("mua", study.study_name))) % (1 << 62)
+    lock on the run folder of an SQLite store (SQLite is one machine's). Other databases: no lock, no promise."""
+    if storage.engine.dialect.name == "postgresql":
+        engine = storage.engine
+        key = int.from_bytes(hashlib.sha256(f"mua:{name}".encode()).digest()[:7], "big")  # the same in every process
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
             try:
@@ -146,6 +149,7 @@ def claim(study: optuna.Study, k: int, batchable: Callable[[TrialSpec], bool]) -
         try:
             if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):  # noqa: SLF001
                 storage.record_heartbeat(t._trial_id)  # noqa: SLF001
+                storage.set_trial_system_attr(t._trial_id, "mua_worker", worker_id())  # noqa: SLF001
                 for name, value in _params(spec).items():  # what readers of finished trials go by
                     dist = DISTRIBUTIONS[name]
                     storage.set_trial_param(t._trial_id, name, dist.to_internal_repr(value), dist)  # noqa: SLF001
@@ -228,3 +232,12 @@ def worker_id() -> str:
 
 def wait(seconds: float = POLL_S) -> None:
     time.sleep(seconds)
+
+
+def planner_gone(study: optuna.Study) -> bool:
+    """Whether the planner stopped (an error) or has not been seen for PLANNER_GONE_S (killed)."""
+    attrs = study.user_attrs
+    if attrs.get(STATE) == "stopped":
+        return True
+    seen = attrs.get(PLANNER_SEEN)
+    return seen is not None and time.time() - float(seen) > PLANNER_GONE_S

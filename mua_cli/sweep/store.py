@@ -63,6 +63,7 @@ class TrialStore:
         self.run_dir = Path(run_dir)
         self.url = storage_url(self.run_dir, storage)
         self.writable, self.name, self.shared = create, study or STUDY, study is not None
+        self.rdb = None  # a shared study's storage (sweep/shared.py)
         if (problem := check_driver(self.url)) is not None:
             raise MuaError(problem)
         self.study: optuna.Study | None = None
@@ -104,7 +105,14 @@ class TrialStore:
         try:
             if not self.writable:
                 kwargs = {"creator": creator} if creator else None
-                storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, skip_table_creation=True)
+                try:
+                    storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, skip_table_creation=True)
+                except STORAGE_ERRORS as e:
+                    if "version_info" not in str(_root(e)):
+                        raise
+                    if self.shared:  # a database without Optuna's tables: no study at all
+                        raise MuaError(self._no_study(None)) from None
+                    return None
                 try:
                     return optuna.load_study(study_name=self.name, storage=storage)
                 except KeyError:
@@ -115,7 +123,7 @@ class TrialStore:
                         self.name = names[0]
                         return optuna.load_study(study_name=self.name, storage=storage)
                     return None
-            storage = shared_storage(url) if self.shared else url
+            storage = self.rdb = shared_storage(url) if self.shared else url
             study = optuna.create_study(storage=storage, study_name=self.name, load_if_exists=True)
             if self.shared:
                 check_schema(study)
@@ -297,6 +305,7 @@ def _check_sqlite(db: Path, run_dir: Path) -> None:
         con = _read_only(db)
         try:
             problems = [row[0] for row in con.execute("PRAGMA quick_check(1)")]
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         finally:
             con.close()
     except sqlite3.DatabaseError as e:  # "database disk image is malformed", "file is not a database"
@@ -304,6 +313,11 @@ def _check_sqlite(db: Path, run_dir: Path) -> None:
     if problems != ["ok"]:
         lines = [s for s in str(problems[0]).splitlines() if s.strip() and not s.startswith("***")]
         raise MuaError(_corrupted_message(run_dir, (lines or ["quick_check failed"])[0][:200]))
+    if tables and "version_info" not in tables:  # another program's database: never written to
+        raise MuaError(
+            f"run folder {run_dir}: {DB_NAME} is an SQLite database but not a trial store (its tables: "
+            f"{', '.join(sorted(tables)[:5])}); it was left untouched: use another --out folder"
+        )
 
 
 def _corrupted_message(run_dir: Path, why: str) -> str:

@@ -3,6 +3,7 @@ is done; `mua sweep --study NAME` plans each round and works beside the workers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import threading
@@ -41,9 +42,10 @@ def plan_and_work(recipe: Recipe, store: TrialStore, done: set[str], device: str
     summary.skipped, summary.device = len(everything) - len(pending), device
     listener.start(total=len(everything), done=summary.skipped)
     runner = _runner(recipe, device, listener, execution)
+    finished = False
     try:
         while pending:
-            with shared.planning_lock(study, store.url, store.db.parent if store.db else None):
+            with shared.planning_lock(store.rdb, store.name, store.db.parent if store.db else None):
                 queued = shared.enqueue(study, pending, lambda s: meta(recipe, s))
             if queued:
                 listener.note(f"queued {queued} trial(s) in study {store.name!r}; `mua worker` processes may join")
@@ -53,8 +55,12 @@ def plan_and_work(recipe: Recipe, store: TrialStore, done: set[str], device: str
             if pending:
                 listener.grow(len(pending))
         study.set_user_attr(shared.STATE, "done")
+        finished = True
     finally:
         runner.close()
+        if not finished:  # an error or Ctrl-C: workers stop once the queue is empty; a new planner resumes
+            with contextlib.suppress(*STORAGE_ERRORS):
+                study.set_user_attr(shared.STATE, "stopped")
     return summary
 
 
@@ -65,12 +71,24 @@ def _runner(recipe: Recipe, device: str, listener, execution: Execution | None):
     return TrialRunner(recipe, device, listener, ex.cuda_graphs, ex.fused_kernels)
 
 
-def join(store: TrialStore, device: str, listener, execution: Execution | None, wait_s: float) -> WorkSummary:
-    """`mua worker`: the study's recipe, then units until the study is done (or nothing came for `wait_s`)."""
-    study = store.open_study()
-    raw = study.user_attrs.get(shared.RECIPE)
-    if raw is None:
-        raise MuaError(f"study {store.name!r} has no plan yet: start `mua sweep --study {store.name}` first")
+def join(open_store: Callable[[], TrialStore], device: str, listener, execution: Execution | None,
+         wait_s: float) -> WorkSummary:  # fmt: skip
+    """`mua worker`: the study's recipe, then units until the study is done. `wait_s`: how long to wait for the
+    planner to make the study and for trials to claim (0: a missing study is an error at once)."""
+    start = time.monotonic()
+    while True:
+        try:
+            store = open_store()
+            study = store.open_study()
+            raw = study.user_attrs.get(shared.RECIPE)
+            if raw is not None:
+                break
+            problem = f"study {store.name!r} has no plan yet: start `mua sweep --study {store.name}` first"
+        except MuaError as e:
+            problem = str(e)
+        if time.monotonic() - start >= wait_s:
+            raise MuaError(problem)
+        shared.wait()
     recipe = recipe_from_dict(raw, source=f"study {store.name!r}")
     runner = _runner(recipe, device, listener, execution)
     try:
@@ -88,10 +106,17 @@ def work(store, recipe, runner, listener, until_idle: bool, wait_s: float = 0.0,
     ex = dataclasses.replace(execution or Execution(), device=runner.device)
     k = trials_per_pass(ex, recipe, runner.n_params)
     beat = shared.Heartbeat(study)
-    idle_since = time.monotonic()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
+    idle_since, said_alive = time.monotonic(), 0.0
+    # SIGTERM (a scheduler stopping a job) and SIGINT, even where the shell that started us ignores it (`&` in a
+    # script), hand the unit back; restored on the way out
+    previous = (
+        {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
+    )
     try:
         while True:
+            if until_idle and time.monotonic() - said_alive > 10:  # the planner: workers see it is alive
+                _retrying(lambda: study.set_user_attr(shared.PLANNER_SEEN, time.time()), listener)
+                said_alive = time.monotonic()
             _retrying(lambda: shared.reap(study), listener)
             unit = _retrying(lambda: shared.claim(study, k, lambda s: _batchable(s, recipe)), listener)
             if unit:
@@ -116,14 +141,17 @@ def work(store, recipe, runner, listener, until_idle: bool, wait_s: float = 0.0,
                 return out
             if not until_idle and not waiting and study.user_attrs.get(shared.STATE) == "done":
                 return out
+            if not until_idle and not waiting and not running and shared.planner_gone(study):
+                listener.note("the planner has stopped and the queue is empty: this worker stops")
+                return out
             if not until_idle and wait_s and time.monotonic() - idle_since > wait_s:
                 listener.note(f"no trial came for {wait_s:g} s: this worker stops")
                 return out
             shared.wait()
     finally:
         beat.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _batchable(spec, recipe: Recipe) -> bool:

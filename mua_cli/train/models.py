@@ -36,7 +36,13 @@ def cache_dir() -> Path:
 
 def embedded_config(recipe: Recipe) -> LlamaConfig:
     cfg = {**TINY_DEFAULTS, **recipe.model_config, "vocab_size": BYTE_VOCAB}
-    return LlamaConfig(**cfg)
+    try:
+        return LlamaConfig(**cfg)
+    except Exception as e:  # noqa: BLE001 — transformers' own checks (head sizes, rotary dimensions, types)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        shape = f"hidden_size {cfg.get('hidden_size')}, num_attention_heads {cfg.get('num_attention_heads')}"
+        why = lines[-1] if lines else type(e).__name__
+        raise MuaError(f"recipe: model_config ({shape}) is not a valid model: {why}") from None
 
 
 def embedded_key(recipe: Recipe) -> str:

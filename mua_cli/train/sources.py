@@ -4,6 +4,7 @@ table of records; the records' texts, labels and fixed train / held-out split.""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,10 @@ def _read_record_file(p: Path, spec: str) -> Records:
         if suffix == ".parquet":
             import datasets
 
-            return Records(spec, dataset=datasets.Dataset.from_parquet(str(p)))
+            datasets.logging.set_verbosity_error()
+            datasets.logging.disable_progress_bar()
+            with _quiet("datasets.packaged_modules.parquet.parquet"):  # it logs the error we then report
+                return Records(spec, dataset=datasets.Dataset.from_parquet(str(p)))
         text = p.read_text(encoding="utf-8")
         if suffix in (".csv", ".tsv"):
             rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
@@ -307,3 +311,17 @@ def record_labels(records: Records, label_field: str) -> tuple[list[int], list[s
     distinct = sorted({str(v) for v in values})
     index = {v: i for i, v in enumerate(distinct)}
     return [index[str(v)] for v in values], distinct
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """A library logger that would print an error mua reports itself, silenced while `with` runs."""
+    import logging
+
+    log = logging.getLogger(logger)
+    before = log.disabled
+    log.disabled = True
+    try:
+        yield
+    finally:
+        log.disabled = before

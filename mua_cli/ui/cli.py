@@ -12,6 +12,13 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
+from typer.core import TyperGroup
+
+try:  # typer carries its own click from 0.22 on
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException, NoArgsIsHelpError
 
 from ..errors import MuaError
 
@@ -19,6 +26,33 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not for users
+
+
+class OneLineErrors(TyperGroup):
+    """A mistake on the command line (an unknown option, a value of the wrong type) is one `error:` line and
+    exit code 2, as every other bad input is, not click's usage panel."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as e:  # `mua` alone: the help
+            typer.echo(e.ctx.get_help())
+            sys.exit(e.exit_code)
+        except ClickException as e:
+            hint = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""
+            error_line(e.format_message().replace("\n", " ") + hint)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def error_line(message: str) -> None:
+    """One red `error:` line on stderr; the message is printed as it is (brackets are not markup)."""
+    Console(stderr=True).print(Text("error:", style="bold red"), Text(message), highlight=False, soft_wrap=True)
+
 
 app = typer.Typer(
     help="""Pick learning rates across LoRA ranks and for full finetuning (Maximal-Update Adaptation, μA).
@@ -39,6 +73,7 @@ Examples:
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=OneLineErrors,
 )
 RUNS_DIR = Path("runs")
 
@@ -53,7 +88,7 @@ def user_errors():
     try:
         yield
     except MuaError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        error_line(str(e))
         raise typer.Exit(2) from None
 
 
@@ -187,20 +222,22 @@ def sweep(
                 summary = run_sweep(r, run_dir, dev, listener, storage, ex, retry_failed, study)
         except KeyboardInterrupt:
             Console(stderr=True).print(
-                f"[yellow]interrupted:[/] finished trials are stored in {run_dir}; run the same command to resume"
+                Text("interrupted:", style="yellow"),
+                Text(f"finished trials are stored in {run_dir}; run the same command to resume"),
             )
             raise typer.Exit(130) from None
         for line in summary.at_edge:
-            console.print(f"[yellow]![/] {line}: widen --lrs or raise max_extend")
+            console.print(Text("!", style="yellow"), Text(f"{line}: widen --lrs or raise max_extend"))
         console.print(sweep_table(load_trials(run_dir, storage, study)))
         retried = f" ({summary.retried} of them failed before)" if summary.retried else ""
         console.print(
-            f"ran {summary.ran} trial(s){retried}, skipped {summary.skipped} already stored · next: mua fit {run_dir}"
+            f"ran {summary.ran} trial(s){retried}, skipped {summary.skipped} already stored · next: mua fit {run_dir}",
+            markup=False,
         )
 
 
 def note(message: str) -> None:
-    Console(stderr=True).print(f"[yellow]note:[/] {message}", highlight=False, soft_wrap=True)
+    Console(stderr=True).print(Text("note:", style="yellow"), Text(message), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -243,7 +280,7 @@ def fit(
         for table in fit_tables(result):
             console.print(table)
         if wrote:
-            console.print("wrote " + " and ".join(map(str, wrote)))
+            console.print("wrote " + " and ".join(map(str, wrote)), markup=False)
 
 
 @app.command()
@@ -317,7 +354,12 @@ def worker(
         bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="On a GPU, replay each step as a CUDA graph.")
     ] = True,
     wait: Annotated[
-        float, typer.Option(min=0, help="Stop after this many seconds with no trial to run (0: wait for done).")
+        float,
+        typer.Option(
+            min=0,
+            help="Wait this long for the planner to make the study, and stop after this long with "
+            "no trial to run (0: a missing study is an error; wait for the sweep to be done).",
+        ),
     ] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress.")] = False,
 ):
@@ -339,23 +381,27 @@ def worker(
         from ..sweep.worker import join
         from .progress import RichListener
 
-        if storage is None and out is None:
+        if storage is None and out is None and not os.environ.get("MUA_STORAGE"):
             raise MuaError("mua worker needs --storage URL, or --out RUN for a study in that run folder's trials.db")
         dev = resolve_device(device)
         if dev == "cuda":
             dev = "cuda:0"  # one worker, one GPU: start one per GPU with --device cuda:N
-        store = TrialStore(out or RUNS_DIR / study, storage, create=False, study=study)
+
+        def open_store() -> TrialStore:
+            return TrialStore(out or RUNS_DIR / study, storage, create=False, study=study)
+
         console, _ = consoles(quiet)
         listener = RichListener(console, live=not quiet and console.is_terminal, notes=not quiet)
         try:
             with listener:
-                summary = join(store, dev, listener, Execution(dev, 0, batch_trials, cuda_graphs), wait)
+                summary = join(open_store, dev, listener, Execution(dev, 0, batch_trials, cuda_graphs), wait)
         except KeyboardInterrupt:
             Console(stderr=True).print("[yellow]interrupted:[/] the trials in hand went back to the queue")
             raise typer.Exit(130) from None
         console.print(
             f"ran {summary.ran} trial(s) for study {study!r} · next: mua fit --study {study}"
-            + (" --storage URL" if storage else f" {out}")
+            + (" --storage URL" if storage else f" {out}"),
+            markup=False,
         )
 
 

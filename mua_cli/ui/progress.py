@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 from ..spec.trial import TrialResult, TrialSpec
 from ..sweep.run import Listener
@@ -40,7 +41,7 @@ class RichListener(Listener):
 
     def note(self, message: str) -> None:
         if self.notes:
-            self.console.print(f"[cyan]•[/] {message}")
+            self.console.print(Text("•", style="cyan"), Text(message))
 
     def start(self, total: int, done: int) -> None:
         if self.progress:
@@ -64,4 +65,4 @@ class RichListener(Listener):
         if self.progress:
             self.progress.advance(self.task)
         if result.status == "failed" and self.notes:
-            self.console.print(f"[yellow]![/] {spec.label} failed: {result.error.splitlines()[0]}")
+            self.console.print(Text("!", style="yellow"), Text(f"{spec.label} failed: {result.error.splitlines()[0]}"))
