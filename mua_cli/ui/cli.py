@@ -6,52 +6,21 @@ import json
 import os
 import sys
 import warnings
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.text import Text
-from typer.core import TyperGroup
-
-try:  # typer carries its own click from 0.22 on
-    from typer._click.exceptions import ClickException, NoArgsIsHelpError
-except ImportError:  # pragma: no cover
-    from click.exceptions import ClickException, NoArgsIsHelpError
 
 from ..errors import MuaError
+from .console import OneLineErrors, note, user_errors
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not for users
-
-
-class OneLineErrors(TyperGroup):
-    """A mistake on the command line (an unknown option, a value of the wrong type) is one `error:` line and
-    exit code 2, as every other bad input is, not click's usage panel."""
-
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
-        if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
-        except NoArgsIsHelpError as e:  # `mua` alone: the help
-            typer.echo(e.ctx.get_help())
-            sys.exit(e.exit_code)
-        except ClickException as e:
-            hint = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""
-            error_line(e.format_message().replace("\n", " ") + hint)
-            sys.exit(e.exit_code)
-        except typer.Abort:
-            sys.exit(1)
-        sys.exit(code if isinstance(code, int) else 0)
-
-
-def error_line(message: str) -> None:
-    """One red `error:` line on stderr; the message is printed as it is (brackets are not markup)."""
-    Console(stderr=True).print(Text("error:", style="bold red"), Text(message), highlight=False, soft_wrap=True)
 
 
 app = typer.Typer(
@@ -80,16 +49,6 @@ RUNS_DIR = Path("runs")
 
 def consoles(quiet: bool = False) -> tuple[Console, Console]:
     return Console(quiet=quiet), Console(stderr=True)
-
-
-@contextmanager
-def user_errors():
-    """A user's mistake is one red line and exit code 2; our bugs keep their traceback."""
-    try:
-        yield
-    except MuaError as e:
-        error_line(str(e))
-        raise typer.Exit(2) from None
 
 
 def latest_run() -> Path:
@@ -234,10 +193,6 @@ def sweep(
             f"ran {summary.ran} trial(s){retried}, skipped {summary.skipped} already stored · next: mua fit {run_dir}",
             markup=False,
         )
-
-
-def note(message: str) -> None:
-    Console(stderr=True).print(Text("note:", style="yellow"), Text(message), highlight=False, soft_wrap=True)
 
 
 @app.command()
