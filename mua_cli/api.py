@@ -83,6 +83,9 @@ def refit(
     limit = trials.attrs.get("info", {}).get("max_lora_rank")
     if limit:  # recorded by the sweep (older runs lack it): a target rank is checked against it
         result.settings["max_lora_rank"] = int(limit)
+    if storage is not None or study is not None:  # a shared study's fit goes to runs/<study>, made once it is fitted
+        with suppress(OSError):
+            run_dir.mkdir(parents=True, exist_ok=True)
     return result, save_text(run_dir / "fit.json", json.dumps(result.to_dict(), indent=2, allow_nan=False), on_note)
 
 

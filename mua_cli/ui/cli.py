@@ -6,7 +6,6 @@ import json
 import os
 import sys
 import warnings
-from contextlib import suppress
 from pathlib import Path
 from typing import Annotated
 
@@ -67,13 +66,10 @@ def latest_run() -> Path:
 
 
 def run_folder(run: Path | None, storage: str | None = None, study: str | None = None) -> Path:
-    """The run folder to read: the one named, or for a shared study runs/<study> (made, for fit.json), or the
-    newest under runs/."""
+    """The run folder to read: the one named, or for a shared study runs/<study> (for fit.json), or the newest
+    under runs/."""
     if run is None and (storage or study):
-        run = RUNS_DIR / (study or "mua")
-        with suppress(OSError):
-            run.mkdir(parents=True, exist_ok=True)
-        return run
+        return RUNS_DIR / (study or "mua")  # made by the fit, once there is one to save
     if run is None:
         return latest_run()
     if not run.is_dir():
