@@ -1328,8 +1328,7 @@ def render(seen: dict[str, Outcome]) -> str:
         "",
         f"**{len(bugs)} rows are known bugs**, marked **bug**: mua does not meet the rule there yet, the column "
         "shows what it prints today, and the test is a strict xfail, which fails once mua is fixed (then drop "
-        "the case's `bug` and regenerate). `fit` and `transfer` with `--study` leave an empty `runs/<study>` "
-        "folder behind when they fail; their cases allow it.",
+        "the case's `bug` and regenerate).",
         "",
         "Categories: "
         + ", ".join(f"[{cat}](#{_anchor(cat)}) ({sum(c.category == cat for c in CASES)})" for cat in CATEGORIES)
