@@ -64,21 +64,40 @@ def run_sweep(
     run_dir = Path(run_dir)
     fresh = not run_dir.exists()
     limit = rank_limit(recipe)  # before anything is stored: a rank past the model's layers is a bad input
-    store = TrialStore(run_dir, storage, study=study)
+    with contextlib.ExitStack() as stack:
+        if study is None:  # a second sweep of this folder waits for the first (store made), then skips what it stored
+            _make_folder(run_dir)
+            stack.enter_context(folder_lock(run_dir, listener))
+        try:
+            store = TrialStore(run_dir, storage, study=study)
+        except MuaError:
+            if fresh:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        return _locked(recipe, run_dir, store, fresh, limit, device, listener, execution, retry_failed, study)
+
+
+def _make_folder(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MuaError(f"run folder {run_dir} is a file; name a folder with --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MuaError(f"cannot create the run folder {run_dir}: {e.strerror or e}") from None
+
+
+def _locked(recipe, run_dir, store, fresh, limit, device, listener, execution, retry_failed, study) -> SweepSummary:
     try:
         _pin_recipe(run_dir, recipe)
-        with contextlib.ExitStack() as stack:
-            if study is None:  # a second sweep of this folder waits for the first, then skips what it stored
-                stack.enter_context(folder_lock(run_dir, listener))
-            _pin_study(store, recipe)
-            done = store.keys(final_only=retry_failed)  # read before any write: a store that does not parse stays
-            if limit is not None:
-                store.set_info(max_lora_rank=limit)  # for `mua transfer --to RANK`
-            if study is not None:
-                from .worker import plan_and_work
+        _pin_study(store, recipe)
+        done = store.keys(final_only=retry_failed)  # read before any write: a store that does not parse stays
+        if limit is not None:
+            store.set_info(max_lora_rank=limit)  # for `mua transfer --to RANK`
+        if study is not None:
+            from .worker import plan_and_work
 
-                return plan_and_work(recipe, store, done, device, listener, execution, SweepSummary(run_dir))
-            return _sweep(recipe, store, done, device, listener, execution, fresh)
+            return plan_and_work(recipe, store, done, device, listener, execution, SweepSummary(run_dir))
+        return _sweep(recipe, store, done, device, listener, execution, fresh)
     except MuaError:
         if fresh and not store.keys():  # a folder that could not be set up would pass for the latest run
             shutil.rmtree(run_dir, ignore_errors=True)
