@@ -33,10 +33,11 @@ def micro(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def slow_micro(tmp_path_factory):
-    """Trials long enough (a few seconds) to be killed in the middle."""
+    """Trials long enough (several seconds) to be killed in the middle, at LRs low enough never to diverge (a
+    diverged trial ends at once, and with it the worker's part)."""
     path = tmp_path_factory.mktemp("shared") / "slow.yaml"
     path.write_text(yaml.safe_dump({**TINY_TEST_RECIPE, "ranks": "2", "regimes": "B:1", "steps": 1500,
-                                    "lrs": "2^-9:2^-7", "refine": 0, "max_extend": 0}))  # fmt: skip
+                                    "lrs": "2^-12:2^-10", "refine": 0, "max_extend": 0}))  # fmt: skip
     return path
 
 
