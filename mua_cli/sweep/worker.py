@@ -44,16 +44,17 @@ def plan_and_work(recipe: Recipe, store: TrialStore, done: set[str], device: str
     runner = _runner(recipe, device, listener, execution)
     finished = False
     try:
-        while pending:
-            with shared.planning_lock(store.rdb, store.name, store.db.parent if store.db else None):
-                queued = shared.enqueue(study, pending, lambda s: meta(recipe, s))
-            if queued:
-                listener.note(f"queued {queued} trial(s) in study {store.name!r}; `mua worker` processes may join")
-            summary.ran += work(store, recipe, runner, listener, until_idle=True).ran
-            done = store.keys()
-            pending = next_round(recipe, store, done, summary, listener)
+        while True:  # a resumed planner works what an earlier one queued before it decides anything
             if pending:
-                listener.grow(len(pending))
+                with shared.planning_lock(store.rdb, store.name, store.db.parent if store.db else None):
+                    queued = shared.enqueue(study, pending, lambda s: meta(recipe, s))
+                if queued:
+                    listener.note(f"queued {queued} trial(s) in study {store.name!r}; `mua worker` processes may join")
+            summary.ran += work(store, recipe, runner, listener, until_idle=True).ran
+            pending = next_round(recipe, store, store.keys(), summary, listener)
+            if not pending:
+                break
+            listener.grow(len(pending))
         study.set_user_attr(shared.STATE, "done")
         finished = True
     finally:
@@ -139,9 +140,10 @@ def work(store, recipe, runner, listener, until_idle: bool, wait_s: float = 0.0,
             waiting, running = _retrying(lambda: shared.counts(study), listener)
             if until_idle and not waiting and not running:
                 return out
-            if not until_idle and not waiting and study.user_attrs.get(shared.STATE) == "done":
+            state = None if until_idle or waiting else _retrying(lambda: study.user_attrs.get(shared.STATE), listener)
+            if state == "done":
                 return out
-            if not until_idle and not waiting and not running and shared.planner_gone(study):
+            if state is not None and not running and _retrying(lambda: shared.planner_gone(study), listener):
                 listener.note("the planner has stopped and the queue is empty: this worker stops")
                 return out
             if not until_idle and wait_s and time.monotonic() - idle_since > wait_s:
