@@ -133,8 +133,8 @@ def test_a_worker_stopped_with_ctrl_c_hands_its_trial_back(pg_server, slow_micro
     worker = _mua("worker", "--storage", url, "--study", name, "--device", "cpu", "--quiet", "--wait", 300)
     held = _wait_for_trial_held_by(url, name, worker.pid)
     worker.send_signal(signal.SIGINT)
-    _, err = worker.communicate(timeout=120)
-    assert worker.returncode == 130 and "back to the queue" in err
+    out, err = worker.communicate(timeout=120)
+    assert worker.returncode == 130 and "back to the queue" in err, (worker.returncode, out[-2000:], err[-2000:])
     (rc, text), = _finish([planner])  # fmt: skip
     assert rc == 0, text
     study = optuna.load_study(study_name=name, storage=url)

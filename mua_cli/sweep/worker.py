@@ -109,12 +109,23 @@ def work(store, recipe, runner, listener, until_idle: bool, wait_s: float = 0.0,
     beat = shared.Heartbeat(study)
     idle_since, said_alive = time.monotonic(), 0.0
     # SIGTERM (a scheduler stopping a job) and SIGINT, even where the shell that started us ignores it (`&` in a
-    # script), hand the unit back; restored on the way out
+    # script), hand the unit back. The handler only sets STOP: the loop and the trial's step callback raise
+    # KeyboardInterrupt where it cannot be swallowed (an exception raised in a handler can land in a finalizer)
+    STOP.clear()
     previous = (
         {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
     )
+    inner = runner.on_step
+
+    def stop_point(step: int, loss: float) -> None:
+        if inner:
+            inner(step, loss)
+        _check_stop()
+
+    runner.on_step = stop_point
     try:
         while True:
+            _check_stop()
             if until_idle and time.monotonic() - said_alive > 10:  # the planner: workers see it is alive
                 _retrying(lambda: study.set_user_attr(shared.PLANNER_SEEN, time.time()), listener)
                 said_alive = time.monotonic()
@@ -149,8 +160,11 @@ def work(store, recipe, runner, listener, until_idle: bool, wait_s: float = 0.0,
             if not until_idle and wait_s and time.monotonic() - idle_since > wait_s:
                 listener.note(f"no trial came for {wait_s:g} s: this worker stops")
                 return out
-            shared.wait()
+            for _ in range(10):  # an idle wait that a signal cuts short
+                if STOP.wait(shared.POLL_S / 10):
+                    break
     finally:
+        runner.on_step = inner
         beat.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -177,8 +191,18 @@ def _retrying(fn: Callable, listener):
             time.sleep(1.0)
 
 
+STOP = threading.Event()  # set by SIGINT or SIGTERM; a second signal stops at once
+
+
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    if STOP.is_set():
+        raise KeyboardInterrupt
+    STOP.set()
+
+
+def _check_stop() -> None:
+    if STOP.is_set():
+        raise KeyboardInterrupt
 
 
 def _main_thread() -> bool:
