@@ -132,8 +132,12 @@ def _params(spec: TrialSpec) -> dict:
     return {"regime": spec.regime, "rank": spec.rank, "lr": spec.lr, "seed": spec.seed}
 
 
-def _spec(t: optuna.trial.FrozenTrial) -> TrialSpec:
-    p = t.params or t.system_attrs.get("fixed_params", {})  # a queued trial's params wait in fixed_params
+def _spec(t: optuna.trial.FrozenTrial) -> TrialSpec | None:
+    """A queued trial's spec (its params wait in fixed_params, which a retried copy keeps); None while another
+    process's claim is still writing them."""
+    p = {**t.params, **t.system_attrs.get("fixed_params", {})}
+    if not {"regime", "rank", "lr", "seed"} <= set(p) or "key" not in t.user_attrs:
+        return None
     return TrialSpec(p["regime"], int(p["rank"]), float(p["lr"]), int(p["seed"]), t.user_attrs["key"])
 
 
@@ -142,7 +146,7 @@ def claim(study: optuna.Study, k: int, batchable: Callable[[TrialSpec], bool]) -
     storage = study._storage  # noqa: SLF001 — set_trial_state_values is the storage's public method
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     out: list[tuple[int, TrialSpec]] = []
-    specs = [(t, _spec(t)) for t in waiting if "key" in t.user_attrs]
+    specs = [(t, spec) for t in waiting if (spec := _spec(t)) is not None]
     for t, spec in sorted(specs, key=lambda ts: (ts[1].regime, ts[1].rank, ts[1].seed, ts[1].lr)):
         if out and (len(out) >= k or not batchable(spec) or (spec.regime, spec.rank, spec.seed) != _group(out)):
             continue

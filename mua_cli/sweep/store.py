@@ -136,17 +136,8 @@ class TrialStore:
             raise MuaError(f"cannot open the trial store {redact(self.url)}: {self._line(e)}") from None
 
     def open_study(self) -> optuna.Study:
-        """The shared study, which must exist (`mua worker`): one line when it does not."""
-        self.writable = False
-        try:
-            storage = optuna.storages.RDBStorage(self.url, skip_table_creation=False)
-            optuna.load_study(study_name=self.name, storage=storage)
-        except KeyError:
-            raise MuaError(self._no_study(storage)) from None
-        except STORAGE_ERRORS as e:
-            raise self._error(e, "open") from None
-        except Exception as e:  # noqa: BLE001 — another optuna's schema, a foreign database
-            raise MuaError(f"cannot open the trial store {redact(self.url)}: {self._line(e)}") from None
+        """The shared study, opened for work (`mua worker`). Opening the store read-only (create=False) has
+        already said, in one line, where the study does not exist; nothing is created in the database here."""
         self.writable = True
         self.study = self._open(self.url)
         return self.study

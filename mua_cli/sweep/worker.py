@@ -24,7 +24,6 @@ RETRY_FOR_S = 600  # a database that stays unreachable this long ends the worker
 @dataclass
 class WorkSummary:
     ran: int = 0
-    handed_back: int = 0
 
 
 def plan_and_work(recipe: Recipe, store: TrialStore, done: set[str], device: str, listener, execution, summary):
@@ -138,7 +137,6 @@ def work(store, recipe, runner, listener, until_idle: bool, wait_s: float = 0.0,
                     results = runner.run_unit([spec for _, spec in unit])
                 except BaseException:
                     _retrying(lambda held=unit: shared.release(study, held), listener)
-                    out.handed_back += len(unit)
                     raise
                 for (trial_id, spec), result in zip(unit, results, strict=True):
                     _retrying(lambda t=trial_id, r=result, s=spec: shared.finish(study, t, r, meta(recipe, s)),
