@@ -23,7 +23,6 @@ Each sweeps 8 LoRA trials (B:1, rank 8, LRs 2^-12 … 2^-5), one seed, a new hea
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import math
@@ -106,39 +105,43 @@ WORKLOADS = {"minilm": (minilm, "seq-cls"), "vit-base": (vit_base, "image-cls")}
 
 def recipe_for(name: str, model: Path, data: Path, steps: int) -> Recipe:
     task = WORKLOADS[name][1]
-    return Recipe(
+    return Recipe.of(
         name=f"bench-{name}", model=str(model), data=str(data), task=task, seq_len=128, batch_size=16,
         steps=steps, eval_fraction=0.1, dtype="bfloat16", ranks="8", regimes="B:1", lrs="2^-12:2^-5", seeds=1,
         max_extend=0, refine=0, **({"label_field": "label"} if task == "seq-cls" else {}),
-    ).validate()  # fmt: skip
+    )  # fmt: skip
 
 
 def plain_trial(spec, base, task, recipe: Recipe, device: str) -> float:
     """The plain loop; returns the final metric (mean training loss of the last 10 % of steps; inf if diverged)."""
-    head = head_modules(base, recipe.task)
-    model = prepare(base, spec.regime, spec.rank, recipe.alpha0, recipe.targets, spec.seed, head).to(device).train()
-    groups = param_groups(model, spec.regime, spec.lr, head, recipe.head_lr)
-    opt = torch.optim.AdamW(groups.groups, lr=spec.lr, weight_decay=recipe.weight_decay)
+    head = head_modules(base, recipe.model.task)
+    model = (
+        prepare(base, spec.regime, spec.rank, recipe.optim.alpha0, recipe.model.targets, spec.seed, head)
+        .to(device)
+        .train()
+    )
+    groups = param_groups(model, spec.regime, spec.lr, head, recipe.optim.head_lr)
+    opt = torch.optim.AdamW(groups.groups, lr=spec.lr, weight_decay=recipe.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe))
-    batch_at = task.train_batches(spec.seed, recipe.steps, recipe.batch_size, device)
+    batch_at = task.train_batches(spec.seed, recipe.optim.steps, recipe.optim.batch_size, device)
     cuda = device.startswith("cuda")
     losses = []
-    for step in range(recipe.steps):
+    for step in range(recipe.optim.steps):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             batch = batch_at(step)
             loss = task.loss(model, batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(groups.params, recipe.grad_clip)
+        torch.nn.utils.clip_grad_norm_(groups.params, recipe.optim.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if not math.isfinite(losses[-1]) or losses[-1] > recipe.divergence_factor * losses[0]:
+        if not math.isfinite(losses[-1]) or losses[-1] > recipe.optim.divergence_factor * losses[0]:
             return math.inf
     model.eval()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-        task.evaluate(model, recipe.batch_size, device)
-    tail = losses[-max(1, math.ceil(recipe.metric_frac * len(losses))) :]
+        task.evaluate(model, recipe.optim.batch_size, device)
+    tail = losses[-max(1, math.ceil(recipe.optim.metric_frac * len(losses))) :]
     return sum(tail) / len(tail)
 
 
@@ -163,7 +166,7 @@ def measure(name: str, steps: int, device: str, model: str | None, data: str | N
             model, data = str(made[0]), str(made[1])
         recipe = recipe_for(name, Path(model), Path(data), steps)
         specs = plan(recipe)
-        plain_recipe = dataclasses.replace(recipe, dtype="float32")
+        plain_recipe = recipe.replace(dtype="float32")
         work = load_workload(plain_recipe, "cpu")  # batches padded each to its longest example, as a collator does
         work.base.to(device)
         t0 = time.perf_counter()

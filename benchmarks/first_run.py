@@ -180,15 +180,15 @@ def start_costs(pretrain_too: bool) -> dict:
     from mua_cli.train.models import PRETRAIN_DEFAULTS, embedded_config, load_embedded, pretrain, shipped_folder
 
     recipe = load_recipe("tiny")
-    out["shipped"] = str(shipped_folder(recipe))
+    out["shipped"] = str(shipped_folder(recipe.model, recipe.data.seq_len))
     w0, c0 = time.perf_counter(), time.process_time()
-    load_embedded(recipe)
+    load_embedded(recipe.model, recipe.data.seq_len)
     out["load_shipped"] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
     if pretrain_too:
         torch.set_num_threads(1)
-        pre = {**PRETRAIN_DEFAULTS, **recipe.pretrain}
+        pre = {**PRETRAIN_DEFAULTS, **recipe.model.pretrain}
         w0, c0 = time.perf_counter(), time.process_time()
-        pretrain(embedded_config(recipe), load_text_data(pre["data"], recipe.seq_len, 0.0), pre)
+        pretrain(embedded_config(recipe.model), load_text_data(pre["data"], recipe.data.seq_len, 0.0), pre)
         out["pretrain_1_thread"] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
         torch.set_num_threads(2)
     return out

@@ -75,7 +75,7 @@ def recipe_for(name: str, steps: int) -> Recipe:
         "num_key_value_heads": SHAPES[name]["num_attention_heads"],
         "max_position_embeddings": 1024,
     }
-    return Recipe(
+    return Recipe.of(
         name=f"bench-{name}", model="embedded:tiny", model_config=shape,
         pretrain={"steps": 0, "data": "embedded:shakespeare"},
         data="embedded:britannica", seq_len=512, batch_size=16, steps=steps, eval_fraction=0.0, dtype="bfloat16",
@@ -87,21 +87,23 @@ def seed_cache(recipe: Recipe) -> None:
     """A random-init model of the recipe's shape, where mua looks for its pretrained model (no pretraining)."""
     from transformers import LlamaForCausalLM
 
-    folder = embedded_folder(recipe)
+    folder = embedded_folder(recipe.model, recipe.data.seq_len)
     if not (folder / "config.json").is_file():
         torch.manual_seed(0)
-        LlamaForCausalLM(embedded_config(recipe)).save_pretrained(folder)
+        LlamaForCausalLM(embedded_config(recipe.model)).save_pretrained(folder)
 
 
 def plain_trial(spec, base, task, recipe, times=None) -> float:
     """The plain loop: returns the final metric (mean train loss of the last 10 % of steps; inf if diverged)."""
-    model = prepare(base, spec.regime, spec.rank, recipe.alpha0, recipe.targets, spec.seed)  # peft + μA's init
+    model = prepare(
+        base, spec.regime, spec.rank, recipe.optim.alpha0, recipe.model.targets, spec.seed
+    )  # peft + μA's init
     model.cuda().train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe))
-    batch_at = task.train_batches(spec.seed, recipe.steps, recipe.batch_size, "cuda")
+    batch_at = task.train_batches(spec.seed, recipe.optim.steps, recipe.optim.batch_size, "cuda")
     losses = []
-    for step in range(recipe.steps):
+    for step in range(recipe.optim.steps):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             batch = batch_at(step)
             logits = model(input_ids=batch[:, :-1]).logits
@@ -114,7 +116,7 @@ def plain_trial(spec, base, task, recipe, times=None) -> float:
         losses.append(loss.item())
         if times is not None:
             times.append(time.perf_counter())
-        if not math.isfinite(losses[-1]) or losses[-1] > recipe.divergence_factor * losses[0]:
+        if not math.isfinite(losses[-1]) or losses[-1] > recipe.optim.divergence_factor * losses[0]:
             return math.inf
     tail = losses[-max(1, math.ceil(0.1 * len(losses))) :]
     return sum(tail) / len(tail)
@@ -154,7 +156,7 @@ def step_times(name: str, steps: int) -> dict:
     recipe = recipe_for(name, steps)
     seed_cache(recipe)
     specs = [make_spec(recipe, "B:1", 16, 2.0 ** (-14 + i / 2), 0) for i in range(16)]  # one group, 16 LRs
-    plain_recipe = dataclasses.replace(recipe, dtype="float32")
+    plain_recipe = recipe.replace(dtype="float32")
     work = load_workload(plain_recipe, "cpu")
     times: list[float] = []
     plain_trial(specs[0], work.base, work.task, plain_recipe, times)
@@ -221,7 +223,7 @@ def throughput(name: str, steps: int, gpus: int, ex: Execution) -> dict:
     recipe = recipe_for(name, steps)
     seed_cache(recipe)
     specs = plan(recipe)
-    plain_recipe = dataclasses.replace(recipe, dtype="float32")
+    plain_recipe = recipe.replace(dtype="float32")
     work = load_workload(plain_recipe, "cpu")
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -337,8 +339,8 @@ def liger() -> str | None:
 def step_flops(recipe: Recipe, base) -> float:
     cfg = base.config
     n = sum(m.weight.numel() for m in base.modules() if isinstance(m, torch.nn.Linear))
-    t = recipe.batch_size * recipe.seq_len
-    return 4 * n * t + 12 * cfg.num_hidden_layers * cfg.hidden_size * recipe.seq_len * t
+    t = recipe.optim.batch_size * recipe.data.seq_len
+    return 4 * n * t + 12 * cfg.num_hidden_layers * cfg.hidden_size * recipe.data.seq_len * t
 
 
 def attention_seconds(batch: int, heads: int, seq: int, dim: int, backends) -> float:
@@ -367,8 +369,8 @@ def step_floor(recipe: Recipe, base, rank: int) -> dict:
     from mua_cli.accel.lora_addmm import GROUPS
     from mua_cli.train.adapters import lora_target_names
 
-    t = recipe.batch_size * recipe.seq_len
-    adapted = set(lora_target_names(base, recipe.targets))
+    t = recipe.optim.batch_size * recipe.data.seq_len
+    adapted = set(lora_target_names(base, recipe.model.targets))
     timed: dict[tuple, float] = {}
 
     def gemm(m, k, n):
@@ -402,7 +404,9 @@ def step_floor(recipe: Recipe, base, rank: int) -> dict:
         lora_s += gemm(t, n_in, r) + gemm(t, r, n_in) + gemm(r, t, n_in)
     cfg = base.config
     heads, dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-    attn_s = cfg.num_hidden_layers * attention_seconds(recipe.batch_size, heads, recipe.seq_len, dim, GPU_ORDER)
+    attn_s = cfg.num_hidden_layers * attention_seconds(
+        recipe.optim.batch_size, heads, recipe.data.seq_len, dim, GPU_ORDER
+    )
     ms = lambda x: round(1e3 * x, 2)  # noqa: E731
     return {"floor_matmul_ms": ms(base_s), "floor_attention_ms": ms(attn_s), "floor_lora_ms": ms(lora_s),
             "floor_step_ms": ms(base_s + attn_s + lora_s)}  # fmt: skip
@@ -412,9 +416,9 @@ def mfu(name: str, steps: int, peak_measured: float, ex: Execution) -> dict:
     recipe = recipe_for(name, steps)
     seed_cache(recipe)
     spec = plan(recipe)[0]
-    out = {"workload": name, "rank": spec.rank, "tokens_per_step": recipe.batch_size * recipe.seq_len}
+    out = {"workload": name, "rank": spec.rank, "tokens_per_step": recipe.optim.batch_size * recipe.data.seq_len}
     # plain: fp32 weights under autocast; step time from the steady second half
-    plain_recipe = dataclasses.replace(recipe, dtype="float32")
+    plain_recipe = recipe.replace(dtype="float32")
     work = load_workload(plain_recipe, "cpu")
     flops = step_flops(recipe, work.base)
     times: list[float] = []

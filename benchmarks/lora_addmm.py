@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import datetime
 import json
 import platform
@@ -73,7 +72,7 @@ def run(name: str, k: int, device: str, steps: int, gpu_form: bool) -> dict:
     torch.manual_seed(0)
     base = LlamaForCausalLM(cfg).to(device)
     base.requires_grad_(False)
-    recipe = Recipe(name="bench", model="embedded:tiny", ranks="16", regimes="B:1")
+    recipe = Recipe.of(name="bench", model="embedded:tiny", ranks="16", regimes="B:1")
     spec = make_spec(recipe, "B:1", 16, 1e-3, 0)
     x = torch.randint(0, 256, (batch * k, seq + 1), device=device)
     out = {"workload": name, "trials_per_pass": k}
@@ -85,7 +84,7 @@ def run(name: str, k: int, device: str, steps: int, gpu_form: bool) -> dict:
         if k == 1:
             model = prepare(b, "B:1", 16, 1.0, "all-linear", 0)
         else:
-            model, _, _ = build(b, spec, dataclasses.replace(recipe, targets="all-linear"), k)
+            model, _, _ = build(b, spec, recipe.replace(targets="all-linear"), k)
         model.to(device).train()
         if tag in ("folded", "mua_gpu"):
             fold_lora_adds(model, whole_layer=tag == "mua_gpu")

@@ -74,26 +74,26 @@ KINDS = [("B:1", 16), ("A:r", 64), ("full", 0)]
 
 def synthetic_task(recipe, model):
     g = torch.Generator().manual_seed(0)
-    if recipe.task == "causal-lm":
+    if recipe.model.task == "causal-lm":
         vocab = model.config.vocab_size
-        n = recipe.batch_size * (recipe.seq_len + 1) * 50
+        n = recipe.optim.batch_size * (recipe.data.seq_len + 1) * 50
         return LMTask(TokenData(torch.randint(0, vocab, (n,), generator=g), torch.randint(0, vocab, (n // 10,)),
-                                recipe.seq_len))  # fmt: skip
-    if recipe.task == "seq-cls":
-        n = recipe.batch_size * 20
-        lengths = torch.randint(recipe.seq_len // 4, recipe.seq_len + 1, (n,), generator=g).tolist()
+                                recipe.data.seq_len))  # fmt: skip
+    if recipe.model.task == "seq-cls":
+        n = recipe.optim.batch_size * 20
+        lengths = torch.randint(recipe.data.seq_len // 4, recipe.data.seq_len + 1, (n,), generator=g).tolist()
         ids = [torch.randint(3, 50000, (k,), generator=g).tolist() for k in lengths]
         labels = torch.randint(0, 2, (n,), generator=g).tolist()
-        return TextClsTask(ids, labels, ["neg", "pos"], 1, n - recipe.batch_size)
+        return TextClsTask(ids, labels, ["neg", "pos"], 1, n - recipe.optim.batch_size)
     import numpy as np
     from PIL import Image
 
-    n = recipe.batch_size * 4
+    n = recipe.optim.batch_size * 4
     rng = np.random.default_rng(0)
     rows = [{"image": Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8))} for _ in range(n)]
     labels = [i % 3 for i in range(n)]
     return ImageClsTask(Records("synthetic", rows=rows), "image", list(range(n)), labels, ["a", "b", "c"],
-                        n - recipe.batch_size, None, 224, 3)  # fmt: skip
+                        n - recipe.optim.batch_size, None, 224, 3)  # fmt: skip
 
 
 def measure(name: str, steps: int) -> list[dict]:
@@ -127,12 +127,14 @@ def measure(name: str, steps: int) -> list[dict]:
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
             "trainable_params": result.info.get("trainable_params"),
             "trial_wall_s": round(result.wall_time, 1),
-            "batch": f"{recipe.batch_size} x {recipe.seq_len}" if recipe.task != "image-cls" else recipe.batch_size,
+            "batch": f"{recipe.optim.batch_size} x {recipe.data.seq_len}"
+            if recipe.model.task != "image-cls"
+            else recipe.optim.batch_size,
             "error": result.error.splitlines()[0] if result.error else "",
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    n_trials = (2 * 3 + 1) * len(__import__("mua_cli.science.theory", fromlist=["x"]).parse_lrs(recipe.lrs))
+    n_trials = (2 * 3 + 1) * len(__import__("mua_cli.science.theory", fromlist=["x"]).parse_lrs(recipe.sweep.lrs))
     mean_ms = sum(r["ms_per_step"] for r in rows) / len(rows)
     rows.append({"recipe": name, "trial": "sweep estimate", "model_build_s": round(build_s, 1),
                  "trials": n_trials, "steps": load_recipe(name).steps,

@@ -44,10 +44,10 @@ def main() -> int:
     from safetensors.torch import load_file
 
     recipe = load_recipe(args.recipe)
-    pre = {**PRETRAIN_DEFAULTS, **recipe.pretrain}
-    folder = SHIPPED_DIR / shipped_name(recipe)
+    pre = {**PRETRAIN_DEFAULTS, **recipe.model.pretrain}
+    folder = SHIPPED_DIR / shipped_name(recipe.model, recipe.data.seq_len)
     t0 = time.perf_counter()
-    model = pretrain(embedded_config(recipe), load_text_data(pre["data"], recipe.seq_len, 0.0), pre)
+    model = pretrain(embedded_config(recipe.model), load_text_data(pre["data"], recipe.data.seq_len, 0.0), pre)
     print(f"pretrained {pre['steps']} steps in {time.perf_counter() - t0:.1f} s ({torch.get_num_threads()} threads)")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if args.check:
@@ -60,7 +60,9 @@ def main() -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     (tmp / "generation_config.json").unlink(missing_ok=True)  # the embedded model never generates
-    (tmp / "settings.json").write_text(json.dumps(embedded_settings(recipe), indent=1, sort_keys=True, default=str))
+    (tmp / "settings.json").write_text(
+        json.dumps(embedded_settings(recipe.model, recipe.data.seq_len), indent=1, sort_keys=True, default=str)
+    )
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     size = sum(f.stat().st_size for f in folder.iterdir())

@@ -329,14 +329,14 @@ def pretrain_embedded(recipe, device: str) -> dict:
     from mua_cli.train.data import load_text_data
     from mua_cli.train.models import PRETRAIN_DEFAULTS, embedded_config, embedded_folder, lm_loss
 
-    folder = embedded_folder(recipe)
+    folder = embedded_folder(recipe.model, recipe.data.seq_len)
     if not (folder / "config.json").is_file():
-        pre = {**PRETRAIN_DEFAULTS, **recipe.pretrain}
+        pre = {**PRETRAIN_DEFAULTS, **recipe.model.pretrain}
         dev = "cuda" if device.startswith("cuda") else "cpu"
         t0 = time.perf_counter()
-        data = load_text_data(pre["data"], recipe.seq_len, 0.0)
+        data = load_text_data(pre["data"], recipe.data.seq_len, 0.0)
         torch.manual_seed(pre["seed"])
-        model = LlamaForCausalLM(embedded_config(recipe)).to(dev)
+        model = LlamaForCausalLM(embedded_config(recipe.model)).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=pre["lr"], weight_decay=0.01)
         steps = int(pre["steps"])
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=pre["lr"], total_steps=steps, pct_start=0.1)
@@ -366,23 +366,23 @@ def model_facts(recipe, device: str) -> dict:
 
     from mua_cli.train.models import embedded_config, hidden_size, load_hf
 
-    if recipe.model.startswith("embedded:"):
+    if recipe.model.name.startswith("embedded:"):
         from transformers import LlamaForCausalLM
 
         pretrain = pretrain_embedded(recipe, device)
         with torch.device("meta"):
-            model = LlamaForCausalLM(embedded_config(recipe))
+            model = LlamaForCausalLM(embedded_config(recipe.model))
         return {"width": hidden_size(model), "n_params": sum(p.numel() for p in model.parameters()),
                 "pretrain": pretrain}  # fmt: skip
     labels = None
-    if recipe.task != "causal-lm":
+    if recipe.model.task != "causal-lm":
         from mua_cli.train.sources import open_source, record_labels
 
-        labels = record_labels(open_source(recipe.data).records, recipe.label_field)[1]
-    loaded = load_hf(recipe.model, recipe.task, labels=labels)  # as mua loads it (workload.load_workload)
+        labels = record_labels(open_source(recipe.data.source).records, recipe.data.label_field)[1]
+    loaded = load_hf(recipe.model.name, recipe.model.task, labels=labels)  # as mua loads it (workload.load_workload)
     head = [k for k in loaded.new_weights if k.split(".")[0] in ("classifier", "score")]
     if len(head) != len(loaded.new_weights):
-        raise SystemExit(f"{recipe.model}: weights newly initialized beyond the head: {loaded.new_weights}")
+        raise SystemExit(f"{recipe.model.name}: weights newly initialized beyond the head: {loaded.new_weights}")
     return {"width": hidden_size(loaded.model), "n_params": sum(p.numel() for p in loaded.model.parameters()),
             "new_weights": loaded.new_weights, "labels": labels}  # fmt: skip
 

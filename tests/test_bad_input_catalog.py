@@ -181,6 +181,7 @@ AS_MARKUP = "the message is printed as Rich markup"
 CORRUPTED = "trials.db is corrupted or not an SQLite database"
 UNREACHABLE = "the database cannot be reached"
 NO_TRIALS = "has no finished trials yet"
+BAD_TASK = "task must be 'causal-lm' or 'seq-cls' or 'image-cls', not 'translation'"
 
 RANKS = "Ranks"
 REGIMES = "Regimes"
@@ -238,11 +239,11 @@ CASES: list[Case] = [
     Case("lrs-three-ends", GRIDS, "a range of three ends", sweep("--lrs", "2^-4:2^-5:2^-6"), "use '2^-12:2^-6'"),
     Case("lrs-semicolons", GRIDS, "semicolons", sweep("--lrs", "1e-3;2e-3;4e-3"), "bad learning-rate grid"),
     # -------------------------------------------------------------------------------------- steps and numbers
-    Case("steps-zero", NUMBERS, "0 steps", sweep("--steps", "0"), "steps must be at least 2, not 0"),
+    Case("steps-zero", NUMBERS, "0 steps", sweep("--steps", "0"), "--steps must be at least 2, not 0"),
     Case("steps-one", NUMBERS, "1 step", sweep("--steps", "1"), "steps must be at least 2, not 1"),
     Case("steps-negative", NUMBERS, "-5 steps", sweep("--steps", "-5"), "at least 2, not -5"),
     Case("steps-word", NUMBERS, "a word", sweep("--steps", "abc"), "--steps"),
-    Case("batch-zero", NUMBERS, "batch 0", sweep("--batch-size", "0"), "batch_size must be at least 1"),
+    Case("batch-zero", NUMBERS, "batch 0", sweep("--batch-size", "0"), "--batch-size must be at least 1, not 0"),
     Case("batch-negative", NUMBERS, "batch -8", sweep("--batch-size", "-8"), "not -8"),
     Case("batch-word", NUMBERS, "a word", sweep("--batch-size", "x"), "--batch-size"),
     Case("seeds-zero", NUMBERS, "0 seeds", sweep("--seeds", "0"), "seeds must be at least 1, not 0"),
@@ -252,7 +253,7 @@ CASES: list[Case] = [
     Case("alpha0-nan", NUMBERS, "α0 NaN", sweep("--alpha0", "nan"), "alpha0 must be positive"),
     Case("alpha0-word", NUMBERS, "a word", sweep("--alpha0", "one"), "--alpha0"),
     Case("metric-unknown", NUMBERS, "an unknown metric", sweep("--metric", "loss"), "not 'loss'"),
-    Case("task-unknown", NUMBERS, "an unknown task", sweep("--task", "translation"), "unknown task"),
+    Case("task-unknown", NUMBERS, "an unknown task", sweep("--task", "translation"), BAD_TASK),
     Case(
         "workers-negative",
         NUMBERS,
@@ -459,25 +460,25 @@ CASES: list[Case] = [
     recipe_case("regimes-number", RTYPE, {"regimes": 5}, "unknown regime '5'"),
     recipe_case("lrs-one-in-list", RTYPE, {"lrs": [0.1]}, "learning-rate grid '0.1' has 1 point(s)"),
     # ------------------------------------------------------------------------------------- recipe ranges
-    recipe_case("steps-below-2", RVALUE, {"steps": 1}, "recipe: steps must be at least 2, not 1"),
+    recipe_case("steps-below-2", RVALUE, {"steps": 1}, "r.yaml: steps must be at least 2, not 1"),
     recipe_case("batch-below-1", RVALUE, {"batch_size": 0}, "batch_size must be at least 1, not 0"),
     recipe_case("seq-len-below-2", RVALUE, {"seq_len": 1}, "seq_len must be at least 2, not 1"),
     recipe_case("seeds-below-1", RVALUE, {"seeds": 0}, "seeds must be at least 1, not 0"),
     recipe_case("refine-2", RVALUE, {"refine": 2}, "refine must be 0 or 1, not 2"),
     recipe_case("alpha0-zero-recipe", RVALUE, {"alpha0": 0}, "alpha0 must be positive, not 0.0"),
     recipe_case("metric-unknown-recipe", RVALUE, {"metric": "loss"}, "metric must be 'train' or"),
-    recipe_case("task-unknown-recipe", RVALUE, {"task": "translation"}, "unknown task 'translation'"),
-    recipe_case("dtype-float16", RVALUE, {"dtype": "float16"}, "dtype must be float32 or bfloat16"),
+    recipe_case("task-unknown-recipe", RVALUE, {"task": "translation"}, BAD_TASK),
+    recipe_case("dtype-float16", RVALUE, {"dtype": "float16"}, "dtype must be 'float32' or 'bfloat16', not 'float16'"),
     recipe_case("metric-frac-zero", RVALUE, {"metric_frac": 0}, "metric_frac must be in (0, 1]"),
     recipe_case("metric-frac-above-1", RVALUE, {"metric_frac": 1.5}, "metric_frac must be in (0, 1]"),
     recipe_case("warmup-one", RVALUE, {"warmup_frac": 1}, "warmup_frac must be in [0, 1)"),
     recipe_case("warmup-negative", RVALUE, {"warmup_frac": -0.1}, "warmup_frac must be in [0, 1)"),
     recipe_case("divergence-one", RVALUE, {"divergence_factor": 1}, "divergence_factor must be above"),
-    recipe_case("beta-one", RVALUE, {"betas": [0.9, 1.0]}, "betas must lie in [0, 1), not [0.9, 1.0]"),
-    recipe_case("beta-negative", RVALUE, {"betas": [-0.1, 0.9]}, "betas must lie in [0, 1)"),
-    recipe_case("eps-zero", RVALUE, {"eps": 0}, "eps and grad_clip must be positive"),
-    recipe_case("weight-decay-negative", RVALUE, {"weight_decay": -1}, "weight_decay not negative"),
-    recipe_case("grad-clip-zero", RVALUE, {"grad_clip": 0}, "eps and grad_clip must be positive"),
+    recipe_case("beta-one", RVALUE, {"betas": [0.9, 1.0]}, "betas must be in [0, 1), not [0.9, 1.0]"),
+    recipe_case("beta-negative", RVALUE, {"betas": [-0.1, 0.9]}, "betas must be in [0, 1), not [-0.1, 0.9]"),
+    recipe_case("eps-zero", RVALUE, {"eps": 0}, "eps must be positive, not 0.0"),
+    recipe_case("weight-decay-negative", RVALUE, {"weight_decay": -1}, "weight_decay must be 0 or more, not -1.0"),
+    recipe_case("grad-clip-zero", RVALUE, {"grad_clip": 0}, "grad_clip must be positive, not 0.0"),
     recipe_case("min-lr-ratio-zero", RVALUE, {"min_lr_ratio": 0}, "min_lr_ratio must be in (0, 1]"),
     recipe_case("min-lr-ratio-2", RVALUE, {"min_lr_ratio": 2}, "min_lr_ratio must be in (0, 1]"),
     recipe_case("eval-fraction-one", RVALUE, {"eval_fraction": 1}, "eval_fraction must be in [0, 1)"),

@@ -371,10 +371,10 @@ def test_a_hugging_face_model_s_limit_comes_from_its_config_alone(tmp_path):
     from mua_cli.train.shapes import rank_limit
 
     GPT2Config(vocab_size=300, n_embd=48, n_layer=1, n_head=2, n_positions=64).save_pretrained(tmp_path / "gpt2")
-    recipe = Recipe(name="t", model=str(tmp_path / "gpt2"), ranks="4,48", regimes="A:r")
+    recipe = Recipe.of(name="t", model=str(tmp_path / "gpt2"), ranks="4,48", regimes="A:r")
     assert rank_limit(recipe) == 48
     with pytest.raises(MuaError, match="at most 48"):
-        rank_limit(Recipe(name="t", model=str(tmp_path / "gpt2"), ranks="64", regimes="A:r"))
+        rank_limit(Recipe.of(name="t", model=str(tmp_path / "gpt2"), ranks="64", regimes="A:r"))
 
 
 def test_a_sweep_rank_above_the_layers_fails_before_any_trial(swept, tmp_path, monkeypatch):

@@ -3,7 +3,6 @@ path's trials."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -30,7 +29,7 @@ def micro(tmp_path_factory):
 
 @pytest.mark.parametrize("regime,rank", [("A:r", 8), ("B:1", 2)])
 def test_batched_trials_match_serial(micro, regime, rank):
-    micro = dataclasses.replace(micro, divergence_factor=1.05)  # so that the highest LR stops early
+    micro = micro.replace(divergence_factor=1.05)  # so that the highest LR stops early
     runner = TrialRunner(micro, "cpu")
     lrs = [2.0**-9, 2.0**-6, 2.0**-3, 2.0**7]  # the last diverges: the batch must stop it without harm
     specs = [make_spec(micro, regime, rank, lr, 0) for lr in lrs]
@@ -61,7 +60,7 @@ def test_units_group_same_rank_and_seed_and_balance(micro):
 
 def test_sweeps_agree_batched_pooled_and_serial(micro, tmp_path):
     """The same sweep three ways (serial; batched; two worker processes): every trial's metric agrees."""
-    micro = dataclasses.replace(micro, ranks="2,8", lrs="2^-8:2^-4", max_extend=0)
+    micro = micro.replace(ranks="2,8", lrs="2^-8:2^-4", max_extend=0)
     runs = {
         "serial": Execution("cpu", 1, 1),
         "batched": Execution("cpu", 1, 5),
@@ -87,7 +86,7 @@ def test_execution_defaults_follow_the_measured_rules(micro):
 
     gpu = Execution("cuda")
     assert trials_per_pass(gpu, micro, 365e6) == 16  # 128 tokens per trial: even a large model takes 16
-    big = dataclasses.replace(micro, batch_size=16, seq_len=512)  # 8192 tokens per trial
+    big = micro.replace(batch_size=16, seq_len=512)  # 8192 tokens per trial
     assert [trials_per_pass(gpu, big, n) for n in (5e6, 120e6, 365e6)] == [16, 8, 1]
     assert trials_per_pass(Execution("cpu"), micro, 5e6) == 1  # no gain on the CPU
     assert trials_per_pass(Execution("cuda", batch_trials=3), big, 365e6) == 3

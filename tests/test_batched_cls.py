@@ -3,7 +3,6 @@ the head (trained in full at the fixed head LR), must give what the serial path 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -27,7 +26,7 @@ def _runner(kind: str, folder) -> tuple[TrialRunner, object]:
     build_model, build_data, fields = KINDS[kind]
     model, data = build_model(folder / "model"), build_data(folder)
     recipe = load_recipe(str(T.recipe_yaml(folder / "r.yaml", model=str(model), data=str(data), **fields)))
-    recipe = dataclasses.replace(recipe, steps=12, divergence_factor=1.5, eval_fraction=0.25)
+    recipe = recipe.replace(steps=12, divergence_factor=1.5, eval_fraction=0.25)
     runner = TrialRunner(recipe, "cpu")
     for m in runner.base.modules():  # dropout draws differ between one trial and K: compare without it
         if isinstance(m, torch.nn.Dropout):

@@ -225,7 +225,7 @@ def test_a_gpu_index_that_does_not_exist_is_one_line(tmp_path, micro_recipe_path
         ("steps", 10.5, "steps must be a whole number"),
         ("batch_size", "8", "batch_size must be a whole number"),
         ("betas", 0.9, "betas must be two numbers"),
-        ("betas", [0.9, 1.5], "betas must lie in [0, 1)"),
+        ("betas", [0.9, 1.5], "betas must be in [0, 1), not [0.9, 1.5]"),
         ("model_config", 5, "model_config must be a mapping"),
         ("model_config", {"hidden_size": -1}, "hidden_size must be a positive whole number"),
         ("per_layer_lr", "yes", "per_layer_lr must be true or false"),

@@ -33,9 +33,9 @@ def test_default_recipe_loads_the_shipped_weights_without_pretraining(tmp_path, 
     monkeypatch.setenv("MUA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(models, "pretrain", _no_pretraining)
     recipe = load_recipe("tiny")
-    folder = models.shipped_folder(recipe)
+    folder = models.shipped_folder(recipe.model, recipe.data.seq_len)
     assert folder is not None and folder.parent == models.SHIPPED_DIR
-    model = models.load_embedded(recipe)
+    model = models.load_embedded(recipe.model, recipe.data.seq_len)
     shipped = load_file(str(folder / "model.safetensors"))
     state = model.state_dict()
     assert set(state) == set(shipped) and all(torch.equal(state[k], shipped[k]) for k in shipped)
@@ -54,14 +54,14 @@ def test_other_settings_still_pretrain_and_cache(tmp_path, monkeypatch):
         load_recipe("tiny", pretrain={"steps": 599}),
         load_recipe("tiny", seq_len=32),
     ):
-        assert models.shipped_folder(other) is None
+        assert models.shipped_folder(other.model, other.data.seq_len) is None
     calls = []
     real = models.pretrain
     monkeypatch.setattr(models, "pretrain", lambda *a: calls.append(1) or real(*a))
     recipe = load_recipe(str(micro))
-    models.load_embedded(recipe)
-    assert calls == [1] and (models.embedded_folder(recipe) / "model.safetensors").is_file()
-    models.load_embedded(recipe)  # cached now
+    models.load_embedded(recipe.model, recipe.data.seq_len)
+    assert calls == [1] and (models.embedded_folder(recipe.model, recipe.data.seq_len) / "model.safetensors").is_file()
+    models.load_embedded(recipe.model, recipe.data.seq_len)  # cached now
     assert calls == [1]
 
 

@@ -3,7 +3,6 @@ CUDA graph gives the eager step's trials, and a step that cannot be captured run
 
 from __future__ import annotations
 
-import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -25,7 +24,7 @@ def micro(tmp_path_factory):
 
     p = tmp_path_factory.mktemp("recipe") / "micro.yaml"
     p.write_text(yaml.safe_dump(TINY_TEST_RECIPE))
-    return dataclasses.replace(load_recipe(str(p)), steps=40)
+    return load_recipe(str(p)).replace(steps=40)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +60,7 @@ def test_graphed_batch_matches_eager_with_a_diverging_trial(micro, runner):
     # (stopped at step 14 eagerly, 39 graphed); the default 2.0 left the LR-128 trial to chance: its activations
     # overflow, and the final norm bounds its loss, so it ended "ok" eagerly and in NaN graphed. The replayed
     # steps then run with a stopped trial in the batch, which must not disturb the others.
-    micro = dataclasses.replace(micro, divergence_factor=1.2)
+    micro = micro.replace(divergence_factor=1.2)
     specs = [make_spec(micro, "B:1", 4, lr, 0) for lr in (2.0**-9, 2.0**-6, 2.0**7)]
     eager = run_batched(specs, runner.base, runner.data, micro, "cuda:0", graphs=False)
     notes: list[str] = []
@@ -217,7 +216,7 @@ def test_whole_layer_lora_matches_peft_on_the_gpu(k, monkeypatch):
     if k == 1:
         model = prepare(base, "A:r", 4, 1.0, "all-linear", seed=3)
     else:
-        recipe = Recipe(name="t", model="embedded:tiny", ranks="4", regimes="A:r", targets="all-linear")
+        recipe = Recipe.of(name="t", model="embedded:tiny", ranks="4", regimes="A:r", targets="all-linear")
         model, _, _ = build(base, make_spec(recipe, "A:r", 4, 0.01, 0), recipe, k)
     x = torch.randint(0, CFG.vocab_size, (2 * k, 9), device="cuda")
     assert_folded_matches_peft(perturbed(model).cuda(), x, True, True, monkeypatch)

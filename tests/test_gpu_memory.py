@@ -3,8 +3,6 @@ gets the results it gets with room to spare; the memory estimate is not below wh
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -18,7 +16,7 @@ from mua_cli.sweep.store import load_trials
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 K = 6
-RECIPE = Recipe(
+RECIPE = Recipe.of(
     name="memory", model="embedded:tiny",
     model_config={"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
                   "num_key_value_heads": 4, "max_position_embeddings": 1024},
@@ -90,7 +88,7 @@ def test_auto_plan_under_a_cap_says_so_and_runs_everything(tmp_path):
     notes = Notes()
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
-    recipe = dataclasses.replace(RECIPE, ranks="16")
+    recipe = RECIPE.replace(ranks="16")
     torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 3 * 2**30) / total, 0)
     try:
         run_sweep(recipe, tmp_path / "auto", "cuda:0", execution=Execution("cuda:0"), listener=notes)

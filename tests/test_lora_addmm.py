@@ -4,7 +4,6 @@ serial and batched adapters, in fp32 and under bf16 autocast; layers it cannot f
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections import Counter
 
 import pytest
@@ -124,10 +123,10 @@ def test_grouped_adapters_with_biases_and_fewer_kv_heads_match_peft(autocast, mo
 @pytest.mark.parametrize("whole_layer", [False, True])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_batched_adapters_match_peft(autocast, whole_layer, monkeypatch):
-    recipe = Recipe(name="t", model="embedded:tiny", ranks="4", regimes="A:r")
+    recipe = Recipe.of(name="t", model="embedded:tiny", ranks="4", regimes="A:r")
     spec = make_spec(recipe, "A:r", 4, 0.01, 0)
     base = llama(torch.bfloat16 if autocast else torch.float32)
-    model, params, _ = build(base, spec, dataclasses.replace(recipe, targets="all-linear"), k=3)
+    model, params, _ = build(base, spec, recipe.replace(targets="all-linear"), k=3)
     perturbed(model)
     x = torch.randint(0, CFG.vocab_size, (6, 9))  # 3 trials × 2 rows
     grads = assert_folded_matches_peft(model, x, autocast, whole_layer, monkeypatch)

@@ -26,7 +26,7 @@ def _model(vocab: int) -> torch.nn.Module:
         return LlamaForCausalLM(cfg).to(torch.bfloat16)
 
 
-RECIPE = Recipe(model="x", batch_size=16, seq_len=256, ranks="4,16,64", regimes="B:1")
+RECIPE = Recipe.of(model="x", batch_size=16, seq_len=256, ranks="4,16,64", regimes="B:1")
 H200 = int(0.9 * 139 * GIB)
 
 
@@ -63,7 +63,7 @@ class _OomRunner(TrialRunner):
         self.on_step, self.notes, self.calls = None, [], []
         self.on_note = self.notes.append
         self.share, self.batchable = GpuShare(), True
-        self.recipe = SimpleNamespace(batch_size=16)
+        self.recipe = SimpleNamespace(optim=SimpleNamespace(batch_size=16))
 
     def _attempt(self, unit, graphs, alone):
         self.calls.append((len(unit), graphs, alone))

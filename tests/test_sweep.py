@@ -50,9 +50,9 @@ def test_every_trial_records_what_the_issue_asks(micro_recipe_path, tmp_path):
     assert row["lora_alpha"] == 1 and row["alpha"] == pytest.approx(0.25) and row["init"] == "A"
     for col in ("loss_curve", "metric", "status", "wall_time", "device", "recipe", "error", "steps", "batch_size"):
         assert col in df.columns
-    assert len(row["loss_curve"]) == recipe.steps and row["recipe"]["steps"] == recipe.steps
+    assert len(row["loss_curve"]) == recipe.optim.steps and row["recipe"]["steps"] == recipe.optim.steps
     ok = df[df["status"] == "ok"]
-    tail = ok.iloc[0]["loss_curve"][-math.ceil(0.1 * recipe.steps) :]
+    tail = ok.iloc[0]["loss_curve"][-math.ceil(0.1 * recipe.optim.steps) :]
     assert ok.iloc[0]["metric"] == pytest.approx(sum(tail) / len(tail))
 
 
@@ -63,7 +63,7 @@ def test_huge_lr_diverges_and_is_stored_as_diverged(micro_recipe_path, tmp_path)
     run_sweep(recipe, tmp_path / "run", "cpu")
     df = load_trials(tmp_path / "run").set_index("lr")
     assert df.loc[2**10, "status"] == "diverged" and math.isinf(df.loc[2**10, "metric"])
-    assert len(df.loc[2**10, "loss_curve"]) < recipe.steps  # stopped early
+    assert len(df.loc[2**10, "loss_curve"]) < recipe.optim.steps  # stopped early
     assert df.loc[2**-8, "status"] == "ok"
 
 
@@ -209,7 +209,7 @@ def test_refinement_adds_a_seed_only_where_the_optimum_is_poorly_located(micro_r
     recipe = load_recipe(str(micro_recipe_path), ranks="4", regimes="A:r,B:1", lrs="2^-10:2^-4", max_extend=0)
     summary = run_sweep(recipe, tmp_path / "run", "cpu", execution=Execution("cpu", batch_trials=1))
     df = load_trials(tmp_path / "run")
-    extra = df[df["seed"] == recipe.seeds]
+    extra = df[df["seed"] == recipe.sweep.seeds]
     assert set(extra["regime"]) == {"B:1"} and len(extra) == 3
     assert any("one more seed" in line for line in summary.added)
     assert run_sweep(recipe, tmp_path / "run", "cpu", execution=Execution("cpu", batch_trials=1)).ran == 0

@@ -51,7 +51,7 @@ def test_installed_wheel_lists_every_recipe(fresh):
 def test_installed_wheel_has_the_default_model(fresh):
     python, cwd = fresh
     code = ("from mua_cli.spec.recipe import load_recipe; from mua_cli.train.models import shipped_folder; "
-            "print(shipped_folder(load_recipe()))")  # fmt: skip
+            "r = load_recipe(); print(shipped_folder(r.model, r.data.seq_len))")  # fmt: skip
     res = _run(python, cwd, code)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "mua_cli/embedded" in res.stdout and str(ROOT) not in res.stdout

@@ -29,11 +29,6 @@ from . import calibration as cal
 from .rank_optima import Z95, RankOptimum, clean_trials, estimate, jsonable
 from .theory import FULL, REGIMES, TRANSFER_REGIME, get_regime
 
-# recipe keys that change where the optimum sits: rows that differ in any of them are not one run
-OUTCOME_KEYS = (
-    "model", "model_config", "task", "dtype", "targets", "data", "metric", "metric_frac", "betas", "eps",
-    "weight_decay", "grad_clip", "warmup_frac", "min_lr_ratio", "alpha0", "per_layer_lr", "head_lr",
-)  # fmt: skip
 REQUIRED = ("regime", "rank", "lr", "seed", "status", "metric", "steps", "batch_size", "seq_len")
 
 
@@ -249,9 +244,9 @@ def _recipe(v: Any) -> dict:
 def _check_one_run(df: pd.DataFrame) -> None:
     recs = [_recipe(r) for r in df["recipe"]] if "recipe" in df else []
     seen = {c: [f"{v:g}" for v in pd.to_numeric(df[c]).dropna()] for c in ("steps", "batch_size", "seq_len")}
-    seen |= {
-        f"recipe {k!r}": [json.dumps(r[k], sort_keys=True, default=str) for r in recs if k in r] for k in OUTCOME_KEYS
-    }
+    # each trial carries its recipe's outcome keys (spec/config.py): rows that differ in any are not one run
+    keys = sorted(set().union(*recs)) if recs else []
+    seen |= {f"recipe {k!r}": [json.dumps(r[k], sort_keys=True, default=str) for r in recs if k in r] for k in keys}
     for what, vals in seen.items():
         if len(set(vals)) > 1:
             raise MuaError(
@@ -274,7 +269,7 @@ def _settings(df: pd.DataFrame) -> dict:
         "alpha0": float(rec.get("alpha0", 1.0)),
         "optimizer": f"AdamW(betas=({b1:g}, {b2:g}), eps={eps:g}, weight_decay={wd:g}), grad clip {clip:g}",
         "schedule": f"linear warmup over {warm:.0%} of steps, then cosine decay to {floor:g}× the peak LR",
-        "recipe": {k: rec[k] for k in OUTCOME_KEYS if k in rec},
+        "recipe": rec,
     }
 
 

@@ -1,131 +1,71 @@
-"""Recipes: what to finetune, on what, for how long, and which sweep to run.
-
-A recipe is a YAML file of flat keys (see `recipes/tiny.yaml`); command-line flags override it.
-"""
+"""Recipes: what to finetune (model), on what (data), how each trial trains (optim), and which trials run
+(sweep). A recipe file is YAML of flat keys (see `recipes/tiny.yaml`), or of those four sections; command-line
+flags override it. The keys, their types and ranges live in config.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from ..errors import MuaError
-from ..science.theory import FULL, parse_lrs, parse_ranks, parse_regimes
+from ..science.theory import FULL, parse_ranks
+from .config import KEYS, OUTCOME_KEYS, SECTIONS, DataSpec, ModelSpec, Optim, SweepSpec, typed
 
 # An installed wheel ships the recipes inside the package; a checkout (and an editable install) keeps them in
 # recipes/ beside it
 _PACKAGED = Path(__file__).resolve().parent.parent / "recipes"
 RECIPES_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[2] / "recipes"
-SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 DEFAULT_RECIPE = "tiny"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
-    """Everything that decides a sweep's trials. Fields marked `sweep` only choose *which* trials run;
-    the others change a trial's outcome and enter its identity hash."""
+    """Everything that decides a sweep's trials, in four typed sections. `Recipe.of(steps=50, ...)` builds one
+    from flat keys; `recipe.replace(...)` changes some."""
 
     name: str = "tiny"
     description: str = ""
-    # model
-    model: str = "embedded:tiny"  # "embedded:NAME", a Hugging Face hub name, or a local folder
-    task: str = "causal-lm"  # causal-lm | seq-cls | image-cls
-    model_config: dict = field(default_factory=dict)  # for embedded models: the transformers config
-    dtype: str = "float32"  # weights' dtype: float32 | bfloat16
-    targets: list[str] | str = "all-linear"  # LoRA target modules
-    # data
-    data: str = "embedded:britannica"
-    text_field: str = "text"
-    label_field: str = "label"
-    seq_len: int = 64
-    eval_fraction: float = 0.1
-    # pretraining of embedded models (cached in the user cache folder)
-    pretrain: dict = field(default_factory=dict)
-    # optimization (docs/science.md's defaults: the paper's AdamW, warmup 5 %, cosine to 0.1×, clip 1.0)
-    steps: int = 100
-    batch_size: int = 8
-    warmup_frac: float = 0.05
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    alpha0: float = 1.0
-    head_lr: float = 1e-3  # a new classification head is trained in full at this fixed LR
-    per_layer_lr: bool = False
-    # the final metric: "train" = training loss averaged over the last `metric_frac` of steps
-    metric: str = "train"  # train | eval
-    metric_frac: float = 0.1
-    divergence_factor: float = 2.0  # a loss above this × the starting loss is divergence
-    # sweep (which trials; not part of a trial's identity)
-    ranks: str = "4,16,64"
-    regimes: str = "A:r,B:1"
-    lrs: str = "2^-12:2^-4"
-    seeds: int = 1
-    max_extend: int = 4  # rounds of grid extension per (regime, rank)
-    # 1: once the grid settles, add half-octave LRs either side of each interior optimum, then one more seed near
-    # each optimum whose interval is still wider than a factor 2; 0: off
-    refine: int = 1
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    optim: Optim = field(default_factory=Optim)
+    sweep: SweepSpec = field(default_factory=SweepSpec)
 
-    SWEEP_FIELDS = ("name", "description", "ranks", "regimes", "lrs", "seeds", "max_extend", "refine")
+    @classmethod
+    def of(cls, source: str = "recipe", **flat: Any) -> Recipe:
+        """A checked recipe from flat keys (the YAML's and the flags' names), each typed and range-checked."""
+        known = ["name", "description", *KEYS]
+        unknown = sorted(map(str, set(flat) - set(known)))
+        if unknown:
+            raise MuaError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        sections: dict[str, dict] = {s: {} for s in SECTIONS}
+        for key, v in flat.items():
+            if key in KEYS:
+                sections[KEYS[key].section][KEYS[key].field] = typed(key, v, source)
+        for key in ("name", "description"):
+            if key in flat and not isinstance(flat[key], str):
+                raise MuaError(f"{source}: {key} must be text, not {flat[key]!r}")
+        top = {k: flat[k] for k in ("name", "description") if k in flat}
+        return cls(**top, **{s: SECTIONS[s](**kw) for s, kw in sections.items()})
 
-    def validate(self) -> Recipe:
-        parse_ranks(self.ranks)
-        parse_regimes(self.regimes)
-        parse_lrs(self.lrs)
-        _check(self.steps >= 2, f"steps must be at least 2, not {self.steps}")
-        _check(self.batch_size >= 1, f"batch_size must be at least 1, not {self.batch_size}")
-        _check(self.seq_len >= 2, f"seq_len must be at least 2, not {self.seq_len}")
-        _check(self.seeds >= 1, f"seeds must be at least 1, not {self.seeds}")
-        _check(self.refine in (0, 1), f"refine must be 0 or 1, not {self.refine!r}")
-        _check(self.alpha0 > 0, f"alpha0 must be positive, not {self.alpha0}")
-        _check(self.metric in ("train", "eval"), f"metric must be 'train' or 'eval', not {self.metric!r}")
-        _check(self.task in ("causal-lm", "seq-cls", "image-cls"), f"unknown task {self.task!r}")
-        _check(self.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, not {self.dtype!r}")
-        _check(0 < self.metric_frac <= 1, "metric_frac must be in (0, 1]")
-        _check(0 <= self.warmup_frac < 1, "warmup_frac must be in [0, 1)")
-        _check(self.divergence_factor > 1, "divergence_factor must be above 1")
-        _check(all(0 <= b < 1 for b in self.betas), f"betas must lie in [0, 1), not {list(self.betas)}")
-        _check(
-            self.eps > 0 and self.weight_decay >= 0 and self.grad_clip > 0,
-            "eps and grad_clip must be positive and weight_decay not negative",
-        )
-        _check(0 < self.min_lr_ratio <= 1, "min_lr_ratio must be in (0, 1]")
-        _check(0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)")
-        _check(self.head_lr > 0, f"head_lr must be positive, not {self.head_lr}")
-        self._check_pretrain()
-        for k, v in self.model_config.items():
-            if k in SIZE_KEYS:
-                _check(
-                    isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                    f"model_config: {k} must be a positive whole number, not {v!r}",
-                )
-        return self
+    def flat(self) -> dict:
+        """Every key by its YAML name: what a recipe file, a study and a run folder's recipe.yaml hold."""
+        out: dict[str, Any] = {"name": self.name, "description": self.description}
+        for key, k in KEYS.items():
+            v = getattr(getattr(self, k.section), k.field)
+            out[key] = list(v) if isinstance(v, tuple) else v
+        return out
 
-    def _check_pretrain(self) -> None:
-        """The embedded model's pretraining: data (text), steps and batch_size (whole numbers ≥ 1), lr (> 0),
-        seed (a whole number)."""
-        known = {"data", "steps", "batch_size", "lr", "seed"}
-        unknown = sorted(set(self.pretrain) - known)
-        _check(
-            not unknown, f"pretrain: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(sorted(known))}"
-        )
-        for k in ("steps", "batch_size", "seed"):
-            v = self.pretrain.get(k, 1)
-            ok = isinstance(v, int) and not isinstance(v, bool) and (v >= 0 if k == "seed" else v >= 1)
-            _check(ok, f"pretrain: {k} must be a whole number{'' if k == 'seed' else ' of at least 1'}, not {v!r}")
-        lr = self.pretrain.get("lr", 1e-3)
-        _check(isinstance(lr, int | float) and not isinstance(lr, bool) and lr > 0,
-               f"pretrain: lr must be a positive number, not {lr!r}")  # fmt: skip
-        _check(isinstance(self.pretrain.get("data", ""), str), "pretrain: data must be text, e.g. embedded:shakespeare")
+    def replace(self, **flat: Any) -> Recipe:
+        return Recipe.of(**{**self.flat(), **flat})
 
     @property
     def rank_list(self) -> list[int | str]:
-        return parse_ranks(self.ranks)
+        return parse_ranks(self.sweep.ranks)
 
     @property
     def lora_ranks(self) -> list[int]:
@@ -136,34 +76,24 @@ class Recipe:
         return FULL in self.rank_list
 
     def outcome_fields(self) -> dict:
-        """The resolved fields that change a trial's outcome."""
-        d = dataclasses.asdict(self)
-        for k in self.SWEEP_FIELDS:
-            d.pop(k, None)
-        d["betas"] = list(d["betas"])
-        return d
+        """The keys that change a trial's outcome (config.py's `outcome` metadata), resolved."""
+        flat = self.flat()
+        return {k: flat[k] for k in OUTCOME_KEYS}
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.outcome_fields(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(d["betas"])
-        return d
+        return self.flat()
 
     def settings_text(self) -> str:
-        b1, b2 = self.betas
+        o, b1, b2 = self.optim, *self.optim.betas
         return (
-            f"AdamW(β=({b1}, {b2}), ε={self.eps:g}, weight decay {self.weight_decay:g}), "
-            f"clip {self.grad_clip:g}, warmup {self.warmup_frac:.0%} then cosine to {self.min_lr_ratio:g}× peak, "
-            f"{self.steps} steps, batch {self.batch_size} × {self.seq_len}"
+            f"AdamW(β=({b1}, {b2}), ε={o.eps:g}, weight decay {o.weight_decay:g}), "
+            f"clip {o.grad_clip:g}, warmup {o.warmup_frac:.0%} then cosine to {o.min_lr_ratio:g}× peak, "
+            f"{o.steps} steps, batch {o.batch_size} × {self.data.seq_len}"
         )
-
-
-def _check(ok: bool, msg: str) -> None:
-    if not ok:
-        raise MuaError(f"recipe: {msg}")
 
 
 def find_recipe(name_or_path: str | None) -> Path:
@@ -200,64 +130,33 @@ def load_recipe(name_or_path: str | None = None, **overrides) -> Recipe:
         raise MuaError(f"recipe {path} cannot be read as a YAML text file ({type(e).__name__})") from None
     if not isinstance(raw, dict):
         raise MuaError(f"recipe {path} must be a mapping of keys to values")
-    raw.setdefault("name", path.stem)
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    return recipe_from_dict(raw, source=str(path))
+    flat = {"name": path.stem, **flatten(raw, str(path))}
+    Recipe.of(str(path), **flat)  # the file's own errors name the file
+    flags = {k: typed(k, v, "flag") for k, v in overrides.items() if v is not None}
+    return Recipe.of(str(path), **{**flat, **flags})
 
 
 def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
-    known = {f.name for f in dataclasses.fields(Recipe)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise MuaError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
-    raw = dict(raw)
-    for k in ("ranks", "regimes", "lrs"):
-        if isinstance(raw.get(k), list):
-            raw[k] = ",".join(str(x) for x in raw[k])
-        elif isinstance(raw.get(k), int | float) and not isinstance(raw.get(k), bool):
-            raw[k] = str(raw[k])  # `ranks: 16` in YAML
-    types = {f.name: f.type for f in dataclasses.fields(Recipe)}
+    return Recipe.of(source, **flatten(raw, source))
+
+
+def flatten(raw: dict, source: str) -> dict:
+    """A file's mapping as flat keys: it may hold flat keys, or the sections model, data, optim and sweep (whose
+    keys are the flat names, or the section's own: `model: {name: gpt2}`), or both."""
+    flat = {}
     for k, v in raw.items():
-        raw[k] = _typed(k, v, types[k], source)
-    try:
-        return Recipe(**raw).validate()
-    except TypeError as e:
-        raise MuaError(f"{source}: {e}") from None
+        if k in ("optim", "sweep") or (k in ("model", "data") and isinstance(v, dict)):
+            if not isinstance(v, dict):
+                raise MuaError(f"{source}: {k} must be a mapping of keys to values, not {v!r}")
+            inner = {_FIELD_KEYS[k].get(x, x): y for x, y in v.items()}
+            stray = sorted(str(x) for x in inner if x not in KEYS or KEYS[x].section != k)
+            if stray:
+                raise MuaError(f"{source}: {k}: unknown key(s) {', '.join(stray)}")
+            flat.update(inner)
+        else:
+            flat[k] = v
+    return flat
 
 
-def _typed(key: str, v, kind: str, source: str):
-    """`v` checked against the field's annotation; one clear line naming the key when it does not fit."""
-
-    def bad(want: str):
-        return MuaError(f"{source}: {key} must be {want}, not {v!r}")
-
-    number = isinstance(v, int | float) and not isinstance(v, bool)
-    if kind == "int":
-        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
-            raise bad("a whole number")
-        return int(v)
-    if kind == "float":
-        if not number:
-            raise bad("a number")
-        return float(v)
-    if kind == "bool":
-        if not isinstance(v, bool):
-            raise bad("true or false")
-        return v
-    if kind == "str":
-        if not isinstance(v, str):
-            raise bad("text")
-        return v
-    if kind == "dict":
-        if not isinstance(v, dict) or not all(isinstance(x, str) for x in v):
-            raise bad("a mapping of names to values")
-        return v
-    if kind.startswith("tuple[float, float]"):
-        if not (isinstance(v, list | tuple) and len(v) == 2 and all(isinstance(x, int | float) for x in v)):
-            raise bad("two numbers, e.g. [0.9, 0.999]")
-        return tuple(float(x) for x in v)
-    if kind.startswith("list[str] | str"):
-        if isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(x, str) for x in v)):
-            return v
-        raise bad("a module name or a list of names")
-    return v
+# a section's own name for a key whose flat name differs (model.name is `model`, data.source is `data`)
+_FIELD_KEYS = {s: {k.field: k.key for k in KEYS.values() if k.section == s and k.field != k.key} for s in SECTIONS}

@@ -44,7 +44,7 @@ def trials_per_pass(ex: Execution, recipe: Recipe, n_params: int) -> int:
         return ex.batch_trials
     if not ex.device.startswith("cuda"):
         return 1  # measured: no gain on the CPU (the work is the same, and it is compute-bound)
-    tokens = recipe.batch_size * recipe.seq_len
+    tokens = recipe.optim.batch_size * recipe.data.seq_len
     return max(1, min(16, TOKENS_PER_STEP[size_class(n_params)] // tokens))
 
 
@@ -139,7 +139,9 @@ def cpu_slots(ex: Execution, recipe: Recipe, n_params: int, trials: int) -> int:
     import torch
 
     cores = torch.get_num_threads()
-    seconds = trials * recipe.steps * recipe.batch_size * recipe.seq_len * n_params / CPU_TOKEN_PARAMS_PER_S
+    seconds = (
+        trials * recipe.optim.steps * recipe.optim.batch_size * recipe.data.seq_len * n_params / CPU_TOKEN_PARAMS_PER_S
+    )
     if cores < 2 or size_class(n_params) != "small" or seconds < 10 * CPU_WORKER_START_S:
         return 1
     return min(cores, CPU_MAX_SLOTS)

@@ -30,19 +30,19 @@ def make_spec(recipe: Recipe, regime: str, rank: int, lr: float, seed: int) -> T
 
 def groups(recipe: Recipe) -> list[tuple[str, int]]:
     """The (regime, rank) pairs the sweep covers; full finetuning is the pair ("full", 0)."""
-    out = [(reg.name, r) for reg in parse_regimes(recipe.regimes) for r in recipe.lora_ranks]
+    out = [(reg.name, r) for reg in parse_regimes(recipe.sweep.regimes) for r in recipe.lora_ranks]
     if recipe.wants_full:
         out.append((FULL, 0))
     return out
 
 
 def plan(recipe: Recipe) -> list[TrialSpec]:
-    lrs = parse_lrs(recipe.lrs)
+    lrs = parse_lrs(recipe.sweep.lrs)
     return [
         make_spec(recipe, reg, rank, lr, seed)
         for reg, rank in groups(recipe)
         for lr in lrs
-        for seed in range(recipe.seeds)
+        for seed in range(recipe.sweep.seeds)
     ]
 
 

@@ -46,7 +46,7 @@ def tokens_per_example(task, model: torch.nn.Module, recipe: Recipe) -> int:
     """The sequence length a training example runs at: an LM window, a classifier's padded width, or an
     image's patches (and its class token)."""
     if task.kind == "causal-lm":
-        return recipe.seq_len
+        return recipe.data.seq_len
     if task.kind == "seq-cls":
         return int(task.input_ids.shape[1])
     cfg = model.config
@@ -69,16 +69,16 @@ def estimate(base: torch.nn.Module, task, recipe: Recipe, rank: int | None) -> T
     hidden, inter, layers, heads, vocab = _shape(base)
     base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     base_bytes += sum(b.numel() * b.element_size() for b in base.buffers())
-    head = head_modules(base, recipe.task)
+    head = head_modules(base, recipe.model.task)
     head_params = sum(p.numel() for h in head for p in getattr(base, h).parameters())
     if rank is None:
         trainable = sum(p.numel() for p in base.parameters())
     else:
         modules = dict(base.named_modules())
-        names = lora_target_names(base, recipe.targets, head)
+        names = lora_target_names(base, recipe.model.targets, head)
         trainable = head_params + sum(rank * sum(_fan(modules[n])) for n in names)
     seq = tokens_per_example(task, base, recipe)
-    tokens = recipe.batch_size * seq
+    tokens = recipe.optim.batch_size * seq
     # Saved for the backward, per token and layer, in bf16: the attention block's inputs, q/k/v and output
     # (~12 widths), the MLP's inputs and its gate, up and product (~4 intermediate widths); attention probabilities
     # where a mask keeps SDPA off its flash kernel (the classifiers)

@@ -182,25 +182,25 @@ def next_round(recipe, store, done, summary, listener) -> list[TrialSpec]:
     """From everything stored: one more LR where an optimum sits at a grid's edge, else refinements around each
     optimum (REFINERS). Every decision is a function of the stored trials alone, so a finished sweep resumed
     adds nothing; `done`: keys not to add again."""
-    base_grid = parse_lrs(recipe.lrs)
+    base_grid = parse_lrs(recipe.sweep.lrs)
     pending: list[TrialSpec] = []
     metrics = _group_metrics(store)
     summary.at_edge = []
     for reg, rank in groups(recipe):
-        new, why = extension(metrics.get((reg, rank), {}), base_grid, recipe.max_extend)
+        new, why = extension(metrics.get((reg, rank), {}), base_grid, recipe.sweep.max_extend)
         name = "full-ft" if reg == FULL else f"{reg} r={rank}"
         if new is None:
             if why.startswith("still"):
                 summary.at_edge.append(f"{name}: {why}")
             continue
-        specs = [make_spec(recipe, reg, rank, new, s) for s in range(recipe.seeds)]
+        specs = [make_spec(recipe, reg, rank, new, s) for s in range(recipe.sweep.seeds)]
         specs = [s for s in specs if s.key not in done]
         if specs:
             line = f"{name}: best at the {why} edge of the grid, added lr={lr_label(new)}"
             summary.added.append(line)
             listener.note(line)
             pending.extend(specs)
-    for refine in REFINERS if recipe.refine else ():
+    for refine in REFINERS if recipe.sweep.refine else ():
         if pending:
             break
         pending = refine(recipe, store, metrics, done, summary, listener)
@@ -211,7 +211,7 @@ def _refinements(recipe, store, metrics, done, summary, listener) -> list[TrialS
     pending = []
     for reg, rank in groups(recipe):
         for lr in refinement(metrics.get((reg, rank), {})):
-            specs = [make_spec(recipe, reg, rank, lr, s) for s in range(recipe.seeds)]
+            specs = [make_spec(recipe, reg, rank, lr, s) for s in range(recipe.sweep.seeds)]
             pending.extend(s for s in specs if s.key not in done)
     return _announce(pending, "at half-octave LRs around each interior optimum", summary, listener)
 
@@ -230,12 +230,14 @@ def _extra_seeds(recipe, store, metrics, done, summary, listener) -> list[TrialS
     wanted = set(groups(recipe))
     parts = [g for key, g in df.groupby(["regime", "rank"]) if key in wanted] if not df.empty else []
     pending = []
-    has_extra = set() if df.empty else set(map(tuple, df.loc[df["seed"] >= recipe.seeds, ["regime", "rank"]].values))
+    has_extra = (
+        set() if df.empty else set(map(tuple, df.loc[df["seed"] >= recipe.sweep.seeds, ["regime", "rank"]].values))
+    )
     for o in estimate(parts)[0] if parts else []:
         if not o.usable or math.log2(o.hi / o.lo) <= WIDE_LOG2 or (o.regime, o.rank) in has_extra:
             continue  # located well enough, or given its extra seed already (once per group, ever)
         near = sorted((p["lr"] for p in o.points), key=lambda lr: abs(math.log2(lr) - o.log2_lr_star))[:3]
-        specs = [make_spec(recipe, o.regime, o.rank, lr, recipe.seeds) for lr in near]
+        specs = [make_spec(recipe, o.regime, o.rank, lr, recipe.sweep.seeds) for lr in near]
         pending.extend(s for s in specs if s.key not in done)
     return _announce(pending, "of one more seed near each optimum whose interval is wider than 2×", summary, listener)
 
@@ -276,10 +278,10 @@ def _group_metrics(store: TrialStore) -> dict[tuple[str, int], dict[float, list[
 def meta(recipe: Recipe, spec: TrialSpec) -> dict:
     """What is stored with a trial besides its result: its LoRA settings and the recipe it ran."""
     return {
-        **spec.lora_settings(recipe.alpha0),
-        "steps": recipe.steps,
-        "batch_size": recipe.batch_size,
-        "seq_len": recipe.seq_len,
+        **spec.lora_settings(recipe.optim.alpha0),
+        "steps": recipe.optim.steps,
+        "batch_size": recipe.optim.batch_size,
+        "seq_len": recipe.data.seq_len,
         "fingerprint": recipe.fingerprint(),
         "recipe": recipe.outcome_fields(),
     }

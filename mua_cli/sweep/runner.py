@@ -188,5 +188,5 @@ class TrialRunner:
         held = torch.cuda.memory_allocated(self.device) / 2**30
         error = (f"OutOfMemoryError: one trial alone does not fit on {self.device}, eager or graphed, with the GPU "
                  f"to itself ({mem.describe(1)} estimated, {usable / 2**30:.1f} GiB usable, {held:.2f} GiB held "
-                 f"by this process's models); {what_fits(mem, usable, self.recipe.batch_size)}")  # fmt: skip
+                 f"by this process's models); {what_fits(mem, usable, self.recipe.optim.batch_size)}")  # fmt: skip
         return TrialResult("failed", math.nan, device=self.device, error=error)

@@ -20,6 +20,7 @@ import torch
 from .. import accel
 from ..accel.attention import model_kernels
 from ..accel.graphed import set_lrs
+from ..spec.config import Optim
 from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
 from .adapters import head_modules, param_groups, prepare
@@ -30,10 +31,10 @@ from .tasks import as_task
 CHECK_EVERY = 10  # on a GPU, losses are read (and divergence checked) every this many steps
 
 
-def lr_lambda(recipe: Recipe) -> Callable[[int], float]:
+def lr_lambda(o: Optim) -> Callable[[int], float]:
     """Linear warmup over warmup_frac of the steps, then cosine decay to min_lr_ratio × peak."""
-    warm = max(1, int(round(recipe.warmup_frac * recipe.steps)))
-    total, floor = recipe.steps, recipe.min_lr_ratio
+    warm = max(1, int(round(o.warmup_frac * o.steps)))
+    total, floor = o.steps, o.min_lr_ratio
 
     def f(step: int) -> float:
         if step < warm:
@@ -66,23 +67,23 @@ class Trainer:
     graphs: bool  # whether the step may be replayed as a CUDA graph (the batches keep one shape)
 
 
-def train_steps(t: Trainer, recipe: Recipe, batch_at, device: str, on_step=None, on_note=None) -> list[list[float]]:
+def train_steps(t: Trainer, o: Optim, batch_at, device: str, on_step=None, on_note=None) -> list[list[float]]:
     """The loop: every step's LR, batch and update; each trial's loss curve, up to the check after the last
     trial diverged (finish() cuts each curve at its own first divergence)."""
     step_fn = accel.step(t.step, t.model, device, t.graphs, on_note)
     check = 1 if device == "cpu" else CHECK_EVERY
-    schedule = lr_lambda(recipe)
-    losses = torch.full((recipe.steps, t.k), math.nan, device=device)  # stays on the device between checks
+    schedule = lr_lambda(o)
+    losses = torch.full((o.steps, t.k), math.nan, device=device)  # stays on the device between checks
     curves: list[list[float]] = [[] for _ in range(t.k)]
-    for step in range(recipe.steps):
+    for step in range(o.steps):
         t.set_lr(schedule(step))
         t.load(batch_at(step))
         step_fn(t.params)
         losses[step] = t.loss
-        if (step + 1) % check == 0 or step + 1 == recipe.steps:
+        if (step + 1) % check == 0 or step + 1 == o.steps:
             for curve, new in zip(curves, losses[len(curves[0]) : step + 1].T.tolist(), strict=True):
                 curve += new
-            live = [c[-1] for c in curves if first_divergence(c, recipe.divergence_factor) is None]
+            live = [c[-1] for c in curves if first_divergence(c, o.divergence_factor) is None]
             if on_step:  # progress, and where a pool's Ctrl-C stops the trials
                 on_step(step, min(live) if live else curves[0][-1])
             if not live:
@@ -91,21 +92,21 @@ def train_steps(t: Trainer, recipe: Recipe, batch_at, device: str, on_step=None,
     return curves
 
 
-def finish(values: list[float], recipe: Recipe, device: str) -> TrialResult:
+def finish(values: list[float], o: Optim, device: str) -> TrialResult:
     """A loss curve → a result: the curve ends at its first diverging step (included); the metric of a
     finished trial is the training loss averaged over the last `metric_frac` of its steps."""
-    cut = first_divergence(values, recipe.divergence_factor)
+    cut = first_divergence(values, o.divergence_factor)
     curve = [round(v, 5) if math.isfinite(v) else v for v in values[: None if cut is None else cut + 1]]
     result = TrialResult("ok" if cut is None else "diverged", math.inf, curve, initial_loss=curve[0], device=device)
     if cut is None:
-        tail = curve[-max(1, int(math.ceil(recipe.metric_frac * len(curve)))) :]
+        tail = curve[-max(1, int(math.ceil(o.metric_frac * len(curve)))) :]
         result.metric = sum(tail) / len(tail)
     return result
 
 
-def set_eval(result: TrialResult, eval_loss: float, recipe: Recipe) -> None:
+def set_eval(result: TrialResult, eval_loss: float, o: Optim) -> None:
     result.eval_loss = eval_loss
-    if recipe.metric == "eval":
+    if o.metric == "eval":
         result.metric = eval_loss
     if not math.isfinite(result.metric):
         result.status, result.metric = "diverged", math.inf
@@ -147,32 +148,32 @@ def run_trial(
 
 
 def _train(spec, base, data, recipe, device, on_step, t0, graphs, on_note) -> TrialResult:
-    task = as_task(data)
-    head = head_modules(base, recipe.task)
+    task, o = as_task(data), recipe.optim
+    head = head_modules(base, recipe.model.task)
     torch.manual_seed(spec.seed)
-    model = prepare(base, spec.regime, spec.rank, recipe.alpha0, recipe.targets, spec.seed, head).to(device)
+    model = prepare(base, spec.regime, spec.rank, o.alpha0, recipe.model.targets, spec.seed, head).to(device)
     model.train()
-    accel.prepare(model, device, task.kind == "causal-lm", recipe.seq_len)
-    groups = param_groups(model, spec.regime, spec.lr, head, recipe.head_lr, recipe.per_layer_lr, hidden_size(base))
-    t = _one(model, groups, spec, task, recipe, device, graphs)
-    curve = train_steps(t, recipe, task.train_batches(spec.seed, recipe.steps, recipe.batch_size, device), device,
-                        on_step, on_note)[0]  # fmt: skip
-    result = finish(curve, recipe, device)
-    result.info = _info(recipe, task, groups, head, base)
-    if result.status == "ok" and (recipe.metric == "eval" or recipe.eval_fraction > 0):
+    accel.prepare(model, device, task.kind == "causal-lm", recipe.data.seq_len)
+    groups = param_groups(model, spec.regime, spec.lr, head, o.head_lr, o.per_layer_lr, hidden_size(base))
+    t = _one(model, groups, spec, task, o, device, graphs)
+    curve = train_steps(t, o, task.train_batches(spec.seed, o.steps, o.batch_size, device), device, on_step,
+                        on_note)[0]  # fmt: skip
+    result = finish(curve, o, device)
+    result.info = _info(o, task, groups, head, base)
+    if result.status == "ok" and (o.metric == "eval" or recipe.data.eval_fraction > 0):
         low = next(base.parameters()).dtype != torch.float32  # a bf16 base evaluates under autocast too
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=accel.is_gpu(device) and low), \
                 model_kernels(model, device), torch.no_grad():  # fmt: skip
             model.eval()
-            scores = task.evaluate(model, recipe.batch_size, device)
-        set_eval(result, scores["loss"], recipe)
+            scores = task.evaluate(model, o.batch_size, device)
+        set_eval(result, scores["loss"], o)
         if "accuracy" in scores:
             result.info["eval_accuracy"] = scores["accuracy"]
     result.wall_time = time.perf_counter() - t0
     return result
 
 
-def _one(model, groups, spec: TrialSpec, task, recipe: Recipe, device: str, graphs: bool) -> Trainer:
+def _one(model, groups, spec: TrialSpec, task, o: Optim, device: str, graphs: bool) -> Trainer:
     """One trial: torch's AdamW over its LR groups (adapters, a head at its fixed LR, per-layer LRs)."""
     gpu = accel.is_gpu(device)
     peaks = [g.get("lr", spec.lr) for g in groups.groups]
@@ -181,9 +182,9 @@ def _one(model, groups, spec: TrialSpec, task, recipe: Recipe, device: str, grap
     opt = torch.optim.AdamW(
         [{**g, "lr": lr_of(p)} for g, p in zip(groups.groups, peaks, strict=True)],
         lr=lr_of(spec.lr),
-        betas=tuple(recipe.betas),
-        eps=recipe.eps,
-        weight_decay=recipe.weight_decay,
+        betas=o.betas,
+        eps=o.eps,
+        weight_decay=o.weight_decay,
         fused=gpu or None,
         capturable=gpu,
     )
@@ -202,15 +203,15 @@ def _one(model, groups, spec: TrialSpec, task, recipe: Recipe, device: str, grap
             loss = task.loss(model, batch["x"])
         loss_out.copy_(loss.detach().view(1))
         loss.backward()
-        if recipe.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip, foreach=True)
+        if o.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, o.grad_clip, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return Trainer(model, params, 1, one_step, loss_out, lambda f: set_lrs(opt, peaks, f), load, graphs and fixed)
 
 
-def _info(recipe, task, groups, head, base) -> dict:
+def _info(o: Optim, task, groups, head, base) -> dict:
     """What the trial trained and how: stored with it (the head's fixed LR, the LR groups, dtypes)."""
     info = {
         "task": task.kind,
@@ -219,7 +220,7 @@ def _info(recipe, task, groups, head, base) -> dict:
         "base_dtype": str(next(base.parameters()).dtype).replace("torch.", ""),
     }
     if head:
-        info["head"] = {"modules": list(head), "lr": recipe.head_lr, "trained": "in full (not LoRA)"}
+        info["head"] = {"modules": list(head), "lr": o.head_lr, "trained": "in full (not LoRA)"}
     return info
 
 
@@ -260,7 +261,7 @@ def run_batched(
 
 
 def _train_batched(specs, base, task, recipe, device, on_step, t0, graphs, on_note) -> list[TrialResult]:
-    first, task = specs[0], as_task(task)
+    first, task, o = specs[0], as_task(task), recipe.optim
     if any((s.regime, s.rank, s.seed) != (first.regime, first.rank, first.seed) for s in specs):
         raise ValueError("batched trials must share regime, rank and seed")
     if not task.fixed_shape:
@@ -268,16 +269,16 @@ def _train_batched(specs, base, task, recipe, device, on_step, t0, graphs, on_no
     k = len(specs)
     model, params, head_params = build(base, first, recipe, k)
     model.to(device).train()
-    accel.prepare(model, device, task.kind == "causal-lm", recipe.seq_len)
-    t = _stacked(model, params, head_params, specs, task, recipe, device, graphs)
-    curves = train_steps(t, recipe, task.train_batches(first.seed, recipe.steps, recipe.batch_size, device), device,
-                         on_step, on_note)  # fmt: skip
-    results = [finish(c, recipe, device) for c in curves]
-    if recipe.metric == "eval" or recipe.eval_fraction > 0:
-        scores = evaluate_stacked(model, task, recipe, k, device)
+    accel.prepare(model, device, task.kind == "causal-lm", recipe.data.seq_len)
+    t = _stacked(model, params, head_params, specs, task, o, device, graphs)
+    curves = train_steps(t, o, task.train_batches(first.seed, o.steps, o.batch_size, device), device, on_step,
+                         on_note)  # fmt: skip
+    results = [finish(c, o, device) for c in curves]
+    if o.metric == "eval" or recipe.data.eval_fraction > 0:
+        scores = evaluate_stacked(model, task, o.batch_size, k, device)
         for i, r in enumerate(results):
             if r.status == "ok":
-                set_eval(r, float(scores["loss"][i]), recipe)
+                set_eval(r, float(scores["loss"][i]), o)
                 if "accuracy" in scores:
                     r.info["eval_accuracy"] = float(scores["accuracy"][i])
     wall = (time.perf_counter() - t0) / k
@@ -289,10 +290,10 @@ def _train_batched(specs, base, task, recipe, device, on_step, t0, graphs, on_no
     return results
 
 
-def _stacked(model, params, head_params, specs, task, recipe: Recipe, device: str, graphs: bool) -> Trainer:
+def _stacked(model, params, head_params, specs, task, o: Optim, device: str, graphs: bool) -> Trainer:
     """K trials in one model: each its own LR, clip and divergence stop (a stopped trial's LR is 0)."""
     k = len(specs)
-    opt = StackedAdamW([params, head_params], recipe)
+    opt = StackedAdamW([params, head_params], o)
     peak = torch.tensor([s.lr for s in specs], device=device, dtype=torch.float32)
     autocast = _autocast(device)
     # What a captured step reads and writes lives as long as the trials (accel/graphed.py)
@@ -305,7 +306,7 @@ def _stacked(model, params, head_params, specs, task, recipe: Recipe, device: st
 
     def set_lr(factor: float) -> None:
         lr.copy_(peak * factor)
-        head_lr.fill_(recipe.head_lr * factor)
+        head_lr.fill_(o.head_lr * factor)
 
     def load(b) -> None:
         if "x" in batch:
@@ -318,7 +319,7 @@ def _stacked(model, params, head_params, specs, task, recipe: Recipe, device: st
             loss = per_trial_loss(task, model, batch["x"], k)
         loss_out.copy_(loss.detach())
         start.copy_(torch.where(start.isnan(), loss_out, start))
-        alive.logical_and_(torch.isfinite(loss_out) & (loss_out <= recipe.divergence_factor * start))
+        alive.logical_and_(torch.isfinite(loss_out) & (loss_out <= o.divergence_factor * start))
         # torch.where, not a product: a stopped trial's NaN × 0 would still be NaN
         torch.where(alive, loss, torch.zeros_like(loss)).sum().backward()
         opt.step([lr * alive, head_lr * alive], alive)

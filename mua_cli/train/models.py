@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..errors import MuaError
-from ..spec.recipe import Recipe
+from ..spec.config import ModelSpec
 from .data import BYTE_VOCAB, TokenData, load_text_data
 
 TINY_DEFAULTS = dict(
@@ -34,8 +34,8 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def embedded_config(recipe: Recipe) -> LlamaConfig:
-    cfg = {**TINY_DEFAULTS, **recipe.model_config, "vocab_size": BYTE_VOCAB}
+def embedded_config(m: ModelSpec) -> LlamaConfig:
+    cfg = {**TINY_DEFAULTS, **m.config, "vocab_size": BYTE_VOCAB}
     try:
         return LlamaConfig(**cfg)
     except Exception as e:  # noqa: BLE001 — transformers' own checks (head sizes, rotary dimensions, types)
@@ -45,12 +45,12 @@ def embedded_config(recipe: Recipe) -> LlamaConfig:
         raise MuaError(f"recipe: model_config ({shape}) is not a valid model: {why}") from None
 
 
-def embedded_key(recipe: Recipe) -> str:
+def embedded_key(m: ModelSpec, seq_len: int) -> str:
     blob = json.dumps(
         {
-            "config": embedded_config(recipe).to_dict(),
-            "pretrain": {**PRETRAIN_DEFAULTS, **recipe.pretrain},
-            "seq_len": recipe.seq_len,
+            "config": embedded_config(m).to_dict(),
+            "pretrain": {**PRETRAIN_DEFAULTS, **m.pretrain},
+            "seq_len": seq_len,
             "v": 1,
         },
         sort_keys=True,
@@ -59,72 +59,74 @@ def embedded_key(recipe: Recipe) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def load_base(recipe: Recipe, on_note=None) -> torch.nn.Module:
+def load_base(m: ModelSpec, seq_len: int, on_note=None) -> torch.nn.Module:
     """The frozen starting point of every trial, on the CPU in fp32 (trials move their copy).
 
     For seq-cls / image-cls models, use `load_hf` with the data's labels (see workload.load_workload)."""
-    if recipe.model.startswith("embedded:"):
-        if recipe.task != "causal-lm":
-            raise MuaError(f"the embedded model is a causal LM; task {recipe.task!r} needs --model NAME_OR_PATH")
-        return load_embedded(recipe, on_note)
-    return load_hf(recipe.model, recipe.task).model
+    if m.name.startswith("embedded:"):
+        if m.task != "causal-lm":
+            raise MuaError(f"the embedded model is a causal LM; task {m.task!r} needs --model NAME_OR_PATH")
+        return load_embedded(m, seq_len, on_note)
+    return load_hf(m.name, m.task).model
 
 
-def embedded_folder(recipe: Recipe) -> Path:
+def embedded_folder(m: ModelSpec, seq_len: int) -> Path:
     """Where the embedded model of this recipe is cached once pretrained."""
-    return cache_dir() / f"embedded-{recipe.model.split(':', 1)[1]}-{embedded_key(recipe)}"
+    return cache_dir() / f"embedded-{m.name.split(':', 1)[1]}-{embedded_key(m, seq_len)}"
 
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "embedded"  # package data: pretrained weights (shipped_folder)
 
 
-def embedded_settings(recipe: Recipe) -> dict:
+def embedded_settings(m: ModelSpec, seq_len: int) -> dict:
     """What a recipe says of its embedded model: its shape, its pretraining and the window length; the name of
     shipped weights. (`embedded_key`, the cache's, also hashes transformers' resolved config, which changes with
     transformers' version.)"""
     return {
-        "model": recipe.model,
-        "config": {**TINY_DEFAULTS, **recipe.model_config, "vocab_size": BYTE_VOCAB},
-        "pretrain": {**PRETRAIN_DEFAULTS, **recipe.pretrain},
-        "seq_len": recipe.seq_len,
+        "model": m.name,
+        "config": {**TINY_DEFAULTS, **m.config, "vocab_size": BYTE_VOCAB},
+        "pretrain": {**PRETRAIN_DEFAULTS, **m.pretrain},
+        "seq_len": seq_len,
     }
 
 
-def shipped_name(recipe: Recipe) -> str:
-    blob = json.dumps(embedded_settings(recipe), sort_keys=True, default=str)
-    return f"{recipe.model.split(':', 1)[1]}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+def shipped_name(m: ModelSpec, seq_len: int) -> str:
+    blob = json.dumps(embedded_settings(m, seq_len), sort_keys=True, default=str)
+    return f"{m.name.split(':', 1)[1]}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def shipped_folder(recipe: Recipe) -> Path | None:
+def shipped_folder(m: ModelSpec, seq_len: int) -> Path | None:
     """The pretrained weights shipped inside the package for exactly these settings (recipes/tiny.yaml's),
     or None. The folder holds what `pretrain` made on the CPU (fp32, config.json and model.safetensors) and the
     settings it was made from; `python benchmarks/ship_embedded.py` makes it again and checks it."""
-    folder = SHIPPED_DIR / shipped_name(recipe)
+    folder = SHIPPED_DIR / shipped_name(m, seq_len)
     try:
         settings = json.loads((folder / "settings.json").read_text())
     except (OSError, ValueError):
         return None
-    same = json.dumps(settings, sort_keys=True) == json.dumps(embedded_settings(recipe), sort_keys=True, default=str)
+    same = json.dumps(settings, sort_keys=True) == json.dumps(
+        embedded_settings(m, seq_len), sort_keys=True, default=str
+    )
     return folder if same and (folder / "model.safetensors").is_file() else None
 
 
-def load_embedded(recipe: Recipe, on_note=None) -> torch.nn.Module:
+def load_embedded(m: ModelSpec, seq_len: int, on_note=None) -> torch.nn.Module:
     """The embedded model for this recipe: shipped with the package (recipes/tiny.yaml's settings: every machine
     then starts from the same weights), else from the cache, else pretrained now (seconds to minutes on a CPU)
     and cached."""
-    name = recipe.model.split(":", 1)[1]
+    name = m.name.split(":", 1)[1]
     if name != "tiny":
         raise MuaError(f"no embedded model {name!r}; the embedded model is 'embedded:tiny'")
-    if (shipped := shipped_folder(recipe)) is not None:
+    if (shipped := shipped_folder(m, seq_len)) is not None:
         return LlamaForCausalLM.from_pretrained(shipped)
-    folder = embedded_folder(recipe)
+    folder = embedded_folder(m, seq_len)
     if (folder / "config.json").is_file():
         return LlamaForCausalLM.from_pretrained(folder)
-    pre = {**PRETRAIN_DEFAULTS, **recipe.pretrain}
+    pre = {**PRETRAIN_DEFAULTS, **m.pretrain}
     if on_note:
         on_note(f"pretraining the embedded model on {pre['data']} ({pre['steps']} steps, cached in {folder})")
     t0 = time.perf_counter()
-    model = pretrain(embedded_config(recipe), load_text_data(pre["data"], recipe.seq_len, 0.0), pre)
+    model = pretrain(embedded_config(m), load_text_data(pre["data"], seq_len, 0.0), pre)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     (tmp / "pretrain.json").write_text(json.dumps({**pre, "seconds": time.perf_counter() - t0}))

@@ -10,6 +10,7 @@ called, not when a sweep module is imported.
 from __future__ import annotations
 
 from ..errors import MuaError
+from ..spec.config import ModelSpec
 from ..spec.recipe import Recipe
 
 
@@ -20,12 +21,12 @@ def rank_limit(recipe: Recipe) -> int | None:
     if not recipe.lora_ranks:
         return None
     try:
-        model = skeleton(recipe)
+        model = skeleton(recipe.model)
     except MuaError:
         raise
     except Exception:  # a config that does not load here fails again, with its message, where the model loads
         return None
-    limit = layers_limit(model, recipe.targets, recipe.task)
+    limit = layers_limit(model, recipe.model.targets, recipe.model.task)
     over = [r for r in recipe.lora_ranks if r > limit]
     if over:
         raise MuaError(
@@ -44,24 +45,24 @@ def layers_limit(model, targets, task: str) -> int:
     return max(min(_dims(modules[n])) for n in lora_target_names(model, targets, head_modules(model, task)))
 
 
-def skeleton(recipe: Recipe):
-    """The recipe's model with its layers' shapes and no weights, on the meta device."""
+def skeleton(m: ModelSpec):
+    """The model with its layers' shapes and no weights, on the meta device."""
     import torch
 
     from .models import AUTO_CLASSES, embedded_config, local_or_hub, quiet_transformers
 
-    if recipe.model.startswith("embedded:"):
+    if m.name.startswith("embedded:"):
         from transformers import LlamaForCausalLM
 
         with torch.device("meta"):
-            return LlamaForCausalLM(embedded_config(recipe))
+            return LlamaForCausalLM(embedded_config(m))
     import transformers
 
-    local_or_hub(recipe.model, "model")
+    local_or_hub(m.name, "model")
     quiet_transformers()
-    config = transformers.AutoConfig.from_pretrained(recipe.model)
+    config = transformers.AutoConfig.from_pretrained(m.name)
     with torch.device("meta"):
-        return getattr(transformers, AUTO_CLASSES[recipe.task]).from_config(config)
+        return getattr(transformers, AUTO_CLASSES[m.task]).from_config(config)
 
 
 def _dims(module) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from peft.utils import ModulesToSaveWrapper
 
 from ..accel.attention import model_kernels
 from ..science.theory import FULL
+from ..spec.config import Optim
 from ..spec.recipe import Recipe
 from ..spec.trial import TrialSpec
 from .adapters import head_modules, prepare
@@ -50,14 +51,14 @@ class NotBatchable(Exception):
 
 def can_batch(spec: TrialSpec, recipe: Recipe) -> bool:
     """LoRA trials with one LR for every adapted weight; full finetuning and per-layer LRs run one by one."""
-    return spec.regime != FULL and not recipe.per_layer_lr
+    return spec.regime != FULL and not recipe.optim.per_layer_lr
 
 
 def build(base: torch.nn.Module, spec: TrialSpec, recipe: Recipe, k: int) -> tuple[torch.nn.Module, list, list]:
     """The serial path's model (peft, the exact init draws), its adapters then copied K times; a classifier's
     head, which trains in full, too. Returns the model, the adapters' and the head's stacked weights."""
-    head = head_modules(base, recipe.task)
-    model = prepare(base, spec.regime, spec.rank, recipe.alpha0, recipe.targets, spec.seed, head)
+    head = head_modules(base, recipe.model.task)
+    model = prepare(base, spec.regime, spec.rank, recipe.optim.alpha0, recipe.model.targets, spec.seed, head)
     params = []
     for module in model.modules():
         if isinstance(module, LoraLayer) and "default" in module.lora_A:
@@ -94,11 +95,11 @@ class StackedAdamW:
     group of weights (the adapters at the trials' LRs, a head at its fixed one), and per-trial gradient-norm
     clipping over every group. A stopped trial gets LR 0 and its gradients zeroed: it stays frozen."""
 
-    def __init__(self, groups: list[list[torch.Tensor]], recipe: Recipe):
+    def __init__(self, groups: list[list[torch.Tensor]], o: Optim):
         self.groups = groups
         self.params = [p for g in groups for p in g]
-        self.b1, self.b2 = recipe.betas
-        self.eps, self.wd, self.clip = recipe.eps, recipe.weight_decay, recipe.grad_clip
+        self.b1, self.b2 = o.betas
+        self.eps, self.wd, self.clip = o.eps, o.weight_decay, o.grad_clip
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
         self.t = torch.zeros((), device=self.params[0].device)  # a tensor, so that a captured step counts too
@@ -147,18 +148,18 @@ def repeat(batch, k: int):
 
 
 @torch.no_grad()
-def evaluate_stacked(model, task, recipe: Recipe, k: int, device: str) -> dict:
+def evaluate_stacked(model, task, batch_size: int, k: int, device: str) -> dict:
     """Each trial's held-out loss (and a classifier's accuracy), on the batches the serial path evaluates."""
     model.eval()
     low = next(model.parameters()).dtype != torch.float32
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda") and low), \
             model_kernels(model, device):  # fmt: skip
         if task.kind == "causal-lm":
-            batches = task.data.eval_batches(recipe.batch_size)
+            batches = task.data.eval_batches(batch_size)
             total = sum(per_trial_loss(task, model, repeat(b.to(device), k), k) for b in batches)
             scores = {"loss": total / len(batches)}
         else:
-            scores = _evaluate_classifier(model, task, recipe.batch_size, k, device)
+            scores = _evaluate_classifier(model, task, batch_size, k, device)
     model.train()
     return {name: v.cpu() for name, v in scores.items()}
 

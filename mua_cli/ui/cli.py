@@ -15,6 +15,7 @@ from rich.text import Text
 
 from ..errors import MuaError
 from .console import OneLineErrors, note, user_errors
+from .recipe_flags import recipe_flags
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -78,27 +79,9 @@ def run_folder(run: Path | None, storage: str | None = None, study: str | None =
 
 
 @app.command()
+@recipe_flags
 def sweep(
     recipe: Annotated[str | None, typer.Option(help="Recipe name (see `mua recipes`) or path to a YAML file.")] = None,
-    ranks: Annotated[str | None, typer.Option(help="LoRA ranks, e.g. 4,16,64; add 'full' for full finetuning.")] = None,
-    regimes: Annotated[
-        str | None, typer.Option(help="μA regimes <init>:<scaling>, e.g. A:r,B:1 (see `mua theory`).")
-    ] = None,
-    lrs: Annotated[
-        str | None, typer.Option(help="LR grid: a power-of-2 range '2^-12:2^-4' or a list '1e-3,2e-3'.")
-    ] = None,
-    steps: Annotated[int | None, typer.Option(help="Training steps per trial.")] = None,
-    seeds: Annotated[int | None, typer.Option(help="Seeds per grid point.")] = None,
-    alpha0: Annotated[float | None, typer.Option(help="α0 in α = α0 · r^-γ.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Sequences per step.")] = None,
-    metric: Annotated[str | None, typer.Option(help="Final metric: 'train' (last 10 % of steps) or 'eval'.")] = None,
-    model: Annotated[str | None, typer.Option(help="Hugging Face model: hub name or local folder.")] = None,
-    task: Annotated[str | None, typer.Option(help="causal-lm, seq-cls or image-cls.")] = None,
-    data: Annotated[str | None, typer.Option(help="A .txt/.jsonl/.csv file, a dataset, an image folder.")] = None,
-    targets: Annotated[str | None, typer.Option(help="LoRA targets, e.g. q_proj,v_proj (default all-linear).")] = None,
-    per_layer_lr: Annotated[
-        bool | None, typer.Option("--per-layer-lr/--no-per-layer-lr", help="Scale each layer's LR by its fan-in.")
-    ] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<recipe>-<settings hash>).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda (every visible GPU) or cuda:N.")] = "auto",
     workers_per_gpu: Annotated[
@@ -125,6 +108,7 @@ def sweep(
         typer.Option("--retry-failed/--no-retry-failed", help="Run failed trials (errors, not divergences) again."),
     ] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")] = False,
+    overrides: dict | None = None,
 ):
     """Run LoRA learning-rate sweeps at several ranks and store every trial.
 
@@ -148,22 +132,7 @@ def sweep(
         from ..sweep.store import load_trials
         from .report import sweep_table
 
-        r = load_recipe(
-            recipe,
-            ranks=ranks,
-            regimes=regimes,
-            lrs=lrs,
-            steps=steps,
-            seeds=seeds,
-            alpha0=alpha0,
-            batch_size=batch_size,
-            metric=metric,
-            model=model,
-            task=task,
-            data=data,
-            targets=targets,
-            per_layer_lr=per_layer_lr,
-        )
+        r = load_recipe(recipe, **(overrides or {}))
         dev = resolve_device(device)
         run_dir = out or RUNS_DIR / f"{r.name}-{r.fingerprint()[:8]}"
         console, _ = consoles(quiet)
