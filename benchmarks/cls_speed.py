@@ -7,9 +7,12 @@
 Workloads, built here with random weights (step time does not depend on them; the hubs are out of reach):
 - minilm: a BERT of all-MiniLM-L6-v2's shape (22.7M parameters: width 384, 6 layers, vocabulary 30522),
   sequence classification of sentences that hold a class word, batch 16, at most 128 tokens;
-- vit-base: a ViT-Base/16 (86M: width 768, 12 layers, 224 × 224 images), image classification of reddish
-  against bluish noise images, batch 16.
-Each sweeps 8 LoRA trials (B:1, rank 8, LRs 2^-12 … 2^-5), one seed, a new head trained in full at head_lr.
+- vit-base: a ViT-Base/16 (86M: width 768, 12 layers, 224 × 224 images), image classification of noise images
+  whose class is a faint tint (red or blue channel a little brighter), 15 % of labels flipped so that no LR
+  reaches a loss of 0 and the LRs can be told apart, batch 16.
+Each sweeps 8 LoRA trials per rank (B:1, rank 8 by default, LRs 2^-12 … 2^-5), one seed, a new head trained
+in full at head_lr. `--repeats N` times the plain loop and mua N times each, alternately, after a warm-up trial
+of the plain loop (CUDA's start and kernel autotuning are paid before any timing), and reports each ratio.
 
 - plain: what one writes by hand: per trial a copy of the fp32 base, peft `get_peft_model` with the head in
   modules_to_save (μA's init, as mua sets it), torch AdamW over the adapters at the trial's LR and the head at
@@ -27,6 +30,7 @@ import datetime
 import json
 import math
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -80,7 +84,8 @@ def minilm(folder: Path, n: int, small: bool) -> tuple[Path, Path]:
 
 
 def vit_base(folder: Path, n: int, small: bool) -> tuple[Path, Path]:
-    """A ViT-Base/16 with its image processor, and n noise images, reddish or bluish by class."""
+    """A ViT-Base/16 with its image processor, and n noise images tinted faintly by class, 15 % of them under the
+    other class's folder."""
     import numpy as np
     from PIL import Image
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
@@ -92,9 +97,10 @@ def vit_base(folder: Path, n: int, small: bool) -> tuple[Path, Path]:
     ViTImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size}).save_pretrained(folder / "model")
     rng = np.random.default_rng(0)
     for i in range(n):
-        cls, channel = (("blue", 2), ("red", 0))[i % 2]
-        arr = rng.integers(0, 140, (48, 48, 3), dtype=np.uint8)
-        arr[..., channel] = rng.integers(110, 255, (48, 48), dtype=np.uint8)
+        tint, channel = (("blue", 2), ("red", 0))[i % 2]
+        arr = rng.integers(0, 200, (48, 48, 3), dtype=np.uint8)
+        arr[..., channel] += rng.integers(0, 56, (48, 48), dtype=np.uint8)  # the class: a faint tint
+        cls = tint if rng.random() >= 0.15 else ("red" if tint == "blue" else "blue")
         (folder / "images" / cls).mkdir(parents=True, exist_ok=True)
         Image.fromarray(arr).save(folder / "images" / cls / f"{i:04d}.png")
     return folder / "model", folder / "images"
@@ -103,11 +109,11 @@ def vit_base(folder: Path, n: int, small: bool) -> tuple[Path, Path]:
 WORKLOADS = {"minilm": (minilm, "seq-cls"), "vit-base": (vit_base, "image-cls")}
 
 
-def recipe_for(name: str, model: Path, data: Path, steps: int) -> Recipe:
+def recipe_for(name: str, model: Path, data: Path, steps: int, ranks: str = "8") -> Recipe:
     task = WORKLOADS[name][1]
     return Recipe.of(
         name=f"bench-{name}", model=str(model), data=str(data), task=task, seq_len=128, batch_size=16,
-        steps=steps, eval_fraction=0.1, dtype="bfloat16", ranks="8", regimes="B:1", lrs="2^-12:2^-5", seeds=1,
+        steps=steps, eval_fraction=0.1, dtype="bfloat16", ranks=ranks, regimes="B:1", lrs="2^-12:2^-5", seeds=1,
         max_extend=0, refine=0, **({"label_field": "label"} if task == "seq-cls" else {}),
     )  # fmt: skip
 
@@ -122,7 +128,7 @@ def plain_trial(spec, base, task, recipe: Recipe, device: str) -> float:
     )
     groups = param_groups(model, spec.regime, spec.lr, head, recipe.optim.head_lr)
     opt = torch.optim.AdamW(groups.groups, lr=spec.lr, weight_decay=recipe.optim.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe.optim))
     batch_at = task.train_batches(spec.seed, recipe.optim.steps, recipe.optim.batch_size, device)
     cuda = device.startswith("cuda")
     losses = []
@@ -158,37 +164,58 @@ class Notes(Listener):
         self.lines.append(message)
 
 
-def measure(name: str, steps: int, device: str, model: str | None, data: str | None, small: bool) -> dict:
+def measure(
+    name: str,
+    steps: int,
+    device: str,
+    model: str | None,
+    data: str | None,
+    small: bool,
+    ranks: str = "8",
+    repeats: int = 1,
+    ex: Execution | None = None,
+) -> dict:
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d)
         if model is None:
             made = WORKLOADS[name][0](folder, 16 * steps + 200, small)
             model, data = str(made[0]), str(made[1])
-        recipe = recipe_for(name, Path(model), Path(data), steps)
+        recipe = recipe_for(name, Path(model), Path(data), steps, ranks)
         specs = plan(recipe)
         plain_recipe = recipe.replace(dtype="float32")
-        work = load_workload(plain_recipe, "cpu")  # batches padded each to its longest example, as a collator does
-        work.base.to(device)
-        t0 = time.perf_counter()
-        plain = {s.lr: plain_trial(s, work.base, work.task, plain_recipe, device) for s in specs}
-        plain_s = time.perf_counter() - t0
-        del work
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-        notes = Notes()
-        t0 = time.perf_counter()
-        run_sweep(recipe, folder / "run", device, notes, execution=Execution(device))
-        mua_s = time.perf_counter() - t0
-        df = load_trials(folder / "run")
-    mua = {float(r.lr): float(r.metric) for _, r in df.iterrows()}
+        plain_times, mua_times = [], []
+        for rep in range(repeats):
+            work = load_workload(plain_recipe, "cpu")  # batches padded each to its longest example, as a collator does
+            work.base.to(device)
+            if rep == 0:  # CUDA's start and cuDNN's autotuning, paid before any timing
+                plain_trial(specs[0], work.base, work.task, plain_recipe.replace(steps=4), device)
+            t0 = time.perf_counter()
+            plain = {(s.rank, s.lr): plain_trial(s, work.base, work.task, plain_recipe, device) for s in specs}
+            plain_times.append(time.perf_counter() - t0)
+            del work
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            notes = Notes()
+            t0 = time.perf_counter()
+            run_sweep(recipe, folder / f"run{rep}", device, notes, execution=ex or Execution(device))
+            mua_times.append(time.perf_counter() - t0)
+            df = load_trials(folder / f"run{rep}")
+        plain_s, mua_s = statistics.median(plain_times), statistics.median(mua_times)
+    mua = {(int(r["rank"]), float(r.lr)): float(r.metric) for _, r in df.iterrows()}
+    first = min(k[0] for k in plain)  # the best LR compared at the first rank
+    plain = {lr: m for (rank, lr), m in plain.items() if rank == first}
+    mua = {lr: m for (rank, lr), m in mua.items() if rank == first}
     bp, bm = best_lr(plain), best_lr(mua)
     infos = [i for i in df["info"] if isinstance(i, dict)]
     errors = sorted({str(e).splitlines()[0] for e in df.get("error", []) if isinstance(e, str) and e})
     # what mua's choice costs in the plain loop's own trials: its loss at mua's best LR less its best loss
     regret = plain.get(bm, math.inf) - plain[bp] if bp is not None and bm is not None else None
     return {
-        "workload": name, "trials": len(specs), "steps": steps,
+        "workload": name, "trials": len(specs), "ranks": ranks, "steps": steps,
         "plain_s": round(plain_s, 1), "mua_s": round(mua_s, 1), "x_plain": round(plain_s / mua_s, 2),
+        "repeats": {"plain_s": [round(t, 1) for t in plain_times], "mua_s": [round(t, 1) for t in mua_times],
+                    "x_plain": [round(p / m, 2) for p, m in zip(plain_times, mua_times, strict=True)]},
+        "asked": {"workers_per_gpu": ex.workers_per_gpu, "batch_trials": ex.batch_trials} if ex else "defaults",
         "plain_trials_per_h": round(len(specs) * 3600 / plain_s), "mua_trials_per_h": round(len(specs) * 3600 / mua_s),
         "best_lr_plain": bp, "best_lr_mua": bm,
         "best_lr_within_one_step": bp is not None and bm is not None and abs(math.log2(bm / bp)) <= 1,
@@ -212,12 +239,17 @@ def main() -> None:
     ap.add_argument("--model", help="minilm only: a saved sequence classifier (or body) with its tokenizer")
     ap.add_argument("--data", help="with --model: labelled records (JSONL with text and label fields)")
     ap.add_argument("--small", action="store_true", help="tiny shapes: a smoke test of this script on the CPU")
+    ap.add_argument("--ranks", default="8", help="LoRA ranks: 8 trials each")
+    ap.add_argument("--repeats", type=int, default=1, help="time each loop this many times; report the medians")
+    ap.add_argument("--workers-per-gpu", type=int, default=0, help="mua's slots (0: its own choice)")
+    ap.add_argument("--batch-trials", type=int, default=0, help="mua's trials per pass (0: its own choice)")
     ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     args = ap.parse_args()
+    ex = Execution(args.device, args.workers_per_gpu, args.batch_trials)
     rows = []
     for name in args.only.split(","):
         given = (args.model, args.data) if name == "minilm" and args.model else (None, None)
-        rows.append(measure(name, args.steps, args.device, *given, args.small))
+        rows.append(measure(name, args.steps, args.device, *given, args.small, args.ranks, args.repeats, ex))
         print(json.dumps(rows[-1]), flush=True)
     report = {
         "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),

@@ -100,7 +100,7 @@ def plain_trial(spec, base, task, recipe, times=None) -> float:
     )  # peft + μA's init
     model.cuda().train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe.optim))
     batch_at = task.train_batches(spec.seed, recipe.optim.steps, recipe.optim.batch_size, "cuda")
     losses = []
     for step in range(recipe.optim.steps):
