@@ -51,7 +51,7 @@ def test_graphed_trial_matches_eager(micro, runner, regime, rank):
     assert notes == []  # captured, not fallen back
     assert eager.status == "ok", eager.error
     _same(eager, graphed)
-    assert len(graphed.loss_curve) == micro.steps
+    assert len(graphed.loss_curve) == micro.optim.steps
 
 
 def test_graphed_batch_matches_eager_with_a_diverging_trial(micro, runner):
@@ -67,7 +67,7 @@ def test_graphed_batch_matches_eager_with_a_diverging_trial(micro, runner):
     graphed = run_batched(specs, runner.base, runner.data, micro, "cuda:0", graphs=True, on_note=notes.append)
     assert notes == []
     assert graphed[-1].status == "diverged"
-    assert [len(r.loss_curve) for r in graphed[:2]] == [micro.steps] * 2
+    assert [len(r.loss_curve) for r in graphed[:2]] == [micro.optim.steps] * 2
     for a, b in zip(eager, graphed, strict=True):
         _same(a, b)
 

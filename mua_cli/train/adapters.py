@@ -196,7 +196,7 @@ def param_groups(
 
     - A classification head (top-level modules `head`) trains in full at the fixed `head_lr`, in LoRA and
       full-finetuning trials alike; everything else trains at the trial's `lr`.
-    - `per_layer`: DESIGN.md's fan-in rule with base_n = the model's width: a layer with fan-in n_in gets
+    - `per_layer`: the fan-in rule of docs/science.md with base_n = the model's width: a layer with fan-in n_in gets
       lr · base_n/n_in (Init[B] LoRA and full finetuning) or lr · sqrt(base_n/n_in) (Init[A] LoRA); LoRA's A
       and B of a layer share its factor. In full finetuning only the weight matrices of linear layers are
       scaled; embeddings, norms and biases keep the trial's LR.
