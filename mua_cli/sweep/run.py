@@ -236,6 +236,7 @@ def _refinements(recipe, store, metrics, done, summary, listener) -> list[TrialS
 
 
 WIDE_LOG2 = 1.0  # an η* interval wider than a factor 2 gets one more seed near it
+EXTRA_LRS = 3  # the LRs nearest η* it runs at; with 2, η* moved (benchmarks/default_plan.json)
 
 
 def _extra_seeds(recipe, store, metrics, done, summary, listener) -> list[TrialSpec]:
@@ -253,7 +254,7 @@ def _extra_seeds(recipe, store, metrics, done, summary, listener) -> list[TrialS
     for o in estimate(parts)[0] if parts else []:
         if not o.usable or math.log2(o.hi / o.lo) <= WIDE_LOG2 or (o.regime, o.rank) in has_extra:
             continue  # located well enough, or given its extra seed already (once per group, ever)
-        near = sorted((p["lr"] for p in o.points), key=lambda lr: abs(math.log2(lr) - o.log2_lr_star))[:3]
+        near = sorted((p["lr"] for p in o.points), key=lambda lr: abs(math.log2(lr) - o.log2_lr_star))[:EXTRA_LRS]
         specs = [make_spec(recipe, o.regime, o.rank, lr, recipe.seeds) for lr in near]
         pending.extend(s for s in specs if s.key not in done)
     return _announce(pending, "of one more seed near each optimum whose interval is wider than 2×", summary, listener)
