@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from mua_cli.spec.recipe import load_recipe
 from mua_cli.sweep.execute import Execution, cpu_slots
-from mua_cli.sweep.grid import plan
+from mua_cli.sweep.grid import grid_plan
 from mua_cli.sweep.run import run_sweep
 from mua_cli.sweep.store import load_trials
 from mua_cli.train import models
@@ -80,14 +80,14 @@ def test_cpu_slots_one_per_core_for_long_sweeps_of_small_models(monkeypatch):
     tiny = load_recipe("tiny")
     n = 461_440  # the embedded default's parameters
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert cpu_slots(Execution("cpu"), tiny, n, len(plan(tiny))) == 2
+    assert cpu_slots(Execution("cpu"), tiny, n, len(grid_plan(tiny))) == 2
     assert cpu_slots(Execution("cpu"), tiny, n, 3) == 1  # a worker's start would not pay for itself
-    assert cpu_slots(Execution("cpu"), tiny, 100e6, len(plan(tiny))) == 1  # threads share larger matrices well
+    assert cpu_slots(Execution("cpu"), tiny, 100e6, len(grid_plan(tiny))) == 1  # threads share larger matrices well
     assert cpu_slots(Execution("cpu", workers_per_gpu=3), tiny, n, 1) == 3  # as the user says
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert cpu_slots(Execution("cpu"), tiny, n, len(plan(tiny))) == 1
+    assert cpu_slots(Execution("cpu"), tiny, n, len(grid_plan(tiny))) == 1
     monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
-    assert cpu_slots(Execution("cpu"), tiny, n, len(plan(tiny))) == 4
+    assert cpu_slots(Execution("cpu"), tiny, n, len(grid_plan(tiny))) == 4
 
 
 def test_two_cpu_slots_match_one_and_give_the_threads_back(micro_recipe_path, tmp_path):

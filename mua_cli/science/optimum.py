@@ -80,6 +80,16 @@ def seed_adjusted(x: np.ndarray, y: np.ndarray, seed: np.ndarray) -> np.ndarray:
     return out
 
 
+def window(levels: np.ndarray, x_best: float) -> tuple[float, float]:
+    """The span (log2) of the points the local fit reads around the best LR `x_best`, given the LRs `levels`
+    (log2) that have a finite loss: WINDOW octaves each side, and at least two LRs each side where there are."""
+    levels = np.unique(np.asarray(levels, float))
+    below, above = levels[levels < x_best][::-1], levels[levels > x_best]
+    lo_edge = min(x_best - WINDOW, below[1] if len(below) > 1 else x_best)
+    hi_edge = max(x_best + WINDOW, above[1] if len(above) > 1 else x_best)
+    return float(lo_edge), float(hi_edge)
+
+
 def profile(x: np.ndarray, y: np.ndarray, seed: np.ndarray, diverged_x: np.ndarray, grid_span) -> LocalFit | None:
     """Profile RSS(x*) for finite points (x, y, seed) and diverged LRs `diverged_x` (log2).
 
@@ -91,11 +101,7 @@ def profile(x: np.ndarray, y: np.ndarray, seed: np.ndarray, diverged_x: np.ndarr
     adj = seed_adjusted(x, y, seed)
     means = {v: adj[x == v].mean() for v in np.unique(x)}
     x_best = min(means, key=means.get)
-    levels = np.unique(x)
-    below, above = levels[levels < x_best][::-1], levels[levels > x_best]
-    # the window holds WINDOW octaves each side, and at least two LRs each side where the grid has them
-    lo_edge = min(x_best - WINDOW, below[1] if len(below) > 1 else x_best)
-    hi_edge = max(x_best + WINDOW, above[1] if len(above) > 1 else x_best)
+    lo_edge, hi_edge = window(np.unique(x), x_best)
     keep = (x >= lo_edge - 1e-9) & (x <= hi_edge + 1e-9)
     x, y, seed = x[keep], y[keep], seed[keep]
     levels = np.unique(x)

@@ -1,6 +1,7 @@
-"""Which learning rates a sweep runs: the planned grid per (regime, rank, seed), one more power of 2 where an
-optimum sits at the grid's edge, and half-octave LRs around each interior optimum. Decisions only: each is a
-function of the trials finished so far, so a resumed sweep makes the same ones."""
+"""Which learning rates a sweep runs: every other LR of the planned grid per (regime, rank, seed) first, then the
+grid's LRs the local fit reads around each group's best, one more power of 2 where an optimum sits at the grid's
+edge, and half-octave LRs around each interior optimum. Decisions only: each is a function of the trials
+finished so far, so a resumed sweep makes the same ones."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import hashlib
 import json
 import math
 
+import numpy as np
+
+from ..science.optimum import window
 from ..science.theory import FULL, parse_lrs, parse_regimes
 from ..spec.recipe import Recipe
 from ..spec.trial import TrialSpec
@@ -36,14 +40,65 @@ def groups(recipe: Recipe) -> list[tuple[str, int]]:
     return out
 
 
+COARSE_MIN = 6  # a shorter grid runs whole: every other LR of it would save a trial or none, for one more round
+
+
+def coarse(lrs: list[float]) -> list[float]:
+    """Every other LR of a sorted grid, from its second: the first round. `fill` adds the rest where the fit
+    reads them; a grid's ends are usually margins no window reaches."""
+    return list(lrs) if len(lrs) < COARSE_MIN else list(lrs[1::2])
+
+
 def plan(recipe: Recipe) -> list[TrialSpec]:
+    """The first round: with `refine` (the default) every other LR of the grid (`coarse`), else the whole grid
+    (`grid_plan`). Far from an optimum the fit reads nothing, and there an LR every two octaves finds where the
+    optimum is; `fill` then adds the grid's LRs the fit reads around it."""
     lrs = parse_lrs(recipe.sweep.lrs)
+    return _specs(recipe, coarse(lrs) if recipe.sweep.refine else lrs)
+
+
+def grid_plan(recipe: Recipe) -> list[TrialSpec]:
+    """Every trial of the grid, as a sweep with `refine: 0` runs it."""
+    return _specs(recipe, parse_lrs(recipe.sweep.lrs))
+
+
+def _specs(recipe: Recipe, lrs: list[float]) -> list[TrialSpec]:
     return [
         make_spec(recipe, reg, rank, lr, seed)
         for reg, rank in groups(recipe)
         for lr in lrs
         for seed in range(recipe.sweep.seeds)
     ]
+
+
+def _has(lrs, lr: float) -> bool:
+    return any(abs(math.log2(lr / t)) < 1e-6 for t in lrs)
+
+
+def fill(lrs_metrics: dict[float, list[float]], base_grid: list[float], refine: bool) -> list[float]:
+    """The grid's LRs not yet run that the local fit around the current best would read were the whole grid run:
+    those inside its window (optimum.window, counting every grid LR not run as one that may be read), and where
+    nothing run reaches an edge of the window, the nearest grid LR beyond it (the fit looks for η* between the
+    lowest and highest LR run only). With `refine`, the half-octave LRs that refinement will add around the
+    best count as LRs of the window, and the edges wait until they are in: the best may move to one of them."""
+    means = {lr: sum(v) / len(v) for lr, v in lrs_metrics.items() if v}
+    finite = {lr: m for lr, m in means.items() if math.isfinite(m)}
+    if not finite:
+        return []  # everything diverged: the extension looks lower
+    best = min(finite, key=finite.get)
+    missing = [lr for lr in base_grid if not _has(means, lr)]
+    ahead = refinement(lrs_metrics) if refine else []
+    lo, hi = window(np.log2([*finite, *missing, *ahead]), math.log2(best))
+    x = {lr: math.log2(lr) for lr in missing}
+    out = [lr for lr in missing if lo - 1e-9 <= x[lr] <= hi + 1e-9]
+    if ahead:
+        return out
+    reach = [*map(math.log2, means), *(x[lr] for lr in out)]
+    if min(reach) > lo + 1e-9 and (below := [lr for lr in missing if x[lr] < lo - 1e-9]):
+        out.append(max(below))
+    if max(reach) < hi - 1e-9 and (above := [lr for lr in missing if x[lr] > hi + 1e-9]):
+        out.append(min(above))
+    return sorted(out)
 
 
 def extension(

@@ -22,7 +22,7 @@ from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
 from ..train.shapes import rank_limit
 from .execute import Execution, executor
-from .grid import extension, groups, make_spec, plan, refinement
+from .grid import extension, fill, grid_plan, groups, make_spec, plan, refinement
 from .store import TrialStore, frame
 
 
@@ -117,7 +117,10 @@ def _sweep(recipe, store, done, device, listener, execution, fresh) -> SweepSumm
         listener.note(f"resuming: {summary.skipped} finished trial(s) found in {run_dir}, skipped")
     ex = dataclasses.replace(execution or Execution(), device=device)
     try:
-        runner = executor(recipe, ex, listener, len(pending))  # torch and the model load only here, when trials run
+        # the CPU's slots depend on how long the sweep is: the grid not yet run measures it, as the first round
+        # (every other LR) would not
+        expected = max(len(pending), sum(s.key not in done for s in grid_plan(recipe))) if pending else 0
+        runner = executor(recipe, ex, listener, expected)  # torch and the model load only here, when trials run
     except BaseException:
         if fresh and not store.keys():  # an empty folder would pass for the latest run with `mua fit`
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -179,14 +182,26 @@ def _rounds(recipe, store, runner, pending, done, summary, listener) -> None:
 
 
 def next_round(recipe, store, done, summary, listener) -> list[TrialSpec]:
-    """From everything stored: one more LR where an optimum sits at a grid's edge, else refinements around each
+    """From everything stored: per group, the grid's LRs the fit reads around its best (grid.fill), else one
+    more LR where its optimum sits at the grid's edge; once no group needs either, refinements around each
     optimum (REFINERS). Every decision is a function of the stored trials alone, so a finished sweep resumed
     adds nothing; `done`: keys not to add again."""
     base_grid = parse_lrs(recipe.sweep.lrs)
     pending: list[TrialSpec] = []
     metrics = _group_metrics(store)
     summary.at_edge = []
+    filled = 0
     for reg, rank in groups(recipe):
+        specs = [
+            make_spec(recipe, reg, rank, lr, s)
+            for lr in fill(metrics.get((reg, rank), {}), base_grid, bool(recipe.sweep.refine))
+            for s in range(recipe.sweep.seeds)
+        ]
+        specs = [s for s in specs if s.key not in done]
+        if specs:
+            filled += len(specs)
+            pending.extend(specs)
+            continue
         new, why = extension(metrics.get((reg, rank), {}), base_grid, recipe.sweep.max_extend)
         name = "full-ft" if reg == FULL else f"{reg} r={rank}"
         if new is None:
@@ -200,6 +215,10 @@ def next_round(recipe, store, done, summary, listener) -> list[TrialSpec]:
             summary.added.append(line)
             listener.note(line)
             pending.extend(specs)
+    if filled:
+        line = f"filling in: {filled} trial(s) at the grid's LRs the fit reads around each best LR"
+        summary.added.append(line)
+        listener.note(line)
     for refine in REFINERS if recipe.sweep.refine else ():
         if pending:
             break
@@ -217,6 +236,7 @@ def _refinements(recipe, store, metrics, done, summary, listener) -> list[TrialS
 
 
 WIDE_LOG2 = 1.0  # an η* interval wider than a factor 2 gets one more seed near it
+EXTRA_LRS = 3  # the LRs nearest η* it runs at; with 2, η* moved (benchmarks/default_plan.json)
 
 
 def _extra_seeds(recipe, store, metrics, done, summary, listener) -> list[TrialSpec]:
@@ -236,7 +256,7 @@ def _extra_seeds(recipe, store, metrics, done, summary, listener) -> list[TrialS
     for o in estimate(parts)[0] if parts else []:
         if not o.usable or math.log2(o.hi / o.lo) <= WIDE_LOG2 or (o.regime, o.rank) in has_extra:
             continue  # located well enough, or given its extra seed already (once per group, ever)
-        near = sorted((p["lr"] for p in o.points), key=lambda lr: abs(math.log2(lr) - o.log2_lr_star))[:3]
+        near = sorted((p["lr"] for p in o.points), key=lambda lr: abs(math.log2(lr) - o.log2_lr_star))[:EXTRA_LRS]
         specs = [make_spec(recipe, o.regime, o.rank, lr, recipe.sweep.seeds) for lr in near]
         pending.extend(s for s in specs if s.key not in done)
     return _announce(pending, "of one more seed near each optimum whose interval is wider than 2×", summary, listener)

@@ -1,0 +1,325 @@
+#!/usr/bin/env python3
+"""How many trials the embedded default's sweep (recipes/tiny.yaml) runs under each planner, and what its fit
+says then, replayed from a stored run of the whole 72-trial sweep (no training: seconds).
+
+Trials are deterministic on one machine: the same (regime, rank, lr, seed) gives the same result, so a planner
+that asks only for trials the stored run holds can be replayed from it exactly. Each plan runs the sweep's own
+round logic (sweep/run.py `_rounds`, `next_round`) against a runner that answers from the stored run, then fits
+the replayed store as `mua fit` and `mua transfer --to full-ft` / `--to 128` do. The sweep's wall time is
+estimated from the stored trials' own wall times: two slots (this 2-core machine), each round waiting for its
+last trial. `--synthetic N` (48) compares the old planner and this branch's on N synthetic sweeps (random loss
+curves, several recipes: seeds, full finetuning, extensions). `--real RUN` also fits a run folder swept for real
+with the current planner and checks that it equals the replay of the chosen plan.
+
+Run: `python benchmarks/default_plan.py [--recipe tiny] [--stored /tmp/warm-run] [--real RUN [--real-wall-s S]]
+[--out FILE]`. `--recipe regression --stored DIR`: the same for tests/test_regression.py's reduced default, from
+a run of it by the old planner (`grid.COARSE_MIN` set past the grid's length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mua_cli import api  # noqa: E402
+from mua_cli.spec.recipe import load_recipe  # noqa: E402
+from mua_cli.spec.trial import TrialResult  # noqa: E402
+from mua_cli.sweep import grid, run  # noqa: E402
+from mua_cli.sweep.store import TrialStore, frame  # noqa: E402
+
+SLOTS = 2
+
+
+class Missing(Exception):
+    pass
+
+
+class Replay:
+    """A runner answering from the stored run; it records the rounds it was given."""
+
+    def __init__(self, stored: dict[str, TrialResult]):
+        self.stored, self.rounds = stored, []
+
+    def run(self, pending):
+        missing = [s.label for s in pending if s.key not in self.stored]
+        if missing:
+            raise Missing(missing)
+        self.rounds.append(list(pending))
+        for s in pending:
+            yield s, self.stored[s.key]
+
+    def close(self, interrupted=False):
+        pass
+
+
+def stored_results(run_dir: Path) -> dict[str, TrialResult]:
+    out = {}
+    for t in TrialStore(run_dir, create=False).trials():
+        a = t.user_attrs
+        metric = math.inf if a["status"] == "diverged" else a["metric"]
+        out[a["key"]] = TrialResult(a["status"], metric, a.get("loss_curve", []), a.get("eval_loss"),
+                                    a.get("initial_loss"), a.get("wall_time", 0.0))  # fmt: skip
+    return out
+
+
+def _once(recipe, store, metrics, done, summary, listener):
+    """The extra seeds of one round only: none once any group has one."""
+    df = frame(store)
+    if not df.empty and (df["seed"] >= recipe.sweep.seeds).any():
+        return []
+    return run._extra_seeds(recipe, store, metrics, done, summary, listener)
+
+
+PLANS = {
+    "old: the whole grid first": dict(coarse_min=10**9),
+    "this branch: every other LR first, then fill": dict(),
+    "not chosen: this branch, extra seed at the 2 LRs nearest eta* (not 3)": dict(extra_lrs=2),
+    "not chosen: this branch, one round of extra seeds only": dict(once=True),
+    "not chosen: this branch, extra seed at 2 LRs, one round of extra seeds only": dict(extra_lrs=2, once=True),
+    "not chosen: this branch, extra seed at 2 LRs, grid 2^-9:2^-4": dict(extra_lrs=2, lrs="2^-9:2^-4"),
+}
+CHOSEN = "this branch: every other LR first, then fill"
+
+
+@contextlib.contextmanager
+def planner(coarse_min=None, extra_lrs=None, once=False):
+    saved = grid.COARSE_MIN, run.EXTRA_LRS, run.REFINERS
+    grid.COARSE_MIN = grid.COARSE_MIN if coarse_min is None else coarse_min
+    run.EXTRA_LRS = run.EXTRA_LRS if extra_lrs is None else extra_lrs
+    run.REFINERS = (run._refinements, _once) if once else run.REFINERS
+    try:
+        yield
+    finally:
+        grid.COARSE_MIN, run.EXTRA_LRS, run.REFINERS = saved
+
+
+def replay(recipe, stored, out_dir: Path, info: dict) -> tuple[Replay, run.SweepSummary]:
+    store = TrialStore(out_dir)
+    run._pin_recipe(out_dir, recipe)
+    run._pin_study(store, recipe)
+    store.set_info(**info)  # what the stored sweep recorded (max_lora_rank: `--to 128` is checked against it)
+    runner, summary = Replay(stored), run.SweepSummary(out_dir)
+    run._rounds(recipe, store, runner, grid.plan(recipe), set(), summary, run.Listener())
+    return runner, summary
+
+
+def answers(run_dir: Path, rank: int = 128) -> dict:
+    """What `mua fit --json` and `mua transfer --to full-ft|RANK --json` report, reduced to the science."""
+    res = api.fit(run_dir)
+    doc = res.to_dict()
+    out: dict = {"groups": {}, "regimes": {}, "transfer": {}}
+    for o in doc["optima"]:
+        out["groups"][f"{o['regime']} r={o['rank']}"] = {
+            "log2_lr_star": o["log2_lr_star"],
+            "log2_interval": [round(math.log2(o["lo"]), 4), round(math.log2(o["hi"]), 4)],
+            "width_octaves": round(math.log2(o["hi"] / o["lo"]), 4),
+        }
+    for name, r in doc["regimes"].items():
+        out["regimes"][name] = {"slope": r["slope"], "slope_interval": r["slope_interval"]}
+    for to in ("full-ft", rank):
+        p = api.predict(res, to).to_dict()
+        out["transfer"][str(to)] = {"lr": p["lr"], "interval": p["interval"]}
+    out["noise_sd"], out["noise_dof"] = doc["noise_sd"], doc["noise_dof"]
+    return out
+
+
+def makespan(rounds, stored) -> float:
+    total = 0.0
+    for r in rounds:
+        free = [0.0] * SLOTS
+        for s in r:  # in order, each to the slot free first, as the pool hands them out
+            i = free.index(min(free))
+            free[i] += stored[s.key].wall_time
+        total += max(free)
+    return total
+
+
+def differences(new: dict, ref: dict) -> dict:
+    """new − ref: log2 η* and interval ends per group (octaves), slopes, transfer ratios."""
+    out: dict = {"groups": {}, "regimes": {}, "transfer": {}}
+    for g, r in ref["groups"].items():
+        n = new["groups"][g]
+        out["groups"][g] = {
+            "log2_lr_star": round(n["log2_lr_star"] - r["log2_lr_star"], 4),
+            "log2_interval": [round(a - b, 4) for a, b in zip(n["log2_interval"], r["log2_interval"], strict=True)],
+            "width_octaves": round(n["width_octaves"] - r["width_octaves"], 4),
+        }
+    for name, r in ref["regimes"].items():
+        n = new["regimes"][name]
+        gaps = zip(n["slope_interval"], r["slope_interval"], strict=True)
+        out["regimes"][name] = {"slope": round(n["slope"] - r["slope"], 4),
+                                "slope_interval": [round(a - b, 4) for a, b in gaps]}  # fmt: skip
+    for to, r in ref["transfer"].items():
+        n = new["transfer"][to]
+        out["transfer"][to] = {"lr_ratio": round(n["lr"] / r["lr"], 4),
+                               "interval_ratio": [round(a / b, 4) for a, b in
+                                                  zip(n["interval"], r["interval"], strict=True)]}  # fmt: skip
+    return out
+
+
+class Synthetic(Replay):
+    """A runner answering with a synthetic loss: any trial, no training."""
+
+    def __init__(self, loss):
+        super().__init__({})
+        self.loss = loss
+
+    def run(self, pending):
+        self.rounds.append(list(pending))
+        for s in pending:
+            yield s, self.loss(s)
+
+
+def synthetic_loss(case: int):
+    """A loss curve per (regime, rank): a random optimum moving with rank, curvature, asymmetry, noise, seed
+    shift, and divergence some octaves above the optimum."""
+    import numpy as np
+
+    rng = np.random.default_rng(case)
+    opt = {"A:r": rng.uniform(-9, -3.5), "B:1": rng.uniform(-9, -5), "full": rng.uniform(-11, -7)}
+    slope, curv, asym = rng.uniform(-0.6, 0.2), rng.uniform(0.01, 0.08), rng.uniform(1, 4)
+    noise, gap = rng.uniform(0.002, 0.03), rng.uniform(1.5, 4)
+
+    def loss(spec) -> TrialResult:
+        x = math.log2(spec.lr)
+        o = opt[spec.regime] + (slope * math.log2(spec.rank / 4) if spec.rank else 0.0)
+        if x > o + gap:
+            return TrialResult("diverged", math.inf)
+        d = x - o
+        jitter = noise * np.random.default_rng([case, spec.rank, spec.seed, int(1e6 * x) % 2**31,
+                                                 ("A:r", "B:1", "full").index(spec.regime)]).normal()  # fmt: skip
+        return TrialResult("ok", 2.0 + curv * d * d * (asym if d > 0 else 1.0) + 0.05 * spec.seed + jitter)
+
+    return loss
+
+
+SYNTHETIC_RECIPES = [
+    dict(lrs="2^-10:2^-4"),
+    dict(lrs="2^-12:2^-2", seeds=2),
+    dict(lrs="2^-14:2^-4", ranks="4,16,full"),
+    dict(lrs="2^-9:2^-3", max_extend=2),
+]
+
+
+def synthetic_exactness(cases: int, work: Path) -> dict:
+    """Old planner against this branch's on synthetic sweeps: trials each, and whether every fit agrees."""
+    from mua_cli.science.fit import fit_run
+    from mua_cli.sweep.store import load_trials
+
+    rows = []
+    for case in range(cases):
+        kw = {"ranks": "4,16,64", "regimes": "A:r,B:1", **SYNTHETIC_RECIPES[case % len(SYNTHETIC_RECIPES)]}
+        recipe, loss, out = load_recipe("tiny", **kw), synthetic_loss(case), {}
+        for name, how in (("old", dict(coarse_min=10**9)), ("new", {})):
+            folder = work / f"synthetic-{name}"
+            shutil.rmtree(folder, ignore_errors=True)
+            with planner(**how):
+                store = TrialStore(folder)
+                run._pin_recipe(folder, recipe)
+                run._pin_study(store, recipe)
+                run._rounds(recipe, store, Synthetic(loss), grid.plan(recipe), set(), run.SweepSummary(folder),
+                            run.Listener())  # fmt: skip
+            df = load_trials(folder)
+            fit = {(o.regime, o.rank): (o.lr_star, o.lo, o.hi, o.reason) for o in fit_run(df).optima}
+            out[name] = (len(df), fit)
+        rows.append({"case": case, "recipe": kw, "old_trials": out["old"][0], "new_trials": out["new"][0],
+                     "same_fit": out["old"][1] == out["new"][1]})  # fmt: skip
+    return {"cases": len(rows), "same_fit": sum(r["same_fit"] for r in rows), "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--recipe",
+        default="tiny",
+        help="the recipe swept: a name, a path, or 'regression' (the one of tests/test_regression.py)",
+    )
+    ap.add_argument("--stored", default="/tmp/warm-run", help="a run folder of the recipe's sweep by the old planner")
+    ap.add_argument("--real", help="a run folder swept for real by the current planner, to check against")
+    ap.add_argument("--real-wall-s", type=float, help="the real run's `time` (real), to record with it")
+    ap.add_argument("--old-wall-s", type=float, help="a real run of the old planner's `time` (real), to record")
+    ap.add_argument("--synthetic", type=int, default=48, help="synthetic sweeps to compare the planners on")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "default_plan.json"))
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="default-plan-"))
+    try:
+        source = work / "stored"
+        shutil.copytree(args.stored, source)  # read from a copy: the stored run is left as it is
+        stored = stored_results(source)
+        info = {k: v for k, v in TrialStore(source, create=False).info().items() if k == "max_lora_rank"}
+        rank = min(128, info.get("max_lora_rank", 128))  # the largest rank `mua transfer --to` takes, up to 128
+        ref = answers(source, rank)
+        path = args.recipe
+        if args.recipe == "regression":
+            sys.path.insert(0, str(ROOT / "tests"))
+            import yaml
+            from test_regression import RECIPE
+
+            path = work / "regression.yaml"
+            path.write_text(yaml.safe_dump(RECIPE))
+        result: dict = {"recipe": args.recipe, "stored_run": args.stored, "stored_trials": len(stored),
+                        "old_planner_wall_s": args.old_wall_s, "stored_fit": ref, "plans": {}}  # fmt: skip
+        for name, how in PLANS.items():
+            how = dict(how)
+            recipe = load_recipe(str(path), **({"lrs": how.pop("lrs")} if "lrs" in how else {}))
+            folder = work / f"plan{len(result['plans'])}"
+            with planner(**how):
+                try:
+                    runner, summary = replay(recipe, stored, folder, info)
+                except Missing as e:
+                    result["plans"][name] = {"missing": e.args[0]}
+                    continue
+            got = answers(folder, rank)
+            result["plans"][name] = {
+                "lrs": recipe.sweep.lrs,
+                "trials": sum(map(len, runner.rounds)),
+                "rounds": [len(r) for r in runner.rounds],
+                "added": summary.added,
+                "trial_seconds_two_slots": round(makespan(runner.rounds, stored), 1),
+                "fit": got,
+                "minus_stored": differences(got, ref),
+                "same_as_stored": got == ref,  # every η*, interval, slope, transfer and the noise, to the digit
+            }
+        if args.real:
+            real = answers(Path(args.real), rank)
+            chosen = result["plans"][CHOSEN]["fit"]
+            result["real_run"] = {
+                "run": args.real,
+                "wall_s": args.real_wall_s,
+                "equals_replay_of_chosen": real == chosen,
+                "fit": real,
+            }
+        if args.synthetic:
+            result["synthetic"] = synthetic_exactness(args.synthetic, work)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"{'plan':82} {'trials':>6} {'est. s':>7}  same fit")
+        for name, p in result["plans"].items():
+            if "missing" in p:
+                print(f"{name:82} needs trials the stored run lacks: {p['missing'][:3]}")
+                continue
+            print(f"{name:82} {p['trials']:>6} {p['trial_seconds_two_slots']:>7}  {p['same_as_stored']}")
+        if args.real:
+            same = result["real_run"]["equals_replay_of_chosen"]
+            print(f"real run {args.real}: equals the replay of the chosen plan: {same}")
+        if args.synthetic:
+            syn = result["synthetic"]
+            saved = sorted(r["old_trials"] - r["new_trials"] for r in syn["rows"])
+            print(
+                f"synthetic sweeps: {syn['same_fit']}/{syn['cases']} fit the same under both planners; trials saved "
+                f"{saved[0]}–{saved[-1]}, median {saved[len(saved) // 2]}"
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The first round runs every other LR of the grid; `fill` adds the grid's LRs the local fit reads around each
+best, so that the fit sees what the whole grid would show it there."""
+
+import math
+
+import numpy as np
+import pytest
+
+from mua_cli.spec.recipe import load_recipe
+from mua_cli.sweep.grid import coarse, fill, grid_plan, plan
+
+GRID = [2.0**k for k in range(-10, -3)]  # 2^-10 … 2^-4, as recipes/tiny.yaml
+
+
+def lrs(values) -> list[float]:
+    return sorted(round(math.log2(v), 6) for v in values)
+
+
+def test_coarse_keeps_every_other_lr_of_a_long_grid():
+    assert lrs(coarse(GRID)) == [-9, -7, -5]
+    assert lrs(coarse(GRID[1:])) == [-8, -6, -4]  # an even grid: its top end is one of them
+    assert coarse(GRID[:5]) == GRID[:5]  # too short to thin
+
+
+def test_plan_is_the_coarse_round_with_refine_and_the_grid_without(micro_recipe_path):
+    recipe = load_recipe(str(micro_recipe_path), ranks="4", regimes="B:1", lrs="2^-10:2^-4", seeds=2)
+    assert lrs({s.lr for s in plan(recipe)}) == [-9, -7, -5] and len(plan(recipe)) == 6
+    assert len(grid_plan(recipe)) == 14
+    whole = load_recipe(str(micro_recipe_path), ranks="4", regimes="B:1", lrs="2^-10:2^-4", refine=0)
+    assert plan(whole) == grid_plan(whole)
+
+
+def test_fill_adds_the_grid_lrs_inside_the_window_of_the_best():
+    m = {2.0**-9: [4.0], 2.0**-7: [1.0], 2.0**-5: [3.0]}
+    # refinement will add 2^-7.5 and 2^-6.5: with 2^-8 and 2^-6 they are the window's two LRs a side
+    assert lrs(fill(m, GRID, refine=True)) == [-8, -6]
+    assert lrs(fill(m, GRID, refine=False)) == [-8, -6]  # 2^-9 and 2^-5 are its second LRs a side
+
+
+def test_fill_without_refinement_reads_two_lrs_a_side():
+    m = {2.0**-7: [1.0], 2.0**-8: [2.0], 2.0**-6: [2.0]}
+    assert lrs(fill(m, GRID, refine=False)) == [-9, -5]
+    # with refinement to come, its half-octave LRs are the second LRs a side, and the window's edges wait for it
+    assert fill(m, GRID, refine=True) == []
+
+
+def test_fill_follows_the_best_to_a_half_octave_lr():
+    m = {2.0**x: [(x + 6.5) ** 2] for x in (-9, -8, -7.5, -7, -6.5, -6, -5.5)}
+    # the best is 2^-6.5; its window reaches 2^-5, and nothing run lies at or above the window's top (2^-5)
+    assert lrs(fill(m, GRID, refine=True)) == [-5]
+
+
+def test_fill_adds_the_grid_lr_beyond_a_window_edge_nothing_run_reaches():
+    m = {2.0**x: [(x + 8.0) ** 2] for x in (-9, -8.5, -8, -7.5, -7, -5)}
+    # window 2^-9.5 … 2^-6.5: the fit looks for η* from the lowest LR run, so 2^-10 is run for its lower end
+    assert lrs(fill(m, GRID, refine=True)) == [-10]
+
+
+def test_fill_counts_a_diverged_lr_as_run_but_not_as_read():
+    m = {2.0**-9: [3.0], 2.0**-7: [1.0], 2.0**-6.5: [1.5], 2.0**-7.5: [1.5], 2.0**-6: [math.inf], 2.0**-8: [2.0]}
+    # above the best only 2^-6.5 is finite: the window reads up to two finite LRs a side, so 2^-5 may be read
+    assert lrs(fill(m, GRID, refine=True)) == [-5]
+    assert fill({2.0**-9: [math.inf], 2.0**-7: [math.inf]}, GRID, refine=True) == []  # the extension looks lower
+
+
+def test_fill_adds_nothing_once_the_window_is_run():
+    m = {2.0**x: [(x + 7) ** 2] for x in (-9, -8, -7.5, -7, -6.5, -6, -5)}
+    assert fill(m, GRID, refine=True) == []
+
+
+def _synthetic(spec, *args, **kwargs):
+    """A deterministic loss: each (regime, rank) its own optimum and curvature, steeper above the optimum,
+    a seed shift, noise enough that some groups get another seed, and divergence 3 octaves above the optimum."""
+    from mua_cli.spec.trial import TrialResult
+
+    x = math.log2(spec.lr)
+    opt = {"A:r": -5.2, "B:1": -6.4 - 0.4 * math.log2(spec.rank / 4)}[spec.regime]
+    if x > opt + 3:
+        return TrialResult("diverged", math.inf)
+    d = x - opt
+    noise = 0.03 * np.random.default_rng(abs(hash((spec.lr, spec.rank, spec.seed, spec.regime == "B:1")))).normal()
+    return TrialResult("ok", 2.0 + 0.05 * d * d * (2.5 if d > 0 else 1.0) + 0.05 * spec.seed + noise)
+
+
+def test_a_filled_sweep_fits_as_the_whole_grid_would(micro_recipe_path, tmp_path, monkeypatch):
+    """The sweep runs fewer trials than the grid holds, and every η* and interval is the one the fit gives with
+    the rest of the grid run as well."""
+    from mua_cli.science.fit import fit_run
+    from mua_cli.sweep.execute import Execution
+    from mua_cli.sweep.run import meta, run_sweep
+    from mua_cli.sweep.store import TrialStore, load_trials
+    from mua_cli.train import loop as train
+
+    monkeypatch.setattr(train, "_train", _synthetic)
+    recipe = load_recipe(str(micro_recipe_path), ranks="2,4,16", regimes="A:r,B:1", lrs="2^-12:2^-2", max_extend=1)
+    run = tmp_path / "run"
+    run_sweep(recipe, run, "cpu", execution=Execution("cpu", batch_trials=1))
+    swept = load_trials(run)
+    assert swept["key"].is_unique and swept["lr"].nunique() > 3
+    have = set(swept["key"])
+    rest = [s for s in grid_plan(recipe) if s.key not in have]
+    assert len(rest) >= len(grid_plan(recipe)) // 3  # a third of the grid or more was never needed
+    fitted = {(o.regime, o.rank): o for o in fit_run(swept).optima}
+    store = TrialStore(run)
+    for spec in rest:
+        store.add(spec, _synthetic(spec), meta(recipe, spec))
+    whole = {(o.regime, o.rank): o for o in fit_run(load_trials(run)).optima}
+    assert fitted.keys() == whole.keys() and len(fitted) == 6
+    for key, o in whole.items():
+        assert o.usable, (key, o.reason)
+        got = fitted[key]
+        assert (got.log2_lr_star, got.lo, got.hi) == pytest.approx((o.log2_lr_star, o.lo, o.hi), abs=1e-9), key
+    again = run_sweep(recipe, tmp_path / "again", "cpu", execution=Execution("cpu", batch_trials=1))
+    assert again.ran == len(swept)  # the same decisions from the same trials
+    assert run_sweep(recipe, run, "cpu", execution=Execution("cpu", batch_trials=1)).ran == 0
