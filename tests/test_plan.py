@@ -20,6 +20,8 @@ def test_coarse_keeps_every_other_lr_of_a_long_grid():
     assert lrs(coarse(GRID)) == [-9, -7, -5]
     assert lrs(coarse(GRID[1:])) == [-8, -6, -4]  # an even grid: its top end is one of them
     assert coarse(GRID[:5]) == GRID[:5]  # too short to thin
+    sparse = [2.0**k for k in range(-13, 3, 3)]
+    assert coarse(sparse) == sparse  # LRs 3 octaves apart: every other one would be 6 apart
 
 
 def test_plan_is_the_coarse_round_with_refine_and_the_grid_without(micro_recipe_path):

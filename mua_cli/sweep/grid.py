@@ -41,12 +41,16 @@ def groups(recipe: Recipe) -> list[tuple[str, int]]:
 
 
 COARSE_MIN = 6  # a shorter grid runs whole: every other LR of it would save a trial or none, for one more round
+COARSE_STEP = 1.0  # octaves between neighbouring LRs at most: every other LR of a sparser grid steps too far
 
 
 def coarse(lrs: list[float]) -> list[float]:
     """Every other LR of a sorted grid, from its second: the first round. `fill` adds the rest where the fit
-    reads them; a grid's ends are usually margins no window reaches."""
-    return list(lrs) if len(lrs) < COARSE_MIN else list(lrs[1::2])
+    reads them; a grid's ends are usually margins no window reaches. A short or sparse grid runs whole."""
+    steps = [math.log2(b / a) for a, b in zip(lrs, lrs[1:], strict=False)]
+    if len(lrs) < COARSE_MIN or max(steps) > COARSE_STEP + 1e-9:
+        return list(lrs)
+    return list(lrs[1::2])
 
 
 def plan(recipe: Recipe) -> list[TrialSpec]:
