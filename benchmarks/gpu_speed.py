@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mua_cli.accel.fused import fuse  # noqa: E402
 from mua_cli.spec.recipe import Recipe  # noqa: E402
 from mua_cli.sweep.execute import Execution  # noqa: E402
-from mua_cli.sweep.grid import make_spec, plan  # noqa: E402
+from mua_cli.sweep.grid import grid_plan, make_spec  # noqa: E402
 from mua_cli.sweep.run import Listener, run_sweep  # noqa: E402
 from mua_cli.sweep.store import load_trials  # noqa: E402
 from mua_cli.train.adapters import prepare  # noqa: E402
@@ -222,7 +222,7 @@ def compiled_trial(spec, base, task, recipe, clock):
 def throughput(name: str, steps: int, gpus: int, ex: Execution) -> dict:
     recipe = recipe_for(name, steps)
     seed_cache(recipe)
-    specs = plan(recipe)
+    specs = grid_plan(recipe)
     plain_recipe = recipe.replace(dtype="float32")
     work = load_workload(plain_recipe, "cpu")
     torch.cuda.reset_peak_memory_stats()
@@ -283,7 +283,7 @@ def scaling(name: str, steps: int, gpus: int, ex: Execution) -> dict:
     seed_cache(recipe)
     one, many = timed_sweep(recipe, 1, ex), timed_sweep(recipe, gpus, ex)
     same = best_lrs(one["metrics"]) == best_lrs(many["metrics"])
-    return {"workload": name, "trials": len(plan(recipe)), "steps": steps, "gpus": gpus,
+    return {"workload": name, "trials": len(grid_plan(recipe)), "steps": steps, "gpus": gpus,
             "one_gpu_s": one["s"], "one_gpu_startup_s": one["startup_s"],
             "all_gpus_s": many["s"], "all_gpus_startup_s": many["startup_s"],
             "scaling": round(one["s"] / many["s"], 2),
@@ -415,7 +415,7 @@ def step_floor(recipe: Recipe, base, rank: int) -> dict:
 def mfu(name: str, steps: int, peak_measured: float, ex: Execution) -> dict:
     recipe = recipe_for(name, steps)
     seed_cache(recipe)
-    spec = plan(recipe)[0]
+    spec = grid_plan(recipe)[0]
     out = {"workload": name, "rank": spec.rank, "tokens_per_step": recipe.optim.batch_size * recipe.data.seq_len}
     # plain: fp32 weights under autocast; step time from the steady second half
     plain_recipe = recipe.replace(dtype="float32")

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpu_speed import best_lrs, recipe_for, seed_cache, timed_sweep  # noqa: E402
 
 from mua_cli.sweep.execute import Execution, trials_per_pass, units  # noqa: E402
-from mua_cli.sweep.grid import plan  # noqa: E402
+from mua_cli.sweep.grid import grid_plan  # noqa: E402
 from mua_cli.sweep.pool import worker_main  # noqa: E402
 from mua_cli.sweep.runner import TrialRunner  # noqa: E402
 
@@ -92,7 +92,7 @@ def predict(durations: list[float], starts: list[float]) -> float:
 def unit_seconds(recipe, walls: dict, slots: int, n_params: int) -> list[float] | None:
     """Each unit's seconds in the pool's queue order for `slots` slots, from the one-GPU run's trials (`walls`:
     key → (wall time, trials in its pass)); None if that run grouped its trials otherwise."""
-    specs = plan(recipe)
+    specs = grid_plan(recipe)
     k = min(trials_per_pass(Execution("cuda"), recipe, n_params), -(-len(specs) // slots))
     out = []
     for unit in units(specs, recipe, k):
@@ -121,7 +121,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0),
         "gpus": torch.cuda.device_count(), "torch": torch.__version__,
         "command": "python benchmarks/pool_start.py " + " ".join(sys.argv[1:]),
-        "workload": args.workload, "trials": len(plan(recipe)), "steps": args.steps,
+        "workload": args.workload, "trials": len(grid_plan(recipe)), "steps": args.steps,
         "cuda_context_s": round(context, 2), **starts,
         "one_gpu_s": one["s"], "one_gpu_startup_s": one["startup_s"],
         "unit_s": [round(d, 1) for d in durations] if durations else None,
