@@ -184,3 +184,16 @@ def test_model_folder_without_tokenizer_is_a_clear_error(tmp_path):
     recipe = recipe_from_dict({"model": str(model), "task": "seq-cls", "data": str(T.cls_csv(tmp_path / "d.csv"))})
     with pytest.raises(MuaError, match="holds no tokenizer"):
         load_workload(recipe, "cpu")
+
+
+def test_a_new_classification_head_is_the_same_whatever_ran_before(folders):
+    """The head a classifier gets for the data's classes is drawn from a seeded generator, so two slots, or two
+    runs of a sweep, train from the same head; the process's own random stream is left where it was."""
+    first = load_hf(str(folders["roberta"]), "seq-cls", labels=["n", "p", "q"]).model
+    torch.manual_seed(1234)
+    torch.rand(1000)  # what a trial before would have drawn
+    mark = torch.random.get_rng_state()
+    second = load_hf(str(folders["roberta"]), "seq-cls", labels=["n", "p", "q"]).model
+    assert torch.equal(torch.random.get_rng_state(), mark)
+    heads = [{k: v for k, v in m.state_dict().items() if k.startswith("classifier")} for m in (first, second)]
+    assert heads[0] and all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])

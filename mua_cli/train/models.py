@@ -225,7 +225,10 @@ def load_hf(
             ignore_mismatched_sizes=True,
         )
     try:
-        model, info = auto.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+        # a new head is drawn from the global RNG: seeded here, every slot and every run starts from the same one
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, info = auto.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise MuaError(f"cannot load model {name_or_path!r} for {task}: {_first_line(e)}") from None
     new = sorted(
