@@ -193,11 +193,11 @@ KEYS = _keys()  # every recipe key but name and description, in section order
 OUTCOME_KEYS = tuple(k for k, spec in KEYS.items() if spec.meta["outcome"])
 
 
-def typed(key: str, v: Any, source: str) -> Any:
+def typed(key: str, v: Any, source: str = "", flag: bool = False) -> Any:
     """`v` as its key's type, then checked against its range; one line naming the key, in `source` (a file, a
-    study), when it does not fit. Source "flag": the value came as `mua sweep --KEY`, which the line names."""
+    study), when it does not fit. `flag`: the value came as `mua sweep --KEY`, which the line names instead."""
     spec = KEYS[key]
-    name, where = (f"--{key.replace('_', '-')}", "") if source == "flag" else (key, f"{source}: ")
+    name, where = (f"--{key.replace('_', '-')}", "") if flag else (key, f"{source}: ")
 
     def bad(want: str) -> MuaError:
         return MuaError(f"{where}{name} must be {want}, not {v!r}")

@@ -132,7 +132,7 @@ def load_recipe(name_or_path: str | None = None, **overrides) -> Recipe:
         raise MuaError(f"recipe {path} must be a mapping of keys to values")
     flat = {"name": path.stem, **flatten(raw, str(path))}
     Recipe.of(str(path), **flat)  # the file's own errors name the file
-    flags = {k: typed(k, v, "flag") for k, v in overrides.items() if v is not None}
+    flags = {k: typed(k, v, flag=True) for k, v in overrides.items() if v is not None}
     return Recipe.of(str(path), **{**flat, **flags})
 
 
