@@ -1,6 +1,6 @@
 """Where a training step's GPU time goes: the top kernels of a few eager steps, and their sum by kind.
 
-    python benchmarks/gpu_profile.py [--workload 5m] [--k 8] [--steps 12] [--graphed] [--no-fused-kernels]
+    python benchmarks/gpu_profile.py [--workload 5m|124m|350m|vit-base] [--k 8] [--steps 12] [--graphed] [--no-fused-kernels]
 
 A diagnostic for docs/performance.md, with Liger's fused kernels where installed, as mua runs. Eager steps by
 default; `--graphed` profiles mua's CUDA-graph replays (the first steps run eagerly, so their kernels are
@@ -50,12 +50,23 @@ def main() -> None:
     args = ap.parse_args()
     for n in (3500, 3584):
         print(f"bf16 GEMM [8192, 1024] × [1024, {n}]: {1e3 * gemm_seconds(8192, 1024, n):.3f} ms")
-    recipe = recipe_for(args.workload, args.steps).replace(eval_fraction=0.0)
-    seed_cache(recipe)
+    if args.workload == "vit-base":  # cls_speed.py's ViT-Base/16 task, built in a temporary folder
+        import tempfile
+        from pathlib import Path
+
+        import cls_speed
+
+        folder = Path(tempfile.mkdtemp())
+        made = cls_speed.vit_base(folder, 16 * args.steps + 200, False)
+        recipe = cls_speed.recipe_for("vit-base", *made, args.steps).replace(eval_fraction=0.0)
+    else:
+        recipe = recipe_for(args.workload, args.steps).replace(eval_fraction=0.0)
+        seed_cache(recipe)
     work = load_workload(recipe, "cuda")
     base = work.base.cuda()
     undo = (lambda: None) if args.no_fused_kernels else fuse(base, "cuda", print)
-    specs = [make_spec(recipe, "B:1", 16, 2.0 ** (-12 + i / 2), 0) for i in range(args.k)]
+    rank = 8 if args.workload == "vit-base" else 16
+    specs = [make_spec(recipe, "B:1", rank, 2.0 ** (-12 + i / 2), 0) for i in range(args.k)]
     marks: list[float] = []
     clock = lambda s, v: marks.append(time.perf_counter())  # noqa: E731  (called every 10 steps, after a sync)
     activities = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if args.ops else [])

@@ -1,6 +1,6 @@
-"""Mask-free causal attention (attention.py): the same logits and gradients as the model's own SDPA with its
-causal mask, no mask tensor even while transformers believes a CUDA stream is capturing, and left alone where
-the mask is more than causal."""
+"""Mask-free attention (attention.py): the same logits and gradients as the model's own SDPA with its mask
+(a causal LM's causal one, a ViT's all-ones one), no mask tensor even while transformers believes a CUDA stream
+is capturing, and left alone where the mask is more than causal."""
 
 from __future__ import annotations
 
@@ -10,13 +10,20 @@ import pytest
 import torch
 import transformers.utils.import_utils as import_utils
 from torch.nn.attention import SDPBackend
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 from mua_cli.accel.attention import (
     GPU_ORDER,
     GRAPH_SAFE,
     NAME,
-    drop_causal_mask,
+    drop_mask,
     kernels,
     maskless_reason,
     step_kernels,
@@ -49,7 +56,7 @@ def sdpa_calls(monkeypatch):
 def test_maskless_model_matches_the_masked_one(sdpa_calls):
     own = _llama()
     maskless = copy.deepcopy(own)
-    assert drop_causal_mask(maskless, SEQ)
+    assert drop_mask(maskless, SEQ)
     assert maskless.config._attn_implementation == NAME and own.config._attn_implementation == "sdpa"
     ids = torch.randint(0, 32, (3, SEQ))
     out = [m(input_ids=ids, labels=ids, use_cache=False) for m in (own, maskless)]
@@ -62,18 +69,36 @@ def test_maskless_model_matches_the_masked_one(sdpa_calls):
     assert sdpa_calls[n:] == [(True, True)] * n  # the maskless model: causal flag, no mask tensor
 
 
+def test_maskless_vit_matches_its_own_and_stays_bidirectional(sdpa_calls):
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=24, num_labels=3, attn_implementation="sdpa")  # fmt: skip
+    own = ViTForImageClassification(cfg).eval()
+    maskless = copy.deepcopy(own)
+    assert drop_mask(maskless, SEQ)
+    pixels, labels = torch.randn(3, 3, 16, 16), torch.tensor([0, 1, 2])
+    out = [m(pixel_values=pixels, labels=labels) for m in (own, maskless)]
+    torch.testing.assert_close(out[1].logits, out[0].logits, atol=1e-5, rtol=1e-5)
+    for o in out:
+        o.loss.backward()
+    for (name, a), b in zip(own.named_parameters(), maskless.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-5, msg=name)
+    n = cfg.num_hidden_layers
+    assert sdpa_calls[n:] == [(True, False)] * n  # the maskless model: no mask tensor, and not made causal
+
+
 def test_peft_copy_is_switched_too():
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    assert drop_causal_mask(model, SEQ)
+    assert drop_mask(model, SEQ)
     assert model.base_model.model.config._attn_implementation == NAME
 
 
 def test_steps_of_a_mask_free_model_may_use_cudnn_attention():
     model = _llama()
     assert step_kernels(model) == GRAPH_SAFE and SDPBackend.CUDNN_ATTENTION not in GRAPH_SAFE
-    assert drop_causal_mask(model, SEQ)
+    assert drop_mask(model, SEQ)
     assert step_kernels(model) == GPU_ORDER and GPU_ORDER[0] == SDPBackend.CUDNN_ATTENTION
 
 
@@ -125,10 +150,10 @@ def test_left_alone_where_the_mask_is_more_than_causal():
                         num_attention_heads=2, num_key_value_heads=2, sliding_window=8)  # fmt: skip
     windowed = MistralForCausalLM(cfg)
     assert "sliding-window" in maskless_reason(windowed, SEQ)
-    assert not drop_causal_mask(windowed, SEQ)
+    assert not drop_mask(windowed, SEQ)
     assert windowed.config._attn_implementation == "sdpa"
     assert maskless_reason(windowed, 8) is None  # a window as long as the batch is plain causal
     eager = _llama()
     eager.config._attn_implementation = "eager"
-    assert not drop_causal_mask(eager, SEQ)
-    assert not drop_causal_mask(torch.nn.Linear(2, 2), SEQ)
+    assert not drop_mask(eager, SEQ)
+    assert not drop_mask(torch.nn.Linear(2, 2), SEQ)

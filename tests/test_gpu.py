@@ -203,6 +203,34 @@ def test_captured_step_attends_without_a_mask_tensor(micro, runner, monkeypatch)
     assert runner.base.config._attn_implementation == "sdpa"  # the trial's copy was switched, not the base
 
 
+def test_captured_image_classifier_attends_without_a_mask_tensor(tmp_path, monkeypatch):
+    # Images are never padded, but transformers builds an all-ones mask while a stream captures; with it SDPA
+    # fell back to its math kernel, in fp32 (docs/performance.md). Batched trials, as a sweep runs them.
+    import tiny_hf as T
+
+    recipe = load_recipe(str(T.recipe_yaml(tmp_path / "r.yaml", model=str(T.vit(tmp_path / "model")),
+                                           data=str(T.image_folder(tmp_path / "img")), task="image-cls",
+                                           dtype="bfloat16")))  # fmt: skip
+    recipe = recipe.replace(steps=8, eval_fraction=0.25)
+    runner = TrialRunner(recipe, "cuda:0")
+    calls: list[tuple[bool, bool, bool, bool]] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, is_causal=False, **kwargs):
+        capturing = torch.cuda.is_current_stream_capturing()
+        calls.append((capturing, attn_mask is None, bool(is_causal), torch.backends.cuda.cudnn_sdp_enabled()))
+        return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    specs = [make_spec(recipe, "B:1", 2, lr, 0) for lr in (2.0**-8, 2.0**-6)]
+    notes: list[str] = []
+    results = run_batched(specs, runner.base, runner.data, recipe, "cuda:0", graphs=True, on_note=notes.append)
+    runner.close()
+    assert [r.status for r in results] == ["ok", "ok"] and notes == []
+    captured = [c for c in calls if c[0]]
+    assert captured and all(c == (True, True, False, True) for c in captured)
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_whole_layer_lora_matches_peft_on_the_gpu(k, monkeypatch):
     """mua's GPU LoRA layer (lora_gpu.py: bf16 base, autocast) against peft's own forward."""

@@ -17,10 +17,11 @@ def is_gpu(device: str | torch.device) -> bool:
     return str(device).startswith("cuda")
 
 
-def prepare(model: torch.nn.Module, device: str, causal_lm: bool, seq_len: int) -> None:
+def prepare(model: torch.nn.Module, device: str, unpadded: bool, seq_len: int) -> None:
     """The forward's speed-ups for training on `device`, in place. Each computes the same arithmetic; on a GPU
-    the whole-layer LoRA function rounds at other places (bf16: tests/test_lora_addmm.py)."""
-    from .attention import drop_causal_mask
+    the whole-layer LoRA function rounds at other places (bf16: tests/test_lora_addmm.py). `unpadded`: no
+    training batch holds padding (a causal LM's windows, images), so attention runs without a mask tensor."""
+    from .attention import drop_mask
     from .lora_addmm import fold_lora_adds
     from .lora_gpu import precast_adapters
 
@@ -30,8 +31,8 @@ def prepare(model: torch.nn.Module, device: str, causal_lm: bool, seq_len: int) 
         return
     precast_adapters(model)
     skip_input_casts(model)
-    if causal_lm:
-        drop_causal_mask(model, seq_len)
+    if unpadded:
+        drop_mask(model, seq_len)
 
 
 def skip_input_casts(model: torch.nn.Module) -> None:

@@ -1,9 +1,12 @@
-"""Causal attention with no mask tensor, so that a captured training step keeps the fast attention kernels.
+"""Attention with no mask tensor where no batch is padded, so that a captured training step keeps the fast
+attention kernels.
 
 A causal LM's training batches are whole windows with no padding, so its mask is plain causal and SDPA's
-`is_causal=True` is exact. transformers skips building the mask in that case, except while a CUDA stream is
-capturing: in the captured step it builds an explicit [batch, 1, seq, seq] mask, and with an explicit mask
-SDPA cannot use flash attention (docs/performance.md has the measurement).
+`is_causal=True` is exact; an image classifier's batches are whole images, so its mask is all ones. transformers
+skips building the mask in both cases, except while a CUDA stream is capturing: in the captured step it builds
+an explicit [batch, 1, seq, seq] mask, and with an explicit mask SDPA cannot use flash attention, nor cuDNN's:
+a causal LM's step fell back to memory-efficient attention, a ViT's to the math kernel, which on a bf16 model
+computes in fp32 (docs/performance.md has the measurements).
 
 transformers' own extension point does it: an attention implementation registered under mua's name that is
 transformers' SDPA function itself, with no mask function registered, so that no mask is made
@@ -92,16 +95,16 @@ def maskless_reason(model: torch.nn.Module, seq_len: int) -> str | None:
     if window is not None and window < seq_len:
         return f"sliding-window attention ({window} tokens < seq_len {seq_len})"
     if getattr(config, "attention_chunk_size", None) or getattr(config, "is_encoder_decoder", False):
-        return "its attention is not plain causal"
+        return "its attention is neither plain causal nor full"
     if any(t not in ("full_attention", "sliding_attention") for t in getattr(config, "layer_types", None) or []):
-        return "its attention is not plain causal"
+        return "its attention is neither plain causal nor full"
     return None
 
 
-def drop_causal_mask(model: torch.nn.Module, seq_len: int) -> bool:
-    """Switches a causal LM that trains on unpadded `seq_len` windows to mask-free SDPA (on the trial's own
-    copy of the model: its config is the copy's). Returns whether it applied; a model it cannot apply to is left
-    as it is."""
+def drop_mask(model: torch.nn.Module, seq_len: int) -> bool:
+    """Switches a model that trains on unpadded batches (a causal LM's `seq_len` windows, whole images) to
+    mask-free SDPA, which keeps the model's own causal flag (on the trial's own copy of the model: its config is
+    the copy's). Returns whether it applied; a model it cannot apply to is left as it is."""
     if maskless_reason(model, seq_len) is not None:
         return False
     try:

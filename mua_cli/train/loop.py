@@ -153,7 +153,7 @@ def _train(spec, base, data, recipe, device, on_step, t0, graphs, on_note) -> Tr
     torch.manual_seed(spec.seed)
     model = prepare(base, spec.regime, spec.rank, o.alpha0, recipe.model.targets, spec.seed, head).to(device)
     model.train()
-    accel.prepare(model, device, task.kind == "causal-lm", recipe.data.seq_len)
+    accel.prepare(model, device, task.unpadded, recipe.data.seq_len)
     groups = param_groups(model, spec.regime, spec.lr, head, o.head_lr, o.per_layer_lr, hidden_size(base))
     t = _one(model, groups, spec, task, o, device, graphs)
     curve = train_steps(t, o, task.train_batches(spec.seed, o.steps, o.batch_size, device), device, on_step,
@@ -269,7 +269,7 @@ def _train_batched(specs, base, task, recipe, device, on_step, t0, graphs, on_no
     k = len(specs)
     model, params, head_params = build(base, first, recipe, k)
     model.to(device).train()
-    accel.prepare(model, device, task.kind == "causal-lm", recipe.data.seq_len)
+    accel.prepare(model, device, task.unpadded, recipe.data.seq_len)
     t = _stacked(model, params, head_params, specs, task, o, device, graphs)
     curves = train_steps(t, o, task.train_batches(first.seed, o.steps, o.batch_size, device), device, on_step,
                          on_note)  # fmt: skip

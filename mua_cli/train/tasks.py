@@ -40,6 +40,7 @@ class LMTask:
 
     kind = "causal-lm"
     fixed_shape = True  # every batch has one shape: a CUDA graph can replay the step (graphed.py)
+    unpadded = True  # no batch holds padding: attention needs no mask tensor (accel/attention.py)
 
     def __init__(self, data: TokenData):
         self.data = data
@@ -67,6 +68,7 @@ class _ClassTask:
 
     kind = ""
     fixed_shape = True
+    unpadded = False
 
     def __init__(self, labels: list[int], names: list[str], n_train: int):
         self.labels = torch.tensor(labels, dtype=torch.long)
@@ -145,6 +147,7 @@ class ImageClsTask(_ClassTask):
     """Image classification: images decoded and preprocessed on first use (then cached), cross-entropy."""
 
     kind = "image-cls"
+    unpadded = True  # every image is the same number of patches
 
     def __init__(
         self,
