@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from ..errors import MuaError
 from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
-from .execute import Execution, trials_per_pass, units, workers_per_gpu
+from .execute import Execution, keep_freed_memory, trials_per_pass, units, workers_per_gpu
 
 
 class _Notes:
@@ -35,6 +35,8 @@ def _serve(runner, tasks, results) -> None:
 
 def worker_main(recipe: Recipe, device: str, graphs: bool, fused: bool, tasks, results) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
+    if device == "cpu":
+        keep_freed_memory()
     try:
         from .runner import TrialRunner
 
