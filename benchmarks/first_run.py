@@ -18,6 +18,11 @@ a CPU second of a one-thread process is a second of work wherever the other prog
    default on 2 cores); wall and CPU seconds for the whole process, the worker's start included.
 4. start: a worker process's start alone (Python, torch, transformers, peft and the model), and the embedded
    model loaded from the weights shipped in the package against pretraining it (600 steps, one thread).
+6. cpu: where a trial's CPU time goes by kernel, and the heap setting. In fresh processes, alternately, one
+   trial (B:1, ranks 16 and 64) at one thread with and without `keep_freed_memory` (sweep/execute.py): wall
+   seconds, minor page faults, and whether the metric is the same to the last bit; torch.profiler's share of
+   the trial's CPU time in matrix multiplies (aten::mm, addmm, bmm and their in-place forms); and the rate one
+   thread reaches on the trial's largest GEMM ([512, 128] × [128, 344], the MLP's) alone.
 5. sweeps: the default `mua sweep` end to end in a fresh folder (the embedded model loaded, not pretrained), old
    (`--lrs 2^-11:2^-4 --workers-per-gpu 1`) and new (the recipe's grid and slots), and the old at one thread;
    trials run, wall and CPU seconds, and `mua fit --json` of each.
@@ -216,6 +221,64 @@ def sweeps() -> dict:
     return out
 
 
+def cpu_child(mode: str) -> None:
+    """In a fresh process: one trial per rank at one thread, the heap setting `mode` (on/off); prints JSON."""
+    from mua_cli.spec.recipe import load_recipe
+    from mua_cli.sweep.execute import keep_freed_memory
+    from mua_cli.sweep.grid import make_spec
+    from mua_cli.sweep.runner import TrialRunner
+
+    if mode == "on":
+        keep_freed_memory()
+    torch.set_num_threads(1)
+    recipe = load_recipe("tiny")
+    runner = TrialRunner(recipe, "cpu")
+    out = {}
+    for rank in (16, 64):
+        spec = make_spec(recipe, "B:1", rank, 2**-7, 0)
+        runner.run(spec)  # warm
+        f0, w0 = _faults(), time.perf_counter()
+        result = runner.run(spec)
+        out[rank] = {"wall_s": time.perf_counter() - w0, "faults": _faults() - f0, "metric": repr(result.metric)}
+    if mode == "on":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            runner.run(make_spec(recipe, "B:1", 16, 2**-7, 0))
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        gemm = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_"}
+        out["gemm_share"] = sum(e.self_cpu_time_total for e in events if e.key in gemm) / total
+        a, w = torch.randn(512, 128), torch.randn(344, 128)
+        for _ in range(20):
+            torch.nn.functional.linear(a, w)
+        t0 = time.perf_counter()
+        for _ in range(500):
+            torch.nn.functional.linear(a, w)
+        out["gemm_gflops_one_thread"] = 2 * 512 * 128 * 344 * 500 / (time.perf_counter() - t0) / 1e9
+    print(json.dumps(out))
+
+
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def cpu_kernels(repeats: int) -> dict:
+    runs: dict[str, list] = {"off": [], "on": []}
+    for _ in range(repeats):
+        for mode in ("off", "on"):
+            cmd = [sys.executable, __file__, "--child-cpu", mode]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+            runs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    out = {"runs": runs}
+    for mode, rs in runs.items():
+        out[mode] = {rank: {k: sum(r[rank][k] for r in rs) / len(rs) for k in ("wall_s", "faults")}
+                     for rank in ("16", "64")}  # fmt: skip
+    out["same_metrics"] = all(r[k]["metric"] == runs["off"][0][k]["metric"] for r in runs["off"] + runs["on"]
+                              for k in ("16", "64"))  # fmt: skip
+    out["gemm_share"] = sum(r["gemm_share"] for r in runs["on"]) / repeats
+    out["gemm_gflops_one_thread"] = sum(r["gemm_gflops_one_thread"] for r in runs["on"]) / repeats
+    return out
+
+
 def summarize_fit(doc: dict) -> dict:
     import math
 
@@ -229,7 +292,7 @@ def summarize_fit(doc: dict) -> dict:
     }  # fmt: skip
 
 
-PARTS = ("trial", "profile", "pool", "start", "sweeps")
+PARTS = ("trial", "profile", "pool", "start", "sweeps", "cpu")
 
 
 def main() -> None:
@@ -239,9 +302,13 @@ def main() -> None:
     ap.add_argument("--pretrain", action="store_true", help="start: also time pretraining the embedded model")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "first_run.json"))
     ap.add_argument("--child-pool", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--child-cpu", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_pool:
         pool_child(int(args.child_pool[0]), args.child_pool[1])
+        return
+    if args.child_cpu:
+        cpu_child(args.child_cpu)
         return
     parts = [p for p in args.parts.split(",") if p]
     if unknown := set(parts) - set(PARTS):
@@ -258,6 +325,7 @@ def main() -> None:
         "pool": lambda: pool(args.repeats),
         "start": lambda: start_costs(args.pretrain),
         "sweeps": sweeps,
+        "cpu": lambda: cpu_kernels(args.repeats),
     }
     for part in parts:
         doc[part] = run[part]()
@@ -310,8 +378,19 @@ def report_sweeps(doc: dict) -> None:
         print(f"  fit: {json.dumps(r['fit'])}", flush=True)
 
 
+def report_cpu(c: dict) -> None:
+    print("one trial at one thread, a fresh process each (mean over repeats), glibc keeping freed memory or not:")
+    for rank in ("16", "64"):
+        off, on = c["off"][rank], c["on"][rank]
+        print(f"  rank {rank}: {off['wall_s']:.2f} s, {off['faults']:.0f} page faults by default; "
+              f"{on['wall_s']:.2f} s, {on['faults']:.0f} kept ({off['wall_s'] / on['wall_s']:.3f}×)")  # fmt: skip
+    print(f"  same metrics to the last bit: {c['same_metrics']}")
+    print(f"  matrix multiplies: {c['gemm_share']:.0%} of a trial's CPU time (torch.profiler); the MLP's GEMM alone "
+          f"runs at {c['gemm_gflops_one_thread']:.0f} GFLOP/s on one thread", flush=True)  # fmt: skip
+
+
 REPORTS = {"trial": report_trial, "profile": report_profile, "pool": report_pool, "start": report_start,
-           "sweeps": report_sweeps}  # fmt: skip
+           "sweeps": report_sweeps, "cpu": report_cpu}  # fmt: skip
 
 
 if __name__ == "__main__":
