@@ -6,7 +6,7 @@ and sequence length. Each trial runs through mua's own `run_trial` (bf16 frozen 
 bf16 autocast, AdamW). Prints a table and writes benchmarks/recipe_steps.json (or --out), which docs/recipes.md
 quotes.
 
-    python benchmarks/recipe_steps.py [--steps 25] [--only qwen2.5-0.5b-instruct,...] [--out FILE]
+    python benchmarks/recipe_steps.py [--steps 40] [--only qwen2.5-0.5b-instruct,...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -109,16 +109,16 @@ def measure(name: str, steps: int) -> list[dict]:
     for regime, rank in KINDS:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        stamps: list[float] = []
+        stamps: list[tuple[int, float]] = []  # (step, time) at each of the loop's checks (every CHECK_EVERY steps)
 
         def on_step(step, loss, stamps=stamps):
             torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
+            stamps.append((step, time.perf_counter()))
 
         spec = TrialSpec(regime, rank, 2.0**-14, 0, key="benchmark")
         result = run_trial(spec, base, task, recipe, "cuda", on_step)
-        warm = 5
-        ms = 1000 * (stamps[-1] - stamps[warm]) / (len(stamps) - 1 - warm) if len(stamps) > warm + 2 else math.nan
+        timed = stamps[1:]  # from the second check on: the eager warm-up steps and the capture are behind
+        ms = 1000 * (timed[-1][1] - timed[0][1]) / (timed[-1][0] - timed[0][0]) if len(timed) >= 2 else math.nan
         row = {
             "recipe": name,
             "trial": "full-ft" if regime == "full" else f"{regime} r={rank}",
@@ -137,20 +137,22 @@ def measure(name: str, steps: int) -> list[dict]:
     n_trials = (2 * 3 + 1) * len(__import__("mua_cli.science.theory", fromlist=["x"]).parse_lrs(recipe.sweep.lrs))
     mean_ms = sum(r["ms_per_step"] for r in rows) / len(rows)
     rows.append({"recipe": name, "trial": "sweep estimate", "model_build_s": round(build_s, 1),
-                 "trials": n_trials, "steps": load_recipe(name).steps,
-                 "hours": round(n_trials * load_recipe(name).steps * mean_ms / 3.6e6, 2)})  # fmt: skip
+                 "trials": n_trials, "steps": load_recipe(name).optim.steps,
+                 "hours": round(n_trials * load_recipe(name).optim.steps * mean_ms / 3.6e6, 2)})  # fmt: skip
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--only", default=",".join(MODELS))
     ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("recipe_steps needs a CUDA GPU")
-    out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "steps_timed": args.steps, "rows": []}
+    out = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python benchmarks/recipe_steps.py", *sys.argv[1:]]),
+           "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "steps_timed": args.steps,
+           "rows": []}  # fmt: skip
     for name in args.only.split(","):
         out["rows"].extend(measure(name, args.steps))
     print(f"\n{'recipe':24} {'trial':16} {'ms/step':>8} {'peak GiB':>9} {'trainable':>12}")
