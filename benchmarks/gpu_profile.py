@@ -1,6 +1,7 @@
 """Where a training step's GPU time goes: the top kernels of a few eager steps, and their sum by kind.
 
-    python benchmarks/gpu_profile.py [--workload 5m|124m|350m|vit-base] [--k 8] [--steps 12] [--graphed] [--no-fused-kernels]
+    python benchmarks/gpu_profile.py [--workload 5m|124m|350m|vit-base] [--k 8] [--steps 12] [--graphed]
+        [--no-fused-kernels]
 
 A diagnostic for docs/performance.md, with Liger's fused kernels where installed, as mua runs. Eager steps by
 default; `--graphed` profiles mua's CUDA-graph replays (the first steps run eagerly, so their kernels are
