@@ -148,21 +148,18 @@ def cpu_slots(ex: Execution, recipe: Recipe, n_params: int, trials: int) -> int:
 
 
 def keep_freed_memory() -> bool:
-    """Lets glibc keep freed blocks of up to 32 MiB in the process's heap. By default it hands a freed block of
-    more than 128 KiB (one activation of the embedded model) back to the kernel, or trims it off the heap's top,
-    and the next step's allocation of it takes fresh pages, each zeroed at its first touch: ~130,000 page faults
-    for 200 small matmuls (tests/test_execute_memory.py), 3-4 % of a CPU trial's time (docs: README, "How long it
-    takes"). What a trial computes is untouched. Returns whether it applied (glibc only)."""
+    """Lets glibc keep freed blocks of up to 32 MiB in this process's heap, from now on. By default it hands a
+    freed block of more than 128 KiB (one activation of the embedded model) back to the kernel, or trims it off
+    the heap's top, and the next step's allocation of it takes fresh pages, each zeroed at its first touch: every
+    CPU step faults its activations in again (tests/test_execute_memory.py; what it costs:
+    `python benchmarks/first_run.py --parts cpu`). What a trial computes is untouched. Returns whether it
+    applied (glibc only)."""
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
-        return False
-    if mallopt is None:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError):  # no C library found, or one without mallopt (not glibc)
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
