@@ -57,8 +57,8 @@ def main() -> None:
 
         import cls_speed
 
-        folder = Path(tempfile.mkdtemp())
-        made = cls_speed.vit_base(folder, 16 * args.steps + 200, False)
+        tmp = tempfile.TemporaryDirectory()  # removed when this process ends
+        made = cls_speed.vit_base(Path(tmp.name), 16 * args.steps + 200, False)
         recipe = cls_speed.recipe_for("vit-base", *made, args.steps).replace(eval_fraction=0.0)
     else:
         recipe = recipe_for(args.workload, args.steps).replace(eval_fraction=0.0)

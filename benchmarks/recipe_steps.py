@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mua_cli.science.theory import parse_lrs  # noqa: E402
 from mua_cli.spec.recipe import load_recipe  # noqa: E402
 from mua_cli.spec.trial import TrialSpec  # noqa: E402
 from mua_cli.train.data import TokenData  # noqa: E402
@@ -135,11 +136,12 @@ def measure(name: str, steps: int) -> list[dict]:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    n_trials = (2 * 3 + 1) * len(__import__("mua_cli.science.theory", fromlist=["x"]).parse_lrs(recipe.sweep.lrs))
+    n_trials = (2 * 3 + 1) * len(parse_lrs(recipe.sweep.lrs))
+    steps = load_recipe(name).optim.steps  # the recipe's own, not the few timed here
     mean_ms = sum(r["ms_per_step"] for r in rows) / len(rows)
     rows.append({"recipe": name, "trial": "sweep estimate", "model_build_s": round(build_s, 1),
-                 "trials": n_trials, "steps": load_recipe(name).optim.steps,
-                 "hours": round(n_trials * load_recipe(name).optim.steps * mean_ms / 3.6e6, 2)})  # fmt: skip
+                 "trials": n_trials, "steps": steps,
+                 "hours": round(n_trials * steps * mean_ms / 3.6e6, 2)})  # fmt: skip
     return rows
 
 
