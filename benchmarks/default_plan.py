@@ -11,9 +11,10 @@ last trial. `--synthetic N` (48) compares the old planner and this branch's on N
 curves, several recipes: seeds, full finetuning, extensions). `--real RUN` also fits a run folder swept for real
 with the current planner and checks that it equals the replay of the chosen plan.
 
-Run: `python benchmarks/default_plan.py [--recipe tiny] [--stored /tmp/warm-run] [--real RUN [--real-wall-s S]]
-[--out FILE]`. `--recipe regression --stored DIR`: the same for tests/test_regression.py's reduced default, from
-a run of it by the old planner (`grid.COARSE_MIN` set past the grid's length).
+Run: `python benchmarks/default_plan.py [--recipe tiny] [--stored /tmp/warm-run [--sweep-stored]] [--real RUN
+[--real-wall-s S]] [--out FILE]`. `--sweep-stored` first sweeps the stored run for real into `--stored` with the
+old planner (the whole grid 2^-10:2^-4 first, extra seeds at 3 LRs: a superset of every plan's trials), timed as
+`old_planner_wall_s`. `--recipe regression`: the same for tests/test_regression.py's reduced default.
 """
 
 from __future__ import annotations
@@ -79,15 +80,17 @@ def _once(recipe, store, metrics, done, summary, listener):
     return run._extra_seeds(recipe, store, metrics, done, summary, listener)
 
 
+OLD_GRID = "2^-10:2^-4"  # tiny.yaml's grid before the 52-trial plan
 PLANS = {
-    "old: the whole grid first": dict(coarse_min=10**9),
-    "this branch: every other LR first, then fill": dict(),
-    "not chosen: this branch, extra seed at the 2 LRs nearest eta* (not 3)": dict(extra_lrs=2),
-    "not chosen: this branch, one round of extra seeds only": dict(once=True),
-    "not chosen: this branch, extra seed at 2 LRs, one round of extra seeds only": dict(extra_lrs=2, once=True),
-    "not chosen: this branch, extra seed at 2 LRs, grid 2^-9:2^-4": dict(extra_lrs=2, lrs="2^-9:2^-4"),
+    "old: the whole grid first, extra seeds at 3 LRs": dict(coarse_min=10**9, extra_lrs=3, lrs=OLD_GRID),
+    "before: every other LR first, then fill, extra seeds at 3 LRs": dict(extra_lrs=3, lrs=OLD_GRID),
+    "not chosen: extra seeds at 2 LRs": dict(extra_lrs=2, lrs=OLD_GRID),
+    "not chosen: extra seeds at 3 LRs, one round of extra seeds only": dict(extra_lrs=3, once=True, lrs=OLD_GRID),
+    "not chosen: extra seeds at 2 LRs, one round of extra seeds only": dict(extra_lrs=2, once=True, lrs=OLD_GRID),
+    "not chosen: extra seeds at 3 LRs, grid 2^-9:2^-4": dict(extra_lrs=3),
+    "chosen: extra seeds at 2 LRs, grid 2^-9:2^-4 (the recipe's, EXTRA_LRS)": dict(),
 }
-CHOSEN = "this branch: every other LR first, then fill"
+CHOSEN = "chosen: extra seeds at 2 LRs, grid 2^-9:2^-4 (the recipe's, EXTRA_LRS)"
 
 
 @contextlib.contextmanager
@@ -236,6 +239,24 @@ def synthetic_exactness(cases: int, work: Path) -> dict:
     return {"cases": len(rows), "same_fit": sum(r["same_fit"] for r in rows), "rows": rows}
 
 
+def sweep_stored(recipe: str, out: Path) -> float:
+    """The old planner's sweep of `recipe` into `out`, for real, through the command line; its wall seconds."""
+    import time
+
+    from typer.testing import CliRunner
+
+    from mua_cli.ui.cli import app
+
+    if out.exists():
+        raise SystemExit(f"{out} exists: --sweep-stored makes a new run folder")
+    w0 = time.perf_counter()
+    with planner(coarse_min=10**9, extra_lrs=3):
+        res = CliRunner().invoke(app, ["sweep", "--recipe", recipe, "--out", str(out), "--lrs", OLD_GRID, "--quiet"])
+    if res.exit_code != 0:
+        raise SystemExit(f"the stored run's sweep failed: {res.output}")
+    return round(time.perf_counter() - w0, 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -244,6 +265,7 @@ def main() -> None:
         help="the recipe swept: a name, a path, or 'regression' (the one of tests/test_regression.py)",
     )
     ap.add_argument("--stored", default="/tmp/warm-run", help="a run folder of the recipe's sweep by the old planner")
+    ap.add_argument("--sweep-stored", action="store_true", help="sweep --stored first, with the old planner")
     ap.add_argument("--real", help="a run folder swept for real by the current planner, to check against")
     ap.add_argument("--real-wall-s", type=float, help="the real run's `time` (real), to record with it")
     ap.add_argument("--old-wall-s", type=float, help="a real run of the old planner's `time` (real), to record")
@@ -252,12 +274,6 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="default-plan-"))
     try:
-        source = work / "stored"
-        shutil.copytree(args.stored, source)  # read from a copy: the stored run is left as it is
-        stored = stored_results(source)
-        info = {k: v for k, v in TrialStore(source, create=False).info().items() if k == "max_lora_rank"}
-        rank = min(128, info.get("max_lora_rank", 128))  # the largest rank `mua transfer --to` takes, up to 128
-        ref = answers(source, rank)
         path = args.recipe
         if args.recipe == "regression":
             sys.path.insert(0, str(ROOT / "tests"))
@@ -266,6 +282,14 @@ def main() -> None:
 
             path = work / "regression.yaml"
             path.write_text(yaml.safe_dump(RECIPE))
+        if args.sweep_stored:
+            args.old_wall_s = sweep_stored(str(path), Path(args.stored))
+        source = work / "stored"
+        shutil.copytree(args.stored, source)  # read from a copy: the stored run is left as it is
+        stored = stored_results(source)
+        info = {k: v for k, v in TrialStore(source, create=False).info().items() if k == "max_lora_rank"}
+        rank = min(128, info.get("max_lora_rank", 128))  # the largest rank `mua transfer --to` takes, up to 128
+        ref = answers(source, rank)
         result: dict = {"recipe": args.recipe, "stored_run": args.stored, "stored_trials": len(stored),
                         "old_planner_wall_s": args.old_wall_s, "stored_fit": ref, "plans": {}}  # fmt: skip
         for name, how in PLANS.items():

@@ -23,6 +23,8 @@ a CPU second of a one-thread process is a second of work wherever the other prog
    seconds, minor page faults, and whether the metric is the same to the last bit; torch.profiler's share of
    the trial's CPU time in matrix multiplies (aten::mm, addmm, bmm and their in-place forms); and the rate one
    thread reaches on the trial's largest GEMM ([512, 128] × [128, 344], the MLP's) alone.
+7. workers: a CPU worker process from its start to its model loaded, spawned against forked by the forkserver
+   `mua sweep` starts (sweep/pool.py), alternately, `--repeats` times.
 5. sweeps: the default `mua sweep` end to end in a fresh folder (the embedded model loaded, not pretrained), old
    (`--lrs 2^-11:2^-4 --workers-per-gpu 1`) and new (the recipe's grid and slots), and the old at one thread;
    trials run, wall and CPU seconds, and `mua fit --json` of each.
@@ -199,6 +201,45 @@ def start_costs(pretrain_too: bool) -> dict:
     return out
 
 
+def worker_starts(repeats: int) -> dict:
+    """Seconds from a CPU worker process's start to its model loaded (pool.worker_main's "ready"), alternately
+    spawned (a fresh interpreter importing torch, transformers and peft) and forked by the forkserver that `mua
+    sweep` starts at its beginning (pool.process_context), the server's own start not counted."""
+    import torch.multiprocessing as mp
+
+    from mua_cli.spec.recipe import load_recipe
+    from mua_cli.sweep.pool import process_context, start_worker_server, worker_main
+
+    recipe = load_recipe("tiny")
+
+    def ready_s(ctx) -> float:
+        tasks, results = ctx.Queue(), ctx.Queue()
+        w0 = time.perf_counter()
+        p = ctx.Process(target=worker_main, args=(recipe, "cpu", False, False, tasks, results, 1), daemon=True)
+        p.start()
+        while (message := results.get(timeout=600))[0] == "note":  # what loading the workload says
+            pass
+        wall = time.perf_counter() - w0
+        tasks.put(None)
+        p.join(timeout=60)
+        if message[0] != "ready":
+            raise RuntimeError(f"the worker did not start: {message}")
+        return wall
+
+    start_worker_server()
+    w0 = time.perf_counter()
+    server_and_first = ready_s(process_context("cpu"))
+    rows = [{"spawn_s": ready_s(mp.get_context("spawn")), "forkserver_s": ready_s(process_context("cpu"))}
+            for _ in range(repeats)]  # fmt: skip
+    return {
+        "rows": rows,
+        "server_start_and_first_worker_s": server_and_first,
+        "measured_s": time.perf_counter() - w0,
+        "spawn_s": min(r["spawn_s"] for r in rows),
+        "forkserver_s": min(r["forkserver_s"] for r in rows),
+    }
+
+
 def sweeps() -> dict:
     """The default sweep, old settings (the old grid, one slot of torch's 2 threads) then new, back to back; and
     the old grid at one thread, whose CPU seconds are a second of work each wherever other programs run (at 2
@@ -292,7 +333,7 @@ def summarize_fit(doc: dict) -> dict:
     }  # fmt: skip
 
 
-PARTS = ("trial", "profile", "pool", "start", "sweeps", "cpu")
+PARTS = ("trial", "profile", "pool", "start", "workers", "sweeps", "cpu")
 
 
 def main() -> None:
@@ -324,6 +365,7 @@ def main() -> None:
         "profile": profile_trial,
         "pool": lambda: pool(args.repeats),
         "start": lambda: start_costs(args.pretrain),
+        "workers": lambda: worker_starts(args.repeats),
         "sweeps": sweeps,
         "cpu": lambda: cpu_kernels(args.repeats),
     }
@@ -371,6 +413,12 @@ def report_start(s: dict) -> None:
         print(f"pretraining instead: {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU", flush=True)
 
 
+def report_workers(w: dict) -> None:
+    print(f"a CPU worker from its start to its model loaded (best of {len(w['rows'])}): spawned {w['spawn_s']:.2f} s, "
+          f"forked by the running forkserver {w['forkserver_s']:.2f} s (the server's start and first worker: "
+          f"{w['server_start_and_first_worker_s']:.2f} s)", flush=True)  # fmt: skip
+
+
 def report_sweeps(doc: dict) -> None:
     for name, r in doc.items():
         print(f"default sweep, {name} {r['args']}: {r['trials']} trials, {r['wall_s']:.0f} s wall, "
@@ -390,7 +438,7 @@ def report_cpu(c: dict) -> None:
 
 
 REPORTS = {"trial": report_trial, "profile": report_profile, "pool": report_pool, "start": report_start,
-           "sweeps": report_sweeps, "cpu": report_cpu}  # fmt: skip
+           "workers": report_workers, "sweeps": report_sweeps, "cpu": report_cpu}  # fmt: skip
 
 
 if __name__ == "__main__":

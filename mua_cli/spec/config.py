@@ -158,7 +158,7 @@ class SweepSpec:
                            check=_range(lambda v: v >= 0, "0 or more"))  # fmt: skip
     refine: int = knob(1, "`1`: run every other LR of a grid of 6 or more first, then only the grid's LRs the fit "
                        "reads around each optimum; once the grid settles, add half-octave LRs either side of each "
-                       "interior optimum, then one more seed at the three LRs nearest each η* whose 95 % interval "
+                       "interior optimum, then one more seed at the two LRs nearest each η* whose 95 % interval "
                        "is still wider than a factor 2; `0`: the whole grid, nothing added but extensions",
                        check=_one_of(0, 1), outcome=False)  # fmt: skip
 

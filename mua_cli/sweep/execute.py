@@ -168,8 +168,6 @@ def keep_freed_memory() -> bool:
 def _cpu_executor(recipe: Recipe, ex: Execution, listener, first, trials: int):
     """One slot: this process's main thread, with every thread torch has. More: this process and worker
     processes, the cores shared out among them as torch threads; this process's are given back on close."""
-    import os
-
     import torch
 
     from .pool import PoolExecutor
@@ -179,22 +177,14 @@ def _cpu_executor(recipe: Recipe, ex: Execution, listener, first, trials: int):
     slots = cpu_slots(ex, recipe, first.n_params, trials)
     if slots == 1:
         return LocalExecutor(recipe, ex, listener, first)
-    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    threads = max(1, before // slots)
-    torch.set_num_threads(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # a spawned worker's torch starts with this many threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before // slots))  # this process's, and each worker's (pool.worker_main)
     try:
-        pool = PoolExecutor(recipe, dataclasses.replace(ex, workers_per_gpu=slots), listener, ["cpu"], first,
+        return PoolExecutor(recipe, dataclasses.replace(ex, workers_per_gpu=slots), listener, ["cpu"], first,
                             after_close=lambda: torch.set_num_threads(before))  # fmt: skip
     except BaseException:
         torch.set_num_threads(before)
         raise
-    finally:
-        if env is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = env
-    return pool
 
 
 def executor(recipe: Recipe, ex: Execution, listener, trials: int = 0):

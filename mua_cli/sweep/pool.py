@@ -33,10 +33,46 @@ def _serve(runner, tasks, results) -> None:
             results.put(("done", spec, result))
 
 
-def worker_main(recipe: Recipe, device: str, graphs: bool, fused: bool, tasks, results) -> None:
+# What a CPU worker imports before it can train: its processes fork from a server that imported these once
+# (multiprocessing's forkserver) instead of each starting Python and importing torch, transformers and peft again
+# (benchmarks/first_run.py --parts start).
+WORKER_IMPORTS = ["mua_cli.ui.quiet_libraries", "mua_cli.sweep.pool", "mua_cli.sweep.runner"]
+
+
+def process_context(device: str):
+    """CPU workers: forkserver where the platform has it. GPU workers: spawn, as a process forked from one that
+    has asked CUDA anything cannot use it."""
+    import torch.multiprocessing as mp
+
+    if device != "cpu" or "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(WORKER_IMPORTS)
+    return ctx
+
+
+def start_worker_server() -> None:
+    """Starts the CPU workers' server now, without importing torch here: it imports on the core that idles while
+    this process imports, and a sweep's first worker then starts at once. Unused (a GPU, one slot), it waits
+    idle and ends with this process."""
+    import multiprocessing as mp
+
+    if "forkserver" in mp.get_all_start_methods():
+        from multiprocessing import forkserver
+
+        forkserver.set_forkserver_preload(WORKER_IMPORTS)
+        forkserver.ensure_running()
+
+
+def worker_main(recipe: Recipe, device: str, graphs: bool, fused: bool, tasks, results, threads: int = 0) -> None:
+    """A worker process: loads the workload and runs units until told to stop. `threads`: torch's, on the CPU."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
     if device == "cpu":
+        import torch
+
         keep_freed_memory()
+        if threads:
+            torch.set_num_threads(threads)
     try:
         from .runner import TrialRunner
 
@@ -75,12 +111,12 @@ class PoolExecutor:
                  after_close: Callable[[], None] | None = None):  # fmt: skip
         """`first`: the first slot's runner, if made already; the pool owns it from here. `after_close`: called
         last by close() (the CPU's executor gives this process's threads back there)."""
-        import torch.multiprocessing as mp
+        import torch
 
         from .runner import TrialRunner
 
         self.recipe, self.listener, self.ex, self.after_close = recipe, listener, ex, after_close
-        self.ctx = mp.get_context("spawn")
+        self.ctx = process_context(devices[0])
         self.tasks, self.results = self.ctx.Queue(), self.ctx.Queue()
         self.procs: list = []
         # a Ctrl-C stops the slots' threads at their next step check (close), so that none is inside torch
@@ -100,7 +136,8 @@ class PoolExecutor:
         self.slots[0].runner = first
         try:
             for device in slots[len(self.slots) :]:
-                args = (recipe, device, ex.cuda_graphs, ex.fused_kernels, self.tasks, self.results)
+                threads = torch.get_num_threads() if device == "cpu" else 0  # as the CPU's executor set them
+                args = (recipe, device, ex.cuda_graphs, ex.fused_kernels, self.tasks, self.results, threads)
                 p = self.ctx.Process(target=worker_main, args=args, daemon=True)
                 p.start()
                 self.procs.append(p)

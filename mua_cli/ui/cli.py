@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -14,14 +13,9 @@ from rich.console import Console
 from rich.text import Text
 
 from ..errors import MuaError
+from . import quiet_libraries  # noqa: F401 — before any library prints
 from .console import OneLineErrors, note, user_errors
 from .recipe_flags import recipe_flags
-
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not for users
-
 
 app = typer.Typer(
     help="""Pick learning rates across LoRA ranks and for full finetuning (Maximal-Update Adaptation, μA).
@@ -78,6 +72,11 @@ def run_folder(run: Path | None, storage: str | None = None, study: str | None =
     return run
 
 
+def gpu_device_files() -> bool:
+    """Whether this machine has NVIDIA's or AMD's GPU device files: a guess made without importing torch."""
+    return Path("/dev/nvidiactl").exists() or Path("/dev/kfd").exists()
+
+
 @app.command()
 @recipe_flags
 def sweep(
@@ -125,6 +124,10 @@ def sweep(
       mua sweep --storage postgresql://mua@db/mua --study big --device cuda:0   (then `mua worker` anywhere)
     """
     with user_errors():
+        if device == "cpu" or (device == "auto" and not gpu_device_files()):
+            from ..sweep.pool import start_worker_server
+
+            start_worker_server()  # before this process imports torch: the two import side by side
         from ..spec.recipe import load_recipe
         from ..sweep.execute import Execution
         from ..sweep.run import run_sweep
@@ -343,7 +346,25 @@ def recipes():
 
 
 def main() -> None:
-    app()
+    """The console script. Once the command is done, the process ends without tearing down every module it
+    imported (torch, transformers, peft: a second or more, paid by every command); exit handlers still run
+    (a sweep's worker processes stop there) and the output is flushed first. An uncaught exception, a bug,
+    ends as Python ends it."""
+    try:
+        app()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if not isinstance(code, int):
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    import atexit
+
+    atexit._run_exitfuncs()  # noqa: SLF001 — what Python runs at exit; skipped by os._exit
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
