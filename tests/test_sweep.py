@@ -7,7 +7,7 @@ import pytest
 from mua_cli.errors import MuaError
 from mua_cli.spec.recipe import load_recipe
 from mua_cli.sweep.grid import extension, plan
-from mua_cli.sweep.run import Listener, run_sweep
+from mua_cli.sweep.run import EXTRA_LRS, Listener, run_sweep
 from mua_cli.sweep.store import TrialStore, load_trials
 
 
@@ -210,6 +210,6 @@ def test_refinement_adds_a_seed_only_where_the_optimum_is_poorly_located(micro_r
     summary = run_sweep(recipe, tmp_path / "run", "cpu", execution=Execution("cpu", batch_trials=1))
     df = load_trials(tmp_path / "run")
     extra = df[df["seed"] == recipe.sweep.seeds]
-    assert set(extra["regime"]) == {"B:1"} and len(extra) == 3
+    assert set(extra["regime"]) == {"B:1"} and len(extra) == EXTRA_LRS
     assert any("one more seed" in line for line in summary.added)
     assert run_sweep(recipe, tmp_path / "run", "cpu", execution=Execution("cpu", batch_trials=1)).ran == 0
