@@ -212,4 +212,5 @@ def test_refinement_adds_a_seed_only_where_the_optimum_is_poorly_located(micro_r
     extra = df[df["seed"] == recipe.sweep.seeds]
     assert set(extra["regime"]) == {"B:1"} and len(extra) == EXTRA_LRS
     assert any("one more seed" in line for line in summary.added)
-    assert run_sweep(recipe, tmp_path / "run", "cpu", execution=Execution("cpu", batch_trials=1)).ran == 0
+    again = run_sweep(recipe, tmp_path / "run", "cpu", execution=Execution("cpu", batch_trials=1))
+    assert again.ran == 0 and again.skipped == len(df) == summary.ran  # every round's trials, not the first's

@@ -108,13 +108,16 @@ def _sweep(recipe, store, done, device, listener, execution, fresh) -> SweepSumm
     run_dir = store.run_dir
     summary = SweepSummary(run_dir=run_dir, device=device)
     pending = [s for s in plan(recipe) if s.key not in done]
-    summary.skipped = len(plan(recipe)) - len(pending)
+    wanted = set(groups(recipe))
+    # every finished trial of the swept groups, whichever round would have asked for it: none runs again
+    summary.skipped = sum(t.user_attrs["key"] in done and (t.params["regime"], int(t.params["rank"])) in wanted
+                          for t in store.trials())  # fmt: skip
     summary.retried = len({s.key for s in pending} & store.keys())
     if summary.retried:
         listener.note(f"retrying {summary.retried} failed trial(s) (--no-retry-failed keeps them as they are)")
-    listener.start(total=len(plan(recipe)), done=summary.skipped)
+    listener.start(total=len(plan(recipe)), done=len(plan(recipe)) - len(pending))
     if summary.skipped:
-        listener.note(f"resuming: {summary.skipped} finished trial(s) found in {run_dir}, skipped")
+        listener.note(f"resuming: {summary.skipped} finished trial(s) found in {run_dir}, not run again")
     ex = dataclasses.replace(execution or Execution(), device=device)
     try:
         # the CPU's slots depend on how long the sweep is: the grid not yet run measures it, as the first round
