@@ -205,3 +205,10 @@ def test_precast_weights_changed_since_the_copy_are_cast_again():
             got = o_proj(h)
             want = o_proj.base_layer(h) + o_proj.lora_B.default(o_proj.lora_A.default(h)) * o_proj.scaling["default"]
     assert (got.float() - want.float()).norm() <= 2e-2 * want.float().norm()
+
+
+def test_an_fp32_base_under_bf16_autocast_matches_peft(monkeypatch):
+    """An fp32 base in a step under autocast (the whole-layer function needs the base in the step's dtype, so
+    the layer takes the 2-D addmm path): bf16 outputs, and the adapter's B cast for the in-place add."""
+    model = perturbed(prepare(llama(torch.float32), "A:r", 4, 1.0, "all-linear", seed=3))
+    assert_folded_matches_peft(model, torch.randint(0, CFG.vocab_size, (2, 9)), True, False, monkeypatch)

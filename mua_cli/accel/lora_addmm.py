@@ -111,12 +111,13 @@ def _forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
         return LoraLinearFn.apply(x.to(dtype), *whole)
     base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
     frozen_linear = type(base) is torch.nn.Linear and not any(p.requires_grad for p in base.parameters())
-    if frozen_linear and b.dim() == 2 and x.dtype == b.dtype == base.weight.dtype:
+    if frozen_linear and b.dim() == 2:
         # the output made 2-D and added into in place: not a view of a 3-D one, so autograd records no CopySlices,
         # whose backward copies the layer's whole output gradient once more
         x2 = x.reshape(-1, x.shape[-1])
         out = torch.nn.functional.linear(x2, base.weight, base.bias)
-        out.addmm_(self.lora_A[name](x2), b.t(), alpha=self.scaling[name])
+        h = self.lora_A[name](self._cast_input_dtype(x2, a.dtype))
+        out.addmm_(h, b.to(out.dtype).t(), alpha=self.scaling[name])  # under autocast: addmm_ is not autocast's
         return out.view(*x.shape[:-1], out.shape[-1])
     result = base(x)
     h = self.lora_A[name](self._cast_input_dtype(x, a.dtype))
