@@ -3,6 +3,7 @@ result while smaller passes, eager steps or the GPU to itself can still run it."
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from types import SimpleNamespace
@@ -97,6 +98,29 @@ def test_a_single_trial_gets_eager_steps_then_the_gpu_alone(monkeypatch):
     assert got[0].status == "ok"
     assert runner.calls == [(1, True, False), (1, False, False), (1, True, True)]
     assert "the GPU to itself" in runner.notes[-1]
+
+
+def test_a_unit_that_met_another_slots_capture_runs_again_alone(monkeypatch):
+    """A CUDA call that meets another slot's graph capture fails the trial through no fault of its own: the unit
+    runs again with the GPU to itself, and only its second results are kept. Other failures stay as they are."""
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 0)
+    clash = "RuntimeError: Cannot copy between CPU and CUDA tensors during CUDA graph capture unless pinned"
+
+    class Clashing(_OomRunner):
+        def _attempt(self, unit, graphs, alone):
+            self.calls.append((len(unit), graphs, alone))
+            if alone:
+                return [TrialResult("ok", s.lr, device=self.device) for s in unit]
+            return [TrialResult("failed", math.nan, device=self.device, error=clash if s.key == "1" else "x")
+                    for s in unit]  # fmt: skip
+
+    runner = Clashing(lambda *a: True)
+    got = runner.run_unit(_specs(3))
+    assert [r.status for r in got] == ["ok"] * 3 and runner.calls == [(3, True, False), (3, True, True)]
+    assert "another slot's graph capture" in runner.notes[-1]
+    other = Clashing(lambda *a: True)
+    got = other.run_unit([_specs(3)[0]])  # failed, but not by a clash: kept, not run again
+    assert got[0].status == "failed" and other.calls == [(1, True, False)]
 
 
 def test_a_trial_that_never_fits_is_failed_with_what_would(monkeypatch):
