@@ -9,13 +9,14 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "mua_cli"
 BELOW = {  # what each room may import, besides itself
     "errors": set(),
+    "quiet_libraries": set(),  # process settings only; the sweep's workers import it by name (sweep/pool.py)
     "science": {"errors"},
     "spec": {"errors", "science"},
     "accel": set(),
     "train": {"errors", "science", "spec", "accel"},
     "sweep": {"errors", "science", "spec", "accel", "train"},
     "api": {"errors", "science", "spec", "accel", "train", "sweep"},
-    "ui": {"errors", "science", "spec", "accel", "train", "sweep", "api"},
+    "ui": {"errors", "quiet_libraries", "science", "spec", "accel", "train", "sweep", "api"},
 }
 MAX_LINES = 400
 

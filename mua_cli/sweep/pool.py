@@ -35,8 +35,8 @@ def _serve(runner, tasks, results) -> None:
 
 # What a CPU worker imports before it can train: its processes fork from a server that imported these once
 # (multiprocessing's forkserver) instead of each starting Python and importing torch, transformers and peft again
-# (benchmarks/first_run.py --parts start).
-WORKER_IMPORTS = ["mua_cli.ui.quiet_libraries", "mua_cli.sweep.pool", "mua_cli.sweep.runner"]
+# (benchmarks/first_run.py --parts workers).
+WORKER_IMPORTS = ["mua_cli.quiet_libraries", "mua_cli.sweep.pool", "mua_cli.sweep.runner"]
 
 
 def process_context(device: str):

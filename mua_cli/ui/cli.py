@@ -12,8 +12,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from .. import quiet_libraries  # noqa: F401 — before any library prints
 from ..errors import MuaError
-from . import quiet_libraries  # noqa: F401 — before any library prints
 from .console import OneLineErrors, note, user_errors
 from .recipe_flags import recipe_flags
 
