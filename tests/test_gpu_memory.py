@@ -24,10 +24,8 @@ RECIPE = Recipe.of(
     eval_fraction=0.0, dtype="bfloat16", ranks="4,16", regimes="B:1", lrs="2^-11:2^-6", seeds=1, max_extend=0, refine=0,
 )  # fmt: skip
 # A trial's bf16 rounding depends on how many trials share its pass (one LoRA function, or K stacked), and 20
-# steps carry it into the metric: on an H200 (2026-11-30), B:1 r=4 at 2^-7 ended at 4.6253-4.6258 in a pass of 6
-# and at 4.6458 in a pass of 1 (0.44 %) in each of four runs, on the trees of commits c814481 and f156649. One
-# run also stored a capped trial as diverged that the free run had not; the grid, 2^-10:2^-5 then, moved an
-# octave down, away from the LRs nearest divergence (benchmarks/gpu_tests_2026-12-01.txt).
+# steps carry it into the metric: a trial measured 0.44 % apart in a pass of 1 and one of 6, and the grid sits an
+# octave below where a capped trial once diverged (benchmarks/gpu_tests_2026-12-01.txt).
 PASS_SIZE_RTOL = 1e-2
 
 

@@ -87,8 +87,7 @@ def gpu_share(device: str) -> GpuShare:
 
 
 # What torch raises in a slot when a CUDA call of its own meets another slot's graph capture on the same GPU
-# (on an H200, in 3 of 4 one-GPU sweeps of benchmarks/gpu_speed.py's 5M workload run before this retry, on this
-# tree and on c814481's: benchmarks/gpu_tests_2026-12-01.txt): the trial is sound, its moment was not.
+# (how often it was seen: docs/performance.md): the trial is sound, its moment was not.
 CAPTURE_CLASH = ("during CUDA graph capture", "during capturing stage")
 
 
