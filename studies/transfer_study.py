@@ -536,7 +536,9 @@ def cmd_export(args) -> None:
             continue
         old = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
         if old.get("fingerprint") != recipe.fingerprint():
-            old = {"workload": w["name"], "fingerprint": recipe.fingerprint(), "smoke": args.smoke}
+            old = {"workload": w["name"], "fingerprint": recipe.fingerprint(), "smoke": args.smoke,
+                   "task": recipe.model.task, "model": recipe.model.name, "devices": devices(),
+                   "versions": versions(), **model_facts(recipe, "cpu")}  # fmt: skip
         if old.get("n_trials") == len(load_trials(run_dir)):
             log(f"[{name}] {out} is up to date")
             continue
