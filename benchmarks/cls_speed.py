@@ -40,10 +40,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mua_cli.api import (  # noqa: E402
+    Execution,  # noqa: E402
+    Listener,
+    run_sweep,
+)
 from mua_cli.spec.recipe import Recipe  # noqa: E402
-from mua_cli.sweep.execute import Execution  # noqa: E402
 from mua_cli.sweep.grid import plan  # noqa: E402
-from mua_cli.sweep.run import Listener, run_sweep  # noqa: E402
 from mua_cli.sweep.store import load_trials  # noqa: E402
 from mua_cli.train.adapters import head_modules, param_groups, prepare  # noqa: E402
 from mua_cli.train.loop import lr_lambda  # noqa: E402

@@ -44,10 +44,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mua_cli.accel.fused import fuse  # noqa: E402
+from mua_cli.api import (  # noqa: E402
+    Execution,  # noqa: E402
+    Listener,
+    run_sweep,
+)
 from mua_cli.spec.recipe import Recipe  # noqa: E402
-from mua_cli.sweep.execute import Execution  # noqa: E402
 from mua_cli.sweep.grid import grid_plan, make_spec  # noqa: E402
-from mua_cli.sweep.run import Listener, run_sweep  # noqa: E402
 from mua_cli.sweep.store import load_trials  # noqa: E402
 from mua_cli.train.adapters import prepare  # noqa: E402
 from mua_cli.train.loop import lr_lambda, run_trial  # noqa: E402

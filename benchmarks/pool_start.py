@@ -6,9 +6,9 @@ two-GPU sweep time these predict, all measured on one GPU (for when no machine o
 1. cuda_context_s: this process's first CUDA call (a CUDA context; another GPU's slot pays its own).
 2. The workload's sweep on cuda:0 in this process, as `gpu_speed.py --scaling` runs its one-GPU side: its
    wall time, when its first trial started, and each unit's seconds (the wall times of its trials, summed).
-3. A slot's start on cuda:0, after a first model is loaded in the main thread (as the pool does): a TrialRunner
+3. A slot's start on cuda:0, after a first model is loaded in the main thread (as the pool does): a Trainer
    built in a thread of this process (pool.PoolExecutor with CUDA graphs), and a worker process
-   (pool.worker_main, spawned) until it reports ready.
+   (pool.slot_process, spawned) until it reports ready.
 4. The prediction, by arithmetic on 2 and 3, not a measurement on two GPUs: the units in the pool's queue order,
    each to the first free slot; the first slot free when the one-GPU run's first trial started, the second
    that plus the thread's start (plus cuda_context_s) or the worker's; plus the one-GPU run's time after its
@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpu_speed import best_lrs, recipe_for, seed_cache, timed_sweep  # noqa: E402
 
-from mua_cli.sweep.execute import Execution, trials_per_pass, units  # noqa: E402
 from mua_cli.sweep.grid import grid_plan  # noqa: E402
-from mua_cli.sweep.pool import worker_main  # noqa: E402
-from mua_cli.sweep.runner import TrialRunner  # noqa: E402
+from mua_cli.sweep.pool import slot_process  # noqa: E402
+from mua_cli.sweep.sizing import Execution, trials_per_pass, units  # noqa: E402
+from mua_cli.sweep.trainer import Trainer  # noqa: E402
 
 
 def cuda_context_s() -> float:
@@ -50,10 +50,10 @@ def cuda_context_s() -> float:
 def slot_starts(recipe) -> dict:
     """Seconds to a second slot's model on cuda:0: in a thread, after a first in the main thread; in a worker."""
     t0 = time.perf_counter()
-    first = TrialRunner(recipe, "cuda:0")
+    first = Trainer.load(recipe, "cuda:0")
     first_s, n_params = time.perf_counter() - t0, first.n_params
-    made: list[TrialRunner] = []
-    thread = threading.Thread(target=lambda: made.append(TrialRunner(recipe, "cuda:0")))
+    made: list[Trainer] = []
+    thread = threading.Thread(target=lambda: made.append(Trainer.load(recipe, "cuda:0")))
     t0 = time.perf_counter()
     thread.start()
     thread.join()
@@ -63,7 +63,7 @@ def slot_starts(recipe) -> dict:
     ctx = torch.multiprocessing.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
     t0 = time.perf_counter()
-    p = ctx.Process(target=worker_main, args=(recipe, "cuda:0", True, True, tasks, results), daemon=True)
+    p = ctx.Process(target=slot_process, args=(recipe, "cuda:0", True, True, tasks, results), daemon=True)
     p.start()
     while (message := results.get(timeout=300))[0] not in ("ready", "error"):
         pass

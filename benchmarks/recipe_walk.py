@@ -22,8 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mua_cli.api import load_recipe, run_sweep  # noqa: E402
-from mua_cli.sweep.execute import Execution  # noqa: E402
+from mua_cli.api import (  # noqa: E402
+    Execution,  # noqa: E402
+    load_recipe,
+    run_sweep,
+)
 
 PKG = str(ROOT / "mua_cli") + "/"
 

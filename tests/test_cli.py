@@ -268,7 +268,7 @@ def test_a_bare_fit_skips_an_empty_newest_run(swept_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     shutil.copytree(swept_run, tmp_path / "runs" / "good")
-    TrialStore(tmp_path / "runs" / "killed")  # created, never written
+    TrialStore.create(tmp_path / "runs" / "killed")  # created, never written
     res = mua("transfer", "--to", "full-ft", "--quiet")
     assert res.exit_code == 0, res.output
     res = mua("transfer", "--to", "1000000000000000000000000000000")
