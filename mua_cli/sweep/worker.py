@@ -22,9 +22,6 @@ from .sizing import Execution, trials_per_pass
 from .store import STORAGE_ERRORS, TrialStore, frame, meta, stored_trial
 from .trainer import Trainer
 
-if TYPE_CHECKING:
-    from .stream import Sweep, SweepSummary
-
 RETRY_FOR_S = 600  # a database that stays unreachable this long ends the worker (its trials go stale, then back)
 
 
@@ -33,8 +30,9 @@ class WorkSummary:
     ran: int = 0
 
 
-def plan_and_work(sweep: Sweep) -> SweepSummary:
-    """The planner of a shared study (`sweep`: stream.Sweep over a SharedStudy): queues the first round, works on
+def plan_and_work(sweep):
+    """The planner of a shared study (`sweep`: a stream.Sweep over a SharedStudy; stream.py calls this, so it is
+    not imported here): queues the first round, works on
     it, and once no trial is waiting or running (every worker's finished) queues the next round (plan.Planner,
     round by round), until none is added; then marks the study done. Returns the sweep's summary."""
     recipe, store, listener, summary = sweep.recipe, sweep.store, sweep.listener, sweep.summary
