@@ -13,6 +13,34 @@ from .rank_optima import Z95
 from .theory import HEURISTIC_FACTOR, HEURISTIC_REGIME, TRANSFER_REGIME
 from .transfer import FULL_BASES, FULL_TARGET, Prediction, check_basis, common_settings, lr_interval, lr_text, too_few
 
+# Where B:1's level is read for the full-finetuning prediction (docs/validation.md, "Protocol"): a cell of
+# `mua fit`'s η* table, the fitted line at the reference rank, or the precision-weighted level over the ranks.
+ANCHORS = ("cell16", "line16", "pooled", "cell-min", "cell-max")
+ANCHOR_LABELS = {
+    "cell16": f"{TRANSFER_REGIME}'s η* at rank {cal.FULL_REF_RANK}",
+    "line16": f"{TRANSFER_REGIME}'s fitted line at rank {cal.FULL_REF_RANK}",
+    "pooled": f"{TRANSFER_REGIME}'s pooled η* over its ranks",
+    "cell-min": f"{TRANSFER_REGIME}'s η* at its smallest rank",
+    "cell-max": f"{TRANSFER_REGIME}'s η* at its largest rank",
+}
+
+
+def anchor_value(b1: RegimeFit, anchor: str) -> tuple[float, float] | None:
+    """(log2 η*, SE) of B:1 read as `anchor`, or None where the run lacks it (that rank has no η*)."""
+    if not b1.ranks_used:
+        return None
+    ys, ses = b1.log2_lr_stars, b1.se_log2s
+    if anchor == "line16":
+        return b1_reference(b1)
+    if anchor == "pooled":
+        w = [1 / s**2 for s in ses]
+        return sum(wi * y for wi, y in zip(w, ys, strict=True)) / sum(w), math.sqrt(1 / sum(w))
+    if anchor == "cell16":
+        i = b1.ranks_used.index(cal.FULL_REF_RANK) if cal.FULL_REF_RANK in b1.ranks_used else None
+    else:
+        i = 0 if anchor == "cell-min" else len(ys) - 1
+    return None if i is None else (ys[i], ses[i])
+
 
 def _full_settings(fit: FitResult) -> dict:
     return {"method": "full finetuning", **common_settings(fit)}
