@@ -1,7 +1,8 @@
 """mua against a plain serial peft loop, as a user runs each, on exactly the same trials, in one run.
 
     python benchmarks/gpu_speed.py [--only 5m,124m,350m,minilm-text,vit-base] [--steps 100] [--device cuda:0]
-        [--workers-per-gpu N] [--batch-trials N] [--no-cuda-graphs] [--no-fused-kernels] [--diag] [--out FILE]
+        [--workers-per-gpu N] [--batch-trials N] [--no-cuda-graphs] [--no-fused-kernels] [--diag [--no-sweeps]]
+        [--out FILE]
     python benchmarks/gpu_speed.py --scaling [--only 5m,124m] [--steps 300]   # mua on 1, 2, 4 … N GPUs
     python benchmarks/gpu_speed.py --smoke                 # tiny shapes on the CPU: the harness end to end
     python benchmarks/gpu_speed.py --table FILE.json [FILE.json ...]     # docs/performance.md's tables
@@ -705,6 +706,7 @@ def main() -> None:
     ap.add_argument("--device", help="mua's and the plain loop's device (default cuda:0, or cpu without CUDA)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 3 LRs, 4 steps: the harness on the CPU")
     ap.add_argument("--diag", action="store_true", help="also time a step of each path in one process")
+    ap.add_argument("--no-sweeps", action="store_true", help="no races (with --diag: the step times alone)")
     ap.add_argument("--scaling", action="store_true", help="mua alone on 1, 2, 4 … all visible GPUs")
     ap.add_argument("--workers-per-gpu", type=int, default=0, help="mua's slots per GPU (0: its own choice)")
     ap.add_argument("--batch-trials", type=int, default=0, help="mua's trials per pass (0: its own choice)")
@@ -749,7 +751,7 @@ def main() -> None:
             rec.add("scaling", scaling(name, steps, flags))
             path = rec.save(args.out)
     else:
-        for name in [n for n in only if n in RACES]:
+        for name in [n for n in only if n in RACES and not args.no_sweeps]:
             try:
                 row = race(name, steps, device, args.smoke, flags)
             except RuntimeError as e:  # one workload's failure is recorded; the others still run
@@ -761,7 +763,7 @@ def main() -> None:
             else:
                 rec.add("errors", row)
             path = rec.save(args.out)
-        if "350m" in only:
+        if "350m" in only and not args.no_sweeps:
             if device.startswith("cuda"):
                 peak = matmul_rate()
                 rec.set("bf16_matmul_8192_tflops", round(peak / 1e12, 1))
