@@ -299,6 +299,12 @@ def plain_main(run: Path, recipe_file: Path, device: str, out: Path) -> None:
                                "params_M": round(params / 1e6, 1), "peak_gib": peak and round(peak, 1)}))  # fmt: skip
 
 
+def triton_cache_files() -> int:
+    """Files in Triton's kernel cache: with none, the first race also pays compiling Liger's kernels."""
+    cache = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    return sum(1 for p in cache.rglob("*") if p.is_file()) if cache.is_dir() else 0
+
+
 def gpu_counts(n: int) -> list[int]:
     return sorted({*(2**i for i in range(n.bit_length()) if 2**i <= n), n})
 
@@ -741,7 +747,8 @@ def main() -> None:
              "--no-cuda-graphs" if args.no_cuda_graphs else "--cuda-graphs",
              "--no-fused-kernels" if args.no_fused_kernels else "--fused-kernels"]  # fmt: skip
     rec = Recording("gpu_speed")
-    rec.set("settings", {"only": only, "steps": steps, "device": device, "smoke": args.smoke, "mua_flags": flags})
+    rec.set("settings", {"only": only, "steps": steps, "device": device, "smoke": args.smoke, "mua_flags": flags,
+                         "triton_cache_files_at_start": triton_cache_files()})  # fmt: skip
     print(rec.header(), flush=True)
     path = rec.save(args.out)
     if args.scaling:
