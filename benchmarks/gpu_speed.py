@@ -130,7 +130,7 @@ def workload(name: str, steps: int, smoke: bool, folder: Path) -> tuple[Recipe, 
     model, data = cls_speed.WORKLOADS[name][0](folder, 16 * steps + 200, smoke)
     recipe = cls_speed.recipe_for(name, model, data, steps, "4" if smoke else CLASSIFIERS[name])
     if smoke:
-        recipe = recipe.replace(lrs="2^-8:2^-6")
+        recipe = recipe.replace(lrs=SMOKE_SWEEP["lrs"])
     return recipe, cls_speed.text_stats(model, data) if name == "minilm-text" else {}
 
 
@@ -660,7 +660,7 @@ def markdown(reports: list[dict]) -> str:
                         if r.get("bf16_matmul_8192_tflops") else ""))  # fmt: skip
     if rows := latest(reports, "races"):
         lines += ["", "| workload | params | trials × steps | mua sweep s | plain s | trials/h mua / plain | ratio | "
-                  "mua answer s (fit + transfer) | plain answer s | ratio | start-up s | GPU busy | failed | best LR "
+                  "mua answer s (fit + transfer) | plain answer s | ratio | start-up s | device busy | failed | best LR "
                   "±1 step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in rows:
             busy = ", ".join(f"{v['busy_share']:.0%}" for v in r["timeline"].get("devices", {}).values()
