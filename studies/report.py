@@ -403,17 +403,22 @@ def _rank_preds(w: Workload, fold: Fold):
             yield name, target, truth, rule, p
 
 
+def rank_excess(fold: Fold) -> dict[str, float]:
+    """Per rule: how far its own SE fell short on the fold's training workloads, mean(err² − se²) floored at 0."""
+    excess: dict[str, list[float]] = {r: [] for r in RANK_RULES}
+    for o in fold.train:
+        for _, _, truth, rule, p in _rank_preds(o, fold):
+            if p is not None:
+                excess[rule].append((p[0] - truth) ** 2 - p[1] ** 2)
+    return {r: max(float(np.mean(v)), 0.0) if v else 0.0 for r, v in excess.items()}
+
+
 def score_rank(workloads: list[Workload]) -> pd.DataFrame:
     """--to RANK: each workload's largest measured rank from its smaller ones, leave one family out."""
     rows = []
     for fam in sorted({w.family for w in workloads}):
         fold = Fold.of([w for w in workloads if w.family != fam])
-        excess: dict[str, list[float]] = {r: [] for r in RANK_RULES}
-        for o in fold.train:  # how far each rule's own SE fell short on the training families
-            for _, _, truth, rule, p in _rank_preds(o, fold):
-                if p is not None:
-                    excess[rule].append((p[0] - truth) ** 2 - p[1] ** 2)
-        extra = {r: max(float(np.mean(v)), 0.0) if v else 0.0 for r, v in excess.items()}
+        extra = rank_excess(fold)
         for w in (w for w in workloads if w.family == fam):
             for name, target, truth, rule, p in _rank_preds(w, fold):
                 if p is None:
@@ -454,7 +459,11 @@ def rank_winner(rows: pd.DataFrame) -> str:
     return winner(rows, [r for r in RANK_RULES if r in set(rows["rule"])], RANK_RULES.index)
 
 
-def constants(workloads: list[Workload], full_rule: str | None = None) -> dict:
+RANK_BASIS = {"line": "shrunk-slope", "line-measured": "measured-slope", "muA-pooled": "muA-slope"}  # mua's names
+RULE_OF_BASIS = {v: k for k, v in RANK_BASIS.items()}
+
+
+def constants(workloads: list[Workload], full_rule: str | None = None, rank_rule: str | None = None) -> dict:
     """The values of mua_cli/science/calibration.py that these workloads support, for the chosen full-ft rule."""
     anchor, kind = (full_rule or f"{cal.FULL_ANCHOR} ÷ const").split(" ÷ ")
     fold = Fold.of(workloads)
@@ -472,6 +481,10 @@ def constants(workloads: list[Workload], full_rule: str | None = None) -> dict:
         "B1_OVER_FULL_N": len(ys),
         "B1_OVER_FULL_FAMILIES": len(set(fams)),
         "RANK_CURVATURE": fold.curv,
+        "RANK_BASIS": RANK_BASIS.get(rank_rule or RULE_OF_BASIS[cal.RANK_BASIS], rank_rule),
+        "RANK_EXTRA_SD": {
+            RANK_BASIS[r]: round(math.sqrt(v), 3) for r, v in rank_excess(fold).items() if r in RANK_BASIS
+        },
     }
 
 
@@ -641,7 +654,7 @@ def main() -> None:
     scored = score(workloads)
     full, rank = scored["full"], scored["rank"]
     fw, rw = full_winner(full), rank_winner(rank)
-    consts = constants(workloads, fw)
+    consts = constants(workloads, fw, rw)
     fams = sorted({w.family for w in workloads})
     shown = [fw, "line16 ÷ const", "cell16 ÷ const", "pooled ÷ const", "muA-B:1 (ratio 1)",
              "calibrated (older --calibrate)", "proxy-direct", "proxy-scaled"]  # fmt: skip

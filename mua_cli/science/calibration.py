@@ -38,3 +38,7 @@ RANK_CURVATURE: dict[str, tuple[float, float]] = {
     "B:sqrt": (-0.0462, 0.0094),
     "B:1": (-0.046, 0.0154),
 }
+# `--to RANK` without that rank measured: the rule the study chose (transfer.RANK_BASES), and per rule the log2
+# spread its own standard error missed on the study's workloads (added to the interval in quadrature).
+RANK_BASIS = "shrunk-slope"
+RANK_EXTRA_SD: dict[str, float] = {"shrunk-slope": 0.0, "measured-slope": 0.0, "muA-slope": 0.0}

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import MuaError
+from . import calibration as cal
 from .fit import FitResult, RegimeFit, fit_regime
 from .rank_optima import Z95, jsonable
 from .theory import get_regime, lr_label
@@ -160,7 +161,16 @@ def _rank_line(rf: RegimeFit, rank: int, basis: str) -> tuple[float, float, str]
         )
     if basis != "muA-slope" and rf.curvature:
         reason += f"; the line bends by the study's curvature for {rf.regime}, {curvature_text(rf)}"
+    extra = cal.RANK_EXTRA_SD.get(basis, 0.0)
+    if extra:  # what the rule's own SE missed on the study's workloads (docs/validation.md)
+        se = math.hypot(se, extra)
+        reason += f"; the interval adds the study's extra spread for this rule, SD {extra:g} (log2)"
     return centre, se, reason
+
+
+def default_basis(rf: RegimeFit) -> str:
+    """The study's rule for a rank (calibration.RANK_BASIS); the shrunk slope where one rank gives no slope."""
+    return "shrunk-slope" if cal.RANK_BASIS == "measured-slope" and len(rf.ranks_used) < 2 else cal.RANK_BASIS
 
 
 def used_slope_interval(rf: RegimeFit) -> tuple[float, float]:
@@ -200,14 +210,15 @@ def predict_rank(fit: FitResult, regime: str, rank: int, basis: str = "auto") ->
         reason = f"this run swept {reg.name} at rank {rank}: its measured η* (measured beats predicted)"
         others = [r for r in rf.ranks_used if r != rank]
         if others:
-            pr = _rank_line(_without(rf, rank, fit), rank, "shrunk-slope")
+            rest = _without(rf, rank, fit)
+            pr = _rank_line(rest, rank, default_basis(rest))
             evidence["predicted_without_this_rank"] = {
                 "lr": 2.0 ** pr[0],
                 "ratio_measured_to_predicted": measured.lr_star / 2.0 ** pr[0],
-                "basis": "shrunk-slope",
+                "basis": default_basis(rest),
             }
     else:
-        chosen = "shrunk-slope" if basis in ("auto", "predict") else basis
+        chosen = default_basis(rf) if basis in ("auto", "predict") else basis
         centre, se, reason = _rank_line(rf, rank, chosen)
         lr, lo, hi = lr_interval(centre, se)
         if measured is not None:
