@@ -175,9 +175,14 @@ def test_json_schema_and_settings():
     s = d["settings"]
     assert (s["lora_alpha"], s["use_rslora"], s["rank"]) == (1024.0, False, 1024)
     assert s["steps"] == 100 and s["batch_size"] == 8 and "AdamW" in s["optimizer"] and s["schedule"]
-    assert "LoraConfig(r=1024, lora_alpha=1024, use_rslora=False)" in d["peft"]
+    # the whole LoraConfig the sweep trained with, targets included, and the init that goes with it
+    assert (
+        "LoraConfig(r=1024, lora_alpha=1024, use_rslora=False, target_modules='all-linear', lora_dropout=0" in d["peft"]
+    )
+    assert d["lora_config"] == {"r": 1024, "lora_alpha": 1024, "use_rslora": False, "target_modules": "all-linear",
+                                "lora_dropout": 0.0, "bias": "none"}  # fmt: skip
     b = predict_rank(fit, "B:1", 64).to_dict()
-    assert "zero every lora_A" in b["peft"] and "lora_B ~ N(0, 1/r)" in b["peft"]
+    assert "apply_regime(model, 'B:1')" in b["peft"] and "A = 0, B ~ N(0, 1/r)" in b["peft"]
     f = json.loads(json.dumps(predict_full(fit).to_dict(), allow_nan=False))
     assert KEYS <= set(f) and f["target"] == "full-ft" and f["settings"]["method"] == "full finetuning"
     assert f["basis"] == "measured" and f["evidence"]["b1_over_full"] > 0
