@@ -73,7 +73,7 @@ class Workload:
     @property
     def depth(self) -> int:
         mc = self.recipe.get("model_config") or {}
-        return int(self.meta.get("depth") or mc.get("num_hidden_layers") or DEPTHS.get(self.name) or 0)
+        return int(self.meta.get("layers") or mc.get("num_hidden_layers") or DEPTHS.get(self.name) or 0)
 
     @property
     def task(self) -> str:
@@ -104,14 +104,16 @@ def load(folder: Path) -> Workload:
 
 
 def load_all(res: Path = RESULTS) -> list[Workload]:
-    """Every workload of the study, each with its proxy run's fit where one was measured."""
+    """Every workload of the study, each with the fit of its proxy run (RESULTS/proxy/NAME, meta `proxy_of`:
+    full finetuning at a quarter of the steps) where one was measured."""
     folders = sorted(p for p in res.iterdir() if (p / "trials.csv").is_file()) if res.is_dir() else []
-    metas = {p: json.loads((p / "meta.json").read_text()) for p in folders}
-    out = {p.name: load(p) for p in folders if not metas[p].get("proxy_for")}
-    for p in folders:
-        target = metas[p].get("proxy_for")
+    out = {p.name: load(p) for p in folders}
+    proxies = sorted(p for p in (res / "proxy").glob("*") if (p / "trials.csv").is_file())
+    for p in proxies:
+        meta, _, df = _read(p)
+        target = meta.get("proxy_of") or meta.get("proxy_for")
         if target in out:
-            out[target].proxy = fit_run(_read(p)[2])
+            out[target].proxy = fit_run(df)
     return list(out.values())
 
 
