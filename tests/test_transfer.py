@@ -39,9 +39,9 @@ def test_measured_rank_beats_predicted_and_carries_the_prediction_as_evidence():
     assert p.basis == "measured" and "measured beats predicted" in p.reason
     assert inside(p, truth(LOG2C, -0.3, 256))
     ev = p.evidence["predicted_without_this_rank"]
-    assert ev["basis"] == "shrunk-slope" and ev["ratio_measured_to_predicted"] == pytest.approx(1, abs=0.35)
+    assert ev["basis"] == cal.RANK_BASIS and ev["ratio_measured_to_predicted"] == pytest.approx(1, abs=0.35)
     forced = predict_rank(fit, "B:1", 256, basis="predict")
-    assert forced.basis == "shrunk-slope" and forced.evidence["measured_lr"] == pytest.approx(p.lr)
+    assert forced.basis == cal.RANK_BASIS and forced.evidence["measured_lr"] == pytest.approx(p.lr)
 
 
 def test_rank_256_from_ranks_4_to_64_lands_in_its_interval_in_40_repeats():
@@ -50,7 +50,7 @@ def test_rank_256_from_ranks_4_to_64_lands_in_its_interval_in_40_repeats():
     for rng in range(40):
         df = trials({"B:1": -0.3}, ranks=(4, 16, 64), noise=0.01, asym=2.5, seed_shift=0.01, jitter=0.1, rng=rng)
         p = predict_rank(fit_run(df), "B:1", 256)
-        assert p.basis == "shrunk-slope" and any("extrapolates" in n for n in p.notes)
+        assert p.basis == cal.RANK_BASIS and any("extrapolates" in n for n in p.notes)
         true = truth(LOG2C, -0.3, 256) + 0.0  # the jitter of a held-out rank is part of what is predicted
         hits += inside(p, true)
         errors.append(abs(math.log2(p.lr) - true))
@@ -64,11 +64,13 @@ def test_shrinkage_beats_mua_slope_when_the_slope_is_not_mua():
     # η* ∝ r^-0.5 labelled B:1 (μA: 0): μA's slope would mispredict rank 4096 by 2^-5
     fit = fit_run(trials({"B:1": -0.5}, ranks=(4, 16, 64, 256), seeds=(0, 1), noise=0.005, rng=2))
     true = truth(LOG2C, -0.5, 4096)
-    shrunk, mua = predict_rank(fit, "B:1", 4096), predict_rank(fit, "B:1", 4096, basis="muA-slope")
+    shrunk = predict_rank(fit, "B:1", 4096, basis="shrunk-slope")
+    mua = predict_rank(fit, "B:1", 4096, basis="muA-slope")
     assert inside(shrunk, true) and not inside(mua, true)
     assert abs(math.log2(shrunk.lr) - true) < 0.5
-    assert "weighed by precision" in shrunk.reason and "labelled" in mua.reason
-    assert half_width(predict_rank(fit, "B:1", 512, basis="predict")) < half_width(shrunk)  # farther, wider
+    assert "shrunk toward μA's" in shrunk.reason and "labelled" in mua.reason
+    nearer = predict_rank(fit, "B:1", 512, basis="shrunk-slope")
+    assert half_width(nearer) < half_width(shrunk)  # farther, wider
 
 
 def test_one_usable_rank_predicts_on_mua_slope_with_the_study_spread():
@@ -169,7 +171,7 @@ def test_json_schema_and_settings():
     p = predict_rank(fit, "A:1", 1024)
     d = json.loads(json.dumps(p.to_dict(), allow_nan=False))
     assert KEYS <= set(d) and d["caveat"] == CAVEAT
-    assert d["target"] == 1024 and d["basis"] == "shrunk-slope"
+    assert d["target"] == 1024 and d["basis"] == cal.RANK_BASIS
     lo, hi = d["interval"]
     assert lo < d["lr"] < hi
     s = d["settings"]

@@ -32,13 +32,13 @@ CALIBRATE_SD = 0.3
 # Init[B] optima fall faster at high rank than a power law through ranks 4–64 says; Init[A] ones barely bend.
 RANK_CURVATURE: dict[str, tuple[float, float]] = {
     "A:r": (0.0062, 0.0314),
+    "B:1": (-0.046, 0.0154),
     "A:sqrt": (-0.0171, 0.024),
     "A:1": (-0.0018, 0.0156),
     "B:r": (-0.0295, 0.02),
     "B:sqrt": (-0.0462, 0.0094),
-    "B:1": (-0.046, 0.0154),
 }
 # `--to RANK` without that rank measured: the rule the study chose (transfer.RANK_BASES), and per rule the log2
 # spread its own standard error missed on the study's workloads (added to the interval in quadrature).
-RANK_BASIS = "shrunk-slope"
-RANK_EXTRA_SD: dict[str, float] = {"shrunk-slope": 0.0, "measured-slope": 0.0, "muA-slope": 0.0}
+RANK_BASIS = "measured-slope"
+RANK_EXTRA_SD: dict[str, float] = {"shrunk-slope": 0.0, "measured-slope": 0.0, "muA-slope": 1.015}
