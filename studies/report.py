@@ -633,7 +633,7 @@ def plots(workloads: list[Workload], scored: dict, out: Path) -> list[Path]:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
         ax.set_xlabel("measured full-FT η*")
-        ax.set_ylabel("predicted (leave-one-workload-out)")
+        ax.set_ylabel("predicted (leave one family out)")
         ax.legend(fontsize=7)
         fig.tight_layout()
         p = out / "validation_full_ft.png"
