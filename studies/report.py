@@ -255,7 +255,7 @@ def fit_ratio(kind: str, ys: np.ndarray, X: np.ndarray, fams: list[str], names: 
             return RatioRule(kind, np.array([c]), [], math.nan, 0, np.array([[1.0]]))
         s = float(np.sqrt(((ys - c) ** 2).sum() / (k - 1)))
         return RatioRule(kind, np.array([c]), [], s, k - 1, np.array([[1 / k]]))
-    want = [i for i, n in enumerate(names) if kind == "all" or n == kind]
+    want = [i for i, n in enumerate(names) if kind == "all" or n.split("=")[0] == kind]
     cols = [i for i in want if np.ptp(X[:, i]) > 1e-9]  # constant over training: no information
     if not cols:
         return fit_ratio("const", ys, X, fams, names) if kind != "const" else None
@@ -310,7 +310,7 @@ def _ratio_table(ws: list[Workload], fold: Fold, anchor: str, tasks: list[str]):
 
 
 def feature_names(tasks: list[str]) -> list[str]:
-    return ["slope", "width", "depth", "steps"] + ["task"] * (len(tasks) - 1)
+    return ["slope", "width", "depth", "steps"] + [f"task={t}" for t in tasks[1:]]
 
 
 def score_full(workloads: list[Workload]) -> pd.DataFrame:
@@ -465,23 +465,42 @@ RANK_BASIS = {"line": "shrunk-slope", "line-measured": "measured-slope", "muA-po
 RULE_OF_BASIS = {v: k for k, v in RANK_BASIS.items()}
 
 
+SHIPPABLE = ("slope", "steps", "task=")  # features a run records (width and depth it does not)
+
+
+def ratio_model(rule: RatioRule, names: list[str]) -> dict | None:
+    """calibration.B1_OVER_FULL_MODEL for a fitted ratio model; None for the constant."""
+    if rule.kind == "const" or rule.coef is None or rule.cov is None or rule.cov.shape[0] == 1:
+        return None
+    cols = [names[i] for i in rule.cols]
+    r = lambda a: None if a is None else np.round(np.asarray(a, float), 5).tolist()  # noqa: E731
+    return {"kind": rule.kind, "columns": cols, "coef": r(rule.coef), "cov": r(rule.cov), "s": round(rule.s, 4),
+            "dof": round(float(rule.dof), 3), "mean": r(rule.mean), "sd": r(rule.sd)}  # fmt: skip
+
+
 def constants(workloads: list[Workload], full_rule: str | None = None, rank_rule: str | None = None) -> dict:
-    """The values of mua_cli/science/calibration.py that these workloads support, for the chosen full-ft rule."""
+    """The values of mua_cli/science/calibration.py that these workloads support, for the chosen rules.
+
+    A ratio model that needs a feature a run does not record (width, depth) cannot ship: then the constant
+    ratio on the same anchor ships, and `shipped` says so."""
     anchor, kind = (full_rule or f"{cal.FULL_ANCHOR} ÷ const").split(" ÷ ")
     fold = Fold.of(workloads)
     tasks = sorted({w.task for w in workloads})
+    names = feature_names(tasks)
     ys, X, fams = _ratio_table(workloads, fold, anchor, tasks)
-    rule = fit_ratio("const", ys, X, fams, feature_names(tasks))
-    if kind != "const":
-        raise SystemExit(f"the chosen rule {full_rule} is not a constant ratio: calibration.py needs its model")
+    const = fit_ratio("const", ys, X, fams, names)
+    model = ratio_model(fit_ratio(kind, ys, X, fams, names), names) if kind != "const" else None
+    if model and not all(c.startswith(SHIPPABLE) for c in model["columns"]):
+        model = None
     return {
         "SLOPE_PRIOR_SD": round(fold.prior, 3),
         "RANK_SCATTER_FLOOR": round(max(rank_scatter(workloads), 0.05), 3),
         "FULL_ANCHOR": anchor,
-        "B1_OVER_FULL_LOG2": round(float(rule.coef[0]), 3),
-        "B1_OVER_FULL_SD": round(rule.s, 3),
+        "B1_OVER_FULL_LOG2": round(float(const.coef[0]), 3),
+        "B1_OVER_FULL_SD": round(const.s, 3),
         "B1_OVER_FULL_N": len(ys),
         "B1_OVER_FULL_FAMILIES": len(set(fams)),
+        "B1_OVER_FULL_MODEL": model,
         "RANK_CURVATURE": fold.curv,
         "RANK_BASIS": RANK_BASIS.get(rank_rule or RULE_OF_BASIS[cal.RANK_BASIS], rank_rule),
         "RANK_EXTRA_SD": {
@@ -643,6 +662,16 @@ def plots(workloads: list[Workload], scored: dict, out: Path) -> list[Path]:
     return paths
 
 
+def shipped_note(winner: str, consts: dict) -> str:
+    kind = winner.split(" ÷ ")[1]
+    if kind == "const" or consts["B1_OVER_FULL_MODEL"]:
+        return ""
+    return (
+        f" mua ships `{consts['FULL_ANCHOR']} ÷ const` instead: the winner's model needs a feature a run does not "
+        f"record (width, depth)."
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "docs", help="where the tables (validation_tables.md) go")
@@ -672,7 +701,8 @@ def main() -> None:
         "```\n" + "\n".join(f"{k} = {v}" for k, v in consts.items()) + "\n```\n",
         "## `--to full-ft`, leave one family out (B:1 ranks ≤ 64 → measured full-ft η*)\n\n",
         f"Winner by the pre-registered order (within √2, then covered, then median width, then simpler): "
-        f"**{fw}**. Every candidate, best first (a candidate without an interval counts as not covered):\n\n",
+        f"**{fw}**.{shipped_note(fw, consts)} Every candidate, best first (a candidate without an interval counts as "
+        f"not covered):\n\n",
         md(summary(full)),
         "\nThe winner by held-out family:\n\n",
         md(summary(full[full["rule"] == fw], by="family")),

@@ -240,3 +240,20 @@ def test_study_curvature_carries_a_bending_optimum_to_rank_256(monkeypatch):
     bent = predict_rank(fit_run(src), "B:1", 256)
     assert abs(math.log2(bent.lr) - true) < 0.15 < abs(math.log2(flat.lr) - true)
     assert inside(bent, true) and not inside(flat, true)
+
+
+def test_full_ft_with_a_ratio_model_reads_the_runs_slope(monkeypatch):
+    """Where the study chose a model of the ratio in the run's features, the ratio follows the run's B:1 slope."""
+    model = {"kind": "slope", "columns": ["slope"], "coef": [1.5, -1.0], "cov": [[0.1, 0.0], [0.0, 0.5]],
+             "s": 0.2, "dof": 10.0, "mean": None, "sd": None}  # fmt: skip
+    monkeypatch.setattr(cal, "B1_OVER_FULL_MODEL", model)
+    fit = fit_run(trials({"B:1": -0.3}, ranks=(4, 16, 64), seeds=(0, 1), noise=0.005))
+    p = predict_full(fit, basis="predict")
+    slope = fit.regimes["B:1"].slope
+    log2_ratio = 1.5 - 1.0 * slope
+    assert p.evidence["b1_over_full"] == pytest.approx(2**log2_ratio)
+    assert p.lr == pytest.approx(p.evidence["b1_lr"] / 2**log2_ratio)
+    assert f"B:1's measured slope {slope:+.3f}" in p.reason
+    v = np.array([1.0, slope])
+    se_ratio = 0.2 * math.sqrt(1 + v @ np.array(model["cov"]) @ v)
+    assert half_width(p) > 2.2 * se_ratio  # t(10) quantile, wider than the normal's

@@ -25,6 +25,10 @@ B1_OVER_FULL_LOG2 = 1.724
 B1_OVER_FULL_SD = 0.147
 B1_OVER_FULL_N = 6
 B1_OVER_FULL_FAMILIES = 2
+# Where the study chose a model of the ratio in a run's features over the constant: its columns (the study's
+# feature names), coefficients (intercept first), the matrix for a new run's leverage, its residual SD and
+# degrees of freedom, and for a ridge model the features' standardization. None: the constant above.
+B1_OVER_FULL_MODEL: dict | None = None
 # Extra spread (log2) when an offset measured on a proxy run (`--calibrate`) is carried to the target run:
 # the study's two proxy pairs (fewer steps; half the width) carried theirs within 0.15; this is kept wider.
 CALIBRATE_SD = 0.3
