@@ -122,17 +122,23 @@ def _regime_fit(fit: FitResult, regime: str) -> RegimeFit:
     return rf
 
 
-def _rank_evidence(rf: RegimeFit) -> dict:
+def _rank_evidence(rf: RegimeFit, fit: FitResult) -> dict:
+    """The fit behind a rank prediction, under the names of `mua fit`'s slope table (intervals 95 %)."""
+    used = rf.shrunk_slope is not None and rf.slope is not None
+    cells = {o.rank: o for o in fit.optima_for(rf.regime) if o.usable}
     return {
         "slope": rf.slope,
         "slope_interval": rf.slope_interval,
         "expected_slope": rf.expected_slope,
-        "shrunk_slope": rf.shrunk_slope,
+        "curvature": rf.curvature,
+        "curvature_sd": rf.curvature_sd,
+        "slope_after_curvature": rf.line_slope,
+        "used_slope": rf.shrunk_slope,
+        "used_slope_interval": list(used_slope_interval(rf)) if used else None,
         "data_weight": rf.data_weight,
         "verdict": rf.verdict,
         "per_rank": [
-            {"rank": r, "lr": 2.0**y, "se_log2": s}
-            for r, y, s in zip(rf.ranks_used, rf.log2_lr_stars, rf.se_log2s, strict=True)
+            {"rank": r, "lr": cells[r].lr_star, "interval": [cells[r].lo, cells[r].hi]} for r in rf.ranks_used
         ],
     }
 
@@ -203,7 +209,7 @@ def predict_rank(fit: FitResult, regime: str, rank: int, basis: str = "auto") ->
     check_basis(basis, RANK_BASES, "a rank target")
     measured = next((o for o in fit.optima_for(reg.name) if o.rank == rank and o.usable), None)
     notes: list[str] = []
-    evidence = _rank_evidence(rf)
+    evidence = _rank_evidence(rf, fit)
     if basis == "measured" and measured is None:
         raise MuaError(f"this run measured no interior optimum for {reg.name} at rank {rank}")
     if measured is not None and basis in ("auto", "measured"):
