@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..errors import MuaError
 from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
-from .sizing import Execution, keep_freed_memory, slots_per_gpu, trials_per_pass, units
+from .sizing import Execution, keep_freed_memory, rides, slots_per_gpu, trials_per_pass, units
 from .trainer import Trainer
 
 LOSS_EVERY = 10  # steps between a running trial's losses sent to the main thread (Listener.loss)
@@ -142,6 +142,7 @@ class Pool:
         self.trainers = [first]  # in the order built, closed in reverse: fused.py's process-wide patches nest
         self._shown = set(first.notes)  # what loading the workload said, said once
         self.k = trials_per_pass(ex, recipe, first.n_params)
+        self.rides = rides(self.k, first.n_params)
         self.n_slots = len(slots) + len(procs)
         self.units_out = 0  # units queued or running
         self.left: dict[int, int] = {}  # unit id → its trials not yet back
@@ -187,12 +188,13 @@ class Pool:
     def submit(self, specs: list[TrialSpec], spare: list[TrialSpec] = ()) -> list[list[TrialSpec]]:
         """Queues `specs` as units, at once: the slots take them as they free up. Where slots would idle, no fewer
         units than idle slots; else units as large as a pass allows. `spare`: trials that may ride along in a
-        unit with room (sizing.units); their results come back like any other. Returns the units queued."""
+        unit with room, up to a full pass, where the model is small (sizing.rides); their results come back like
+        any other. Returns the units queued."""
         if not specs:
             return []
         idle = max(1, self.n_slots - self.units_out)
         k = min(self.k, max(1, math.ceil(len(specs) / idle)))
-        queued = units(specs, self.recipe, k, spare)
+        queued = units(specs, self.recipe, k, spare if self.rides else (), room=self.k)
         for unit in queued:
             uid = self._ids = self._ids + 1
             self.left[uid] = len(unit)
