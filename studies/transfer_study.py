@@ -460,10 +460,8 @@ def devices() -> list[str]:
 
 
 def run_workload(w: dict, args) -> float:
+    from mua_cli.api import Execution, resolve_device, run_sweep
     from mua_cli.spec.recipe import recipe_from_dict
-    from mua_cli.sweep.execute import Execution
-    from mua_cli.sweep.run import run_sweep
-    from mua_cli.sweep.runner import resolve_device
     from mua_cli.train.models import quiet_transformers
 
     quiet_transformers()  # no progress bars in a log that is read afterwards

@@ -144,6 +144,7 @@ def read_only(monkeypatch):
     connection, and opening a file under the folder for writing, renaming or removing one fails with EROFS."""
     folders: list[Path] = []
     real_open, real_io_open, real_replace, real_unlink = builtins.open, io.open, os.replace, os.unlink
+    real_os_open = os.open
 
     def inside(path) -> bool:
         try:
@@ -166,8 +167,14 @@ def read_only(monkeypatch):
     def no_query_writes(dbapi_connection, _record):
         dbapi_connection.execute("PRAGMA query_only = ON")
 
+    def os_open(path, flags, *args, **kwargs):  # tempfile.mkstemp's way in (mua_cli/atomic.py)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and inside(path):
+            refuse(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
     monkeypatch.setattr(builtins, "open", guarded(real_open))
     monkeypatch.setattr(io, "open", guarded(real_io_open))
+    monkeypatch.setattr(os, "open", os_open)
     monkeypatch.setattr(os, "replace", lambda a, b, **k: refuse(b) if inside(a) or inside(b) else real_replace(a, b))
     monkeypatch.setattr(os, "unlink", lambda p, **k: refuse(p) if inside(p) else real_unlink(p, **k))
     event.listen(Engine, "connect", no_query_writes)
@@ -205,7 +212,7 @@ def test_transfer_reads_a_read_only_run_with_its_fit_cached(swept, run_copy, rea
 def test_the_store_is_opened_read_only_where_only_read(run_copy):
     """Not by permissions (root ignores them) but by SQLite's mode=ro: a write on the reading store fails."""
     before = snapshot(run_copy)
-    store = TrialStore(run_copy, create=False)
+    store = TrialStore.open(run_copy)
     assert store.trials() and store.info()["max_lora_rank"] == 32
     with pytest.raises(Exception) as failed:
         store.study.set_user_attr("x", 1)
@@ -257,7 +264,7 @@ def small_recipe(micro_recipe_path, tmp_path):
 
 
 def _stored(run: Path) -> dict[str, float]:
-    return {t.user_attrs["key"]: t.user_attrs["metric"] for t in TrialStore(run, create=False).trials()}
+    return {t.user_attrs["key"]: t.user_attrs["metric"] for t in TrialStore.open(run).trials()}
 
 
 def test_a_disk_that_fills_mid_sweep_is_one_line_and_the_rerun_resumes(small_recipe, tmp_path, monkeypatch):
@@ -321,14 +328,14 @@ def test_a_disk_full_while_the_store_is_created_leaves_nothing(small_recipe, tmp
 
 def test_a_disk_full_while_pinning_the_recipe_is_one_line(small_recipe, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    real_open = io.open
+    real_open = os.open
 
-    def no_space(file, mode="r", *args, **kwargs):
-        if "w" in mode and str(file).endswith("recipe.yaml.tmp"):
+    def no_space(file, flags, *args, **kwargs):  # the temporary file recipe.yaml is written through
+        if flags & os.O_CREAT and Path(file).name.startswith(".recipe.yaml."):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
-        return real_open(file, mode, *args, **kwargs)
+        return real_open(file, flags, *args, **kwargs)
 
-    monkeypatch.setattr(io, "open", no_space)
+    monkeypatch.setattr(os, "open", no_space)
     res = mua("sweep", "--recipe", small_recipe, *SMALL, "--out", run)
     one_line_error(res, f"cannot write {run / 'recipe.yaml'}", "No space left on device")
     assert not run.exists()
@@ -337,14 +344,14 @@ def test_a_disk_full_while_pinning_the_recipe_is_one_line(small_recipe, tmp_path
 def test_fit_on_a_full_disk_answers_and_keeps_the_old_fit(run_copy, monkeypatch):
     assert mua("fit", run_copy).exit_code == 0
     old = (run_copy / "fit.json").read_bytes(), (run_copy / "fit.png").read_bytes()
-    real_open = io.open
+    real_open = os.open
 
-    def no_space(file, mode="r", *args, **kwargs):
-        if "w" in mode and Path(str(file)).parent == run_copy:
+    def no_space(file, flags, *args, **kwargs):
+        if flags & os.O_CREAT and Path(file).parent == run_copy:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
-        return real_open(file, mode, *args, **kwargs)
+        return real_open(file, flags, *args, **kwargs)
 
-    monkeypatch.setattr(io, "open", no_space)
+    monkeypatch.setattr(os, "open", no_space)
     res = mua("fit", run_copy)
     assert res.exit_code == 0 and "No space left on device" in res.output, res.output
     assert ((run_copy / "fit.json").read_bytes(), (run_copy / "fit.png").read_bytes()) == old
@@ -381,7 +388,7 @@ def test_a_sweep_rank_above_the_layers_fails_before_any_trial(swept, tmp_path, m
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded to run trials")
 
-    monkeypatch.setattr("mua_cli.sweep.run.executor", no_model)
+    monkeypatch.setattr("mua_cli.sweep.slots.start", no_model)
     run = tmp_path / "run"
     res = mua("sweep", "--recipe", swept.recipe, "--ranks", "2,64", "--out", run, "--device", "cpu")
     one_line_error(res, "rank 64 is larger than the model's adapted layers allow: at most 32", "lower --ranks")
