@@ -660,8 +660,8 @@ def markdown(reports: list[dict]) -> str:
                         if r.get("bf16_matmul_8192_tflops") else ""))  # fmt: skip
     if rows := latest(reports, "races"):
         lines += ["", "| workload | params | trials × steps | mua sweep s | plain s | trials/h mua / plain | ratio | "
-                  "mua answer s (fit + transfer) | plain answer s | ratio | start-up s | device busy | failed | best LR "
-                  "±1 step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "mua answer s (fit + transfer) | plain answer s | ratio | start-up s | device busy | failed | "
+                  "best LR ±1 step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in rows:
             busy = ", ".join(f"{v['busy_share']:.0%}" for v in r["timeline"].get("devices", {}).values()
                              if v.get("busy_share") is not None)  # fmt: skip
