@@ -207,11 +207,12 @@ def start_costs(pretrain_too: bool) -> dict:
 def worker_starts(repeats: int) -> dict:
     """Seconds from a CPU worker process's start to its model loaded (pool.slot_process's "ready"), alternately
     spawned (a fresh interpreter importing torch, transformers and peft) and forked by the forkserver that `mua
-    sweep` starts at its beginning (pool.process_context), the server's own start not counted."""
+    sweep` starts at its beginning (forkserver.process_context), the server's own start not counted."""
     import torch.multiprocessing as mp
 
     from mua_cli.spec.recipe import load_recipe
-    from mua_cli.sweep.pool import process_context, slot_process, start_process_server
+    from mua_cli.sweep.forkserver import process_context, start_process_server
+    from mua_cli.sweep.pool import slot_process
 
     recipe = load_recipe("tiny")
 

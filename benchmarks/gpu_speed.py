@@ -618,7 +618,7 @@ def legacy_table(reports: list[dict]) -> str:
             f"{r['plain_peak_gib']} / {r['mua_peak_gib']} | {floor} |"
         )
     if rows := latest(reports, "scaling"):
-        lines += ["", "mua's sweep on one GPU and on all of them (`--scaling`; see the pool in sweep/pool.py):", "",
+        lines += ["", "mua's sweep on one GPU and on all of them (`--scaling`; see sweep/slots.py and pool.py):", "",
                   "| workload | trials × steps | GPUs | one GPU s (startup) | all GPUs s (startup) | scaling | "
                   "after startup | same best LRs |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {r['workload']} | {r['trials']} × {r['steps']} | {r['gpus']} | {r['one_gpu_s']} "
