@@ -701,6 +701,7 @@ def summary(doc: dict) -> str:
         out.append(table(doc["mfu"], ["workload", "plain_step_ms", "mua_step_ms", "mua_mfu_datasheet", "speedup"]))
     for r in doc.get("scaling", []):
         out.append(table(r["runs"], ["gpus", "trials", "sweep_s", "x_one_gpu", "answer_s", "same_best_lrs"]))
+    out += [f"{e['workload']}: {e['error']}" for e in doc.get("errors", [])]
     return "\n\n".join(out)
 
 
