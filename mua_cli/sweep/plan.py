@@ -190,7 +190,7 @@ def meta(recipe: Recipe, spec: TrialSpec) -> dict:
     }
 
 
-def stored_trial(t: optuna.trial.FrozenTrial) -> tuple[TrialSpec, TrialResult]:
+def stored_trial(t) -> tuple[TrialSpec, TrialResult]:
     """A stored trial as the planner reads it: its spec and the result's status and metric."""
     a, p = t.user_attrs, t.params
     spec = TrialSpec(p["regime"], int(p["rank"]), float(p["lr"]), int(p["seed"]), a["key"])
