@@ -14,7 +14,7 @@ from rich.text import Text
 
 from .. import quiet_libraries  # noqa: F401 — before any library prints
 from ..errors import MuaError
-from .console import OneLineErrors, note, user_errors
+from .console import OneLineErrors, note, stdout_console, user_errors, whole
 from .recipe_flags import recipe_flags
 
 app = typer.Typer(
@@ -34,6 +34,7 @@ Examples:
   mua transfer runs/tiny-1a2b3c4d --to 256 --json
 """,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     add_completion=False,
     cls=OneLineErrors,
@@ -41,8 +42,25 @@ Examples:
 RUNS_DIR = Path("runs")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"mua {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_version, help="Print mua's version and exit.")
+    ] = False,
+):
+    pass
+
+
 def consoles(quiet: bool = False) -> tuple[Console, Console]:
-    return Console(quiet=quiet), Console(stderr=True)
+    return stdout_console(quiet), Console(stderr=True)
 
 
 def latest_run() -> Path:
@@ -70,6 +88,18 @@ def run_folder(run: Path | None, storage: str | None = None, study: str | None =
     if not run.is_dir():
         raise MuaError(f"run folder {run} does not exist")
     return run
+
+
+def name_run(run: Path | None, run_dir: Path, stderr: bool, shared: bool = False) -> None:
+    """Says which run folder a command with no RUN read (the newest under runs/): on stdout with the tables, on
+    stderr when stdout is for machines (--json, --quiet). `shared`: a study was named, which is answer enough."""
+    if run is not None or shared:
+        return
+    line = f"run folder {run_dir} (the newest under {RUNS_DIR}/ with trials; name a RUN to read another)"
+    if stderr:
+        note(line)
+    else:
+        stdout_console().print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def gpu_device_files() -> bool:
@@ -106,7 +136,15 @@ def sweep(
         bool,
         typer.Option("--retry-failed/--no-retry-failed", help="Run failed trials (errors, not divergences) again."),
     ] = True,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress and no table: the run folder alone, on stdout.")
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Check everything and print the plan (trials, memory, time); run and write nothing."
+        ),
+    ] = False,
     overrides: dict | None = None,
 ):
     """Run LoRA learning-rate sweeps at several ranks and store every trial.
@@ -124,6 +162,8 @@ def sweep(
       mua sweep --storage postgresql://mua@db/mua --study big --device cuda:0   (then `mua worker` anywhere)
     """
     with user_errors():
+        if dry_run:
+            return dry_run_plan(recipe, out, device, overrides, storage, study, quiet)
         if device == "cpu" or (device == "auto" and not gpu_device_files()):
             from ..sweep.pool import start_worker_server
 
@@ -139,9 +179,11 @@ def sweep(
         dev = resolve_device(device)
         run_dir = out or RUNS_DIR / f"{r.name}-{r.fingerprint()[:8]}"
         console, _ = consoles(quiet)
+        from ..sweep.preview import expected_trials
         from .progress import RichListener
 
         listener = RichListener(console, live=not quiet and console.is_terminal, notes=not quiet)
+        listener.expect(expected_trials(r))  # the ETA's total, until the sweep gives its own estimate
         listener.note(f"run folder {run_dir} · device {dev} · {r.settings_text()}")
         try:
             with listener:
@@ -155,12 +197,46 @@ def sweep(
             raise typer.Exit(130) from None
         for line in summary.at_edge:
             console.print(Text("!", style="yellow"), Text(f"{line}: widen --lrs or raise max_extend"))
-        console.print(sweep_table(load_trials(run_dir, storage, study)))
+        console.print(whole(sweep_table(load_trials(run_dir, storage, study))))
         retried = f" ({summary.retried} of them failed before)" if summary.retried else ""
         console.print(
             f"ran {summary.ran} trial(s){retried}, skipped {summary.skipped} already stored · next: mua fit {run_dir}",
             markup=False,
         )
+        if quiet:  # RUN=$(mua sweep --quiet): the run folder, alone on stdout
+            typer.echo(str(run_dir))
+
+
+def dry_run_plan(recipe, out, device, overrides, storage, study, quiet) -> None:
+    """`mua sweep --dry-run`: the checks and the plan, printed; nothing run or written."""
+    from ..spec import data_identity
+    from ..spec.recipe import load_recipe
+    from ..sweep.preview import preview
+    from ..sweep.runner import resolve_device
+
+    with data_identity.no_cache_writes():
+        r = load_recipe(recipe, **(overrides or {}))
+        dev = resolve_device(device)
+        run_dir = out or RUNS_DIR / f"{r.name}-{r.fingerprint()[:8]}"
+        p = preview(r, run_dir, dev, storage=storage, study=study)
+    console = stdout_console(quiet)
+    for line in p.checks:
+        console.print(f"ok  {line}", markup=False, highlight=False)
+    limit = f", ranks up to {p.max_lora_rank}" if p.max_lora_rank else ""
+    lines = [
+        f"run folder {p.run_dir} · device {p.device} · {r.settings_text()}",
+        f"model: {p.n_params:,} parameters{limit}",
+        f"first round: {p.first_round} trial(s) over {p.groups} (regime, rank) group(s)"
+        + (f", {p.stored} already stored" if p.stored else ""),
+        f"expected in all: about {p.expected} trial(s) (the grid's LRs the fit reads, refinements, extensions past "
+        f"an edge)",
+        "memory per trial: " + ("; ".join(f"{k} {v:.2f} GiB" for k, v in p.memory.items()) or "—"),
+        f"estimated time: about {p.seconds_per_trial:.1f} s per trial, "
+        f"{p.seconds_per_trial * max(p.expected - p.stored, 0) / 60:.1f} min for the sweep ({p.time_basis})",
+        "dry run: nothing was trained or written; drop --dry-run to run it",
+    ]
+    for line in lines:
+        console.print(line, markup=False, highlight=False)
 
 
 @app.command()
@@ -185,6 +261,7 @@ def fit(
         from .report import fit_tables
 
         run_dir = run_folder(run, storage, study)
+        name_run(run, run_dir, stderr=json_out, shared=bool(storage or study))
         from ..api import refit
 
         result, saved = refit(run_dir, note, storage, study)
@@ -199,9 +276,9 @@ def fit(
         if json_out:
             typer.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
             return
-        console = Console()
+        console = stdout_console()
         for table in fit_tables(result):
-            console.print(table)
+            console.print(whole(table))
         if wrote:
             console.print("wrote " + " and ".join(map(str, wrote)), markup=False)
 
@@ -253,7 +330,9 @@ def transfer(
         from .report import prediction_panel
 
         # fit.json where it is newer than the trials (fit wrote it), else a fresh fit
-        result = fit_of(run_folder(run, storage, study), fresh=False, on_note=note, storage=storage, study=study)
+        run_dir = run_folder(run, storage, study)
+        name_run(run, run_dir, stderr=json_out or quiet, shared=bool(storage or study))
+        result = fit_of(run_dir, fresh=False, on_note=note, storage=storage, study=study)
         proxy = fit_of(run_folder(calibrate), fresh=False, on_note=note) if calibrate is not None else None
         pred = predict(result, to, regime, basis, proxy, heuristic)
         if json_out:
@@ -261,7 +340,7 @@ def transfer(
         elif quiet:
             typer.echo(f"{pred.lr:.6g}")
         else:
-            Console().print(prediction_panel(pred))
+            stdout_console().print(prediction_panel(pred))
 
 
 @app.command()
@@ -333,7 +412,7 @@ def theory():
     """Print μA's regime table: how the optimal LR scales with rank and width per regime."""
     from .report import theory_table
 
-    Console().print(theory_table())
+    stdout_console().print(whole(theory_table()))
 
 
 @app.command()
@@ -342,7 +421,7 @@ def recipes():
     from ..spec.recipe import list_recipes
     from .report import recipes_table
 
-    Console().print(recipes_table(list_recipes()))
+    stdout_console().print(whole(recipes_table(list_recipes())))
 
 
 def main() -> None:
