@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
+from .atomic import write_atomic
 from .errors import MuaError
 from .science.fit import FitResult, fit_run
 from .science.full_ft import predict_full
@@ -30,16 +31,13 @@ __all__ = [
 
 
 def save_text(path: Path, text: str, on_note: Callable[[str], None] | None = None) -> bool:
-    """Writes `text` to `path` whole or not at all (a temporary file, then renamed). False, with a note, where
-    the folder takes no writes (read-only, full): what fit and transfer cache there is not needed to answer."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Writes `text` to `path` whole or not at all (atomic.py: a temporary file of its own, then renamed). False,
+    with a note, where the folder takes no writes (read-only, full): what fit and transfer cache there is not needed
+    to answer."""
     try:
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_atomic(path, text)
         return True
     except OSError as e:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
         if on_note:
             on_note(f"{path.name} not saved: cannot write in {path.parent} ({e.strerror or e})")
         return False

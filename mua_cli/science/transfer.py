@@ -147,20 +147,32 @@ def _rank_line(rf: RegimeFit, rank: int, basis: str) -> tuple[float, float, str]
     if basis == "muA-slope":
         reason = f"μA's exponent {exp} taken as exact, through the measured ranks (labelled: not the default)"
     elif basis == "measured-slope":
-        reason = f"the measured slope {rf.slope:+.3f} alone, without μA's prior (labelled: not the default)"
-    elif rf.slope is None:
-        reason = f"one usable rank: μA's exponent {exp}, with the study's spread ±{rf.prior_sd:g} as its uncertainty"
-    else:
         reason = (
-            f"slope {rf.shrunk_slope:+.3f}: the data's {rf.line_slope:+.3f} ± {rf.slope_se:.3f} and μA's {exp} "
-            f"± {rf.prior_sd:g} (the study's spread) weighed by precision, {rf.data_weight:.0%} on the data"
+            f"the measured slope after curvature {rf.line_slope:+.3f} alone, without μA's prior "
+            f"(labelled: not the default)"
+        )
+    elif rf.slope is None:
+        reason = f"one usable rank: μA's exponent {exp}, with the study's prior SD {rf.prior_sd:g} as its uncertainty"
+    else:
+        lo, hi = used_slope_interval(rf)
+        reason = (
+            f"used slope {rf.shrunk_slope:+.3f} (95 % interval [{lo:+.3f}, {hi:+.3f}]): the measured slope after "
+            f"curvature, {rf.line_slope:+.3f}, shrunk toward μA's {exp} with the study's prior SD {rf.prior_sd:g}, "
+            f"{rf.data_weight:.0%} weight on the data"
         )
     if basis != "muA-slope" and rf.curvature:
-        reason += (
-            f"; the line bends by the study's curvature for {rf.regime}, {rf.curvature:+.3f} ± {rf.curvature_sd:.3f} "
-            f"per (log2 r)² (the data's slope is taken with it)"
-        )
+        reason += f"; the line bends by the study's curvature for {rf.regime}, {curvature_text(rf)}"
     return centre, se, reason
+
+
+def used_slope_interval(rf: RegimeFit) -> tuple[float, float]:
+    """95 % interval of the slope a prediction uses (shrunk toward μA's): what `mua fit` and `transfer` quote."""
+    return rf.shrunk_slope - Z95 * rf.shrunk_slope_se, rf.shrunk_slope + Z95 * rf.shrunk_slope_se
+
+
+def curvature_text(rf: RegimeFit) -> str:
+    """The study's rank curvature of a regime as `mua fit` and `transfer` quote it."""
+    return f"{rf.curvature:+.3f} per (log2 r)² (SD {rf.curvature_sd:.3f} across the study's workloads)"
 
 
 def predict_rank(fit: FitResult, regime: str, rank: int, basis: str = "auto") -> Prediction:

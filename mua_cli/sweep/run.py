@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ..atomic import write_atomic
 from ..errors import MuaError
 from ..science.optimum import seed_adjusted
 from ..science.theory import FULL, lr_label, parse_lrs
@@ -321,11 +322,7 @@ def _pin_recipe(run_dir: Path, recipe: Recipe) -> None:
     text = yaml.safe_dump({**recipe.pin(), **recipe.to_dict()}, sort_keys=False)
     if path.is_file() and path.read_text() == text:
         return  # nothing to write: a full disk or a read-only folder cannot cost the resumed run its recipe
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_atomic(path, text)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise MuaError(f"cannot write {path}: {e.strerror or e}") from None
