@@ -16,6 +16,7 @@ from .. import quiet_libraries  # noqa: F401 — before any library prints
 from ..errors import MuaError
 from .console import OneLineErrors, Terminated, note, sigterm_as_interrupt, stdout_console, user_errors, whole
 from .recipe_flags import recipe_flags
+from .runs import RUNS_DIR, name_run, run_folder
 
 app = typer.Typer(
     help="""Pick learning rates across LoRA ranks and for full finetuning (Maximal-Update Adaptation, μA).
@@ -39,14 +40,13 @@ Examples:
     add_completion=False,
     cls=OneLineErrors,
 )
-RUNS_DIR = Path("runs")
 
 
 def _version(value: bool) -> None:
     if value:
-        from .. import __version__
+        import mua_cli
 
-        typer.echo(f"mua {__version__}")
+        typer.echo(f"mua {mua_cli.__version__}")
         raise typer.Exit()
 
 
@@ -61,45 +61,6 @@ def _options(
 
 def consoles(quiet: bool = False) -> tuple[Console, Console]:
     return stdout_console(quiet), Console(stderr=True)
-
-
-def latest_run() -> Path:
-    """The newest run folder under runs/ whose store holds a trial (a sweep killed before its first trial
-    leaves an empty one behind, which is no answer to `mua fit`)."""
-    from ..sweep.store import TrialStore
-
-    runs = sorted(RUNS_DIR.glob("*/trials.db"), key=lambda p: p.stat().st_mtime) if RUNS_DIR.is_dir() else []
-    for db in reversed(runs):
-        try:
-            if TrialStore(db.parent, create=False).trials():
-                return db.parent
-        except MuaError:
-            continue
-    raise MuaError("no run folder with trials under runs/; run `mua sweep` first or name a RUN folder")
-
-
-def run_folder(run: Path | None, storage: str | None = None, study: str | None = None) -> Path:
-    """The run folder to read: the one named, or for a shared study runs/<study> (for fit.json), or the newest
-    under runs/."""
-    if run is None and (storage or study):
-        return RUNS_DIR / (study or "mua")  # made by the fit, once there is one to save
-    if run is None:
-        return latest_run()
-    if not run.is_dir():
-        raise MuaError(f"run folder {run} does not exist")
-    return run
-
-
-def name_run(run: Path | None, run_dir: Path, stderr: bool, shared: bool = False) -> None:
-    """Says which run folder a command with no RUN read (the newest under runs/): on stdout with the tables, on
-    stderr when stdout is for machines (--json, --quiet). `shared`: a study was named, which is answer enough."""
-    if run is not None or shared:
-        return
-    line = f"run folder {run_dir} (the newest under {RUNS_DIR}/ with trials; name a RUN to read another)"
-    if stderr:
-        note(line)
-    else:
-        stdout_console().print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def gpu_device_files() -> bool:
@@ -163,6 +124,8 @@ def sweep(
     """
     with user_errors():
         if dry_run:
+            from .plan import dry_run_plan
+
             return dry_run_plan(recipe, out, device, overrides, storage, study, quiet)
         if device == "cpu" or (device == "auto" and not gpu_device_files()):
             from ..sweep.pool import start_worker_server
@@ -205,38 +168,6 @@ def sweep(
         )
         if quiet:  # RUN=$(mua sweep --quiet): the run folder, alone on stdout
             typer.echo(str(run_dir))
-
-
-def dry_run_plan(recipe, out, device, overrides, storage, study, quiet) -> None:
-    """`mua sweep --dry-run`: the checks and the plan, printed; nothing run or written."""
-    from ..spec import data_identity
-    from ..spec.recipe import load_recipe
-    from ..sweep.preview import preview
-    from ..sweep.runner import resolve_device
-
-    with data_identity.no_cache_writes():
-        r = load_recipe(recipe, **(overrides or {}))
-        dev = resolve_device(device)
-        run_dir = out or RUNS_DIR / f"{r.name}-{r.fingerprint()[:8]}"
-        p = preview(r, run_dir, dev, storage=storage, study=study)
-    console = stdout_console(quiet)
-    for line in p.checks:
-        console.print(f"ok  {line}", markup=False, highlight=False)
-    limit = f", ranks up to {p.max_lora_rank}" if p.max_lora_rank else ""
-    lines = [
-        f"run folder {p.run_dir} · device {p.device} · {r.settings_text()}",
-        f"model: {p.n_params:,} parameters{limit}",
-        f"first round: {p.first_round} trial(s) over {p.groups} (regime, rank) group(s)"
-        + (f", {p.stored} already stored" if p.stored else ""),
-        f"expected in all: about {p.expected} trial(s) (the grid's LRs the fit reads, refinements, extensions past "
-        f"an edge)",
-        "memory per trial: " + ("; ".join(f"{k} {v:.2f} GiB" for k, v in p.memory.items()) or "—"),
-        f"estimated time: about {p.seconds_per_trial:.1f} s per trial, "
-        f"{p.seconds_per_trial * max(p.expected - p.stored, 0) / 60:.1f} min for the sweep ({p.time_basis})",
-        "dry run: nothing was trained or written; drop --dry-run to run it",
-    ]
-    for line in lines:
-        console.print(line, markup=False, highlight=False)
 
 
 @app.command()
