@@ -198,3 +198,15 @@ def test_too_few_finite_lrs_near_the_best_says_how_many_are_near():
     n = int(re.search(r"only (\d+) learning rates?", o.reason).group(1))
     assert n < 3 and "where an optimum needs 3" in o.reason
     assert "(3 on the whole grid): add LRs between them" in o.reason
+
+
+def test_a_command_line_mistake_is_one_line_and_mua_alone_is_the_help():
+    """What ui/console.py catches through typer's public exception class (no typer._click import)."""
+    res = mua()
+    assert res.exit_code == 2 and "Usage:" in res.stdout and "sweep" in res.stdout
+    for args, message in ((["--bogus"], "No such option: --bogus (see `"),
+                          (["sweep", "--steps", "x"], "'x' is not a valid integer"),
+                          (["fit", "--no-such"], "No such option: --no-such")):  # fmt: skip
+        res = mua(*args)
+        assert res.exit_code == 2 and res.output.count("\n") == 1 and res.output.startswith("error: "), res.output
+        assert message in res.output, res.output
