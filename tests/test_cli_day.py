@@ -205,7 +205,7 @@ def test_a_command_line_mistake_is_one_line_and_mua_alone_is_the_help():
     res = mua()
     assert res.exit_code == 2 and "Usage:" in res.stdout and "sweep" in res.stdout
     for args, message in ((["--bogus"], "No such option: --bogus (see `"),
-                          (["sweep", "--steps", "x"], "'x' is not a valid integer"),
+                          (["sweep", "--steps", "x"], "Invalid value for '--steps'"),
                           (["fit", "--no-such"], "No such option: --no-such")):  # fmt: skip
         res = mua(*args)
         assert res.exit_code == 2 and res.output.count("\n") == 1 and res.output.startswith("error: "), res.output
