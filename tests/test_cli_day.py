@@ -122,7 +122,9 @@ def test_dry_run_checks_and_plans_and_writes_nothing(tmp_path, monkeypatch, micr
     # the flags reached the recipe: refine 0 runs the whole grid of 5 LRs for A:r, B:1 at 2 ranks and full-ft
     assert "first round: 25 trial(s) over 5 (regime, rank) group(s)" in out
     assert "expected in all: about 25 trial(s)" in out
-    assert re.search(r"memory per trial: LoRA rank 8 \d+\.\d\d GiB; full finetuning \d+\.\d\d GiB", out)
+    gib = r"\d+\.\d\d GiB"
+    slot = rf"memory per slot \(the GPU estimate\): LoRA rank 8, 1 trial\(s\) a pass {gib}; full finetuning {gib}"
+    assert re.search(slot, out)
     assert re.search(r"estimated time: about \d+\.\d s per trial", out)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no runs/, nothing else
     # a mistake is found before anything would run

@@ -27,7 +27,7 @@ class Preview:
     n_params: int
     max_lora_rank: int | None
     data: str  # what the data holds
-    memory: dict[str, float] = field(default_factory=dict)  # GiB per trial, for the largest rank and full-ft
+    memory: dict[str, float] = field(default_factory=dict)  # GiB a slot holds, at the largest rank and full-ft
     seconds_per_trial: float | None = None
     time_basis: str = ""
     checks: list[str] = field(default_factory=list)
@@ -62,15 +62,15 @@ def preview(recipe: Recipe, run_dir: Path, device: str = "cpu", execution: Execu
     expected = expected_trials(recipe)
     ex = execution or Execution(device=device)
     task = SimpleNamespace(kind=recipe.model.task, input_ids=torch.empty(1, recipe.data.seq_len))
-    memory = {}
+    memory = {}  # a slot holds its frozen base once, and one pass of k LoRA trials (or one full-ft trial)
+    k = trials_per_pass(ex, recipe, n_params)
     with torch.device("meta"):
         if recipe.lora_ranks:
-            r = max(recipe.lora_ranks)
-            memory[f"LoRA rank {r}"] = (
-                estimate(model, task, recipe, r).unit(trials_per_pass(ex, recipe, n_params)) / GIB
-            )
+            m = estimate(model, task, recipe, max(recipe.lora_ranks))
+            memory[f"LoRA rank {max(recipe.lora_ranks)}, {k} trial(s) a pass"] = (m.base + m.unit(k)) / GIB
         if recipe.wants_full:
-            memory["full finetuning"] = estimate(model, task, recipe, None).unit(1) / GIB
+            m = estimate(model, task, recipe, None)
+            memory["full finetuning"] = (m.base + m.unit(1)) / GIB
     tokens = recipe.optim.steps * recipe.optim.batch_size * recipe.data.seq_len
     if device.startswith("cuda"):
         seconds, basis = (
