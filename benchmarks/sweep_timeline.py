@@ -8,7 +8,8 @@ is created finished), and mua's `wall_time` (seconds from the start of the trial
 by the group's size `info.batched_with`) and `device`. So a unit of work (one trial, or one batched group) ran on
 its device over [stored − wall_time · batched_with, stored]; trials of one group cover the same interval. Every
 stored trial counts, the failed ones a sweep ran again included: they held the device too. A trial that carries
-its own `started_at` (epoch seconds) in its user attributes or `info` is taken at its word instead.
+its own `started_at` (epoch seconds) in its user attributes or `info` is taken at its word instead, and so is
+`info.finished_at` (sweep/trainer.py records both: a trial that rode along in a unit is stored when asked for).
 
 A device is busy while at least one unit is in flight on it (several slots of one GPU overlap); that counts the
 unit's own set-up on the CPU (its model built, its graph captured) as busy, so busy is an upper bound of the
@@ -68,6 +69,7 @@ def stored_trials(run_dir: Path) -> list[dict]:
         k = int(info.get("batched_with", 1) or 1)
         wall = float(a.get("wall_time") or 0.0)
         end = t.datetime_complete.timestamp()  # Optuna's naive local time, as time.time() counts
+        end = float(info.get("finished_at", end))  # a trial that rode along in a unit is stored when asked for
         own = a.get("started_at", info.get("started_at"))
         start = float(own) if own is not None else end - wall * k
         out.append({"number": t.number, "device": str(a.get("device", "?")), "start": start, "end": end,

@@ -167,7 +167,7 @@ def test_progress_shows_running_trials_and_an_eta_over_the_whole_sweep(monkeypat
     buf = io.StringIO()
     listener = RichListener(Console(file=buf, force_terminal=True, width=200), live=True)
     with listener:
-        listener.expect(52)
+        listener.expected(52)
         listener.start(total=18, done=0)
         listener.trial_start(_spec())
         listener.step(40, 3.21)

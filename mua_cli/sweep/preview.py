@@ -10,8 +10,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ..spec.recipe import Recipe
-from .execute import CPU_TOKEN_PARAMS_PER_S, Execution, size_class, trials_per_pass
-from .grid import grid_plan, groups, plan
+from .grid import groups, plan
+from .plan import expected_total
+from .sizing import CPU_TOKEN_PARAMS_PER_S, Execution, size_class, trials_per_pass
 
 GPU_FLOOR_S = 0.015  # a small model's step on an H200 is launch-bound at about 15 ms (DESIGN.md, §5)
 
@@ -59,7 +60,7 @@ def preview(recipe: Recipe, run_dir: Path, device: str = "cpu", execution: Execu
     checks.append(f"data {recipe.data.source}: {data}")
     first = plan(recipe)
     stored = _stored(run_dir, storage, study, {s.key for s in first})
-    expected = expected_trials(recipe)
+    expected = expected_total(recipe)
     ex = execution or Execution(device=device)
     task = SimpleNamespace(kind=recipe.model.task, input_ids=torch.empty(1, recipe.data.seq_len))
     memory = {}  # a slot holds its frozen base once, and one pass of k LoRA trials (or one full-ft trial)
@@ -84,18 +85,6 @@ def preview(recipe: Recipe, run_dir: Path, device: str = "cpu", execution: Execu
             basis += "; rough for a model this large"
     return Preview(run_dir, device, len(groups(recipe)), len(first), stored, expected, n_params, limit, data,
                    memory, seconds, basis, checks)  # fmt: skip
-
-
-def expected_trials(recipe: Recipe) -> int:
-    """About how many trials a sweep of `recipe` ends with, stored ones included: the whole grid (the first round
-    and the grid's LRs the fit reads, which in practice reach most of it), and with `refine` two half-octave LRs
-    per group and seed, and a second seed near the optimum for about half the groups. The default recipe's
-    sweep ran 52 trials (README); this says 54. Extensions past a grid's edge are not foreseen."""
-    n = max(len(plan(recipe)), len(grid_plan(recipe)))
-    if recipe.sweep.refine:
-        k = len(groups(recipe))
-        n += 2 * k * recipe.sweep.seeds + k
-    return n
 
 
 def _check_data(recipe: Recipe, source) -> str:
@@ -131,6 +120,6 @@ def _stored(run_dir: Path, storage: str | None, study: str | None, keys: set[str
     if storage is None and study is None and not (Path(run_dir) / "trials.db").is_file():
         return 0
     try:
-        return len(keys & TrialStore(Path(run_dir), storage, create=False, study=study).keys())
+        return len(keys & TrialStore.open(Path(run_dir), storage, study).keys())
     except MuaError:
         return 0

@@ -128,25 +128,20 @@ def sweep(
 
             return dry_run_plan(recipe, out, device, overrides, storage, study, quiet)
         if device == "cpu" or (device == "auto" and not gpu_device_files()):
-            from ..sweep.pool import start_worker_server
+            from ..api import start_process_server
 
-            start_worker_server()  # before this process imports torch: the two import side by side
+            start_process_server()  # before this process imports torch: the two import side by side
+        from ..api import Execution, load_trials, resolve_device, run_sweep
         from ..spec.recipe import load_recipe
-        from ..sweep.execute import Execution
-        from ..sweep.run import run_sweep
-        from ..sweep.runner import resolve_device
-        from ..sweep.store import load_trials
         from .report import sweep_table
 
         r = load_recipe(recipe, **(overrides or {}))
         dev = resolve_device(device)
         run_dir = out or RUNS_DIR / f"{r.name}-{r.fingerprint()[:8]}"
         console, _ = consoles(quiet)
-        from ..sweep.preview import expected_trials
         from .progress import RichListener
 
         listener = RichListener(console, live=not quiet and console.is_terminal, notes=not quiet)
-        listener.expect(expected_trials(r))  # the ETA's total, until the sweep gives its own estimate
         listener.note(f"run folder {run_dir} · device {dev} · {r.settings_text()}")
         try:
             with sigterm_as_interrupt(), listener:
@@ -308,10 +303,7 @@ def worker(
       mua worker --out runs/tiny --study mua --device cpu
     """
     with user_errors():
-        from ..sweep.execute import Execution
-        from ..sweep.runner import resolve_device
-        from ..sweep.store import TrialStore
-        from ..sweep.worker import join
+        from ..api import Execution, resolve_device, work
         from .progress import RichListener
 
         if storage is None and out is None and not os.environ.get("MUA_STORAGE"):
@@ -320,14 +312,12 @@ def worker(
         if dev == "cuda":
             dev = "cuda:0"  # one worker, one GPU: start one per GPU with --device cuda:N
 
-        def open_store() -> TrialStore:
-            return TrialStore(out or RUNS_DIR / study, storage, create=False, study=study)
-
         console, _ = consoles(quiet)
         listener = RichListener(console, live=not quiet and console.is_terminal, notes=not quiet)
         try:
             with listener:
-                summary = join(open_store, dev, listener, Execution(dev, 0, batch_trials, cuda_graphs), wait)
+                ex = Execution(dev, 0, batch_trials, cuda_graphs)
+                summary = work(out or RUNS_DIR / study, storage, study, dev, listener, ex, wait)
         except KeyboardInterrupt:
             Console(stderr=True).print("[yellow]interrupted:[/] the trials in hand went back to the queue")
             raise typer.Exit(130) from None

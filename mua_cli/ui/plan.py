@@ -8,16 +8,15 @@ from .runs import RUNS_DIR
 
 def dry_run_plan(recipe, out, device, overrides, storage, study, quiet) -> None:
     """`mua sweep --dry-run`: the checks and the plan, printed; nothing run or written."""
-    from ..spec import data_identity
+    from ..api import preview_sweep, resolve_device
+    from ..spec.data_identity import no_cache_writes
     from ..spec.recipe import load_recipe
-    from ..sweep.preview import preview
-    from ..sweep.runner import resolve_device
 
-    with data_identity.no_cache_writes():
+    with no_cache_writes():  # the run folder's name hashes the data: nothing of it is kept
         r = load_recipe(recipe, **(overrides or {}))
         dev = resolve_device(device)
         run_dir = out or RUNS_DIR / f"{r.name}-{r.fingerprint()[:8]}"
-        p = preview(r, run_dir, dev, storage=storage, study=study)
+    p = preview_sweep(r, run_dir, dev, storage, study)
     console = stdout_console(quiet)
     for line in p.checks:
         console.print(f"ok  {line}", markup=False, highlight=False)

@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from ..api import Listener
 from ..science.theory import FULL, lr_label
 from ..spec.trial import TrialResult, TrialSpec
-from ..sweep.run import Listener
 
 
 def _clock(seconds: float) -> str:
@@ -32,7 +32,7 @@ class RichListener(Listener):
         self.total = 0  # trials the sweep has planned so far (skipped ones included)
         self.done = 0  # of those, finished (skipped ones included)
         self.skipped = 0  # finished before this process began
-        self.expected: int | None = None  # the sweep's estimate of its final trial count, where it gives one
+        self.guess: int | None = None  # the sweep's estimate of its final trial count, where it gives one
         self.t0 = time.monotonic()
         self.running: dict[str, tuple[object, str]] = {}  # spec key → its progress row and label
         self.last_key: str | None = None
@@ -66,16 +66,14 @@ class RichListener(Listener):
         if self.notes:
             self.console.print(Text("•", style="cyan"), Text(message))
 
-    def start(self, total: int, done: int, expected: int | None = None) -> None:
+    def start(self, total: int, done: int) -> None:
         self.total, self.done, self.skipped = total, done, done
         self.t0 = time.monotonic()
-        if expected is not None:
-            self.expect(expected)
         self._refresh()
 
-    def expect(self, expected: int | None) -> None:
+    def expected(self, n: int) -> None:
         """The sweep's estimate of how many trials it will have when it ends (rounds to come included)."""
-        self.expected = int(expected) if expected else None
+        self.guess = int(n) if n else None
         self._refresh()
 
     def grow(self, added: int) -> None:
@@ -88,11 +86,24 @@ class RichListener(Listener):
             label = f"  {spec.label}"
             self.running[self.last_key] = (self.progress.add_task(label, total=None, eta=""), label)
 
-    def step(self, step: int, loss: float, spec: TrialSpec | None = None) -> None:
-        key = (spec.key or spec.label) if spec is not None else self.last_key
-        if self.progress and key in self.running and step % 10 == 0:
-            row, label = self.running[key]
-            self.progress.update(row, description=f"{label} · step {step} · loss {loss:.4g}")
+    def step(self, step: int, loss: float) -> None:
+        """The unit running in this thread (the last trial_start)."""
+        if self.last_key is not None:
+            self._show(self.last_key, None, step, loss)
+
+    def loss(self, spec: TrialSpec, step: int, loss: float) -> None:
+        """A pool slot's running unit (its first trial), every few steps."""
+        self._show(spec.key or spec.label, spec, step, loss)
+
+    def _show(self, key: str, spec: TrialSpec | None, step: int, loss: float) -> None:
+        if self.progress is None or (spec is None and step % 10):
+            return
+        if key not in self.running:
+            if spec is None:
+                return
+            self.trial_start(spec)
+        row, label = self.running[key]
+        self.progress.update(row, description=f"{label} · step {step} · loss {loss:.4g}")
 
     def trial_done(self, spec: TrialSpec, result: TrialResult) -> None:
         self.done += 1
@@ -124,9 +135,9 @@ class RichListener(Listener):
         if ran <= 0:
             return ""
         per = (time.monotonic() - self.t0) / ran
-        if self.expected is not None and self.expected >= self.total:
-            left = max(self.expected - self.done, 0)
-            return f"ETA {_clock(per * left)} (about {self.expected} trials in all)"
+        if self.guess is not None and self.guess >= self.total:
+            left = max(self.guess - self.done, 0)
+            return f"ETA {_clock(per * left)} (about {self.guess} trials in all)"
         return f"ETA ≥ {_clock(per * max(self.total - self.done, 0))} (the rounds planned so far)"
 
     def _refresh(self) -> None:

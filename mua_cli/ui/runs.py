@@ -13,12 +13,12 @@ RUNS_DIR = Path("runs")
 def latest_run() -> Path:
     """The newest run folder under runs/ whose store holds a trial (a sweep killed before its first trial
     leaves an empty one behind, which is no answer to `mua fit`)."""
-    from ..sweep.store import TrialStore
+    from ..api import has_trials
 
     runs = sorted(RUNS_DIR.glob("*/trials.db"), key=lambda p: p.stat().st_mtime) if RUNS_DIR.is_dir() else []
     for db in reversed(runs):
         try:
-            if TrialStore(db.parent, create=False).trials():
+            if has_trials(db.parent):
                 return db.parent
         except MuaError:
             continue
