@@ -178,6 +178,13 @@ def test_progress_shows_running_trials_and_an_eta_over_the_whole_sweep(monkeypat
         # 10 s a trial, 51 of the expected 52 to go: not the round's 17
         assert listener.eta_text() == "ETA 0:08:30 (about 52 trials in all)"
         assert all("B:1 r=16" not in t.description for t in listener.progress.tasks)  # done: its row is gone
+        # a pool's slots report their units' losses: one row each, while they run
+        other = TrialSpec("A:r", 4, 2**-6, 1, "k2")
+        listener.loss(_spec(2**-7, "k3"), 20, 2.5)
+        listener.loss(other, 30, 1.75)
+        rows = [t.description for t in listener.progress.tasks]
+        assert any("B:1 r=16 lr=2^-7 seed=0 · step 20 · loss 2.5" in d for d in rows), rows
+        assert any("A:r r=4 lr=2^-6 seed=1 · step 30 · loss 1.75" in d for d in rows), rows
     # no estimate from anywhere: the trials planned so far, said to be a floor
     bare = RichListener(Console(file=io.StringIO()), live=False)
     bare.start(total=18, done=0)
