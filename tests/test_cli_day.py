@@ -61,10 +61,19 @@ def test_a_log_gets_one_plain_line_per_trial_and_whole_tables(in_day):
     assert len(lines) == 6, res.stdout
     pattern = r"trial \d/6: B:1 rank [28] lr 2\^-[678] \(0\.0\d+\) seed 0 (ok|diverged) metric \S+ \d+\.\d s"
     assert all(re.fullmatch(pattern, line) for line in lines), lines
-    # a 40-column log: no table cell cut short, no line wrapped
-    assert not re.search(r"…\s*│", res.stdout)  # a cell cut short ends in an ellipsis ("diver…│")
+    # a 40-column log (COLUMNS=40): the table's cells fold, none is cut short with an ellipsis ("diver…│")
+    assert not re.search(r"…\s*│", res.stdout)
     assert "low edge" in res.stdout or "interior" in res.stdout
-    assert any(len(line) > 40 for line in res.stdout.splitlines())
+
+
+def test_a_log_without_columns_is_never_cut(monkeypatch):
+    """rich takes 80 columns where stdout is no terminal; mua's output then takes what its lines need."""
+    from mua_cli.ui.console import WIDE, stdout_console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert stdout_console().width == WIDE
+    monkeypatch.setenv("COLUMNS", "120")
+    assert stdout_console().width == 120
 
 
 def test_sweep_quiet_prints_the_run_folder_alone(in_day):

@@ -3,6 +3,7 @@ mistakes included), `note:` lines, and exit code 2."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -54,10 +55,12 @@ class OneLineErrors(TyperGroup):
 
 
 def stdout_console(quiet: bool = False) -> Console:
-    """The console for a command's output: a terminal's width on a terminal; elsewhere (a pipe, a CI log) so wide
-    that no line wraps and no table is cut."""
+    """The console for a command's output: a terminal's width on a terminal, or the width COLUMNS asks for;
+    elsewhere (a pipe, a CI log) so wide that no line wraps and no table is cut, where rich would take 80."""
     console = Console(quiet=quiet)
-    return console if console.is_terminal else Console(quiet=quiet, width=WIDE)
+    if console.is_terminal or os.environ.get("COLUMNS", "").strip().isdigit():
+        return console
+    return Console(quiet=quiet, width=WIDE)
 
 
 def whole(renderable):
