@@ -94,7 +94,7 @@ def study_ratio(fit: FitResult, b1: RegimeFit) -> StudyRatio:
     log2 = float(v @ np.array(m["coef"]))
     se = m["s"] * math.sqrt(1 + float(v @ np.array(m["cov"]) @ v))
     shown = ", ".join(
-        f"B:1's measured slope {b1.slope:+.3f}"
+        f"B:1's measured slope over ranks ≤ {cal.FULL_SOURCE_MAX_RANK}, {feats['slope']:+.3f}"
         if c == "slope"
         else f"{int(fit.settings.get('steps'))} steps"
         if c == "steps"
