@@ -75,7 +75,7 @@ def stored_trials(run_dir: Path) -> list[dict]:
         out.append({"number": t.number, "device": str(a.get("device", "?")), "start": start, "end": end,
                     "batched_with": k, "status": a.get("status"), "regime": t.params.get("regime"),
                     "rank": t.params.get("rank"), "lr": t.params.get("lr"),
-                    "slot": a.get("slot", info.get("slot"))})  # fmt: skip
+                    "slot": a.get("slot", info.get("slot")), "own_start": own is not None})  # fmt: skip
     return sorted(out, key=lambda r: r["start"])
 
 
@@ -158,8 +158,8 @@ def timeline(
         "sweep_s": r(sweep_s), "answer_s": r(answer - start) if answer is not None else None,
         "gap_s": gap, "devices": per_device, "idle_s_by_kind": idle_by_kind, "phases": phases,
         "units": [[t["device"], r(t["start"] - start), r(t["end"] - start), t["batched_with"]] for t in trials],
-        "source": "Optuna datetime_complete − wall_time × batched_with" if not any(
-            "started_at" in str(t) for t in trials) else "trials' started_at",
+        "source": "the trials' own started_at" if all(t["own_start"] for t in trials)
+        else "Optuna's datetime_complete less wall_time × batched_with",
     }  # fmt: skip
 
 

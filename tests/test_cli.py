@@ -7,6 +7,7 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
+from mua_cli.science import calibration as cal
 from mua_cli.ui.cli import app
 
 runner = CliRunner()
@@ -73,7 +74,7 @@ def test_transfer_to_rank_json_schema(swept_run):
     pred = json.loads(res.stdout)
     for key in ("lr", "interval", "target", "regime", "basis", "settings", "caveat", "reason"):
         assert key in pred
-    assert pred["target"] == 32 and pred["basis"] == "shrunk-slope"
+    assert pred["target"] == 32 and pred["basis"] == cal.RANK_BASIS
     assert pred["settings"]["lora_alpha"] == 1 and pred["settings"]["steps"] == 20
 
 
