@@ -68,11 +68,12 @@ class Context:
         return path
 
 
-def mua(*args, env: dict | None = None, **kwargs) -> subprocess.Popen:
-    """`mua ARGS` in a process of its own (its own process group: what it leaves behind can be found)."""
+def mua(*args, env: dict | None = None, err=subprocess.PIPE) -> subprocess.Popen:
+    """`mua ARGS` in a process of its own (its own session: a kill of it reaches it alone). `err`: where its
+    stdout and stderr go (a file, where processes it leaves behind would hold a pipe open)."""
     return subprocess.Popen(
         [sys.executable, "-c", "from mua_cli.ui.cli import main; main()", *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=kwargs.get("cwd"),
+        stdout=subprocess.PIPE if err is subprocess.PIPE else err, stderr=err, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, start_new_session=True,
     )  # fmt: skip
 
@@ -135,10 +136,11 @@ def kill_during_write(ctx: Context) -> Row:
     return Row("`kill -9` inside a write transaction of `trials.db` (a hot journal left)",
                f"all {len(keys)} trials; `mua fit` rolls the write back (as `sqlite3` does) and gives the same fit "
                "byte for byte; the same sweep resumes with nothing to run", ok,
-               f"journal left: {journal}; fit equal: {after == before}; resume rc {rc}: {err.strip()[-300:]}")  # fmt: skip
+               f"journal left: {journal}; fit equal: {after == before}; resume rc {rc}: "
+               f"{err.strip()[-300:]}")  # fmt: skip
 
 
-def _descendants(pid: int) -> set[int]:
+def _descendants(pid: int, depth: int = 99) -> set[int]:
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -146,11 +148,12 @@ def _descendants(pid: int) -> set[int]:
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = set(), [pid]
+    out, todo = set(), [(pid, 0)]
     while todo:
-        for c in children.get(todo.pop(), []):
+        here, d = todo.pop()
+        for c in children.get(here, []) if d < depth else []:
             out.add(c)
-            todo.append(c)
+            todo.append((c, d + 1))
     return out
 
 
@@ -170,33 +173,37 @@ def _parent_death(ctx: Context, sig: int) -> tuple[bool, str, int, str]:
     """A sweep with worker processes, stopped by `sig` once its workers run; whether every one of them is gone
     within 20 s of it, and what the sweep said."""
     recipe = ctx.recipe(steps=400, lrs="2^-12:2^-9", ranks="2,4")
-    p = mua("sweep", "--recipe", recipe, "--out", ctx.work / f"run-{sig}", "--device", "cpu", "--workers-per-gpu", 2,
-            "--quiet")  # fmt: skip
+    log = ctx.work / f"sweep-{sig}.log"
+    with open(log, "w") as f:
+        p = mua("sweep", "--recipe", recipe, "--out", ctx.work / f"run-{sig}", "--device", "cpu", "--workers-per-gpu",
+                2, "--quiet", err=f)  # fmt: skip
     end, workers = time.monotonic() + 240, set()
-    while time.monotonic() < end and p.poll() is None:
-        family = _descendants(p.pid)  # the forkserver and the workers it forked
-        if len(family) >= 2 and time.monotonic() + 230 > end:
-            workers = family
-            break
+    while not workers and time.monotonic() < end and p.poll() is None:
+        # the forkserver and the resource tracker are the sweep's children from its start; workers, the forkserver's
+        workers = _descendants(p.pid) - _descendants(p.pid, depth=1)
         time.sleep(0.5)
     if not workers:
-        os.killpg(p.pid, signal.SIGKILL)
-        return False, "no worker process started", p.wait(), ""
+        os.kill(p.pid, signal.SIGKILL)
+        return False, "no worker process started", p.wait(), log.read_text()[-500:]
     time.sleep(3)  # the workers load their model and take units
     workers = _descendants(p.pid)
     os.kill(p.pid, sig)
     try:
-        _, err = p.communicate(timeout=60)
+        p.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.kill(p.pid, signal.SIGKILL)
-        _, err = p.communicate()
+        p.wait()
+    err = log.read_text()
     end = time.monotonic() + 20
     while _alive(workers) and time.monotonic() < end:
         time.sleep(0.2)
     left = _alive(workers)
     for pid in left:  # the probe cleans up after a failure
         os.kill(pid, signal.SIGKILL)
-    return not left, f"{len(workers)} processes under the sweep, {len(left)} left after 20 s", p.returncode, err
+    said = (
+        f"{len(workers)} processes under the sweep (forkserver, resource tracker, workers), {len(left)} left after 20 s"
+    )
+    return not left, said, p.returncode, err
 
 
 def parent_death(ctx: Context) -> Row:
@@ -211,7 +218,8 @@ def sigterm(ctx: Context) -> Row:
     ok = gone and said and rc == 143
     return Row("SIGTERM to a sweep with worker processes",
                "stops as Ctrl-C does: the workers stopped, `stopped by SIGTERM: finished trials are stored in X; run "
-               "the same command to resume`, exit code 143", ok, f"{detail}; exit code {rc}; said: {err.strip()[-300:]}")  # fmt: skip
+               "the same command to resume`, exit code 143", ok,
+               f"{detail}; exit code {rc}; said: {err.strip()[-300:]}")  # fmt: skip
 
 
 def symlinked_temp_file(ctx: Context) -> Row:
@@ -269,7 +277,8 @@ def failed_heartbeat(ctx: Context) -> Row:
                "CREATE FUNCTION fail_once() RETURNS trigger AS $$ BEGIN "
                "IF nextval('fault_once') = 1 THEN RAISE EXCEPTION 'injected: heartbeat refused'; END IF; "
                "RETURN NEW; END $$ LANGUAGE plpgsql; "
-               "CREATE TRIGGER fail_once BEFORE INSERT ON trial_heartbeats FOR EACH ROW EXECUTE FUNCTION fail_once()")  # fmt: skip
+               "CREATE TRIGGER fail_once BEFORE INSERT ON trial_heartbeats "
+               "FOR EACH ROW EXECUTE FUNCTION fail_once()")  # fmt: skip
     rc, out, err = run_mua("sweep", "--recipe", ctx.recipe(), "--storage", url, "--study", "hb", "--device", "cpu",
                            "--quiet", "--out", ctx.work / "hb-run", env=FAST_BEAT, timeout=240)  # fmt: skip
     ok, detail = _finished_once(url, "hb", 3) if rc == 0 else (False, err.strip()[-500:])

@@ -64,6 +64,32 @@ def shared_storage(url: str) -> optuna.storages.RDBStorage:
     return storage
 
 
+def make_tables_once(url: str) -> None:
+    """Optuna makes its tables at a database's first open. On PostgreSQL, processes that start together on a
+    fresh database (a planner and its workers) then collide in the catalog ("duplicate key value violates unique
+    constraint pg_type_typname_nsp_index"): the tables are made by one of them, under an advisory lock, while the
+    others wait and then find them made. Nothing to do on other databases (SQLite's file lock serializes it)."""
+    if not url.startswith("postgresql"):
+        return
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            if sqlalchemy.inspect(conn).has_table("alembic_version"):  # made last: every table is there
+                return
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _TABLES_LOCK})
+            conn.commit()
+            try:
+                optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": sqlalchemy.pool.NullPool}).engine.dispose()
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _TABLES_LOCK})
+                conn.commit()
+    finally:
+        engine.dispose()
+
+
+_TABLES_LOCK = int.from_bytes(hashlib.sha256(b"mua:optuna-tables").digest()[:7], "big")
+
+
 def _no_driver_transactions(dbapi_connection, _record) -> None:
     dbapi_connection.isolation_level = None
 
@@ -152,7 +178,7 @@ def claim(study: optuna.Study, k: int, batchable: Callable[[TrialSpec], bool]) -
             continue
         try:
             if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):  # noqa: SLF001
-                storage.record_heartbeat(t._trial_id)  # noqa: SLF001
+                first_beat(study, t._trial_id)  # noqa: SLF001
                 storage.set_trial_system_attr(t._trial_id, "mua_worker", worker_id())  # noqa: SLF001
                 for name, value in _params(spec).items():  # what readers of finished trials go by
                     dist = DISTRIBUTIONS[name]
@@ -163,6 +189,26 @@ def claim(study: optuna.Study, k: int, batchable: Callable[[TrialSpec], bool]) -
         if out and not batchable(out[0][1]):
             break
     return out
+
+
+def first_beat(study: optuna.Study, trial_id: int, tries: int = 3) -> None:
+    """The first heartbeat of a trial this process has just flipped to RUNNING. A claim and its first beat hold
+    or fail together: the beat is tried again (it writes one row per trial, so a retry is harmless), and where it
+    still cannot be written the trial goes back to the queue before the error is raised. A RUNNING trial without a
+    heartbeat would otherwise never go stale, and the planner would wait for it forever."""
+    from .store import STORAGE_ERRORS
+
+    storage = study._storage  # noqa: SLF001
+    for attempt in range(tries):
+        try:
+            storage.record_heartbeat(trial_id)
+            return
+        except STORAGE_ERRORS:
+            if attempt == tries - 1:
+                with contextlib.suppress(Exception):  # the database is down: the reaper's no-heartbeat rule is left
+                    release(study, [(trial_id, None)])
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def _group(held: list[tuple[int, TrialSpec]]) -> tuple:
@@ -197,10 +243,40 @@ def release(study: optuna.Study, held: list[tuple[int, TrialSpec]]) -> None:
 
 
 def reap(study: optuna.Study) -> None:
-    """Fails the stale trials of dead workers, which queues them again."""
+    """Fails the stale trials of dead workers, which queues them again: those whose heartbeat stopped, and those
+    RUNNING with no heartbeat at all for GRACE_S (a claim cut off before its first beat), which Optuna's check
+    passes over."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    now, beatless = time.monotonic(), _running_without_heartbeat(study)
+    for trial_id in list(_BEATLESS_SINCE):
+        if trial_id not in beatless:
+            del _BEATLESS_SINCE[trial_id]
+    # timed by this process's clock from when it first saw the trial so: no two machines' clocks are compared
+    stale = [t for t in beatless if now - _BEATLESS_SINCE.setdefault(t, now) > GRACE_S]
+    if stale:
+        release(study, [(t, None) for t in stale])
+
+
+_BEATLESS_SINCE: dict[int, float] = {}  # trial id -> when this process first saw it RUNNING without a heartbeat
+
+
+def _running_without_heartbeat(study: optuna.Study) -> set[int]:
+    from optuna.storages._rdb import models
+
+    rdb = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001 — under Optuna's cache
+    query = (
+        sqlalchemy.select(models.TrialModel.trial_id)
+        .outerjoin(models.TrialHeartbeatModel, models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
+        .where(
+            models.TrialModel.study_id == study._study_id,  # noqa: SLF001
+            models.TrialModel.state == TrialState.RUNNING,
+            models.TrialHeartbeatModel.trial_id.is_(None),
+        )
+    )
+    with rdb.engine.connect() as conn:
+        return {row[0] for row in conn.execute(query)}
 
 
 def counts(study: optuna.Study) -> tuple[int, int]:

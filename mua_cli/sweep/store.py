@@ -100,7 +100,7 @@ class TrialStore:
 
     def _open(self, url: str, creator=None) -> optuna.Study | None:
         """The study, created when writable; None when a read-only store has none (killed while being made)."""
-        from .shared import check_schema, shared_storage
+        from .shared import check_schema, make_tables_once, shared_storage
 
         try:
             if not self.writable:
@@ -123,6 +123,7 @@ class TrialStore:
                         self.name = names[0]
                         return optuna.load_study(study_name=self.name, storage=storage)
                     return None
+            make_tables_once(url)
             storage = self.rdb = shared_storage(url) if self.shared else url
             study = optuna.create_study(storage=storage, study_name=self.name, load_if_exists=True)
             if self.shared:
