@@ -280,7 +280,7 @@ def failed_heartbeat(ctx: Context) -> Row:
                "CREATE TRIGGER fail_once BEFORE INSERT ON trial_heartbeats "
                "FOR EACH ROW EXECUTE FUNCTION fail_once()")  # fmt: skip
     rc, out, err = run_mua("sweep", "--recipe", ctx.recipe(), "--storage", url, "--study", "hb", "--device", "cpu",
-                           "--quiet", "--out", ctx.work / "hb-run", env=FAST_BEAT, timeout=240)  # fmt: skip
+                           "--quiet", "--out", ctx.work / "hb-run", env=FAST_BEAT, timeout=400)  # fmt: skip
     ok, detail = _finished_once(url, "hb", 3) if rc == 0 else (False, err.strip()[-500:])
     return Row("the first heartbeat after a claim refused by PostgreSQL (a trigger)",
                "every trial, finished once; the planner ends (it hung before)", ok, detail)  # fmt: skip
@@ -288,34 +288,44 @@ def failed_heartbeat(ctx: Context) -> Row:
 
 def running_without_heartbeat(ctx: Context) -> Row:
     """A claim cut off between flipping a trial to RUNNING and its first heartbeat (a worker killed there): a
-    RUNNING trial with no heartbeat at all, which Optuna's stale-trial check passes over."""
+    RUNNING trial with no heartbeat at all, which Optuna's stale-trial check passes over. The probe flips one
+    waiting trial itself, while the planner's first claim is held up for 3 s (a trigger)."""
     import optuna
 
+    fault = "a trial left RUNNING with no heartbeat at all (a claim cut off before its first beat)"
     url = _pg_url(ctx, "noheart")
-    planner = mua("sweep", "--recipe", ctx.recipe(steps=200, lrs="2^-12:2^-10"), "--storage", url, "--study", "nh",
-                  "--device", "cpu", "--quiet", "--out", ctx.work / "nh-run", env=FAST_BEAT)  # fmt: skip
-    stolen, end = None, time.monotonic() + 180
+    optuna.storages.RDBStorage(url).engine.dispose()
+    _psql(url, "CREATE SEQUENCE slow_once; "
+               "CREATE FUNCTION slow_once() RETURNS trigger AS $$ BEGIN "
+               "IF NEW.state = 'RUNNING' AND nextval('slow_once') = 1 THEN PERFORM pg_sleep(3); END IF; "
+               "RETURN NEW; END $$ LANGUAGE plpgsql; "
+               "CREATE TRIGGER slow_once BEFORE UPDATE ON trials "
+               "FOR EACH ROW EXECUTE FUNCTION slow_once()")  # fmt: skip
+    log = ctx.work / "planner.log"
+    with open(log, "w") as f:
+        planner = mua("sweep", "--recipe", ctx.recipe(steps=40), "--storage", url, "--study", "nh", "--device", "cpu",
+                      "--quiet", "--out", ctx.work / "nh-run", env=FAST_BEAT, err=f)  # fmt: skip
+    stolen, end = None, time.monotonic() + 300
     while stolen is None and time.monotonic() < end and planner.poll() is None:
         try:
             study = optuna.load_study(study_name="nh", storage=url)
             waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-            for t in waiting:
+            if len(waiting) == 3:  # all queued: the last one, which the planner's first claim does not hold
+                t = waiting[-1]
                 if study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.RUNNING):  # noqa: SLF001
                     stolen = t._trial_id  # noqa: SLF001
-                    break
         except (KeyError, optuna.exceptions.UpdateFinishedTrialError):
             pass
-        time.sleep(0.2)
+        time.sleep(0.1)
     try:
-        out, err = planner.communicate(timeout=180)
+        planner.wait(timeout=400)
     except subprocess.TimeoutExpired:
-        os.killpg(planner.pid, signal.SIGKILL)
-        out, err = planner.communicate()
-        return Row("", "", False, f"the planner hung (a trial RUNNING with no heartbeat: {stolen})")
-    ok, detail = _finished_once(url, "nh", 3) if planner.returncode == 0 and stolen else (False, err[-500:])
-    return Row("a trial left RUNNING with no heartbeat at all (a claim cut off before its first beat)",
-               "it is reaped after the grace period and runs again; every trial finished once", ok,
-               f"trial {stolen} taken; {detail}")  # fmt: skip
+        os.kill(planner.pid, signal.SIGKILL)
+        planner.wait()
+        return Row(fault, "", False, f"the planner hung (trial {stolen} RUNNING with no heartbeat)")
+    ok, detail = _finished_once(url, "nh", 3) if planner.returncode == 0 else (False, log.read_text()[-500:])
+    return Row(fault, "it is reaped after the grace period and runs again; every trial finished once",
+               ok and stolen is not None, f"trial {stolen} taken; {detail}")  # fmt: skip
 
 
 def concurrent_starts(ctx: Context, n: int = 8, rounds: int = 3) -> Row:
