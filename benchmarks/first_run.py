@@ -1,8 +1,9 @@
 """What the first run of `make run` costs on a small CPU machine, part by part, old settings against new, measured
-in one run, back to back (issue 14, section 3). Prints a table and writes benchmarks/first_run.json (or --out).
+in one run, back to back (issue 14, section 3). Prints a table and writes benchmarks/out/first_run-<UTC time>.json
+(or --out; benchmarks/record.py: with the commit, the machine and the library versions).
 
     python benchmarks/first_run.py [--repeats 2] [--parts trial,profile,pool,start] [--pretrain] [--out FILE]
-    python benchmarks/first_run.py --parts sweeps --out benchmarks/first_run_sweeps.json
+    python benchmarks/first_run.py --parts sweeps
 
 The machine's cores may be shared with other programs, so every variant is measured in turns with the others,
 `--repeats` times, and CPU seconds (this process and its children, from getrusage) are given beside wall seconds:
@@ -36,7 +37,6 @@ import argparse
 import cProfile
 import json
 import os
-import platform
 import pstats
 import resource
 import subprocess
@@ -49,6 +49,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from record import Recording  # noqa: E402
+
 MUA = str(Path(sys.executable).with_name("mua"))
 TRIALS = [("A:r", 4, 2**-5), ("A:r", 64, 2**-5), ("B:1", 16, 2**-7), ("B:1", 64, 2**-8)]
 
@@ -66,10 +69,10 @@ def load_avg() -> float:
 def trials_in_process(repeats: int) -> dict:
     from mua_cli.spec.recipe import load_recipe
     from mua_cli.sweep.grid import make_spec
-    from mua_cli.sweep.runner import TrialRunner
+    from mua_cli.sweep.trainer import Trainer
 
     recipe = load_recipe("tiny")
-    runner = TrialRunner(recipe, "cpu")
+    runner = Trainer.load(recipe, "cpu")
     specs = [make_spec(recipe, reg, rank, lr, 0) for reg, rank, lr in TRIALS]
     runner.run(specs[0])  # warm-up: first-call costs are no trial's
     rows, metrics = [], {}
@@ -98,11 +101,11 @@ def trials_in_process(repeats: int) -> dict:
 def profile_trial() -> dict:
     from mua_cli.spec.recipe import load_recipe
     from mua_cli.sweep.grid import make_spec
-    from mua_cli.sweep.runner import TrialRunner
+    from mua_cli.sweep.trainer import Trainer
 
     torch.set_num_threads(1)
     recipe = load_recipe("tiny")
-    runner = TrialRunner(recipe, "cpu")
+    runner = Trainer.load(recipe, "cpu")
     spec = make_spec(recipe, "A:r", 16, 2**-6, 0)
     runner.run(spec)
     prof = cProfile.Profile()
@@ -136,8 +139,8 @@ def pool_child(workers: int, out_dir: str) -> None:
     """In a fresh process: 12 trials of the tiny recipe through run_sweep with `workers` slots on the CPU."""
     w0, c0 = time.perf_counter(), cpu_seconds()
     from mua_cli.spec.recipe import load_recipe
-    from mua_cli.sweep.execute import Execution
-    from mua_cli.sweep.run import run_sweep
+    from mua_cli.sweep.sizing import Execution
+    from mua_cli.sweep.stream import run_sweep
 
     recipe = load_recipe("tiny", **POOL_RECIPE)
     summary = run_sweep(recipe, Path(out_dir), "cpu", execution=Execution("cpu", workers_per_gpu=workers))
@@ -172,8 +175,8 @@ def pool(repeats: int) -> dict:
 
 def start_costs(pretrain_too: bool) -> dict:
     out = {}
-    code = "import torch; from mua_cli.spec.recipe import load_recipe; from mua_cli.sweep.runner import TrialRunner; " \
-           "TrialRunner(load_recipe('tiny'), 'cpu')"  # fmt: skip
+    code = "import torch; from mua_cli.spec.recipe import load_recipe; from mua_cli.sweep.trainer import Trainer; " \
+           "Trainer.load(load_recipe('tiny'), 'cpu')"  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     rows = []
     for _ in range(2):
@@ -202,20 +205,20 @@ def start_costs(pretrain_too: bool) -> dict:
 
 
 def worker_starts(repeats: int) -> dict:
-    """Seconds from a CPU worker process's start to its model loaded (pool.worker_main's "ready"), alternately
+    """Seconds from a CPU worker process's start to its model loaded (pool.slot_process's "ready"), alternately
     spawned (a fresh interpreter importing torch, transformers and peft) and forked by the forkserver that `mua
     sweep` starts at its beginning (pool.process_context), the server's own start not counted."""
     import torch.multiprocessing as mp
 
     from mua_cli.spec.recipe import load_recipe
-    from mua_cli.sweep.pool import process_context, start_worker_server, worker_main
+    from mua_cli.sweep.pool import process_context, slot_process, start_process_server
 
     recipe = load_recipe("tiny")
 
     def ready_s(ctx) -> float:
         tasks, results = ctx.Queue(), ctx.Queue()
         w0 = time.perf_counter()
-        p = ctx.Process(target=worker_main, args=(recipe, "cpu", False, False, tasks, results, 1), daemon=True)
+        p = ctx.Process(target=slot_process, args=(recipe, "cpu", False, False, tasks, results, 1), daemon=True)
         p.start()
         while (message := results.get(timeout=600))[0] == "note":  # what loading the workload says
             pass
@@ -226,7 +229,7 @@ def worker_starts(repeats: int) -> dict:
             raise RuntimeError(f"the worker did not start: {message}")
         return wall
 
-    start_worker_server()
+    start_process_server()
     w0 = time.perf_counter()
     server_and_first = ready_s(process_context("cpu"))
     rows = [{"spawn_s": ready_s(mp.get_context("spawn")), "forkserver_s": ready_s(process_context("cpu"))}
@@ -265,15 +268,15 @@ def sweeps() -> dict:
 def cpu_child(mode: str) -> None:
     """In a fresh process: one trial per rank at one thread, the heap setting `mode` (on/off); prints JSON."""
     from mua_cli.spec.recipe import load_recipe
-    from mua_cli.sweep.execute import keep_freed_memory
     from mua_cli.sweep.grid import make_spec
-    from mua_cli.sweep.runner import TrialRunner
+    from mua_cli.sweep.sizing import keep_freed_memory
+    from mua_cli.sweep.trainer import Trainer
 
     if mode == "on":
         keep_freed_memory()
     torch.set_num_threads(1)
     recipe = load_recipe("tiny")
-    runner = TrialRunner(recipe, "cpu")
+    runner = Trainer.load(recipe, "cpu")
     out = {}
     for rank in (16, 64):
         spec = make_spec(recipe, "B:1", rank, 2**-7, 0)
@@ -341,7 +344,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--parts", default="trial,profile,pool,start", help=f"any of {','.join(PARTS)}")
     ap.add_argument("--pretrain", action="store_true", help="start: also time pretraining the embedded model")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "first_run.json"))
+    ap.add_argument("--out", help="the JSON file (default benchmarks/out/first_run-<UTC time>.json)")
     ap.add_argument("--child-pool", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--child-cpu", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -355,11 +358,9 @@ def main() -> None:
     if unknown := set(parts) - set(PARTS):
         ap.error(f"unknown part(s) {', '.join(sorted(unknown))}")
     torch.set_num_threads(2)
-    doc = {
-        "machine": {"nproc": os.cpu_count(), "cpu": _cpu_model(), "torch": torch.__version__},
-        "command": "python benchmarks/first_run.py " + " ".join(sys.argv[1:]),
-        "load_avg_at_start": os.getloadavg(),
-    }
+    rec = Recording("first_run")
+    doc = rec.doc
+    doc["load_avg_at_start"] = os.getloadavg()
     run = {
         "trial": lambda: trials_in_process(args.repeats),
         "profile": profile_trial,
@@ -372,15 +373,9 @@ def main() -> None:
     for part in parts:
         doc[part] = run[part]()
         doc["load_avg_at_end"] = os.getloadavg()
-        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")  # what is measured so far
+        path = rec.save(args.out)  # what is measured so far
         REPORTS[part](doc[part])
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "?"
+    print(f"wrote {path}")
 
 
 def report_trial(t: dict) -> None:

@@ -20,14 +20,44 @@ from .science.full_ft import predict_full
 from .science.theory import MAX_RANK, TRANSFER_REGIME, get_regime
 from .science.transfer import CHOICES, FULL_TARGET, Prediction, predict_rank
 from .spec.recipe import Recipe, load_recipe
-from .sweep.execute import Execution
-from .sweep.run import Listener, SweepSummary, run_sweep
-from .sweep.store import DB_NAME, load_trials
+from .sweep.sizing import Execution
+from .sweep.store import DB_NAME, TrialStore, load_trials
+from .sweep.stream import Listener, SweepSummary, run_sweep
 
 __all__ = [
     "Execution", "FitResult", "Listener", "MuaError", "Prediction", "Recipe", "SweepSummary",
-    "fit", "fit_run", "load_recipe", "load_trials", "predict", "refit", "run_sweep",
+    "apply_regime", "fit", "fit_run", "has_trials", "load_recipe", "load_trials", "lora_config", "predict", "refit",
+    "resolve_device", "run_sweep", "start_process_server", "work",
 ]  # fmt: skip
+
+
+def start_process_server() -> None:
+    """Starts the server the CPU's slot processes fork from, before this process imports torch (sweep/pool.py):
+    the two import side by side. Harmless where none is used."""
+    from .sweep.pool import start_process_server as start
+
+    start()
+
+
+def resolve_device(device: str) -> str:
+    """`auto`, `cpu`, `cuda` or `cuda:N`, checked against what this machine has (one line where it lacks it)."""
+    from .sweep.trainer import resolve_device as resolve
+
+    return resolve(device)
+
+
+def has_trials(run_dir: str | Path) -> bool:
+    """Whether the run folder's store holds a trial (read only; a folder without a store has none)."""
+    return bool(TrialStore.open(Path(run_dir)).trials())
+
+
+def work(run_dir: str | Path, storage: str | None, study: str, device: str, listener: Listener | None = None,
+         execution: Execution | None = None, wait_s: float = 0.0):  # fmt: skip
+    """`mua worker`: runs a shared study's queued trials until its sweep is done (sweep/worker.py); the summary
+    says how many it ran. `run_dir`: the run folder whose trials.db holds the study, where no `storage`."""
+    from .sweep.worker import join
+
+    return join(Path(run_dir), storage, study, device, listener or Listener(), execution, wait_s)
 
 
 def save_text(path: Path, text: str, on_note: Callable[[str], None] | None = None) -> bool:
@@ -117,3 +147,45 @@ def predict(
     if name is None:
         raise MuaError("the run has no LoRA trials to predict from")
     return predict_rank(result, name, rank, basis=basis)
+
+
+def lora_config(regime: str, rank: int, targets: str | list[str] = "all-linear", alpha0: float = 1.0, **peft_kwargs):
+    """peft's `LoraConfig` for a μA `regime` at `rank`: the sweep's own (lora_alpha and use_rslora realise the
+    regime's α; dropout 0; targets as swept). `peft_kwargs` (task_type, modules_to_save, ...) pass through.
+    Build the model with `get_peft_model(model, config)`, then `apply_regime(model, regime)`."""
+    from .train.adapters import lora_config as sweep_config
+
+    config = sweep_config(get_regime(regime), rank, alpha0, targets)
+    for k, v in peft_kwargs.items():
+        setattr(config, k, v)
+    return config
+
+
+def apply_regime(peft_model, regime: str, seed: int = 0, alpha0: float = 1.0, adapter: str = "default") -> int:
+    """Sets a μA regime's initialization on a peft LoRA model, in place, as mua's sweep does: Init[A] draws
+    A ~ N(0, 1/n_in) and zeroes B; Init[B] zeroes A and draws B ~ N(0, 1/r) (peft has no Init[B]). Call it after
+    `get_peft_model` and before the optimizer is built. `seed` picks the draws (the same seed on the same model
+    gives the same tensors as the sweep's trial of that seed). Returns the number of adapted layers.
+
+    The model's LoRA scaling must be the regime's α (with `alpha0`, the recipe's α0): `B:1` needs
+    `lora_alpha = r`, `A:r` `lora_alpha = 1` (× α0); `lora_config(regime, rank)` builds one that is. A model whose
+    scaling differs, or that has no LoRA layer for `adapter`, is a MuaError: the LR mua found holds for the
+    regime's α, not another."""
+    from .train.adapters import init_lora, regime_scaling_errors
+
+    reg = get_regime(regime)
+    wrong = regime_scaling_errors(peft_model, reg, alpha0, adapter)
+    if wrong:
+        name, r, have, want = wrong[0]
+        peft = reg.peft_args(alpha0, r)
+        raise MuaError(
+            f"{len(wrong)} LoRA layer(s) scale by another α than {reg.name}'s (first: {name}, rank {r}: "
+            f"{have:g} where {reg.name} needs {want:g}); build the model with LoraConfig(r={r}, "
+            f"lora_alpha={peft['lora_alpha']:g}, use_rslora={peft['use_rslora']}), e.g. mua_cli.api.lora_config"
+        )
+    n = init_lora(peft_model, reg, None, seed, adapter)
+    if n == 0:
+        raise MuaError(
+            f"the model has no LoRA layer with adapter {adapter!r}; wrap it with peft's get_peft_model first"
+        )
+    return n

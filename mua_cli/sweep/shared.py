@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 
 from ..errors import MuaError
 from ..spec.trial import TrialResult, TrialSpec
-from .store import DISTRIBUTIONS
+from .store import DISTRIBUTIONS, STORAGE_ERRORS, TrialStore
 
 # a worker's heartbeat for the trials it holds; a RUNNING trial without one for GRACE_S is stale: failed, and
 # queued again (whole seconds, as Optuna takes them; the environment may shorten both, as the tests do)
@@ -40,6 +40,29 @@ SCHEMA = 1  # what this mua writes into a shared study; a study of another schem
 STATE, RECIPE, SCHEMA_KEY = "mua_state", "mua_recipe", "mua_schema"  # the study's attributes
 PLANNER_SEEN = "mua_planner_seen"  # when the planner last said it is alive (its clock, seconds since the epoch)
 PLANNER_GONE_S = 300  # a worker with nothing to claim stops when the planner has been silent this long
+
+
+class SharedStudy(TrialStore):
+    """A study many processes work on: the trial store, made in a storage with heartbeats (`shared_storage`),
+    its schema checked, and the queue below. `create` (the planner) makes it; `join` (`mua worker`) opens it
+    for work where it exists."""
+
+    shared = True
+
+    def _storage(self, url: str) -> optuna.storages.RDBStorage:
+        return shared_storage(url)
+
+    def _opened(self, study: optuna.Study) -> None:
+        check_schema(study)
+
+    @classmethod
+    def join(cls, run_dir: Path, storage: str | None, name: str) -> SharedStudy:
+        """The study, opened for work. Opened read-only first, so that a study that does not exist is one line
+        and nothing is created in the database."""
+        store = cls.open(run_dir, storage, name)
+        store.writable = True
+        store.study = store._open(store.url)
+        return store
 
 
 def shared_storage(url: str) -> optuna.storages.RDBStorage:
@@ -62,32 +85,6 @@ def shared_storage(url: str) -> optuna.storages.RDBStorage:
         sqlalchemy.event.listen(storage.engine, "begin", _begin_immediate)
         storage.engine.dispose()  # the connection that made the tables predates the listeners
     return storage
-
-
-def make_tables_once(url: str) -> None:
-    """Optuna makes its tables at a database's first open. On PostgreSQL, processes that start together on a
-    fresh database (a planner and its workers) then collide in the catalog ("duplicate key value violates unique
-    constraint pg_type_typname_nsp_index"): the tables are made by one of them, under an advisory lock, while the
-    others wait and then find them made. Nothing to do on other databases (SQLite's file lock serializes it)."""
-    if not url.startswith("postgresql"):
-        return
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            if sqlalchemy.inspect(conn).has_table("alembic_version"):  # made last: every table is there
-                return
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _TABLES_LOCK})
-            conn.commit()
-            try:
-                optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": sqlalchemy.pool.NullPool}).engine.dispose()
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _TABLES_LOCK})
-                conn.commit()
-    finally:
-        engine.dispose()
-
-
-_TABLES_LOCK = int.from_bytes(hashlib.sha256(b"mua:optuna-tables").digest()[:7], "big")
 
 
 def _no_driver_transactions(dbapi_connection, _record) -> None:
@@ -196,8 +193,6 @@ def first_beat(study: optuna.Study, trial_id: int, tries: int = 3) -> None:
     or fail together: the beat is tried again (it writes one row per trial, so a retry is harmless), and where it
     still cannot be written the trial goes back to the queue before the error is raised. A RUNNING trial without a
     heartbeat would otherwise never go stale, and the planner would wait for it forever."""
-    from .store import STORAGE_ERRORS
-
     storage = study._storage  # noqa: SLF001
     for attempt in range(tries):
         try:

@@ -29,11 +29,12 @@ from optuna.trial import TrialState
 
 from ..errors import MuaError
 from ..science.theory import FULL, MAX_RANK, REGIMES
+from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
+from .store_file import DB_NAME, _check_sqlite, _corrupted_message, _read_only, make_tables_once
 from .urls import check_driver, connection_problem, redact, scrub, with_driver
 
 STUDY = "mua"
-DB_NAME = "trials.db"
 DISTRIBUTIONS = {
     "regime": CategoricalDistribution([*REGIMES, FULL]),
     "rank": IntDistribution(0, MAX_RANK),
@@ -55,53 +56,81 @@ def _local_url(run_dir: Path) -> str:
 
 
 class TrialStore:
-    """A run's trials. `create=False` opens an existing store to read it: the run folder's SQLite file is then
-    opened read-only (SQLite's `mode=ro`), never created, locked for writing or changed."""
+    """A run's trials: its own study in the run folder's SQLite file (or at a storage URL). Made by `create`
+    (to sweep into) or `open` (to read); a shared study (shared.py) is the same store with a work queue.
 
-    def __init__(self, run_dir: Path, storage: str | None = None, create: bool = True, study: str | None = None):
-        """`study`: a shared study (sweep/shared.py) of that name; None: the run's own study."""
-        self.run_dir = Path(run_dir)
-        self.url = storage_url(self.run_dir, storage)
-        self.writable, self.name, self.shared = create, study or STUDY, study is not None
-        self.rdb = None  # a shared study's storage (sweep/shared.py)
-        if (problem := check_driver(self.url)) is not None:
-            raise MuaError(problem)
-        self.study: optuna.Study | None = None
+    Opened to read, the run folder's SQLite file is opened read-only (SQLite's `mode=ro`), never created, locked
+    for writing or changed."""
+
+    shared = False  # a shared study (shared.SharedStudy)
+
+    def __init__(self, run_dir: Path, url: str, name: str, writable: bool):
+        self.run_dir, self.url, self.name, self.writable = Path(run_dir), url, name, writable
         # the run folder's own file (not a shared storage URL): checked, and opened read-only where only read
-        self.db = db = self.run_dir / DB_NAME if self.url == _local_url(self.run_dir) else None
-        if db is not None and db.is_file():
-            _check_sqlite(db, self.run_dir)
-        if not create:
-            if db is None:
-                self.study = self._open(self.url)
-            elif not db.is_file():
-                raise MuaError(f"{self.run_dir} holds no trial store ({DB_NAME}); run `mua sweep --out {self.run_dir}`")
-            elif db.stat().st_size:  # an empty file: a sweep killed while creating it; no trials
-                self.study = self._open("sqlite://", creator=lambda: _read_only(db))
-            return
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise MuaError(f"run folder {self.run_dir} is a file; name a folder with --out")
-        new_dir, new_db = not self.run_dir.exists(), db is not None and not db.exists()
+        self.db = self.run_dir / DB_NAME if url == _local_url(self.run_dir) else None
+        self.study: optuna.Study | None = None
+        self.rdb = None  # the storage object of a writable study
+
+    @classmethod
+    def _made(cls, run_dir: Path, storage: str | None, name: str | None, writable: bool) -> TrialStore:
+        store = cls(run_dir, storage_url(Path(run_dir), storage), name or STUDY, writable)
+        if name is not None:
+            store.shared = True  # read or written as the study named, not the run's own
+        if (problem := check_driver(store.url)) is not None:
+            raise MuaError(problem)
+        if store.db is not None and store.db.is_file():
+            _check_sqlite(store.db, store.run_dir)
+        return store
+
+    @classmethod
+    def open(cls, run_dir: Path, storage: str | None = None, study: str | None = None) -> TrialStore:
+        """An existing store, to read (`study`: that study; None: the run's own). A run folder without one, or
+        a database without that study, is one line."""
+        store = cls._made(run_dir, storage, study, writable=False)
+        db = store.db
+        if db is None:
+            store.study = store._open(store.url)
+        elif not db.is_file():
+            raise MuaError(f"{store.run_dir} holds no trial store ({DB_NAME}); run `mua sweep --out {store.run_dir}`")
+        elif db.stat().st_size:  # an empty file: a sweep killed while creating it; no trials
+            store.study = store._open("sqlite://", creator=lambda: _read_only(db))
+        return store
+
+    @classmethod
+    def create(cls, run_dir: Path, storage: str | None = None, study: str | None = None) -> TrialStore:
+        """The store a sweep writes, made where it is not yet (the run folder too); one that cannot be made
+        leaves nothing behind to pass for a run."""
+        store = cls._made(run_dir, storage, study, writable=True)
+        run_dir, db = store.run_dir, store.db
+        if run_dir.exists() and not run_dir.is_dir():
+            raise MuaError(f"run folder {run_dir} is a file; name a folder with --out")
+        new_dir, new_db = not run_dir.exists(), db is not None and not db.exists()
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)  # recipe.yaml and fit.json live there, whatever the URL
+            run_dir.mkdir(parents=True, exist_ok=True)  # recipe.yaml and fit.json live there, whatever the URL
         except OSError as e:
-            raise MuaError(f"cannot create the run folder {self.run_dir}: {e.strerror or e}") from None
+            raise MuaError(f"cannot create the run folder {run_dir}: {e.strerror or e}") from None
         try:
-            if not os.access(self.run_dir, os.W_OK) or (db is not None and db.exists() and not os.access(db, os.W_OK)):
-                raise MuaError(_read_only_message(self.run_dir, "not writable"))
-            self.study = self._open(self.url)
+            if not os.access(run_dir, os.W_OK) or (db is not None and db.exists() and not os.access(db, os.W_OK)):
+                raise MuaError(_read_only_message(run_dir, "not writable"))
+            store.study = store._open(store.url)
         except MuaError:
-            if new_dir:  # a store that could not be made leaves nothing behind to pass for a run
-                shutil.rmtree(self.run_dir, ignore_errors=True)
+            if new_dir:
+                shutil.rmtree(run_dir, ignore_errors=True)
             elif new_db:
                 for path in (db, db.with_name(DB_NAME + "-journal")):
                     path.unlink(missing_ok=True)
             raise
+        return store
+
+    def _storage(self, url: str):
+        """The storage a writable study is made in: the URL itself (a shared study adds its heartbeats)."""
+        return url
+
+    def _opened(self, study: optuna.Study) -> None:
+        """Checks a study opened for writing (a shared study: its schema)."""
 
     def _open(self, url: str, creator=None) -> optuna.Study | None:
         """The study, created when writable; None when a read-only store has none (killed while being made)."""
-        from .shared import check_schema, make_tables_once, shared_storage
-
         try:
             if not self.writable:
                 kwargs = {"creator": creator} if creator else None
@@ -124,10 +153,9 @@ class TrialStore:
                         return optuna.load_study(study_name=self.name, storage=storage)
                     return None
             make_tables_once(url)
-            storage = self.rdb = shared_storage(url) if self.shared else url
+            storage = self.rdb = self._storage(url)
             study = optuna.create_study(storage=storage, study_name=self.name, load_if_exists=True)
-            if self.shared:
-                check_schema(study)
+            self._opened(study)
             return study
         except STORAGE_ERRORS as e:
             raise self._error(e, "open" if not self.writable else "create") from None
@@ -135,13 +163,6 @@ class TrialStore:
             raise
         except Exception as e:  # sqlalchemy's or alembic's errors for a foreign database or another optuna
             raise MuaError(f"cannot open the trial store {redact(self.url)}: {self._line(e)}") from None
-
-    def open_study(self) -> optuna.Study:
-        """The shared study, opened for work (`mua worker`). Opening the store read-only (create=False) has
-        already said, in one line, where the study does not exist; nothing is created in the database here."""
-        self.writable = True
-        self.study = self._open(self.url)
-        return self.study
 
     def _no_study(self, storage) -> str:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)] if storage is not None else []
@@ -242,11 +263,30 @@ class TrialStore:
             raise self._error(e, "write") from None
 
 
+def meta(recipe: Recipe, spec: TrialSpec) -> dict:
+    """What is stored with a trial besides its result: its LoRA settings and the recipe it ran."""
+    return {
+        **spec.lora_settings(recipe.optim.alpha0),
+        "steps": recipe.optim.steps,
+        "batch_size": recipe.optim.batch_size,
+        "seq_len": recipe.data.seq_len,
+        "fingerprint": recipe.fingerprint(),
+        "recipe": recipe.outcome_fields(),
+    }
+
+
+def stored_trial(t: optuna.trial.FrozenTrial) -> tuple[TrialSpec, TrialResult]:
+    """A stored trial as the planner reads it: its spec and the result's status and metric."""
+    a, p = t.user_attrs, t.params
+    spec = TrialSpec(p["regime"], int(p["rank"]), float(p["lr"]), int(p["seed"]), a["key"])
+    return spec, TrialResult(a.get("status", "failed"), a.get("metric", math.nan))
+
+
 def load_trials(run_dir: Path, storage: str | None = None, study: str | None = None) -> pd.DataFrame:
     """Every stored trial of a run as a DataFrame (one row a trial), read without writing to the store.
 
     `attrs["info"]` holds what the sweep recorded about the run besides the trials (`TrialStore.info`)."""
-    store = TrialStore(run_dir, storage, create=False, study=study)
+    store = TrialStore.open(run_dir, storage, study)
     df = frame(store)
     if df.empty:
         where = f"study {store.name!r}" if store.shared else str(run_dir)
@@ -275,73 +315,6 @@ def frame(store: TrialStore) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     df["rank"] = df["rank"].astype(int)
     return df.sort_values(["regime", "rank", "lr", "seed"]).reset_index(drop=True)
-
-
-def _read_only(db: Path) -> sqlite3.Connection:
-    """A connection that cannot write: SQLite refuses every write on it, whatever the file's permissions."""
-    return sqlite3.connect(f"{Path(db).resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
-
-
-def _check_sqlite(db: Path, run_dir: Path) -> None:
-    """An SQLite file whose pages are whole, checked read-only before anything opens it for writing."""
-    try:
-        with open(db, "rb") as f:
-            head = f.read(16)
-    except OSError as e:
-        raise MuaError(f"run folder {run_dir}: cannot read its trial store {DB_NAME} ({e.strerror or e})") from None
-    if not head:
-        return
-    if head != b"SQLite format 3\x00":
-        raise MuaError(_corrupted_message(run_dir, "no SQLite header"))
-    _roll_back(db, run_dir)
-    try:
-        con = _read_only(db)
-        try:
-            problems = [row[0] for row in con.execute("PRAGMA quick_check(1)")]
-            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        finally:
-            con.close()
-    except sqlite3.DatabaseError as e:  # "database disk image is malformed", "file is not a database"
-        raise MuaError(_corrupted_message(run_dir, _first_line(e))) from None
-    if problems != ["ok"]:
-        lines = [s for s in str(problems[0]).splitlines() if s.strip() and not s.startswith("***")]
-        raise MuaError(_corrupted_message(run_dir, (lines or ["quick_check failed"])[0][:200]))
-    if tables and "version_info" not in tables:  # another program's database: never written to
-        raise MuaError(
-            f"run folder {run_dir}: {DB_NAME} is an SQLite database but not a trial store (its tables: "
-            f"{', '.join(sorted(tables)[:5])}); it was left untouched: use another --out folder"
-        )
-
-
-def _roll_back(db: Path, run_dir: Path) -> None:
-    """Rolls back the unfinished write of a process killed mid-transaction, as any SQLite connection that may
-    write does when it first reads (a "hot" journal): the store is then as it was before that write, nothing
-    finished lost. A read-only connection cannot, and would take the store for unreadable. A journal of a write
-    still in progress (another sweep's) is not hot: SQLite then only waits for it."""
-    journal = db.with_name(db.name + "-journal")
-    try:
-        if not journal.is_file() or not journal.stat().st_size:
-            return
-        con = sqlite3.connect(db, timeout=60)
-        try:
-            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        finally:
-            con.close()
-    except sqlite3.Error as e:
-        if "readonly" not in str(e) and "read-only" not in str(e):
-            raise MuaError(_corrupted_message(run_dir, _first_line(e))) from None
-        raise MuaError(
-            f"run folder {run_dir}: its trial store {DB_NAME} holds a write cut off mid-way ({journal.name}, left by a "
-            "process killed while writing), which SQLite rolls back only where it may write: run the command "
-            "again where the folder is writable"
-        ) from None
-
-
-def _corrupted_message(run_dir: Path, why: str) -> str:
-    return (
-        f"run folder {run_dir}: its trial store {DB_NAME} is corrupted or not an SQLite database ({why}); "
-        "it was left untouched"
-    )
 
 
 def _read_only_message(run_dir: Path, why: str) -> str:
