@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 
 from ..errors import MuaError
 from ..science.theory import FULL, MAX_RANK, REGIMES
+from ..spec.config import LR_MAX, LR_MIN
 from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
 from .store_file import DB_NAME, _check_sqlite, _corrupted_message, _read_only, make_tables_once
@@ -38,7 +39,7 @@ STUDY = "mua"
 DISTRIBUTIONS = {
     "regime": CategoricalDistribution([*REGIMES, FULL]),
     "rank": IntDistribution(0, MAX_RANK),
-    "lr": FloatDistribution(1e-12, 1e6, log=True),
+    "lr": FloatDistribution(LR_MIN, LR_MAX, log=True),
     "seed": IntDistribution(0, 1 << 31),
 }
 # what a store's backend raises when the file or the disk under it fails (optuna wraps sqlalchemy's errors)

@@ -72,6 +72,16 @@ def run_folder(run: Path | None, storage: str | None = None, study: str | None =
     return run
 
 
+def own_store(folder: Path | None, storage: str | None, study: str | None) -> str | None:
+    """--storage; else, for a run folder named on the command line (without --study), that folder's own
+    trials.db, which an exported MUA_STORAGE does not replace; else None (MUA_STORAGE, or the run folder's)."""
+    if storage is None and folder is not None and study is None and os.environ.get("MUA_STORAGE"):
+        from ..api import DB_NAME
+
+        return f"sqlite:///{Path(folder).resolve() / DB_NAME}"
+    return storage
+
+
 def gpu_device_files() -> bool:
     """Whether this machine has NVIDIA's or AMD's GPU device files: a guess made without importing torch."""
     return Path("/dev/nvidiactl").exists() or Path("/dev/kfd").exists()
@@ -143,6 +153,7 @@ def sweep(
         try:
             with sigterm_as_interrupt(), listener:
                 ex = Execution(dev, workers_per_gpu, batch_trials, cuda_graphs, fused_kernels)
+                storage = own_store(out, storage, study)
                 summary = run_sweep(r, run_dir, dev, listener, storage, ex, retry_failed, study)
         except KeyboardInterrupt as e:
             Console(stderr=True).print(
@@ -181,6 +192,7 @@ def fit(
     with user_errors():
         from .report import fit_tables
 
+        storage = own_store(run, storage, study)
         run_dir = run_folder(run, storage, study)
         from ..api import refit
 
@@ -250,6 +262,7 @@ def transfer(
         from .report import prediction_panel
 
         # fit.json where it is newer than the trials (fit wrote it), else a fresh fit
+        storage = own_store(run, storage, study)
         result = fit_of(run_folder(run, storage, study), fresh=False, on_note=note, storage=storage, study=study)
         proxy = fit_of(run_folder(calibrate), fresh=False, on_note=note) if calibrate is not None else None
         pred = predict(result, to, regime, basis, proxy, heuristic)
@@ -347,6 +360,10 @@ def main() -> None:
         code = 0
     except SystemExit as e:
         code = e.code
+    except OSError as e:  # stdout is a full disk (`> /dev/full`) or gone: one line, not a traceback
+        if not _stdout_broken():
+            raise
+        code = _output_failed(e)
     if not isinstance(code, int):
         if code is not None:
             print(code, file=sys.stderr)
@@ -354,9 +371,27 @@ def main() -> None:
     import atexit
 
     atexit._run_exitfuncs()  # noqa: SLF001 — what Python runs at exit; skipped by os._exit
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except OSError as e:
+        code = _output_failed(e)
     sys.stderr.flush()
     os._exit(code)
+
+
+def _stdout_broken() -> bool:
+    try:
+        sys.stdout.flush()
+    except OSError:
+        return True
+    return False
+
+
+def _output_failed(e: OSError) -> int:
+    from .console import error_line
+
+    error_line(f"cannot write the output ({e.strerror or e})")
+    return 2
 
 
 if __name__ == "__main__":

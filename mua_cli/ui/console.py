@@ -28,6 +28,10 @@ class OneLineErrors(TyperGroup):
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        argv = list(args[0] if args and args[0] is not None else kwargs.get("args") or sys.argv[1:])
+        if (blank := _blank_name(argv)) is not None:
+            error_line(blank)
+            sys.exit(2)
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except NoArgsIsHelpError as e:  # `mua` alone: the help
@@ -42,8 +46,24 @@ class OneLineErrors(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+# options whose value names something: an empty one would quietly mean the current folder or a default
+NAMING = {"--out": "a folder", "--study": "a study", "--storage": "a storage URL"}
+
+
+def _blank_name(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name in NAMING and (eq or i + 1 < len(argv)):
+            value = value if eq else argv[i + 1]
+            if not value.strip():
+                return f"{name} must name {NAMING[name]}, not {value!r}"
+    return None
+
+
 def error_line(message: str) -> None:
-    """One red `error:` line on stderr; the message is printed as it is (brackets are not markup)."""
+    """One red `error:` line on stderr; the message is printed as it is (brackets are not markup), a line break
+    in it (a path holding one, say) shown as `\\n`, so that the error stays one line."""
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
     Console(stderr=True).print(Text("error:", style="bold red"), Text(message), highlight=False, soft_wrap=True)
 
 
