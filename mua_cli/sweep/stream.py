@@ -275,11 +275,13 @@ def _refuse_other_settings(run_dir: Path, store: TrialStore, recipe: Recipe) -> 
     """A run's settings as recipe.yaml pins them, else as its store does (the pin the sweep records there, or the
     fingerprint each stored trial carries): a recipe.yaml lost or rewritten does not let other settings in, nor
     lock the run's own settings out."""
-    old = store.info()
-    if not old.get("fingerprint"):
-        prints = {t.user_attrs.get("fingerprint") for t in store.trials()} - {None}
-        if len(prints) == 1:
-            old = {"fingerprint": prints.pop(), **next(iter(t.user_attrs.get("recipe", {}) for t in store.trials()))}
+    old, stored = dict(store.info()), store.trials()
+    prints = {t.user_attrs.get("fingerprint") for t in stored} - {None}
+    if not old.get("fingerprint") and len(prints) == 1:
+        old["fingerprint"] = next(iter(prints))
+    same = [t for t in stored if t.user_attrs.get("fingerprint") == old.get("fingerprint")]
+    if same:  # the settings themselves, so that a refusal names what differs
+        old = {**same[0].user_attrs.get("recipe", {}), **old}
     wrong = recipe.pin_mismatch(old, f"study {store.name!r}" if store.shared else str(run_dir))
     if wrong:
         raise MuaError(wrong.replace("--out folder", "--study") if store.shared else wrong)
