@@ -32,9 +32,9 @@ __all__ = [
 
 
 def start_process_server() -> None:
-    """Starts the server the CPU's slot processes fork from, before this process imports torch (sweep/pool.py):
+    """Starts the server the CPU's slot processes fork from, before this process imports torch (sweep/forkserver.py):
     the two import side by side. Harmless where none is used."""
-    from .sweep.pool import start_process_server as start
+    from .sweep.forkserver import start_process_server as start
 
     start()
 

@@ -21,10 +21,10 @@ RUN = Path(__file__).resolve().parent.parent / "studies" / "results" / "w512"
 NUMBER = re.compile(r"[-+−]?\d+(?:\.\d+)?(?:e[-+]?\d+)?%?")
 
 
-def stored(with_full: bool) -> pd.DataFrame:
+def stored(with_full: bool, ranks=(4, 16, 64)) -> pd.DataFrame:
     df = pd.read_csv(RUN / "trials.csv")
     df["recipe"] = [yaml.safe_load((RUN / "recipe.yaml").read_text())] * len(df)
-    keep = df["regime"].isin(["A:r", "B:1"]) & df["rank"].isin([4, 16, 64])
+    keep = df["regime"].isin(["A:r", "B:1"]) & df["rank"].isin(ranks)
     return df[keep | ((df["regime"] == "full") & with_full)]
 
 
@@ -43,10 +43,11 @@ def basis_lines(panel_text: str, answer: bool) -> str:
     return re.sub(r"\s*│\s*", " ", "\n".join(keep))
 
 
+@pytest.mark.parametrize("ranks", [(4, 16, 64), (4, 16, 64, 256)])
 @pytest.mark.parametrize("with_full", [False, True])
-@pytest.mark.parametrize("target", ["full-ft", 256])
-def test_every_number_transfer_quotes_is_in_the_fit_tables(with_full, target):
-    fit = fit_run(stored(with_full))
+@pytest.mark.parametrize("target", ["full-ft", 1024])
+def test_every_number_transfer_quotes_is_in_the_fit_tables(with_full, target, ranks):
+    fit = fit_run(stored(with_full, ranks))
     shown = text(*fit_tables(fit))
     if target == "full-ft":
         pred = predict_full(fit)
@@ -67,4 +68,5 @@ def test_the_ratio_has_one_direction_and_the_anchor_one_name():
     for t in (shown, quoted):
         assert "B:1 / full" in t and "full / B:1" not in t
         assert "±" not in t  # uncertainty is shown one way: 95 % intervals
-    assert "B:1's η* at rank 16" in shown and "B:1's η* at rank 16" in quoted
+    label = fit.full_vs_b1.anchor_label  # e.g. "B:1's η* at rank 64": a cell of the η* table, by its rank
+    assert label.startswith("B:1's η* at rank ") and label in shown and label in quoted

@@ -116,6 +116,7 @@ class FullComparison:
     ratio_interval: list[float]
     consistent_with_one: bool
     anchor: str = "line16"  # how B:1's η* was read (fit.ANCHORS); fit.json from before the anchor was chosen: the line
+    anchor_label: str = "B:1's fitted line at rank 16"  # the name `mua fit` and `transfer` print for it
 
     def to_dict(self) -> dict:
         return jsonable(asdict(self))
@@ -303,13 +304,55 @@ def anchor_value(b1: RegimeFit, anchor: str) -> tuple[float, float] | None:
     return None if i is None else (ys[i], ses[i])
 
 
-def _compare(b1: RegimeFit, full: RankOptimum) -> FullComparison:
+@dataclass
+class Anchor:
+    """B:1's η* as the full-finetuning rule reads it: log2 value, SE, how (an ANCHORS name, or the fallback
+    "line<rank>"), the label `mua fit` and `transfer` both print, and a note where the fallback was taken."""
+
+    log2: float
+    se: float
+    how: str
+    label: str
+    notes: list[str] = field(default_factory=list)
+
+
+def source_b1(b1: RegimeFit, optima: list[RankOptimum]) -> RegimeFit:
+    """B:1 over the ranks the study predicted from (≤ calibration.FULL_SOURCE_MAX_RANK): a run that swept
+    higher ranks reads its anchor and slope where the study did."""
+    if not b1.ranks_used or max(b1.ranks_used) <= cal.FULL_SOURCE_MAX_RANK:
+        return b1
+    return fit_regime([o for o in optima if o.rank <= cal.FULL_SOURCE_MAX_RANK], b1.regime, b1.prior_sd)
+
+
+def full_anchor(b1: RegimeFit, optima: list[RankOptimum]) -> Anchor | None:
+    """B:1's η* read as the study's anchor (calibration.FULL_ANCHOR) over the study's source ranks. A cell
+    anchor names its rank (the study's sweeps all had it): where the run lacks that cell, the fitted line at
+    that rank stands in, said in a note."""
+    src = source_b1(b1, optima)
+    if not src.ranks_used:
+        return None
+    how = cal.FULL_ANCHOR
+    rank = {"cell16": cal.FULL_REF_RANK, "cell-max": cal.FULL_SOURCE_MAX_RANK}.get(how)
+    if rank is None:
+        c, se = anchor_value(src, how)
+        return Anchor(c, se, how, ANCHOR_LABELS[how])
+    if rank in src.ranks_used:
+        i = src.ranks_used.index(rank)
+        return Anchor(src.log2_lr_stars[i], src.se_log2s[i], how, f"B:1's η* at rank {rank}")
+    c, se = src.line(math.log2(rank))
+    note = (
+        f"B:1 has no η* at rank {rank} in this run (the rank the study's rule reads): its fitted line at rank "
+        f"{rank} stands in, which the study did not score (docs/validation.md)"
+    )
+    return Anchor(c, se, f"line{rank}", f"B:1's fitted line at rank {rank}", [note])
+
+
+def _compare(b1: RegimeFit, full: RankOptimum, optima: list[RankOptimum]) -> FullComparison | None:
     """B:1's η* read as the study's anchor against full finetuning's; the two log2 SEs add in quadrature."""
-    anchor = cal.FULL_ANCHOR
-    a = anchor_value(b1, anchor)
-    if a is None:  # the run lacks that cell: the fitted line at the reference rank, as the prediction falls back
-        anchor, a = "line16", anchor_value(b1, "line16")
-    c, c_se = a
+    a = full_anchor(b1, optima)
+    if a is None:
+        return None
+    c, c_se = a.log2, a.se
     r = c - full.log2_lr_star
     half = Z95 * math.sqrt(c_se**2 + full.se_log2**2)
     return FullComparison(
@@ -322,7 +365,8 @@ def _compare(b1: RegimeFit, full: RankOptimum) -> FullComparison:
         ratio=2**r,
         ratio_interval=[2 ** (r - half), 2 ** (r + half)],
         consistent_with_one=abs(r) <= half,
-        anchor=anchor,
+        anchor=a.how,
+        anchor_label=a.label,
     )
 
 
@@ -350,7 +394,7 @@ def fit_run(df: pd.DataFrame, prior_sd: float = cal.SLOPE_PRIOR_SD) -> FitResult
     present = {o.regime for o in optima}
     fits = {name: fit_regime(optima, name, prior_sd) for name in REGIMES if name in present}
     b1 = fits.get(TRANSFER_REGIME)
-    cmp = _compare(b1, full) if (full is not None and full.usable and b1 and b1.ranks_used) else None
+    cmp = _compare(b1, full, optima) if (full is not None and full.usable and b1 and b1.ranks_used) else None
     return FitResult(
         settings=_settings(df),
         optima=optima,

@@ -167,13 +167,12 @@ def _name(group: Group) -> str:
 
 
 def expected_total(recipe: Recipe) -> int:
-    """A guess at the trials a fresh sweep of `recipe` ends with, for an ETA before the rounds are known: the first
-    round, the fill that completes the grid around each optimum (measured: about half the grid's other LRs), and
-    with `refine` two half-octave LRs per group and the extra seeds at EXTRA_LRS LRs in about half the groups
-    (the embedded default: 18 + 10 + 12 + 12 = 52 of 52, benchmarks/default_plan.json)."""
+    """A guess at the trials a fresh sweep of `recipe` ends with, for an ETA before the groups have decided: the
+    first round, a fill of half the grid's other LRs, and with `refine` two half-octave LRs per group and seed
+    and an extra seed at EXTRA_LRS LRs in every group (the embedded default: 18 + 9 + 12 + 12 = 51 against the 52
+    it runs, benchmarks/default_plan.json). Extensions come on top."""
     first, n_groups, seeds = len(plan(recipe)), len(groups(recipe)), recipe.sweep.seeds
-    grid = len(parse_lrs(recipe.sweep.lrs)) * n_groups * seeds
-    rest = grid - first
+    rest = len(parse_lrs(recipe.sweep.lrs)) * n_groups * seeds - first
     if not recipe.sweep.refine:
-        return first + rest  # the whole grid, as planned; extensions come on top
-    return first + math.ceil(rest / 2) + 2 * n_groups * seeds + EXTRA_LRS * math.ceil(n_groups / 2)
+        return first + rest  # the whole grid, as planned
+    return first + math.ceil(rest / 2) + 2 * n_groups * seeds + EXTRA_LRS * n_groups
