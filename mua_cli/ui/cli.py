@@ -361,7 +361,7 @@ def main() -> None:
     except SystemExit as e:
         code = e.code
     except OSError as e:  # stdout is a full disk (`> /dev/full`) or gone: one line, not a traceback
-        if not _stdout_broken():
+        if not (_writing_stdout(e) or _stdout_broken()):
             raise
         code = _output_failed(e)
     if not isinstance(code, int):
@@ -377,6 +377,16 @@ def main() -> None:
         code = _output_failed(e)
     sys.stderr.flush()
     os._exit(code)
+
+
+def _writing_stdout(e: OSError) -> bool:
+    """Whether `e` came from a write to stdout (the innermost frame holds stdout: click's echo, rich's print)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    ours = (sys.stdout, getattr(sys.stdout, "buffer", None))
+    held = [] if tb is None else [*tb.tb_frame.f_locals.values()]
+    return any(any(x is o for o in ours) for v in held for x in (v, getattr(v, "file", None)))
 
 
 def _stdout_broken() -> bool:
