@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -374,8 +375,9 @@ def main() -> int:
     parser.add_argument("--markdown", action="store_true", help="print docs/reliability.md's table")
     args = parser.parse_args()
     names = args.names or list(PROBES)
-    rows, pg, pg_dir = [], None, None
-    os.environ.setdefault("MUA_CACHE", tempfile.mkdtemp(prefix="mua-probe-cache-"))
+    rows, pg, pg_dir, cache = [], None, None, None
+    if "MUA_CACHE" not in os.environ:  # the pretrained micro model, shared by the probes, removed at the end
+        os.environ["MUA_CACHE"] = cache = tempfile.mkdtemp(prefix="mua-probe-cache-")
     if any(n in POSTGRES_PROBES for n in names):
         from pg_server import PostgresUnavailable, start_server
 
@@ -397,6 +399,9 @@ def main() -> int:
     finally:
         if pg is not None:
             pg.stop()
+        for folder in (pg_dir, cache):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
     if args.markdown:
         print("| fault injected | what survived | result |\n|---|---|---|")
         for name, row, _ in rows:
