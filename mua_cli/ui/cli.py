@@ -14,7 +14,17 @@ from rich.text import Text
 
 from .. import quiet_libraries  # noqa: F401 — before any library prints
 from ..errors import MuaError
-from .console import OneLineErrors, Terminated, note, sigterm_as_interrupt, user_errors
+from .console import (
+    OneLineErrors,
+    Terminated,
+    note,
+    output_failed,
+    own_store,
+    sigterm_as_interrupt,
+    stdout_broken,
+    user_errors,
+    writing_stdout,
+)
 from .recipe_flags import recipe_flags
 
 app = typer.Typer(
@@ -70,16 +80,6 @@ def run_folder(run: Path | None, storage: str | None = None, study: str | None =
     if not run.is_dir():
         raise MuaError(f"run folder {run} does not exist")
     return run
-
-
-def own_store(folder: Path | None, storage: str | None, study: str | None) -> str | None:
-    """--storage; else, for a run folder named on the command line (without --study), that folder's own
-    trials.db, which an exported MUA_STORAGE does not replace; else None (MUA_STORAGE, or the run folder's)."""
-    if storage is None and folder is not None and study is None and os.environ.get("MUA_STORAGE"):
-        from ..api import DB_NAME
-
-        return f"sqlite:///{Path(folder).resolve() / DB_NAME}"
-    return storage
 
 
 def gpu_device_files() -> bool:
@@ -361,9 +361,9 @@ def main() -> None:
     except SystemExit as e:
         code = e.code
     except OSError as e:  # stdout is a full disk (`> /dev/full`) or gone: one line, not a traceback
-        if not (_writing_stdout(e) or _stdout_broken()):
+        if not (writing_stdout(e) or stdout_broken()):
             raise
-        code = _output_failed(e)
+        code = output_failed(e)
     if not isinstance(code, int):
         if code is not None:
             print(code, file=sys.stderr)
@@ -374,34 +374,9 @@ def main() -> None:
     try:
         sys.stdout.flush()
     except OSError as e:
-        code = _output_failed(e)
+        code = output_failed(e)
     sys.stderr.flush()
     os._exit(code)
-
-
-def _writing_stdout(e: OSError) -> bool:
-    """Whether `e` came from a write to stdout (the innermost frame holds stdout: click's echo, rich's print)."""
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    ours = (sys.stdout, getattr(sys.stdout, "buffer", None))
-    held = [] if tb is None else [*tb.tb_frame.f_locals.values()]
-    return any(any(x is o for o in ours) for v in held for x in (v, getattr(v, "file", None)))
-
-
-def _stdout_broken() -> bool:
-    try:
-        sys.stdout.flush()
-    except OSError:
-        return True
-    return False
-
-
-def _output_failed(e: OSError) -> int:
-    from .console import error_line
-
-    error_line(f"cannot write the output ({e.strerror or e})")
-    return 2
 
 
 if __name__ == "__main__":

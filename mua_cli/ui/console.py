@@ -3,10 +3,12 @@ mistakes included), `note:` lines, and exit code 2."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -104,3 +106,36 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def own_store(folder: Path | None, storage: str | None, study: str | None) -> str | None:
+    """--storage; else, for a run folder named on the command line (without --study), that folder's own
+    trials.db, which an exported MUA_STORAGE does not replace; else None (MUA_STORAGE, or the run folder's)."""
+    if storage is None and folder is not None and study is None and os.environ.get("MUA_STORAGE"):
+        from ..api import DB_NAME
+
+        return f"sqlite:///{Path(folder).resolve() / DB_NAME}"
+    return storage
+
+
+def writing_stdout(e: OSError) -> bool:
+    """Whether `e` came from a write to stdout (the innermost frame holds stdout: click's echo, rich's print)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    ours = (sys.stdout, getattr(sys.stdout, "buffer", None))
+    held = [] if tb is None else [*tb.tb_frame.f_locals.values()]
+    return any(any(x is o for o in ours) for v in held for x in (v, getattr(v, "file", None)))
+
+
+def stdout_broken() -> bool:
+    try:
+        sys.stdout.flush()
+    except OSError:
+        return True
+    return False
+
+
+def output_failed(e: OSError) -> int:
+    error_line(f"cannot write the output ({e.strerror or e})")
+    return 2
