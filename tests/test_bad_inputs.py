@@ -436,6 +436,13 @@ def test_a_refused_sweep_leaves_a_run_without_recipe_yaml_resumable(swept, run_c
     assert yaml.safe_load((run_copy / "recipe.yaml").read_text())["steps"] == 20
 
 
+def test_a_run_whose_recipe_yaml_is_binary_resumes_with_its_own_settings(swept, run_copy):
+    (run_copy / "recipe.yaml").write_bytes(b"\xff\xfe\x00\x81")
+    res = mua("sweep", "--recipe", swept.recipe, *SWEEP, "--out", run_copy)
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load((run_copy / "recipe.yaml").read_text())["steps"] == 20  # written again, whole
+
+
 def test_an_exported_mua_storage_does_not_replace_a_named_run_folder(swept, run_copy, monkeypatch):
     monkeypatch.setenv("MUA_STORAGE", "postgresql+psycopg://mua:secret@127.0.0.1:1/mua")  # nothing listens there
     res = mua("fit", run_copy, "--json", "--no-plot")

@@ -304,8 +304,8 @@ def _pin_recipe(run_dir: Path, recipe: Recipe, write: bool = True) -> None:
     path = run_dir / "recipe.yaml"
     if path.is_file():
         try:
-            old = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError:
+            old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError):  # unreadable: the store's pins stand in (_refuse_other_settings)
             old = {}
         wrong = recipe.pin_mismatch(old if isinstance(old, dict) else {}, str(run_dir))
         if wrong:
@@ -313,7 +313,7 @@ def _pin_recipe(run_dir: Path, recipe: Recipe, write: bool = True) -> None:
     if not write:
         return
     text = yaml.safe_dump({**recipe.pin(), **recipe.to_dict()}, sort_keys=False)
-    if path.is_file() and path.read_text() == text:
+    if path.is_file() and path.read_bytes() == text.encode():
         return  # nothing to write: a full disk or a read-only folder cannot cost the resumed run its recipe
     try:
         write_atomic(path, text)
