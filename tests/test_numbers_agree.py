@@ -70,3 +70,16 @@ def test_the_ratio_has_one_direction_and_the_anchor_one_name():
         assert "±" not in t  # uncertainty is shown one way: 95 % intervals
     label = fit.full_vs_b1.anchor_label  # e.g. "B:1's η* at rank 64": a cell of the η* table, by its rank
     assert label.startswith("B:1's η* at rank ") and label in shown and label in quoted
+
+
+def test_the_ratio_model_reads_b1s_slope_over_the_studys_source_ranks():
+    """A run that swept rank 256 gets the same study ratio as without it: the study read B:1's slope over ≤ 64."""
+    from mua_cli.science.full_ft import study_ratio
+
+    wide, narrow = fit_run(stored(False, (4, 16, 64, 256))), fit_run(stored(False, (4, 16, 64)))
+    a, b = study_ratio(wide, wide.regimes["B:1"]), study_ratio(narrow, narrow.regimes["B:1"])
+    assert a.log2 == pytest.approx(b.log2, abs=0.01)  # the noise is pooled over the ranks swept: not identical
+    if cal.B1_OVER_FULL_MODEL and "slope" in cal.B1_OVER_FULL_MODEL["columns"]:
+        shown = float(a.basis.split("≤ 64, ")[1].split(",")[0])
+        assert shown == pytest.approx(narrow.regimes["B:1"].slope, abs=0.002)
+        assert shown != pytest.approx(wide.regimes["B:1"].slope, abs=0.02)  # not the slope over ranks 4–256

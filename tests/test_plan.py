@@ -88,8 +88,9 @@ def test_a_filled_sweep_fits_as_the_whole_grid_would(micro_recipe_path, tmp_path
     """The sweep runs fewer trials than the grid holds, and every η* and interval is the one the fit gives with
     the rest of the grid run as well."""
     from mua_cli.science.fit import fit_run
+    from mua_cli.sweep.plan import meta
     from mua_cli.sweep.sizing import Execution
-    from mua_cli.sweep.store import TrialStore, load_trials, meta
+    from mua_cli.sweep.store import TrialStore, load_trials
     from mua_cli.sweep.stream import run_sweep
     from mua_cli.train import loop as train
 
@@ -153,8 +154,8 @@ def _streamed(recipe, run, slots):
 
 def _by_rounds(recipe, run, loss):
     """Round by round, as a shared study's planner decides: every round's trials in before the next is planned."""
-    from mua_cli.sweep.plan import Planner
-    from mua_cli.sweep.store import TrialStore, frame, meta
+    from mua_cli.sweep.plan import Planner, meta
+    from mua_cli.sweep.store import TrialStore, frame
 
     store, planner = TrialStore.create(run), Planner(recipe, set())
     pending = planner.first()

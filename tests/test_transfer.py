@@ -272,7 +272,7 @@ def test_full_ft_with_a_ratio_model_reads_the_runs_slope(monkeypatch):
     log2_ratio = 1.5 - 1.0 * slope
     assert p.evidence["b1_over_full"] == pytest.approx(2**log2_ratio)
     assert p.lr == pytest.approx(p.evidence["b1_lr"] / 2**log2_ratio)
-    assert f"B:1's measured slope {slope:+.3f}" in p.reason
+    assert f"B:1's measured slope over ranks ≤ 64, {slope:+.3f}" in p.reason
     v = np.array([1.0, slope])
     se_ratio = 0.2 * math.sqrt(1 + v @ np.array(model["cov"]) @ v)
     assert half_width(p) > 2.2 * se_ratio  # t(10) quantile, wider than the normal's

@@ -13,7 +13,8 @@ from scipy import stats
 
 from ..errors import MuaError
 from . import calibration as cal
-from .fit import FitResult, RegimeFit, full_anchor, source_b1
+from .anchor import full_anchor, source_b1
+from .fit import FitResult, RegimeFit, fit_regime
 from .rank_optima import Z95
 from .theory import HEURISTIC_FACTOR, HEURISTIC_REGIME, TRANSFER_REGIME
 from .transfer import FULL_BASES, FULL_TARGET, Prediction, check_basis, common_settings, lr_interval, lr_text, too_few
@@ -68,7 +69,7 @@ def _t(dof: float) -> float:
 def _features(fit: FitResult, b1: RegimeFit) -> dict[str, float]:
     """The run's values of the features a ratio model may use (the study's names, studies/report.py); B:1's
     slope over the ranks the study predicted from."""
-    b1 = source_b1(b1, fit.optima)
+    b1 = source_b1(b1, fit.optima, fit_regime)
     out = {"slope": b1.slope if b1.slope is not None else 0.0, "steps": math.log2(int(fit.settings.get("steps") or 1))}
     task = (fit.settings.get("recipe") or {}).get("task") or "causal-lm"
     for name in (cal.B1_OVER_FULL_MODEL or {}).get("columns", []):
@@ -93,7 +94,7 @@ def study_ratio(fit: FitResult, b1: RegimeFit) -> StudyRatio:
     log2 = float(v @ np.array(m["coef"]))
     se = m["s"] * math.sqrt(1 + float(v @ np.array(m["cov"]) @ v))
     shown = ", ".join(
-        f"B:1's measured slope {b1.slope:+.3f}"
+        f"B:1's measured slope over ranks ≤ {cal.FULL_SOURCE_MAX_RANK}, {feats['slope']:+.3f}"
         if c == "slope"
         else f"{int(fit.settings.get('steps'))} steps"
         if c == "steps"
@@ -113,7 +114,7 @@ def _full_line(fit: FitResult, b1: RegimeFit, basis: str, calibration: FitResult
             f"full-finetuning LR (labelled: the study found it too high, see docs/validation.md)"
         )
         return centre, Z95 * se, reason, [], {}
-    anchor = full_anchor(b1, fit.optima)
+    anchor = full_anchor(b1, fit.optima, fit_regime)
     ref, ref_se, notes = anchor.log2, anchor.se, list(anchor.notes)
     at = f"{anchor.label} ({lr_text(2.0**ref)})"
     evidence = {

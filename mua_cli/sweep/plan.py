@@ -176,3 +176,22 @@ def expected_total(recipe: Recipe) -> int:
     if not recipe.sweep.refine:
         return first + rest  # the whole grid, as planned
     return first + math.ceil(rest / 2) + 2 * n_groups * seeds + EXTRA_LRS * n_groups
+
+
+def meta(recipe: Recipe, spec: TrialSpec) -> dict:
+    """What is stored with a trial besides its result: its LoRA settings and the recipe it ran."""
+    return {
+        **spec.lora_settings(recipe.optim.alpha0),
+        "steps": recipe.optim.steps,
+        "batch_size": recipe.optim.batch_size,
+        "seq_len": recipe.data.seq_len,
+        "fingerprint": recipe.fingerprint(),
+        "recipe": recipe.outcome_fields(),
+    }
+
+
+def stored_trial(t) -> tuple[TrialSpec, TrialResult]:
+    """A stored trial as the planner reads it: its spec and the result's status and metric."""
+    a, p = t.user_attrs, t.params
+    spec = TrialSpec(p["regime"], int(p["rank"]), float(p["lr"]), int(p["seed"]), a["key"])
+    return spec, TrialResult(a.get("status", "failed"), a.get("metric", math.nan))

@@ -28,6 +28,8 @@ from optuna.trial import TrialState
 
 from ..errors import MuaError
 from ..spec.trial import TrialResult, TrialSpec
+from .optuna_private import running_without_heartbeat, storage_of
+from .optuna_private import trial_id as id_of
 from .store import DISTRIBUTIONS, STORAGE_ERRORS, TrialStore
 
 # a worker's heartbeat for the trials it holds; a RUNNING trial without one for GRACE_S is stale: failed, and
@@ -166,7 +168,7 @@ def _spec(t: optuna.trial.FrozenTrial) -> TrialSpec | None:
 
 def claim(study: optuna.Study, k: int, batchable: Callable[[TrialSpec], bool]) -> list[tuple[int, TrialSpec]]:
     """Up to k waiting trials of one (regime, rank, seed) that this process now holds (RUNNING); [] if none."""
-    storage = study._storage  # noqa: SLF001 — set_trial_state_values is the storage's public method
+    storage = storage_of(study)  # set_trial_state_values is the storage's public method
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     out: list[tuple[int, TrialSpec]] = []
     specs = [(t, spec) for t in waiting if (spec := _spec(t)) is not None]
@@ -174,13 +176,13 @@ def claim(study: optuna.Study, k: int, batchable: Callable[[TrialSpec], bool]) -
         if out and (len(out) >= k or not batchable(spec) or (spec.regime, spec.rank, spec.seed) != _group(out)):
             continue
         try:
-            if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):  # noqa: SLF001
-                first_beat(study, t._trial_id)  # noqa: SLF001
-                storage.set_trial_system_attr(t._trial_id, "mua_worker", worker_id())  # noqa: SLF001
+            if storage.set_trial_state_values(id_of(t), state=TrialState.RUNNING):
+                first_beat(study, id_of(t))
+                storage.set_trial_system_attr(id_of(t), "mua_worker", worker_id())
                 for name, value in _params(spec).items():  # what readers of finished trials go by
                     dist = DISTRIBUTIONS[name]
-                    storage.set_trial_param(t._trial_id, name, dist.to_internal_repr(value), dist)  # noqa: SLF001
-                out.append((t._trial_id, spec))  # noqa: SLF001
+                    storage.set_trial_param(id_of(t), name, dist.to_internal_repr(value), dist)
+                out.append((id_of(t), spec))
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # finished by another worker in the meantime
         if out and not batchable(out[0][1]):
@@ -193,7 +195,7 @@ def first_beat(study: optuna.Study, trial_id: int, tries: int = 3) -> None:
     or fail together: the beat is tried again (it writes one row per trial, so a retry is harmless), and where it
     still cannot be written the trial goes back to the queue before the error is raised. A RUNNING trial without a
     heartbeat would otherwise never go stale, and the planner would wait for it forever."""
-    storage = study._storage  # noqa: SLF001
+    storage = storage_of(study)
     for attempt in range(tries):
         try:
             storage.record_heartbeat(trial_id)
@@ -213,7 +215,7 @@ def _group(held: list[tuple[int, TrialSpec]]) -> tuple:
 
 def finish(study: optuna.Study, trial_id: int, result: TrialResult, meta: dict) -> None:
     """Writes a held trial's result: its attributes, then its state (what readers go by)."""
-    storage = study._storage  # noqa: SLF001
+    storage = storage_of(study)
     attrs = {**result.to_dict(), **meta}
     status = attrs.pop("status")
     for name, value in [*attrs.items(), ("status", status)]:  # status last: present means every attribute is
@@ -226,7 +228,7 @@ def finish(study: optuna.Study, trial_id: int, result: TrialResult, meta: dict) 
 
 def release(study: optuna.Study, held: list[tuple[int, TrialSpec]]) -> None:
     """Hands trials this process holds back to the queue (Ctrl-C): each is failed and queued again at once."""
-    storage = study._storage  # noqa: SLF001
+    storage = storage_of(study)
     for trial_id, _ in held:
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             storage.set_trial_system_attr(trial_id, "mua_released", True)
@@ -244,7 +246,7 @@ def reap(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    now, beatless = time.monotonic(), _running_without_heartbeat(study)
+    now, beatless = time.monotonic(), running_without_heartbeat(study)
     for trial_id in list(_BEATLESS_SINCE):
         if trial_id not in beatless:
             del _BEATLESS_SINCE[trial_id]
@@ -255,23 +257,6 @@ def reap(study: optuna.Study) -> None:
 
 
 _BEATLESS_SINCE: dict[int, float] = {}  # trial id -> when this process first saw it RUNNING without a heartbeat
-
-
-def _running_without_heartbeat(study: optuna.Study) -> set[int]:
-    from optuna.storages._rdb import models
-
-    rdb = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001 — under Optuna's cache
-    query = (
-        sqlalchemy.select(models.TrialModel.trial_id)
-        .outerjoin(models.TrialHeartbeatModel, models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
-        .where(
-            models.TrialModel.study_id == study._study_id,  # noqa: SLF001
-            models.TrialModel.state == TrialState.RUNNING,
-            models.TrialHeartbeatModel.trial_id.is_(None),
-        )
-    )
-    with rdb.engine.connect() as conn:
-        return {row[0] for row in conn.execute(query)}
 
 
 def counts(study: optuna.Study) -> tuple[int, int]:
@@ -290,7 +275,7 @@ class Heartbeat:
         self.thread.start()
 
     def _beat(self) -> None:
-        storage = self.study._storage  # noqa: SLF001
+        storage = storage_of(self.study)
         while not self._stop.wait(HEARTBEAT_S):
             for trial_id, _ in list(self.held):
                 with contextlib.suppress(Exception):  # a database restarting: the next beat tries again

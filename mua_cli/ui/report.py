@@ -156,7 +156,8 @@ def full_table(fit) -> Table | None:
     """Full finetuning: B:1's η* as the study's rule reads it, the study's B:1 / full ratio, the prediction, and
     beside them what the run measured. Every number `mua transfer --to full-ft` quotes is here, under one name."""
     from ..errors import MuaError
-    from ..science.fit import full_anchor
+    from ..science.anchor import full_anchor
+    from ..science.fit import fit_regime
     from ..science.full_ft import predict_full, study_ratio
 
     b1 = fit.regimes.get("B:1")
@@ -166,7 +167,7 @@ def full_table(fit) -> Table | None:
         pred = predict_full(fit, basis="predict")
     except MuaError:
         return None
-    anchor = full_anchor(b1, fit.optima)
+    anchor = full_anchor(b1, fit.optima, fit_regime)
     ref, label = anchor.log2, anchor.label
     sr = study_ratio(fit, b1)
     lo, hi = sr.interval
