@@ -17,7 +17,7 @@ from ..errors import MuaError
 from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
 from .forkserver import process_context
-from .sizing import Execution, keep_freed_memory, rides, slots_per_gpu, trials_per_pass, units
+from .sizing import Execution, UnitCosts, keep_freed_memory, rides, slots_per_gpu, trials_per_pass, units
 from .trainer import Trainer
 
 LOSS_EVERY = 10  # steps between a running trial's losses sent to the main thread (Listener.loss)
@@ -116,6 +116,8 @@ class Pool:
         self.n_slots = len(slots) + len(procs)
         self.units_out = 0  # units queued or running
         self.left: dict[int, int] = {}  # unit id → its trials not yet back
+        self.unit: dict[int, list[TrialSpec]] = {}  # unit id → the unit, until its trials are back
+        self.costs = UnitCosts(recipe, first.n_params)  # the order units are queued in, refined as they finish
         self.unit_of: dict[str, int] = {}  # trial key → its unit's id
         self.outstanding = 0  # trials queued or running
         self._ids = 0
@@ -159,15 +161,16 @@ class Pool:
         """Queues `specs` as units, at once: the slots take them as they free up. Where slots would idle, no fewer
         units than idle slots; else units as large as a pass allows. `spare`: trials that may ride along in a
         unit with room, up to a full pass, where the model is small (sizing.rides); their results come back like
-        any other. Returns the units queued."""
+        any other. The costliest first (sizing.UnitCosts), so that no slot is left running a long unit alone at the
+        end. Returns the units queued."""
         if not specs:
             return []
         idle = max(1, self.n_slots - self.units_out)
         k = min(self.k, max(1, math.ceil(len(specs) / idle)))
-        queued = units(specs, self.recipe, k, spare if self.rides else (), room=self.k)
+        queued = self.costs.longest_first(units(specs, self.recipe, k, spare if self.rides else (), room=self.k))
         for unit in queued:
             uid = self._ids = self._ids + 1
-            self.left[uid] = len(unit)
+            self.left[uid], self.unit[uid] = len(unit), unit
             for s in unit:
                 self.unit_of[s.key] = uid
             self.units_out += 1
@@ -195,6 +198,10 @@ class Pool:
                     if not self.left[uid]:
                         del self.left[uid]
                         self.units_out -= 1
+                        info = message[2].info
+                        if "finished_at" in info:
+                            self.costs.record(self.unit[uid], info["finished_at"] - info["started_at"])
+                        del self.unit[uid]
                 return spec, message[2]
 
     def _serve(self, slot: _Slot) -> None:

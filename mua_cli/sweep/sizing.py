@@ -112,6 +112,43 @@ def units(pending: list[TrialSpec], recipe: Recipe, k: int, spare=(), room: int 
     return out
 
 
+FULL_WORK = 3.0  # a full finetuning trial against one LoRA trial of the same steps: a guess, replaced once measured
+
+
+class UnitCosts:
+    """What a unit costs, to queue the costliest first (the slots then finish close together): trials × steps ×
+    the model's size, a full finetuning trial counted FULL_WORK times, until units of the same shape (regime,
+    rank, trials) have run; then their measured seconds. A shape not yet run is scaled by what the estimate
+    proved to be worth in seconds on the shapes that have, so that estimates and measurements compare."""
+
+    def __init__(self, recipe: Recipe, n_params: int):
+        self.per_trial = recipe.optim.steps * float(n_params)
+        self.seen: dict[tuple, float] = {}  # shape → measured seconds of its last unit
+        self.worth: list[float] = []  # seconds per estimate unit, one per unit measured
+
+    @staticmethod
+    def shape(unit: list[TrialSpec]) -> tuple:
+        return unit[0].regime, unit[0].rank, len(unit)
+
+    def estimate(self, unit: list[TrialSpec]) -> float:
+        return sum(FULL_WORK if s.regime == "full" else 1.0 for s in unit) * self.per_trial
+
+    def seconds(self, unit: list[TrialSpec]) -> float:
+        if (known := self.seen.get(self.shape(unit))) is not None:
+            return known
+        worth = sorted(self.worth)[len(self.worth) // 2] if self.worth else 1.0
+        return self.estimate(unit) * worth
+
+    def record(self, unit: list[TrialSpec], seconds: float) -> None:
+        if seconds > 0:
+            self.seen[self.shape(unit)] = seconds
+            self.worth.append(seconds / self.estimate(unit))
+
+    def longest_first(self, queued: list[list[TrialSpec]]) -> list[list[TrialSpec]]:
+        """`queued` by cost, the costliest first; equal costs keep their order."""
+        return sorted(queued, key=self.seconds, reverse=True)
+
+
 # The CPU. A small model's step spends as much time in Python as in arithmetic, and its matrices are too small
 # for threads to share well: one worker process of one thread per core runs more trials per hour than one
 # process of every thread, and a process of two threads slows many times over when another program takes a
