@@ -69,8 +69,8 @@ def _sweep(recipe, folder, n_gpus, gpus):
 
 
 @pytest.mark.slow
-def test_two_and_three_gpus_store_the_trials_and_find_the_lrs_of_one(micro_recipe_path, tmp_path, gpus):
-    """The whole adaptive sweep (grid, fill, extension) on one device and on 2 and 3 simulated GPUs: the same
+def test_two_gpus_store_the_trials_and_find_the_lrs_of_one(micro_recipe_path, tmp_path, gpus):
+    """The whole adaptive sweep (grid, fill, extension) on one device and on 2 simulated GPUs: the same
     trials, the same metrics (each trial is seeded by its key, whatever slot runs it), the same η*; every GPU ran
     trials."""
     from mua_cli.spec.recipe import load_recipe
@@ -78,12 +78,11 @@ def test_two_and_three_gpus_store_the_trials_and_find_the_lrs_of_one(micro_recip
     recipe = load_recipe(str(micro_recipe_path)).replace(steps=8)
     ref, ref_optima = _sweep(recipe, tmp_path / "one", 0, gpus)
     assert len(ref) >= 20 and any(lr is not None for lr, _, _ in ref_optima.values())
-    for n in (2, 3):
-        df, optima = _sweep(recipe, tmp_path / f"gpus{n}", n, gpus)
-        assert list(df["key"]) == list(ref["key"]) and list(df["status"]) == list(ref["status"])
-        assert df["metric"].to_numpy() == pytest.approx(ref["metric"].to_numpy(), rel=1e-6, nan_ok=True)
-        assert optima == ref_optima
-        assert set(df["device"]) == {f"cuda:{i}" for i in range(n)}  # every GPU took units
+    df, optima = _sweep(recipe, tmp_path / "two", 2, gpus)
+    assert list(df["key"]) == list(ref["key"]) and list(df["status"]) == list(ref["status"])
+    assert df["metric"].to_numpy() == pytest.approx(ref["metric"].to_numpy(), rel=1e-6, nan_ok=True)
+    assert optima == ref_optima
+    assert set(df["device"]) == {"cuda:0", "cuda:1"}  # both GPUs took units
 
 
 class Timed:
