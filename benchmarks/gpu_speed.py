@@ -39,7 +39,8 @@ Workloads, all with random weights (step time does not depend on them; the hubs 
   N = the matmul weights, T = tokens per step; LoRA's own FLOPs (< 1 %) left out. The share is of the
   datasheet's 989 TFLOP/s dense bf16 and of an 8192³ bf16 matmul measured in the same run. The floor: the
   step's matrix multiplies and attention alone, timed as CUDA graph replays (step_floor).
-- --scaling: mua's race half only (sweep, fit, transfer) on the first 1, 2, 4 … and all visible GPUs, in turn.
+- --scaling: mua's race half only (sweep, fit, transfer) on the first 1, 2, 4 … and all visible GPUs, in turn
+  (with --smoke: 1 and 2 slots on the CPU, the harness alone).
 - --diag (last, so that its runs do not warm the races' kernels): ms per trial-step in one process, eager and
   graphed, fused and not, for K = 1…16 trials per pass, and the 350M trial torch.compile'd (an experiment).
 - --smoke: every workload at a tiny shape (width 32, one layer), 4 steps, 3 LRs, one rank, on the CPU unless
@@ -309,11 +310,15 @@ def gpu_counts(n: int) -> list[int]:
     return sorted({*(2**i for i in range(n.bit_length()) if 2**i <= n), n})
 
 
-def scaling(name: str, steps: int, flags: list[str]) -> dict:
-    """mua's sweep, fit and transfer on the first 1, 2, 4 … and all visible GPUs, one count after another."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))
-    ids = [v for v in visible.split(",") if v.strip()]
-    recipe = recipe_for(name, steps)
+def scaling(name: str, steps: int, flags: list[str], smoke: bool = False) -> dict:
+    """mua's sweep, fit and transfer on the first 1, 2, 4 … and all visible GPUs, one count after another.
+    `smoke`: the tiny shape on the CPU, 1 and 2 slots standing in for the GPUs: the harness end to end."""
+    if smoke:
+        ids = ["cpu", "cpu"]
+    else:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))
+        ids = [v for v in visible.split(",") if v.strip()]
+    recipe = recipe_for(name, steps, smoke)
     seed_cache(recipe)
     rows = []
     with tempfile.TemporaryDirectory(prefix=f"mua-scaling-{name}-") as d:
@@ -321,7 +326,11 @@ def scaling(name: str, steps: int, flags: list[str]) -> dict:
         recipe_file.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         for n in gpu_counts(len(ids)):
             run = Path(d) / f"run{n}"
-            mua = mua_answer(recipe_file, run, "cuda", flags, {"CUDA_VISIBLE_DEVICES": ",".join(ids[:n])})
+            if smoke:
+                slots = [f for f in flags if not f.startswith("--workers-per-gpu")] + [f"--workers-per-gpu={n}"]
+                mua = mua_answer(recipe_file, run, "cpu", slots)
+            else:
+                mua = mua_answer(recipe_file, run, "cuda", flags, {"CUDA_VISIBLE_DEVICES": ",".join(ids[:n])})
             df = load_trials(run)
             s = mua["sweep"]
             tl = timeline(run, s["start"], s["end"], s["start"] + mua["answer_s"])
@@ -753,10 +762,10 @@ def main() -> None:
     print(rec.header(), flush=True)
     path = rec.save(args.out)
     if args.scaling:
-        if not cuda:
-            sys.exit("--scaling needs CUDA GPUs")
+        if not cuda and not args.smoke:
+            sys.exit("--scaling needs CUDA GPUs (--smoke: 1 and 2 CPU slots)")
         for name in [n for n in only if n in SHAPES]:
-            rec.add("scaling", scaling(name, steps, flags))
+            rec.add("scaling", scaling(name, steps, flags, args.smoke))
             path = rec.save(args.out)
     else:
         for name in [n for n in only if n in RACES and not args.no_sweeps]:
