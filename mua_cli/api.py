@@ -25,7 +25,7 @@ from .sweep.store import DB_NAME, load_trials
 
 __all__ = [
     "Execution", "FitResult", "Listener", "MuaError", "Prediction", "Recipe", "SweepSummary",
-    "fit", "fit_run", "load_recipe", "load_trials", "predict", "refit", "run_sweep",
+    "export_trials", "fit", "fit_run", "load_recipe", "load_trials", "predict", "refit", "run_sweep",
 ]  # fmt: skip
 
 
@@ -119,3 +119,40 @@ def predict(
     if name is None:
         raise MuaError("the run has no LoRA trials to predict from")
     return predict_rank(result, name, rank, basis=basis)
+
+
+TRIAL_FORMATS = ("csv", "json")
+
+
+def export_trials(run_dir: str | Path, fmt: str = "csv", storage: str | None = None, study: str | None = None) -> str:
+    """A run's trials as CSV or JSON text, one row (object) a trial, as `optuna trials -f json` exports a study:
+    the trial's number, regime, rank, lr, seed, status, metric, and what the store keeps of it (its key, loss
+    curve, held-out loss, peft settings, wall time). JSON: a non-finite metric (a diverged trial's) is null; CSV:
+    lists and mappings are JSON text in their cell."""
+    import math
+
+    if fmt not in TRIAL_FORMATS:
+        raise MuaError(f"unknown --format {fmt!r}; choose from {', '.join(TRIAL_FORMATS)}")
+    df = load_trials(Path(run_dir), storage, study)
+
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v.item() if hasattr(v, "item") and not isinstance(v, str | bytes) else v
+
+    rows = [{k: clean(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
+    if fmt == "json":
+        return json.dumps(rows, indent=1, allow_nan=False)
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(df.columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in row.items()})
+    return out.getvalue()

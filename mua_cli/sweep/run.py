@@ -24,6 +24,7 @@ from ..train.shapes import rank_limit
 from .execute import Execution, executor
 from .grid import extension, fill, grid_plan, groups, make_spec, plan, refinement
 from .store import TrialStore, frame
+from .trackers import Reporting, open_trackers
 
 
 class Listener:
@@ -70,6 +71,8 @@ def run_sweep(
             stack.enter_context(folder_lock(run_dir, listener))
         try:
             store = TrialStore(run_dir, storage, study=study)
+            if trackers := open_trackers(recipe.sweep.report_to, run_dir, store.name):
+                listener = Reporting(listener, trackers, recipe)
         except MuaError:
             if fresh:
                 shutil.rmtree(run_dir, ignore_errors=True)

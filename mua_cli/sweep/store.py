@@ -32,7 +32,7 @@ from ..science.theory import FULL, MAX_RANK, REGIMES
 from ..spec.trial import TrialResult, TrialSpec
 from .urls import check_driver, connection_problem, redact, scrub, with_driver
 
-STUDY = "mua"
+STUDY = "mua"  # every run's study before they were named after their folders; such runs are read as they are
 DB_NAME = "trials.db"
 DISTRIBUTIONS = {
     "regime": CategoricalDistribution([*REGIMES, FULL]),
@@ -44,6 +44,13 @@ DISTRIBUTIONS = {
 STORAGE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, OSError)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def study_name(run_dir: Path) -> str:
+    """A run's own study: named after its folder, so that the studies of many runs stay apart in optuna-dashboard
+    and in one storage URL. A store that already holds one study (a run made when every study was `mua`, or a
+    folder renamed since) keeps its name."""
+    return Path(run_dir).resolve().name or STUDY
 
 
 def storage_url(run_dir: Path, storage: str | None = None) -> str:
@@ -62,7 +69,7 @@ class TrialStore:
         """`study`: a shared study (sweep/shared.py) of that name; None: the run's own study."""
         self.run_dir = Path(run_dir)
         self.url = storage_url(self.run_dir, storage)
-        self.writable, self.name, self.shared = create, study or STUDY, study is not None
+        self.writable, self.name, self.shared = create, study or study_name(self.run_dir), study is not None
         self.rdb = None  # a shared study's storage (sweep/shared.py)
         if (problem := check_driver(self.url)) is not None:
             raise MuaError(problem)
@@ -123,7 +130,11 @@ class TrialStore:
                         self.name = names[0]
                         return optuna.load_study(study_name=self.name, storage=storage)
                     return None
-            storage = self.rdb = shared_storage(url) if self.shared else url
+            storage = self.rdb = shared_storage(url) if self.shared else optuna.storages.get_storage(url)
+            if not self.shared:
+                names = optuna.get_all_study_names(storage)
+                if len(names) == 1 and self.name not in names:
+                    self.name = names[0]
             study = optuna.create_study(storage=storage, study_name=self.name, load_if_exists=True)
             if self.shared:
                 check_schema(study)
@@ -214,6 +225,7 @@ class TrialStore:
             value=None if state == TrialState.FAIL else result.metric,
             state=state,
             user_attrs=attrs,
+            intermediate_values=intermediate_values(result.loss_curve),
         )
         try:
             self.study.add_trial(trial)  # one transaction: a trial is stored whole or not at all
@@ -239,6 +251,18 @@ class TrialStore:
                     self.study.set_user_attr(k, v)
         except STORAGE_ERRORS as e:
             raise self._error(e, "write") from None
+
+
+MAX_CURVE_POINTS = 500
+
+
+def intermediate_values(curve: list[float]) -> dict[int, float]:
+    """A trial's training loss by step (0-based), as Optuna's intermediate values, so optuna-dashboard draws
+    each trial's curve. At most MAX_CURVE_POINTS steps, evenly spaced, the last always kept; non-finite losses
+    (the step a trial diverged) are left out."""
+    every = max(1, math.ceil(len(curve) / MAX_CURVE_POINTS))
+    steps = [*range(0, len(curve), every), *([len(curve) - 1] if curve and (len(curve) - 1) % every else [])]
+    return {i: float(curve[i]) for i in steps if math.isfinite(curve[i])}
 
 
 def load_trials(run_dir: Path, storage: str | None = None, study: str | None = None) -> pd.DataFrame:
