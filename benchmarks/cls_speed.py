@@ -1,12 +1,18 @@
 """Classifiers: mua's sweep against a plain serial peft loop, on the same trials, in the same run.
 
-    python benchmarks/cls_speed.py [--only minilm,vit-base] [--steps 100] [--device cuda:0]
+    python benchmarks/cls_speed.py [--only minilm,minilm-text,vit-base] [--steps 100] [--device cuda:0]
         [--model PATH --data PATH]   # minilm with other weights and labelled data (e.g. a real checkpoint)
-        [--out benchmarks/cls_speed.json]
+        [--out FILE]                 # default benchmarks/out/cls_speed-<UTC time>.json (benchmarks/record.py)
 
-Workloads, built here with random weights (step time does not depend on them; the hubs are out of reach):
+The workloads' builders here are also gpu_speed.py's (which races them as a user runs mua: `mua sweep`, `mua
+fit`, `mua transfer`). Built with random weights (step time does not depend on them; the hubs are out of reach):
 - minilm: a BERT of all-MiniLM-L6-v2's shape (22.7M parameters: width 384, 6 layers, vocabulary 30522),
-  sequence classification of sentences that hold a class word, batch 16, at most 128 tokens;
+  sequence classification of sentences of random words that hold a class word, batch 16, at most 128 tokens;
+- minilm-text: the same BERT on real text of real length: the docstrings of ten packages of the running Python's
+  standard library (asyncio, email, http, importlib, json, logging, multiprocessing, unittest, urllib, xml), read
+  from their sources with `ast` (nothing imported, nothing downloaded), joined in source order into texts of 48
+  to 90 words (about 64 to 128 tokens), each labelled by its package; a WordPiece tokenizer trained on those
+  texts (`tokenizers`), so that the words split as in a real vocabulary;
 - vit-base: a ViT-Base/16 (86M: width 768, 12 layers, 224 × 224 images), image classification of noise images
   whose class is a faint tint (red or blue channel a little brighter), 15 % of labels flipped so that no LR
   reaches a loss of 0, batch 16.
@@ -26,7 +32,6 @@ after a warm-up trial of the plain loop (CUDA's start and kernel autotuning are 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import random
@@ -35,16 +40,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mua_cli.spec.recipe import Recipe  # noqa: E402
-from mua_cli.sweep.execute import Execution  # noqa: E402
-from mua_cli.sweep.grid import plan  # noqa: E402
-from mua_cli.sweep.run import Listener, run_sweep  # noqa: E402
-from mua_cli.sweep.store import load_trials  # noqa: E402
+from record import Recording, table  # noqa: E402
+
+from mua_cli.api import Execution, Listener, Recipe, load_trials, run_sweep  # noqa: E402
 from mua_cli.train.adapters import head_modules, param_groups, prepare  # noqa: E402
 from mua_cli.train.loop import lr_lambda  # noqa: E402
 from mua_cli.train.workload import load_workload  # noqa: E402
@@ -83,6 +87,97 @@ def minilm(folder: Path, n: int, small: bool) -> tuple[Path, Path]:
     return folder / "model", data
 
 
+# ten packages found in every CPython since 3.8 (distutils left 3.12, tkinter is a separate package on some
+# systems): their docstrings hold 2,500 to 14,000 words each
+PACKAGES = ("asyncio", "email", "http", "importlib", "json", "logging", "multiprocessing", "unittest", "urllib", "xml")
+
+
+def docstring_texts(packages=PACKAGES, words=(48, 90), seed: int = 0) -> list[dict]:
+    """Texts of real length from the standard library's docstrings, labelled by package, the same on every run
+    of one Python version: each package's docstrings (modules, classes, functions, in sorted file order and source
+    order; tests left out), whitespace collapsed, joined until a text holds its drawn number of words."""
+    import ast
+    import sysconfig
+
+    std = Path(sysconfig.get_paths()["stdlib"])
+    rng = random.Random(seed)
+    rows = []
+    for name in packages:
+        if not (std / name).is_dir():
+            continue
+        chunk: list[str] = []
+        want = rng.randint(*words)
+        for path in sorted((std / name).rglob("*.py")):
+            if any(p.startswith("test") for p in path.relative_to(std / name).parts):
+                continue
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    chunk += doc.split() if doc else []
+                    while len(chunk) >= want:
+                        rows.append({"text": " ".join(chunk[:want]), "label": name})
+                        chunk, want = chunk[want:], rng.randint(*words)
+    rng.shuffle(rows)
+    return rows
+
+
+def wordpiece(texts: list[str], vocab_size: int):
+    """A BERT-style WordPiece tokenizer (lower case, [CLS] … [SEP]) trained on `texts`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")  # fmt: skip
+
+
+def minilm_text(folder: Path, n: int, small: bool) -> tuple[Path, Path]:
+    """A MiniLM-shaped BERT (random weights) with a WordPiece tokenizer trained on the texts, and the standard
+    library's docstrings labelled by package (`n` is not used: the corpus is what the sources hold; `small`: a
+    tiny model, three packages)."""
+    from transformers import BertConfig, BertModel
+
+    rows = docstring_texts(PACKAGES[:3] if small else PACKAGES)
+    fast = wordpiece([r["text"] for r in rows], 2000 if small else 30522)
+    shape = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    if small:
+        shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, max_position_embeddings=512, **shape)).save_pretrained(folder / "model")
+    fast.save_pretrained(folder / "model")
+    data = folder / "docstrings.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "model", data
+
+
+def text_stats(model: Path, data: Path) -> dict:
+    """The texts' lengths in tokens ([CLS] and [SEP] counted) and their labels, as the recipe's tokenizer reads
+    them."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    lengths = sorted(len(tok(r["text"])["input_ids"]) for r in rows)
+    q = lambda f: lengths[min(len(lengths) - 1, int(f * len(lengths)))]  # noqa: E731
+    labels = sorted({r["label"] for r in rows})
+    return {"texts": len(rows), "classes": len(labels), "labels": labels, "tokens_min": lengths[0],
+            "tokens_p10": q(0.1), "tokens_median": q(0.5), "tokens_p90": q(0.9), "tokens_max": lengths[-1],
+            "share_over_128": round(sum(x > 128 for x in lengths) / len(lengths), 3)}  # fmt: skip
+
+
 TINT, FLIP = 56, 0.15  # the ViT task's class signal and label noise
 
 
@@ -109,7 +204,11 @@ def vit_base(folder: Path, n: int, small: bool) -> tuple[Path, Path]:
     return folder / "model", folder / "images"
 
 
-WORKLOADS = {"minilm": (minilm, "seq-cls"), "vit-base": (vit_base, "image-cls")}
+WORKLOADS = {
+    "minilm": (minilm, "seq-cls"),
+    "minilm-text": (minilm_text, "seq-cls"),
+    "vit-base": (vit_base, "image-cls"),
+}
 
 
 def recipe_for(name: str, model: Path, data: Path, steps: int, ranks: str = "8") -> Recipe:
@@ -163,6 +262,13 @@ def plain_trial(spec, base, task, recipe: Recipe, device: str) -> float:
     return sum(tail) / len(tail)
 
 
+def trials_of(df) -> list[SimpleNamespace]:
+    """The trials of a run's store (`mua_cli.api.load_trials`), in the order they were stored."""
+    rows = df.sort_values("number")
+    return [SimpleNamespace(regime=r["regime"], rank=int(r["rank"]), lr=float(r["lr"]), seed=int(r["seed"]))
+            for _, r in rows.iterrows()]  # fmt: skip
+
+
 def best_lr(metrics: dict) -> float | None:
     finite = {lr: m for lr, m in metrics.items() if math.isfinite(m)}
     return min(finite, key=finite.get) if finite else None
@@ -193,10 +299,15 @@ def measure(
             made = WORKLOADS[name][0](folder, 16 * steps + 200, small)
             model, data = str(made[0]), str(made[1])
         recipe = recipe_for(name, Path(model), Path(data), steps, ranks)
-        specs = plan(recipe)
         plain_recipe = recipe.replace(dtype="float32")
         plain_times, mua_times = [], []
         for rep in range(repeats):
+            notes = Notes()
+            t0 = time.perf_counter()
+            run_sweep(recipe, folder / f"run{rep}", device, notes, execution=ex or Execution(device))
+            mua_times.append(time.perf_counter() - t0)
+            df = load_trials(folder / f"run{rep}")
+            specs = trials_of(df)  # the plain loop runs exactly the trials mua ran
             work = load_workload(plain_recipe, "cpu")  # batches padded each to its longest example, as a collator does
             work.base.to(device)
             if rep == 0:  # CUDA's start and cuDNN's autotuning, paid before any timing
@@ -207,11 +318,6 @@ def measure(
             del work
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            notes = Notes()
-            t0 = time.perf_counter()
-            run_sweep(recipe, folder / f"run{rep}", device, notes, execution=ex or Execution(device))
-            mua_times.append(time.perf_counter() - t0)
-            df = load_trials(folder / f"run{rep}")
         plain_s, mua_s = statistics.median(plain_times), statistics.median(mua_times)
     mua = {(int(r["rank"]), float(r.lr)): float(r.metric) for _, r in df.iterrows()}
     first = min(k[0] for k in plain)  # the best LR compared at the first rank
@@ -245,7 +351,7 @@ def measure(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="minilm,vit-base")
+    ap.add_argument("--only", default="minilm,minilm-text,vit-base")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--model", help="minilm only: a saved sequence classifier (or body) with its tokenizer")
@@ -255,20 +361,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="time each loop this many times; report the medians")
     ap.add_argument("--workers-per-gpu", type=int, default=0, help="mua's slots (0: its own choice)")
     ap.add_argument("--batch-trials", type=int, default=0, help="mua's trials per pass (0: its own choice)")
-    ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    ap.add_argument("--out", help="the JSON file (default: benchmarks/out/cls_speed-<UTC time>.json)")
     args = ap.parse_args()
+    rec = Recording("cls_speed")
+    print(rec.header(), flush=True)
     ex = Execution(args.device, args.workers_per_gpu, args.batch_trials)
-    rows = []
     for name in args.only.split(","):
         given = (args.model, args.data) if name == "minilm" and args.model else (None, None)
-        rows.append(measure(name, args.steps, args.device, *given, args.small, args.ranks, args.repeats, ex))
-        print(json.dumps(rows[-1]), flush=True)
-    report = {
-        "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
-        "torch": torch.__version__, "rows": rows,
-    }  # fmt: skip
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        rec.add("rows", measure(name, args.steps, args.device, *given, args.small, args.ranks, args.repeats, ex))
+        print(json.dumps(rec.doc["rows"][-1]), flush=True)
+        path = rec.save(args.out)
+    cols = ["workload", "trials", "steps", "plain_s", "mua_s", "x_plain", "best_lr_within_one_step", "failed"]
+    print(table(rec.doc["rows"], cols))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """What the first run of `make run` costs on a small CPU machine, part by part, old settings against new, measured
-in one run, back to back (issue 14, section 3). Prints a table and writes benchmarks/first_run.json (or --out).
+in one run, back to back (issue 14, section 3). Prints a table and writes benchmarks/out/first_run-<UTC time>.json
+(or --out; benchmarks/record.py: with the commit, the machine and the library versions).
 
     python benchmarks/first_run.py [--repeats 2] [--parts trial,profile,pool,start] [--pretrain] [--out FILE]
-    python benchmarks/first_run.py --parts sweeps --out benchmarks/first_run_sweeps.json
+    python benchmarks/first_run.py --parts sweeps
 
 The machine's cores may be shared with other programs, so every variant is measured in turns with the others,
 `--repeats` times, and CPU seconds (this process and its children, from getrusage) are given beside wall seconds:
@@ -36,7 +37,6 @@ import argparse
 import cProfile
 import json
 import os
-import platform
 import pstats
 import resource
 import subprocess
@@ -49,6 +49,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from record import Recording  # noqa: E402
+
 MUA = str(Path(sys.executable).with_name("mua"))
 TRIALS = [("A:r", 4, 2**-5), ("A:r", 64, 2**-5), ("B:1", 16, 2**-7), ("B:1", 64, 2**-8)]
 
@@ -341,7 +344,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--parts", default="trial,profile,pool,start", help=f"any of {','.join(PARTS)}")
     ap.add_argument("--pretrain", action="store_true", help="start: also time pretraining the embedded model")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "first_run.json"))
+    ap.add_argument("--out", help="the JSON file (default benchmarks/out/first_run-<UTC time>.json)")
     ap.add_argument("--child-pool", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--child-cpu", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -355,11 +358,9 @@ def main() -> None:
     if unknown := set(parts) - set(PARTS):
         ap.error(f"unknown part(s) {', '.join(sorted(unknown))}")
     torch.set_num_threads(2)
-    doc = {
-        "machine": {"nproc": os.cpu_count(), "cpu": _cpu_model(), "torch": torch.__version__},
-        "command": "python benchmarks/first_run.py " + " ".join(sys.argv[1:]),
-        "load_avg_at_start": os.getloadavg(),
-    }
+    rec = Recording("first_run")
+    doc = rec.doc
+    doc["load_avg_at_start"] = os.getloadavg()
     run = {
         "trial": lambda: trials_in_process(args.repeats),
         "profile": profile_trial,
@@ -372,15 +373,9 @@ def main() -> None:
     for part in parts:
         doc[part] = run[part]()
         doc["load_avg_at_end"] = os.getloadavg()
-        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")  # what is measured so far
+        path = rec.save(args.out)  # what is measured so far
         REPORTS[part](doc[part])
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "?"
+    print(f"wrote {path}")
 
 
 def report_trial(t: dict) -> None:

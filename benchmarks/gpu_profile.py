@@ -20,7 +20,7 @@ import torch
 from gpu_speed import gemm_seconds, recipe_for, seed_cache
 
 from mua_cli.accel.fused import fuse
-from mua_cli.sweep.grid import make_spec
+from mua_cli.spec.trial import TrialSpec
 from mua_cli.train.loop import run_batched, run_trial
 from mua_cli.train.workload import load_workload
 
@@ -67,7 +67,7 @@ def main() -> None:
     base = work.base.cuda()
     undo = (lambda: None) if args.no_fused_kernels else fuse(base, "cuda", print)
     rank = 8 if args.workload == "vit-base" else 16
-    specs = [make_spec(recipe, "B:1", rank, 2.0 ** (-12 + i / 2), 0) for i in range(args.k)]
+    specs = [TrialSpec("B:1", rank, 2.0 ** (-12 + i / 2), 0) for i in range(args.k)]
     marks: list[float] = []
     clock = lambda s, v: marks.append(time.perf_counter())  # noqa: E731  (called every 10 steps, after a sync)
     activities = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if args.ops else [])

@@ -1,59 +1,80 @@
-"""mua's sweep against a plain serial peft loop, on the same trials, in the same run, on the GPU.
+"""mua against a plain serial peft loop, as a user runs each, on exactly the same trials, in one run.
 
-    python benchmarks/gpu_speed.py [--only 5m,124m,350m] [--steps 100] [--diag] [--no-sweeps]
-        [--no-fused-kernels] [--no-cuda-graphs] [--out benchmarks/gpu_speed.json]
-    python benchmarks/gpu_speed.py --table RUN.json [RUN.json ...]     # docs/performance.md's tables
+    python benchmarks/gpu_speed.py [--only 5m,124m,350m,minilm-text,vit-base] [--steps 100] [--device cuda:0]
+        [--workers-per-gpu N] [--batch-trials N] [--no-cuda-graphs] [--no-fused-kernels] [--diag] [--out FILE]
+    python benchmarks/gpu_speed.py --scaling [--only 5m,124m] [--steps 300]   # mua on 1, 2, 4 … N GPUs
+    python benchmarks/gpu_speed.py --smoke                 # tiny shapes on the CPU: the harness end to end
+    python benchmarks/gpu_speed.py --table FILE.json [FILE.json ...]     # docs/performance.md's tables
 
-Workloads: Llama-shaped causal LMs of about 5M, 120M and 365M parameters (MLP widths multiples of 256), built
-from their configs with random weights (the hubs are out of reach; step time does not depend on the weights),
-byte-level, fed windows of the embedded Britannica corpus, batch 16 × 512 tokens. The 5m sweep is the
-embedded default's grid (A:r and B:1, ranks 4, 16, 64, 8 LRs); 124m sweeps 8 LRs at rank 16.
+Each run writes one JSON file, benchmarks/out/gpu_speed-<UTC time>.json (or --out; benchmarks/record.py: the
+commit, the machine, the library versions and the command line go in with the numbers), rewritten after every
+workload, and prints a short table at the end.
 
-- plain: what one writes by hand: per trial a copy of the fp32 base, peft `get_peft_model` (with μA's init, as
-  mua sets it, so that both run the same trials), torch AdamW (foreach), LambdaLR warmup + cosine, bf16
-  autocast, `loss.item()` every step, one trial after another.
-- mua: `run_sweep` over the same trials (same ranks, LRs, steps, seed): every visible GPU, each step a CUDA
-  graph, Liger's fused kernels where installed, several LoRA trials per forward pass where the model is small,
-  bf16 frozen base, fused AdamW, losses read every 10 steps. Its wall time includes loading the model,
-  compiling the fused kernels (and starting workers, with several GPUs).
-- --diag (run last, so that its runs do not warm the sweeps' kernels): ms per trial-step in one process,
-  eager and graphed, fused and not, for K = 1…16 trials per pass, and the 350M trial with its unfused model
-  torch.compile'd inside the graph (an experiment).
-- Science check: per (regime, rank), the best LR of mua's trials is within one grid step of the plain loop's.
-- MFU (350M, one LoRA trial, rank 16): FLOPs per step = 4·N·T (forward, and backward to the activations; the
-  frozen weights get no gradient) + 12·layers·d·seq·T (attention, fwd + bwd, PaLM's count), N = the matmul
-  weights (all linear layers and the LM head), T = tokens per step; LoRA's own FLOPs (< 1 %) are left out.
-  The share is of the datasheet's 989 TFLOP/s dense bf16 and of an 8192³ bf16 matmul measured in the same run.
-  The floor: the step's matrix multiplies and attention alone, timed as CUDA graph replays (step_floor).
+The race, per workload (5m, 124m, minilm, minilm-text, vit-base):
+1. mua, as a user runs it: `mua sweep --recipe R --out RUN`, then `mua fit RUN`, then `mua transfer RUN --to
+   full-ft --json`, each a fresh process. **Time to answer**: from the sweep command's start to the transfer's
+   value. Trials per hour: the trials the sweep stored over the sweep command's seconds.
+2. plain, the loop one writes by hand, as a fresh process too (this script with --plain): it reads the trials mua
+   ran back from the run's store (`mua_cli.api.load_trials`: the same regimes, ranks, LRs, seeds, steps and
+   batch; failed and retried ones counted once, as stored) and runs each, one after another: a copy of the fp32
+   base, peft `get_peft_model` with μA's init (as mua sets it), a classifier's head in modules_to_save at
+   head_lr, torch AdamW (foreach), LambdaLR warmup + cosine as the recipe says, bf16 autocast on a GPU, gradient
+   clipping, `loss.item()` every step, the same divergence stop and the held-out evaluation where the recipe has
+   one. Its trials per hour: the same trials over its command's seconds; its time to answer: those seconds plus
+   the seconds mua's fit and transfer took (the same commands would answer from its trials).
+3. The sweep's timeline (benchmarks/sweep_timeline.py): each device busy and idle, by phase, from the store.
+4. Science check: per (regime, rank), the best LR (mean over seeds) of mua's trials against the plain loop's.
+
+Workloads, all with random weights (step time does not depend on them; the hubs are out of reach):
+- 5m, 124m: Llama-shaped causal LMs of about 5M and 120M parameters (MLP widths multiples of 256), byte-level,
+  windows of the embedded Britannica corpus, batch 16 × 512 tokens. 5m: the default grid (A:r and B:1, ranks 4,
+  16, 64, LRs 2^-12 … 2^-5, and what the adaptive sweep adds); 124m: B:1, rank 16, 8 LRs.
+- minilm, minilm-text, vit-base: benchmarks/cls_speed.py's classifiers: a MiniLM-shaped BERT on sentences of
+  random words (minilm) and on real text of 64-128 tokens, the standard library's docstrings in 10 classes
+  (minilm-text); a ViT-Base/16 on tinted noise images (vit-base). B:1, 8 LRs, rank 8 (minilm-text: 16).
+- 350m: no race: one LoRA trial (rank 16) of a ~365M Llama, plain loop against mua's trial in this process:
+  ms per step and the share of the bf16 peak (MFU). FLOPs per step = 4·N·T (forward, and backward to the
+  activations; the frozen weights get no gradient) + 12·layers·d·seq·T (attention, fwd + bwd, PaLM's count),
+  N = the matmul weights, T = tokens per step; LoRA's own FLOPs (< 1 %) left out. The share is of the
+  datasheet's 989 TFLOP/s dense bf16 and of an 8192³ bf16 matmul measured in the same run. The floor: the
+  step's matrix multiplies and attention alone, timed as CUDA graph replays (step_floor).
+- --scaling: mua's race half only (sweep, fit, transfer) on the first 1, 2, 4 … and all visible GPUs, in turn.
+- --diag (last, so that its runs do not warm the races' kernels): ms per trial-step in one process, eager and
+  graphed, fused and not, for K = 1…16 trials per pass, and the 350M trial torch.compile'd (an experiment).
+- --smoke: every workload at a tiny shape (width 32, one layer), 4 steps, 3 LRs, one rank, on the CPU unless
+  --device says otherwise: the whole harness in a minute or two (tests/test_benchmark_recipes.py runs it).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime
 import json
 import math
+import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from mua_cli.accel.fused import fuse  # noqa: E402
-from mua_cli.spec.recipe import Recipe  # noqa: E402
-from mua_cli.sweep.execute import Execution  # noqa: E402
-from mua_cli.sweep.grid import grid_plan, make_spec  # noqa: E402
-from mua_cli.sweep.run import Listener, run_sweep  # noqa: E402
-from mua_cli.sweep.store import load_trials  # noqa: E402
-from mua_cli.train.adapters import prepare  # noqa: E402
+from record import Recording, table  # noqa: E402
+from sweep_timeline import timeline  # noqa: E402
+
+from mua_cli.api import Recipe, load_recipe, load_trials  # noqa: E402
+from mua_cli.spec.trial import TrialSpec  # noqa: E402
+from mua_cli.train.adapters import head_modules, param_groups, prepare  # noqa: E402
 from mua_cli.train.loop import lr_lambda, run_trial  # noqa: E402
 from mua_cli.train.models import embedded_config, embedded_folder  # noqa: E402
 from mua_cli.train.workload import load_workload  # noqa: E402
 
+MUA = [sys.executable, "-c", "from mua_cli.ui.cli import main; main()"]  # `mua`, wherever mua_cli is importable
 DATASHEET_BF16 = 989e12
 # Llama-shaped, byte vocabulary. Widths are multiples of 256, as in real models: a bf16 GEMM of width 3500 (the
 # first version of this table) ran 3.2x slower than one of 3584 on the H200 (benchmarks/gpu_profile.py).
@@ -62,24 +83,28 @@ SHAPES = {
     "124m": dict(hidden_size=768, intermediate_size=3328, num_hidden_layers=12, num_attention_heads=12),
     "350m": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=16),
 }
-SWEEPS = {  # the trials each workload runs: regimes × ranks × LRs, one seed; 5m: the embedded default's grid
+SWEEPS = {  # the trials each workload's grid holds: regimes × ranks × LRs, one seed; 5m: the embedded default's
     "5m": dict(regimes="A:r,B:1", ranks="4,16,64", lrs="2^-12:2^-5"),
     "124m": dict(regimes="B:1", ranks="16", lrs="2^-12:2^-5"),
     "350m": dict(regimes="B:1", ranks="16", lrs="2^-10:2^-8"),
 }
+SMOKE_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+# 3 trials, the least a grid holds; at 4 steps the optimum sits near 2^-1 (2^-4 … 2^-1 and 2^-1 … 2^3 had it at an edge)
+SMOKE_SWEEP = dict(regimes="B:1", ranks="4", lrs="2^-2:2^0", refine=0)
+CLASSIFIERS = {"minilm": "8", "minilm-text": "16", "vit-base": "8"}  # benchmarks/cls_speed.py's, and their ranks
+RACES = ("5m", "124m", *CLASSIFIERS)
+DEFAULT = "5m,124m,350m,minilm-text,vit-base"
 
 
-def recipe_for(name: str, steps: int) -> Recipe:
-    shape = {
-        **SHAPES[name],
-        "num_key_value_heads": SHAPES[name]["num_attention_heads"],
-        "max_position_embeddings": 1024,
-    }
+def recipe_for(name: str, steps: int, smoke: bool = False) -> Recipe:
+    """A causal LM workload's recipe (5m, 124m, 350m); `smoke`: the tiny shape and grid."""
+    shape = SMOKE_SHAPE if smoke else SHAPES[name]
+    shape = {**shape, "num_key_value_heads": shape["num_attention_heads"], "max_position_embeddings": 1024}
     return Recipe.of(
         name=f"bench-{name}", model="embedded:tiny", model_config=shape,
         pretrain={"steps": 1, "data": "embedded:shakespeare"},  # never run: seed_cache puts a model where it goes
-        data="embedded:britannica", seq_len=512, batch_size=16, steps=steps, eval_fraction=0.0, dtype="bfloat16",
-        max_extend=0, **SWEEPS[name],
+        data="embedded:britannica", seq_len=64 if smoke else 512, batch_size=4 if smoke else 16, steps=steps,
+        eval_fraction=0.0, dtype="bfloat16", max_extend=0, **(SMOKE_SWEEP if smoke else SWEEPS[name]),
     )  # fmt: skip
 
 
@@ -93,73 +118,232 @@ def seed_cache(recipe: Recipe) -> None:
         LlamaForCausalLM(embedded_config(recipe.model)).save_pretrained(folder)
 
 
-def plain_trial(spec, base, task, recipe, times=None) -> float:
-    """The plain loop: returns the final metric (mean train loss of the last 10 % of steps; inf if diverged)."""
-    model = prepare(
-        base, spec.regime, spec.rank, recipe.optim.alpha0, recipe.model.targets, spec.seed
-    )  # peft + μA's init
-    model.cuda().train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe.optim))
-    batch_at = task.train_batches(spec.seed, recipe.optim.steps, recipe.optim.batch_size, "cuda")
+def workload(name: str, steps: int, smoke: bool, folder: Path) -> tuple[Recipe, dict]:
+    """The race's recipe, its model and data made (in `folder` for the classifiers), and what describes them."""
+    if name in SHAPES:
+        recipe = recipe_for(name, steps, smoke)
+        seed_cache(recipe)
+        return recipe, {}
+    import cls_speed
+
+    model, data = cls_speed.WORKLOADS[name][0](folder, 16 * steps + 200, smoke)
+    recipe = cls_speed.recipe_for(name, model, data, steps, "4" if smoke else CLASSIFIERS[name])
+    if smoke:
+        recipe = recipe.replace(lrs="2^-8:2^-6")
+    return recipe, cls_speed.text_stats(model, data) if name == "minilm-text" else {}
+
+
+def command(args: list[str], env: dict | None = None) -> dict:
+    """Runs a command to its end; its start and end (epoch seconds), exit code, and output lines, each with the
+    time it arrived (the child's output unbuffered), for the timeline."""
+    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "COLUMNS": "200",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
+    t0 = time.time()
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = [(time.time(), line.rstrip()) for line in p.stdout]
+    rc = p.wait()
+    return {"start": t0, "end": time.time(), "rc": rc, "lines": lines}
+
+
+def failure(what: str, run: dict) -> str:
+    tail = [text for _, text in run["lines"] if text.strip()][-6:]
+    return f"{what} exited {run['rc']}: " + " | ".join(tail)
+
+
+def mua_answer(recipe_file: Path, run: Path, device: str, flags: list[str], env: dict | None = None) -> dict:
+    """`mua sweep`, `mua fit`, `mua transfer --to full-ft`, one after another, timed as a user sees them."""
+    sweep = command([*MUA, "sweep", "--recipe", str(recipe_file), "--out", str(run), "--device", device, *flags], env)
+    if sweep["rc"] != 0:
+        raise RuntimeError(failure("mua sweep", sweep))
+    fit = command([*MUA, "fit", str(run)], env)
+    transfer = command([*MUA, "transfer", str(run), "--to", "full-ft", "--json"], env)
+    out = {"sweep": sweep, "sweep_s": round(sweep["end"] - sweep["start"], 2),
+           "fit_s": round(fit["end"] - fit["start"], 2), "transfer_s": round(transfer["end"] - transfer["start"], 2),
+           "answer_s": round(transfer["end"] - sweep["start"], 2), "answer_lr": None, "answer_error": None}  # fmt: skip
+    if fit["rc"] != 0:
+        out["answer_error"] = failure("mua fit", fit)
+    elif transfer["rc"] != 0:
+        out["answer_error"] = failure("mua transfer", transfer)
+    else:
+        doc = json.loads(next(text for _, text in reversed(transfer["lines"]) if text.startswith("{")))
+        out["answer_lr"], out["answer_basis"] = doc["lr"], doc.get("basis")
+    return out
+
+
+def mean_by_lr(rows) -> dict:
+    """(regime, rank) → LR → the mean metric over seeds (inf: some seed diverged; failed trials left out)."""
+    out: dict = {}
+    for regime, rank, lr, _seed, metric in rows:
+        if metric is None or (isinstance(metric, float) and math.isnan(metric)):
+            continue
+        out.setdefault(f"{regime} r={rank}", {}).setdefault(lr, []).append(metric)
+    return {g: {lr: sum(v) / len(v) for lr, v in by.items()} for g, by in out.items()}
+
+
+def best_lrs(rows) -> dict:
+    best = {}
+    for group, by in mean_by_lr(rows).items():
+        finite = {lr: m for lr, m in by.items() if math.isfinite(m)}
+        best[group] = min(finite, key=finite.get) if finite else None
+    return best
+
+
+def race(name: str, steps: int, device: str, smoke: bool, flags: list[str]) -> dict:
+    """mua's time to answer and trials per hour against the plain loop's, on the trials mua ran."""
+    with tempfile.TemporaryDirectory(prefix=f"mua-bench-{name}-") as d:
+        folder = Path(d)
+        recipe, about = workload(name, steps, smoke, folder)
+        recipe_file = folder / "recipe.yaml"
+        recipe_file.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        run = folder / "run"
+        mua = mua_answer(recipe_file, run, device, flags)
+        df = load_trials(run)
+        plain_out = folder / "plain.json"
+        plain_cmd = command([sys.executable, str(Path(__file__).resolve()), "--plain", str(run), "--recipe-file",
+                             str(recipe_file), "--device", device, "--plain-out", str(plain_out)])  # fmt: skip
+        if plain_cmd["rc"] != 0:
+            raise RuntimeError(failure("the plain loop", plain_cmd))
+        plain = json.loads(plain_out.read_text())
+        sweep = mua["sweep"]
+        tl = timeline(run, sweep["start"], sweep["end"], sweep["start"] + mua["answer_s"], lines=sweep["lines"])
+    trials = len(df)
+    plain_s = round(plain_cmd["end"] - plain_cmd["start"], 2)
+    plain_answer = round(plain_s + mua["fit_s"] + mua["transfer_s"], 2)
+    mua_rows = [(r["regime"], int(r["rank"]), float(r["lr"]), int(r["seed"]), float(r["metric"]))
+                for _, r in df.iterrows()]  # fmt: skip
+    bm, bp = best_lrs(mua_rows), best_lrs(plain["trials"])
+    within = all(bm.get(g) and v and abs(math.log2(bm[g] / v)) <= 1 for g, v in bp.items())
+    infos = [i for i in df["info"] if isinstance(i, dict)] if "info" in df else []
+    startup = next((p["s"] for p in tl.get("phases", []) if p["phase"] == "start-up"), None)
+    return {
+        "workload": name, "params_M": plain["params_M"], "trials": trials, "steps": recipe.optim.steps,
+        "batch": recipe.optim.batch_size, "seq_len": recipe.data.seq_len,
+        "grid": {k: recipe.to_dict()[k] for k in ("regimes", "ranks", "lrs", "seeds", "refine")},
+        "mua_sweep_s": mua["sweep_s"], "mua_fit_s": mua["fit_s"], "mua_transfer_s": mua["transfer_s"],
+        "mua_answer_s": mua["answer_s"], "mua_startup_s": startup, "answer_lr": mua["answer_lr"],
+        "answer_basis": mua.get("answer_basis"), "answer_error": mua["answer_error"],
+        "plain_s": plain_s, "plain_load_s": plain["load_s"], "plain_trials_s": plain["trials_s"],
+        "plain_answer_s": plain_answer, "plain_peak_gib": plain["peak_gib"],
+        "mua_trials_per_h": round(trials * 3600 / mua["sweep_s"]), "plain_trials_per_h": round(trials * 3600 / plain_s),
+        "x_trials_per_h": round(plain_s / mua["sweep_s"], 2), "x_answer": round(plain_answer / mua["answer_s"], 2),
+        "failed": int((df["status"] == "failed").sum()), "diverged_mua": int((df["status"] == "diverged").sum()),
+        "diverged_plain": sum(1 for t in plain["trials"] if t[4] is not None and not math.isfinite(t[4])),
+        "batched_with": sorted({i.get("batched_with", 1) for i in infos}),
+        "peak_gib_mua": max((i.get("peak_memory_gib", 0) for i in infos), default=None),
+        "best_lr_mua": bm, "best_lr_plain": bp, "best_lr_within_one_step": within,
+        "data": about, "timeline": tl,
+    }  # fmt: skip
+
+
+def plain_trial(spec, base, task, recipe: Recipe, device: str, times: list | None = None) -> float:
+    """The plain loop's trial; returns its metric (the mean training loss of the recipe's last steps, or the
+    held-out loss where the recipe's metric is eval; inf if diverged)."""
+    o = recipe.optim
+    head = head_modules(base, recipe.model.task)
+    torch.manual_seed(spec.seed)
+    model = prepare(base, spec.regime, spec.rank, o.alpha0, recipe.model.targets, spec.seed, head).to(device).train()
+    groups = param_groups(model, spec.regime, spec.lr, head, o.head_lr)
+    opt = torch.optim.AdamW(groups.groups, lr=spec.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o))
+    batch_at = task.train_batches(spec.seed, o.steps, o.batch_size, device)
+    cuda = device.startswith("cuda")
     losses = []
-    for step in range(recipe.optim.steps):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            batch = batch_at(step)
-            logits = model(input_ids=batch[:, :-1]).logits
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+    for step in range(o.steps):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            loss = task.loss(model, batch_at(step))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(groups.params, o.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if times is not None:
             times.append(time.perf_counter())
-        if not math.isfinite(losses[-1]) or losses[-1] > recipe.optim.divergence_factor * losses[0]:
+        if not math.isfinite(losses[-1]) or losses[-1] > o.divergence_factor * losses[0]:
             return math.inf
-    tail = losses[-max(1, math.ceil(0.1 * len(losses))) :]
-    return sum(tail) / len(tail)
+    tail = losses[-max(1, math.ceil(o.metric_frac * len(losses))) :]
+    metric = sum(tail) / len(tail)
+    if o.metric == "eval" or recipe.data.eval_fraction > 0:
+        model.eval()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            scores = task.evaluate(model, o.batch_size, device)
+        if o.metric == "eval":
+            metric = scores["loss"]
+    return metric
 
 
-def best_lrs(metrics: dict) -> dict:
-    out = {}
-    for (reg, rank, lr), m in metrics.items():
-        if math.isfinite(m) and ((reg, rank) not in out or m < out[(reg, rank)][1]):
-            out[(reg, rank)] = (lr, m)
-    return {f"{k[0]} r={k[1]}": v[0] for k, v in out.items()}
+def plain_main(run: Path, recipe_file: Path, device: str, out: Path) -> None:
+    """The plain loop over the trials stored in `run` (the --plain command)."""
+    t0 = time.perf_counter()
+    recipe = load_recipe(str(recipe_file)).replace(dtype="float32")  # fp32 weights; bf16 autocast on a GPU
+    df = load_trials(run).sort_values("number")
+    for col, want in (("steps", recipe.optim.steps), ("batch_size", recipe.optim.batch_size)):
+        if col in df and set(df[col].dropna().astype(int)) - {want}:
+            raise SystemExit(f"the store's trials ran other {col} than the recipe's {want}")
+    work = load_workload(recipe, "cpu")  # a classifier's batches padded each to its longest example
+    params = sum(p.numel() for p in work.base.parameters())
+    load_s = time.perf_counter() - t0
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    rows = []
+    t1 = time.perf_counter()
+    for _, r in df.iterrows():
+        spec = TrialSpec(r["regime"], int(r["rank"]), float(r["lr"]), int(r["seed"]))
+        rows.append(
+            [spec.regime, spec.rank, spec.lr, spec.seed, plain_trial(spec, work.base, work.task, recipe, device)]
+        )
+    trials_s = time.perf_counter() - t1
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    out.write_text(json.dumps({"load_s": round(load_s, 2), "trials_s": round(trials_s, 2), "trials": rows,
+                               "params_M": round(params / 1e6, 1), "peak_gib": peak and round(peak, 1)}))  # fmt: skip
 
 
-class Clock(Listener):
-    """When the trials could begin: the first trial started in this process, or the pool (several slots) said
-    its first slot was ready (its note)."""
+def gpu_counts(n: int) -> list[int]:
+    return sorted({*(2**i for i in range(n.bit_length()) if 2**i <= n), n})
 
-    ready: float | None = None
-    fallbacks = 0  # steps that could not be captured and ran eagerly
 
-    def note(self, message: str) -> None:
-        if "slot(s)" in message and self.ready is None:  # the pool's note once its first slot's model is loaded
-            self.ready = time.perf_counter()
-        self.fallbacks += "capture failed" in message
-
-    def trial_start(self, spec) -> None:
-        if self.ready is None:
-            self.ready = time.perf_counter()
+def scaling(name: str, steps: int, flags: list[str]) -> dict:
+    """mua's sweep, fit and transfer on the first 1, 2, 4 … and all visible GPUs, one count after another."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))
+    ids = [v for v in visible.split(",") if v.strip()]
+    recipe = recipe_for(name, steps)
+    seed_cache(recipe)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix=f"mua-scaling-{name}-") as d:
+        recipe_file = Path(d) / "recipe.yaml"
+        recipe_file.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        for n in gpu_counts(len(ids)):
+            run = Path(d) / f"run{n}"
+            mua = mua_answer(recipe_file, run, "cuda", flags, {"CUDA_VISIBLE_DEVICES": ",".join(ids[:n])})
+            df = load_trials(run)
+            s = mua["sweep"]
+            tl = timeline(run, s["start"], s["end"], s["start"] + mua["answer_s"])
+            rows.append({"gpus": n, "trials": len(df), "sweep_s": mua["sweep_s"], "answer_s": mua["answer_s"],
+                         "answer_lr": mua["answer_lr"], "failed": int((df["status"] == "failed").sum()),
+                         "best_lr": best_lrs([(r["regime"], int(r["rank"]), float(r["lr"]), int(r["seed"]),
+                                               float(r["metric"])) for _, r in df.iterrows()]),
+                         "devices": tl.get("devices")})  # fmt: skip
+    one = rows[0]
+    for r in rows:
+        r["x_one_gpu"] = round(one["sweep_s"] / r["sweep_s"], 2)
+        r["same_best_lrs"] = r["best_lr"] == one["best_lr"]
+    return {"workload": name, "steps": steps, "runs": rows}
 
 
 def step_times(name: str, steps: int) -> dict:
     """In one process: ms per trial-step of the plain loop, of mua's serial trial and of K batched trials:
     graphed with Liger's kernels (K = 1…16), graphed without them (K = 1, 16), eager with them (K = 1, 16).
     Timed from the 10th step on: warm-up and capture excluded."""
+    from mua_cli.accel.fused import fuse
     from mua_cli.train.loop import run_batched
 
     recipe = recipe_for(name, steps)
     seed_cache(recipe)
-    specs = [make_spec(recipe, "B:1", 16, 2.0 ** (-14 + i / 2), 0) for i in range(16)]  # one group, 16 LRs
+    specs = [TrialSpec("B:1", 16, 2.0 ** (-14 + i / 2), 0) for i in range(16)]  # one group, 16 LRs
     plain_recipe = recipe.replace(dtype="float32")
     work = load_workload(plain_recipe, "cpu")
     times: list[float] = []
-    plain_trial(specs[0], work.base, work.task, plain_recipe, times)
+    plain_trial(specs[0], work.base, work.task, plain_recipe, "cuda", times)
     out = {"workload": name, "plain_ms": round(1e3 * (times[-1] - times[10]) / (len(times) - 11), 2)}
     del work
     work = load_workload(recipe, "cuda")
@@ -217,80 +401,6 @@ def compiled_trial(spec, base, task, recipe, clock):
         return run_trial(spec, base, task, recipe, "cuda", clock, True, print)
     finally:
         train.prepare = prepare_
-
-
-def throughput(name: str, steps: int, gpus: int, ex: Execution) -> dict:
-    recipe = recipe_for(name, steps)
-    seed_cache(recipe)
-    specs = grid_plan(recipe)
-    plain_recipe = recipe.replace(dtype="float32")
-    work = load_workload(plain_recipe, "cpu")
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    plain = {(s.regime, s.rank, s.lr): plain_trial(s, work.base, work.task, plain_recipe) for s in specs}
-    plain_s = time.perf_counter() - t0
-    plain_mem = torch.cuda.max_memory_allocated() / 2**30
-    n_params = sum(p.numel() for p in work.base.parameters())
-    del work
-    torch.cuda.empty_cache()
-    row = {"workload": name, "params_M": round(n_params / 1e6, 1),
-           "trials": len(specs), "steps": steps, "plain_s": round(plain_s, 1),
-           "plain_trials_per_h": round(len(specs) * 3600 / plain_s), "plain_peak_gib": round(plain_mem, 1)}  # fmt: skip
-    for n in sorted({1, gpus}):
-        run = timed_sweep(recipe, n, ex)
-        tag = "mua" if n == 1 else f"mua_{n}gpu"
-        row[f"{tag}_s"], row[f"{tag}_startup_s"] = run["s"], run["startup_s"]
-        row[f"{tag}_trials_per_h"] = round(len(specs) * 3600 / run["s"])
-        row[f"{tag}_x_plain"] = round(plain_s / run["s"], 2)
-        row[f"{tag}_x_plain_after_startup"] = round(plain_s / (run["s"] - run["startup_s"]), 2)
-        row[f"{tag}_peak_gib_per_worker"], row[f"{tag}_failed"] = run["peak_gib"], run["failed"]
-        row[f"{tag}_capture_fallbacks"] = run["capture_fallbacks"]
-        if n == 1:
-            bp, bm = best_lrs(plain), best_lrs(run["metrics"])
-            row["best_lr_plain"], row["best_lr_mua"] = bp, bm
-            row["best_lr_within_one_step"] = all(abs(math.log2(bm.get(k, math.inf) / v)) <= 1 for k, v in bp.items())
-    if gpus > 1:
-        row["gpu_scaling"] = round(row["mua_s"] / row[f"mua_{gpus}gpu_s"], 2)
-    return row
-
-
-def timed_sweep(recipe: Recipe, gpus: int, ex: Execution) -> dict:
-    """mua's sweep of the recipe on cuda:0 (gpus=1) or on every visible GPU, timed from the call."""
-    with tempfile.TemporaryDirectory() as d:
-        t0, clock = time.perf_counter(), Clock()
-        dev = "cuda" if gpus > 1 else "cuda:0"  # cuda: every visible GPU
-        run_sweep(recipe, Path(d) / "run", dev, clock, execution=dataclasses.replace(ex, device=dev))
-        seconds = time.perf_counter() - t0
-        df = load_trials(Path(d) / "run")
-    peaks = [i.get("peak_memory_gib", 0) for i in df["info"] if isinstance(i, dict)]
-    # each GPU's trials and the seconds it spent in them: how evenly the groups of trials were shared
-    busy = ({str(d): [int(len(g)), round(float(g["wall_time"].sum()), 1)] for d, g in df.groupby("device")}
-            if {"device", "wall_time"} <= set(df.columns) else {})  # fmt: skip
-    # r["info"], not r.info: a row's .info is pandas' method
-    walls = {
-        r["key"]: (float(r["wall_time"]), r["info"].get("batched_with", 1) if isinstance(r["info"], dict) else 1)
-        for _, r in df.iterrows()
-    }
-    return {"s": round(seconds, 1), "startup_s": round((clock.ready or t0) - t0, 1), "trials_and_busy_s": busy,
-            "wall_and_batch": walls, "capture_fallbacks": clock.fallbacks,
-            "metrics": {(r.regime, int(r["rank"]), float(r.lr)): float(r.metric) for _, r in df.iterrows()},
-            "peak_gib": max(peaks) if peaks else None, "failed": int((df["status"] == "failed").sum())}  # fmt: skip
-
-
-def scaling(name: str, steps: int, gpus: int, ex: Execution) -> dict:
-    """mua's sweep on one GPU and on all of them (no plain loop): the multi-GPU target."""
-    recipe = recipe_for(name, steps)
-    seed_cache(recipe)
-    one, many = timed_sweep(recipe, 1, ex), timed_sweep(recipe, gpus, ex)
-    same = best_lrs(one["metrics"]) == best_lrs(many["metrics"])
-    return {"workload": name, "trials": len(grid_plan(recipe)), "steps": steps, "gpus": gpus,
-            "one_gpu_s": one["s"], "one_gpu_startup_s": one["startup_s"],
-            "all_gpus_s": many["s"], "all_gpus_startup_s": many["startup_s"],
-            "scaling": round(one["s"] / many["s"], 2),
-            "scaling_after_startup": round((one["s"] - one["startup_s"]) / (many["s"] - many["startup_s"]), 2),
-            "failed": one["failed"] + many["failed"], "same_best_lrs": same,
-            "capture_fallbacks": one["capture_fallbacks"] + many["capture_fallbacks"],
-            "trials_and_busy_s_per_gpu": many["trials_and_busy_s"]}  # fmt: skip
 
 
 def gpu_seconds(fn, reps: int = 20) -> float:
@@ -412,10 +522,13 @@ def step_floor(recipe: Recipe, base, rank: int) -> dict:
             "floor_step_ms": ms(base_s + attn_s + lora_s)}  # fmt: skip
 
 
-def mfu(name: str, steps: int, peak_measured: float, ex: Execution) -> dict:
+def mfu(name: str, steps: int, peak_measured: float, graphs: bool, fused: bool) -> dict:
+    """One LoRA trial (B:1, rank 16, LR 2^-10) of the plain loop and of mua's trial, in this process."""
+    from mua_cli.accel.fused import fuse
+
     recipe = recipe_for(name, steps)
     seed_cache(recipe)
-    spec = grid_plan(recipe)[0]
+    spec = TrialSpec("B:1", 16, 2.0**-10, 0)
     out = {"workload": name, "rank": spec.rank, "tokens_per_step": recipe.optim.batch_size * recipe.data.seq_len}
     # plain: fp32 weights under autocast; step time from the steady second half
     plain_recipe = recipe.replace(dtype="float32")
@@ -423,7 +536,7 @@ def mfu(name: str, steps: int, peak_measured: float, ex: Execution) -> dict:
     flops = step_flops(recipe, work.base)
     times: list[float] = []
     torch.cuda.reset_peak_memory_stats()
-    plain_trial(spec, work.base, work.task, plain_recipe, times)
+    plain_trial(spec, work.base, work.task, plain_recipe, "cuda", times)
     out["plain_step_ms"] = round(1e3 * (times[-1] - times[steps // 2]) / (steps - 1 - steps // 2), 2)
     out["plain_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     del work
@@ -433,8 +546,8 @@ def mfu(name: str, steps: int, peak_measured: float, ex: Execution) -> dict:
     marks: list[tuple[int, float]] = []
     torch.cuda.reset_peak_memory_stats()
     clock = lambda s, v: marks.append((s, time.perf_counter()))  # noqa: E731
-    undo = fuse(base, "cuda", print) if ex.fused_kernels else lambda: None
-    result = run_trial(spec, base, work.task, recipe, "cuda", clock, ex.cuda_graphs, print)
+    undo = fuse(base, "cuda", print) if fused else lambda: None
+    result = run_trial(spec, base, work.task, recipe, "cuda", clock, graphs, print)
     undo()
     assert result.status != "failed", result.error
     (s0, t0), (s1, t1) = marks[1], marks[-1]  # from step 19: the first 10 hold the warm-up and the capture
@@ -457,8 +570,8 @@ def latest(reports: list[dict], key: str) -> list[dict]:
     return list(rows.values())
 
 
-def table(reports: list[dict]) -> str:
-    """The markdown tables of docs/performance.md, from the benchmark's JSON outputs, in the order run."""
+def legacy_table(reports: list[dict]) -> str:
+    """The markdown tables of the JSON outputs written before benchmarks/record.py (benchmarks/baselines/)."""
     lines = [
         f"Runs on {reports[0]['gpu']}, torch {reports[0]['torch']}, liger-kernel "
         f"{reports[0].get('liger_kernel')}; a later run's row of a workload replaces an earlier one's:",
@@ -527,50 +640,143 @@ def table(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(reports: list[dict]) -> str:
+    """docs/performance.md's tables, from this script's JSON outputs (record.py's), in the order given; a later
+    report's row of a workload replaces an earlier one's."""
+    lines = ["Runs (commit, date, machine, command):", ""]
+    for r in reports:
+        m, v = r["machine"], r["versions"]
+        hw = f"{m['gpu_count']} × {m['gpus'][0]}" if m["gpus"] else f"CPU: {m['cpu']}"
+        lines.append(f"- {r['commit'][:7]}{' (dirty)' if r.get('dirty') else ''}, {r['started_utc'][:16]} UTC, {hw}, "
+                     f"torch {v.get('torch')}, liger-kernel {v.get('liger-kernel')}: `{r['command']}`"
+                     + (f" (8192³ bf16 matmul: {r['bf16_matmul_8192_tflops']} TFLOP/s)"
+                        if r.get("bf16_matmul_8192_tflops") else ""))  # fmt: skip
+    if rows := latest(reports, "races"):
+        lines += ["", "| workload | params | trials × steps | mua sweep s | plain s | trials/h mua / plain | ratio | "
+                  "mua answer s (fit + transfer) | plain answer s | ratio | start-up s | GPU busy | failed | best LR "
+                  "±1 step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in rows:
+            busy = ", ".join(f"{v['busy_share']:.0%}" for v in r["timeline"].get("devices", {}).values()
+                             if v.get("busy_share") is not None)  # fmt: skip
+            lines.append(
+                f"| {r['workload']} | {r['params_M']}M | {r['trials']} × {r['steps']} | {r['mua_sweep_s']} | "
+                f"{r['plain_s']} | {r['mua_trials_per_h']} / {r['plain_trials_per_h']} | **{r['x_trials_per_h']}×** | "
+                f"{r['mua_answer_s']} ({r['mua_fit_s']} + {r['mua_transfer_s']}) | {r['plain_answer_s']} | "
+                f"**{r['x_answer']}×** | {r['mua_startup_s']} | {busy} | {r['failed']} | "
+                f"{r['best_lr_within_one_step']} |"
+            )
+    if rows := latest(reports, "mfu"):
+        lines += ["", "| one LoRA trial | rank | tokens/step | TFLOP/step | plain ms/step | mua ms/step | mua TFLOP/s "
+                  "(share of 989 / of measured) | floor ms/step (share of 989) |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in rows:
+            lines.append(f"| {r['workload']} | {r['rank']} | {r['tokens_per_step']} | {r['tflop_per_step']} | "
+                         f"{r['plain_step_ms']} | {r['mua_step_ms']} | {r['mua_tflops']} "
+                         f"({r['mua_mfu_datasheet']:.1%} / {r['mua_mfu_measured_matmul']:.1%}) | "
+                         f"{r.get('floor_step_ms')} ({r.get('floor_mfu_datasheet', 0):.0%}) |")  # fmt: skip
+    for r in latest(reports, "scaling"):
+        lines += ["", f"`--scaling`, {r['workload']}, {r['steps']} steps:", "",
+                  "| GPUs | trials | sweep s | × one GPU | answer s | same best LRs | failed |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {x['gpus']} | {x['trials']} | {x['sweep_s']} | {x['x_one_gpu']}× | {x['answer_s']} | "
+                  f"{x['same_best_lrs']} | {x['failed']} |" for x in r["runs"]]  # fmt: skip
+    return "\n".join(lines)
+
+
+def summary(doc: dict) -> str:
+    """The short table printed at the end of a run."""
+    out = []
+    if doc.get("races"):
+        out.append(table(doc["races"], ["workload", "trials", "steps", "mua_sweep_s", "plain_s", "x_trials_per_h",
+                                        "mua_answer_s", "plain_answer_s", "x_answer", "failed",
+                                        "best_lr_within_one_step"]))  # fmt: skip
+    if doc.get("mfu"):
+        out.append(table(doc["mfu"], ["workload", "plain_step_ms", "mua_step_ms", "mua_mfu_datasheet", "speedup"]))
+    for r in doc.get("scaling", []):
+        out.append(table(r["runs"], ["gpus", "trials", "sweep_s", "x_one_gpu", "answer_s", "same_best_lrs"]))
+    return "\n\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="5m,124m,350m")
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--only", help=f"workloads, from {', '.join([*RACES, '350m'])} (default {DEFAULT}; with "
+                    "--scaling: 5m)")  # fmt: skip
+    ap.add_argument("--steps", type=int, help="steps per trial (default 100; --smoke: 4)")
+    ap.add_argument("--device", help="mua's and the plain loop's device (default cuda:0, or cpu without CUDA)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 3 LRs, 4 steps: the harness on the CPU")
     ap.add_argument("--diag", action="store_true", help="also time a step of each path in one process")
-    ap.add_argument("--no-sweeps", action="store_true", help="skip the plain-vs-mua sweeps (5m, 124m)")
-    ap.add_argument("--scaling", action="store_true", help="only mua's sweeps (--only's 5m, 124m) on one GPU "
-                    "and on all visible GPUs")  # fmt: skip
-    ap.add_argument("--workers-per-gpu", type=int, default=0, help="mua's worker processes per GPU (0: auto)")
+    ap.add_argument("--scaling", action="store_true", help="mua alone on 1, 2, 4 … all visible GPUs")
+    ap.add_argument("--workers-per-gpu", type=int, default=0, help="mua's slots per GPU (0: its own choice)")
+    ap.add_argument("--batch-trials", type=int, default=0, help="mua's trials per pass (0: its own choice)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="mua without CUDA graphs")
     ap.add_argument("--no-fused-kernels", action="store_true", help="mua without Liger's fused kernels")
-    ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    ap.add_argument("--out", help="the JSON file (default benchmarks/out/gpu_speed-<UTC time>.json)")
     ap.add_argument("--table", nargs="+", metavar="FILE", help="print the markdown tables of JSON outputs "
                     "(in the order run) and exit; no GPU needed")  # fmt: skip
+    ap.add_argument("--plain", type=Path, help=argparse.SUPPRESS)  # the plain loop's own process, over RUN's trials
+    ap.add_argument("--recipe-file", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--plain-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.table:
-        print(table([json.loads(Path(f).read_text()) for f in args.table]))
+        reports = [json.loads(Path(f).read_text()) for f in args.table]
+        new = [r for r in reports if "benchmark" in r]
+        old = [r for r in reports if "benchmark" not in r]
+        print("\n\n".join([*([legacy_table(old)] if old else []), *([markdown(new)] if new else [])]))
         return
-    if not torch.cuda.is_available():
-        sys.exit("gpu_speed.py needs a CUDA GPU")
-    gpus = torch.cuda.device_count()
-    peak = matmul_rate()
-    report = {
-        "date": datetime.date.today().isoformat(),
-        "gpu": torch.cuda.get_device_name(0), "gpus": gpus, "torch": torch.__version__,
-        "command": "python benchmarks/gpu_speed.py " + " ".join(sys.argv[1:]),
-        "bf16_matmul_8192_tflops": round(peak / 1e12, 1), "throughput": [], "mfu": [], "liger_kernel": liger(),
-    }  # fmt: skip
-    only = args.only.split(",")
-    ex = Execution("cuda", args.workers_per_gpu, 0, not args.no_cuda_graphs, not args.no_fused_kernels)
+    cuda = torch.cuda.is_available()
+    device = args.device or ("cuda:0" if cuda and not args.smoke else "cpu")
+    if args.plain:
+        plain_main(args.plain, args.recipe_file, device, args.plain_out)
+        return
+    steps = args.steps or (4 if args.smoke else 100)
+    only = (args.only or ("5m" if args.scaling else DEFAULT)).split(",")
+    unknown = sorted(set(only) - {*RACES, "350m"})
+    if unknown:
+        sys.exit(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join([*RACES, '350m'])}")
+    if device.startswith("cuda") and not cuda:
+        sys.exit(f"--device {device}: no CUDA GPU here (--smoke runs on the CPU)")
+    flags = [f"--workers-per-gpu={args.workers_per_gpu}", f"--batch-trials={args.batch_trials}",
+             "--no-cuda-graphs" if args.no_cuda_graphs else "--cuda-graphs",
+             "--no-fused-kernels" if args.no_fused_kernels else "--fused-kernels"]  # fmt: skip
+    rec = Recording("gpu_speed")
+    rec.set("settings", {"only": only, "steps": steps, "device": device, "smoke": args.smoke, "mua_flags": flags})
+    print(rec.header(), flush=True)
+    path = rec.save(args.out)
     if args.scaling:
-        report["scaling"] = [scaling(n, args.steps, gpus, ex) for n in ("5m", "124m") if n in only]
-        print(json.dumps(report["scaling"]), flush=True)
-        only = []
-    for name in [n for n in ("5m", "124m") if n in only and not args.no_sweeps]:
-        report["throughput"].append(throughput(name, args.steps, gpus, ex))
-        print(json.dumps(report["throughput"][-1]), flush=True)
-    if "350m" in only:
-        report["mfu"].append(mfu("350m", args.steps, peak, ex))
-        print(json.dumps(report["mfu"][-1]), flush=True)
-    if args.diag and only:  # last: its runs would warm the kernels' compilation for the sweeps above
-        report["step_times"] = [step_times(n, 30) for n in ("5m", "124m", "350m") if n in only]
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}")
+        if not cuda:
+            sys.exit("--scaling needs CUDA GPUs")
+        for name in [n for n in only if n in SHAPES]:
+            rec.add("scaling", scaling(name, steps, flags))
+            path = rec.save(args.out)
+    else:
+        for name in [n for n in only if n in RACES]:
+            try:
+                row = race(name, steps, device, args.smoke, flags)
+            except RuntimeError as e:  # one workload's failure is recorded; the others still run
+                row = {"workload": name, "error": str(e)[:2000]}
+                print(row["error"], flush=True)
+            if "error" not in row:
+                rec.add("races", row)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("timeline", "data")}), flush=True)
+            else:
+                rec.add("errors", row)
+            path = rec.save(args.out)
+        if "350m" in only:
+            if device.startswith("cuda"):
+                peak = matmul_rate()
+                rec.set("bf16_matmul_8192_tflops", round(peak / 1e12, 1))
+                rec.add("mfu", mfu("350m", steps, peak, not args.no_cuda_graphs, not args.no_fused_kernels))
+                print(json.dumps(rec.doc["mfu"][-1]), flush=True)
+            else:
+                rec.add("errors", {"workload": "350m", "error": "the MFU case needs a CUDA device"})
+            path = rec.save(args.out)
+        if args.diag and device.startswith("cuda"):  # last: its runs would warm the kernels for the races above
+            for name in [n for n in only if n in SHAPES]:
+                rec.add("step_times", step_times(name, 30))
+                path = rec.save(args.out)
+    print()
+    print(summary(rec.doc))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

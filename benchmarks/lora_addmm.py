@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,10 +27,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from record import Recording  # noqa: E402
+
 from mua_cli.accel.lora_addmm import fold_lora_adds  # noqa: E402
 from mua_cli.accel.lora_gpu import precast_adapters  # noqa: E402
 from mua_cli.spec.recipe import Recipe  # noqa: E402
-from mua_cli.sweep.grid import make_spec  # noqa: E402
+from mua_cli.spec.trial import TrialSpec  # noqa: E402
 from mua_cli.train.adapters import prepare  # noqa: E402
 from mua_cli.train.stacked import build  # noqa: E402
 
@@ -73,7 +73,7 @@ def run(name: str, k: int, device: str, steps: int, gpu_form: bool) -> dict:
     base = LlamaForCausalLM(cfg).to(device)
     base.requires_grad_(False)
     recipe = Recipe.of(name="bench", model="embedded:tiny", ranks="16", regimes="B:1")
-    spec = make_spec(recipe, "B:1", 16, 1e-3, 0)
+    spec = TrialSpec("B:1", 16, 1e-3, 0)
     x = torch.randint(0, 256, (batch * k, seq + 1), device=device)
     out = {"workload": name, "trials_per_pass": k}
     base16 = copy.deepcopy(base).to(torch.bfloat16)
@@ -102,22 +102,18 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=23)
     ap.add_argument("--runs", default="tiny:1,tiny:8,wide:1")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", help="the JSON file (default benchmarks/out/lora_addmm-<UTC time>.json)")
     ap.add_argument("--gpu-form", action=argparse.BooleanOptionalAction, default=None,
                     help="also peft and mua's GPU layers on a bf16 base (default: on a CUDA device)")  # fmt: skip
     args = ap.parse_args()
+    rec = Recording("lora_addmm")
     gpu_form = args.device.startswith("cuda") if args.gpu_form is None else args.gpu_form
     runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")]
     rows = [run(name, k, args.device, args.steps, gpu_form) for name, k in runs]
     for r in rows:
         print(json.dumps(r), flush=True)
-    report = {"date": datetime.date.today().isoformat(), "device": args.device, "torch": torch.__version__,
-              "machine": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor()
-              or platform.machine(), "threads": torch.get_num_threads(),
-              "command": "python benchmarks/lora_addmm.py " + " ".join(sys.argv[1:]), "rows": rows}  # fmt: skip
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    rec.doc.update({"device": args.device, "threads": torch.get_num_threads(), "rows": rows})
+    print(f"wrote {rec.save(args.out)}")
 
 
 if __name__ == "__main__":

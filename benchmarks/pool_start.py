@@ -1,10 +1,10 @@
 """What a second GPU's slot costs to start, as a thread of the mua process and as a worker process, and the
 two-GPU sweep time these predict, all measured on one GPU (for when no machine of several GPUs is lent).
 
-    python benchmarks/pool_start.py [--workload 5m] [--steps 300] [--out benchmarks/pool_start_gpu.json]
+    python benchmarks/pool_start.py [--workload 5m] [--steps 300] [--out FILE]   # default benchmarks/out/
 
 1. cuda_context_s: this process's first CUDA call (a CUDA context; another GPU's slot pays its own).
-2. The workload's sweep on cuda:0 in this process, as `gpu_speed.py --scaling` runs its one-GPU side: its
+2. The workload's sweep on cuda:0 in this process (`mua_cli.api.run_sweep`, timed from the call): its
    wall time, when its first trial started, and each unit's seconds (the wall times of its trials, summed).
 3. A slot's start on cuda:0, after a first model is loaded in the main thread (as the pool does): a TrialRunner
    built in a thread of this process (pool.PoolExecutor with CUDA graphs), and a worker process
@@ -21,9 +21,11 @@ two-GPU sweep time these predict, all measured on one GPU (for when no machine o
 from __future__ import annotations
 
 import argparse
-import datetime
+import dataclasses
 import json
+import math
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,12 +34,58 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_speed import best_lrs, recipe_for, seed_cache, timed_sweep  # noqa: E402
+from gpu_speed import recipe_for, seed_cache  # noqa: E402
+from record import Recording  # noqa: E402
 
+from mua_cli.api import Listener, Recipe, load_trials, run_sweep  # noqa: E402
 from mua_cli.sweep.execute import Execution, trials_per_pass, units  # noqa: E402
 from mua_cli.sweep.grid import grid_plan  # noqa: E402
 from mua_cli.sweep.pool import worker_main  # noqa: E402
 from mua_cli.sweep.runner import TrialRunner  # noqa: E402
+
+
+def best_lrs(metrics: dict) -> dict:
+    out = {}
+    for (reg, rank, lr), m in metrics.items():
+        if math.isfinite(m) and ((reg, rank) not in out or m < out[(reg, rank)][1]):
+            out[(reg, rank)] = (lr, m)
+    return {f"{k[0]} r={k[1]}": v[0] for k, v in out.items()}
+
+
+class Clock(Listener):
+    """When the trials could begin: the first trial started in this process, or the pool (several slots) said
+    its first slot was ready (its note)."""
+
+    ready: float | None = None
+    fallbacks = 0  # steps that could not be captured and ran eagerly
+
+    def note(self, message: str) -> None:
+        if "slot(s)" in message and self.ready is None:  # the pool's note once its first slot's model is loaded
+            self.ready = time.perf_counter()
+        self.fallbacks += "capture failed" in message
+
+    def trial_start(self, spec) -> None:
+        if self.ready is None:
+            self.ready = time.perf_counter()
+
+
+def timed_sweep(recipe: Recipe, gpus: int, ex: Execution) -> dict:
+    """mua's sweep of the recipe on cuda:0 (gpus=1) or on every visible GPU, timed from the call."""
+    with tempfile.TemporaryDirectory() as d:
+        t0, clock = time.perf_counter(), Clock()
+        dev = "cuda" if gpus > 1 else "cuda:0"  # cuda: every visible GPU
+        run_sweep(recipe, Path(d) / "run", dev, clock, execution=dataclasses.replace(ex, device=dev))
+        seconds = time.perf_counter() - t0
+        df = load_trials(Path(d) / "run")
+    # r["info"], not r.info: a row's .info is pandas' method
+    walls = {
+        r["key"]: (float(r["wall_time"]), r["info"].get("batched_with", 1) if isinstance(r["info"], dict) else 1)
+        for _, r in df.iterrows()
+    }
+    return {"s": round(seconds, 1), "startup_s": round((clock.ready or t0) - t0, 1), "wall_and_batch": walls,
+            "capture_fallbacks": clock.fallbacks, "failed": int((df["status"] == "failed").sum()),
+            "metrics": {(r.regime, int(r["rank"]), float(r.lr)): float(r.metric)
+                        for _, r in df.iterrows()}}  # fmt: skip
 
 
 def cuda_context_s() -> float:
@@ -106,8 +154,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workload", default="5m", choices=["5m", "124m"])
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--out", default=str(Path(__file__).with_name("pool_start_gpu.json")))
+    ap.add_argument("--out", help="the JSON file (default benchmarks/out/pool_start-<UTC time>.json)")
     args = ap.parse_args()
+    rec = Recording("pool_start")
     if not torch.cuda.is_available():
         sys.exit("pool_start.py needs a CUDA GPU")
     context = cuda_context_s()
@@ -118,9 +167,6 @@ def main() -> None:
     durations = unit_seconds(recipe, one["wall_and_batch"], 2, starts.pop("params"))
     shared = timed_sweep(recipe, 1, Execution("cuda:0", workers_per_gpu=2))
     report = {
-        "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0),
-        "gpus": torch.cuda.device_count(), "torch": torch.__version__,
-        "command": "python benchmarks/pool_start.py " + " ".join(sys.argv[1:]),
         "workload": args.workload, "trials": len(grid_plan(recipe)), "steps": args.steps,
         "cuda_context_s": round(context, 2), **starts,
         "one_gpu_s": one["s"], "one_gpu_startup_s": one["startup_s"],
@@ -140,8 +186,8 @@ def main() -> None:
         report["predicted_scaling_threads_longest_first"] = round(one["s"] / longest_first, 2)
         report["predicted_scaling_no_start_cost"] = round(one["s"] / (predict(durations, [first] * 2) + tail), 2)
     print(json.dumps(report, indent=1), flush=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    rec.doc.update(report)
+    print(f"wrote {rec.save(args.out)}")
 
 
 if __name__ == "__main__":

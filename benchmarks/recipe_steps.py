@@ -22,6 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from record import Recording  # noqa: E402
+
 from mua_cli.science.theory import parse_lrs  # noqa: E402
 from mua_cli.spec.recipe import load_recipe  # noqa: E402
 from mua_cli.spec.trial import TrialSpec  # noqa: E402
@@ -149,13 +151,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--only", default=",".join(MODELS))
-    ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    ap.add_argument("--out", help="the JSON file (default benchmarks/out/recipe_steps-<UTC time>.json)")
     args = ap.parse_args()
+    rec = Recording("recipe_steps")
     if not torch.cuda.is_available():
         sys.exit("recipe_steps needs a CUDA GPU")
-    out = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python benchmarks/recipe_steps.py", *sys.argv[1:]]),
-           "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "steps_timed": args.steps,
-           "rows": []}  # fmt: skip
+    out = rec.doc
+    out.update({"steps_timed": args.steps, "rows": []})
     for name in args.only.split(","):
         out["rows"].extend(measure(name, args.steps))
     print(f"\n{'recipe':24} {'trial':16} {'ms/step':>8} {'peak GiB':>9} {'trainable':>12}")
@@ -165,7 +167,7 @@ def main() -> None:
             print(f"{r['recipe']:24} {r['trial']:16} {r['ms_per_step']:>8} {r['peak_gib']:>9} {n:>12,}")
         else:
             print(f"{r['recipe']:24} {'sweep estimate':16} {r['trials']} trials x {r['steps']} steps ≈ {r['hours']} h")
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {rec.save(args.out)}")
 
 
 if __name__ == "__main__":

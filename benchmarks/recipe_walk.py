@@ -5,7 +5,7 @@ A visit is a run of consecutive calls, among those that receive the recipe or a 
 recipe's own methods aside), that stay in one module (or room); going A → B → A counts A twice. The sweep is the
 embedded default cut to one rank, one regime, three LRs and 4 steps, run on the CPU in this process.
 
-    python benchmarks/recipe_walk.py --out benchmarks/recipe_walk.json
+    python benchmarks/recipe_walk.py     # writes benchmarks/out/recipe_walk-<UTC time>.json (or --out FILE)
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from mua_cli.api import load_recipe, run_sweep  # noqa: E402
-from mua_cli.sweep.execute import Execution  # noqa: E402
+from record import Recording  # noqa: E402
+
+from mua_cli.api import Execution, load_recipe, run_sweep  # noqa: E402
 
 PKG = str(ROOT / "mua_cli") + "/"
 
@@ -60,13 +62,13 @@ def visits(names: list[str]) -> dict[str, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=Path, help="the JSON file (default benchmarks/out/recipe_walk-<UTC time>.json)")
     args = ap.parse_args()
+    rec = Recording("recipe_walk")
     recipe = load_recipe("tiny", ranks="4", regimes="B:1", lrs="2^-8:2^-6", steps=4, refine=0, max_extend=0)
     calls = walk(recipe)
     modules = [m for m, _ in calls]
     doc = {
-        "command": "python benchmarks/recipe_walk.py --out benchmarks/recipe_walk.json",
         "calls_receiving_the_recipe_or_a_section": len(calls),
         "visits_per_room": visits([m.split("/")[0] if "/" in m else m for m in modules]),
         "visits_per_module": visits(modules),
@@ -75,10 +77,9 @@ def main() -> None:
             for m in visits(modules)
         },
     }
-    text = json.dumps(doc, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    print(json.dumps(doc, indent=1))
+    rec.doc.update(doc)
+    print(f"wrote {rec.save(args.out)}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 gradient too) against torch's fused `rms_norm` (which skips it for a weight that needs none, as in LoRA), at
 the 365M workload's shapes, in the same run; with each one's error against an fp32 reference.
 
-    python benchmarks/rms_norm.py [--out benchmarks/rms_norm_gpu.json]
+    python benchmarks/rms_norm.py [--out FILE]   # default benchmarks/out/rms_norm-<UTC time>.json
 
 Why: mua_cli/accel/fused.py runs torch's kernel for frozen norms, Liger's otherwise.
 """
@@ -10,13 +10,12 @@ Why: mua_cli/accel/fused.py runs torch's kernel for frozen norms, Liger's otherw
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
-from pathlib import Path
 
 import torch
 from gpu_speed import gpu_seconds
+from record import Recording
 
 
 def width_run(tokens: int, d: int) -> dict:
@@ -46,19 +45,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--widths", default="1024,2048")
-    ap.add_argument("--out", default=str(Path(__file__).with_name("rms_norm_gpu.json")))
+    ap.add_argument("--out", help="the JSON file (default benchmarks/out/rms_norm-<UTC time>.json)")
     args = ap.parse_args()
+    rec = Recording("rms_norm")
     if not torch.cuda.is_available():
         sys.exit("rms_norm.py needs a CUDA GPU")
 
-    report = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0),
-              "torch": torch.__version__, "command": "python benchmarks/rms_norm.py " + " ".join(sys.argv[1:]),
-              "runs": []}  # fmt: skip
+    report = rec.doc
+    report["runs"] = []
     for d in map(int, args.widths.split(",")):
         report["runs"].append(width_run(args.tokens, d))
         print(json.dumps(report["runs"][-1]), flush=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {rec.save(args.out)}")
 
 
 if __name__ == "__main__":

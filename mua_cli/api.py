@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
+from .atomic import write_atomic
 from .errors import MuaError
 from .science.fit import FitResult, fit_run
 from .science.full_ft import predict_full
@@ -25,21 +26,19 @@ from .sweep.store import DB_NAME, load_trials
 
 __all__ = [
     "Execution", "FitResult", "Listener", "MuaError", "Prediction", "Recipe", "SweepSummary",
-    "export_trials", "fit", "fit_run", "load_recipe", "load_trials", "predict", "refit", "run_sweep",
+    "apply_regime", "export_trials", "fit", "fit_run", "load_recipe", "load_trials", "lora_config", "predict",
+    "refit", "run_sweep",
 ]  # fmt: skip
 
 
 def save_text(path: Path, text: str, on_note: Callable[[str], None] | None = None) -> bool:
-    """Writes `text` to `path` whole or not at all (a temporary file, then renamed). False, with a note, where
-    the folder takes no writes (read-only, full): what fit and transfer cache there is not needed to answer."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Writes `text` to `path` whole or not at all (atomic.py: a temporary file of its own, then renamed). False,
+    with a note, where the folder takes no writes (read-only, full): what fit and transfer cache there is not needed
+    to answer."""
     try:
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_atomic(path, text)
         return True
     except OSError as e:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
         if on_note:
             on_note(f"{path.name} not saved: cannot write in {path.parent} ({e.strerror or e})")
         return False
@@ -156,3 +155,45 @@ def export_trials(run_dir: str | Path, fmt: str = "csv", storage: str | None = N
     for row in rows:
         writer.writerow({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in row.items()})
     return out.getvalue()
+
+
+def lora_config(regime: str, rank: int, targets: str | list[str] = "all-linear", alpha0: float = 1.0, **peft_kwargs):
+    """peft's `LoraConfig` for a μA `regime` at `rank`: the sweep's own (lora_alpha and use_rslora realise the
+    regime's α; dropout 0; targets as swept). `peft_kwargs` (task_type, modules_to_save, ...) pass through.
+    Build the model with `get_peft_model(model, config)`, then `apply_regime(model, regime)`."""
+    from .train.adapters import lora_config as sweep_config
+
+    config = sweep_config(get_regime(regime), rank, alpha0, targets)
+    for k, v in peft_kwargs.items():
+        setattr(config, k, v)
+    return config
+
+
+def apply_regime(peft_model, regime: str, seed: int = 0, alpha0: float = 1.0, adapter: str = "default") -> int:
+    """Sets a μA regime's initialization on a peft LoRA model, in place, as mua's sweep does: Init[A] draws
+    A ~ N(0, 1/n_in) and zeroes B; Init[B] zeroes A and draws B ~ N(0, 1/r) (peft has no Init[B]). Call it after
+    `get_peft_model` and before the optimizer is built. `seed` picks the draws (the same seed on the same model
+    gives the same tensors as the sweep's trial of that seed). Returns the number of adapted layers.
+
+    The model's LoRA scaling must be the regime's α (with `alpha0`, the recipe's α0): `B:1` needs
+    `lora_alpha = r`, `A:r` `lora_alpha = 1` (× α0); `lora_config(regime, rank)` builds one that is. A model whose
+    scaling differs, or that has no LoRA layer for `adapter`, is a MuaError: the LR mua found holds for the
+    regime's α, not another."""
+    from .train.adapters import init_lora, regime_scaling_errors
+
+    reg = get_regime(regime)
+    wrong = regime_scaling_errors(peft_model, reg, alpha0, adapter)
+    if wrong:
+        name, r, have, want = wrong[0]
+        peft = reg.peft_args(alpha0, r)
+        raise MuaError(
+            f"{len(wrong)} LoRA layer(s) scale by another α than {reg.name}'s (first: {name}, rank {r}: "
+            f"{have:g} where {reg.name} needs {want:g}); build the model with LoraConfig(r={r}, "
+            f"lora_alpha={peft['lora_alpha']:g}, use_rslora={peft['use_rslora']}), e.g. mua_cli.api.lora_config"
+        )
+    n = init_lora(peft_model, reg, None, seed, adapter)
+    if n == 0:
+        raise MuaError(
+            f"the model has no LoRA layer with adapter {adapter!r}; wrap it with peft's get_peft_model first"
+        )
+    return n

@@ -1,21 +1,22 @@
 #!/usr/bin/env python3
-"""Score mua's prediction rules on the kept study results, leave-one-workload-out, and write docs/validation.md.
+"""Score mua's prediction rules on the kept study results, leave one FAMILY out, and write docs/validation_tables.md.
 
 Reads studies/results/<workload>/{trials.csv,recipe.yaml,meta.json} (written by transfer_study.py on the GPU),
-fits every workload with mua's own `fit_run`, and for each workload predicts what it measured from what the
-others measured:
-- full finetuning from its B:1 ranks 4–64: μA's raw rule, the study offset (learned on the other workloads),
-  a proxy calibration (`--calibrate`) where the study has a proxy, and B:1's line extrapolated to rank = width;
-- rank 256 from ranks 4–64: the shrunk slope (prior width learned on the other workloads), the measured
-  slope alone, and μA's slope.
-It prints the calibration constants (mua_cli/science/calibration.py) the whole study supports, writes each workload's
-fit.json beside its trials, and renders the tables (docs/validation_tables.md) and plots of docs/validation.md.
+fits every workload with mua's own `fit_run`, and for each architecture family in turn predicts what its
+workloads measured from what the other families measured (docs/validation.md, "Protocol", fixes the
+candidates, the scoring and the selection):
+- full finetuning from B:1's ranks ≤ 64: every anchor × ratio candidate, the proxy candidates, μA's raw rule;
+- the largest measured rank from the smaller ones: line, measured slope, straight line, μA's exponent.
+It picks the winners by the pre-registered criterion, prints the calibration constants
+(mua_cli/science/calibration.py) the whole study supports for them, writes each workload's fit.json beside
+its trials, and renders the tables (docs/validation_tables.md) and plots of docs/validation.md.
 No GPU: `python studies/report.py` re-renders everything from the kept files.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -25,56 +26,98 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
+from scipy import stats
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mua_cli.science import calibration as cal  # noqa: E402
-from mua_cli.science.fit import FitResult, fit_run  # noqa: E402
+from mua_cli.science.fit import FitResult, RegimeFit, fit_regime, fit_run  # noqa: E402
+from mua_cli.science.full_ft import ANCHORS, anchor_value  # noqa: E402
 from mua_cli.science.rank_optima import Z95  # noqa: E402
 from mua_cli.science.theory import REGIMES  # noqa: E402
 
 RESULTS = REPO / "studies" / "results"
-SOURCE_RANKS = (4, 16, 64)
-TARGET_RANK = 256
-# proxy → target pairs for `--calibrate`: fewer steps of the same model, a narrower model of the same family
+MAX_SOURCE_RANK = 64  # a user's `--ranks 4,16,64`: what a prediction may use
+# proxy → target pairs for the older `--calibrate` rule: fewer steps of the same model, a narrower model
 PROXIES = {"w512": "w512-s100", "w1024": "w512"}
+# The first six workloads' families and depths, which their meta.json predates; later ones write their own.
+FAMILIES = {"w256": "llama", "w512": "llama", "w1024": "llama", "w512-s100": "llama", "smollm2-135m": "llama",
+            "minilm-l6-plays": "bert"}  # fmt: skip
+DEPTHS = {"smollm2-135m": 30, "minilm-l6-plays": 6}
+FEATURES = ("slope", "width", "depth", "steps", "task")
+RATIOS = ("const", *FEATURES, "all")
+RANK_RULES = ("line", "line-measured", "line-straight", "muA-pooled", "muA-last")
+RIDGE = 1.0
 
 
 @dataclass
 class Workload:
     name: str
     meta: dict
+    recipe: dict
     df: pd.DataFrame
     fit: FitResult  # every rank
-    source: FitResult  # ranks 4–64 and full-ft trials removed: what a user who did not measure would have
-    extra: dict = field(default_factory=dict)
+    source: FitResult  # LoRA ranks ≤ 64, no full-ft trials: what a user who did not measure full-ft would have
+    proxy: FitResult | None = None  # a proxy run's fit (meta proxy_for = this workload), where one was measured
+    below: dict = field(default_factory=dict)  # rank → fit of the LoRA trials below that rank (cached)
 
     @property
     def width(self) -> int:
-        return int(self.meta.get("width") or 0)
+        return int(self.meta.get("width") or (self.recipe.get("model_config") or {}).get("hidden_size") or 0)
+
+    @property
+    def family(self) -> str:
+        return str(self.meta.get("family") or FAMILIES.get(self.name) or self.meta.get("model") or self.name)
+
+    @property
+    def depth(self) -> int:
+        mc = self.recipe.get("model_config") or {}
+        return int(self.meta.get("depth") or mc.get("num_hidden_layers") or DEPTHS.get(self.name) or 0)
+
+    @property
+    def task(self) -> str:
+        return str(self.meta.get("task") or self.recipe.get("task") or "causal-lm")
+
+    @property
+    def steps(self) -> int:
+        return int(self.df["steps"].iloc[0])
+
+    def fit_below(self, rank: int) -> FitResult:
+        if rank not in self.below:
+            keep = (self.df["rank"] < rank) & (self.df["regime"] != "full")
+            self.below[rank] = fit_run(self.df[keep])
+        return self.below[rank]
 
 
-def load(folder: Path, prior_sd: float = cal.SLOPE_PRIOR_SD) -> Workload:
-    name = folder.name
+def _read(folder: Path) -> tuple[dict, dict, pd.DataFrame]:
     df = pd.read_csv(folder / "trials.csv")
     recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
     df["recipe"] = [recipe] * len(df)
-    meta = json.loads((folder / "meta.json").read_text())
-    return Workload(name, meta, df, fit_run(df, prior_sd), _source_fit(df, prior_sd))
+    return json.loads((folder / "meta.json").read_text()), recipe, df
 
 
-def _source_fit(df: pd.DataFrame, prior_sd: float) -> FitResult:
-    keep = df["rank"].isin(SOURCE_RANKS) & (df["regime"] != "full")
-    return fit_run(df[keep], prior_sd)
+def load(folder: Path) -> Workload:
+    meta, recipe, df = _read(folder)
+    keep = (df["rank"] <= MAX_SOURCE_RANK) & (df["regime"] != "full")
+    return Workload(folder.name, meta, recipe, df, fit_run(df), fit_run(df[keep]))
 
 
-def b1_ref(fit: FitResult) -> tuple[float, float]:
-    return fit.regimes["B:1"].line(math.log2(cal.FULL_REF_RANK))
+def load_all(res: Path = RESULTS) -> list[Workload]:
+    """Every workload of the study, each with its proxy run's fit where one was measured."""
+    folders = sorted(p for p in res.iterdir() if (p / "trials.csv").is_file()) if res.is_dir() else []
+    metas = {p: json.loads((p / "meta.json").read_text()) for p in folders}
+    out = {p.name: load(p) for p in folders if not metas[p].get("proxy_for")}
+    for p in folders:
+        target = metas[p].get("proxy_for")
+        if target in out:
+            out[target].proxy = fit_run(_read(p)[2])
+    return list(out.values())
 
 
-def full_truth(w: Workload) -> float | None:
-    return w.fit.full.log2_lr_star if w.fit.full is not None and w.fit.full.usable else None
+def full_truth(w: Workload) -> tuple[float, float] | None:
+    f = w.fit.full
+    return (f.log2_lr_star, f.se_log2) if f is not None and f.usable else None
 
 
 def loss_at(w: Workload, log2_lr: float) -> float:
@@ -89,6 +132,9 @@ def loss_at(w: Workload, log2_lr: float) -> float:
     j = int(np.searchsorted(xs, log2_lr))
     t = (log2_lr - xs[j - 1]) / (xs[j] - xs[j - 1])
     return float(ys[j - 1] + t * (ys[j] - ys[j - 1]))
+
+
+# ---------------------------------------------------------------- constants learned from a set of workloads
 
 
 def slope_prior(workloads: list[Workload]) -> float:
@@ -130,102 +176,332 @@ def curvatures(workloads: list[Workload]) -> dict[str, tuple[float, float]]:
     return {k: (round(float(np.mean(v)), 4), round(float(np.std(v, ddof=1)), 4)) for k, v in per.items() if len(v) > 1}
 
 
-def offsets(workloads: list[Workload]) -> dict[str, float]:
-    out = {}
-    for w in workloads:
-        t = full_truth(w)
-        if t is not None and "B:1" in w.source.regimes and w.source.regimes["B:1"].ranks_used:
-            out[w.name] = t - b1_ref(w.source)[0]
-    return out
+@dataclass
+class Fold:
+    """What one set of training workloads teaches: the slope prior, the curvature, the ratio rules."""
+
+    train: list[Workload]
+    prior: float
+    curv: dict
+
+    @classmethod
+    def of(cls, train: list[Workload]) -> Fold:
+        return cls(train, slope_prior(train), curvatures(train))
+
+    def regime(self, fit: FitResult, name: str, curved: bool = True) -> RegimeFit | None:
+        """The regime's line refitted with this fold's prior and (or without) its curvature."""
+        if name not in fit.regimes:
+            return None
+        with _curvature(self.curv if curved else {}):
+            return fit_regime(fit.optima, name, self.prior)
 
 
-def constants(workloads: list[Workload]) -> dict:
-    """The values of mua_cli/science/calibration.py that these workloads support."""
-    offs = list(offsets(workloads).values())
+@contextlib.contextmanager
+def _curvature(curv: dict):
+    saved, cal.RANK_CURVATURE = cal.RANK_CURVATURE, curv
+    try:
+        yield
+    finally:
+        cal.RANK_CURVATURE = saved
+
+
+def features(w: Workload, b1: RegimeFit, tasks: list[str]) -> dict[str, list[float]]:
+    """The observable features of a workload, each as the columns it adds to a ratio model."""
+    slope = b1.slope if b1.slope is not None else 0.0
     return {
-        "SLOPE_PRIOR_SD": round(slope_prior(workloads), 3),
-        "RANK_SCATTER_FLOOR": round(max(rank_scatter(workloads), 0.05), 3),
-        "FULL_OFFSET_LOG2": round(float(np.mean(offs)), 3) if offs else None,
-        "FULL_OFFSET_SD": round(float(np.std(offs, ddof=1)), 3) if len(offs) > 1 else None,
-        "FULL_OFFSET_N": len(offs),
-        "RANK_CURVATURE": curvatures(workloads),
+        "slope": [slope],
+        "width": [math.log2(w.width) if w.width else 0.0],
+        "depth": [math.log2(w.depth) if w.depth else 0.0],
+        "steps": [math.log2(w.steps)],
+        "task": [float(w.task == t) for t in tasks[1:]],
     }
 
 
-def load_all(res: Path = RESULTS) -> list[Workload]:
-    names = sorted(p.name for p in res.iterdir() if (p / "trials.csv").is_file()) if res.is_dir() else []
-    return [load(res / n) for n in names]
+@dataclass
+class RatioRule:
+    """log2 ρ (B:1 anchor over full-ft η*) as a function of features, learned on training workloads."""
+
+    kind: str
+    coef: np.ndarray | None  # intercept first; None: no prediction (too few workloads)
+    cols: list[int]  # which feature columns (after the intercept) it uses
+    s: float  # residual SD of the training workloads' log2 ρ about the rule
+    dof: float
+    cov: np.ndarray | None  # (X'X)^-1-like matrix for the leverage
+    mean: np.ndarray | None = None  # standardization (ridge)
+    sd: np.ndarray | None = None
+
+    def predict(self, x: np.ndarray) -> tuple[float, float] | None:
+        """(log2 ρ, SE of a new workload's log2 ρ around it) or None."""
+        if self.coef is None:
+            return None
+        if self.kind == "const":
+            return float(self.coef[0]), self.s * math.sqrt(1 + float(self.cov[0, 0]))
+        z = x[self.cols]
+        if self.mean is not None:
+            z = (z - self.mean) / self.sd
+        v = np.concatenate([[1.0], z])
+        return float(v @ self.coef), self.s * math.sqrt(1 + float(v @ self.cov @ v))
+
+
+def fit_ratio(kind: str, ys: np.ndarray, X: np.ndarray, fams: list[str], names: list[str]) -> RatioRule:
+    """A ratio rule of `kind` on training rows ys (log2 ρ), features X (columns named by `names`)."""
+    k = len(ys)
+    if kind == "const":
+        per = {f: ys[[i for i, g in enumerate(fams) if g == f]].mean() for f in dict.fromkeys(fams)}
+        c = float(np.mean(list(per.values())))  # each family counts once
+        if k < 2:  # a value, but no spread: a prediction without an interval
+            return RatioRule(kind, np.array([c]), [], math.nan, 0, np.array([[1.0]]))
+        s = float(np.sqrt(((ys - c) ** 2).sum() / (k - 1)))
+        return RatioRule(kind, np.array([c]), [], s, k - 1, np.array([[1 / k]]))
+    want = [i for i, n in enumerate(names) if kind == "all" or n == kind]
+    cols = [i for i in want if np.ptp(X[:, i]) > 1e-9]  # constant over training: no information
+    if not cols:
+        return fit_ratio("const", ys, X, fams, names) if kind != "const" else None
+    Z = X[:, cols]
+    mean = sd = None
+    if kind == "all":
+        mean, sd = Z.mean(0), Z.std(0)
+        Z = (Z - mean) / sd
+    A = np.column_stack([np.ones(k), Z])
+    pen = np.diag([0.0] + [RIDGE if kind == "all" else 0.0] * len(cols))
+    M = A.T @ A + pen
+    if np.linalg.matrix_rank(M) < M.shape[0]:
+        return RatioRule(kind, None, cols, math.nan, 0, None)
+    Minv = np.linalg.inv(M)
+    coef = Minv @ A.T @ ys
+    hat = A @ Minv @ A.T
+    dof = k - float(np.trace(hat))
+    s = float(np.sqrt(((ys - A @ coef) ** 2).sum() / dof)) if dof >= 1 else math.nan
+    cov = Minv @ A.T @ A @ Minv
+    return RatioRule(kind, coef, cols, s, dof, cov, mean, sd)
+
+
+def _t(dof: float) -> float:
+    return float(stats.t.ppf(0.975, dof))
+
+
+def _row(w: Workload, what: str, pred: float, truth: float, se: float | None, dof: float | None, **kw) -> dict:
+    half = math.inf if se is None or dof is None or not dof >= 1 else _t(dof) * se if dof < 1e6 else Z95 * se
+    err = pred - truth
+    return {"workload": w.name, "family": w.family, "rule": what, "pred": pred, "truth": truth, "err": err,
+            "half": half, "covered": bool(math.isfinite(half) and abs(err) <= half),
+            "width_x": 2 ** (2 * half) if math.isfinite(half) else math.inf,
+            **kw}  # fmt: skip
+
+
+# ---------------------------------------------------------------- leave one family out
+
+
+def _ratio_table(ws: list[Workload], fold: Fold, anchor: str, tasks: list[str]):
+    """Per training workload with an anchor and a measured full-ft η*: (log2 ρ, feature vector, family)."""
+    ys, xs, fams = [], [], []
+    for w in ws:
+        t = full_truth(w)
+        b1 = fold.regime(w.source, "B:1")
+        a = anchor_value(b1, anchor) if b1 is not None and b1.ranks_used else None
+        if t is None or a is None:
+            continue
+        ys.append(a[0] - t[0])
+        xs.append(np.concatenate(list(features(w, b1, tasks).values())))
+        fams.append(w.family)
+    return np.array(ys), np.array(xs).reshape(len(ys), -1), fams
+
+
+def feature_names(tasks: list[str]) -> list[str]:
+    return ["slope", "width", "depth", "steps"] + ["task"] * (len(tasks) - 1)
+
+
+def score_full(workloads: list[Workload]) -> pd.DataFrame:
+    """Every --to full-ft candidate, leave one family out: one row per (held-out workload, candidate)."""
+    tasks = sorted({w.task for w in workloads})
+    names = feature_names(tasks)
+    rows = []
+    for fam in sorted({w.family for w in workloads}):
+        test = [w for w in workloads if w.family == fam]
+        fold = Fold.of([w for w in workloads if w.family != fam])
+        rules = {}
+        for anchor in ANCHORS:
+            ys, X, fams = _ratio_table(fold.train, fold, anchor, tasks)
+            for kind in RATIOS:
+                rules[anchor, kind] = fit_ratio(kind, ys, X, fams, names) if len(ys) else None
+        proxy_d = [full_truth(w)[0] - w.proxy.full.log2_lr_star for w in fold.train
+                   if w.proxy is not None and full_truth(w) and w.proxy.full and w.proxy.full.usable]  # fmt: skip
+        for w in test:
+            t = full_truth(w)
+            b1 = fold.regime(w.source, "B:1")
+            if t is None or b1 is None or not b1.ranks_used:
+                continue
+            x = np.concatenate(list(features(w, b1, tasks).values()))
+            for (anchor, kind), rule in rules.items():
+                a = anchor_value(b1, anchor)
+                r = rule.predict(x) if rule is not None else None
+                name = f"{anchor} ÷ {kind}"
+                if a is None or r is None:
+                    rows.append({**_row(w, name, math.nan, t[0], None, None), "err": math.inf, "covered": False})
+                    continue
+                se = math.sqrt(a[1] ** 2 + r[1] ** 2) if rule.dof >= 1 else None
+                rows.append(_row(w, name, a[0] - r[0], t[0], se, rule.dof, anchor=anchor, ratio=kind))
+            c, c_se = b1.line(b1.centre_x, "mua")
+            rows.append(_row(w, "muA-B:1 (ratio 1)", c, t[0], c_se, 1e9, anchor="pooled", ratio="1"))
+            ref = anchor_value(b1, "line16")
+            proxy = PROXIES.get(w.name)
+            pw = next((o for o in workloads if o.name == proxy), None)
+            if pw is not None and pw.fit.full_vs_b1 is not None:
+                off = -math.log2(pw.fit.full_vs_b1.ratio)
+                se = math.hypot(ref[1], cal.CALIBRATE_SD)
+                rows.append(_row(w, "calibrated (older --calibrate)", ref[0] + off, t[0], se, 1e9))
+            if w.proxy is not None and w.proxy.full is not None and w.proxy.full.usable:
+                p, p_se = w.proxy.full.log2_lr_star, w.proxy.full.se_log2
+                k = len(proxy_d)
+                rms = float(np.sqrt(np.mean(np.square(proxy_d)))) if k else None
+                rows.append(_row(w, "proxy-direct", p, t[0], math.hypot(p_se, rms) if k else None, k or None))
+                if k >= 2:
+                    m, sd = float(np.mean(proxy_d)), float(np.std(proxy_d, ddof=1))
+                    rows.append(
+                        _row(w, "proxy-scaled", p + m, t[0], math.hypot(p_se, sd * math.sqrt(1 + 1 / k)), k - 1)
+                    )
+                else:
+                    rows.append({**_row(w, "proxy-scaled", math.nan, t[0], None, None), "err": math.inf})
+            if t is not None and w.fit.full is not None:
+                best = min(p["mean_metric"] for p in w.fit.full.points if p["mean_metric"] is not None)
+                for r in rows:
+                    if r["workload"] == w.name and "loss_gap" not in r:
+                        r["loss_gap"] = loss_at(w, r["pred"]) / best - 1 if math.isfinite(r["pred"]) else math.inf
+    return pd.DataFrame(rows)
+
+
+def _rank_pred(rule: str, rf: RegimeFit, straight: RegimeFit, target: int) -> tuple[float, float] | None:
+    x0 = math.log2(target)
+    if rule == "line":
+        return rf.line(x0, "shrunk")
+    if rule == "line-measured":
+        return rf.line(x0, "measured") if rf.line_slope is not None else None
+    if rule == "line-straight":
+        return straight.line(x0, "shrunk")
+    if rule == "muA-pooled":
+        return rf.line(x0, "mua")
+    last = rf.ranks_used[-1]
+    return rf.log2_lr_stars[-1] + rf.expected_slope * (x0 - math.log2(last)), rf.se_log2s[-1]
+
+
+def _rank_cases(w: Workload):
+    """(regime, target rank, its measured log2 η*) for A:r and B:1: the largest usable rank, ≥ 2 below it."""
+    for name in ("A:r", "B:1"):
+        use = [o for o in w.fit.optima_for(name) if o.usable]
+        if len(use) >= 3:
+            yield name, use[-1].rank, use[-1].log2_lr_star
+
+
+def _rank_preds(w: Workload, fold: Fold):
+    for name, target, truth in _rank_cases(w):
+        src = w.fit_below(target)
+        rf, straight = fold.regime(src, name), fold.regime(src, name, curved=False)
+        if rf is None or len(rf.ranks_used) < 2:
+            continue
+        for rule in RANK_RULES:
+            p = _rank_pred(rule, rf, straight, target)
+            yield name, target, truth, rule, p
+
+
+def score_rank(workloads: list[Workload]) -> pd.DataFrame:
+    """--to RANK: each workload's largest measured rank from its smaller ones, leave one family out."""
+    rows = []
+    for fam in sorted({w.family for w in workloads}):
+        fold = Fold.of([w for w in workloads if w.family != fam])
+        excess: dict[str, list[float]] = {r: [] for r in RANK_RULES}
+        for o in fold.train:  # how far each rule's own SE fell short on the training families
+            for _, _, truth, rule, p in _rank_preds(o, fold):
+                if p is not None:
+                    excess[rule].append((p[0] - truth) ** 2 - p[1] ** 2)
+        extra = {r: max(float(np.mean(v)), 0.0) if v else 0.0 for r, v in excess.items()}
+        for w in (w for w in workloads if w.family == fam):
+            for name, target, truth, rule, p in _rank_preds(w, fold):
+                if p is None:
+                    rows.append({**_row(w, rule, math.nan, truth, None, None), "err": math.inf, "regime": name,
+                                 "target": target})  # fmt: skip
+                    continue
+                rows.append(_row(w, rule, p[0], truth, math.sqrt(p[1] ** 2 + extra[rule]), 1e9, regime=name,
+                                 target=target))  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+ANCHOR_ORDER = {a: i for i, a in enumerate(ANCHORS)}
+RATIO_ORDER = {r: (0 if r == "const" else 2 if r == "all" else 1) for r in RATIOS}
+
+
+def winner(rows: pd.DataFrame, candidates: list[str], simplicity) -> str:
+    """The pre-registered choice: most within √2, then most covered, then the smaller median width, then simpler."""
+
+    def key(rule):
+        g = rows[rows["rule"] == rule]
+        return (-int((g["err"].abs() <= 0.5).sum()), -int(g["covered"].sum()), float(g["width_x"].median()),
+                simplicity(rule))  # fmt: skip
+
+    return min(candidates, key=key)
+
+
+def full_winner(rows: pd.DataFrame) -> str:
+    cands = [f"{a} ÷ {k}" for a in ANCHORS for k in RATIOS]
+
+    def simple(rule):
+        a, k = rule.split(" ÷ ")
+        return RATIO_ORDER[k], ANCHOR_ORDER[a]
+
+    return winner(rows, [c for c in cands if c in set(rows["rule"])], simple)
+
+
+def rank_winner(rows: pd.DataFrame) -> str:
+    return winner(rows, [r for r in RANK_RULES if r in set(rows["rule"])], RANK_RULES.index)
+
+
+def constants(workloads: list[Workload], full_rule: str | None = None) -> dict:
+    """The values of mua_cli/science/calibration.py that these workloads support, for the chosen full-ft rule."""
+    anchor, kind = (full_rule or f"{cal.FULL_ANCHOR} ÷ const").split(" ÷ ")
+    fold = Fold.of(workloads)
+    tasks = sorted({w.task for w in workloads})
+    ys, X, fams = _ratio_table(workloads, fold, anchor, tasks)
+    rule = fit_ratio("const", ys, X, fams, feature_names(tasks))
+    if kind != "const":
+        raise SystemExit(f"the chosen rule {full_rule} is not a constant ratio: calibration.py needs its model")
+    return {
+        "SLOPE_PRIOR_SD": round(fold.prior, 3),
+        "RANK_SCATTER_FLOOR": round(max(rank_scatter(workloads), 0.05), 3),
+        "FULL_ANCHOR": anchor,
+        "B1_OVER_FULL_LOG2": round(float(rule.coef[0]), 3),
+        "B1_OVER_FULL_SD": round(rule.s, 3),
+        "B1_OVER_FULL_N": len(ys),
+        "B1_OVER_FULL_FAMILIES": len(set(fams)),
+        "RANK_CURVATURE": fold.curv,
+    }
 
 
 def score(workloads: list[Workload]) -> dict:
-    """Leave-one-workload-out predictions of full-ft and rank-256 optima; rows for the tables."""
-    offs = offsets(workloads)
-    full_rows, rank_rows = [], []
-    for w in workloads:
-        others = [o for o in workloads if o.name != w.name]
-        prior = slope_prior(others)
-        saved, cal.RANK_CURVATURE = cal.RANK_CURVATURE, {}
-        straight = _source_fit(w.df, prior)  # the ablation: no rank curvature
-        cal.RANK_CURVATURE = curvatures(others)
-        src = _source_fit(w.df, prior)
-        cal.RANK_CURVATURE = saved
-        t = full_truth(w)
-        b1 = src.regimes.get("B:1")
-        if t is not None and b1 is not None and b1.ranks_used:
-            ref, ref_se = b1.line(math.log2(cal.FULL_REF_RANK))
-            other_offs = [v for k, v in offs.items() if k != w.name]
-            mu, sd = float(np.mean(other_offs)), float(np.std(other_offs, ddof=1)) if len(other_offs) > 1 else 1.0
-            rules = {
-                "muA-B:1": b1.line(b1.centre_x, "mua"),
-                "study-offset": (ref + mu, math.sqrt(ref_se**2 + sd**2)),
-            }
-            if w.width:
-                rules["B:1 at r = width"] = b1.line(math.log2(w.width))
-            proxy = PROXIES.get(w.name)
-            if proxy in offs:
-                rules["calibrated"] = (ref + offs[proxy], math.sqrt(ref_se**2 + cal.CALIBRATE_SD**2))
-            best = min(p["mean_metric"] for p in w.fit.full.points if p["mean_metric"] is not None)
-            for rule, (c, se) in rules.items():
-                loss = loss_at(w, c)
-                full_rows.append(
-                    {"workload": w.name, "rule": rule, "pred": c, "truth": t, "err": c - t, "se": se,
-                     "covered": abs(c - t) <= Z95 * se, "width_x": 2 ** (2 * Z95 * se),
-                     "loss_gap": loss / best - 1}
-                )  # fmt: skip
-        for name in ("A:r", "B:1"):
-            truth_o = next((o for o in w.fit.optima_for(name) if o.rank == TARGET_RANK and o.usable), None)
-            rf = src.regimes.get(name)
-            if truth_o is None or rf is None or len(rf.ranks_used) < 2:
-                continue
-            x0 = math.log2(TARGET_RANK)
-            rules = (("shrunk-slope", "shrunk", rf), ("measured-slope", "measured", rf), ("muA-slope", "mua", rf),
-                     ("shrunk-slope, no curvature", "shrunk", straight.regimes[name]))  # fmt: skip
-            for rule, slope, line in rules:
-                c, se = line.line(x0, slope)
-                rank_rows.append(
-                    {"workload": w.name, "regime": name, "rule": rule, "pred": c, "truth": truth_o.log2_lr_star,
-                     "err": c - truth_o.log2_lr_star, "se": se, "covered": abs(c - truth_o.log2_lr_star) <= Z95 * se,
-                     "width_x": 2 ** (2 * Z95 * se)}
-                )  # fmt: skip
-    return {"full": pd.DataFrame(full_rows), "rank": pd.DataFrame(rank_rows), "offsets": offs}
+    return {"full": score_full(workloads), "rank": score_rank(workloads)}
 
 
 def summary(rows: pd.DataFrame, by: str = "rule") -> pd.DataFrame:
+    """One line per candidate, best first by the pre-registered order (within √2, covered, median width)."""
     if rows.empty:
         return rows
-    g = rows.groupby(by)
+    g = rows.groupby(by, sort=False)
     out = pd.DataFrame(
         {
             "n": g.size(),
-            "within √2": g["err"].apply(lambda e: f"{int((e.abs() <= 0.5).sum())}/{len(e)}"),
-            "median |error| (×)": g["err"].apply(lambda e: f"{2 ** e.abs().median():.2f}"),
+            "within √2": g["err"].apply(lambda e: int((e.abs() <= 0.5).sum())),
+            "median error (×)": g["err"].apply(lambda e: f"{2 ** e.abs().median():.2f}"),
             "worst (×)": g["err"].apply(lambda e: f"{2 ** e.abs().max():.2f}"),
-            "95 % covers": g["covered"].apply(lambda c: f"{int(c.sum())}/{len(c)}"),
-            "median interval width (×)": g["width_x"].apply(lambda v: f"{v.median():.2f}"),
+            "95 % covers": g["covered"].apply(lambda c: int(c.sum())),
+            "median width (×)": g["width_x"].median(),
         }
     )
     if "loss_gap" in rows:
         out["loss within 1 %"] = g["loss_gap"].apply(lambda v: f"{int((v <= 0.01).sum())}/{len(v)}")
+    out = out.sort_values(
+        ["within √2", "95 % covers", "median width (×)"], ascending=[False, False, True], kind="stable"
+    )
+    out["within √2"] = [f"{v}/{n}" for v, n in zip(out["within √2"], out["n"], strict=True)]
+    out["95 % covers"] = [f"{v}/{n}" for v, n in zip(out["95 % covers"], out["n"], strict=True)]
+    out["median width (×)"] = [f"{v:.2f}" if math.isfinite(v) else "no interval" for v in out["median width (×)"]]
     return out.reset_index()
 
 
@@ -257,17 +533,19 @@ def exponent_table(workloads: list[Workload]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def ratio_table(workloads: list[Workload]) -> pd.DataFrame:
+def ratio_table(workloads: list[Workload], anchor: str) -> pd.DataFrame:
     rows = []
     for w in workloads:
-        c = w.fit.full_vs_b1
-        if c is None:
+        t, b1 = full_truth(w), w.source.regimes.get("B:1")
+        a = anchor_value(b1, anchor) if b1 is not None else None
+        if t is None or a is None:
             continue
+        r, half = a[0] - t[0], Z95 * math.hypot(a[1], t[1])
         rows.append(
-            {"workload": w.name, "task": w.meta.get("task"), "width": w.width, "steps": w.meta.get("steps") or
-             int(w.df["steps"].iloc[0]), f"B:1 η* (r={c.ref_rank})": f"{c.b1_lr:.3g}", "full-ft η*": f"{c.full_lr:.3g}",
-             "B:1 / full": f"{c.ratio:.2f}", "95 % interval": f"[{c.ratio_interval[0]:.2f}, {c.ratio_interval[1]:.2f}]",
-             "B:1 slope": "—" if w.fit.regimes["B:1"].slope is None else f"{w.fit.regimes['B:1'].slope:+.2f}"}
+            {"workload": w.name, "family": w.family, "task": w.task, "width": w.width, "depth": w.depth,
+             "steps": w.steps, f"B:1 η* ({anchor})": f"{2 ** a[0]:.3g}", "full-ft η*": f"{2 ** t[0]:.3g}",
+             "B:1 / full": f"{2**r:.2f}", "95 % interval": f"[{2 ** (r - half):.2f}, {2 ** (r + half):.2f}]",
+             "B:1 slope (ranks ≤ 64)": "—" if b1.slope is None else f"{b1.slope:+.2f}"}
         )  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -283,7 +561,7 @@ def width_table(workloads: list[Workload]) -> pd.DataFrame:
         xs, ys = [], []
         for w in fam:
             if name == "full":
-                v = full_truth(w)
+                v = (full_truth(w) or (None,))[0]
             else:
                 rf = w.fit.regimes.get(name)
                 v = rf.line(math.log2(16))[0] if rf is not None and rf.ranks_used else None
@@ -355,28 +633,41 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "docs", help="where the tables (validation_tables.md) go")
     ap.add_argument("--results", type=Path, default=RESULTS, help="the study's results folder")
     args = ap.parse_args()
-    res = args.results
-    names = sorted(p.name for p in res.iterdir() if (p / "trials.csv").is_file()) if res.is_dir() else []
-    if not names:
-        sys.exit(f"no study results under {res}")
-    workloads = [load(res / n) for n in names]
+    workloads = load_all(args.results)
+    if not workloads:
+        sys.exit(f"no study results under {args.results}")
     for w in workloads:  # each workload's fit as `mua fit` writes it, kept beside its trials
-        (res / w.name / "fit.json").write_text(json.dumps(w.fit.to_dict(), indent=2, allow_nan=False) + "\n")
+        (args.results / w.name / "fit.json").write_text(json.dumps(w.fit.to_dict(), indent=2, allow_nan=False) + "\n")
     scored = score(workloads)
-    consts = constants(workloads)
+    full, rank = scored["full"], scored["rank"]
+    fw, rw = full_winner(full), rank_winner(rank)
+    consts = constants(workloads, fw)
+    fams = sorted({w.family for w in workloads})
+    shown = [fw, "line16 ÷ const", "cell16 ÷ const", "pooled ÷ const", "muA-B:1 (ratio 1)",
+             "calibrated (older --calibrate)", "proxy-direct", "proxy-scaled"]  # fmt: skip
+    proxied = sorted(set(full.loc[full["rule"].str.startswith("proxy"), "workload"]))
     parts = [
+        f"{len(workloads)} workloads, {len(fams)} families ({', '.join(fams)}).\n\n",
         "## Calibration constants the whole study supports (mua_cli/science/calibration.py)\n",
         "```\n" + "\n".join(f"{k} = {v}" for k, v in consts.items()) + "\n```\n",
-        "## Full finetuning, leave-one-workload-out (B:1 ranks 4–64 → measured full-ft η*)\n",
-        md(summary(scored["full"])),
-        "\nPer workload (log2 error: predicted − measured; ± is the 95 % half-width):\n\n",
-        md(_fmt_rows(scored["full"])),
-        f"\n## Rank {TARGET_RANK} from ranks 4–64, leave-one-workload-out prior\n",
-        md(summary(scored["rank"])),
+        "## `--to full-ft`, leave one family out (B:1 ranks ≤ 64 → measured full-ft η*)\n\n",
+        f"Winner by the pre-registered order (within √2, then covered, then median width, then simpler): "
+        f"**{fw}**. Every candidate, best first (a candidate without an interval counts as not covered):\n\n",
+        md(summary(full)),
+        "\nThe winner by held-out family:\n\n",
+        md(summary(full[full["rule"] == fw], by="family")),
+        "\nProxy calibration against the winner, on the workloads that have a proxy run"
+        f" ({', '.join(proxied) or 'none in this study'}):\n\n",
+        md(summary(full[full["workload"].isin(proxied) & full["rule"].isin([fw, "proxy-direct", "proxy-scaled"])])),
+        "\nPer workload (log2 error: predicted − measured; ± the 95 % half-width):\n\n",
+        md(_fmt_rows(full[full["rule"].isin(shown)])),
+        "\n## `--to RANK`: the largest measured rank from the smaller ones, leave one family out\n\n",
+        f"Winner by the same order: **{rw}**.\n\n",
+        md(summary(rank)),
         "\nPer workload and regime:\n\n",
-        md(_fmt_rows(scored["rank"])),
-        "\n## B:1 / full-finetuning ratio per workload\n",
-        md(ratio_table(workloads)),
+        md(_fmt_rows(rank)),
+        f"\n## B:1 / full-finetuning ratio per workload (B:1 read as `{consts['FULL_ANCHOR']}`)\n",
+        md(ratio_table(workloads, consts["FULL_ANCHOR"])),
         "\n## Rank exponents, measured against μA's (every rank of each workload)\n",
         md(exponent_table(workloads)),
         "\n## Width exponents over the embedded family (η* at rank 16; full finetuning)\n",
@@ -386,21 +677,27 @@ def main() -> None:
     (args.out / "validation_tables.md").write_text(
         "<!-- generated by `python studies/report.py`; do not edit by hand -->\n# Study tables\n\n" + "".join(parts)
     )
-    plots(workloads, scored, args.out)
+    plots(workloads, {"full": full[full["rule"].isin(shown)], "rank": rank}, args.out)
     print("".join(parts))
 
 
 def _fmt_rows(rows: pd.DataFrame) -> pd.DataFrame:
     if rows.empty:
         return rows
-    out = rows.copy()
-    out["predicted"] = [f"{2**v:.3g}" for v in out.pop("pred")]
-    out["measured"] = [f"{2**v:.3g}" for v in out.pop("truth")]
-    out["error (log2)"] = [f"{e:+.2f} ± {Z95 * s:.2f}" for e, s in zip(out.pop("err"), out.pop("se"), strict=True)]
-    out["covered"] = out["covered"].map({True: "yes", False: "no"})
-    out.pop("width_x")
-    if "loss_gap" in out:
-        out["loss vs best"] = [f"{100 * v:+.2f} %" for v in out.pop("loss_gap")]
+    out = rows[[c for c in ("workload", "family", "regime", "target", "rule") if c in rows]].copy()
+    out["predicted"] = [f"{2**v:.3g}" if math.isfinite(v) else "—" for v in rows["pred"]]
+    out["measured"] = [f"{2**v:.3g}" for v in rows["truth"]]
+    out["error (log2)"] = [
+        "no prediction"
+        if not math.isfinite(e)
+        else f"{e:+.2f} ± {h:.2f}"
+        if math.isfinite(h)
+        else f"{e:+.2f}, no interval"
+        for e, h in zip(rows["err"], rows["half"], strict=True)
+    ]
+    out["covered"] = rows["covered"].map({True: "yes", False: "no"})
+    if "loss_gap" in rows:
+        out["loss vs best"] = [f"{100 * v:+.2f} %" if math.isfinite(v) else "—" for v in rows["loss_gap"]]
     return out
 
 

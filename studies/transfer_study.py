@@ -291,6 +291,18 @@ def smoke(base: dict, sweeps: list[dict]) -> tuple[dict, list[dict]]:
     return base, small
 
 
+PROXY_FRACTION = 4  # the proxy calibration runs full finetuning at a quarter of the workload's steps
+
+
+def proxy_workload(base: dict, sweeps: list[dict], name: str) -> tuple[dict, list[dict], dict]:
+    """The full-finetuning proxy of a workload: full finetuning alone at steps / 4 (its own run folder, since
+    steps are part of the recipe), on the LR grid of the workload's first sweep, one seed."""
+    steps = max(1, int(base["steps"]) // PROXY_FRACTION)
+    first = sweeps[0]
+    sweep = {"regimes": str(first["regimes"]).split(",")[0], "ranks": "full", "seeds": 1, "lrs": first["lrs"]}
+    return {**base, "steps": steps}, [sweep], {"proxy_of": name, "proxy_steps": steps, "workload_steps": base["steps"]}
+
+
 class PrintListener:
     """One flushed line per finished trial, grid extension and note (a GPU call's log is read afterwards)."""
 
@@ -373,7 +385,7 @@ def model_facts(recipe, device: str) -> dict:
         with torch.device("meta"):
             model = LlamaForCausalLM(embedded_config(recipe.model))
         return {"width": hidden_size(model), "n_params": sum(p.numel() for p in model.parameters()),
-                "pretrain": pretrain}  # fmt: skip
+                "pretrain": pretrain, **shape_facts(model)}  # fmt: skip
     labels = None
     if recipe.model.task != "causal-lm":
         from mua_cli.train.sources import open_source, record_labels
@@ -383,8 +395,20 @@ def model_facts(recipe, device: str) -> dict:
     head = [k for k in loaded.new_weights if k.split(".")[0] in ("classifier", "score")]
     if len(head) != len(loaded.new_weights):
         raise SystemExit(f"{recipe.model.name}: weights newly initialized beyond the head: {loaded.new_weights}")
-    return {"width": hidden_size(loaded.model), "n_params": sum(p.numel() for p in loaded.model.parameters()),
-            "new_weights": loaded.new_weights, "labels": labels}  # fmt: skip
+    facts = {"width": hidden_size(loaded.model), "n_params": sum(p.numel() for p in loaded.model.parameters()),
+             "new_weights": loaded.new_weights, "labels": labels, **shape_facts(loaded.model)}  # fmt: skip
+    made = Path(recipe.model.name) / "pretrain.json"  # a model pretrained by studies/pretrain.py: how it was made
+    if made.is_file():
+        facts["pretrain"] = json.loads(made.read_text())
+    return facts
+
+
+def shape_facts(model) -> dict:
+    """The family (transformers' model_type) and the depth, features a transfer rule may use."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = next((getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(config, k)),
+                  None)  # fmt: skip
+    return {"family": config.model_type, "layers": layers}
 
 
 def export(run_dir: Path, out: Path, recipe, sweeps: list[dict], meta: dict) -> int:
@@ -445,21 +469,25 @@ def run_workload(w: dict, args) -> float:
     name = w["name"] + ("-smoke" if args.smoke else "")  # a smoke run never lands in a real run's folder
     # the path as given enters the trials' identity (mua hashes the model name): pass the same --models to resume
     base, sweeps = with_models(w["recipe"], str(args.models).rstrip("/")), w["sweeps"]
+    proxy = {}
+    if args.proxy:
+        base, sweeps, proxy = proxy_workload(base, sweeps, w["name"])
     if args.smoke:
         base, sweeps = smoke(base, sweeps)
     recipes = [recipe_from_dict({"name": name, **base, **s}, source=f"workload {name}") for s in sweeps]
     if len({r.fingerprint() for r in recipes}) != 1:  # one run folder holds one set of outcome settings
         raise SystemExit(f"workload {name}: its sweeps differ in more than regimes, ranks, seeds and lrs")
     device = resolve_device(args.device)
-    run_dir, out = Path(args.runs) / name, Path(args.results) / name
+    sub = "proxy" if args.proxy else ""  # RESULTS/proxy/NAME: a folder without trials.csv for report.py's listing
+    run_dir, out = Path(args.runs) / sub / name, Path(args.results) / sub / name
     log(f"== {name}: run folder {run_dir}, results {out}, device {device}; {recipes[0].settings_text()}")
     old = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
     if old.get("fingerprint") != recipes[0].fingerprint():
         old = {}
     meta = {"workload": w["name"], "smoke": args.smoke, "fingerprint": recipes[0].fingerprint(),
-            "task": recipes[0].task, "model": recipes[0].model, "date": datetime.datetime.now(datetime.UTC).isoformat(),
+            "task": recipes[0].model.task, "model": recipes[0].model.name, "date": datetime.datetime.now(datetime.UTC).isoformat(),
             "device": device, "devices": devices(), "versions": versions(),
-            **model_facts(recipes[0], device), "sweeps": []}  # fmt: skip
+            **model_facts(recipes[0], device), **proxy, "sweeps": []}  # fmt: skip
     for i, (s, r) in enumerate(zip(sweeps, recipes, strict=True)):
         ts = time.perf_counter()
         summary = run_sweep(r, run_dir, device, PrintListener(name), None, Execution(device))
@@ -519,6 +547,8 @@ def main() -> None:
     ru.add_argument("--results", default="studies/results")
     ru.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ru.add_argument("--smoke", action="store_true", help="tiny settings for a CPU check of the whole path")
+    ru.add_argument("--proxy", action="store_true", help="instead, the full-finetuning proxy at a quarter of the "
+                    "steps, into RUNS/proxy/NAME and RESULTS/proxy/NAME")  # fmt: skip
     args = p.parse_args()
     {"prepare": cmd_prepare, "shrink": cmd_shrink, "split": cmd_split, "run": cmd_run}[args.cmd](args)
 

@@ -144,6 +144,7 @@ def read_only(monkeypatch):
     connection, and opening a file under the folder for writing, renaming or removing one fails with EROFS."""
     folders: list[Path] = []
     real_open, real_io_open, real_replace, real_unlink = builtins.open, io.open, os.replace, os.unlink
+    real_os_open = os.open
 
     def inside(path) -> bool:
         try:
@@ -166,8 +167,14 @@ def read_only(monkeypatch):
     def no_query_writes(dbapi_connection, _record):
         dbapi_connection.execute("PRAGMA query_only = ON")
 
+    def os_open(path, flags, *args, **kwargs):  # tempfile.mkstemp's way in (mua_cli/atomic.py)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and inside(path):
+            refuse(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
     monkeypatch.setattr(builtins, "open", guarded(real_open))
     monkeypatch.setattr(io, "open", guarded(real_io_open))
+    monkeypatch.setattr(os, "open", os_open)
     monkeypatch.setattr(os, "replace", lambda a, b, **k: refuse(b) if inside(a) or inside(b) else real_replace(a, b))
     monkeypatch.setattr(os, "unlink", lambda p, **k: refuse(p) if inside(p) else real_unlink(p, **k))
     event.listen(Engine, "connect", no_query_writes)
@@ -321,14 +328,14 @@ def test_a_disk_full_while_the_store_is_created_leaves_nothing(small_recipe, tmp
 
 def test_a_disk_full_while_pinning_the_recipe_is_one_line(small_recipe, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    real_open = io.open
+    real_open = os.open
 
-    def no_space(file, mode="r", *args, **kwargs):
-        if "w" in mode and str(file).endswith("recipe.yaml.tmp"):
+    def no_space(file, flags, *args, **kwargs):  # the temporary file recipe.yaml is written through
+        if flags & os.O_CREAT and Path(file).name.startswith(".recipe.yaml."):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
-        return real_open(file, mode, *args, **kwargs)
+        return real_open(file, flags, *args, **kwargs)
 
-    monkeypatch.setattr(io, "open", no_space)
+    monkeypatch.setattr(os, "open", no_space)
     res = mua("sweep", "--recipe", small_recipe, *SMALL, "--out", run)
     one_line_error(res, f"cannot write {run / 'recipe.yaml'}", "No space left on device")
     assert not run.exists()
@@ -337,14 +344,14 @@ def test_a_disk_full_while_pinning_the_recipe_is_one_line(small_recipe, tmp_path
 def test_fit_on_a_full_disk_answers_and_keeps_the_old_fit(run_copy, monkeypatch):
     assert mua("fit", run_copy).exit_code == 0
     old = (run_copy / "fit.json").read_bytes(), (run_copy / "fit.png").read_bytes()
-    real_open = io.open
+    real_open = os.open
 
-    def no_space(file, mode="r", *args, **kwargs):
-        if "w" in mode and Path(str(file)).parent == run_copy:
+    def no_space(file, flags, *args, **kwargs):
+        if flags & os.O_CREAT and Path(file).parent == run_copy:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
-        return real_open(file, mode, *args, **kwargs)
+        return real_open(file, flags, *args, **kwargs)
 
-    monkeypatch.setattr(io, "open", no_space)
+    monkeypatch.setattr(os, "open", no_space)
     res = mua("fit", run_copy)
     assert res.exit_code == 0 and "No space left on device" in res.output, res.output
     assert ((run_copy / "fit.json").read_bytes(), (run_copy / "fit.png").read_bytes()) == old

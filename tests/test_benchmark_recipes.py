@@ -1,19 +1,148 @@
-"""The GPU benchmarks' recipes still pass the recipe's own checks: they run only on a lent GPU, where a recipe
-that no longer validates costs a call (gpu_speed.py's did, once pretraining's steps had to be 1 or more)."""
+"""The benchmarks' own machinery: the GPU benchmarks' recipes still pass the recipe's checks (they run only on a
+lent GPU, where a recipe that no longer validates costs a call: gpu_speed.py's did, once pretraining's steps had
+to be 1 or more), what every benchmark records, the sweep timeline's arithmetic, the real-text classifier's data,
+and (slow) gpu_speed.py's whole race on the CPU at its smoke size."""
 
 from __future__ import annotations
 
+import datetime
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import cls_speed  # noqa: E402
 import gpu_speed  # noqa: E402
+import record  # noqa: E402
+import sweep_timeline  # noqa: E402
 
 
 @pytest.mark.parametrize("name", sorted(gpu_speed.SHAPES))
 def test_gpu_speed_recipes_validate(name):
     recipe = gpu_speed.recipe_for(name, 100)
     assert recipe.optim.steps == 100 and recipe.model.config["hidden_size"] == gpu_speed.SHAPES[name]["hidden_size"]
+    assert gpu_speed.recipe_for(name, 4, smoke=True).model.config["hidden_size"] == 32
+
+
+def test_recording_writes_context_and_results(tmp_path):
+    rec = record.Recording("probe", argv=["benchmarks/probe.py", "--x", "1"], out_dir=tmp_path)
+    rec.add("rows", {"workload": "a", "s": 1.5})
+    rec.add("rows", {"workload": "b", "s": None})
+    path = rec.save()
+    assert path.parent == tmp_path and path.name.startswith("probe-") and path.suffix == ".json"
+    doc = json.loads(path.read_text())
+    assert doc["command"] == "python benchmarks/probe.py --x 1"
+    assert len(doc["commit"]) == 40 and doc["from"] == "git"  # this checkout is a git work tree
+    assert doc["machine"]["cpu_cores"] == os.cpu_count() and doc["versions"]["torch"]
+    assert [r["workload"] for r in doc["rows"]] == ["a", "b"]
+    text = record.table(doc["rows"], ["workload", "s"])
+    assert text.splitlines()[2].startswith("a") and "—" in text.splitlines()[3]
+
+
+def test_commit_from_the_environment_where_there_is_no_git(tmp_path, monkeypatch):
+    """A lent machine gets a copy of the tree without .git: MUA_COMMIT says which commit it is."""
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # git must not find a repo above tmp_path
+    monkeypatch.delenv("MUA_COMMIT", raising=False)
+    assert record.git_commit(tmp_path)["commit"] == "unknown"
+    monkeypatch.setenv("MUA_COMMIT", "abc1234")
+    monkeypatch.setenv("MUA_DIRTY", "1")
+    assert record.git_commit(tmp_path) == {"commit": "abc1234", "dirty": True, "from": "MUA_COMMIT"}
+
+
+def _store(run_dir: Path, units: list[tuple[str, float, float, int]], t0: datetime.datetime) -> None:
+    """A run folder's trial store as the sweep writes it: each unit (device, start, end, k trials) stored at its
+    end, each of its k trials with wall_time = its length / k."""
+    run_dir.mkdir()
+    study = optuna.create_study(storage=f"sqlite:///{run_dir / 'trials.db'}", study_name="mua")
+    lr = 1e-3
+    for device, start, end, k in units:
+        for _ in range(k):
+            lr *= 1.1
+            at = t0 + datetime.timedelta(seconds=end)
+            study.add_trial(optuna.trial.FrozenTrial(
+                number=-1, trial_id=-1, state=optuna.trial.TrialState.COMPLETE, value=1.0, values=None,
+                datetime_start=at, datetime_complete=at, params={"lr": lr},
+                distributions={"lr": optuna.distributions.FloatDistribution(1e-6, 1.0, log=True)},
+                user_attrs={"key": str(lr), "status": "ok", "wall_time": (end - start) / k, "device": device,
+                            "info": {"batched_with": k}},
+                system_attrs={}, intermediate_values={},
+            ))  # fmt: skip
+
+
+def test_timeline_busy_and_idle_by_phase(tmp_path):
+    t0 = datetime.datetime(2026, 12, 1, 12, 0, 0)
+    # two GPUs: a batched group of 4 and a trial overlapping it (two slots of cuda:0), a 3 s wait, a last trial
+    units = [("cuda:0", 2.0, 6.0, 4), ("cuda:0", 5.0, 7.0, 1), ("cuda:1", 3.0, 5.0, 1), ("cuda:0", 10.0, 11.0, 1)]
+    _store(tmp_path / "run", units, t0)
+    start = t0.timestamp()
+    tl = sweep_timeline.timeline(tmp_path / "run", start=start, end=start + 12, answer=start + 15)
+    assert tl["trials"] == 7 and tl["sweep_s"] == 12 and tl["answer_s"] == 15
+    phases = {p["phase"]: p for p in tl["phases"]}
+    assert list(phases) == ["start-up", "run 1", "wait 1", "run 2", "wind-down", "fit + transfer"]
+    assert (phases["start-up"]["from_s"], phases["start-up"]["to_s"]) == (0, 2)
+    assert phases["run 1"]["busy_s"] == {"cuda:0": 5.0, "cuda:1": 2.0}  # 2…7 on cuda:0: the overlap counts once
+    assert phases["run 1"]["idle_s"] == {"cuda:0": 0.0, "cuda:1": 3.0}
+    assert phases["run 1"]["trials_ended"] == 6
+    assert phases["wait 1"]["s"] == 3 and phases["wait 1"]["busy_s"] == {"cuda:0": 0.0, "cuda:1": 0.0}
+    assert phases["run 2"]["busy_s"]["cuda:0"] == 1.0 and phases["wind-down"]["s"] == 1
+    assert phases["fit + transfer"]["s"] == 3
+    assert tl["devices"]["cuda:0"] == {"trials": 6, "units": 3.0, "busy_s": 6.0, "idle_s": 6.0, "busy_share": 0.5}
+    assert tl["idle_s_by_kind"]["wait"] == 3.0
+    # a shorter split: the 3 s wait is one run with --gap 5
+    assert [p["phase"] for p in sweep_timeline.timeline(tmp_path / "run", start=start, gap=5)["phases"]] == [
+        "start-up", "run 1", "wind-down"]  # fmt: skip
+    assert "cuda:1" in sweep_timeline.render(tl)
+
+
+def test_docstring_texts_are_real_length_and_labelled():
+    rows = cls_speed.docstring_texts()
+    assert rows == cls_speed.docstring_texts()  # the same every run
+    labels = {r["label"] for r in rows}
+    assert len(labels) >= 8 and len(rows) >= 400
+    assert all(48 <= len(r["text"].split()) <= 90 for r in rows)
+    smallest = min(sum(r["label"] == x for r in rows) for x in labels)
+    assert smallest >= 20  # every class has examples to learn from and hold out
+
+
+def test_docstring_tokens_fall_in_64_to_128(tmp_path):
+    rows = cls_speed.docstring_texts(cls_speed.PACKAGES[:3])
+    tok = cls_speed.wordpiece([r["text"] for r in rows], 4000)
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = cls_speed.text_stats(tmp_path / "model", tmp_path / "d.jsonl")
+    assert stats["classes"] == 3 and stats["texts"] == len(rows)
+    assert 64 <= stats["tokens_p10"] and stats["tokens_p90"] <= 140 and stats["share_over_128"] < 0.25
+
+
+@pytest.mark.slow
+def test_gpu_speed_smoke_race_on_the_cpu(tmp_path):
+    """The harness end to end at its smoke size: mua's sweep, fit and transfer, then the plain loop over the very
+    trials the store holds, with the timeline and the recorded context in one JSON file."""
+    out = tmp_path / "smoke.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py"), "--smoke", "--only",
+                           "5m,minilm-text", "--out", str(out)], env=env, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "gpu_speed" and doc["settings"]["smoke"] and not doc.get("errors")
+    races = {r["workload"]: r for r in doc["races"]}
+    assert set(races) == {"5m", "minilm-text"}
+    for r in races.values():
+        assert r["trials"] == 3 and r["steps"] == 4 and r["failed"] == 0
+        assert r["mua_answer_s"] >= r["mua_sweep_s"] > 0 and r["plain_s"] > r["plain_trials_s"] > 0
+        assert r["plain_answer_s"] == pytest.approx(r["plain_s"] + r["mua_fit_s"] + r["mua_transfer_s"], abs=0.02)
+        assert r["x_answer"] == pytest.approx(r["plain_answer_s"] / r["mua_answer_s"], rel=0.01)
+        assert set(r["best_lr_plain"]) == set(r["best_lr_mua"]) == {"B:1 r=4"}
+        tl = r["timeline"]
+        assert tl["trials"] == 3 and tl["devices"]["cpu"]["busy_s"] > 0
+        assert [p["phase"] for p in tl["phases"]][0] == "start-up" and tl["phases"][-1]["phase"] == "fit + transfer"
+    assert races["minilm-text"]["data"]["classes"] == 3
+    assert "x_answer" in proc.stdout and str(out) in proc.stdout

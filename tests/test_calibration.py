@@ -19,9 +19,10 @@ def test_calibration_constants_match_the_study():
     workloads = report.load_all()
     assert len(workloads) >= 6
     got = report.constants(workloads)
-    for name in ("SLOPE_PRIOR_SD", "RANK_SCATTER_FLOOR", "FULL_OFFSET_LOG2", "FULL_OFFSET_SD"):
+    for name in ("SLOPE_PRIOR_SD", "RANK_SCATTER_FLOOR", "B1_OVER_FULL_LOG2", "B1_OVER_FULL_SD"):
         assert getattr(cal, name) == pytest.approx(got[name], abs=2e-3), name
-    assert cal.FULL_OFFSET_N == got["FULL_OFFSET_N"]
+    for name in ("FULL_ANCHOR", "B1_OVER_FULL_N", "B1_OVER_FULL_FAMILIES"):
+        assert getattr(cal, name) == got[name], name
     assert set(cal.RANK_CURVATURE) == set(got["RANK_CURVATURE"])
     for regime, (mean, sd) in got["RANK_CURVATURE"].items():
         assert cal.RANK_CURVATURE[regime] == pytest.approx((mean, sd), abs=2e-4), regime

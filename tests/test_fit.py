@@ -217,7 +217,7 @@ def test_full_vs_b1_is_measured_at_the_reference_rank():
     assert fit.full.log2_lr_star == pytest.approx(ref - 1.5, abs=0.15)
     c = fit.full_vs_b1
     assert c.ref_rank == cal.FULL_REF_RANK
-    assert c.offset_log2 == pytest.approx(-1.5, abs=0.2)
+    assert math.log2(c.ratio) == pytest.approx(1.5, abs=0.2) and c.anchor == cal.FULL_ANCHOR
     assert c.ratio_interval[0] < 2**1.5 < c.ratio_interval[1] and not c.consistent_with_one
     assert fit_run(trials({"A:r": 0.0}, full_log2=LOG2C)).full_vs_b1 is None
 

@@ -25,7 +25,7 @@ RECIPE = Recipe.of(
 )  # fmt: skip
 # A trial's bf16 rounding depends on how many trials share its pass (one LoRA function, or K stacked), and 20
 # steps carry it into the metric: a trial measured 0.44 % apart in a pass of 1 and one of 6, and the grid sits an
-# octave below where a capped trial once diverged (benchmarks/gpu_tests_2026-12-01.txt).
+# octave below where a capped trial once diverged (benchmarks/gpu_tests_2026-12-01.txt, historical: commit 22d2e7d).
 PASS_SIZE_RTOL = 1e-2
 
 

@@ -9,14 +9,15 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "mua_cli"
 BELOW = {  # what each room may import, besides itself
     "errors": set(),
+    "atomic": set(),  # files written whole through a temporary file of its own (every room that writes a run's)
     "quiet_libraries": set(),  # process settings only; the sweep's workers import it by name (sweep/pool.py)
     "science": {"errors"},
     "spec": {"errors", "science"},
     "accel": set(),
     "train": {"errors", "science", "spec", "accel"},
-    "sweep": {"errors", "science", "spec", "accel", "train"},
-    "api": {"errors", "science", "spec", "accel", "train", "sweep"},
-    "ui": {"errors", "quiet_libraries", "science", "spec", "accel", "train", "sweep", "api"},
+    "sweep": {"errors", "atomic", "science", "spec", "accel", "train"},
+    "api": {"errors", "atomic", "science", "spec", "accel", "train", "sweep"},
+    "ui": {"errors", "atomic", "quiet_libraries", "science", "spec", "accel", "train", "sweep", "api"},
 }
 MAX_LINES = 400
 

@@ -11,7 +11,7 @@ from synthetic import LOG2C, RECIPE, trials, truth
 
 from mua_cli.errors import MuaError
 from mua_cli.science import calibration as cal
-from mua_cli.science.fit import FitResult, fit_run
+from mua_cli.science.fit import FitResult, anchor_value, fit_run
 from mua_cli.science.full_ft import predict_full
 from mua_cli.science.transfer import CAVEAT, predict_rank
 
@@ -104,18 +104,29 @@ def test_full_ft_measured_beats_predicted():
     ev = p.evidence
     assert ev["measured_full_lr"] == pytest.approx(p.lr)
     assert ev["predicted_basis"] == "study-offset"
-    assert ev["ratio_predicted_to_measured"] == pytest.approx(2 ** (2.0 + cal.FULL_OFFSET_LOG2), rel=0.15)
-    assert ev["b1_over_full"] == pytest.approx(4.0, rel=0.15)
+    assert ev["ratio_predicted_to_measured"] == pytest.approx(2 ** (2.0 - cal.B1_OVER_FULL_LOG2), rel=0.15)
+    assert ev["b1_over_full"] == pytest.approx(4.0, rel=0.15) and ev["b1_over_full_from"] == "measured"
+    lo, hi = ev["b1_over_full_interval"]
+    assert lo < ev["b1_over_full"] < hi
+    lo, hi = ev["predicted_interval"]
+    assert lo < ev["predicted"] < hi
     assert predict_full(fit, basis="predict").basis == "study-offset"
 
 
-def test_full_ft_without_full_trials_uses_the_study_offset_labelled_empirical():
+def test_full_ft_without_full_trials_divides_the_anchor_by_the_study_ratio_labelled_empirical():
     ref = truth(LOG2C, -0.3, cal.FULL_REF_RANK)
     fit = fit_run(trials({"B:1": -0.3}, ranks=(4, 16, 64), seeds=(0, 1), noise=0.005))
     p = predict_full(fit)
     assert p.basis == "study-offset" and "empirical" in p.reason
-    assert math.log2(p.lr) == pytest.approx(ref + cal.FULL_OFFSET_LOG2, abs=0.15)
-    assert half_width(p) >= 1.96 * cal.FULL_OFFSET_SD * 0.99  # the offset's spread is in the interval
+    assert math.log2(p.lr) == pytest.approx(ref - cal.B1_OVER_FULL_LOG2, abs=0.15)
+    assert half_width(p) >= 1.96 * cal.B1_OVER_FULL_SD * 0.99  # the ratio's spread is in the interval
+    ev = p.evidence  # the anchor is B:1's own rank-16 cell: the number `mua fit` shows for it
+    assert ev["b1_lr"] == pytest.approx(2 ** anchor_value(fit.regimes["B:1"], cal.FULL_ANCHOR)[0])
+    if cal.FULL_ANCHOR == "cell16":
+        cell = next(o for o in fit.optima_for("B:1") if o.rank == cal.FULL_REF_RANK)
+        assert ev["b1_lr"] == pytest.approx(cell.lr_star)
+    assert ev["b1_over_full"] == pytest.approx(2**cal.B1_OVER_FULL_LOG2) and ev["b1_over_full_from"] == "study"
+    assert p.lr == pytest.approx(ev["b1_lr"] / ev["b1_over_full"])
     raw = predict_full(fit, basis="muA-B:1")
     assert raw.basis == "muA-B:1" and "μA's raw rule" in raw.reason
     assert raw.lr > p.lr  # the raw 1:1 rule sits above: B:1 ≠ full in the study
@@ -129,7 +140,8 @@ def test_full_ft_calibrated_on_a_proxy_run():
     p = predict_full(target, calibration=proxy)
     assert p.basis == "calibrated" and "--calibrate run" in p.reason
     assert math.log2(p.lr) == pytest.approx(truth(LOG2C, -0.3, cal.FULL_REF_RANK) - 1.2, abs=0.2)
-    assert p.evidence["calibration_offset_log2"] == pytest.approx(-1.2, abs=0.15)
+    assert p.evidence["b1_over_full"] == pytest.approx(2**1.2, rel=0.12)
+    assert p.evidence["b1_over_full_from"] == "--calibrate"
     with pytest.raises(MuaError, match="no usable B:1 and full-finetuning optima"):
         predict_full(target, calibration=target)
     with pytest.raises(MuaError, match="needs --calibrate"):
@@ -163,9 +175,14 @@ def test_json_schema_and_settings():
     s = d["settings"]
     assert (s["lora_alpha"], s["use_rslora"], s["rank"]) == (1024.0, False, 1024)
     assert s["steps"] == 100 and s["batch_size"] == 8 and "AdamW" in s["optimizer"] and s["schedule"]
-    assert "LoraConfig(r=1024, lora_alpha=1024, use_rslora=False)" in d["peft"]
+    # the whole LoraConfig the sweep trained with, targets included, and the init that goes with it
+    assert (
+        "LoraConfig(r=1024, lora_alpha=1024, use_rslora=False, target_modules='all-linear', lora_dropout=0" in d["peft"]
+    )
+    assert d["lora_config"] == {"r": 1024, "lora_alpha": 1024, "use_rslora": False, "target_modules": "all-linear",
+                                "lora_dropout": 0.0, "bias": "none"}  # fmt: skip
     b = predict_rank(fit, "B:1", 64).to_dict()
-    assert "zero every lora_A" in b["peft"] and "lora_B ~ N(0, 1/r)" in b["peft"]
+    assert "apply_regime(model, 'B:1')" in b["peft"] and "A = 0, B ~ N(0, 1/r)" in b["peft"]
     f = json.loads(json.dumps(predict_full(fit).to_dict(), allow_nan=False))
     assert KEYS <= set(f) and f["target"] == "full-ft" and f["settings"]["method"] == "full finetuning"
     assert f["basis"] == "measured" and f["evidence"]["b1_over_full"] > 0

@@ -104,25 +104,21 @@ class RegimeFit:
 
 @dataclass
 class FullComparison:
-    """η* of full finetuning measured beside B:1's line at the study's reference rank."""
+    """η* of full finetuning measured beside B:1's η* read as the study's anchor (calibration.FULL_ANCHOR)."""
 
-    b1_lr: float  # B:1's η* at ref_rank
+    b1_lr: float  # B:1's η* read as `anchor`
     b1_interval: list[float]
     ref_rank: int
     b1_ranks: list[int]
     full_lr: float
     full_interval: list[float]
-    ratio: float  # B:1 at ref_rank / full
+    ratio: float  # B:1's η* (anchor) / full-ft η*: the one direction mua quotes
     ratio_interval: list[float]
     consistent_with_one: bool
-
-    @property
-    def offset_log2(self) -> float:
-        """log2(η*_full) − log2(η*_B:1 at ref_rank): what `--calibrate` carries to another run."""
-        return -math.log2(self.ratio)
+    anchor: str = "line16"  # how B:1's η* was read (fit.ANCHORS); fit.json from before the anchor was chosen: the line
 
     def to_dict(self) -> dict:
-        return jsonable({**asdict(self), "offset_log2": self.offset_log2})
+        return jsonable(asdict(self))
 
 
 @dataclass
@@ -278,9 +274,41 @@ def b1_reference(b1: RegimeFit, rank: int = cal.FULL_REF_RANK) -> tuple[float, f
     return b1.line(math.log2(rank))
 
 
-def _compare(b1: RegimeFit, full: RankOptimum) -> FullComparison:
-    """B:1's η* at the reference rank against full finetuning's; the two log2 SEs add in quadrature."""
-    c, c_se = b1_reference(b1)
+# Where B:1's level is read for the full-finetuning prediction (docs/validation.md, "Protocol"): a cell of
+# `mua fit`'s η* table, the fitted line at the reference rank, or the precision-weighted level over the ranks.
+ANCHORS = ("cell16", "line16", "pooled", "cell-min", "cell-max")
+ANCHOR_LABELS = {
+    "cell16": f"B:1's η* at rank {cal.FULL_REF_RANK}",
+    "line16": f"B:1's fitted line at rank {cal.FULL_REF_RANK}",
+    "pooled": "B:1's pooled η* over its ranks",
+    "cell-min": "B:1's η* at its smallest rank",
+    "cell-max": "B:1's η* at its largest rank",
+}
+
+
+def anchor_value(b1: RegimeFit, anchor: str) -> tuple[float, float] | None:
+    """(log2 η*, SE) of B:1 read as `anchor`, or None where the run lacks it (that rank has no η*)."""
+    if not b1.ranks_used:
+        return None
+    ys, ses = b1.log2_lr_stars, b1.se_log2s
+    if anchor == "line16":
+        return b1_reference(b1)
+    if anchor == "pooled":
+        w = [1 / s**2 for s in ses]
+        return sum(wi * y for wi, y in zip(w, ys, strict=True)) / sum(w), math.sqrt(1 / sum(w))
+    if anchor == "cell16":
+        i = b1.ranks_used.index(cal.FULL_REF_RANK) if cal.FULL_REF_RANK in b1.ranks_used else None
+    else:
+        i = 0 if anchor == "cell-min" else len(ys) - 1
+    return None if i is None else (ys[i], ses[i])
+
+
+def _compare(b1: RegimeFit, full: RankOptimum) -> FullComparison | None:
+    """B:1's η* read as the study's anchor against full finetuning's; the two log2 SEs add in quadrature."""
+    a = anchor_value(b1, cal.FULL_ANCHOR)
+    if a is None:
+        return None
+    c, c_se = a
     r = c - full.log2_lr_star
     half = Z95 * math.sqrt(c_se**2 + full.se_log2**2)
     return FullComparison(
@@ -293,6 +321,7 @@ def _compare(b1: RegimeFit, full: RankOptimum) -> FullComparison:
         ratio=2**r,
         ratio_interval=[2 ** (r - half), 2 ** (r + half)],
         consistent_with_one=abs(r) <= half,
+        anchor=cal.FULL_ANCHOR,
     )
 
 

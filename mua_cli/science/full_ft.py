@@ -1,14 +1,17 @@
-"""The full-finetuning LR: measured where the run swept full finetuning; else B:1's η* at the reference rank
-times an offset, measured on a proxy run (`--calibrate`) or the study's (calibration.py); μA's raw 1:1 rule
-and the "LoRA Without Regret" rule of thumb by name, labelled (transfer.py says how answers are built)."""
+"""The full-finetuning LR: measured where the run swept full finetuning; else B:1's η* read as the study's
+anchor divided by a B:1 / full ratio, measured on a proxy run (`--calibrate`) or the study's (calibration.py);
+μA's raw 1:1 rule and the "LoRA Without Regret" rule of thumb by name, labelled (transfer.py says how
+answers are built)."""
 
 from __future__ import annotations
 
 import math
 
+from scipy import stats
+
 from ..errors import MuaError
 from . import calibration as cal
-from .fit import FitResult, RegimeFit, b1_reference
+from .fit import ANCHOR_LABELS, ANCHORS, FitResult, RegimeFit, anchor_value  # noqa: F401 (ANCHORS: the study's names)
 from .rank_optima import Z95
 from .theory import HEURISTIC_FACTOR, HEURISTIC_REGIME, TRANSFER_REGIME
 from .transfer import FULL_BASES, FULL_TARGET, Prediction, check_basis, common_settings, lr_interval, lr_text, too_few
@@ -37,11 +40,34 @@ def _need_b1(fit: FitResult, heuristic: bool) -> RegimeFit:
     raise MuaError(msg)
 
 
+def study_ratio_t() -> float:
+    """The t quantile of the study's ratio spread (N − 1 degrees of freedom; normal where N is unknown)."""
+    n = cal.B1_OVER_FULL_N
+    return float(stats.t.ppf(0.975, n - 1)) if n and n > 1 else Z95
+
+
+def study_ratio_interval() -> list[float]:
+    """95 % interval of a new workload's B:1 / full ratio around the study's: what `mua fit` shows beside it."""
+    half = study_ratio_t() * cal.B1_OVER_FULL_SD * math.sqrt(1 + 1 / max(cal.B1_OVER_FULL_N, 1))
+    return [2 ** (cal.B1_OVER_FULL_LOG2 - half), 2 ** (cal.B1_OVER_FULL_LOG2 + half)]
+
+
+def full_anchor(b1: RegimeFit) -> tuple[float, float, str, list[str]]:
+    """(log2 η*, SE, label, notes) of B:1 read as the study's anchor; the fitted line at the reference rank where
+    the run lacks that cell (its rank has no η*), said in a note."""
+    a = anchor_value(b1, cal.FULL_ANCHOR)
+    if a is not None:
+        return a[0], a[1], ANCHOR_LABELS[cal.FULL_ANCHOR], []
+    c, se = anchor_value(b1, "line16")
+    note = (
+        f"{ANCHOR_LABELS[cal.FULL_ANCHOR]} has no η* in this run: {ANCHOR_LABELS['line16']} is used instead, "
+        f"a rule the study scored lower (docs/validation.md)"
+    )
+    return c, se, ANCHOR_LABELS["line16"], [note]
+
+
 def _full_line(fit: FitResult, b1: RegimeFit, basis: str, calibration: FitResult | None):
-    """(log2 centre, SE, reason, notes, evidence) of a full-finetuning prediction on one of FULL_BASES."""
-    ref, ref_se = b1_reference(b1)
-    at = f"{TRANSFER_REGIME}'s η* at rank {cal.FULL_REF_RANK} ({lr_text(2.0**ref)})"
-    notes, evidence = [], {"b1_at_ref_rank": 2.0**ref, "ref_rank": cal.FULL_REF_RANK}
+    """(log2 centre, log2 95 % half-width, reason, notes, evidence) of a full-ft prediction on one of FULL_BASES."""
     if basis == "muA-B:1":
         centre, se = b1.line(b1.centre_x, "mua")
         reason = (
@@ -49,33 +75,44 @@ def _full_line(fit: FitResult, b1: RegimeFit, basis: str, calibration: FitResult
             f"so its optimum, pooled over ranks {', '.join(map(str, b1.ranks_used))}, is taken as the "
             f"full-finetuning LR (labelled: the study found it too high, see docs/validation.md)"
         )
-        return centre, se, reason, notes, evidence
+        return centre, Z95 * se, reason, [], {}
+    ref, ref_se, label, notes = full_anchor(b1)
+    at = f"{label} ({lr_text(2.0**ref)})"
+    evidence = {
+        "anchor": label,
+        "b1_lr": 2.0**ref,
+        "b1_interval": [2 ** (ref - Z95 * ref_se), 2 ** (ref + Z95 * ref_se)],
+    }
     if basis == "calibrated":
         if calibration is None:
             raise MuaError("basis 'calibrated' needs --calibrate RUN: a run with B:1 and full-finetuning trials")
         c = calibration.full_vs_b1
         if c is None:
             raise MuaError(
-                "the --calibrate run has no usable B:1 and full-finetuning optima to measure the offset from; "
-                "sweep it with --regimes B:1 --ranks 4,16,64,full"
+                "the --calibrate run has no usable B:1 and full-finetuning optima to measure the ratio from; "
+                f"sweep it with --regimes B:1 --ranks 4,{cal.FULL_REF_RANK},64,full"
             )
-        off_se = math.log2(c.ratio_interval[1] / c.ratio_interval[0]) / (2 * Z95)
-        se = math.sqrt(ref_se**2 + off_se**2 + cal.CALIBRATE_SD**2)
+        ratio_se = math.log2(c.ratio_interval[1] / c.ratio_interval[0]) / (2 * Z95)
+        half = Z95 * math.sqrt(ref_se**2 + ratio_se**2 + cal.CALIBRATE_SD**2)
         reason = (
-            f"{at} times the offset measured on the --calibrate run (full / B:1 = {2**c.offset_log2:.3g}, "
-            f"its model {calibration.settings.get('model')}, {calibration.settings.get('steps')} steps)"
+            f"{at} divided by the B:1 / full ratio measured on the --calibrate run, {c.ratio:.3g} (95 % interval "
+            f"[{c.ratio_interval[0]:.3g}, {c.ratio_interval[1]:.3g}]; its model {calibration.settings.get('model')}, "
+            f"{calibration.settings.get('steps')} steps)"
         )
-        evidence.update(calibration_offset_log2=c.offset_log2, calibration_model=calibration.settings.get("model"))
+        evidence.update(b1_over_full=c.ratio, b1_over_full_interval=c.ratio_interval, b1_over_full_from="--calibrate")
+        evidence["calibration_model"] = calibration.settings.get("model")
         notes.extend(_proxy_differences(fit, calibration))
-        return ref + c.offset_log2, se, reason, notes, evidence
-    se = math.sqrt(ref_se**2 + cal.FULL_OFFSET_SD**2)
-    src = f"{cal.FULL_OFFSET_N} workloads" if cal.FULL_OFFSET_N else "the first held-out report, not yet the study"
+        return ref - math.log2(c.ratio), half, reason, notes, evidence
+    n, fams = cal.B1_OVER_FULL_N, cal.B1_OVER_FULL_FAMILIES
+    half = study_ratio_t() * math.sqrt(ref_se**2 + cal.B1_OVER_FULL_SD**2 * (1 + 1 / max(n, 1)))
+    lo, hi = study_ratio_interval()
     reason = (
-        f"empirical: {at} times the study's full / B:1 ratio {2**cal.FULL_OFFSET_LOG2:.3g} "
-        f"(spread ×{2**cal.FULL_OFFSET_SD:.2f}, from {src}; docs/validation.md). Measure your own with "
-        f"--ranks ...,full, or --calibrate a cheaper proxy run"
+        f"empirical: {at} divided by the study's B:1 / full ratio {2**cal.B1_OVER_FULL_LOG2:.3g} (95 % interval "
+        f"for a new workload [{lo:.3g}, {hi:.3g}], from {n} workloads of {fams} model families; "
+        f"docs/validation.md). Measure your own with --ranks ...,full, or --calibrate a cheaper proxy run"
     )
-    return ref + cal.FULL_OFFSET_LOG2, se, reason, notes, evidence
+    evidence.update(b1_over_full=2**cal.B1_OVER_FULL_LOG2, b1_over_full_interval=[lo, hi], b1_over_full_from="study")
+    return ref - cal.B1_OVER_FULL_LOG2, half, reason, notes, evidence
 
 
 def _proxy_differences(fit: FitResult, proxy: FitResult) -> list[str]:
@@ -108,10 +145,21 @@ def predict_full(
         if has_b1:
             pred = predict_full(fit, basis="predict", calibration=calibration)
             evidence.update(
-                predicted=pred.lr, predicted_basis=pred.basis, ratio_predicted_to_measured=pred.lr / measured.lr_star
+                predicted=pred.lr,
+                predicted_interval=[pred.lo, pred.hi],
+                predicted_basis=pred.basis,
+                ratio_predicted_to_measured=pred.lr / measured.lr_star,
             )
         if fit.full_vs_b1 is not None:
-            evidence.update(b1_over_full=fit.full_vs_b1.ratio, b1_over_full_interval=fit.full_vs_b1.ratio_interval)
+            c = fit.full_vs_b1
+            evidence.update(
+                anchor=ANCHOR_LABELS.get(c.anchor, c.anchor),
+                b1_lr=c.b1_lr,
+                b1_interval=c.b1_interval,
+                b1_over_full=c.ratio,
+                b1_over_full_interval=c.ratio_interval,
+                b1_over_full_from="measured",
+            )
         return Prediction(
             lr=measured.lr_star,
             lo=measured.lo,
@@ -130,13 +178,13 @@ def predict_full(
             return _heuristic(fit, ar)
     b1 = _need_b1(fit, heuristic)
     chosen = basis if basis in FULL_BASES else ("calibrated" if calibration is not None else "study-offset")
-    centre, se, reason, notes, evidence = _full_line(fit, b1, chosen, calibration)
+    centre, half, reason, notes, evidence = _full_line(fit, b1, chosen, calibration)
     if fit.full is not None:
         evidence["full_reason"] = fit.full.reason
     alpha0 = float(fit.settings.get("alpha0", 1.0))
     if alpha0 != 1.0:
         notes.append(f"B:1's transfer is studied at alpha0 = 1; this sweep used alpha0 = {alpha0:g}")
-    lr, lo, hi = lr_interval(centre, se)
+    lr, lo, hi = 2.0**centre, 2.0 ** (centre - half), 2.0 ** (centre + half)
     return Prediction(
         lr=lr,
         lo=lo,

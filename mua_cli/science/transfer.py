@@ -49,6 +49,7 @@ class Prediction:
     evidence: dict | None = None
     peft: str | None = None  # a LoraConfig snippet for a rank target
     notes: list[str] = field(default_factory=list)
+    lora_config: dict | None = None  # peft's LoraConfig(**lora_config) for a rank target, as swept
 
     def to_dict(self) -> dict:
         return jsonable(
@@ -64,6 +65,7 @@ class Prediction:
                 "caveat": self.caveat,
                 "evidence": self.evidence,
                 "peft": self.peft,
+                "lora_config": self.lora_config,
                 "notes": self.notes,
             }
         )
@@ -145,20 +147,32 @@ def _rank_line(rf: RegimeFit, rank: int, basis: str) -> tuple[float, float, str]
     if basis == "muA-slope":
         reason = f"μA's exponent {exp} taken as exact, through the measured ranks (labelled: not the default)"
     elif basis == "measured-slope":
-        reason = f"the measured slope {rf.slope:+.3f} alone, without μA's prior (labelled: not the default)"
-    elif rf.slope is None:
-        reason = f"one usable rank: μA's exponent {exp}, with the study's spread ±{rf.prior_sd:g} as its uncertainty"
-    else:
         reason = (
-            f"slope {rf.shrunk_slope:+.3f}: the data's {rf.line_slope:+.3f} ± {rf.slope_se:.3f} and μA's {exp} "
-            f"± {rf.prior_sd:g} (the study's spread) weighed by precision, {rf.data_weight:.0%} on the data"
+            f"the measured slope after curvature {rf.line_slope:+.3f} alone, without μA's prior "
+            f"(labelled: not the default)"
+        )
+    elif rf.slope is None:
+        reason = f"one usable rank: μA's exponent {exp}, with the study's prior SD {rf.prior_sd:g} as its uncertainty"
+    else:
+        lo, hi = used_slope_interval(rf)
+        reason = (
+            f"used slope {rf.shrunk_slope:+.3f} (95 % interval [{lo:+.3f}, {hi:+.3f}]): the measured slope after "
+            f"curvature, {rf.line_slope:+.3f}, shrunk toward μA's {exp} with the study's prior SD {rf.prior_sd:g}, "
+            f"{rf.data_weight:.0%} weight on the data"
         )
     if basis != "muA-slope" and rf.curvature:
-        reason += (
-            f"; the line bends by the study's curvature for {rf.regime}, {rf.curvature:+.3f} ± {rf.curvature_sd:.3f} "
-            f"per (log2 r)² (the data's slope is taken with it)"
-        )
+        reason += f"; the line bends by the study's curvature for {rf.regime}, {curvature_text(rf)}"
     return centre, se, reason
+
+
+def used_slope_interval(rf: RegimeFit) -> tuple[float, float]:
+    """95 % interval of the slope a prediction uses (shrunk toward μA's): what `mua fit` and `transfer` quote."""
+    return rf.shrunk_slope - Z95 * rf.shrunk_slope_se, rf.shrunk_slope + Z95 * rf.shrunk_slope_se
+
+
+def curvature_text(rf: RegimeFit) -> str:
+    """The study's rank curvature of a regime as `mua fit` and `transfer` quote it."""
+    return f"{rf.curvature:+.3f} per (log2 r)² (SD {rf.curvature_sd:.3f} across the study's workloads)"
 
 
 def predict_rank(fit: FitResult, regime: str, rank: int, basis: str = "auto") -> Prediction:
@@ -227,8 +241,9 @@ def predict_rank(fit: FitResult, regime: str, rank: int, basis: str = "auto") ->
         ranks_used=list(rf.ranks_used),
         settings=settings,
         evidence=evidence,
-        peft=_peft_snippet(reg.name, alpha0, rank),
+        peft=peft_snippet(config := peft_config(fit, reg.name, alpha0, rank), reg.name),
         notes=notes,
+        lora_config=config,
     )
 
 
@@ -244,16 +259,32 @@ def check_basis(basis: str, allowed: tuple[str, ...], what: str) -> None:
         )
 
 
-def _peft_snippet(regime: str, alpha0: float, rank: int) -> str:
-    reg = get_regime(regime)
-    a = reg.peft_args(alpha0, rank)
-    text = f"LoraConfig(r={rank}, lora_alpha={a['lora_alpha']:g}, use_rslora={a['use_rslora']})"
-    if reg.init == "B":
-        return text + (
-            "  # Init[B]: after get_peft_model, zero every lora_A and draw lora_B ~ N(0, 1/r), "
-            "before building the optimizer"
-        )
-    return text + "  # Init[A]: lora_B = 0 (peft's default); draw lora_A ~ N(0, 1/n_in) to match the sweep"
+PEFT_TASKS = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}  # peft's task_type (image-cls has none)
+
+
+def peft_config(fit: FitResult, regime: str, alpha0: float, rank: int) -> dict:
+    """peft's LoraConfig arguments for `rank` in `regime`, as the sweep built them: the regime's lora_alpha and
+    use_rslora, the swept targets, no dropout, no bias."""
+    rec = fit.settings.get("recipe") or {}
+    targets = rec.get("targets", "all-linear")
+    if isinstance(targets, str):
+        names = [t.strip() for t in targets.split(",") if t.strip()]
+        targets = "all-linear" if names == ["all-linear"] else names
+    out = {"r": rank, **get_regime(regime).peft_args(alpha0, rank), "target_modules": targets,
+           "lora_dropout": 0.0, "bias": "none"}  # fmt: skip
+    if rec.get("task") in PEFT_TASKS:
+        out["task_type"] = PEFT_TASKS[rec["task"]]
+    return out
+
+
+def peft_snippet(config: dict, regime: str) -> str:
+    """The LoraConfig to train with, and the init that goes with it (peft has no Init[B])."""
+    args = ", ".join(f"{k}={v!r}" if isinstance(v, str | list) else f"{k}={v:g}" if isinstance(v, float)
+                     else f"{k}={v}" for k, v in config.items())  # fmt: skip
+    return (
+        f"LoraConfig({args}); after get_peft_model, before the optimizer: "
+        f"mua_cli.api.apply_regime(model, {regime!r})  # {get_regime(regime).init_text}"
+    )
 
 
 def lr_text(lr: float) -> str:

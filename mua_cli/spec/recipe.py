@@ -15,6 +15,7 @@ import yaml
 from ..errors import MuaError
 from ..science.theory import FULL, parse_ranks
 from .config import KEYS, OUTCOME_KEYS, SECTIONS, DataSpec, ModelSpec, Optim, SweepSpec, typed
+from .data_identity import SCHEME, data_identity, is_content
 
 # An installed wheel ships the recipes inside the package; a checkout (and an editable install) keeps them in
 # recipes/ beside it
@@ -82,13 +83,44 @@ class Recipe:
         return FULL in self.rank_list
 
     def outcome_fields(self) -> dict:
-        """The keys that change a trial's outcome (config.py's `outcome` metadata), resolved."""
+        """The keys that change a trial's outcome (config.py's `outcome` metadata), resolved: local data by its
+        content (data_identity.py), so that an edited file makes new trials and two spellings of one file do not."""
         flat = self.flat()
-        return {k: flat[k] for k in OUTCOME_KEYS}
+        out = {k: flat[k] for k in OUTCOME_KEYS}
+        out["data"] = data_identity(self.data.source)
+        return out
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.outcome_fields(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def pin(self) -> dict:
+        """What a run folder's recipe.yaml (and a shared study) records of this recipe's identity."""
+        data = self.outcome_fields()["data"]
+        return {"fingerprint": self.fingerprint(), "fingerprint_scheme": SCHEME, "data_identity": data}
+
+    def pin_mismatch(self, old: dict, where: str) -> str | None:
+        """Why `where`, pinned to `old` (recipe.yaml's mapping or a study's info), cannot take this recipe's trials;
+        None when it can. Each reason names what differs and what to do."""
+        if not old.get("fingerprint") or old["fingerprint"] == self.fingerprint():
+            return None
+        new_id = self.outcome_fields()["data"]
+        if old.get("fingerprint_scheme", 1) != SCHEME and is_content(new_id):
+            return (
+                f"{where} was swept by an older mua, which knew the data file {self.data.source} by its path, not its "
+                "content: its trials cannot be matched to this file's content. Sweep into a new --out folder"
+            )
+        if old.get("data_identity") and old["data_identity"] != new_id:
+            then, now = (x.split(":", 1)[-1][:12] if is_content(x) else x for x in (old["data_identity"], new_id))
+            return (
+                f"{where} was swept on other data: {self.data.source} is not what it was (content {then}… then, "
+                f"{now}… now). Sweep into a new --out folder, or restore the data to resume"
+            )
+        flat = self.flat()
+        keys = [k for k in OUTCOME_KEYS if k != "data" and k in old and _norm(old[k]) != _norm(flat[k])]
+        changed = [f"{k} {old[k]!r} → {flat[k]!r}" for k in keys]
+        what = "; ".join(changed) if changed else "steps, batch, model, data..."
+        return f"{where} was swept with other settings ({what}); use a new --out folder, or the same settings to resume"
 
     def to_dict(self) -> dict:
         return self.flat()
@@ -186,6 +218,10 @@ def flatten(raw: dict, source: str) -> dict:
         else:
             flat[k] = v
     return flat
+
+
+def _norm(v: Any) -> str:
+    return json.dumps(list(v) if isinstance(v, tuple) else v, sort_keys=True, default=str)
 
 
 # a section's own name for a key whose flat name differs (model.name is `model`, data.source is `data`)

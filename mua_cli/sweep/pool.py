@@ -66,6 +66,7 @@ def start_worker_server() -> None:
 
 def worker_main(recipe: Recipe, device: str, graphs: bool, fused: bool, tasks, results, threads: int = 0) -> None:
     """A worker process: loads the workload and runs units until told to stop. `threads`: torch's, on the CPU."""
+    exit_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
     if device == "cpu":
         import torch
@@ -82,6 +83,25 @@ def worker_main(recipe: Recipe, device: str, graphs: bool, fused: bool, tasks, r
         return
     results.put(("ready", device, runner.n_params))
     _serve(runner, tasks, results)
+
+
+def exit_with_parent() -> None:
+    """Ends this worker process as soon as the sweep that started it is gone, however it went (SIGKILL
+    included). Left alone, a worker waits for its next unit forever: it holds both ends of the task queue's pipe,
+    so no end-of-file comes (the forkserver that forked it ends with the sweep, but not its children)."""
+    import multiprocessing
+    import multiprocessing.connection
+    import os
+
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])  # readable once the parent's end closes: it died
+        os._exit(1)
+
+    threading.Thread(target=watch, name="mua-parent-watch", daemon=True).start()
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ..atomic import write_atomic
 from ..errors import MuaError
 from ..science.optimum import seed_adjusted
 from ..science.theory import FULL, lr_label, parse_lrs
@@ -163,14 +164,11 @@ def folder_lock(run_dir: Path, listener: Listener):
 
 def _pin_study(store: TrialStore, recipe: Recipe) -> None:
     """One study, one set of outcome-changing settings, whatever shares its storage."""
-    old = store.info().get("fingerprint")
-    if old is not None and old != recipe.fingerprint():
-        where = f"study {store.name!r}" if store.shared else f"the trial store of {store.run_dir}"
-        raise MuaError(
-            f"{where} holds a sweep with other settings (steps, batch, model, data...); sweep into a new "
-            f"{'--study' if store.shared else '--out folder'}, or use the same settings to resume"
-        )
-    store.set_info(fingerprint=recipe.fingerprint())
+    where = f"study {store.name!r}" if store.shared else f"the trial store of {store.run_dir}"
+    wrong = recipe.pin_mismatch(store.info(), where)
+    if wrong:
+        raise MuaError(wrong.replace("--out folder", "--study") if store.shared else wrong)
+    store.set_info(**recipe.pin())
 
 
 def _rounds(recipe, store, runner, pending, done, summary, listener) -> None:
@@ -321,19 +319,13 @@ def _pin_recipe(run_dir: Path, recipe: Recipe) -> None:
             old = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError:
             old = {}
-        if old.get("fingerprint") and old["fingerprint"] != recipe.fingerprint():
-            raise MuaError(
-                f"{run_dir} was swept with other settings (steps, batch, model, data...); "
-                "use a new --out folder, or the same settings to resume"
-            )
-    text = yaml.safe_dump({"fingerprint": recipe.fingerprint(), **recipe.to_dict()}, sort_keys=False)
+        wrong = recipe.pin_mismatch(old if isinstance(old, dict) else {}, str(run_dir))
+        if wrong:
+            raise MuaError(wrong)
+    text = yaml.safe_dump({**recipe.pin(), **recipe.to_dict()}, sort_keys=False)
     if path.is_file() and path.read_text() == text:
         return  # nothing to write: a full disk or a read-only folder cannot cost the resumed run its recipe
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_atomic(path, text)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise MuaError(f"cannot write {path}: {e.strerror or e}") from None

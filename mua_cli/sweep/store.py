@@ -316,6 +316,7 @@ def _check_sqlite(db: Path, run_dir: Path) -> None:
         return
     if head != b"SQLite format 3\x00":
         raise MuaError(_corrupted_message(run_dir, "no SQLite header"))
+    _roll_back(db, run_dir)
     try:
         con = _read_only(db)
         try:
@@ -333,6 +334,30 @@ def _check_sqlite(db: Path, run_dir: Path) -> None:
             f"run folder {run_dir}: {DB_NAME} is an SQLite database but not a trial store (its tables: "
             f"{', '.join(sorted(tables)[:5])}); it was left untouched: use another --out folder"
         )
+
+
+def _roll_back(db: Path, run_dir: Path) -> None:
+    """Rolls back the unfinished write of a process killed mid-transaction, as any SQLite connection that may
+    write does when it first reads (a "hot" journal): the store is then as it was before that write, nothing
+    finished lost. A read-only connection cannot, and would take the store for unreadable. A journal of a write
+    still in progress (another sweep's) is not hot: SQLite then only waits for it."""
+    journal = db.with_name(db.name + "-journal")
+    try:
+        if not journal.is_file() or not journal.stat().st_size:
+            return
+        con = sqlite3.connect(db, timeout=60)
+        try:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        if "readonly" not in str(e) and "read-only" not in str(e):
+            raise MuaError(_corrupted_message(run_dir, _first_line(e))) from None
+        raise MuaError(
+            f"run folder {run_dir}: its trial store {DB_NAME} holds a write cut off mid-way ({journal.name}, left by a "
+            "process killed while writing), which SQLite rolls back only where it may write: run the command "
+            "again where the folder is writable"
+        ) from None
 
 
 def _corrupted_message(run_dir: Path, why: str) -> str:

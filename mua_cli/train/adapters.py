@@ -53,26 +53,41 @@ def _head_regex(head) -> str:
 
 
 @torch.no_grad()
-def init_lora(model: torch.nn.Module, regime: Regime, rank: int, seed: int) -> int:
+def init_lora(model: torch.nn.Module, regime: Regime, rank: int | None, seed: int, adapter: str = "default") -> int:
     """Init[A]: A ~ N(0, 1/n_in), B = 0.  Init[B]: A = 0, B ~ N(0, 1/r).  Both leave B A = 0.
 
     peft draws A Kaiming-uniform and has no Init[B]; the paper's normal inits are set here, before
-    the optimizer exists. Returns the number of adapted layers.
+    the optimizer exists. `rank` None: each layer's own. The draws come from one CPU generator seeded by
+    `seed`, layer by layer in module order, so the same seed on the same model gives the same tensors (this is
+    also `mua_cli.api.apply_regime`). Returns the number of adapted layers.
     """
     g = torch.Generator(device="cpu").manual_seed(1_000 + seed)
     n = 0
     for module in model.modules():
-        if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
+        if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
             continue
-        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight  # (r, n_in), (n_out, r)
+        a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight  # (r, n_in), (n_out, r)
         if regime.init == "A":
             a.copy_(torch.randn(a.shape, generator=g) / math.sqrt(a.shape[1]))
             b.zero_()
         else:
             a.zero_()
-            b.copy_(torch.randn(b.shape, generator=g) / math.sqrt(rank))
+            b.copy_(torch.randn(b.shape, generator=g) / math.sqrt(rank or a.shape[0]))
         n += 1
     return n
+
+
+def regime_scaling_errors(model: torch.nn.Module, regime: Regime, alpha0: float, adapter: str = "default") -> list:
+    """The adapted layers whose peft scaling (lora_alpha / r, or / sqrt(r) with use_rslora) is not the regime's
+    α at their rank: (layer name, rank, its scaling, the regime's α)."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            r, have = int(module.r[adapter]), float(module.scaling[adapter])
+            want = regime.alpha(alpha0, r)
+            if not math.isclose(have, want, rel_tol=1e-6):
+                out.append((name, r, have, want))
+    return out
 
 
 def head_modules(model: torch.nn.Module, task: str) -> list[str]:

@@ -14,7 +14,7 @@ from rich.text import Text
 
 from .. import quiet_libraries  # noqa: F401 — before any library prints
 from ..errors import MuaError
-from .console import OneLineErrors, note, user_errors
+from .console import OneLineErrors, Terminated, note, sigterm_as_interrupt, user_errors
 from .recipe_flags import recipe_flags
 
 app = typer.Typer(
@@ -144,15 +144,15 @@ def sweep(
         listener = RichListener(console, live=not quiet and console.is_terminal, notes=not quiet)
         listener.note(f"run folder {run_dir} · device {dev} · {r.settings_text()}")
         try:
-            with listener:
+            with sigterm_as_interrupt(), listener:
                 ex = Execution(dev, workers_per_gpu, batch_trials, cuda_graphs, fused_kernels)
                 summary = run_sweep(r, run_dir, dev, listener, storage, ex, retry_failed, study)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             Console(stderr=True).print(
-                Text("interrupted:", style="yellow"),
+                Text("stopped by SIGTERM:" if isinstance(e, Terminated) else "interrupted:", style="yellow"),
                 Text(f"finished trials are stored in {run_dir}; run the same command to resume"),
             )
-            raise typer.Exit(130) from None
+            raise typer.Exit(getattr(e, "exit_code", 130)) from None
         for line in summary.at_edge:
             console.print(Text("!", style="yellow"), Text(f"{line}: widen --lrs or raise max_extend"))
         console.print(sweep_table(load_trials(run_dir, storage, study)))

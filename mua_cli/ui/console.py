@@ -3,7 +3,9 @@ mistakes included), `note:` lines, and exit code 2."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 
 import typer
@@ -57,3 +59,28 @@ def user_errors():
 
 def note(message: str) -> None:
     Console(stderr=True).print(Text("note:", style="yellow"), Text(message), highlight=False, soft_wrap=True)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C's KeyboardInterrupt is, so that a command stops the same way on both."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """While in the block, SIGTERM (`kill`, a scheduler ending a job) stops the command as Ctrl-C does: the same
+    cleanup (worker processes stopped, the trials in hand not stored) and a message, instead of an exit without
+    a word. The handler before is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

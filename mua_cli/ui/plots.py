@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import suppress
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +10,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..atomic import atomic_file  # noqa: E402
 from ..science.fit import FitResult  # noqa: E402
 from ..science.rank_optima import RankOptimum  # noqa: E402
 
@@ -83,14 +83,9 @@ def plot_fit(fit: FitResult, path: Path) -> Path:
         _legend(ax)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     try:  # whole or not at all: a full disk leaves the last picture, not half of a new one
-        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
-        tmp.replace(path)
-    except OSError:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
+        with atomic_file(path, "wb") as f:
+            fig.savefig(f, dpi=110, format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
     return path

@@ -13,6 +13,7 @@ from rich.text import Text
 from ..science import calibration as cal
 from ..science.optimum import seed_adjusted
 from ..science.theory import FULL, lr_label, theory_rows
+from ..science.transfer import curvature_text, used_slope_interval
 
 
 def theory_table() -> Table:
@@ -116,42 +117,74 @@ def fit_tables(fit) -> list:
             trials,
             note,
         )
-    s = Table(title="η* ∝ r^slope per regime: measured, μA's, and the slope used for predictions")
-    for col in ("regime", "ranks used", "measured slope", "95 % interval", "μA", "used slope", "weight on data"):
+    s = Table(title="η* ∝ r^slope per regime: measured, μA's, and the slope used for predictions (95 % intervals)")
+    cols = ("regime", "ranks used", "measured slope", "95 % interval", "μA", "study curvature", "slope after curvature",
+            "used slope", "used slope 95 %", "weight on data")  # fmt: skip
+    for col in cols:
         s.add_column(col)
     for name, rf in sorted(fit.regimes.items()):
         verdict = {"consistent": "", "inconsistent": " [red](excludes μA)[/]"}.get(rf.verdict, "")
+        used = rf.shrunk_slope is not None and rf.slope is not None
         s.add_row(
             name,
             ",".join(map(str, rf.ranks_used)) or "—",
             "—" if rf.slope is None else f"{rf.slope:+.3f}",
             "—" if not rf.slope_interval else f"[{rf.slope_interval[0]:+.3f}, {rf.slope_interval[1]:+.3f}]{verdict}",
             f"{rf.expected_slope:+g}",
-            "—" if rf.shrunk_slope is None else f"{rf.shrunk_slope:+.3f} ± {rf.shrunk_slope_se:.3f}",
+            curvature_text(rf) if rf.curvature else "—",
+            "—" if rf.line_slope is None else f"{rf.line_slope:+.3f}",
+            "—" if rf.shrunk_slope is None else f"{rf.shrunk_slope:+.3f}",
+            "[{:+.3f}, {:+.3f}]".format(*used_slope_interval(rf)) if used else "—",
             "—" if rf.data_weight is None else f"{rf.data_weight:.0%}",
         )
     noise = "" if fit.noise_sd is None else f"; loss noise σ = {fit.noise_sd:.3g} ({fit.noise_dof} dof, pooled)"
     s.caption = (
-        f"used slope: the measured slope shrunk toward μA's by the study's spread ±{cal.SLOPE_PRIOR_SD:g}" + noise
+        f"used slope: the slope after the study's curvature, shrunk toward μA's with the study's prior SD "
+        f"{cal.SLOPE_PRIOR_SD:g}" + noise
     )
     out = [t, s]
     notes = [f"[yellow]note[/] ({name}): {escape(rf.note)}" for name, rf in sorted(fit.regimes.items()) if rf.note]
     if notes:
         out.append(Text.from_markup("\n".join(notes)))
-    if fit.full_vs_b1:
-        c = fit.full_vs_b1
-        f = Table(title=f"full finetuning: measured against B:1's η* at rank {c.ref_rank} (μA's raw rule: ratio 1)")
-        for col in (f"B:1 η* (r={c.ref_rank})", "full-ft η*", "ratio B:1 / full", "95 % interval", "study's ratio"):
-            f.add_column(col)
-        f.add_row(
-            _lr(c.b1_lr),
-            _lr(c.full_lr),
-            f"{c.ratio:.3g}",
-            _interval(*c.ratio_interval),
-            f"{2**-cal.FULL_OFFSET_LOG2:.3g} (×{2**cal.FULL_OFFSET_SD:.2f})",
-        )
-        out.append(f)
+    full = full_table(fit)
+    if full is not None:
+        out.append(full)
     return out
+
+
+def full_table(fit) -> Table | None:
+    """Full finetuning: B:1's η* as the study's rule reads it, the study's B:1 / full ratio, the prediction, and
+    beside them what the run measured. Every number `mua transfer --to full-ft` quotes is here, under one name."""
+    from ..errors import MuaError
+    from ..science.full_ft import full_anchor, predict_full, study_ratio_interval
+
+    b1 = fit.regimes.get("B:1")
+    if b1 is None or not b1.ranks_used:
+        return None
+    try:
+        pred = predict_full(fit, basis="predict")
+    except MuaError:
+        return None
+    ref, _, label, _ = full_anchor(b1)
+    lo, hi = study_ratio_interval()
+    f = Table(title="full finetuning: B:1's η* ÷ the study's B:1 / full ratio (μA's raw rule: ratio 1)")
+    for col in (label, "study's B:1 / full", "predicted full-ft η*", "measured full-ft η*", "measured B:1 / full",
+                "predicted / measured"):  # fmt: skip
+        f.add_column(col)
+    c = fit.full_vs_b1
+    f.add_row(
+        _lr(2.0**ref),
+        f"{2**cal.B1_OVER_FULL_LOG2:.3g} {_interval(lo, hi)}",
+        f"{_lr(pred.lr)} {_interval(pred.lo, pred.hi)}",
+        "—" if c is None else f"{_lr(c.full_lr)} {_interval(*c.full_interval)}",
+        "—" if c is None else f"{c.ratio:.3g} {_interval(*c.ratio_interval)}",
+        "—" if c is None else f"{pred.lr / c.full_lr:.2f}",
+    )
+    f.caption = (
+        f"study's ratio: {cal.B1_OVER_FULL_N} workloads of {cal.B1_OVER_FULL_FAMILIES} model families, 95 % interval "
+        f"for a new workload (docs/validation.md); intervals are 95 %"
+    )
+    return f
 
 
 def prediction_panel(pred):
@@ -160,7 +193,7 @@ def prediction_panel(pred):
 
     target = "full finetuning" if pred.target == "full-ft" else f"LoRA rank {pred.target} ({pred.regime})"
     lines = [
-        f"[bold]learning rate for {target}: [green]{pred.lr:.4g}[/][/]   95 % interval [{pred.lo:.3g}, {pred.hi:.3g}]",
+        f"[bold]learning rate for {target}: [green]{_lr(pred.lr)}[/][/]   95 % interval {_interval(pred.lo, pred.hi)}",
         f"basis: {pred.basis} — {pred.reason}",
         f"from ranks: {', '.join(map(str, pred.ranks_used))}",
     ]
@@ -171,6 +204,7 @@ def prediction_panel(pred):
         lines.append(
             f"[bold]evidence:[/] the prediction without these trials ({ev['predicted_basis']}) was "
             f"{ev['predicted']:.3g}, {ev['ratio_predicted_to_measured']:.2f}× the measured optimum"
+            + (f"; measured B:1 / full {ev['b1_over_full']:.3g}" if ev.get("b1_over_full") else "")
         )
     elif pred.basis == "measured" and ev.get("predicted_without_this_rank"):
         p = ev["predicted_without_this_rank"]
