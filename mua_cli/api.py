@@ -8,6 +8,7 @@ The `mua` command is a thin layer over these; everything else in mua_cli is inte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from contextlib import suppress
@@ -21,7 +22,8 @@ from .science.theory import MAX_RANK, TRANSFER_REGIME, get_regime
 from .science.transfer import CHOICES, FULL_TARGET, Prediction, predict_rank
 from .spec.recipe import Recipe, load_recipe
 from .sweep.execute import Execution
-from .sweep.run import Listener, SweepSummary, run_sweep
+from .sweep.run import Listener, SweepSummary
+from .sweep.run import run_sweep as _run_sweep
 from .sweep.store import DB_NAME, load_trials
 
 __all__ = [
@@ -42,6 +44,28 @@ def save_text(path: Path, text: str, on_note: Callable[[str], None] | None = Non
         if on_note:
             on_note(f"{path.name} not saved: cannot write in {path.parent} ({e.strerror or e})")
         return False
+
+
+def run_sweep(
+    recipe: Recipe,
+    run_dir: str | Path,
+    device: str = "auto",
+    listener: Listener | None = None,
+    storage: str | None = None,
+    execution: Execution | None = None,
+    retry_failed: bool = True,
+    study: str | None = None,
+) -> SweepSummary:
+    """Runs `recipe`'s sweep into `run_dir` (its trial store; resumes what it holds) and says what it ran.
+    `device`: "auto" (as `mua sweep`: every visible GPU, else the CPU), "cpu", "cuda" or "cuda:N". `listener`
+    hears its progress (sweep.run.Listener); `storage`, `study`: an Optuna storage URL and a shared study
+    (docs/scale-out.md); `execution`: slots and trials per pass (0: chosen by size)."""
+    from .sweep.runner import resolve_device
+
+    dev = resolve_device(device)
+    if execution is not None and execution.device != dev:
+        execution = dataclasses.replace(execution, device=dev)
+    return _run_sweep(recipe, Path(run_dir), dev, listener, storage, execution, retry_failed, study)
 
 
 def fit(
