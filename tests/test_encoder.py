@@ -106,7 +106,7 @@ def test_sweep_task_seq_cls_on_my_csv_works_out_of_the_box(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(app, ["sweep", "--task", "seq-cls", "--data", "my.csv", "--ranks", "4", "--regimes",
                                    "B:1", "--lrs", "2^-7:2^-6", "--steps", "6", "--batch-size", "8",
-                                   "--max-extend", "0", "--device", "cpu", "--out", "run", "--quiet"])  # fmt: skip
+                                   "--device", "cpu", "--out", "run", "--quiet"])  # fmt: skip
     assert res.exit_code == 0, res.output
     df = load_trials(tmp_path / "run")
     assert len(df) >= 2 and set(df["status"]) == {"ok"}
