@@ -48,8 +48,9 @@ def keep_run(run_dir: Path) -> None:
 
     rows = json.loads(export_trials(run_dir, "json"))
     info = TrialStore(run_dir, create=False).info()
-    doc = {"run": Path(run_dir).resolve().name, "info": info, "trials": rows}
-    STORED.write_text(json.dumps(doc, indent=0, sort_keys=True) + "\n")
+    head = json.dumps({"run": Path(run_dir).resolve().name, "info": info}, sort_keys=True)[:-1]
+    trials = ",\n".join(json.dumps(r, sort_keys=True) for r in rows)  # one trial a line: a readable diff
+    STORED.write_text(f'{head}, "trials": [\n{trials}\n]}}\n')
     print(f"kept {len(rows)} trials of {run_dir} in {STORED.relative_to(ROOT)}")
 
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -75,7 +80,7 @@ def test_seq_cls_with_no_model_or_recipe_is_the_embedded_encoder():
     [
         (["--model", "embedded:tiny", "--task", "seq-cls"], "embedded:tiny is a causal LM, not a classifier"),
         (["--recipe", "tiny", "--task", "seq-cls"], "embedded:tiny is a causal LM, not a classifier"),
-        (["--recipe", "tiny-cls", "--task", "causal-lm"], "embedded:encoder is a text encoder for --task seq-cls"),
+        (["--recipe", "tiny-cls", "--task", "causal-lm"], "the embedded model embedded:encoder is for --task seq-cls"),
         (["--model", "embedded:huge"], "no embedded model 'embedded:huge'"),
     ],
 )
@@ -94,7 +99,9 @@ def test_embedded_model_for_the_wrong_task_is_one_line_before_anything_loads(arg
     assert not (tmp_path / "run").exists()
 
 
-def test_sweep_task_seq_cls_on_my_csv_works_out_of_the_box(tmp_path, monkeypatch):
+def test_sweep_task_seq_cls_on_my_csv_works_out_of_the_box_and_prints_no_library_chatter(tmp_path):
+    """The real command, as a user runs it (stdout a pipe, so one plain line per trial): it trains on the CSV, and
+    stderr holds mua's own lines only: no library warning, no download or loading progress bar."""
     rng = random.Random(0)
     with open(tmp_path / "my.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -103,11 +110,20 @@ def test_sweep_task_seq_cls_on_my_csv_works_out_of_the_box(tmp_path, monkeypatch
             good = rng.random() < 0.5
             words = rng.sample(["fine", "great", "lovely", "nice"] if good else ["bad", "awful", "poor", "dull"], 2)
             w.writerow([f"the film was {' and '.join(words)}", "pos" if good else "neg"])
-    monkeypatch.chdir(tmp_path)
-    res = CliRunner().invoke(app, ["sweep", "--task", "seq-cls", "--data", "my.csv", "--ranks", "4", "--regimes",
-                                   "B:1", "--lrs", "2^-7:2^-6", "--steps", "6", "--batch-size", "8",
-                                   "--device", "cpu", "--out", "run", "--quiet"])  # fmt: skip
-    assert res.exit_code == 0, res.output
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    res = subprocess.run(
+        [sys.executable, "-m", "mua_cli.ui.cli", "sweep", "--task", "seq-cls", "--data", "my.csv", "--ranks", "4",
+         "--regimes", "B:1", "--lrs", "2^-7:2^-6", "--steps", "6", "--batch-size", "8", "--device", "cpu",
+         "--out", "run"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    chatter = [
+        line
+        for line in res.stderr.splitlines()
+        if re.search(r"warn|deprecat|%\||it/s|Loading|Some weights|huggingface|\btqdm\b", line, re.I)
+    ]
+    assert chatter == [], res.stderr
     df = load_trials(tmp_path / "run")
     assert len(df) >= 2 and set(df["status"]) == {"ok"}
     assert df.iloc[0]["recipe"]["model"] == "embedded:encoder" and df.iloc[0]["info"]["task"] == "seq-cls"
