@@ -4,10 +4,13 @@ says then, replayed from a stored run of the whole 72-trial sweep (no training: 
 
 Trials are deterministic on one machine: the same (regime, rank, lr, seed) gives the same result, so a planner
 that asks only for trials the stored run holds can be replayed from it exactly. Each plan runs the sweep's own
-round logic (sweep/run.py `_rounds`, `next_round`) against a runner that answers from the stored run, then fits
-the replayed store as `mua fit` and `mua transfer --to full-ft` / `--to 128` do. The sweep's wall time is
-estimated from the stored trials' own wall times: two slots (this 2-core machine), each round waiting for its
-last trial. `--synthetic N` (48) compares the old planner and this branch's on N synthetic sweeps (random loss
+planner (sweep/plan.py) against slots that answers from the stored run, then fits
+the replayed store as `mua fit` and `mua transfer --to full-ft` / `--to 128` do. Each plan is replayed twice:
+round by round (plan.Planner.next_round, as a shared study's planner runs it) and as the local sweep streams it
+(stream.Sweep: each group's next trials as soon as its own are in); both must ask for the same trials and fit the
+same. The sweep's wall time is estimated from the stored trials' own wall times on two slots (this 2-core
+machine): round by round, each round waiting for its last trial; streamed, each slot taking the next queued
+trial as it frees up. `--synthetic N` (48) compares the old planner and this branch's on N synthetic sweeps (random loss
 curves, several recipes: seeds, full finetuning, extensions). `--real RUN` also fits a run folder swept for real
 with the current planner and checks that it equals the replay of the chosen plan.
 
@@ -34,8 +37,9 @@ sys.path.insert(0, str(ROOT))
 from mua_cli import api  # noqa: E402
 from mua_cli.spec.recipe import load_recipe  # noqa: E402
 from mua_cli.spec.trial import TrialResult  # noqa: E402
-from mua_cli.sweep import grid, run  # noqa: E402
-from mua_cli.sweep.store import TrialStore, frame  # noqa: E402
+from mua_cli.sweep import grid, plan, stream  # noqa: E402
+from mua_cli.sweep.sizing import Execution  # noqa: E402
+from mua_cli.sweep.store import TrialStore, frame, meta  # noqa: E402
 
 SLOTS = 2
 
@@ -45,18 +49,31 @@ class Missing(Exception):
 
 
 class Replay:
-    """A runner answering from the stored run; it records the rounds it was given."""
+    """Slots answering from the stored run, on SLOTS simulated slots: `submit` queues trials at the simulated now,
+    `next` hands back the one that finishes first (each queued trial starts on the slot free first). It records
+    the batches it was given."""
 
     def __init__(self, stored: dict[str, TrialResult]):
         self.stored, self.rounds = stored, []
+        self.now, self.free, self.queue, self.running = 0.0, [0.0] * SLOTS, [], []
 
-    def run(self, pending):
-        missing = [s.label for s in pending if s.key not in self.stored]
+    def submit(self, specs, spare=()):
+        missing = [s.label for s in specs if s.key not in self.stored]
         if missing:
             raise Missing(missing)
-        self.rounds.append(list(pending))
-        for s in pending:
-            yield s, self.stored[s.key]
+        self.rounds.append(list(specs))
+        self.queue.extend(specs)
+        return [[s] for s in specs]
+
+    def next(self):
+        while self.queue:  # every queued trial to the slot free first, from now on
+            i = self.free.index(min(self.free))
+            spec = self.queue.pop(0)
+            self.free[i] = max(self.free[i], self.now) + self.stored[spec.key].wall_time
+            self.running.append((self.free[i], spec))
+        self.running.sort(key=lambda t: t[0])
+        self.now, spec = self.running.pop(0)
+        return spec, self.stored[spec.key]
 
     def close(self, interrupted=False):
         pass
@@ -64,20 +81,12 @@ class Replay:
 
 def stored_results(run_dir: Path) -> dict[str, TrialResult]:
     out = {}
-    for t in TrialStore(run_dir, create=False).trials():
+    for t in TrialStore.open(run_dir).trials():
         a = t.user_attrs
         metric = math.inf if a["status"] == "diverged" else a["metric"]
         out[a["key"]] = TrialResult(a["status"], metric, a.get("loss_curve", []), a.get("eval_loss"),
                                     a.get("initial_loss"), a.get("wall_time", 0.0))  # fmt: skip
     return out
-
-
-def _once(recipe, store, metrics, done, summary, listener):
-    """The extra seeds of one round only: none once any group has one."""
-    df = frame(store)
-    if not df.empty and (df["seed"] >= recipe.sweep.seeds).any():
-        return []
-    return run._extra_seeds(recipe, store, metrics, done, summary, listener)
 
 
 OLD_GRID = "2^-10:2^-4"  # tiny.yaml's grid before the 52-trial plan
@@ -95,24 +104,51 @@ CHOSEN = "chosen: extra seeds at 2 LRs, grid 2^-9:2^-4 (the recipe's, EXTRA_LRS)
 
 @contextlib.contextmanager
 def planner(coarse_min=None, extra_lrs=None, once=False):
-    saved = grid.COARSE_MIN, run.EXTRA_LRS, run.REFINERS
+    saved = grid.COARSE_MIN, plan.EXTRA_LRS, plan.Planner.extra_seeds
     grid.COARSE_MIN = grid.COARSE_MIN if coarse_min is None else coarse_min
-    run.EXTRA_LRS = run.EXTRA_LRS if extra_lrs is None else extra_lrs
-    run.REFINERS = (run._refinements, _once) if once else run.REFINERS
+    plan.EXTRA_LRS = plan.EXTRA_LRS if extra_lrs is None else extra_lrs
+    if once:  # one round of extra seeds only: none once any group has one
+
+        def extra_once(self, frame):
+            return [] if self.has_extra else saved[2](self, frame)
+
+        plan.Planner.extra_seeds = extra_once
     try:
         yield
     finally:
-        grid.COARSE_MIN, run.EXTRA_LRS, run.REFINERS = saved
+        grid.COARSE_MIN, plan.EXTRA_LRS, plan.Planner.extra_seeds = saved
 
 
-def replay(recipe, stored, out_dir: Path, info: dict) -> tuple[Replay, run.SweepSummary]:
-    store = TrialStore(out_dir)
-    run._pin_recipe(out_dir, recipe)
-    run._pin_study(store, recipe)
+def _store(recipe, out_dir: Path, info: dict) -> TrialStore:
+    store = TrialStore.create(out_dir)
+    stream._pin_recipe(out_dir, recipe)
+    stream._pin_study(store, recipe)
     store.set_info(**info)  # what the stored sweep recorded (max_lora_rank: `--to 128` is checked against it)
-    runner, summary = Replay(stored), run.SweepSummary(out_dir)
-    run._rounds(recipe, store, runner, grid.plan(recipe), set(), summary, run.Listener())
-    return runner, summary
+    return store
+
+
+def replay_rounds(recipe, slots: Replay, out_dir: Path, info: dict) -> tuple[Replay, list[str]]:
+    """Round by round: each round's trials all in before the next is planned (a shared study's planner)."""
+    store = _store(recipe, out_dir, info)
+    p = plan.Planner(recipe, set())
+    pending = p.first()
+    while pending:
+        slots.submit(pending)
+        for _ in pending:
+            spec, result = slots.next()
+            store.add(spec, result, meta(recipe, spec))
+            p.done.add(spec.key)
+            p.record(spec, result)
+        pending = p.next_round(lambda: frame(store))
+    return slots, p.decisions.added
+
+
+def replay(recipe, slots: Replay, out_dir: Path, info: dict) -> tuple[Replay, stream.SweepSummary]:
+    """As `mua sweep` streams it (stream.Sweep), against the replaying slots."""
+    store = _store(recipe, out_dir, info)
+    sweep = stream.Sweep(recipe, store, set(), stream.SweepSummary(out_dir), stream.Listener(), Execution())
+    sweep.stream(slots, sweep.start())
+    return slots, sweep.summary
 
 
 def answers(run_dir: Path, rank: int = 128) -> dict:
@@ -170,16 +206,20 @@ def differences(new: dict, ref: dict) -> dict:
 
 
 class Synthetic(Replay):
-    """A runner answering with a synthetic loss: any trial, no training."""
+    """Slots answering with a synthetic loss: any trial, no training, in the order queued."""
 
     def __init__(self, loss):
         super().__init__({})
         self.loss = loss
 
-    def run(self, pending):
-        self.rounds.append(list(pending))
-        for s in pending:
-            yield s, self.loss(s)
+    def submit(self, specs, spare=()):
+        self.rounds.append(list(specs))
+        self.queue.extend(specs)
+        return [[s] for s in specs]
+
+    def next(self):
+        spec = self.queue.pop(0)
+        return spec, self.loss(spec)
 
 
 def synthetic_loss(case: int):
@@ -226,11 +266,7 @@ def synthetic_exactness(cases: int, work: Path) -> dict:
             folder = work / f"synthetic-{name}"
             shutil.rmtree(folder, ignore_errors=True)
             with planner(**how):
-                store = TrialStore(folder)
-                run._pin_recipe(folder, recipe)
-                run._pin_study(store, recipe)
-                run._rounds(recipe, store, Synthetic(loss), grid.plan(recipe), set(), run.SweepSummary(folder),
-                            run.Listener())  # fmt: skip
+                replay(recipe, Synthetic(loss), folder, {})
             df = load_trials(folder)
             fit = {(o.regime, o.rank): (o.lr_star, o.lo, o.hi, o.reason) for o in fit_run(df).optima}
             out[name] = (len(df), fit)
@@ -287,7 +323,7 @@ def main() -> None:
         source = work / "stored"
         shutil.copytree(args.stored, source)  # read from a copy: the stored run is left as it is
         stored = stored_results(source)
-        info = {k: v for k, v in TrialStore(source, create=False).info().items() if k == "max_lora_rank"}
+        info = {k: v for k, v in TrialStore.open(source).info().items() if k == "max_lora_rank"}
         rank = min(128, info.get("max_lora_rank", 128))  # the largest rank `mua transfer --to` takes, up to 128
         ref = answers(source, rank)
         result: dict = {"recipe": args.recipe, "stored_run": args.stored, "stored_trials": len(stored),
@@ -298,17 +334,23 @@ def main() -> None:
             folder = work / f"plan{len(result['plans'])}"
             with planner(**how):
                 try:
-                    runner, summary = replay(recipe, stored, folder, info)
+                    rounds, added = replay_rounds(recipe, Replay(stored), folder, info)
+                    streamed, summary = replay(recipe, Replay(stored), work / f"stream{len(result['plans'])}", info)
                 except Missing as e:
                     result["plans"][name] = {"missing": e.args[0]}
                     continue
             got = answers(folder, rank)
+            got_streamed = answers(work / f"stream{len(result['plans'])}", rank)
+            keys = sorted(s.key for r in rounds.rounds for s in r)
             result["plans"][name] = {
                 "lrs": recipe.sweep.lrs,
-                "trials": sum(map(len, runner.rounds)),
-                "rounds": [len(r) for r in runner.rounds],
-                "added": summary.added,
-                "trial_seconds_two_slots": round(makespan(runner.rounds, stored), 1),
+                "trials": len(keys),
+                "rounds": [len(r) for r in rounds.rounds],
+                "added": added,
+                "trial_seconds_two_slots": round(makespan(rounds.rounds, stored), 1),
+                "streamed_trial_seconds_two_slots": round(streamed.now, 1),
+                "streamed_same_trials": sorted(s.key for r in streamed.rounds for s in r) == keys,
+                "streamed_same_fit": got_streamed == got,
                 "fit": got,
                 "minus_stored": differences(got, ref),
                 "same_as_stored": got == ref,  # every η*, interval, slope, transfer and the noise, to the digit
@@ -325,12 +367,14 @@ def main() -> None:
         if args.synthetic:
             result["synthetic"] = synthetic_exactness(args.synthetic, work)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"{'plan':82} {'trials':>6} {'est. s':>7}  same fit")
+        print(f"{'plan':82} {'trials':>6} {'rounds s':>8} {'stream s':>8}  same fit  streamed: same trials, fit")
         for name, p in result["plans"].items():
             if "missing" in p:
                 print(f"{name:82} needs trials the stored run lacks: {p['missing'][:3]}")
                 continue
-            print(f"{name:82} {p['trials']:>6} {p['trial_seconds_two_slots']:>7}  {p['same_as_stored']}")
+            print(f"{name:82} {p['trials']:>6} {p['trial_seconds_two_slots']:>8} "
+                  f"{p['streamed_trial_seconds_two_slots']:>8}  {str(p['same_as_stored']):8}  "
+                  f"{p['streamed_same_trials']}, {p['streamed_same_fit']}")  # fmt: skip
         if args.real:
             same = result["real_run"]["equals_replay_of_chosen"]
             print(f"real run {args.real}: equals the replay of the chosen plan: {same}")

@@ -69,10 +69,10 @@ def load_avg() -> float:
 def trials_in_process(repeats: int) -> dict:
     from mua_cli.spec.recipe import load_recipe
     from mua_cli.sweep.grid import make_spec
-    from mua_cli.sweep.runner import TrialRunner
+    from mua_cli.sweep.trainer import Trainer
 
     recipe = load_recipe("tiny")
-    runner = TrialRunner(recipe, "cpu")
+    runner = Trainer.load(recipe, "cpu")
     specs = [make_spec(recipe, reg, rank, lr, 0) for reg, rank, lr in TRIALS]
     runner.run(specs[0])  # warm-up: first-call costs are no trial's
     rows, metrics = [], {}
@@ -101,11 +101,11 @@ def trials_in_process(repeats: int) -> dict:
 def profile_trial() -> dict:
     from mua_cli.spec.recipe import load_recipe
     from mua_cli.sweep.grid import make_spec
-    from mua_cli.sweep.runner import TrialRunner
+    from mua_cli.sweep.trainer import Trainer
 
     torch.set_num_threads(1)
     recipe = load_recipe("tiny")
-    runner = TrialRunner(recipe, "cpu")
+    runner = Trainer.load(recipe, "cpu")
     spec = make_spec(recipe, "A:r", 16, 2**-6, 0)
     runner.run(spec)
     prof = cProfile.Profile()
@@ -139,8 +139,8 @@ def pool_child(workers: int, out_dir: str) -> None:
     """In a fresh process: 12 trials of the tiny recipe through run_sweep with `workers` slots on the CPU."""
     w0, c0 = time.perf_counter(), cpu_seconds()
     from mua_cli.spec.recipe import load_recipe
-    from mua_cli.sweep.execute import Execution
-    from mua_cli.sweep.run import run_sweep
+    from mua_cli.sweep.sizing import Execution
+    from mua_cli.sweep.stream import run_sweep
 
     recipe = load_recipe("tiny", **POOL_RECIPE)
     summary = run_sweep(recipe, Path(out_dir), "cpu", execution=Execution("cpu", workers_per_gpu=workers))
@@ -175,8 +175,8 @@ def pool(repeats: int) -> dict:
 
 def start_costs(pretrain_too: bool) -> dict:
     out = {}
-    code = "import torch; from mua_cli.spec.recipe import load_recipe; from mua_cli.sweep.runner import TrialRunner; " \
-           "TrialRunner(load_recipe('tiny'), 'cpu')"  # fmt: skip
+    code = "import torch; from mua_cli.spec.recipe import load_recipe; from mua_cli.sweep.trainer import Trainer; " \
+           "Trainer.load(load_recipe('tiny'), 'cpu')"  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     rows = []
     for _ in range(2):
@@ -205,20 +205,20 @@ def start_costs(pretrain_too: bool) -> dict:
 
 
 def worker_starts(repeats: int) -> dict:
-    """Seconds from a CPU worker process's start to its model loaded (pool.worker_main's "ready"), alternately
+    """Seconds from a CPU worker process's start to its model loaded (pool.slot_process's "ready"), alternately
     spawned (a fresh interpreter importing torch, transformers and peft) and forked by the forkserver that `mua
     sweep` starts at its beginning (pool.process_context), the server's own start not counted."""
     import torch.multiprocessing as mp
 
     from mua_cli.spec.recipe import load_recipe
-    from mua_cli.sweep.pool import process_context, start_worker_server, worker_main
+    from mua_cli.sweep.pool import process_context, slot_process, start_process_server
 
     recipe = load_recipe("tiny")
 
     def ready_s(ctx) -> float:
         tasks, results = ctx.Queue(), ctx.Queue()
         w0 = time.perf_counter()
-        p = ctx.Process(target=worker_main, args=(recipe, "cpu", False, False, tasks, results, 1), daemon=True)
+        p = ctx.Process(target=slot_process, args=(recipe, "cpu", False, False, tasks, results, 1), daemon=True)
         p.start()
         while (message := results.get(timeout=600))[0] == "note":  # what loading the workload says
             pass
@@ -229,7 +229,7 @@ def worker_starts(repeats: int) -> dict:
             raise RuntimeError(f"the worker did not start: {message}")
         return wall
 
-    start_worker_server()
+    start_process_server()
     w0 = time.perf_counter()
     server_and_first = ready_s(process_context("cpu"))
     rows = [{"spawn_s": ready_s(mp.get_context("spawn")), "forkserver_s": ready_s(process_context("cpu"))}
@@ -268,15 +268,15 @@ def sweeps() -> dict:
 def cpu_child(mode: str) -> None:
     """In a fresh process: one trial per rank at one thread, the heap setting `mode` (on/off); prints JSON."""
     from mua_cli.spec.recipe import load_recipe
-    from mua_cli.sweep.execute import keep_freed_memory
     from mua_cli.sweep.grid import make_spec
-    from mua_cli.sweep.runner import TrialRunner
+    from mua_cli.sweep.sizing import keep_freed_memory
+    from mua_cli.sweep.trainer import Trainer
 
     if mode == "on":
         keep_freed_memory()
     torch.set_num_threads(1)
     recipe = load_recipe("tiny")
-    runner = TrialRunner(recipe, "cpu")
+    runner = Trainer.load(recipe, "cpu")
     out = {}
     for rank in (16, 64):
         spec = make_spec(recipe, "B:1", rank, 2**-7, 0)

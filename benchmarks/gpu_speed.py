@@ -1,7 +1,8 @@
 """mua against a plain serial peft loop, as a user runs each, on exactly the same trials, in one run.
 
     python benchmarks/gpu_speed.py [--only 5m,124m,350m,minilm-text,vit-base] [--steps 100] [--device cuda:0]
-        [--workers-per-gpu N] [--batch-trials N] [--no-cuda-graphs] [--no-fused-kernels] [--diag] [--out FILE]
+        [--workers-per-gpu N] [--batch-trials N] [--no-cuda-graphs] [--no-fused-kernels] [--diag [--no-sweeps]]
+        [--out FILE]
     python benchmarks/gpu_speed.py --scaling [--only 5m,124m] [--steps 300]   # mua on 1, 2, 4 … N GPUs
     python benchmarks/gpu_speed.py --smoke                 # tiny shapes on the CPU: the harness end to end
     python benchmarks/gpu_speed.py --table FILE.json [FILE.json ...]     # docs/performance.md's tables
@@ -129,7 +130,7 @@ def workload(name: str, steps: int, smoke: bool, folder: Path) -> tuple[Recipe, 
     model, data = cls_speed.WORKLOADS[name][0](folder, 16 * steps + 200, smoke)
     recipe = cls_speed.recipe_for(name, model, data, steps, "4" if smoke else CLASSIFIERS[name])
     if smoke:
-        recipe = recipe.replace(lrs="2^-8:2^-6")
+        recipe = recipe.replace(lrs=SMOKE_SWEEP["lrs"])
     return recipe, cls_speed.text_stats(model, data) if name == "minilm-text" else {}
 
 
@@ -296,6 +297,12 @@ def plain_main(run: Path, recipe_file: Path, device: str, out: Path) -> None:
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     out.write_text(json.dumps({"load_s": round(load_s, 2), "trials_s": round(trials_s, 2), "trials": rows,
                                "params_M": round(params / 1e6, 1), "peak_gib": peak and round(peak, 1)}))  # fmt: skip
+
+
+def triton_cache_files() -> int:
+    """Files in Triton's kernel cache: with none, the first race also pays compiling Liger's kernels."""
+    cache = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    return sum(1 for p in cache.rglob("*") if p.is_file()) if cache.is_dir() else 0
 
 
 def gpu_counts(n: int) -> list[int]:
@@ -653,7 +660,7 @@ def markdown(reports: list[dict]) -> str:
                         if r.get("bf16_matmul_8192_tflops") else ""))  # fmt: skip
     if rows := latest(reports, "races"):
         lines += ["", "| workload | params | trials × steps | mua sweep s | plain s | trials/h mua / plain | ratio | "
-                  "mua answer s (fit + transfer) | plain answer s | ratio | start-up s | GPU busy | failed | best LR "
+                  "mua answer s (fit + transfer) | plain answer s | ratio | start-up s | device busy | failed | best LR "
                   "±1 step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in rows:
             busy = ", ".join(f"{v['busy_share']:.0%}" for v in r["timeline"].get("devices", {}).values()
@@ -705,6 +712,7 @@ def main() -> None:
     ap.add_argument("--device", help="mua's and the plain loop's device (default cuda:0, or cpu without CUDA)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 3 LRs, 4 steps: the harness on the CPU")
     ap.add_argument("--diag", action="store_true", help="also time a step of each path in one process")
+    ap.add_argument("--no-sweeps", action="store_true", help="no races (with --diag: the step times alone)")
     ap.add_argument("--scaling", action="store_true", help="mua alone on 1, 2, 4 … all visible GPUs")
     ap.add_argument("--workers-per-gpu", type=int, default=0, help="mua's slots per GPU (0: its own choice)")
     ap.add_argument("--batch-trials", type=int, default=0, help="mua's trials per pass (0: its own choice)")
@@ -739,7 +747,8 @@ def main() -> None:
              "--no-cuda-graphs" if args.no_cuda_graphs else "--cuda-graphs",
              "--no-fused-kernels" if args.no_fused_kernels else "--fused-kernels"]  # fmt: skip
     rec = Recording("gpu_speed")
-    rec.set("settings", {"only": only, "steps": steps, "device": device, "smoke": args.smoke, "mua_flags": flags})
+    rec.set("settings", {"only": only, "steps": steps, "device": device, "smoke": args.smoke, "mua_flags": flags,
+                         "triton_cache_files_at_start": triton_cache_files()})  # fmt: skip
     print(rec.header(), flush=True)
     path = rec.save(args.out)
     if args.scaling:
@@ -749,7 +758,7 @@ def main() -> None:
             rec.add("scaling", scaling(name, steps, flags))
             path = rec.save(args.out)
     else:
-        for name in [n for n in only if n in RACES]:
+        for name in [n for n in only if n in RACES and not args.no_sweeps]:
             try:
                 row = race(name, steps, device, args.smoke, flags)
             except RuntimeError as e:  # one workload's failure is recorded; the others still run
@@ -761,7 +770,7 @@ def main() -> None:
             else:
                 rec.add("errors", row)
             path = rec.save(args.out)
-        if "350m" in only:
+        if "350m" in only and not args.no_sweeps:
             if device.startswith("cuda"):
                 peak = matmul_rate()
                 rec.set("bf16_matmul_8192_tflops", round(peak / 1e12, 1))

@@ -6,9 +6,9 @@ two-GPU sweep time these predict, all measured on one GPU (for when no machine o
 1. cuda_context_s: this process's first CUDA call (a CUDA context; another GPU's slot pays its own).
 2. The workload's sweep on cuda:0 in this process (`mua_cli.api.run_sweep`, timed from the call): its
    wall time, when its first trial started, and each unit's seconds (the wall times of its trials, summed).
-3. A slot's start on cuda:0, after a first model is loaded in the main thread (as the pool does): a TrialRunner
-   built in a thread of this process (pool.PoolExecutor with CUDA graphs), and a worker process
-   (pool.worker_main, spawned) until it reports ready.
+3. A slot's start on cuda:0, after a first model is loaded in the main thread (as the pool does): a Trainer
+   loaded in a thread of this process (pool.Pool with CUDA graphs), and a slot process
+   (pool.slot_process, spawned) until it reports ready.
 4. The prediction, by arithmetic on 2 and 3, not a measurement on two GPUs: the units in the pool's queue order,
    each to the first free slot; the first slot free when the one-GPU run's first trial started, the second
    that plus the thread's start (plus cuda_context_s) or the worker's; plus the one-GPU run's time after its
@@ -37,11 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpu_speed import recipe_for, seed_cache  # noqa: E402
 from record import Recording  # noqa: E402
 
-from mua_cli.api import Listener, Recipe, load_trials, run_sweep  # noqa: E402
-from mua_cli.sweep.execute import Execution, trials_per_pass, units  # noqa: E402
+from mua_cli.api import Execution, Listener, Recipe, load_trials, run_sweep  # noqa: E402
 from mua_cli.sweep.grid import grid_plan  # noqa: E402
-from mua_cli.sweep.pool import worker_main  # noqa: E402
-from mua_cli.sweep.runner import TrialRunner  # noqa: E402
+from mua_cli.sweep.pool import slot_process  # noqa: E402
+from mua_cli.sweep.sizing import trials_per_pass, units  # noqa: E402
+from mua_cli.sweep.trainer import Trainer  # noqa: E402
 
 
 def best_lrs(metrics: dict) -> dict:
@@ -98,10 +98,10 @@ def cuda_context_s() -> float:
 def slot_starts(recipe) -> dict:
     """Seconds to a second slot's model on cuda:0: in a thread, after a first in the main thread; in a worker."""
     t0 = time.perf_counter()
-    first = TrialRunner(recipe, "cuda:0")
+    first = Trainer.load(recipe, "cuda:0")
     first_s, n_params = time.perf_counter() - t0, first.n_params
-    made: list[TrialRunner] = []
-    thread = threading.Thread(target=lambda: made.append(TrialRunner(recipe, "cuda:0")))
+    made: list[Trainer] = []
+    thread = threading.Thread(target=lambda: made.append(Trainer.load(recipe, "cuda:0")))
     t0 = time.perf_counter()
     thread.start()
     thread.join()
@@ -111,7 +111,7 @@ def slot_starts(recipe) -> dict:
     ctx = torch.multiprocessing.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
     t0 = time.perf_counter()
-    p = ctx.Process(target=worker_main, args=(recipe, "cuda:0", True, True, tasks, results), daemon=True)
+    p = ctx.Process(target=slot_process, args=(recipe, "cuda:0", True, True, tasks, results), daemon=True)
     p.start()
     while (message := results.get(timeout=300))[0] not in ("ready", "error"):
         pass

@@ -57,7 +57,20 @@ def cpu_model() -> str:
 
 
 def gpus() -> list[str]:
-    """The visible GPUs' names (torch's view: CUDA_VISIBLE_DEVICES applies); [] without CUDA or torch."""
+    """The visible GPUs' names; [] without CUDA. nvidia-smi first: asking torch would create a CUDA context in
+    the benchmark's own process, memory the commands it times then cannot use."""
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=index,name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)  # fmt: skip
+        if smi.returncode == 0 and smi.stdout.strip():
+            names = dict(line.split(", ", 1) for line in smi.stdout.strip().splitlines())
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if visible is None:
+                return list(names.values())
+            if all(v.strip().isdigit() for v in visible.split(",") if v.strip()):
+                return [names[v.strip()] for v in visible.split(",") if v.strip() in names]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
     try:
         import torch
 

@@ -21,16 +21,45 @@ from .science.full_ft import predict_full
 from .science.theory import MAX_RANK, TRANSFER_REGIME, get_regime
 from .science.transfer import CHOICES, FULL_TARGET, Prediction, predict_rank
 from .spec.recipe import Recipe, load_recipe
-from .sweep.execute import Execution
-from .sweep.run import Listener, SweepSummary
-from .sweep.run import run_sweep as _run_sweep
-from .sweep.store import DB_NAME, load_trials
+from .sweep.sizing import Execution
+from .sweep.store import DB_NAME, TrialStore, load_trials
+from .sweep.stream import Listener, SweepSummary
+from .sweep.stream import run_sweep as _run_sweep
 
 __all__ = [
     "Execution", "FitResult", "Listener", "MuaError", "Prediction", "Recipe", "SweepSummary",
-    "apply_regime", "export_trials", "fit", "fit_run", "load_recipe", "load_trials", "lora_config", "predict",
-    "refit", "run_sweep",
+    "apply_regime", "export_trials", "fit", "fit_run", "has_trials", "load_recipe", "load_trials", "lora_config",
+    "predict", "refit", "resolve_device", "run_sweep", "start_process_server", "work",
 ]  # fmt: skip
+
+
+def start_process_server() -> None:
+    """Starts the server the CPU's slot processes fork from, before this process imports torch (sweep/pool.py):
+    the two import side by side. Harmless where none is used."""
+    from .sweep.pool import start_process_server as start
+
+    start()
+
+
+def resolve_device(device: str) -> str:
+    """`auto`, `cpu`, `cuda` or `cuda:N`, checked against what this machine has (one line where it lacks it)."""
+    from .sweep.trainer import resolve_device as resolve
+
+    return resolve(device)
+
+
+def has_trials(run_dir: str | Path) -> bool:
+    """Whether the run folder's store holds a trial (read only; a folder without a store has none)."""
+    return bool(TrialStore.open(Path(run_dir)).trials())
+
+
+def work(run_dir: str | Path, storage: str | None, study: str, device: str, listener: Listener | None = None,
+         execution: Execution | None = None, wait_s: float = 0.0):  # fmt: skip
+    """`mua worker`: runs a shared study's queued trials until its sweep is done (sweep/worker.py); the summary
+    says how many it ran. `run_dir`: the run folder whose trials.db holds the study, where no `storage`."""
+    from .sweep.worker import join
+
+    return join(Path(run_dir), storage, study, device, listener or Listener(), execution, wait_s)
 
 
 def save_text(path: Path, text: str, on_note: Callable[[str], None] | None = None) -> bool:
@@ -60,8 +89,6 @@ def run_sweep(
     `device`: "auto" (as `mua sweep`: every visible GPU, else the CPU), "cpu", "cuda" or "cuda:N". `listener`
     hears its progress (sweep.run.Listener); `storage`, `study`: an Optuna storage URL and a shared study
     (docs/scale-out.md); `execution`: slots and trials per pass (0: chosen by size)."""
-    from .sweep.runner import resolve_device
-
     dev = resolve_device(device)
     if execution is not None and execution.device != dev:
         execution = dataclasses.replace(execution, device=dev)

@@ -1,5 +1,5 @@
 """What the libraries may print in a process of the `mua` command (its own, and the sweep's worker processes,
-which import this first: sweep/pool.py WORKER_IMPORTS): no download progress bars, no deprecation chatter;
+which import this first: sweep/pool.py SLOT_IMPORTS): no download progress bars, no deprecation chatter;
 mua's own lines say what matters."""
 
 import os

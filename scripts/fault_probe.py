@@ -313,10 +313,10 @@ def concurrent_starts(ctx: Context, n: int = 8, rounds: int = 3) -> Row:
     """`n` processes open one shared study at the same instant on a fresh PostgreSQL database (a planner and
     workers started together), `rounds` times: Optuna creates its tables in each."""
     code = (
-        "import sys, time; from mua_cli.sweep.store import TrialStore\n"
+        "import sys, time; from mua_cli.sweep.shared import SharedStudy\n"
         "at = float(sys.argv[3])\n"
         "time.sleep(max(0.0, at - time.time()))\n"
-        "TrialStore(sys.argv[1], sys.argv[2], study='many')\n"
+        "SharedStudy.create(sys.argv[1], sys.argv[2], 'many')\n"
     )
     failures, shown = 0, ""
     for r in range(rounds):

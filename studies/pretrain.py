@@ -46,12 +46,18 @@ DEFAULT_PRETRAIN = {"data": "embedded:shakespeare", "steps": 600, "lr": 3e-3, "b
 # family → (config class, model class); every dropout off: a trial's outcome depends on its LR and seed alone
 FAMILIES = {
     "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"attention_dropout": 0.0, "hidden_dropout": 0.0}),
-    "opt": ("OPTConfig", "OPTForCausalLM", {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
-                                            "layerdrop": 0.0}),  # fmt: skip
+    "opt": (
+        "OPTConfig",
+        "OPTForCausalLM",
+        {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "layerdrop": 0.0},
+    ),  # fmt: skip
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"attention_dropout": 0.0}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}),
-    "vit": ("ViTConfig", "ViTForImageClassification", {"hidden_dropout_prob": 0.0,
-                                                      "attention_probs_dropout_prob": 0.0}),  # fmt: skip
+    "vit": (
+        "ViTConfig",
+        "ViTForImageClassification",
+        {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+    ),  # fmt: skip
 }
 SHAPES = ("circle", "disc", "square", "block", "triangle", "plus", "cross", "hbar", "vbar", "dots")
 

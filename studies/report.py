@@ -73,7 +73,7 @@ class Workload:
     @property
     def depth(self) -> int:
         mc = self.recipe.get("model_config") or {}
-        return int(self.meta.get("depth") or mc.get("num_hidden_layers") or DEPTHS.get(self.name) or 0)
+        return int(self.meta.get("layers") or mc.get("num_hidden_layers") or DEPTHS.get(self.name) or 0)
 
     @property
     def task(self) -> str:
@@ -104,14 +104,16 @@ def load(folder: Path) -> Workload:
 
 
 def load_all(res: Path = RESULTS) -> list[Workload]:
-    """Every workload of the study, each with its proxy run's fit where one was measured."""
+    """Every workload of the study, each with the fit of its proxy run (RESULTS/proxy/NAME, meta `proxy_of`:
+    full finetuning at a quarter of the steps) where one was measured."""
     folders = sorted(p for p in res.iterdir() if (p / "trials.csv").is_file()) if res.is_dir() else []
-    metas = {p: json.loads((p / "meta.json").read_text()) for p in folders}
-    out = {p.name: load(p) for p in folders if not metas[p].get("proxy_for")}
-    for p in folders:
-        target = metas[p].get("proxy_for")
+    out = {p.name: load(p) for p in folders}
+    proxies = sorted(p for p in (res / "proxy").glob("*") if (p / "trials.csv").is_file())
+    for p in proxies:
+        meta, _, df = _read(p)
+        target = meta.get("proxy_of") or meta.get("proxy_for")
         if target in out:
-            out[target].proxy = fit_run(_read(p)[2])
+            out[target].proxy = fit_run(df)
     return list(out.values())
 
 
@@ -253,7 +255,7 @@ def fit_ratio(kind: str, ys: np.ndarray, X: np.ndarray, fams: list[str], names: 
             return RatioRule(kind, np.array([c]), [], math.nan, 0, np.array([[1.0]]))
         s = float(np.sqrt(((ys - c) ** 2).sum() / (k - 1)))
         return RatioRule(kind, np.array([c]), [], s, k - 1, np.array([[1 / k]]))
-    want = [i for i, n in enumerate(names) if kind == "all" or n == kind]
+    want = [i for i, n in enumerate(names) if kind == "all" or n.split("=")[0] == kind]
     cols = [i for i in want if np.ptp(X[:, i]) > 1e-9]  # constant over training: no information
     if not cols:
         return fit_ratio("const", ys, X, fams, names) if kind != "const" else None
@@ -308,7 +310,7 @@ def _ratio_table(ws: list[Workload], fold: Fold, anchor: str, tasks: list[str]):
 
 
 def feature_names(tasks: list[str]) -> list[str]:
-    return ["slope", "width", "depth", "steps"] + ["task"] * (len(tasks) - 1)
+    return ["slope", "width", "depth", "steps"] + [f"task={t}" for t in tasks[1:]]
 
 
 def score_full(workloads: list[Workload]) -> pd.DataFrame:
@@ -403,17 +405,22 @@ def _rank_preds(w: Workload, fold: Fold):
             yield name, target, truth, rule, p
 
 
+def rank_excess(fold: Fold) -> dict[str, float]:
+    """Per rule: how far its own SE fell short on the fold's training workloads, mean(err² − se²) floored at 0."""
+    excess: dict[str, list[float]] = {r: [] for r in RANK_RULES}
+    for o in fold.train:
+        for _, _, truth, rule, p in _rank_preds(o, fold):
+            if p is not None:
+                excess[rule].append((p[0] - truth) ** 2 - p[1] ** 2)
+    return {r: max(float(np.mean(v)), 0.0) if v else 0.0 for r, v in excess.items()}
+
+
 def score_rank(workloads: list[Workload]) -> pd.DataFrame:
     """--to RANK: each workload's largest measured rank from its smaller ones, leave one family out."""
     rows = []
     for fam in sorted({w.family for w in workloads}):
         fold = Fold.of([w for w in workloads if w.family != fam])
-        excess: dict[str, list[float]] = {r: [] for r in RANK_RULES}
-        for o in fold.train:  # how far each rule's own SE fell short on the training families
-            for _, _, truth, rule, p in _rank_preds(o, fold):
-                if p is not None:
-                    excess[rule].append((p[0] - truth) ** 2 - p[1] ** 2)
-        extra = {r: max(float(np.mean(v)), 0.0) if v else 0.0 for r, v in excess.items()}
+        extra = rank_excess(fold)
         for w in (w for w in workloads if w.family == fam):
             for name, target, truth, rule, p in _rank_preds(w, fold):
                 if p is None:
@@ -454,24 +461,51 @@ def rank_winner(rows: pd.DataFrame) -> str:
     return winner(rows, [r for r in RANK_RULES if r in set(rows["rule"])], RANK_RULES.index)
 
 
-def constants(workloads: list[Workload], full_rule: str | None = None) -> dict:
-    """The values of mua_cli/science/calibration.py that these workloads support, for the chosen full-ft rule."""
+RANK_BASIS = {"line": "shrunk-slope", "line-measured": "measured-slope", "muA-pooled": "muA-slope"}  # mua's names
+RULE_OF_BASIS = {v: k for k, v in RANK_BASIS.items()}
+
+
+SHIPPABLE = ("slope", "steps", "task=")  # features a run records (width and depth it does not)
+
+
+def ratio_model(rule: RatioRule, names: list[str]) -> dict | None:
+    """calibration.B1_OVER_FULL_MODEL for a fitted ratio model; None for the constant."""
+    if rule.kind == "const" or rule.coef is None or rule.cov is None or rule.cov.shape[0] == 1:
+        return None
+    cols = [names[i] for i in rule.cols]
+    r = lambda a: None if a is None else np.round(np.asarray(a, float), 5).tolist()  # noqa: E731
+    return {"kind": rule.kind, "columns": cols, "coef": r(rule.coef), "cov": r(rule.cov), "s": round(rule.s, 4),
+            "dof": round(float(rule.dof), 3), "mean": r(rule.mean), "sd": r(rule.sd)}  # fmt: skip
+
+
+def constants(workloads: list[Workload], full_rule: str | None = None, rank_rule: str | None = None) -> dict:
+    """The values of mua_cli/science/calibration.py that these workloads support, for the chosen rules.
+
+    A ratio model that needs a feature a run does not record (width, depth) cannot ship: then the constant
+    ratio on the same anchor ships, and `shipped` says so."""
     anchor, kind = (full_rule or f"{cal.FULL_ANCHOR} ÷ const").split(" ÷ ")
     fold = Fold.of(workloads)
     tasks = sorted({w.task for w in workloads})
+    names = feature_names(tasks)
     ys, X, fams = _ratio_table(workloads, fold, anchor, tasks)
-    rule = fit_ratio("const", ys, X, fams, feature_names(tasks))
-    if kind != "const":
-        raise SystemExit(f"the chosen rule {full_rule} is not a constant ratio: calibration.py needs its model")
+    const = fit_ratio("const", ys, X, fams, names)
+    model = ratio_model(fit_ratio(kind, ys, X, fams, names), names) if kind != "const" else None
+    if model and not all(c.startswith(SHIPPABLE) for c in model["columns"]):
+        model = None
     return {
         "SLOPE_PRIOR_SD": round(fold.prior, 3),
         "RANK_SCATTER_FLOOR": round(max(rank_scatter(workloads), 0.05), 3),
         "FULL_ANCHOR": anchor,
-        "B1_OVER_FULL_LOG2": round(float(rule.coef[0]), 3),
-        "B1_OVER_FULL_SD": round(rule.s, 3),
+        "B1_OVER_FULL_LOG2": round(float(const.coef[0]), 3),
+        "B1_OVER_FULL_SD": round(const.s, 3),
         "B1_OVER_FULL_N": len(ys),
         "B1_OVER_FULL_FAMILIES": len(set(fams)),
+        "B1_OVER_FULL_MODEL": model,
         "RANK_CURVATURE": fold.curv,
+        "RANK_BASIS": RANK_BASIS.get(rank_rule or RULE_OF_BASIS[cal.RANK_BASIS], rank_rule),
+        "RANK_EXTRA_SD": {
+            RANK_BASIS[r]: round(math.sqrt(v), 3) for r, v in rank_excess(fold).items() if r in RANK_BASIS
+        },
     }
 
 
@@ -618,7 +652,7 @@ def plots(workloads: list[Workload], scored: dict, out: Path) -> list[Path]:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
         ax.set_xlabel("measured full-FT η*")
-        ax.set_ylabel("predicted (leave-one-workload-out)")
+        ax.set_ylabel("predicted (leave one family out)")
         ax.legend(fontsize=7)
         fig.tight_layout()
         p = out / "validation_full_ft.png"
@@ -628,12 +662,27 @@ def plots(workloads: list[Workload], scored: dict, out: Path) -> list[Path]:
     return paths
 
 
+def shipped_note(winner: str, consts: dict) -> str:
+    kind = winner.split(" ÷ ")[1]
+    if kind == "const" or consts["B1_OVER_FULL_MODEL"]:
+        return ""
+    return (
+        f" mua ships `{consts['FULL_ANCHOR']} ÷ const` instead: the winner's model needs a feature a run does not "
+        f"record (width, depth)."
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "docs", help="where the tables (validation_tables.md) go")
     ap.add_argument("--results", type=Path, default=RESULTS, help="the study's results folder")
+    ap.add_argument("--workloads", help="comma-separated: score only these (e.g. the first study's six)")
+    ap.add_argument("--write-calibration", action="store_true", help="write the constants into calibration.py")
     args = ap.parse_args()
     workloads = load_all(args.results)
+    if args.workloads:
+        keep = set(args.workloads.split(","))
+        workloads = [w for w in workloads if w.name in keep]
     if not workloads:
         sys.exit(f"no study results under {args.results}")
     for w in workloads:  # each workload's fit as `mua fit` writes it, kept beside its trials
@@ -641,7 +690,7 @@ def main() -> None:
     scored = score(workloads)
     full, rank = scored["full"], scored["rank"]
     fw, rw = full_winner(full), rank_winner(rank)
-    consts = constants(workloads, fw)
+    consts = constants(workloads, fw, rw)
     fams = sorted({w.family for w in workloads})
     shown = [fw, "line16 ÷ const", "cell16 ÷ const", "pooled ÷ const", "muA-B:1 (ratio 1)",
              "calibrated (older --calibrate)", "proxy-direct", "proxy-scaled"]  # fmt: skip
@@ -652,7 +701,8 @@ def main() -> None:
         "```\n" + "\n".join(f"{k} = {v}" for k, v in consts.items()) + "\n```\n",
         "## `--to full-ft`, leave one family out (B:1 ranks ≤ 64 → measured full-ft η*)\n\n",
         f"Winner by the pre-registered order (within √2, then covered, then median width, then simpler): "
-        f"**{fw}**. Every candidate, best first (a candidate without an interval counts as not covered):\n\n",
+        f"**{fw}**.{shipped_note(fw, consts)} Every candidate, best first (a candidate without an interval counts as "
+        f"not covered):\n\n",
         md(summary(full)),
         "\nThe winner by held-out family:\n\n",
         md(summary(full[full["rule"] == fw], by="family")),
@@ -678,7 +728,30 @@ def main() -> None:
         "<!-- generated by `python studies/report.py`; do not edit by hand -->\n# Study tables\n\n" + "".join(parts)
     )
     plots(workloads, {"full": full[full["rule"].isin(shown)], "rank": rank}, args.out)
+    if args.write_calibration:
+        write_calibration(consts)
     print("".join(parts))
+
+
+def write_calibration(consts: dict, path: Path = REPO / "mua_cli" / "science" / "calibration.py") -> None:
+    """Replace each constant's assignment in calibration.py (a multi-line dict included) with the study's value."""
+    lines, out, i = path.read_text().splitlines(), [], 0
+    while i < len(lines):
+        line = lines[i]
+        key = line.split(" ", 1)[0].split(":")[0]
+        if key in consts and (" = " in line):
+            head = line.split(" = ", 1)[0]
+            if line.rstrip().endswith("{"):  # a dict over several lines: skip to its closing brace
+                while lines[i].strip() != "}":
+                    i += 1
+            out.append(f"{head} = {consts[key]!r}")
+        else:
+            out.append(line)
+        i += 1
+    path.write_text("\n".join(out) + "\n")
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "ruff", "format", "-q", str(path)], check=False)
 
 
 def _fmt_rows(rows: pd.DataFrame) -> pd.DataFrame:

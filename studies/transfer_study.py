@@ -5,6 +5,8 @@
   shrink   copy the MiniLM folder with its weights in bf16 (half the bytes to ship to the GPU machine)
   split    cut a file into parts of at most 45 MiB (the GPU machine receives at most 64 MiB per call)
   run      sweep one workload (or all) into RUNS/NAME and export RESULTS/NAME/{trials.csv,recipe.yaml,meta.json}
+           (--proxy: full finetuning at a quarter of the steps, into RUNS/proxy/NAME and RESULTS/proxy/NAME)
+  export   export the run folders' trials as they stand (a call cut off inside a sweep)
 
 Run from the repository root: `python studies/transfer_study.py ...` (mua_cli is imported from here, not installed).
 """
@@ -458,10 +460,8 @@ def devices() -> list[str]:
 
 
 def run_workload(w: dict, args) -> float:
+    from mua_cli.api import Execution, resolve_device, run_sweep
     from mua_cli.spec.recipe import recipe_from_dict
-    from mua_cli.sweep.execute import Execution
-    from mua_cli.sweep.run import run_sweep
-    from mua_cli.sweep.runner import resolve_device
     from mua_cli.train.models import quiet_transformers
 
     quiet_transformers()  # no progress bars in a log that is read afterwards
@@ -485,7 +485,8 @@ def run_workload(w: dict, args) -> float:
     if old.get("fingerprint") != recipes[0].fingerprint():
         old = {}
     meta = {"workload": w["name"], "smoke": args.smoke, "fingerprint": recipes[0].fingerprint(),
-            "task": recipes[0].model.task, "model": recipes[0].model.name, "date": datetime.datetime.now(datetime.UTC).isoformat(),
+            "task": recipes[0].model.task, "model": recipes[0].model.name,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(),
             "device": device, "devices": devices(), "versions": versions(),
             **model_facts(recipes[0], device), **proxy, "sweeps": []}  # fmt: skip
     for i, (s, r) in enumerate(zip(sweeps, recipes, strict=True)):
@@ -503,17 +504,49 @@ def run_workload(w: dict, args) -> float:
     return time.perf_counter() - t0
 
 
-def cmd_run(args) -> None:
+def chosen(spec: str) -> list[dict]:
     workloads = load_workloads()
     names = [w["name"] for w in workloads]
-    wanted = names if args.workload == "all" else args.workload.split(",")
+    wanted = names if spec == "all" else spec.split(",")
     unknown = [n for n in wanted if n not in names]
     if unknown:
         raise SystemExit(f"unknown workload(s) {', '.join(unknown)}; choose from all, {', '.join(names)}")
-    times, failed = {}, []
-    for w in workloads:
-        if w["name"] not in wanted:
+    return [w for w in workloads if w["name"] in wanted]
+
+
+def cmd_export(args) -> None:
+    """Export what a run folder holds, also after a call was cut off inside a sweep (`run` exports after each
+    sweep only). meta.json is the last one `run` wrote, marked `cut: true`, with the trial count of now."""
+    from mua_cli.spec.recipe import recipe_from_dict
+    from mua_cli.sweep.store import load_trials
+
+    for w in chosen(args.workload):
+        name = w["name"] + ("-smoke" if args.smoke else "")
+        base, sweeps = with_models(w["recipe"], str(args.models).rstrip("/")), w["sweeps"]
+        if args.proxy:
+            base, sweeps, _ = proxy_workload(base, sweeps, w["name"])
+        if args.smoke:
+            base, sweeps = smoke(base, sweeps)
+        recipe = recipe_from_dict({"name": name, **base, **sweeps[0]}, source=f"workload {name}")
+        sub = "proxy" if args.proxy else ""
+        run_dir, out = Path(args.runs) / sub / name, Path(args.results) / sub / name
+        if not (run_dir / "trials.db").is_file():
             continue
+        old = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
+        if old.get("fingerprint") != recipe.fingerprint():
+            old = {"workload": w["name"], "fingerprint": recipe.fingerprint(), "smoke": args.smoke,
+                   "task": recipe.model.task, "model": recipe.model.name, "devices": devices(),
+                   "versions": versions(), **model_facts(recipe, "cpu")}  # fmt: skip
+        if old.get("n_trials") == len(load_trials(run_dir)):
+            log(f"[{name}] {out} is up to date")
+            continue
+        n = export(run_dir, out, recipe, sweeps, {**old, "cut": True})
+        log(f"[{name}] exported {n} trials to {out}")
+
+
+def cmd_run(args) -> None:
+    times, failed = {}, []
+    for w in chosen(args.workload):
         try:
             times[w["name"]] = run_workload(w, args)
             log(f"== {w['name']}: done in {times[w['name']]:.1f}s")
@@ -549,8 +582,18 @@ def main() -> None:
     ru.add_argument("--smoke", action="store_true", help="tiny settings for a CPU check of the whole path")
     ru.add_argument("--proxy", action="store_true", help="instead, the full-finetuning proxy at a quarter of the "
                     "steps, into RUNS/proxy/NAME and RESULTS/proxy/NAME")  # fmt: skip
+    ex = sub.add_parser("export", help="export the run folders' trials as they are (after a cut-off call)")
+    for a in (ex.add_argument,):
+        a("--workload", required=True)
+        a("--models", default=os.environ.get("STUDY_MODELS", "/tmp/study-models"))
+        a("--runs", default="runs/study")
+        a("--results", default="studies/results")
+        a("--smoke", action="store_true")
+        a("--proxy", action="store_true")
     args = p.parse_args()
-    {"prepare": cmd_prepare, "shrink": cmd_shrink, "split": cmd_split, "run": cmd_run}[args.cmd](args)
+    {"prepare": cmd_prepare, "shrink": cmd_shrink, "split": cmd_split, "run": cmd_run, "export": cmd_export}[args.cmd](
+        args
+    )
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ class Ctx:
 
         self.mkdir(name)
         if not studies:
-            TrialStore(self.tmp / name)  # created, never written: a sweep killed before its first trial
+            TrialStore.create(self.tmp / name)  # created, never written: a sweep killed before its first trial
         for s in studies:
             optuna.create_study(storage=f"sqlite:///{self.tmp / name / 'trials.db'}", study_name=s)
         return name
@@ -1194,7 +1194,7 @@ def _play(case: Case, world: World, tmp: Path, mp: pytest.MonkeyPatch) -> Outcom
 
     mp.chdir(tmp)
     mp.delenv("MUA_STORAGE", raising=False)  # the run folder's own store unless a case names a URL
-    mp.setattr("mua_cli.sweep.run._rounds", trials_started)
+    mp.setattr("mua_cli.sweep.stream.Sweep.stream", trials_started)
     if case.gpus is not None:
         import torch
 

@@ -212,7 +212,7 @@ def test_transfer_reads_a_read_only_run_with_its_fit_cached(swept, run_copy, rea
 def test_the_store_is_opened_read_only_where_only_read(run_copy):
     """Not by permissions (root ignores them) but by SQLite's mode=ro: a write on the reading store fails."""
     before = snapshot(run_copy)
-    store = TrialStore(run_copy, create=False)
+    store = TrialStore.open(run_copy)
     assert store.trials() and store.info()["max_lora_rank"] == 32
     with pytest.raises(Exception) as failed:
         store.study.set_user_attr("x", 1)
@@ -264,7 +264,7 @@ def small_recipe(micro_recipe_path, tmp_path):
 
 
 def _stored(run: Path) -> dict[str, float]:
-    return {t.user_attrs["key"]: t.user_attrs["metric"] for t in TrialStore(run, create=False).trials()}
+    return {t.user_attrs["key"]: t.user_attrs["metric"] for t in TrialStore.open(run).trials()}
 
 
 def test_a_disk_that_fills_mid_sweep_is_one_line_and_the_rerun_resumes(small_recipe, tmp_path, monkeypatch):
@@ -388,7 +388,7 @@ def test_a_sweep_rank_above_the_layers_fails_before_any_trial(swept, tmp_path, m
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded to run trials")
 
-    monkeypatch.setattr("mua_cli.sweep.run.executor", no_model)
+    monkeypatch.setattr("mua_cli.sweep.slots.start", no_model)
     run = tmp_path / "run"
     res = mua("sweep", "--recipe", swept.recipe, "--ranks", "2,64", "--out", run, "--device", "cpu")
     one_line_error(res, "rank 64 is larger than the model's adapted layers allow: at most 32", "lower --ranks")

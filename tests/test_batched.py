@@ -9,11 +9,11 @@ import pytest
 
 from mua_cli.science.theory import parse_lrs
 from mua_cli.spec.recipe import load_recipe
-from mua_cli.sweep.execute import Execution, units
 from mua_cli.sweep.grid import make_spec
-from mua_cli.sweep.run import run_sweep
-from mua_cli.sweep.runner import TrialRunner
+from mua_cli.sweep.sizing import Execution, units
 from mua_cli.sweep.store import load_trials
+from mua_cli.sweep.stream import run_sweep
+from mua_cli.sweep.trainer import Trainer
 from mua_cli.train.loop import run_batched, run_trial
 
 
@@ -30,7 +30,7 @@ def micro(tmp_path_factory):
 @pytest.mark.parametrize("regime,rank", [("A:r", 8), ("B:1", 2)])
 def test_batched_trials_match_serial(micro, regime, rank):
     micro = micro.replace(divergence_factor=1.05)  # so that the highest LR stops early
-    runner = TrialRunner(micro, "cpu")
+    runner = Trainer.load(micro, "cpu")
     lrs = [2.0**-9, 2.0**-6, 2.0**-3, 2.0**7]  # the last diverges: the batch must stop it without harm
     specs = [make_spec(micro, regime, rank, lr, 0) for lr in lrs]
     serial = [run_trial(s, runner.base, runner.data, micro, "cpu") for s in specs]
@@ -82,7 +82,7 @@ def test_sweeps_agree_batched_pooled_and_serial(micro, tmp_path):
 
 
 def test_execution_defaults_follow_the_measured_rules(micro):
-    from mua_cli.sweep.execute import trials_per_pass, workers_per_gpu
+    from mua_cli.sweep.sizing import slots_per_gpu, trials_per_pass
 
     gpu = Execution("cuda")
     assert trials_per_pass(gpu, micro, 365e6) == 16  # 128 tokens per trial: even a large model takes 16
@@ -91,10 +91,10 @@ def test_execution_defaults_follow_the_measured_rules(micro):
     assert trials_per_pass(Execution("cpu"), micro, 5e6) == 1  # no gain on the CPU
     assert trials_per_pass(Execution("cuda", batch_trials=3), big, 365e6) == 3
     # two threads share a GPU below 300M parameters when steps are CUDA graphs; eager steps: more, processes
-    assert [workers_per_gpu(gpu, n) for n in (5e6, 120e6, 365e6)] == [2, 2, 1]
+    assert [slots_per_gpu(gpu, n) for n in (5e6, 120e6, 365e6)] == [2, 2, 1]
     eager = Execution("cuda", cuda_graphs=False)
-    assert [workers_per_gpu(eager, n) for n in (5e6, 120e6, 365e6)] == [4, 2, 1]
-    assert workers_per_gpu(Execution("cuda", workers_per_gpu=3), 5e6) == 3
+    assert [slots_per_gpu(eager, n) for n in (5e6, 120e6, 365e6)] == [4, 2, 1]
+    assert slots_per_gpu(Execution("cuda", workers_per_gpu=3), 5e6) == 3
 
 
 class FakeRunner:
@@ -105,15 +105,20 @@ class FakeRunner:
     closed: list = []
     broken: set = set()  # devices whose runner cannot be made
 
-    def __init__(self, recipe, device, listener, graphs, fused):
-        if device in self.broken:
-            raise OSError("no such model")
-        self.device, self.ran = device, []
-        self.on_step = getattr(listener, "step", None)  # in a pool's slot: where a Ctrl-C stops it
-        self.on_note = getattr(listener, "note", None)
+    notes: tuple = ()
+
+    def __init__(self, device, on_note):
+        self.device, self.ran, self.on_note, self.on_step = device, [], on_note, None
         self.made.append(self)
 
-    def run_unit(self, unit):
+    @classmethod
+    def load(cls, recipe, device, on_note=None, graphs=True, fused=True):
+        if device in cls.broken:
+            raise OSError("no such model")
+        return cls(device, on_note)
+
+    def run_unit(self, unit, on_step=None, on_note=None):
+        self.on_step = on_step  # in a pool's slot: where a Ctrl-C stops it
         import time
 
         from mua_cli.spec.trial import TrialResult
@@ -131,17 +136,29 @@ class FakeRunner:
         return TrialMemory(base=2**20, fixed=2**20, per_trial=2**20, parts={"activations": 2**20})
 
 
+def _pool(recipe, ex, listener, devices):
+    """A pool as slots.start makes one: its first trainer loaded before it starts."""
+    from mua_cli.sweep.pool import Pool
+
+    return Pool.start(recipe, ex, listener, devices, FakeRunner.load(recipe, devices[0], listener.note))
+
+
+def _all(pool, specs):
+    """Every trial submitted at once, and each result as it comes."""
+    pool.submit(specs)
+    return [pool.next() for _ in specs]
+
+
 @pytest.fixture
 def fake_gpus(monkeypatch):
-    """TrialRunner replaced by FakeRunner, and the CUDA calls a slot's thread makes recorded."""
+    """Trainer replaced by FakeRunner, and the CUDA calls a slot's thread makes recorded."""
     from types import SimpleNamespace
 
     import torch
 
-    import mua_cli.sweep.runner as runner_module
-
     FakeRunner.made, FakeRunner.closed, FakeRunner.broken = [], [], set()
-    monkeypatch.setattr(runner_module, "TrialRunner", FakeRunner)
+    monkeypatch.setattr("mua_cli.sweep.pool.Trainer", FakeRunner)
+    monkeypatch.setattr("mua_cli.sweep.slots.Trainer", FakeRunner)
     monkeypatch.setattr("mua_cli.sweep.memory.usable_bytes", lambda device: 80 * 2**30)  # every plan fits
     calls = SimpleNamespace(device=[], stream=[], synced=[])
     monkeypatch.setattr(torch.cuda, "set_device", calls.device.append)
@@ -159,15 +176,14 @@ def test_graphed_pool_runs_one_thread_per_gpu(micro, fake_gpus):
     from types import SimpleNamespace
 
     from mua_cli.sweep.grid import plan
-    from mua_cli.sweep.pool import PoolExecutor
 
     FakeRunner.broken = {"cuda:2"}
     notes: list[str] = []
     gpus = ["cuda:0", "cuda:1", "cuda:2"]
-    pool = PoolExecutor(micro, Execution("cuda", workers_per_gpu=1), SimpleNamespace(note=notes.append), gpus)
+    pool = _pool(micro, Execution("cuda", workers_per_gpu=1), SimpleNamespace(note=notes.append), gpus)
     assert pool.procs == [] and "3 slot(s), threads of this process" in notes[-1]
     specs = plan(micro)
-    ran = [(spec.key, result.device) for spec, result in pool.run(specs)]
+    ran = [(spec.key, result.device) for spec, result in _all(pool, specs)]
     assert sorted(k for k, _ in ran) == sorted(s.key for s in specs)
     assert {d for _, d in ran} == {"cuda:0", "cuda:1"}  # both loaded GPUs took units
     assert "cuda:2 could not load the workload: OSError: no such model" in notes
@@ -182,11 +198,10 @@ def test_slots_that_share_a_gpu_step_on_their_own_streams(micro, fake_gpus):
     from types import SimpleNamespace
 
     from mua_cli.sweep.grid import plan
-    from mua_cli.sweep.pool import PoolExecutor
 
-    pool = PoolExecutor(micro, Execution("cuda", workers_per_gpu=2), SimpleNamespace(note=print), ["cuda:0"])
+    pool = _pool(micro, Execution("cuda", workers_per_gpu=2), SimpleNamespace(note=print), ["cuda:0"])
     assert len(pool.slots) == 2 and pool.procs == []
-    assert len(list(pool.run(plan(micro)))) == len(plan(micro))
+    assert len(_all(pool, plan(micro))) == len(plan(micro))
     pool.close()
     assert fake_gpus.stream == ["stream on cuda:0"] * 2 and fake_gpus.synced == ["cuda:0"] * 2
 
@@ -195,15 +210,14 @@ def test_a_slot_that_fails_stops_the_sweep_with_its_error(micro, fake_gpus, monk
     from types import SimpleNamespace
 
     from mua_cli.sweep.grid import plan
-    from mua_cli.sweep.pool import PoolExecutor
 
-    def broken(self, unit):
+    def broken(self, unit, on_step=None, on_note=None):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(FakeRunner, "run_unit", broken)
-    pool = PoolExecutor(micro, Execution("cuda"), SimpleNamespace(note=print), ["cuda:0", "cuda:1"])
+    pool = _pool(micro, Execution("cuda"), SimpleNamespace(note=print), ["cuda:0", "cuda:1"])
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        list(pool.run(plan(micro)))
+        _all(pool, plan(micro))
     pool.close(interrupted=True)
     assert FakeRunner.closed == FakeRunner.made[::-1] and len(FakeRunner.made) == 4  # two slots per GPU
 
@@ -218,7 +232,6 @@ def test_eager_pool_runs_units_in_this_process_too(micro, fake_gpus, monkeypatch
     import torch
 
     from mua_cli.sweep.grid import plan
-    from mua_cli.sweep.pool import PoolExecutor
 
     started: list[str] = []
 
@@ -242,12 +255,12 @@ def test_eager_pool_runs_units_in_this_process_too(micro, fake_gpus, monkeypatch
     monkeypatch.setattr(torch.multiprocessing, "get_context", lambda kind: ctx)
     notes: list[str] = []
     eager = Execution("cuda", workers_per_gpu=1, cuda_graphs=False)
-    pool = PoolExecutor(micro, eager, SimpleNamespace(note=notes.append), ["cuda:0", "cuda:1", "cuda:2"])
+    pool = _pool(micro, eager, SimpleNamespace(note=notes.append), ["cuda:0", "cuda:1", "cuda:2"])
     assert [s.device for s in pool.slots] == ["cuda:0"] and started == ["cuda:1", "cuda:2"]
-    assert "this process and 2 worker process(es)" in notes[-1]
+    assert "this process and 2 slot process(es)" in notes[-1]
     specs = plan(micro)
     pool.results.put(("error", "cuda:2", "OSError: no such model"))  # a worker that could not load
-    ran = [spec.key for spec, result in pool.run(specs)]
+    ran = [spec.key for spec, result in _all(pool, specs)]
     assert sorted(ran) == sorted(s.key for s in specs) and len(FakeRunner.made[0].ran) >= 3  # units ≥ slots
     assert "cuda:2 could not load the workload: OSError: no such model" in notes
     assert fake_gpus.device == ["cuda:0"]
@@ -262,7 +275,7 @@ def test_eager_pool_runs_units_in_this_process_too(micro, fake_gpus, monkeypatch
 
     monkeypatch.setattr(Process, "start", cannot_start)
     with pytest.raises(OSError, match="cannot fork"):  # a worker that cannot start: this process's model goes
-        PoolExecutor(micro, eager, SimpleNamespace(note=notes.append), ["cuda:0", "cuda:1"])
+        _pool(micro, eager, SimpleNamespace(note=notes.append), ["cuda:0", "cuda:1"])
     assert len(FakeRunner.made) == 1 and FakeRunner.closed == FakeRunner.made
 
 
@@ -273,21 +286,20 @@ def test_executor_picks_the_slots_by_gpus_and_model_size(micro, fake_gpus, monke
 
     import torch
 
-    from mua_cli.sweep.execute import LocalExecutor, executor
-    from mua_cli.sweep.pool import PoolExecutor
+    from mua_cli.sweep.pool import Pool
+    from mua_cli.sweep.slots import Inline, start
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(FakeRunner, "n_params", n_params)
     listener = SimpleNamespace(note=lambda m: None, step=lambda step, loss: None)
-    run = executor(micro, Execution("cuda"), listener)
+    run = start(micro, Execution("cuda"), listener)
     try:
         if slots == 1:
-            assert isinstance(run, LocalExecutor) and run.runner.device == "cuda:0"
-            assert run.runner.on_step is listener.step
+            assert isinstance(run, Inline) and run.trainer.device == "cuda:0"
         else:
-            assert isinstance(run, PoolExecutor) and len(run.slots) == slots and run.procs == []
-            assert run.runners[0].on_step == run._stop_point  # the first model, made before the choice
+            assert isinstance(run, Pool) and len(run.slots) == slots and run.procs == []
+            assert run.trainers[0] is FakeRunner.made[0]  # the first model, made before the choice
     finally:
         run.close()
     assert FakeRunner.closed == FakeRunner.made[::-1]
-    assert isinstance(executor(micro, Execution("cpu"), listener), LocalExecutor)
+    assert isinstance(start(micro, Execution("cpu"), listener), Inline)

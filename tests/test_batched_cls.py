@@ -11,7 +11,7 @@ import torch
 
 from mua_cli.spec.recipe import load_recipe
 from mua_cli.sweep.grid import make_spec
-from mua_cli.sweep.runner import TrialRunner
+from mua_cli.sweep.trainer import Trainer
 from mua_cli.train.loop import run_batched, run_trial
 from mua_cli.train.stacked import NotBatchable
 
@@ -22,12 +22,12 @@ KINDS = {
 }
 
 
-def _runner(kind: str, folder) -> tuple[TrialRunner, object]:
+def _runner(kind: str, folder) -> tuple[Trainer, object]:
     build_model, build_data, fields = KINDS[kind]
     model, data = build_model(folder / "model"), build_data(folder)
     recipe = load_recipe(str(T.recipe_yaml(folder / "r.yaml", model=str(model), data=str(data), **fields)))
     recipe = recipe.replace(steps=12, divergence_factor=1.5, eval_fraction=0.25)
-    runner = TrialRunner(recipe, "cpu")
+    runner = Trainer.load(recipe, "cpu")
     for m in runner.base.modules():  # dropout draws differ between one trial and K: compare without it
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0

@@ -26,3 +26,18 @@ def test_calibration_constants_match_the_study():
     assert set(cal.RANK_CURVATURE) == set(got["RANK_CURVATURE"])
     for regime, (mean, sd) in got["RANK_CURVATURE"].items():
         assert cal.RANK_CURVATURE[regime] == pytest.approx((mean, sd), abs=2e-4), regime
+
+
+@pytest.mark.slow
+def test_the_shipped_rules_are_the_leave_one_family_out_winners():
+    """calibration.py ships what the pre-registered selection picked (docs/validation.md, "Protocol")."""
+    spec = importlib.util.spec_from_file_location("study_report", REPORT)
+    report = importlib.util.module_from_spec(spec)
+    sys.modules["study_report"] = report
+    spec.loader.exec_module(report)
+    workloads = report.load_all()
+    full, rank = report.score_full(workloads), report.score_rank(workloads)
+    anchor, kind = report.full_winner(full).split(" ÷ ")
+    assert cal.FULL_ANCHOR == anchor
+    assert (cal.B1_OVER_FULL_MODEL or {"kind": "const"})["kind"] == kind or kind in ("width", "depth", "all")
+    assert cal.RANK_BASIS == report.RANK_BASIS.get(report.rank_winner(rank))

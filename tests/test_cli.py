@@ -7,6 +7,7 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
+from mua_cli.science import calibration as cal
 from mua_cli.ui.cli import app
 
 runner = CliRunner()
@@ -73,7 +74,7 @@ def test_transfer_to_rank_json_schema(swept_run):
     pred = json.loads(res.stdout)
     for key in ("lr", "interval", "target", "regime", "basis", "settings", "caveat", "reason"):
         assert key in pred
-    assert pred["target"] == 32 and pred["basis"] == "shrunk-slope"
+    assert pred["target"] == 32 and pred["basis"] == cal.RANK_BASIS
     assert pred["settings"]["lora_alpha"] == 1 and pred["settings"]["steps"] == 20
 
 
@@ -268,7 +269,7 @@ def test_a_bare_fit_skips_an_empty_newest_run(swept_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     shutil.copytree(swept_run, tmp_path / "runs" / "good")
-    TrialStore(tmp_path / "runs" / "killed")  # created, never written
+    TrialStore.create(tmp_path / "runs" / "killed")  # created, never written
     res = mua("transfer", "--to", "full-ft", "--quiet")
     assert res.exit_code == 0, res.output
     res = mua("transfer", "--to", "1000000000000000000000000000000")

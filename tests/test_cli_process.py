@@ -10,7 +10,7 @@ import sys
 import yaml
 from conftest import TINY_TEST_RECIPE
 
-from mua_cli.sweep.pool import WORKER_IMPORTS, process_context
+from mua_cli.sweep.pool import SLOT_IMPORTS, process_context
 from mua_cli.sweep.store import load_trials
 
 MUA = [sys.executable, "-m", "mua_cli.ui.cli"]
@@ -32,7 +32,7 @@ def test_exit_codes_and_piped_output_survive_the_fast_exit(tmp_path):
 def test_cpu_workers_fork_from_the_preloaded_server_and_stay_quiet(tmp_path):
     assert process_context("cpu").get_start_method() == "forkserver"
     assert process_context("cuda:0").get_start_method() == "spawn"  # a fork of a CUDA process cannot use CUDA
-    assert WORKER_IMPORTS[0] == "mua_cli.quiet_libraries"  # before transformers reads its verbosity
+    assert SLOT_IMPORTS[0] == "mua_cli.quiet_libraries"  # before transformers reads its verbosity
     recipe, run = tmp_path / "micro.yaml", tmp_path / "run"
     few = {"ranks": "2", "lrs": "2^-8:2^-6", "refine": 0, "max_extend": 0}
     recipe.write_text(yaml.safe_dump({**TINY_TEST_RECIPE, **few}))

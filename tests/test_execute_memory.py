@@ -17,14 +17,14 @@ STEPS = 50
 PROBE = """
 import resource, sys, torch
 from mua_cli.spec.recipe import load_recipe
-from mua_cli.sweep.execute import keep_freed_memory
+from mua_cli.sweep.sizing import keep_freed_memory
 from mua_cli.sweep.grid import make_spec
-from mua_cli.sweep.runner import TrialRunner
+from mua_cli.sweep.trainer import Trainer
 from mua_cli.train.loop import run_trial
 applied = keep_freed_memory() if sys.argv[1] == "on" else None
 torch.set_num_threads(1)  # as in a sweep's CPU slot
 recipe = load_recipe("recipes/tiny.yaml").replace(steps=int(sys.argv[2]))
-runner = TrialRunner(recipe, "cpu")
+runner = Trainer.load(recipe, "cpu")
 spec = make_spec(recipe, "B:1", 16, 2.0**-7, 0)
 run_trial(spec, runner.base, runner.data, recipe, "cpu")
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -16,10 +16,10 @@ from conftest import TINY_TEST_RECIPE
 from safetensors.torch import load_file
 
 from mua_cli.spec.recipe import load_recipe
-from mua_cli.sweep.execute import Execution, cpu_slots
 from mua_cli.sweep.grid import grid_plan
-from mua_cli.sweep.run import run_sweep
+from mua_cli.sweep.sizing import Execution, cpu_slots
 from mua_cli.sweep.store import load_trials
+from mua_cli.sweep.stream import run_sweep
 from mua_cli.train import models
 
 ROOT = Path(__file__).resolve().parent.parent

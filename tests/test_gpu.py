@@ -11,7 +11,7 @@ import torch
 from mua_cli.accel.graphed import Step
 from mua_cli.spec.recipe import load_recipe
 from mua_cli.sweep.grid import make_spec
-from mua_cli.sweep.runner import TrialRunner
+from mua_cli.sweep.trainer import Trainer
 from mua_cli.train.loop import run_batched, run_trial
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -29,7 +29,7 @@ def micro(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runner(micro):
-    r = TrialRunner(micro, "cuda:0")
+    r = Trainer.load(micro, "cuda:0")
     yield r
     r.close()  # Liger's process-wide patches would otherwise reach the CPU tests that follow
 
@@ -76,7 +76,7 @@ def test_graphed_sweep_of_the_embedded_default_matches_eager():
     """The embedded default's B:1 r=4 grid, whose high LRs go unstable mid-run: with cuDNN attention inside the
     graph, trials that eager steps finish ended in NaN (graphed.py); every status and optimum must agree."""
     tiny = load_recipe("tiny")
-    runner = TrialRunner(tiny, "cuda:0")
+    runner = Trainer.load(tiny, "cuda:0")
     specs = [make_spec(tiny, "B:1", 4, 2.0**e, 0) for e in range(-11, -3)]
     try:
         eager = run_batched(specs, runner.base, runner.data, tiny, "cuda:0", graphs=False)
@@ -96,8 +96,8 @@ def _fused_and_own(micro, specs) -> tuple[list, list]:
 
     rope, norm = modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm.forward
     notes: list[str] = []
-    fused = TrialRunner(micro, "cuda:0", SimpleNamespace(note=notes.append))
-    own = TrialRunner(micro, "cuda:0", fused=False)  # built after: the process-wide patches must not reach it
+    fused = Trainer.load(micro, "cuda:0", notes.append)
+    own = Trainer.load(micro, "cuda:0", fused=False)  # built after: the process-wide patches must not reach it
     assert any("fused kernels" in n for n in notes), notes
     assert modeling_llama.apply_rotary_pos_emb is not rope
     assert fused.base.model.norm.forward.__func__ is not norm and own.base.model.norm.forward.__func__ is norm
@@ -212,7 +212,7 @@ def test_captured_image_classifier_attends_without_a_mask_tensor(tmp_path, monke
                                            data=str(T.image_folder(tmp_path / "img")), task="image-cls",
                                            dtype="bfloat16")))  # fmt: skip
     recipe = recipe.replace(steps=8, eval_fraction=0.25)
-    runner = TrialRunner(recipe, "cuda:0")
+    runner = Trainer.load(recipe, "cuda:0")
     calls: list[tuple[bool, bool, bool, bool]] = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -252,20 +252,23 @@ def test_whole_layer_lora_matches_peft_on_the_gpu(k, monkeypatch):
 
 @pytest.mark.parametrize("per_gpu", [1, 2])
 def test_thread_slots_give_the_main_threads_trials(micro, runner, per_gpu):
-    """The pool's slots are threads of this process (execute.py): one on the GPU's default stream, as on a
+    """The pool's slots are threads of this process (pool.py): one on the GPU's default stream, as on a
     machine of several GPUs, or two sharing this GPU, each on its own stream, one capturing while the other
     replays. Every trial is the one the main thread runs, and every step was captured."""
-    from mua_cli.sweep.execute import Execution
     from mua_cli.sweep.grid import plan
-    from mua_cli.sweep.pool import PoolExecutor
+    from mua_cli.sweep.pool import Pool
+    from mua_cli.sweep.sizing import Execution
 
     specs = plan(micro)  # 2 regimes × 2 ranks × 5 LRs, one trial per unit: the same units both ways
     ref = {s.key: run_trial(s, runner.base, runner.data, micro, "cuda:0") for s in specs}
     notes: list[str] = []
-    pool = PoolExecutor(micro, Execution("cuda:0", per_gpu, 1), SimpleNamespace(note=notes.append), ["cuda:0"])
+    listener = SimpleNamespace(note=notes.append)
+    first = Trainer.load(micro, "cuda:0", notes.append)
+    pool = Pool.start(micro, Execution("cuda:0", per_gpu, 1), listener, ["cuda:0"], first)
     try:
         assert len(pool.slots) == per_gpu and pool.procs == []
-        got = dict((spec.key, result) for spec, result in pool.run(specs))
+        pool.submit(specs)
+        got = dict(pool.next() for _ in specs)
     finally:
         pool.close()
     assert sorted(got) == sorted(ref)

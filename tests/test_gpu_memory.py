@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from mua_cli.spec.recipe import Recipe
-from mua_cli.sweep.execute import Execution
 from mua_cli.sweep.grid import make_spec
-from mua_cli.sweep.run import Listener, run_sweep
-from mua_cli.sweep.runner import TrialRunner
+from mua_cli.sweep.sizing import Execution
 from mua_cli.sweep.store import load_trials
+from mua_cli.sweep.stream import Listener, run_sweep
+from mua_cli.sweep.trainer import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -29,7 +29,7 @@ RECIPE = Recipe.of(
 PASS_SIZE_RTOL = 1e-2
 
 
-def _pass_bytes(runner: TrialRunner) -> tuple[int, int]:
+def _pass_bytes(runner: Trainer) -> tuple[int, int]:
     """What one pass of K trials adds to the GPU's allocation at its peak, and mua's estimate of it."""
     specs = [make_spec(RECIPE, "B:1", 16, 2.0**-i, 0) for i in range(5, 5 + K)]
     torch.cuda.empty_cache()
@@ -40,7 +40,7 @@ def _pass_bytes(runner: TrialRunner) -> tuple[int, int]:
 
 
 def test_estimate_is_not_below_a_measured_pass():
-    runner = TrialRunner(RECIPE, "cuda:0")
+    runner = Trainer.load(RECIPE, "cuda:0")
     try:
         used, estimated = _pass_bytes(runner)
     finally:
@@ -54,7 +54,7 @@ def test_a_memory_cap_splits_passes_and_changes_no_trial(tmp_path):
     ex = Execution("cuda:0", workers_per_gpu=2, batch_trials=K)
     run_sweep(RECIPE, tmp_path / "free", "cuda:0", execution=ex)
     free = load_trials(tmp_path / "free").set_index("key").sort_index()
-    runner = TrialRunner(RECIPE, "cuda:0")
+    runner = Trainer.load(RECIPE, "cuda:0")
     try:
         used, _ = _pass_bytes(runner)
     finally:

@@ -60,6 +60,52 @@ def test_the_check_sees_an_import_up_the_pipeline(tmp_path):
         fake.unlink()
 
 
+def _siblings(path: Path) -> set[str]:
+    """The modules of `path`'s own folder that it imports, at the top or inside a function (an import inside a
+    function is still a dependency: it only hides a circle until that function runs)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            out.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+    return out & {p.stem for p in path.parent.glob("*.py")} - {path.stem}
+
+
+def _circles(folder: Path) -> list[list[str]]:
+    graph = {p.stem: _siblings(p) for p in folder.glob("*.py") if p.name != "__init__.py"}
+    found, state = [], {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                found.append(trail[trail.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*trail, nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_no_folder_has_an_import_circle():
+    folders = {p.parent for p in _modules()}
+    bad = {str(f.relative_to(PKG.parent)): c for f in folders if (c := _circles(f))}
+    assert not bad, bad
+
+
+def test_the_circle_check_sees_one_held_open_inside_a_function():
+    a, b = PKG / "sweep" / "_probe_a.py", PKG / "sweep" / "_probe_b.py"
+    a.write_text("from ._probe_b import f\n")
+    b.write_text("def f():\n    from ._probe_a import f\n")
+    try:
+        assert ["_probe_a", "_probe_b", "_probe_a"] in _circles(PKG / "sweep")
+    finally:
+        a.unlink()
+        b.unlink()
+
+
 def test_science_and_specs_load_without_torch():
     code = (
         "import sys; import mua_cli.science.fit, mua_cli.science.full_ft, mua_cli.spec.recipe, mua_cli.spec.trial; "

@@ -156,11 +156,11 @@ def test_trials_train_through_the_folded_layers(micro_recipe_path, monkeypatch):
     """The serial and the batched trial paths fold their adapters: with peft's own forward forbidden, LoRA
     trials still train."""
     from mua_cli.spec.recipe import load_recipe
-    from mua_cli.sweep.runner import TrialRunner
+    from mua_cli.sweep.trainer import Trainer
     from mua_cli.train.loop import run_batched, run_trial
 
     micro = load_recipe(str(micro_recipe_path))
-    runner = TrialRunner(micro, "cpu")
+    runner = Trainer.load(micro, "cpu")
     peft_forbidden(monkeypatch)
     specs = [make_spec(micro, "B:1", 2, lr, 0) for lr in (2.0**-8, 2.0**-6)]
     serial = run_trial(specs[0], runner.base, runner.data, micro, "cpu")

@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from mua_cli.spec.recipe import Recipe
 from mua_cli.spec.trial import TrialResult, TrialSpec
 from mua_cli.sweep.memory import GIB, estimate, plan
-from mua_cli.sweep.runner import GpuShare, TrialRunner
+from mua_cli.sweep.trainer import GpuShare, Trainer
 
 LM = SimpleNamespace(kind="causal-lm")
 
@@ -56,17 +56,17 @@ def test_rank_and_full_finetuning_cost_more():
     assert tiny.slots == 1 and tiny.k == 1 and "trying anyway" in tiny.reason
 
 
-class _OomRunner(TrialRunner):
-    """A TrialRunner without a model: `fits(unit, graphs, alone)` says whether a unit would fit."""
+class _OomRunner(Trainer):
+    """A Trainer without a model: `fits(unit, graphs, alone)` says whether a unit would fit."""
 
     def __init__(self, fits, graphs=True):
         self.fits, self.graphs, self.device = fits, graphs, "cuda:0"
-        self.on_step, self.notes, self.calls = None, [], []
+        self.notes, self.calls = [], []
         self.on_note = self.notes.append
         self.share, self.batchable = GpuShare(), True
         self.recipe = SimpleNamespace(optim=SimpleNamespace(batch_size=16))
 
-    def _attempt(self, unit, graphs, alone):
+    def _attempt(self, unit, graphs, alone, cb):
         self.calls.append((len(unit), graphs, alone))
         if not self.fits(unit, graphs, alone):
             return None
@@ -107,7 +107,7 @@ def test_a_unit_that_met_another_slots_capture_runs_again_alone(monkeypatch):
     clash = "RuntimeError: Cannot copy between CPU and CUDA tensors during CUDA graph capture unless pinned"
 
     class Clashing(_OomRunner):
-        def _attempt(self, unit, graphs, alone):
+        def _attempt(self, unit, graphs, alone, cb):
             self.calls.append((len(unit), graphs, alone))
             if alone:
                 return [TrialResult("ok", s.lr, device=self.device) for s in unit]
@@ -166,8 +166,8 @@ def test_alone_waits_for_running_units_and_holds_new_ones():
 def test_dropout_keeps_one_slot_per_gpu(monkeypatch):
     """Dropout's random draws advance the GPU's one generator, which a capture in another thread owns: a model
     with dropout gets one slot per GPU (and still its batched passes)."""
-    from mua_cli.sweep.execute import Execution, planned
     from mua_cli.sweep.memory import TrialMemory
+    from mua_cli.sweep.sizing import Execution, planned
 
     monkeypatch.setattr("mua_cli.sweep.memory.usable_bytes", lambda device: 80 * GIB)
     notes = []

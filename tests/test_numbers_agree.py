@@ -11,6 +11,7 @@ import pytest
 import yaml
 from rich.console import Console
 
+from mua_cli.science import calibration as cal
 from mua_cli.science.fit import fit_run
 from mua_cli.science.full_ft import predict_full
 from mua_cli.science.transfer import predict_rank
@@ -52,7 +53,7 @@ def test_every_number_transfer_quotes_is_in_the_fit_tables(with_full, target):
         assert pred.basis == ("measured" if with_full else "study-offset")
     else:
         pred = predict_rank(fit, "B:1", target)
-        assert pred.basis == "shrunk-slope"
+        assert pred.basis == cal.RANK_BASIS
     quoted = basis_lines(text(prediction_panel(pred)), answer=target == "full-ft")
     numbers = [n for n in NUMBER.findall(quoted) if n not in {"1", "2", "95"}]  # "B:1", "(log2 r)²", "95 %"
     assert numbers, quoted

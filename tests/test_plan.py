@@ -88,9 +88,9 @@ def test_a_filled_sweep_fits_as_the_whole_grid_would(micro_recipe_path, tmp_path
     """The sweep runs fewer trials than the grid holds, and every η* and interval is the one the fit gives with
     the rest of the grid run as well."""
     from mua_cli.science.fit import fit_run
-    from mua_cli.sweep.execute import Execution
-    from mua_cli.sweep.run import meta, run_sweep
-    from mua_cli.sweep.store import TrialStore, load_trials
+    from mua_cli.sweep.sizing import Execution
+    from mua_cli.sweep.store import TrialStore, load_trials, meta
+    from mua_cli.sweep.stream import run_sweep
     from mua_cli.train import loop as train
 
     monkeypatch.setattr(train, "_train", _synthetic)
@@ -103,7 +103,7 @@ def test_a_filled_sweep_fits_as_the_whole_grid_would(micro_recipe_path, tmp_path
     rest = [s for s in grid_plan(recipe) if s.key not in have]
     assert len(rest) >= len(grid_plan(recipe)) // 3  # a third of the grid or more was never needed
     fitted = {(o.regime, o.rank): o for o in fit_run(swept).optima}
-    store = TrialStore(run)
+    store = TrialStore.create(run)
     for spec in rest:
         store.add(spec, _synthetic(spec), meta(recipe, spec))
     whole = {(o.regime, o.rank): o for o in fit_run(load_trials(run)).optima}

@@ -84,7 +84,7 @@ def test_every_flagged_key_is_a_sweep_option_and_overrides_the_recipe(tmp_path, 
         seen["recipe"] = recipe
         raise KeyboardInterrupt  # the command's own way out: nothing runs, nothing more to check
 
-    monkeypatch.setattr("mua_cli.sweep.run.run_sweep", sweep_stops_here)
+    monkeypatch.setattr("mua_cli.api.run_sweep", sweep_stops_here)
     res = CliRunner().invoke(app, ["sweep", "--steps", "7", "--alpha0", "2", "--per-layer-lr", "--ranks", "4",
                                    "--out", str(tmp_path / "o"), "--device", "cpu", "--quiet"])  # fmt: skip
     r = seen["recipe"]

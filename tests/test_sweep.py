@@ -7,8 +7,9 @@ import pytest
 from mua_cli.errors import MuaError
 from mua_cli.spec.recipe import load_recipe
 from mua_cli.sweep.grid import extension, plan
-from mua_cli.sweep.run import EXTRA_LRS, Listener, run_sweep
+from mua_cli.sweep.plan import EXTRA_LRS
 from mua_cli.sweep.store import TrialStore, load_trials
+from mua_cli.sweep.stream import Listener, run_sweep
 
 
 class Interrupt(Listener):
@@ -30,7 +31,7 @@ def test_interrupted_sweep_resumes_without_loss_or_duplicates(micro_recipe_path,
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         run_sweep(recipe, run, "cpu", Interrupt(after_trials=2))
-    assert len(TrialStore(run).trials()) == 2  # the trial cut off mid-way was not stored
+    assert len(TrialStore.open(run).trials()) == 2  # the trial cut off mid-way was not stored
     summary = run_sweep(recipe, run, "cpu")
     assert summary.skipped == 2 and summary.ran == 1
     df = load_trials(run)
@@ -105,7 +106,7 @@ def test_interrupted_pooled_sweep_stops_its_own_slot_and_resumes(micro_recipe_pa
     trial) stops that thread at its next step check, stores nothing half-done, and the sweep resumes."""
     import threading
 
-    from mua_cli.sweep.execute import Execution
+    from mua_cli.sweep.sizing import Execution
 
     class CtrlC(Listener):
         def __init__(self):
@@ -121,7 +122,7 @@ def test_interrupted_pooled_sweep_stops_its_own_slot_and_resumes(micro_recipe_pa
     with pytest.raises(KeyboardInterrupt):
         run_sweep(recipe, run, "cpu", CtrlC(), execution=pool)
     assert not [t for t in threading.enumerate() if t.name == "mua-cpu"]  # its thread (pool._Slot) has stopped
-    stored = len(TrialStore(run).trials())
+    stored = len(TrialStore.open(run).trials())
     assert 2 <= stored < 8
     summary = run_sweep(recipe, run, "cpu", execution=pool)
     assert summary.skipped == stored and summary.ran == 8 - stored
@@ -153,7 +154,7 @@ def test_sweep_refines_once_the_grid_settles(micro_recipe_path, tmp_path):
 
 
 def test_failed_trials_are_retried_on_the_next_sweep_and_kept_with_no_retry(micro_recipe_path, tmp_path, monkeypatch):
-    from mua_cli.sweep.execute import Execution
+    from mua_cli.sweep.sizing import Execution
     from mua_cli.train import loop as train
     from mua_cli.ui.report import sweep_table
 
@@ -196,7 +197,7 @@ def test_refinement_adds_a_seed_only_where_the_optimum_is_poorly_located(micro_r
     import numpy as np
 
     from mua_cli.spec.trial import TrialResult
-    from mua_cli.sweep.execute import Execution
+    from mua_cli.sweep.sizing import Execution
     from mua_cli.train import loop as train
 
     def synthetic(spec, *args, **kwargs):

@@ -39,9 +39,9 @@ def test_measured_rank_beats_predicted_and_carries_the_prediction_as_evidence():
     assert p.basis == "measured" and "measured beats predicted" in p.reason
     assert inside(p, truth(LOG2C, -0.3, 256))
     ev = p.evidence["predicted_without_this_rank"]
-    assert ev["basis"] == "shrunk-slope" and ev["ratio_measured_to_predicted"] == pytest.approx(1, abs=0.35)
+    assert ev["basis"] == cal.RANK_BASIS and ev["ratio_measured_to_predicted"] == pytest.approx(1, abs=0.35)
     forced = predict_rank(fit, "B:1", 256, basis="predict")
-    assert forced.basis == "shrunk-slope" and forced.evidence["measured_lr"] == pytest.approx(p.lr)
+    assert forced.basis == cal.RANK_BASIS and forced.evidence["measured_lr"] == pytest.approx(p.lr)
 
 
 def test_rank_256_from_ranks_4_to_64_lands_in_its_interval_in_40_repeats():
@@ -50,7 +50,7 @@ def test_rank_256_from_ranks_4_to_64_lands_in_its_interval_in_40_repeats():
     for rng in range(40):
         df = trials({"B:1": -0.3}, ranks=(4, 16, 64), noise=0.01, asym=2.5, seed_shift=0.01, jitter=0.1, rng=rng)
         p = predict_rank(fit_run(df), "B:1", 256)
-        assert p.basis == "shrunk-slope" and any("extrapolates" in n for n in p.notes)
+        assert p.basis == cal.RANK_BASIS and any("extrapolates" in n for n in p.notes)
         true = truth(LOG2C, -0.3, 256) + 0.0  # the jitter of a held-out rank is part of what is predicted
         hits += inside(p, true)
         errors.append(abs(math.log2(p.lr) - true))
@@ -64,11 +64,13 @@ def test_shrinkage_beats_mua_slope_when_the_slope_is_not_mua():
     # η* ∝ r^-0.5 labelled B:1 (μA: 0): μA's slope would mispredict rank 4096 by 2^-5
     fit = fit_run(trials({"B:1": -0.5}, ranks=(4, 16, 64, 256), seeds=(0, 1), noise=0.005, rng=2))
     true = truth(LOG2C, -0.5, 4096)
-    shrunk, mua = predict_rank(fit, "B:1", 4096), predict_rank(fit, "B:1", 4096, basis="muA-slope")
+    shrunk = predict_rank(fit, "B:1", 4096, basis="shrunk-slope")
+    mua = predict_rank(fit, "B:1", 4096, basis="muA-slope")
     assert inside(shrunk, true) and not inside(mua, true)
     assert abs(math.log2(shrunk.lr) - true) < 0.5
-    assert "weighed by precision" in shrunk.reason and "labelled" in mua.reason
-    assert half_width(predict_rank(fit, "B:1", 512, basis="predict")) < half_width(shrunk)  # farther, wider
+    assert "shrunk toward μA's" in shrunk.reason and "labelled" in mua.reason
+    nearer = predict_rank(fit, "B:1", 512, basis="shrunk-slope")
+    assert half_width(nearer) < half_width(shrunk)  # farther, wider
 
 
 def test_one_usable_rank_predicts_on_mua_slope_with_the_study_spread():
@@ -169,7 +171,7 @@ def test_json_schema_and_settings():
     p = predict_rank(fit, "A:1", 1024)
     d = json.loads(json.dumps(p.to_dict(), allow_nan=False))
     assert KEYS <= set(d) and d["caveat"] == CAVEAT
-    assert d["target"] == 1024 and d["basis"] == "shrunk-slope"
+    assert d["target"] == 1024 and d["basis"] == cal.RANK_BASIS
     lo, hi = d["interval"]
     assert lo < d["lr"] < hi
     s = d["settings"]
@@ -238,3 +240,20 @@ def test_study_curvature_carries_a_bending_optimum_to_rank_256(monkeypatch):
     bent = predict_rank(fit_run(src), "B:1", 256)
     assert abs(math.log2(bent.lr) - true) < 0.15 < abs(math.log2(flat.lr) - true)
     assert inside(bent, true) and not inside(flat, true)
+
+
+def test_full_ft_with_a_ratio_model_reads_the_runs_slope(monkeypatch):
+    """Where the study chose a model of the ratio in the run's features, the ratio follows the run's B:1 slope."""
+    model = {"kind": "slope", "columns": ["slope"], "coef": [1.5, -1.0], "cov": [[0.1, 0.0], [0.0, 0.5]],
+             "s": 0.2, "dof": 10.0, "mean": None, "sd": None}  # fmt: skip
+    monkeypatch.setattr(cal, "B1_OVER_FULL_MODEL", model)
+    fit = fit_run(trials({"B:1": -0.3}, ranks=(4, 16, 64), seeds=(0, 1), noise=0.005))
+    p = predict_full(fit, basis="predict")
+    slope = fit.regimes["B:1"].slope
+    log2_ratio = 1.5 - 1.0 * slope
+    assert p.evidence["b1_over_full"] == pytest.approx(2**log2_ratio)
+    assert p.lr == pytest.approx(p.evidence["b1_lr"] / 2**log2_ratio)
+    assert f"B:1's measured slope {slope:+.3f}" in p.reason
+    v = np.array([1.0, slope])
+    se_ratio = 0.2 * math.sqrt(1 + v @ np.array(model["cov"]) @ v)
+    assert half_width(p) > 2.2 * se_ratio  # t(10) quantile, wider than the normal's

@@ -25,6 +25,10 @@ B1_OVER_FULL_LOG2 = 1.724
 B1_OVER_FULL_SD = 0.147
 B1_OVER_FULL_N = 6
 B1_OVER_FULL_FAMILIES = 2
+# Where the study chose a model of the ratio in a run's features over the constant: its columns (the study's
+# feature names), coefficients (intercept first), the matrix for a new run's leverage, its residual SD and
+# degrees of freedom, and for a ridge model the features' standardization. None: the constant above.
+B1_OVER_FULL_MODEL: dict | None = None
 # Extra spread (log2) when an offset measured on a proxy run (`--calibrate`) is carried to the target run:
 # the study's two proxy pairs (fewer steps; half the width) carried theirs within 0.15; this is kept wider.
 CALIBRATE_SD = 0.3
@@ -32,9 +36,13 @@ CALIBRATE_SD = 0.3
 # Init[B] optima fall faster at high rank than a power law through ranks 4–64 says; Init[A] ones barely bend.
 RANK_CURVATURE: dict[str, tuple[float, float]] = {
     "A:r": (0.0062, 0.0314),
+    "B:1": (-0.046, 0.0154),
     "A:sqrt": (-0.0171, 0.024),
     "A:1": (-0.0018, 0.0156),
     "B:r": (-0.0295, 0.02),
     "B:sqrt": (-0.0462, 0.0094),
-    "B:1": (-0.046, 0.0154),
 }
+# `--to RANK` without that rank measured: the rule the study chose (transfer.RANK_BASES), and per rule the log2
+# spread its own standard error missed on the study's workloads (added to the interval in quadrature).
+RANK_BASIS = "measured-slope"
+RANK_EXTRA_SD: dict[str, float] = {"shrunk-slope": 0.0, "measured-slope": 0.0, "muA-slope": 1.015}

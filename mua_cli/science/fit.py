@@ -303,11 +303,12 @@ def anchor_value(b1: RegimeFit, anchor: str) -> tuple[float, float] | None:
     return None if i is None else (ys[i], ses[i])
 
 
-def _compare(b1: RegimeFit, full: RankOptimum) -> FullComparison | None:
+def _compare(b1: RegimeFit, full: RankOptimum) -> FullComparison:
     """B:1's η* read as the study's anchor against full finetuning's; the two log2 SEs add in quadrature."""
-    a = anchor_value(b1, cal.FULL_ANCHOR)
-    if a is None:
-        return None
+    anchor = cal.FULL_ANCHOR
+    a = anchor_value(b1, anchor)
+    if a is None:  # the run lacks that cell: the fitted line at the reference rank, as the prediction falls back
+        anchor, a = "line16", anchor_value(b1, "line16")
     c, c_se = a
     r = c - full.log2_lr_star
     half = Z95 * math.sqrt(c_se**2 + full.se_log2**2)
@@ -321,7 +322,7 @@ def _compare(b1: RegimeFit, full: RankOptimum) -> FullComparison | None:
         ratio=2**r,
         ratio_interval=[2 ** (r - half), 2 ** (r + half)],
         consistent_with_one=abs(r) <= half,
-        anchor=cal.FULL_ANCHOR,
+        anchor=anchor,
     )
 
 

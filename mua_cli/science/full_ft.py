@@ -6,7 +6,9 @@ answers are built)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 from scipy import stats
 
 from ..errors import MuaError
@@ -40,16 +42,63 @@ def _need_b1(fit: FitResult, heuristic: bool) -> RegimeFit:
     raise MuaError(msg)
 
 
-def study_ratio_t() -> float:
-    """The t quantile of the study's ratio spread (N − 1 degrees of freedom; normal where N is unknown)."""
-    n = cal.B1_OVER_FULL_N
-    return float(stats.t.ppf(0.975, n - 1)) if n and n > 1 else Z95
+@dataclass
+class StudyRatio:
+    """The study's B:1 / full ratio for this run: a constant, or the study's chosen model of it in the run's
+    features (calibration.B1_OVER_FULL_MODEL). `se`: a new workload's log2 ratio about it; `t`: its quantile."""
+
+    log2: float
+    se: float
+    t: float
+    basis: str  # "" for the constant, else the features it was read from, e.g. "B:1's slope -0.235"
+
+    @property
+    def ratio(self) -> float:
+        return 2.0**self.log2
+
+    @property
+    def interval(self) -> list[float]:
+        return [2 ** (self.log2 - self.t * self.se), 2 ** (self.log2 + self.t * self.se)]
 
 
-def study_ratio_interval() -> list[float]:
-    """95 % interval of a new workload's B:1 / full ratio around the study's: what `mua fit` shows beside it."""
-    half = study_ratio_t() * cal.B1_OVER_FULL_SD * math.sqrt(1 + 1 / max(cal.B1_OVER_FULL_N, 1))
-    return [2 ** (cal.B1_OVER_FULL_LOG2 - half), 2 ** (cal.B1_OVER_FULL_LOG2 + half)]
+def _t(dof: float) -> float:
+    return float(stats.t.ppf(0.975, dof)) if dof >= 1 else math.inf
+
+
+def _features(fit: FitResult, b1: RegimeFit) -> dict[str, float]:
+    """The run's values of the features a ratio model may use (the study's names, studies/report.py)."""
+    out = {"slope": b1.slope if b1.slope is not None else 0.0, "steps": math.log2(int(fit.settings.get("steps") or 1))}
+    task = (fit.settings.get("recipe") or {}).get("task") or "causal-lm"
+    for name in (cal.B1_OVER_FULL_MODEL or {}).get("columns", []):
+        if name.startswith("task="):
+            out[name] = float(task == name.split("=", 1)[1])
+    return out
+
+
+def study_ratio(fit: FitResult, b1: RegimeFit) -> StudyRatio:
+    """The study's B:1 / full ratio as it applies to this run, with the spread of a new workload about it."""
+    m, n = cal.B1_OVER_FULL_MODEL, cal.B1_OVER_FULL_N
+    if not m:
+        return StudyRatio(cal.B1_OVER_FULL_LOG2, cal.B1_OVER_FULL_SD * math.sqrt(1 + 1 / max(n, 1)), _t(n - 1), "")
+    feats = _features(fit, b1)
+    missing = [c for c in m["columns"] if c not in feats]
+    if missing:
+        raise MuaError(f"the study's ratio model needs {', '.join(missing)}, which this run does not record")
+    z = np.array([feats[c] for c in m["columns"]], float)
+    if m.get("mean") is not None:
+        z = (z - np.array(m["mean"])) / np.array(m["sd"])
+    v = np.concatenate([[1.0], z])
+    log2 = float(v @ np.array(m["coef"]))
+    se = m["s"] * math.sqrt(1 + float(v @ np.array(m["cov"]) @ v))
+    shown = ", ".join(
+        f"B:1's measured slope {b1.slope:+.3f}"
+        if c == "slope"
+        else f"{int(fit.settings.get('steps'))} steps"
+        if c == "steps"
+        else c  # fmt: skip
+        for c in m["columns"]
+    )
+    return StudyRatio(log2, se, _t(m["dof"]), shown)
 
 
 def full_anchor(b1: RegimeFit) -> tuple[float, float, str, list[str]]:
@@ -104,15 +153,17 @@ def _full_line(fit: FitResult, b1: RegimeFit, basis: str, calibration: FitResult
         notes.extend(_proxy_differences(fit, calibration))
         return ref - math.log2(c.ratio), half, reason, notes, evidence
     n, fams = cal.B1_OVER_FULL_N, cal.B1_OVER_FULL_FAMILIES
-    half = study_ratio_t() * math.sqrt(ref_se**2 + cal.B1_OVER_FULL_SD**2 * (1 + 1 / max(n, 1)))
-    lo, hi = study_ratio_interval()
+    sr = study_ratio(fit, b1)
+    half = sr.t * math.sqrt(ref_se**2 + sr.se**2)
+    lo, hi = sr.interval
+    model = f", its model's value at {sr.basis}" if sr.basis else ""
     reason = (
-        f"empirical: {at} divided by the study's B:1 / full ratio {2**cal.B1_OVER_FULL_LOG2:.3g} (95 % interval "
-        f"for a new workload [{lo:.3g}, {hi:.3g}], from {n} workloads of {fams} model families; "
-        f"docs/validation.md). Measure your own with --ranks ...,full, or --calibrate a cheaper proxy run"
+        f"empirical: {at} divided by the study's B:1 / full ratio {sr.ratio:.3g}{model} (95 % interval for a new "
+        f"workload [{lo:.3g}, {hi:.3g}], from {n} workloads of {fams} model families; docs/validation.md). "
+        f"Measure your own with --ranks ...,full, or --calibrate a cheaper proxy run"
     )
-    evidence.update(b1_over_full=2**cal.B1_OVER_FULL_LOG2, b1_over_full_interval=[lo, hi], b1_over_full_from="study")
-    return ref - cal.B1_OVER_FULL_LOG2, half, reason, notes, evidence
+    evidence.update(b1_over_full=sr.ratio, b1_over_full_interval=[lo, hi], b1_over_full_from="study")
+    return ref - sr.log2, half, reason, notes, evidence
 
 
 def _proxy_differences(fit: FitResult, proxy: FitResult) -> list[str]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import MuaError
+from . import calibration as cal
 from .fit import FitResult, RegimeFit, fit_regime
 from .rank_optima import Z95, jsonable
 from .theory import get_regime, lr_label
@@ -128,17 +129,23 @@ def _regime_fit(fit: FitResult, regime: str) -> RegimeFit:
     return rf
 
 
-def _rank_evidence(rf: RegimeFit) -> dict:
+def _rank_evidence(rf: RegimeFit, fit: FitResult) -> dict:
+    """The fit behind a rank prediction, under the names of `mua fit`'s slope table (intervals 95 %)."""
+    used = rf.shrunk_slope is not None and rf.slope is not None
+    cells = {o.rank: o for o in fit.optima_for(rf.regime) if o.usable}
     return {
         "slope": rf.slope,
         "slope_interval": rf.slope_interval,
         "expected_slope": rf.expected_slope,
-        "shrunk_slope": rf.shrunk_slope,
+        "curvature": rf.curvature,
+        "curvature_sd": rf.curvature_sd,
+        "slope_after_curvature": rf.line_slope,
+        "used_slope": rf.shrunk_slope,
+        "used_slope_interval": list(used_slope_interval(rf)) if used else None,
         "data_weight": rf.data_weight,
         "verdict": rf.verdict,
         "per_rank": [
-            {"rank": r, "lr": 2.0**y, "se_log2": s}
-            for r, y, s in zip(rf.ranks_used, rf.log2_lr_stars, rf.se_log2s, strict=True)
+            {"rank": r, "lr": cells[r].lr_star, "interval": [cells[r].lo, cells[r].hi]} for r in rf.ranks_used
         ],
     }
 
@@ -169,7 +176,16 @@ def _rank_line(rf: RegimeFit, rank: int, basis: str) -> tuple[float, float, str]
         )
     if basis != "muA-slope" and rf.curvature:
         reason += f"; the line bends by the study's curvature for {rf.regime}, {curvature_text(rf)}"
+    extra = cal.RANK_EXTRA_SD.get(basis, 0.0)
+    if extra:  # what the rule's own SE missed on the study's workloads (docs/validation.md)
+        se = math.hypot(se, extra)
+        reason += f"; the interval adds the study's extra spread for this rule, SD {extra:g} (log2)"
     return centre, se, reason
+
+
+def default_basis(rf: RegimeFit) -> str:
+    """The study's rule for a rank (calibration.RANK_BASIS); the shrunk slope where one rank gives no slope."""
+    return "shrunk-slope" if cal.RANK_BASIS == "measured-slope" and len(rf.ranks_used) < 2 else cal.RANK_BASIS
 
 
 def used_slope_interval(rf: RegimeFit) -> tuple[float, float]:
@@ -200,7 +216,7 @@ def predict_rank(fit: FitResult, regime: str, rank: int, basis: str = "auto") ->
     check_basis(basis, RANK_BASES, "a rank target")
     measured = next((o for o in fit.optima_for(reg.name) if o.rank == rank and o.usable), None)
     notes: list[str] = []
-    evidence = _rank_evidence(rf)
+    evidence = _rank_evidence(rf, fit)
     if basis == "measured" and measured is None:
         raise MuaError(f"this run measured no interior optimum for {reg.name} at rank {rank}")
     if measured is not None and basis in ("auto", "measured"):
@@ -209,14 +225,15 @@ def predict_rank(fit: FitResult, regime: str, rank: int, basis: str = "auto") ->
         reason = f"this run swept {reg.name} at rank {rank}: its measured η* (measured beats predicted)"
         others = [r for r in rf.ranks_used if r != rank]
         if others:
-            pr = _rank_line(_without(rf, rank, fit), rank, "shrunk-slope")
+            rest = _without(rf, rank, fit)
+            pr = _rank_line(rest, rank, default_basis(rest))
             evidence["predicted_without_this_rank"] = {
                 "lr": 2.0 ** pr[0],
                 "ratio_measured_to_predicted": measured.lr_star / 2.0 ** pr[0],
-                "basis": "shrunk-slope",
+                "basis": default_basis(rest),
             }
     else:
-        chosen = "shrunk-slope" if basis in ("auto", "predict") else basis
+        chosen = default_basis(rf) if basis in ("auto", "predict") else basis
         centre, se, reason = _rank_line(rf, rank, chosen)
         lr, lo, hi = lr_interval(centre, se)
         if measured is not None:

@@ -1,73 +1,78 @@
-"""Slots over the visible GPUs (threads of this process) or over the CPU's cores (worker processes), every one
-taking its next unit of trials from one queue; this process alone stores the results."""
+"""Slots over the visible GPUs (threads of this process) or over the CPU's cores (slot processes), every one
+taking its next unit of trials from one queue, for as long as the sweep feeds it: the slots, their loaded
+workloads and their processes stay up from the sweep's first trial to its last. This process alone stores the
+results."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 from ..errors import MuaError
 from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
-from .execute import Execution, keep_freed_memory, trials_per_pass, units, workers_per_gpu
+from .sizing import Execution, keep_freed_memory, slots_per_gpu, trials_per_pass, units
+from .trainer import Trainer
+
+LOSS_EVERY = 10  # steps between a running trial's losses sent to the main thread (Listener.loss)
 
 
-class _Notes:
-    """A worker's notes (a failed graph capture, say) go to the parent, which shows them."""
-
-    def __init__(self, results, device: str):
-        self.results, self.device = results, device
-
-    def note(self, message: str) -> None:
-        self.results.put(("note", self.device, message))
-
-
-def _serve(runner, tasks, results) -> None:
+def _serve(trainer: Trainer, tasks, results, on_step=None) -> None:
+    """Units from `tasks` until a None; each trial's result, and every LOSS_EVERY steps its unit's loss, into
+    `results`. `on_step`: also called at each step (a thread slot's stop point)."""
     while (unit := tasks.get()) is not None:
-        for spec, result in zip(unit, runner.run_unit(unit), strict=True):
+
+        def step(i: int, loss: float, unit=unit) -> None:
+            if on_step:
+                on_step(i, loss)
+            if (i + 1) % LOSS_EVERY == 0:
+                results.put(("loss", unit[0], (i, loss)))
+
+        note = lambda message: results.put(("note", trainer.device, message))  # noqa: E731
+        for spec, result in zip(unit, trainer.run_unit(unit, step, note), strict=True):
             results.put(("done", spec, result))
 
 
-# What a CPU worker imports before it can train: its processes fork from a server that imported these once
+# What a CPU slot process imports before it can train: its processes fork from a server that imported these once
 # (multiprocessing's forkserver) instead of each starting Python and importing torch, transformers and peft again
 # (benchmarks/first_run.py --parts workers).
-WORKER_IMPORTS = ["mua_cli.quiet_libraries", "mua_cli.sweep.pool", "mua_cli.sweep.runner"]
+SLOT_IMPORTS = ["mua_cli.quiet_libraries", "mua_cli.sweep.pool", "mua_cli.sweep.trainer"]
 
 
 def process_context(device: str):
-    """CPU workers: forkserver where the platform has it. GPU workers: spawn, as a process forked from one that
+    """CPU slot processes: forkserver where the platform has it. GPU ones: spawn, as a process forked from one that
     has asked CUDA anything cannot use it."""
     import torch.multiprocessing as mp
 
     if device != "cpu" or "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(WORKER_IMPORTS)
+    ctx.set_forkserver_preload(SLOT_IMPORTS)
     return ctx
 
 
-def start_worker_server() -> None:
-    """Starts the CPU workers' server now, without importing torch here: it imports on the core that idles while
-    this process imports, and a sweep's first worker then starts at once. Unused (a GPU, one slot), it waits
+def start_process_server() -> None:
+    """Starts the CPU slot processes' server now, without importing torch here: it imports on the core that idles
+    while this process imports, and a sweep's first slot process then starts at once. Unused (a GPU, one slot), it waits
     idle and ends with this process."""
     import multiprocessing as mp
 
     if "forkserver" in mp.get_all_start_methods():
         from multiprocessing import forkserver
 
-        forkserver.set_forkserver_preload(WORKER_IMPORTS)
+        forkserver.set_forkserver_preload(SLOT_IMPORTS)
         forkserver.ensure_running()
 
 
-def worker_main(recipe: Recipe, device: str, graphs: bool, fused: bool, tasks, results, threads: int = 0) -> None:
-    """A worker process: loads the workload and runs units until told to stop. `threads`: torch's, on the CPU."""
+def slot_process(recipe: Recipe, device: str, graphs: bool, fused: bool, tasks, results, threads: int = 0) -> None:
+    """A slot process: loads the workload and runs units until told to stop. `threads`: torch's, on the CPU."""
     exit_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops its slot processes
     if device == "cpu":
         import torch
 
@@ -75,19 +80,17 @@ def worker_main(recipe: Recipe, device: str, graphs: bool, fused: bool, tasks, r
         if threads:
             torch.set_num_threads(threads)
     try:
-        from .runner import TrialRunner
-
-        runner = TrialRunner(recipe, device, _Notes(results, device), graphs, fused)
+        trainer = Trainer.load(recipe, device, lambda m: results.put(("note", device, m)), graphs, fused)
     except Exception as e:  # noqa: BLE001 — reported to the parent as one line
         results.put(("error", device, f"{type(e).__name__}: {e}"))
         return
-    results.put(("ready", device, runner.n_params))
-    _serve(runner, tasks, results)
+    results.put(("ready", device, trainer.n_params))
+    _serve(trainer, tasks, results)
 
 
 def exit_with_parent() -> None:
-    """Ends this worker process as soon as the sweep that started it is gone, however it went (SIGKILL
-    included). Left alone, a worker waits for its next unit forever: it holds both ends of the task queue's pipe,
+    """Ends this slot process as soon as the sweep that started it is gone, however it went (SIGKILL
+    included). Left alone, a slot process waits for its next unit forever: it holds both ends of the task queue's pipe,
     so no end-of-file comes (the forkserver that forked it ends with the sweep, but not its children)."""
     import multiprocessing
     import multiprocessing.connection
@@ -106,125 +109,137 @@ def exit_with_parent() -> None:
 
 @dataclass
 class _Slot:
-    """A thread of this process that runs units on one device with its own runner."""
+    """A thread of this process that runs units on one device with its own trainer."""
 
     device: str
-    runner: object = None
+    trainer: Trainer | None = None
     shares_gpu: bool = False  # with another slot: each then steps on its own stream, so that both run at once
     error: BaseException | None = None
     thread: threading.Thread | None = None
 
 
-_BUILD = threading.Lock()  # one runner is built at a time: fusing kernels patches process-wide modules (fused.py)
+_BUILD = threading.Lock()  # one trainer is built at a time: fusing kernels patches process-wide modules (fused.py)
 
 
-class PoolExecutor:
-    """Slots over the visible GPUs (or several on one device), every one taking its next unit from one queue.
-    The main thread stores every result as it comes (a Ctrl-C loses only units cut off mid-way).
+class Pool:
+    """Slots over the visible GPUs (or several on one device), every one taking its next unit from one queue that
+    `submit` feeds at any time; `next` hands back each result as it comes, for the main thread to store (a Ctrl-C
+    loses only units cut off mid-way).
 
     With CUDA graphs every slot is a thread of this process: a replayed step leaves the host idle, so one
-    process keeps every GPU busy. The first slot's model is loaded before the threads start; each other slot
+    process keeps every GPU busy. The first slot's trainer is loaded before the threads start; each other slot
     loads its own copy in its thread while the first runs units. Eager steps are bound by the host launching
-    kernels, so without graphs (and on the CPU) the slots after the first are worker processes."""
+    kernels, so without graphs (and on the CPU) the slots after the first are slot processes."""
 
-    def __init__(self, recipe: Recipe, ex: Execution, listener, devices: list[str], first=None,
-                 after_close: Callable[[], None] | None = None):  # fmt: skip
-        """`first`: the first slot's runner, if made already; the pool owns it from here. `after_close`: called
-        last by close() (the CPU's executor gives this process's threads back there)."""
-        import torch
-
-        from .runner import TrialRunner
-
+    def __init__(self, recipe: Recipe, ex: Execution, listener, first: Trainer, slots: list[_Slot], procs: list,
+                 ctx, after_close: Callable[[], None] | None = None):  # fmt: skip
         self.recipe, self.listener, self.ex, self.after_close = recipe, listener, ex, after_close
-        self.ctx = process_context(devices[0])
-        self.tasks, self.results = self.ctx.Queue(), self.ctx.Queue()
-        self.procs: list = []
+        self.slots, self.procs, self.ctx = slots, procs, ctx
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
         # a Ctrl-C stops the slots' threads at their next step check (close), so that none is inside torch
         # when the process exits
         self._stop = threading.Event()
-        if first is None:
-            first = TrialRunner(recipe, devices[0], self._own(devices[0]), ex.cuda_graphs, ex.fused_kernels)
-        else:
-            first.on_note, first.on_step = self._own(devices[0]).note, self._stop_point
-        self.runners = [first]  # in the order built, closed in reverse: fused.py's process-wide patches nest
-        self._shown = set(getattr(first, "notes", ()))  # what loading the workload said, said once
+        self.trainers = [first]  # in the order built, closed in reverse: fused.py's process-wide patches nest
+        self._shown = set(first.notes)  # what loading the workload said, said once
         self.k = trials_per_pass(ex, recipe, first.n_params)
-        per = workers_per_gpu(ex, first.n_params)
-        slots = [devices[i % len(devices)] for i in range(len(devices) * per)]
+        self.n_slots = len(slots) + len(procs)
+        self.units_out = 0  # units queued or running
+        self.left: dict[int, int] = {}  # unit id → its trials not yet back
+        self.unit_of: dict[str, int] = {}  # trial key → its unit's id
+        self.outstanding = 0  # trials queued or running
+        self._ids = 0
+
+    @classmethod
+    def start(cls, recipe: Recipe, ex: Execution, listener, devices: list[str], first: Trainer,
+              after_close: Callable[[], None] | None = None) -> Pool:  # fmt: skip
+        """Starts the slots: `first` (the first slot's trainer, loaded; the pool owns it from here) and one more
+        per slot, in threads of this process (CUDA graphs) or slot processes. `after_close`: called last by
+        close() (the CPU gives this process's threads back there)."""
+        import torch
+
+        per = slots_per_gpu(ex, first.n_params)
+        every = [devices[i % len(devices)] for i in range(len(devices) * per)]
         threaded = ex.cuda_graphs and devices[0].startswith("cuda")
-        self.slots = [_Slot(d, shares_gpu=threaded and slots.count(d) > 1) for d in (slots if threaded else slots[:1])]
-        self.slots[0].runner = first
+        slots = [_Slot(d, shares_gpu=threaded and every.count(d) > 1) for d in (every if threaded else every[:1])]
+        slots[0].trainer = first
+        pool = cls(recipe, ex, listener, first, slots, [], process_context(devices[0]), after_close)
         try:
-            for device in slots[len(self.slots) :]:
-                threads = torch.get_num_threads() if device == "cpu" else 0  # as the CPU's executor set them
-                args = (recipe, device, ex.cuda_graphs, ex.fused_kernels, self.tasks, self.results, threads)
-                p = self.ctx.Process(target=worker_main, args=args, daemon=True)
+            for device in every[len(slots) :]:
+                threads = torch.get_num_threads() if device == "cpu" else 0  # as the CPU's slots set them
+                args = (recipe, device, ex.cuda_graphs, ex.fused_kernels, pool.tasks, pool.results, threads)
+                p = pool.ctx.Process(target=slot_process, args=args, daemon=True)
                 p.start()
-                self.procs.append(p)
-        except BaseException:  # the workers started so far stop, and this process's model (and Liger's patches) go
-            for p in self.procs:
+                pool.procs.append(p)
+        except BaseException:  # the processes started so far stop, and this process's model (and Liger's patches) go
+            for p in pool.procs:
                 p.terminate()
             first.close()
             raise
-        for slot in self.slots:
-            slot.thread = threading.Thread(target=self._serve, args=(slot,), name=f"mua-{slot.device}", daemon=True)
+        for slot in slots:
+            slot.thread = threading.Thread(target=pool._serve, args=(slot,), name=f"mua-{slot.device}", daemon=True)
             slot.thread.start()
-        self.n_slots = len(slots)
-        batched = f", up to {self.k} LoRA trials per forward pass" if self.k > 1 else ""
-        how = (f"{len(self.slots)} slot(s), threads of this process" if threaded else
-               f"{len(slots)} slot(s): this process and {len(self.procs)} worker process(es) starting")  # fmt: skip
+        batched = f", up to {pool.k} LoRA trials per forward pass" if pool.k > 1 else ""
+        how = (f"{len(slots)} slot(s), threads of this process" if threaded else
+               f"{len(every)} slot(s): this process and {len(pool.procs)} slot process(es) starting")  # fmt: skip
         listener.note(f"{len(devices)} device(s) ({', '.join(devices)}): {how}{batched}")
+        return pool
 
-    def run(self, pending: list[TrialSpec]) -> Iterator[tuple[TrialSpec, TrialResult]]:
-        # no fewer units than slots where the trials allow it: an idle slot wastes its share of the GPU
-        k = min(self.k, max(1, math.ceil(len(pending) / self.n_slots)))
-        work = units(pending, self.recipe, k)
-        for unit in work:
+    def submit(self, specs: list[TrialSpec], spare: list[TrialSpec] = ()) -> list[list[TrialSpec]]:
+        """Queues `specs` as units, at once: the slots take them as they free up. Where slots would idle, no fewer
+        units than idle slots; else units as large as a pass allows. `spare`: trials that may ride along in a
+        unit with room (sizing.units); their results come back like any other. Returns the units queued."""
+        if not specs:
+            return []
+        idle = max(1, self.n_slots - self.units_out)
+        k = min(self.k, max(1, math.ceil(len(specs) / idle)))
+        queued = units(specs, self.recipe, k, spare)
+        for unit in queued:
+            uid = self._ids = self._ids + 1
+            self.left[uid] = len(unit)
+            for s in unit:
+                self.unit_of[s.key] = uid
+            self.units_out += 1
+            self.outstanding += len(unit)
             self.tasks.put(unit)
-        left = sum(len(u) for u in work)
-        while left:
-            dead = [p for p in self.procs if p.exitcode not in (None, 0)]  # workers leave only when told
+        return queued
+
+    def next(self) -> tuple[TrialSpec, TrialResult]:
+        """The next finished trial, from any slot (waits for it); running trials' losses go to the listener."""
+        while True:
+            dead = [p for p in self.procs if p.exitcode not in (None, 0)]  # slot processes leave only when told
             if dead:
-                msg = (f"a worker process died (exit code {dead[0].exitcode}); finished trials are stored, "
+                msg = (f"a slot process died (exit code {dead[0].exitcode}); finished trials are stored, "
                        "run again to resume")  # fmt: skip
                 raise MuaError(msg)
             for slot in self.slots:
                 if slot.error is not None:
                     raise slot.error
-            # results as they come, from every slot: each is stored at once
             if (message := self._get(timeout=0.5)) is not None:
-                left -= 1
-                yield message[1], message[2]
-
-    def _own(self, device: str) -> SimpleNamespace:
-        """A thread slot's listener: no per-step progress (several slots run at once); its step callback is where
-        a Ctrl-C stops it; its notes reach the main thread through the results queue."""
-
-        def note(message: str) -> None:
-            if threading.current_thread() is threading.main_thread():
-                self.listener.note(message)
-            else:
-                self.results.put(("note", device, message))
-
-        return SimpleNamespace(note=note, step=self._stop_point)
+                spec = message[1]
+                self.outstanding -= 1
+                uid = self.unit_of.pop(spec.key, None)
+                if uid is not None:
+                    self.left[uid] -= 1
+                    if not self.left[uid]:
+                        del self.left[uid]
+                        self.units_out -= 1
+                return spec, message[2]
 
     def _serve(self, slot: _Slot) -> None:
-        """A slot's thread: loads its model if it has none yet, then runs units until told to stop."""
+        """A slot's thread: loads its trainer if it has none yet, then runs units until told to stop."""
         import torch
-
-        from .runner import TrialRunner
 
         try:
             if slot.device.startswith("cuda:"):  # the current GPU is per thread (Triton launches on it)
                 torch.cuda.set_device(slot.device)
-            if slot.runner is None:
+            if slot.trainer is None:
                 try:
                     with _BUILD:
                         if self._stop.is_set():
                             return
-                        slot.runner = TrialRunner(self.recipe, slot.device, self._own(slot.device),
-                                                  self.ex.cuda_graphs, self.ex.fused_kernels)  # fmt: skip
-                        self.runners.append(slot.runner)
+                        slot.trainer = Trainer.load(self.recipe, slot.device, self._note(slot.device),
+                                                    self.ex.cuda_graphs, self.ex.fused_kernels)  # fmt: skip
+                        self.trainers.append(slot.trainer)
                 except Exception as e:  # noqa: BLE001 — this slot takes no units; the others run them
                     self.results.put(("error", slot.device, f"{type(e).__name__}: {e}"))
                     return
@@ -233,16 +248,28 @@ class PoolExecutor:
                 # device-wide wait while another thread captures on the same GPU breaks that capture
                 torch.cuda.default_stream(slot.device).synchronize()
                 torch.cuda.set_stream(torch.cuda.Stream(slot.device))
-            _serve(slot.runner, self.tasks, self.results)
-        except BaseException as e:  # noqa: BLE001 — raised again by run(), in the main thread
+            _serve(slot.trainer, self.tasks, self.results, self._stop_point)
+        except BaseException as e:  # noqa: BLE001 — raised again by next(), in the main thread
             slot.error = e
+
+    def _note(self, device: str) -> Callable[[str], None]:
+        """A thread slot's notes reach the main thread through the results queue (the listener is the main
+        thread's)."""
+
+        def note(message: str) -> None:
+            if threading.current_thread() is threading.main_thread():
+                self.listener.note(message)
+            else:
+                self.results.put(("note", device, message))
+
+        return note
 
     def _stop_point(self, step: int, loss: float) -> None:
         if self._stop.is_set():
             raise KeyboardInterrupt  # trials let it through: the unit stops, nothing of it is stored
 
     def _get(self, timeout: float):
-        """The next result, or None if none comes within `timeout` seconds; notes are shown."""
+        """The next result, or None if none comes within `timeout` seconds; notes are shown, losses passed on."""
         while True:
             try:
                 message = self.results.get(timeout=timeout)
@@ -250,7 +277,9 @@ class PoolExecutor:
                 return None
             if message[0] == "done":
                 return message
-            if message[0] == "error":  # it takes no units: the other slots run them
+            if message[0] == "loss":
+                self.listener.loss(message[1], *message[2])
+            elif message[0] == "error":  # it takes no units: the other slots run them
                 self.listener.note(f"{message[1]} could not load the workload: {message[2]}")
             elif message[0] == "note" and message[2] not in self._shown:  # not the first model's notes again
                 self._shown.add(message[2])
@@ -260,6 +289,9 @@ class PoolExecutor:
         """Slots finish their unit and stop; on Ctrl-C or an error they stop at once (a unit cut off mid-way was
         not stored, so it runs again next time)."""
         self._stop.set()
+        with contextlib.suppress(queue.Empty):  # units nobody waits for any more (trials that rode along)
+            while True:
+                self.tasks.get_nowait()
         for p in self.procs:
             if interrupted:
                 p.terminate()
@@ -272,9 +304,9 @@ class PoolExecutor:
             if p.is_alive():
                 p.terminate()
         try:
-            with _BUILD:  # a slot still loading its model would add it after this
-                for runner in reversed(self.runners):
-                    runner.close()
+            with _BUILD:  # a slot still loading its trainer would add it after this
+                for trainer in reversed(self.trainers):
+                    trainer.close()
         finally:
             if self.after_close:
                 self.after_close()

@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 
 from ..errors import MuaError
 from ..spec.trial import TrialResult, TrialSpec
-from .store import DISTRIBUTIONS
+from .store import DISTRIBUTIONS, TrialStore
 
 # a worker's heartbeat for the trials it holds; a RUNNING trial without one for GRACE_S is stale: failed, and
 # queued again (whole seconds, as Optuna takes them; the environment may shorten both, as the tests do)
@@ -40,6 +40,29 @@ SCHEMA = 1  # what this mua writes into a shared study; a study of another schem
 STATE, RECIPE, SCHEMA_KEY = "mua_state", "mua_recipe", "mua_schema"  # the study's attributes
 PLANNER_SEEN = "mua_planner_seen"  # when the planner last said it is alive (its clock, seconds since the epoch)
 PLANNER_GONE_S = 300  # a worker with nothing to claim stops when the planner has been silent this long
+
+
+class SharedStudy(TrialStore):
+    """A study many processes work on: the trial store, made in a storage with heartbeats (`shared_storage`),
+    its schema checked, and the queue below. `create` (the planner) makes it; `join` (`mua worker`) opens it
+    for work where it exists."""
+
+    shared = True
+
+    def _storage(self, url: str) -> optuna.storages.RDBStorage:
+        return shared_storage(url)
+
+    def _opened(self, study: optuna.Study) -> None:
+        check_schema(study)
+
+    @classmethod
+    def join(cls, run_dir: Path, storage: str | None, name: str) -> SharedStudy:
+        """The study, opened for work. Opened read-only first, so that a study that does not exist is one line
+        and nothing is created in the database."""
+        store = cls.open(run_dir, storage, name)
+        store.writable = True
+        store.study = store._open(store.url)
+        return store
 
 
 def shared_storage(url: str) -> optuna.storages.RDBStorage:

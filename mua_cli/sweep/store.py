@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 
 from ..errors import MuaError
 from ..science.theory import FULL, MAX_RANK, REGIMES
+from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
 from .urls import check_driver, connection_problem, redact, scrub, with_driver
 
@@ -46,6 +47,10 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+def storage_url(run_dir: Path, storage: str | None = None) -> str:
+    return with_driver(storage or os.environ.get("MUA_STORAGE") or _local_url(run_dir))
+
+
 def study_name(run_dir: Path) -> str:
     """A run's own study: named after its folder, so that the studies of many runs stay apart in optuna-dashboard
     and in one storage URL. A store that already holds one study (a run made when every study was `mua`, or a
@@ -53,62 +58,86 @@ def study_name(run_dir: Path) -> str:
     return Path(run_dir).resolve().name or STUDY
 
 
-def storage_url(run_dir: Path, storage: str | None = None) -> str:
-    return with_driver(storage or os.environ.get("MUA_STORAGE") or _local_url(run_dir))
-
-
 def _local_url(run_dir: Path) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / DB_NAME}"
 
 
 class TrialStore:
-    """A run's trials. `create=False` opens an existing store to read it: the run folder's SQLite file is then
-    opened read-only (SQLite's `mode=ro`), never created, locked for writing or changed."""
+    """A run's trials: its own study in the run folder's SQLite file (or at a storage URL). Made by `create`
+    (to sweep into) or `open` (to read); a shared study (shared.py) is the same store with a work queue.
 
-    def __init__(self, run_dir: Path, storage: str | None = None, create: bool = True, study: str | None = None):
-        """`study`: a shared study (sweep/shared.py) of that name; None: the run's own study."""
-        self.run_dir = Path(run_dir)
-        self.url = storage_url(self.run_dir, storage)
-        self.writable, self.name, self.shared = create, study or study_name(self.run_dir), study is not None
-        self.rdb = None  # a shared study's storage (sweep/shared.py)
-        if (problem := check_driver(self.url)) is not None:
-            raise MuaError(problem)
-        self.study: optuna.Study | None = None
+    Opened to read, the run folder's SQLite file is opened read-only (SQLite's `mode=ro`), never created, locked
+    for writing or changed."""
+
+    shared = False  # a shared study (shared.SharedStudy)
+
+    def __init__(self, run_dir: Path, url: str, name: str, writable: bool):
+        self.run_dir, self.url, self.name, self.writable = Path(run_dir), url, name, writable
         # the run folder's own file (not a shared storage URL): checked, and opened read-only where only read
-        self.db = db = self.run_dir / DB_NAME if self.url == _local_url(self.run_dir) else None
-        if db is not None and db.is_file():
-            _check_sqlite(db, self.run_dir)
-        if not create:
-            if db is None:
-                self.study = self._open(self.url)
-            elif not db.is_file():
-                raise MuaError(f"{self.run_dir} holds no trial store ({DB_NAME}); run `mua sweep --out {self.run_dir}`")
-            elif db.stat().st_size:  # an empty file: a sweep killed while creating it; no trials
-                self.study = self._open("sqlite://", creator=lambda: _read_only(db))
-            return
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise MuaError(f"run folder {self.run_dir} is a file; name a folder with --out")
-        new_dir, new_db = not self.run_dir.exists(), db is not None and not db.exists()
+        self.db = self.run_dir / DB_NAME if url == _local_url(self.run_dir) else None
+        self.study: optuna.Study | None = None
+        self.rdb = None  # the storage object of a writable study
+
+    @classmethod
+    def _made(cls, run_dir: Path, storage: str | None, name: str | None, writable: bool) -> TrialStore:
+        store = cls(run_dir, storage_url(Path(run_dir), storage), name or study_name(Path(run_dir)), writable)
+        if name is not None:
+            store.shared = True  # read or written as the study named, not the run's own
+        if (problem := check_driver(store.url)) is not None:
+            raise MuaError(problem)
+        if store.db is not None and store.db.is_file():
+            _check_sqlite(store.db, store.run_dir)
+        return store
+
+    @classmethod
+    def open(cls, run_dir: Path, storage: str | None = None, study: str | None = None) -> TrialStore:
+        """An existing store, to read (`study`: that study; None: the run's own). A run folder without one, or
+        a database without that study, is one line."""
+        store = cls._made(run_dir, storage, study, writable=False)
+        db = store.db
+        if db is None:
+            store.study = store._open(store.url)
+        elif not db.is_file():
+            raise MuaError(f"{store.run_dir} holds no trial store ({DB_NAME}); run `mua sweep --out {store.run_dir}`")
+        elif db.stat().st_size:  # an empty file: a sweep killed while creating it; no trials
+            store.study = store._open("sqlite://", creator=lambda: _read_only(db))
+        return store
+
+    @classmethod
+    def create(cls, run_dir: Path, storage: str | None = None, study: str | None = None) -> TrialStore:
+        """The store a sweep writes, made where it is not yet (the run folder too); one that cannot be made
+        leaves nothing behind to pass for a run."""
+        store = cls._made(run_dir, storage, study, writable=True)
+        run_dir, db = store.run_dir, store.db
+        if run_dir.exists() and not run_dir.is_dir():
+            raise MuaError(f"run folder {run_dir} is a file; name a folder with --out")
+        new_dir, new_db = not run_dir.exists(), db is not None and not db.exists()
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)  # recipe.yaml and fit.json live there, whatever the URL
+            run_dir.mkdir(parents=True, exist_ok=True)  # recipe.yaml and fit.json live there, whatever the URL
         except OSError as e:
-            raise MuaError(f"cannot create the run folder {self.run_dir}: {e.strerror or e}") from None
+            raise MuaError(f"cannot create the run folder {run_dir}: {e.strerror or e}") from None
         try:
-            if not os.access(self.run_dir, os.W_OK) or (db is not None and db.exists() and not os.access(db, os.W_OK)):
-                raise MuaError(_read_only_message(self.run_dir, "not writable"))
-            self.study = self._open(self.url)
+            if not os.access(run_dir, os.W_OK) or (db is not None and db.exists() and not os.access(db, os.W_OK)):
+                raise MuaError(_read_only_message(run_dir, "not writable"))
+            store.study = store._open(store.url)
         except MuaError:
-            if new_dir:  # a store that could not be made leaves nothing behind to pass for a run
-                shutil.rmtree(self.run_dir, ignore_errors=True)
+            if new_dir:
+                shutil.rmtree(run_dir, ignore_errors=True)
             elif new_db:
                 for path in (db, db.with_name(DB_NAME + "-journal")):
                     path.unlink(missing_ok=True)
             raise
+        return store
+
+    def _storage(self, url: str):
+        """The storage a writable study is made in (a shared study adds its heartbeats)."""
+        return optuna.storages.get_storage(url)
+
+    def _opened(self, study: optuna.Study) -> None:
+        """Checks a study opened for writing (a shared study: its schema)."""
 
     def _open(self, url: str, creator=None) -> optuna.Study | None:
         """The study, created when writable; None when a read-only store has none (killed while being made)."""
-        from .shared import check_schema, shared_storage
-
         try:
             if not self.writable:
                 kwargs = {"creator": creator} if creator else None
@@ -130,14 +159,13 @@ class TrialStore:
                         self.name = names[0]
                         return optuna.load_study(study_name=self.name, storage=storage)
                     return None
-            storage = self.rdb = shared_storage(url) if self.shared else optuna.storages.get_storage(url)
-            if not self.shared:
+            storage = self.rdb = self._storage(url)
+            if not self.shared:  # a run folder's one study keeps its name (older runs': `mua`)
                 names = optuna.get_all_study_names(storage)
                 if len(names) == 1 and self.name not in names:
                     self.name = names[0]
             study = optuna.create_study(storage=storage, study_name=self.name, load_if_exists=True)
-            if self.shared:
-                check_schema(study)
+            self._opened(study)
             return study
         except STORAGE_ERRORS as e:
             raise self._error(e, "open" if not self.writable else "create") from None
@@ -145,13 +173,6 @@ class TrialStore:
             raise
         except Exception as e:  # sqlalchemy's or alembic's errors for a foreign database or another optuna
             raise MuaError(f"cannot open the trial store {redact(self.url)}: {self._line(e)}") from None
-
-    def open_study(self) -> optuna.Study:
-        """The shared study, opened for work (`mua worker`). Opening the store read-only (create=False) has
-        already said, in one line, where the study does not exist; nothing is created in the database here."""
-        self.writable = True
-        self.study = self._open(self.url)
-        return self.study
 
     def _no_study(self, storage) -> str:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)] if storage is not None else []
@@ -265,11 +286,30 @@ def intermediate_values(curve: list[float]) -> dict[int, float]:
     return {i: float(curve[i]) for i in steps if math.isfinite(curve[i])}
 
 
+def meta(recipe: Recipe, spec: TrialSpec) -> dict:
+    """What is stored with a trial besides its result: its LoRA settings and the recipe it ran."""
+    return {
+        **spec.lora_settings(recipe.optim.alpha0),
+        "steps": recipe.optim.steps,
+        "batch_size": recipe.optim.batch_size,
+        "seq_len": recipe.data.seq_len,
+        "fingerprint": recipe.fingerprint(),
+        "recipe": recipe.outcome_fields(),
+    }
+
+
+def stored_trial(t: optuna.trial.FrozenTrial) -> tuple[TrialSpec, TrialResult]:
+    """A stored trial as the planner reads it: its spec and the result's status and metric."""
+    a, p = t.user_attrs, t.params
+    spec = TrialSpec(p["regime"], int(p["rank"]), float(p["lr"]), int(p["seed"]), a["key"])
+    return spec, TrialResult(a.get("status", "failed"), a.get("metric", math.nan))
+
+
 def load_trials(run_dir: Path, storage: str | None = None, study: str | None = None) -> pd.DataFrame:
     """Every stored trial of a run as a DataFrame (one row a trial), read without writing to the store.
 
     `attrs["info"]` holds what the sweep recorded about the run besides the trials (`TrialStore.info`)."""
-    store = TrialStore(run_dir, storage, create=False, study=study)
+    store = TrialStore.open(run_dir, storage, study)
     df = frame(store)
     if df.empty:
         where = f"study {store.name!r}" if store.shared else str(run_dir)

@@ -10,13 +10,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import MuaError
 from ..spec.recipe import Recipe, recipe_from_dict
 from . import shared
-from .execute import Execution, trials_per_pass
-from .grid import plan
-from .store import STORAGE_ERRORS, TrialStore
+from .plan import Planner
+from .shared import SharedStudy
+from .sizing import Execution, trials_per_pass
+from .store import STORAGE_ERRORS, TrialStore, frame, meta, stored_trial
+from .trainer import Trainer
 
 RETRY_FOR_S = 600  # a database that stays unreachable this long ends the worker (its trials go stale, then back)
 
@@ -26,21 +29,19 @@ class WorkSummary:
     ran: int = 0
 
 
-def plan_and_work(recipe: Recipe, store: TrialStore, done: set[str], device: str, listener, execution, summary):
-    """The planner: queues the plan, works on it, and once no trial is waiting or running (every worker's
-    finished) queues the next round (run.next_round), until none is added; then marks the study done."""
-    from .run import meta, next_round
-
+def plan_and_work(sweep):
+    """The planner of a shared study (`sweep`: a stream.Sweep over a SharedStudy; stream.py calls this, so it is
+    not imported here): queues the first round, works on
+    it, and once no trial is waiting or running (every worker's finished) queues the next round (plan.Planner,
+    round by round), until none is added; then marks the study done. Returns the sweep's summary."""
+    recipe, store, listener, summary = sweep.recipe, sweep.store, sweep.listener, sweep.summary
     study = store.study
     for name, value in {shared.SCHEMA_KEY: shared.SCHEMA, shared.RECIPE: recipe.to_dict()}.items():
         if study.user_attrs.get(name) != value:
             study.set_user_attr(name, value)
     study.set_user_attr(shared.STATE, "planning")
-    everything = plan(recipe)
-    pending = [s for s in everything if s.key not in done]
-    summary.skipped, summary.device = len(everything) - len(pending), device
-    listener.start(total=len(everything), done=summary.skipped)
-    runner = _runner(recipe, device, listener, execution)
+    pending = sweep.start()
+    trainer = _trainer(recipe, sweep.execution, listener)
     finished = False
     try:
         while True:  # a resumed planner works what an earlier one queued before it decides anything
@@ -49,38 +50,39 @@ def plan_and_work(recipe: Recipe, store: TrialStore, done: set[str], device: str
                     queued = shared.enqueue(study, pending, lambda s: meta(recipe, s))
                 if queued:
                     listener.note(f"queued {queued} trial(s) in study {store.name!r}; `mua worker` processes may join")
-            summary.ran += work(store, recipe, runner, listener, until_idle=True).ran
-            pending = next_round(recipe, store, store.keys(), summary, listener)
+            summary.ran += work(store, recipe, trainer, listener, until_idle=True).ran
+            planner = Planner(recipe, store.keys(), listener.note)  # from everything every worker stored
+            for t in store.trials():
+                planner.record(*stored_trial(t))
+            pending = planner.next_round(lambda store=store: frame(store))
+            summary.added += planner.decisions.added
+            summary.at_edge = planner.at_edge()
             if not pending:
                 break
             listener.grow(len(pending))
         study.set_user_attr(shared.STATE, "done")
         finished = True
     finally:
-        runner.close()
+        trainer.close()
         if not finished:  # an error or Ctrl-C: workers stop once the queue is empty; a new planner resumes
             with contextlib.suppress(*STORAGE_ERRORS):
                 study.set_user_attr(shared.STATE, "stopped")
     return summary
 
 
-def _runner(recipe: Recipe, device: str, listener, execution: Execution | None):
-    from .runner import TrialRunner
-
-    ex = execution or Execution()
-    return TrialRunner(recipe, device, listener, ex.cuda_graphs, ex.fused_kernels)
+def _trainer(recipe: Recipe, execution: Execution, listener) -> Trainer:
+    return Trainer.load(recipe, execution.device, listener.note, execution.cuda_graphs, execution.fused_kernels)
 
 
-def join(open_store: Callable[[], TrialStore], device: str, listener, execution: Execution | None,
+def join(run_dir: Path, storage: str | None, name: str, device: str, listener, execution: Execution | None,
          wait_s: float) -> WorkSummary:  # fmt: skip
     """`mua worker`: the study's recipe, then units until the study is done. `wait_s`: how long to wait for the
     planner to make the study and for trials to claim (0: a missing study is an error at once)."""
     start = time.monotonic()
     while True:
         try:
-            store = open_store()
-            study = store.open_study()
-            raw = study.user_attrs.get(shared.RECIPE)
+            store = SharedStudy.join(run_dir, storage, name)
+            raw = store.study.user_attrs.get(shared.RECIPE)
             if raw is not None:
                 break
             problem = f"study {store.name!r} has no plan yet: start `mua sweep --study {store.name}` first"
@@ -90,21 +92,21 @@ def join(open_store: Callable[[], TrialStore], device: str, listener, execution:
             raise MuaError(problem)
         shared.wait()
     recipe = recipe_from_dict(raw, source=f"study {store.name!r}")
-    runner = _runner(recipe, device, listener, execution)
+    ex = dataclasses.replace(execution or Execution(), device=device)
+    trainer = _trainer(recipe, ex, listener)
     try:
-        return work(store, recipe, runner, listener, until_idle=False, wait_s=wait_s, execution=execution)
+        return work(store, recipe, trainer, listener, until_idle=False, wait_s=wait_s, execution=ex)
     finally:
-        runner.close()
+        trainer.close()
 
 
-def work(store, recipe, runner, listener, until_idle: bool, wait_s: float = 0.0, execution=None) -> WorkSummary:
+def work(store: TrialStore, recipe: Recipe, trainer: Trainer, listener, until_idle: bool, wait_s: float = 0.0,
+         execution: Execution | None = None) -> WorkSummary:  # fmt: skip
     """Claims and runs units until none is waiting and none is running (the planner: `until_idle`), or until the
     study is done (a worker). A Ctrl-C or SIGTERM hands the unit in hand back to the queue."""
-    from .run import meta
-
     study, out = store.study, WorkSummary()
-    ex = dataclasses.replace(execution or Execution(), device=runner.device)
-    k = trials_per_pass(ex, recipe, runner.n_params)
+    ex = dataclasses.replace(execution or Execution(), device=trainer.device)
+    k = trials_per_pass(ex, recipe, trainer.n_params)
     beat = shared.Heartbeat(study)
     idle_since, said_alive = time.monotonic(), 0.0
     # SIGTERM (a scheduler stopping a job) and SIGINT, even where the shell that started us ignores it (`&` in a
@@ -114,14 +116,11 @@ def work(store, recipe, runner, listener, until_idle: bool, wait_s: float = 0.0,
     previous = (
         {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
     )
-    inner = runner.on_step
 
     def stop_point(step: int, loss: float) -> None:
-        if inner:
-            inner(step, loss)
+        listener.step(step, loss)
         _check_stop()
 
-    runner.on_step = stop_point
     try:
         while True:
             _check_stop()
@@ -134,7 +133,7 @@ def work(store, recipe, runner, listener, until_idle: bool, wait_s: float = 0.0,
                 beat.held = unit
                 try:
                     listener.trial_start(unit[0][1])
-                    results = runner.run_unit([spec for _, spec in unit])
+                    results = trainer.run_unit([spec for _, spec in unit], stop_point, listener.note)
                 except BaseException:
                     _retrying(lambda held=unit: shared.release(study, held), listener)
                     raise
@@ -162,7 +161,6 @@ def work(store, recipe, runner, listener, until_idle: bool, wait_s: float = 0.0,
                 if STOP.wait(shared.POLL_S / 10):
                     break
     finally:
-        runner.on_step = inner
         beat.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -48,12 +48,12 @@ def consoles(quiet: bool = False) -> tuple[Console, Console]:
 def latest_run() -> Path:
     """The newest run folder under runs/ whose store holds a trial (a sweep killed before its first trial
     leaves an empty one behind, which is no answer to `mua fit`)."""
-    from ..sweep.store import TrialStore
+    from ..api import has_trials
 
     runs = sorted(RUNS_DIR.glob("*/trials.db"), key=lambda p: p.stat().st_mtime) if RUNS_DIR.is_dir() else []
     for db in reversed(runs):
         try:
-            if TrialStore(db.parent, create=False).trials():
+            if has_trials(db.parent):
                 return db.parent
         except MuaError:
             continue
@@ -125,14 +125,11 @@ def sweep(
     """
     with user_errors():
         if device == "cpu" or (device == "auto" and not gpu_device_files()):
-            from ..sweep.pool import start_worker_server
+            from ..api import start_process_server
 
-            start_worker_server()  # before this process imports torch: the two import side by side
+            start_process_server()  # before this process imports torch: the two import side by side
+        from ..api import Execution, load_trials, resolve_device, run_sweep
         from ..spec.recipe import load_recipe
-        from ..sweep.execute import Execution
-        from ..sweep.run import run_sweep
-        from ..sweep.runner import resolve_device
-        from ..sweep.store import load_trials
         from .report import sweep_table
 
         r = load_recipe(recipe, **(overrides or {}))
@@ -298,10 +295,7 @@ def worker(
       mua worker --out runs/tiny --study mua --device cpu
     """
     with user_errors():
-        from ..sweep.execute import Execution
-        from ..sweep.runner import resolve_device
-        from ..sweep.store import TrialStore
-        from ..sweep.worker import join
+        from ..api import Execution, resolve_device, work
         from .progress import RichListener
 
         if storage is None and out is None and not os.environ.get("MUA_STORAGE"):
@@ -310,14 +304,12 @@ def worker(
         if dev == "cuda":
             dev = "cuda:0"  # one worker, one GPU: start one per GPU with --device cuda:N
 
-        def open_store() -> TrialStore:
-            return TrialStore(out or RUNS_DIR / study, storage, create=False, study=study)
-
         console, _ = consoles(quiet)
         listener = RichListener(console, live=not quiet and console.is_terminal, notes=not quiet)
         try:
             with listener:
-                summary = join(open_store, dev, listener, Execution(dev, 0, batch_trials, cuda_graphs), wait)
+                ex = Execution(dev, 0, batch_trials, cuda_graphs)
+                summary = work(out or RUNS_DIR / study, storage, study, dev, listener, ex, wait)
         except KeyboardInterrupt:
             Console(stderr=True).print("[yellow]interrupted:[/] the trials in hand went back to the queue")
             raise typer.Exit(130) from None

@@ -6,8 +6,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
+from ..api import Listener
 from ..spec.trial import TrialResult, TrialSpec
-from ..sweep.run import Listener
 
 
 class RichListener(Listener):

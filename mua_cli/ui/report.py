@@ -156,7 +156,7 @@ def full_table(fit) -> Table | None:
     """Full finetuning: B:1's η* as the study's rule reads it, the study's B:1 / full ratio, the prediction, and
     beside them what the run measured. Every number `mua transfer --to full-ft` quotes is here, under one name."""
     from ..errors import MuaError
-    from ..science.full_ft import full_anchor, predict_full, study_ratio_interval
+    from ..science.full_ft import full_anchor, predict_full, study_ratio
 
     b1 = fit.regimes.get("B:1")
     if b1 is None or not b1.ranks_used:
@@ -166,7 +166,8 @@ def full_table(fit) -> Table | None:
     except MuaError:
         return None
     ref, _, label, _ = full_anchor(b1)
-    lo, hi = study_ratio_interval()
+    sr = study_ratio(fit, b1)
+    lo, hi = sr.interval
     f = Table(title="full finetuning: B:1's η* ÷ the study's B:1 / full ratio (μA's raw rule: ratio 1)")
     for col in (label, "study's B:1 / full", "predicted full-ft η*", "measured full-ft η*", "measured B:1 / full",
                 "predicted / measured"):  # fmt: skip
@@ -174,15 +175,16 @@ def full_table(fit) -> Table | None:
     c = fit.full_vs_b1
     f.add_row(
         _lr(2.0**ref),
-        f"{2**cal.B1_OVER_FULL_LOG2:.3g} {_interval(lo, hi)}",
+        f"{sr.ratio:.3g} {_interval(lo, hi)}",
         f"{_lr(pred.lr)} {_interval(pred.lo, pred.hi)}",
         "—" if c is None else f"{_lr(c.full_lr)} {_interval(*c.full_interval)}",
         "—" if c is None else f"{c.ratio:.3g} {_interval(*c.ratio_interval)}",
         "—" if c is None else f"{pred.lr / c.full_lr:.2f}",
     )
+    model = f" (its model's value at {sr.basis})" if sr.basis else ""
     f.caption = (
-        f"study's ratio: {cal.B1_OVER_FULL_N} workloads of {cal.B1_OVER_FULL_FAMILIES} model families, 95 % interval "
-        f"for a new workload (docs/validation.md); intervals are 95 %"
+        f"study's ratio{model}: {cal.B1_OVER_FULL_N} workloads of {cal.B1_OVER_FULL_FAMILIES} model families, "
+        f"95 % interval for a new workload (docs/validation.md); intervals are 95 %"
     )
     return f
 

@@ -1,4 +1,4 @@
-"""Runs trials on one device: loads the base model and the data once, then one unit of work after another
+"""Trains on one device: the base model and the data loaded once (`Trainer.load`), then one unit of work after another
 (a unit is one trial, or several LoRA trials that differ only in LR and train side by side: train/stacked.py).
 
 Out of GPU memory is never a trial's result. A unit that runs out is split in halves until single trials
@@ -12,7 +12,9 @@ from __future__ import annotations
 import gc
 import math
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 
@@ -95,24 +97,39 @@ def clashed(result: TrialResult) -> bool:
     return result.status == "failed" and any(m in (result.error or "") for m in CAPTURE_CLASH)
 
 
-class TrialRunner:
-    def __init__(self, recipe: Recipe, device: str, listener=None, graphs: bool = True, fused: bool = True):
-        self.recipe, self.device, self.graphs = recipe, device, graphs
-        self.on_step, self.on_note = getattr(listener, "step", None), getattr(listener, "note", None)
-        if device.startswith("cuda:"):
-            torch.cuda.set_device(device)  # CUDA graphs and streams are made on the current device
-        work = load_workload(recipe, device, on_note=self.on_note)
-        self.base, self.data, self.notes = work.base, work.task, work.notes  # data: a task (tasks.py)
-        self.base.requires_grad_(False)
-        if device.startswith("cuda"):
-            self.base.to(device)  # once, not per trial: each trial's copy is then made on the GPU
-        # each trial's model is a copy of the base, so it inherits the base's fused kernels
-        self._unfuse = fuse(self.base, device, self.on_note) if fused else lambda: None
+class Callbacks(NamedTuple):
+    """One unit's: `on_step(step, loss)` as it trains (raising there stops it), `on_note(message)`."""
+
+    on_step: Callable[[int, float], None] | None
+    on_note: Callable[[str], None] | None
+
+
+class Trainer:
+    """One device's workload, loaded once, and the units it trains. `on_note`: where what it does besides
+    training is said; each unit gets its own callbacks (a slot's thread routes them to the main thread)."""
+
+    def __init__(self, recipe: Recipe, device: str, base, data, notes, graphs: bool, on_note=None, unfuse=None):
+        self.recipe, self.device, self.graphs, self.on_note = recipe, device, graphs, on_note
+        self.base, self.data, self.notes = base, data, notes  # data: a task (tasks.py)
+        self._unfuse = unfuse or (lambda: None)
         self.share = gpu_share(device)
         self.batchable = True  # until a unit finds a part of the model that trials cannot share (train/stacked.py)
 
+    @classmethod
+    def load(cls, recipe: Recipe, device: str, on_note=None, graphs: bool = True, fused: bool = True) -> Trainer:
+        """Loads the recipe's workload onto `device` (the base once, not per trial: each trial's copy is then made
+        there), and fuses its kernels where asked (each trial's model, a copy of the base, inherits them)."""
+        if device.startswith("cuda:"):
+            torch.cuda.set_device(device)  # CUDA graphs and streams are made on the current device
+        work = load_workload(recipe, device, on_note=on_note)
+        work.base.requires_grad_(False)
+        if device.startswith("cuda"):
+            work.base.to(device)
+        unfuse = fuse(work.base, device, on_note) if fused else None
+        return cls(recipe, device, work.base, work.task, work.notes, graphs, on_note, unfuse)
+
     def close(self) -> None:
-        """Undoes what fusing the kernels changed beyond this runner's models (fused.py)."""
+        """Undoes what fusing the kernels changed beyond this trainer's models (fused.py)."""
         self._unfuse()
 
     @property
@@ -135,59 +152,61 @@ class TrialRunner:
 
         return estimate(self.base, self.data, self.recipe, rank)
 
-    def run(self, spec: TrialSpec, graphs: bool | None = None) -> TrialResult:
+    def run(self, spec: TrialSpec, graphs: bool | None = None, on_step=None, on_note=None) -> TrialResult:
         graphs = self.graphs if graphs is None else graphs
-        return run_trial(spec, self.base, self.data, self.recipe, self.device, self.on_step, graphs, self.on_note)
+        return run_trial(spec, self.base, self.data, self.recipe, self.device, on_step, graphs, on_note)
 
-    def run_unit(self, unit: list[TrialSpec]) -> list[TrialResult]:
-        results = self._run_unit(unit)
+    def run_unit(self, unit: list[TrialSpec], on_step=None, on_note=None) -> list[TrialResult]:
+        """The unit's results, in its order. `on_step(step, loss)`: called as it trains (raising there stops the
+        unit: nothing of it is kept); `on_note`: this unit's notes (the trainer's own where None)."""
+        results = self._run_unit(unit, Callbacks(on_step, on_note or self.on_note))
         if self.device.startswith("cuda"):  # the GPU's high-water mark so far (every slot on it), stored with the trial
             peak = torch.cuda.max_memory_allocated(self.device) / 2**30
             for r in results:
                 r.info["peak_memory_gib"] = round(peak, 2)
         return results
 
-    def _run_unit(self, unit: list[TrialSpec]) -> list[TrialResult]:
+    def _run_unit(self, unit: list[TrialSpec], cb: Callbacks) -> list[TrialResult]:
         if len(unit) > 1 and not self.batchable:
-            return [r for spec in unit for r in self._run_unit([spec])]
-        out = self._attempt(unit, self.graphs, alone=False)
+            return [r for spec in unit for r in self._run_unit([spec], cb)]
+        out = self._attempt(unit, self.graphs, False, cb)
         if out is not None and self.device.startswith("cuda") and any(map(clashed, out)):
-            if self.on_note:
-                self.on_note(f"{unit[0].label}: a CUDA call met another slot's graph capture; it ran again with the "
-                             "GPU to itself")  # fmt: skip
-            out = self._attempt(unit, self.graphs, alone=True)
+            if cb.on_note:
+                cb.on_note(f"{unit[0].label}: a CUDA call met another slot's graph capture; it ran again with the "
+                           "GPU to itself")  # fmt: skip
+            out = self._attempt(unit, self.graphs, True, cb)
         if out is not None:
             return out
         if len(unit) > 1:
             half = len(unit) // 2
-            return self._run_unit(unit[:half]) + self._run_unit(unit[half:])
+            return self._run_unit(unit[:half], cb) + self._run_unit(unit[half:], cb)
         tries = [(False, False), (True, True), (True, False)] if self.graphs else [(True, False)]
         for alone, graphs in tries:
-            out = self._attempt(unit, graphs, alone)
+            out = self._attempt(unit, graphs, alone, cb)
             if out is not None:
                 how = "eager steps" if not graphs else "CUDA graphs"
-                if self.on_note:
-                    self.on_note(f"{unit[0].label} ran out of GPU memory; it ran again with {how}"
-                                 + (", the GPU to itself" if alone else ""))  # fmt: skip
+                if cb.on_note:
+                    cb.on_note(f"{unit[0].label} ran out of GPU memory; it ran again with {how}"
+                               + (", the GPU to itself" if alone else ""))  # fmt: skip
                 return out
         return [self._too_big(unit[0])]
 
-    def _attempt(self, unit: list[TrialSpec], graphs: bool, alone: bool) -> list[TrialResult] | None:
+    def _attempt(self, unit: list[TrialSpec], graphs: bool, alone: bool, cb: Callbacks) -> list[TrialResult] | None:
         """The unit's results, or None if it ran out of GPU memory (its memory freed before returning) or cannot
         be batched."""
         oom = False
         with self.share.alone() if alone else self.share.shared():
             try:
                 if len(unit) == 1:
-                    return [self.run(unit[0], graphs)]
-                return run_batched(unit, self.base, self.data, self.recipe, self.device, self.on_step, graphs,
-                                   self.on_note)  # fmt: skip
+                    return [self.run(unit[0], graphs, cb.on_step, cb.on_note)]
+                return run_batched(unit, self.base, self.data, self.recipe, self.device, cb.on_step, graphs,
+                                   cb.on_note)  # fmt: skip
             except torch.cuda.OutOfMemoryError:
                 oom = True
             except NotBatchable as e:
                 self.batchable = False
-                if self.on_note:
-                    self.on_note(f"LoRA trials run one by one: {e}")
+                if cb.on_note:
+                    cb.on_note(f"LoRA trials run one by one: {e}")
                 return None
         if oom:  # out of the except block: the failed step's frames, and the tensors they hold, are gone
             gc.collect()
@@ -197,10 +216,11 @@ class TrialRunner:
     def _too_big(self, spec: TrialSpec) -> TrialResult:
         from .memory import usable_bytes, what_fits
 
-        mem = self.memory(None if spec.regime == FULL else spec.rank)
-        usable = usable_bytes(self.device)
-        held = torch.cuda.memory_allocated(self.device) / 2**30
-        error = (f"OutOfMemoryError: one trial alone does not fit on {self.device}, eager or graphed, with the GPU "
+        t = self
+        mem = t.memory(None if spec.regime == FULL else spec.rank)
+        usable = usable_bytes(t.device)
+        held = torch.cuda.memory_allocated(t.device) / 2**30
+        error = (f"OutOfMemoryError: one trial alone does not fit on {t.device}, eager or graphed, with the GPU "
                  f"to itself ({mem.describe(1)} estimated, {usable / 2**30:.1f} GiB usable, {held:.2f} GiB held "
-                 f"by this process's models); {what_fits(mem, usable, self.recipe.optim.batch_size)}")  # fmt: skip
-        return TrialResult("failed", math.nan, device=self.device, error=error)
+                 f"by this process's models); {what_fits(mem, usable, t.recipe.optim.batch_size)}")  # fmt: skip
+        return TrialResult("failed", math.nan, device=t.device, error=error)
