@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from mua_cli.errors import MuaError
 from mua_cli.spec.recipe import load_recipe
+from mua_cli.sweep.store import DB_NAME, load_trials
 from mua_cli.sweep.stream import run_sweep
-from mua_cli.sweep.store import DB_NAME, intermediate_values, load_trials
-from mua_cli.sweep.trackers import trial_name
+from mua_cli.sweep.trackers import intermediate_values, trial_name
 from mua_cli.ui.cli import app
 
 

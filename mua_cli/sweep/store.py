@@ -31,6 +31,7 @@ from ..errors import MuaError
 from ..science.theory import FULL, MAX_RANK, REGIMES
 from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
+from .trackers import intermediate_values
 from .urls import check_driver, connection_problem, redact, scrub, with_driver
 
 STUDY = "mua"  # every run's study before they were named after their folders; such runs are read as they are
@@ -52,9 +53,7 @@ def storage_url(run_dir: Path, storage: str | None = None) -> str:
 
 
 def study_name(run_dir: Path) -> str:
-    """A run's own study: named after its folder, so that the studies of many runs stay apart in optuna-dashboard
-    and in one storage URL. A store that already holds one study (a run made when every study was `mua`, or a
-    folder renamed since) keeps its name."""
+    """A run's own study, named after its folder (apart in optuna-dashboard; a store's one study keeps its name)."""
     return Path(run_dir).resolve().name or STUDY
 
 
@@ -272,18 +271,6 @@ class TrialStore:
                     self.study.set_user_attr(k, v)
         except STORAGE_ERRORS as e:
             raise self._error(e, "write") from None
-
-
-MAX_CURVE_POINTS = 500
-
-
-def intermediate_values(curve: list[float]) -> dict[int, float]:
-    """A trial's training loss by step (0-based), as Optuna's intermediate values, so optuna-dashboard draws
-    each trial's curve. At most MAX_CURVE_POINTS steps, evenly spaced, the last always kept; non-finite losses
-    (the step a trial diverged) are left out."""
-    every = max(1, math.ceil(len(curve) / MAX_CURVE_POINTS))
-    steps = [*range(0, len(curve), every), *([len(curve) - 1] if curve and (len(curve) - 1) % every else [])]
-    return {i: float(curve[i]) for i in steps if math.isfinite(curve[i])}
 
 
 def meta(recipe: Recipe, spec: TrialSpec) -> dict:
