@@ -47,7 +47,7 @@ def keep_run(run_dir: Path) -> None:
     from mua_cli.sweep.store import TrialStore
 
     rows = json.loads(export_trials(run_dir, "json"))
-    info = TrialStore(run_dir, create=False).info()
+    info = TrialStore.open(run_dir).info()
     head = json.dumps({"run": Path(run_dir).resolve().name, "info": info}, sort_keys=True)[:-1]
     trials = ",\n".join(json.dumps(r, sort_keys=True) for r in rows)  # one trial a line: a readable diff
     STORED.write_text(f'{head}, "trials": [\n{trials}\n]}}\n')
@@ -65,7 +65,7 @@ def rebuild_run(where: Path, stored: Path = STORED) -> Path:
 
     doc = json.loads(stored.read_text())
     run_dir = where / "runs" / doc["run"]
-    store = TrialStore(run_dir)
+    store = TrialStore.create(run_dir)
     for row in doc["trials"]:
         spec = TrialSpec(row["regime"], int(row["rank"]), float(row["lr"]), int(row["seed"]), row["key"])
         result = TrialResult(**{k: row.get(k) for k in RESULT_FIELDS if k in row})
