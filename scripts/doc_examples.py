@@ -113,19 +113,24 @@ def refresh(paths=DOCS, check: bool = False, stored: Path = STORED) -> list[str]
         old_cache = os.environ.get("MUA_CACHE")
         os.environ["MUA_CACHE"] = str(Path(tmp) / "cache")
         try:
-            rebuild_run(Path(tmp), stored)
+            built = False
             for path in paths:
                 if not path.is_file():
                     continue
                 text = path.read_text()
 
                 def fill(m: re.Match, path=path) -> str:
+                    nonlocal built
                     cmd = m["cmd"]
+                    if not built and cmd.split()[:2] not in (["mua", "theory"], ["mua", "recipes"]):
+                        rebuild_run(Path(tmp), stored)  # the commands that read a run: only where there are some
+                        built = True
                     if cmd not in outputs:
                         outputs[cmd] = render(cmd, Path(tmp))
                     if m["body"] != outputs[cmd]:
                         diff = difflib.unified_diff(m["body"].splitlines(), outputs[cmd].splitlines(), lineterm="")
-                        drift.append(f"{path.relative_to(ROOT)}: `{cmd}`\n" + "\n".join(diff))
+                        where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+                        drift.append(f"{where}: `{cmd}`\n" + "\n".join(diff))
                     return m.group(1) + outputs[cmd] + m.group(4)
 
                 new = BLOCK.sub(fill, text)
