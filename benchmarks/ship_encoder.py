@@ -52,11 +52,17 @@ def main() -> int:
     folder = encoder.SHIPPED_DIR / encoder.folder_name()
     losses: list[float] = []
     t0, c0 = time.perf_counter(), time.process_time()
-    model = encoder.pretrain(on_step=lambda step, loss: losses.append(loss))
+
+    def step(i: int, loss: float) -> None:
+        losses.append(loss)
+        if (i + 1) % 100 == 0:
+            print(f"step {i + 1}: masked-LM loss {sum(losses[-100:]) / 100:.3f}", flush=True)
+
+    model = encoder.pretrain(on_step=step)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     head, tail = sum(losses[:20]) / 20, sum(losses[-50:]) / 50
     print(
-        f"pretrained {len(losses)} steps in {wall:.0f} s ({cpu:.0f} s CPU, {torch.get_num_threads()} threads); "
+        f"pretrained {len(losses)} steps in {wall:.0f} s ({cpu:.0f} s CPU, one thread); "
         f"masked-LM loss {head:.2f} (first 20 steps) -> {tail:.2f} (last 50); "
         f"held-out masked-byte accuracy {masked_accuracy(model):.1%}"
     )

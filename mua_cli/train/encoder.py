@@ -154,7 +154,17 @@ def mask_batch(ids: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, tor
 
 
 def pretrain(steps: int | None = None, on_step=None):
-    """Masked-LM pretraining on the CPU, seeded: the same settings give the same weights on the same machine."""
+    """Masked-LM pretraining on the CPU, seeded and on one thread: the same weights on any number of cores of one
+    machine (another CPU or torch may round differently: `benchmarks/ship_encoder.py --check` says)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small gains little from more, and one thread fixes the sums' order
+    try:
+        return _pretrain(steps, on_step)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(steps: int | None, on_step):
     from transformers import RobertaConfig, RobertaForMaskedLM
 
     p = PRETRAIN
