@@ -3,6 +3,7 @@
     python benchmarks/cls_speed.py [--only minilm,minilm-text,vit-base] [--steps 100] [--device cuda:0]
         [--model PATH --data PATH]   # minilm with other weights and labelled data (e.g. a real checkpoint)
         [--out FILE]                 # default benchmarks/out/cls_speed-<UTC time>.json (benchmarks/record.py)
+    python benchmarks/cls_speed.py --text-stats   # minilm-text's corpus: texts, classes, lengths in tokens
 
 The workloads' builders here are also gpu_speed.py's (which races them as a user runs mua: `mua sweep`, `mua
 fit`, `mua transfer`). Built with random weights (step time does not depend on them; the hubs are out of reach):
@@ -135,7 +136,9 @@ def wordpiece(texts: list[str], vocab_size: int):
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.train_from_iterator(
+        texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    )
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
@@ -175,6 +178,7 @@ def text_stats(model: Path, data: Path) -> dict:
     labels = sorted({r["label"] for r in rows})
     return {"texts": len(rows), "classes": len(labels), "labels": labels, "tokens_min": lengths[0],
             "tokens_p10": q(0.1), "tokens_median": q(0.5), "tokens_p90": q(0.9), "tokens_max": lengths[-1],
+            "share_64_to_128": round(sum(64 <= x <= 128 for x in lengths) / len(lengths), 3),
             "share_over_128": round(sum(x > 128 for x in lengths) / len(lengths), 3)}  # fmt: skip
 
 
@@ -362,7 +366,18 @@ def main() -> None:
     ap.add_argument("--workers-per-gpu", type=int, default=0, help="mua's slots (0: its own choice)")
     ap.add_argument("--batch-trials", type=int, default=0, help="mua's trials per pass (0: its own choice)")
     ap.add_argument("--out", help="the JSON file (default: benchmarks/out/cls_speed-<UTC time>.json)")
+    ap.add_argument("--text-stats", action="store_true", help="print minilm-text's corpus (texts, classes, "
+                    "lengths in tokens) and exit")  # fmt: skip
     args = ap.parse_args()
+    if args.text_stats:
+        with tempfile.TemporaryDirectory() as d:
+            rows = docstring_texts()
+            wordpiece([r["text"] for r in rows], 30522).save_pretrained(Path(d) / "model")
+            (Path(d) / "texts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            stats = text_stats(Path(d) / "model", Path(d) / "texts.jsonl")
+            counts = {x: sum(r["label"] == x for r in rows) for x in stats["labels"]}
+            print(json.dumps({**stats, "per_class": counts, "python": sys.version.split()[0]}))
+        return
     rec = Recording("cls_speed")
     print(rec.header(), flush=True)
     ex = Execution(args.device, args.workers_per_gpu, args.batch_trials)

@@ -38,8 +38,9 @@ from mua_cli import api  # noqa: E402
 from mua_cli.spec.recipe import load_recipe  # noqa: E402
 from mua_cli.spec.trial import TrialResult  # noqa: E402
 from mua_cli.sweep import grid, plan, stream  # noqa: E402
+from mua_cli.sweep.plan import meta  # noqa: E402
 from mua_cli.sweep.sizing import Execution  # noqa: E402
-from mua_cli.sweep.store import TrialStore, frame, meta  # noqa: E402
+from mua_cli.sweep.store import TrialStore, frame  # noqa: E402
 
 SLOTS = 2
 

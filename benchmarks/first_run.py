@@ -20,7 +20,7 @@ a CPU second of a one-thread process is a second of work wherever the other prog
 4. start: a worker process's start alone (Python, torch, transformers, peft and the model), and the embedded
    model loaded from the weights shipped in the package against pretraining it (600 steps, one thread).
 6. cpu: where a trial's CPU time goes by kernel, and the heap setting. In fresh processes, alternately, one
-   trial (B:1, ranks 16 and 64) at one thread with and without `keep_freed_memory` (sweep/execute.py): wall
+   trial (B:1, ranks 16 and 64) at one thread with and without `keep_freed_memory` (sweep/sizing.py): wall
    seconds, minor page faults, and whether the metric is the same to the last bit; torch.profiler's share of
    the trial's CPU time in matrix multiplies (aten::mm, addmm, bmm and their in-place forms); and the rate one
    thread reaches on the trial's largest GEMM ([512, 128] × [128, 344], the MLP's) alone.
@@ -207,11 +207,12 @@ def start_costs(pretrain_too: bool) -> dict:
 def worker_starts(repeats: int) -> dict:
     """Seconds from a CPU worker process's start to its model loaded (pool.slot_process's "ready"), alternately
     spawned (a fresh interpreter importing torch, transformers and peft) and forked by the forkserver that `mua
-    sweep` starts at its beginning (pool.process_context), the server's own start not counted."""
+    sweep` starts at its beginning (forkserver.process_context), the server's own start not counted."""
     import torch.multiprocessing as mp
 
     from mua_cli.spec.recipe import load_recipe
-    from mua_cli.sweep.pool import process_context, slot_process, start_process_server
+    from mua_cli.sweep.forkserver import process_context, start_process_server
+    from mua_cli.sweep.pool import slot_process
 
     recipe = load_recipe("tiny")
 

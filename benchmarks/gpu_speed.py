@@ -618,7 +618,7 @@ def legacy_table(reports: list[dict]) -> str:
             f"{r['plain_peak_gib']} / {r['mua_peak_gib']} | {floor} |"
         )
     if rows := latest(reports, "scaling"):
-        lines += ["", "mua's sweep on one GPU and on all of them (`--scaling`; see the pool in execute.py):", "",
+        lines += ["", "mua's sweep on one GPU and on all of them (`--scaling`; see sweep/slots.py and pool.py):", "",
                   "| workload | trials × steps | GPUs | one GPU s (startup) | all GPUs s (startup) | scaling | "
                   "after startup | same best LRs |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {r['workload']} | {r['trials']} × {r['steps']} | {r['gpus']} | {r['one_gpu_s']} "
@@ -660,8 +660,8 @@ def markdown(reports: list[dict]) -> str:
                         if r.get("bf16_matmul_8192_tflops") else ""))  # fmt: skip
     if rows := latest(reports, "races"):
         lines += ["", "| workload | params | trials × steps | mua sweep s | plain s | trials/h mua / plain | ratio | "
-                  "mua answer s (fit + transfer) | plain answer s | ratio | start-up s | device busy | failed | best LR "
-                  "±1 step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "mua answer s (fit + transfer) | plain answer s | ratio | start-up s | device busy | failed | "
+                  "best LR ±1 step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in rows:
             busy = ", ".join(f"{v['busy_share']:.0%}" for v in r["timeline"].get("devices", {}).values()
                              if v.get("busy_share") is not None)  # fmt: skip
@@ -701,6 +701,7 @@ def summary(doc: dict) -> str:
         out.append(table(doc["mfu"], ["workload", "plain_step_ms", "mua_step_ms", "mua_mfu_datasheet", "speedup"]))
     for r in doc.get("scaling", []):
         out.append(table(r["runs"], ["gpus", "trials", "sweep_s", "x_one_gpu", "answer_s", "same_best_lrs"]))
+    out += [f"{e['workload']}: {e['error']}" for e in doc.get("errors", [])]
     return "\n\n".join(out)
 
 
@@ -774,8 +775,12 @@ def main() -> None:
             if device.startswith("cuda"):
                 peak = matmul_rate()
                 rec.set("bf16_matmul_8192_tflops", round(peak / 1e12, 1))
-                rec.add("mfu", mfu("350m", steps, peak, not args.no_cuda_graphs, not args.no_fused_kernels))
-                print(json.dumps(rec.doc["mfu"][-1]), flush=True)
+                try:
+                    rec.add("mfu", mfu("350m", steps, peak, not args.no_cuda_graphs, not args.no_fused_kernels))
+                    print(json.dumps(rec.doc["mfu"][-1]), flush=True)
+                except Exception as e:  # recorded beside the races already measured, not lost with them
+                    rec.add("errors", {"workload": "350m", "error": f"{type(e).__name__}: {e}"[:2000]})
+                    print(rec.doc["errors"][-1]["error"], flush=True)
             else:
                 rec.add("errors", {"workload": "350m", "error": "the MFU case needs a CUDA device"})
             path = rec.save(args.out)

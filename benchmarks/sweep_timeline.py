@@ -8,7 +8,8 @@ is created finished), and mua's `wall_time` (seconds from the start of the trial
 by the group's size `info.batched_with`) and `device`. So a unit of work (one trial, or one batched group) ran on
 its device over [stored − wall_time · batched_with, stored]; trials of one group cover the same interval. Every
 stored trial counts, the failed ones a sweep ran again included: they held the device too. A trial that carries
-its own `started_at` (epoch seconds) in its user attributes or `info` is taken at its word instead.
+its own `started_at` (epoch seconds) in its user attributes or `info` is taken at its word instead, and so is
+`info.finished_at` (sweep/trainer.py records both: a trial that rode along in a unit is stored when asked for).
 
 A device is busy while at least one unit is in flight on it (several slots of one GPU overlap); that counts the
 unit's own set-up on the CPU (its model built, its graph captured) as busy, so busy is an upper bound of the
@@ -68,12 +69,13 @@ def stored_trials(run_dir: Path) -> list[dict]:
         k = int(info.get("batched_with", 1) or 1)
         wall = float(a.get("wall_time") or 0.0)
         end = t.datetime_complete.timestamp()  # Optuna's naive local time, as time.time() counts
+        end = float(info.get("finished_at", end))  # a trial that rode along in a unit is stored when asked for
         own = a.get("started_at", info.get("started_at"))
         start = float(own) if own is not None else end - wall * k
         out.append({"number": t.number, "device": str(a.get("device", "?")), "start": start, "end": end,
                     "batched_with": k, "status": a.get("status"), "regime": t.params.get("regime"),
                     "rank": t.params.get("rank"), "lr": t.params.get("lr"),
-                    "slot": a.get("slot", info.get("slot"))})  # fmt: skip
+                    "slot": a.get("slot", info.get("slot")), "own_start": own is not None})  # fmt: skip
     return sorted(out, key=lambda r: r["start"])
 
 
@@ -156,8 +158,8 @@ def timeline(
         "sweep_s": r(sweep_s), "answer_s": r(answer - start) if answer is not None else None,
         "gap_s": gap, "devices": per_device, "idle_s_by_kind": idle_by_kind, "phases": phases,
         "units": [[t["device"], r(t["start"] - start), r(t["end"] - start), t["batched_with"]] for t in trials],
-        "source": "Optuna datetime_complete − wall_time × batched_with" if not any(
-            "started_at" in str(t) for t in trials) else "trials' started_at",
+        "source": "the trials' own started_at" if all(t["own_start"] for t in trials)
+        else "Optuna's datetime_complete less wall_time × batched_with",
     }  # fmt: skip
 
 

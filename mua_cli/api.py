@@ -29,14 +29,14 @@ from .sweep.stream import run_sweep as _run_sweep
 __all__ = [
     "Execution", "FitResult", "Listener", "MuaError", "Prediction", "Recipe", "SweepSummary",
     "apply_regime", "export_trials", "fit", "fit_run", "has_trials", "load_recipe", "load_trials", "lora_config",
-    "predict", "refit", "resolve_device", "run_sweep", "start_process_server", "work",
+    "predict", "preview_sweep", "refit", "resolve_device", "run_sweep", "start_process_server", "work",
 ]  # fmt: skip
 
 
 def start_process_server() -> None:
-    """Starts the server the CPU's slot processes fork from, before this process imports torch (sweep/pool.py):
+    """Starts the server the CPU's slot processes fork from, before this process imports torch (sweep/forkserver.py):
     the two import side by side. Harmless where none is used."""
-    from .sweep.pool import start_process_server as start
+    from .sweep.forkserver import start_process_server as start
 
     start()
 
@@ -60,6 +60,17 @@ def work(run_dir: str | Path, storage: str | None, study: str, device: str, list
     from .sweep.worker import join
 
     return join(Path(run_dir), storage, study, device, listener or Listener(), execution, wait_s)
+
+
+def preview_sweep(recipe: Recipe, run_dir: str | Path, device: str = "cpu", storage: str | None = None,
+                  study: str | None = None):  # fmt: skip
+    """`mua sweep --dry-run`: every check a sweep makes before its first trial, and its plan (trials, memory per
+    slot, time), with nothing trained or written (sweep/preview.py)."""
+    from .spec.data_identity import no_cache_writes
+    from .sweep.preview import preview
+
+    with no_cache_writes():
+        return preview(recipe, Path(run_dir), device, storage=storage, study=study)
 
 
 def save_text(path: Path, text: str, on_note: Callable[[str], None] | None = None) -> bool:

@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mua_cli.science import calibration as cal  # noqa: E402
+from mua_cli.science.anchor import ANCHORS, anchor_value  # noqa: E402
 from mua_cli.science.fit import FitResult, RegimeFit, fit_regime, fit_run  # noqa: E402
-from mua_cli.science.full_ft import ANCHORS, anchor_value  # noqa: E402
 from mua_cli.science.rank_optima import Z95  # noqa: E402
 from mua_cli.science.theory import REGIMES  # noqa: E402
 

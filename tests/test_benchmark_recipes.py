@@ -56,7 +56,7 @@ def test_commit_from_the_environment_where_there_is_no_git(tmp_path, monkeypatch
     assert record.git_commit(tmp_path) == {"commit": "abc1234", "dirty": True, "from": "MUA_COMMIT"}
 
 
-def _store(run_dir: Path, units: list[tuple[str, float, float, int]], t0: datetime.datetime) -> None:
+def _store(run_dir: Path, units: list[tuple[str, float, float, int]], t0: datetime.datetime, own=False) -> None:
     """A run folder's trial store as the sweep writes it: each unit (device, start, end, k trials) stored at its
     end, each of its k trials with wall_time = its length / k."""
     run_dir.mkdir()
@@ -71,7 +71,7 @@ def _store(run_dir: Path, units: list[tuple[str, float, float, int]], t0: dateti
                 datetime_start=at, datetime_complete=at, params={"lr": lr},
                 distributions={"lr": optuna.distributions.FloatDistribution(1e-6, 1.0, log=True)},
                 user_attrs={"key": str(lr), "status": "ok", "wall_time": (end - start) / k, "device": device,
-                            "info": {"batched_with": k}},
+                            "info": {"batched_with": k, **({"started_at": t0.timestamp() + start - 1} if own else {})}},
                 system_attrs={}, intermediate_values={},
             ))  # fmt: skip
 
@@ -146,3 +146,14 @@ def test_gpu_speed_smoke_race_on_the_cpu(tmp_path):
         assert [p["phase"] for p in tl["phases"]][0] == "start-up" and tl["phases"][-1]["phase"] == "fit + transfer"
     assert races["minilm-text"]["data"]["classes"] == 3
     assert "x_answer" in proc.stdout and str(out) in proc.stdout
+
+
+def test_timeline_takes_a_trials_own_start(tmp_path):
+    """A trial that records when it started is taken at its word, not at its store time less its wall time (a
+    store can lag a unit's end)."""
+    t0 = datetime.datetime(2026, 12, 1, 12, 0, 0)
+    _store(tmp_path / "run", [("cuda:0", 2.0, 6.0, 2)], t0, own=True)
+    tl = sweep_timeline.timeline(tmp_path / "run", start=t0.timestamp())
+    assert tl["source"] == "the trials' own started_at"
+    assert tl["phases"][0]["to_s"] == 1  # 1 s before what its store time less its wall time says
+    assert sweep_timeline.timeline(tmp_path / "run")["trials"] == 2  # the start from recipe.yaml, else the first unit

@@ -10,7 +10,7 @@ import sys
 import yaml
 from conftest import TINY_TEST_RECIPE
 
-from mua_cli.sweep.pool import SLOT_IMPORTS, process_context
+from mua_cli.sweep.forkserver import SLOT_IMPORTS, process_context
 from mua_cli.sweep.store import load_trials
 
 MUA = [sys.executable, "-m", "mua_cli.ui.cli"]

@@ -210,7 +210,8 @@ def test_fit_json_round_trip_and_old_schema_refused():
 
 def test_full_vs_b1_is_measured_at_the_reference_rank():
     # B:1 falls with rank; full finetuning sits 1.5 octaves below B:1 at the reference rank
-    ref = LOG2C - 0.3 * math.log2(cal.FULL_REF_RANK)
+    rank = {"cell16": cal.FULL_REF_RANK, "cell-max": cal.FULL_SOURCE_MAX_RANK}.get(cal.FULL_ANCHOR, cal.FULL_REF_RANK)
+    ref = LOG2C - 0.3 * math.log2(rank)  # B:1 where the study's rule reads it
     fit = fit_run(trials({"B:1": -0.3}, seeds=(0, 1), noise=0.005, full_log2=ref - 1.5))
     assert fit.full.regime == "full" and fit.full.usable
     assert math.log2(fit.full.lo) - 1e-6 <= ref - 1.5 <= math.log2(fit.full.hi) + 1e-6

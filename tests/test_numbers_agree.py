@@ -21,10 +21,10 @@ RUN = Path(__file__).resolve().parent.parent / "studies" / "results" / "w512"
 NUMBER = re.compile(r"[-+−]?\d+(?:\.\d+)?(?:e[-+]?\d+)?%?")
 
 
-def stored(with_full: bool) -> pd.DataFrame:
+def stored(with_full: bool, ranks=(4, 16, 64)) -> pd.DataFrame:
     df = pd.read_csv(RUN / "trials.csv")
     df["recipe"] = [yaml.safe_load((RUN / "recipe.yaml").read_text())] * len(df)
-    keep = df["regime"].isin(["A:r", "B:1"]) & df["rank"].isin([4, 16, 64])
+    keep = df["regime"].isin(["A:r", "B:1"]) & df["rank"].isin(ranks)
     return df[keep | ((df["regime"] == "full") & with_full)]
 
 
@@ -43,10 +43,11 @@ def basis_lines(panel_text: str, answer: bool) -> str:
     return re.sub(r"\s*│\s*", " ", "\n".join(keep))
 
 
+@pytest.mark.parametrize("ranks", [(4, 16, 64), (4, 16, 64, 256)])
 @pytest.mark.parametrize("with_full", [False, True])
-@pytest.mark.parametrize("target", ["full-ft", 256])
-def test_every_number_transfer_quotes_is_in_the_fit_tables(with_full, target):
-    fit = fit_run(stored(with_full))
+@pytest.mark.parametrize("target", ["full-ft", 1024])
+def test_every_number_transfer_quotes_is_in_the_fit_tables(with_full, target, ranks):
+    fit = fit_run(stored(with_full, ranks))
     shown = text(*fit_tables(fit))
     if target == "full-ft":
         pred = predict_full(fit)
@@ -67,4 +68,18 @@ def test_the_ratio_has_one_direction_and_the_anchor_one_name():
     for t in (shown, quoted):
         assert "B:1 / full" in t and "full / B:1" not in t
         assert "±" not in t  # uncertainty is shown one way: 95 % intervals
-    assert "B:1's η* at rank 16" in shown and "B:1's η* at rank 16" in quoted
+    label = fit.full_vs_b1.anchor_label  # e.g. "B:1's η* at rank 64": a cell of the η* table, by its rank
+    assert label.startswith("B:1's η* at rank ") and label in shown and label in quoted
+
+
+def test_the_ratio_model_reads_b1s_slope_over_the_studys_source_ranks():
+    """A run that swept rank 256 gets the same study ratio as without it: the study read B:1's slope over ≤ 64."""
+    from mua_cli.science.full_ft import study_ratio
+
+    wide, narrow = fit_run(stored(False, (4, 16, 64, 256))), fit_run(stored(False, (4, 16, 64)))
+    a, b = study_ratio(wide, wide.regimes["B:1"]), study_ratio(narrow, narrow.regimes["B:1"])
+    assert a.log2 == pytest.approx(b.log2, abs=0.01)  # the noise is pooled over the ranks swept: not identical
+    if cal.B1_OVER_FULL_MODEL and "slope" in cal.B1_OVER_FULL_MODEL["columns"]:
+        shown = float(a.basis.split("≤ 64, ")[1].split(",")[0])
+        assert shown == pytest.approx(narrow.regimes["B:1"].slope, abs=0.002)
+        assert shown != pytest.approx(wide.regimes["B:1"].slope, abs=0.02)  # not the slope over ranks 4–256

@@ -88,8 +88,9 @@ def test_a_filled_sweep_fits_as_the_whole_grid_would(micro_recipe_path, tmp_path
     """The sweep runs fewer trials than the grid holds, and every η* and interval is the one the fit gives with
     the rest of the grid run as well."""
     from mua_cli.science.fit import fit_run
+    from mua_cli.sweep.plan import meta
     from mua_cli.sweep.sizing import Execution
-    from mua_cli.sweep.store import TrialStore, load_trials, meta
+    from mua_cli.sweep.store import TrialStore, load_trials
     from mua_cli.sweep.stream import run_sweep
     from mua_cli.train import loop as train
 
@@ -115,3 +116,110 @@ def test_a_filled_sweep_fits_as_the_whole_grid_would(micro_recipe_path, tmp_path
     again = run_sweep(recipe, tmp_path / "again", "cpu", execution=Execution("cpu", batch_trials=1))
     assert again.ran == len(swept)  # the same decisions from the same trials
     assert run_sweep(recipe, run, "cpu", execution=Execution("cpu", batch_trials=1)).ran == 0
+
+
+class FakeSlots:
+    """Slots that train nothing: each result from `loss`, handed back last-queued first (so that the groups'
+    trials come back interleaved, as from several slots), and the trials that may ride along run too where
+    `ride`. `log`: what was submitted and what came back, in order."""
+
+    def __init__(self, loss, ride=False):
+        self.loss, self.ride, self.queue, self.log, self.ran = loss, ride, [], [], []
+
+    def submit(self, specs, spare=()):
+        units = [[s] for s in [*specs, *(spare if self.ride else ())]]
+        self.log.append(("submit", [s for s in specs]))
+        self.queue.extend(s for u in units for s in u)
+        return units
+
+    def next(self):
+        spec = self.queue.pop()
+        self.ran.append(spec.key)
+        self.log.append(("done", spec))
+        return spec, self.loss(spec)
+
+    def close(self, interrupted=False): ...
+
+
+def _streamed(recipe, run, slots):
+    from mua_cli.sweep.sizing import Execution
+    from mua_cli.sweep.store import TrialStore
+    from mua_cli.sweep.stream import Listener, Sweep, SweepSummary
+
+    store = TrialStore.create(run)
+    sweep = Sweep(recipe, store, store.keys(final_only=True), SweepSummary(run), Listener(), Execution())
+    sweep.stream(slots, sweep.start())
+    return sweep
+
+
+def _by_rounds(recipe, run, loss):
+    """Round by round, as a shared study's planner decides: every round's trials in before the next is planned."""
+    from mua_cli.sweep.plan import Planner, meta
+    from mua_cli.sweep.store import TrialStore, frame
+
+    store, planner = TrialStore.create(run), Planner(recipe, set())
+    pending = planner.first()
+    while pending:
+        for spec in pending:
+            result = loss(spec)
+            store.add(spec, result, meta(recipe, spec))
+            planner.done.add(spec.key)
+            planner.record(spec, result)
+        pending = planner.next_round(lambda: frame(store))
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(seeds=2), dict(max_extend=2, lrs="2^-11:2^-7")])
+def test_the_stream_asks_for_what_the_rounds_ask_for(micro_recipe_path, tmp_path, extra):
+    """Each group moves on as soon as its own trials are in, the others' still running: the same trials, every
+    extension, refinement and extra seed, and so the same fit, as round by round."""
+    from mua_cli.science.fit import fit_run
+    from mua_cli.sweep.store import load_trials
+
+    kw = dict(ranks="2,4,16", regimes="A:r,B:1", lrs="2^-12:2^-2", max_extend=1) | extra
+    recipe = load_recipe(str(micro_recipe_path), **kw)
+    slots = FakeSlots(_synthetic)
+    sweep = _streamed(recipe, tmp_path / "stream", slots)
+    _by_rounds(recipe, tmp_path / "rounds", _synthetic)
+    streamed, rounds = load_trials(tmp_path / "stream"), load_trials(tmp_path / "rounds")
+    assert sorted(streamed["key"]) == sorted(rounds["key"]) and streamed["key"].is_unique
+    assert any(spec.seed >= recipe.sweep.seeds for _, specs in slots.log if _ == "submit" for spec in specs)
+    fit = {(o.regime, o.rank): (o.lr_star, o.lo, o.hi) for o in fit_run(streamed).optima}
+    assert fit == {(o.regime, o.rank): (o.lr_star, o.lo, o.hi) for o in fit_run(rounds).optima}
+    # it streamed: some group's next trials were queued while another group's first round was still out
+    first = {s.key for s in plan(recipe)}
+    out, early = set(first), False
+    for what, x in slots.log[1:]:
+        if what == "done":
+            out.discard(x.key)
+        elif out:
+            early = True
+    assert early
+    assert sweep.summary.ran == len(streamed)
+    again = FakeSlots(_synthetic)  # resumed when finished: nothing runs, nothing is added
+    assert _streamed(recipe, tmp_path / "stream", again).summary.ran == 0 and again.ran == []
+
+
+def test_trials_that_rode_along_are_stored_only_when_asked_for(micro_recipe_path, tmp_path):
+    """A batched pass takes the grid's other LRs along; the store gets exactly the trials the planner asks for,
+    those it asks for later come from what rode along without running again, and the rest are dropped."""
+    from mua_cli.sweep.store import load_trials
+
+    recipe = load_recipe(str(micro_recipe_path), ranks="2,16", regimes="A:r,B:1", lrs="2^-12:2^-2", max_extend=1)
+    plain, riding = FakeSlots(_synthetic), FakeSlots(_synthetic, ride=True)
+    _streamed(recipe, tmp_path / "plain", plain)
+    _streamed(recipe, tmp_path / "riding", riding)
+    a, b = load_trials(tmp_path / "plain"), load_trials(tmp_path / "riding")
+    assert sorted(a["key"]) == sorted(b["key"]) and b["key"].is_unique
+    assert len(riding.ran) == len(set(riding.ran))  # nothing ran twice
+    asked = [s.key for what, specs in riding.log if what == "submit" for s in specs]
+    assert len(asked) < len(b)  # some of what the planner asked for was in already, and was not queued
+    assert set(riding.ran) - set(b["key"])  # and some that rode along was never asked for: not stored
+
+
+def test_expected_total_guesses_the_default_sweep(micro_recipe_path):
+    from mua_cli.sweep.plan import expected_total
+
+    tiny = load_recipe("tiny")
+    assert expected_total(tiny) == 51  # it runs 52 (benchmarks/default_plan.json)
+    whole = load_recipe(str(micro_recipe_path), ranks="4", regimes="B:1", lrs="2^-10:2^-4", refine=0)
+    assert expected_total(whole) == len(grid_plan(whole))

@@ -124,8 +124,21 @@ def test_interrupted_pooled_sweep_stops_its_own_slot_and_resumes(micro_recipe_pa
     assert not [t for t in threading.enumerate() if t.name == "mua-cpu"]  # its thread (pool._Slot) has stopped
     stored = len(TrialStore.open(run).trials())
     assert 2 <= stored < 8
-    summary = run_sweep(recipe, run, "cpu", execution=pool)
+    class Record(Listener):  # what the CLI's progress reads: an ETA's denominator, the running trials' losses
+        def __init__(self):
+            self.guesses, self.losses = [], []
+
+        def expected(self, n):
+            self.guesses.append(n)
+
+        def loss(self, spec, step, loss):
+            self.losses.append((spec.key, step, loss))
+
+    seen = Record()
+    summary = run_sweep(recipe, run, "cpu", seen, execution=pool)
     assert summary.skipped == stored and summary.ran == 8 - stored
+    assert seen.guesses == [8]  # refine 0: the grid, as planned
+    assert seen.losses and all(math.isfinite(loss) for _, _, loss in seen.losses)
     df = load_trials(run)
     assert len(df) == 8 and df["key"].is_unique and (df["status"] == "ok").all()
 

@@ -171,3 +171,13 @@ def test_missing_tracker_library_is_one_line_before_any_trial(micro_recipe_path,
     with pytest.raises(MuaError, match=r"--report-to wandb needs the wandb package: pip install 'mua-cli\[wandb\]'"):
         run_sweep(_small(micro_recipe_path, report_to="wandb"), tmp_path / "run", "cpu")
     assert not (tmp_path / "run").exists()  # nothing left to pass for a run
+
+
+def test_a_shared_studys_trials_keep_their_loss_curves_too(micro_recipe_path, tmp_path):
+    """Trials finished through a shared study's queue (sweep/shared.py `finish`) store the same curve."""
+    run_sweep(_small(micro_recipe_path), tmp_path / "run", "cpu", study="shared")
+    study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'run' / DB_NAME}")
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 3
+    for t in done:
+        assert t.intermediate_values == dict(enumerate(t.user_attrs["loss_curve"]))

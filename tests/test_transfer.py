@@ -11,8 +11,8 @@ from synthetic import LOG2C, RECIPE, trials, truth
 
 from mua_cli.errors import MuaError
 from mua_cli.science import calibration as cal
-from mua_cli.science.fit import FitResult, anchor_value, fit_run
-from mua_cli.science.full_ft import predict_full
+from mua_cli.science.fit import FitResult, fit_run
+from mua_cli.science.full_ft import predict_full, study_ratio
 from mua_cli.science.transfer import CAVEAT, predict_rank
 
 
@@ -97,8 +97,13 @@ def test_rank_errors():
         predict_rank(fit, "A:1", 256, basis="measured")
 
 
+def anchor_rank() -> int:
+    """The rank whose B:1 cell the study's full-finetuning rule reads (calibration.FULL_ANCHOR)."""
+    return {"cell16": cal.FULL_REF_RANK, "cell-max": cal.FULL_SOURCE_MAX_RANK}.get(cal.FULL_ANCHOR, cal.FULL_REF_RANK)
+
+
 def test_full_ft_measured_beats_predicted():
-    ref = truth(LOG2C, -0.3, cal.FULL_REF_RANK)
+    ref = truth(LOG2C, -0.3, anchor_rank())  # B:1 at the anchor's rank; full finetuning 2 octaves below
     fit = fit_run(trials({"B:1": -0.3, "A:r": 0.0}, seeds=(0, 1), noise=0.005, full_log2=ref - 2.0))
     p = predict_full(fit)
     assert p.basis == "measured" and p.regime == "full" and inside(p, ref - 2.0)
@@ -106,7 +111,8 @@ def test_full_ft_measured_beats_predicted():
     ev = p.evidence
     assert ev["measured_full_lr"] == pytest.approx(p.lr)
     assert ev["predicted_basis"] == "study-offset"
-    assert ev["ratio_predicted_to_measured"] == pytest.approx(2 ** (2.0 - cal.B1_OVER_FULL_LOG2), rel=0.15)
+    study = study_ratio(fit, fit.regimes["B:1"])
+    assert ev["ratio_predicted_to_measured"] == pytest.approx(2 ** (2.0 - study.log2), rel=0.15)
     assert ev["b1_over_full"] == pytest.approx(4.0, rel=0.15) and ev["b1_over_full_from"] == "measured"
     lo, hi = ev["b1_over_full_interval"]
     assert lo < ev["b1_over_full"] < hi
@@ -116,32 +122,45 @@ def test_full_ft_measured_beats_predicted():
 
 
 def test_full_ft_without_full_trials_divides_the_anchor_by_the_study_ratio_labelled_empirical():
-    ref = truth(LOG2C, -0.3, cal.FULL_REF_RANK)
+    ref = truth(LOG2C, -0.3, anchor_rank())
     fit = fit_run(trials({"B:1": -0.3}, ranks=(4, 16, 64), seeds=(0, 1), noise=0.005))
     p = predict_full(fit)
     assert p.basis == "study-offset" and "empirical" in p.reason
-    assert math.log2(p.lr) == pytest.approx(ref - cal.B1_OVER_FULL_LOG2, abs=0.15)
-    assert half_width(p) >= 1.96 * cal.B1_OVER_FULL_SD * 0.99  # the ratio's spread is in the interval
-    ev = p.evidence  # the anchor is B:1's own rank-16 cell: the number `mua fit` shows for it
-    assert ev["b1_lr"] == pytest.approx(2 ** anchor_value(fit.regimes["B:1"], cal.FULL_ANCHOR)[0])
-    if cal.FULL_ANCHOR == "cell16":
-        cell = next(o for o in fit.optima_for("B:1") if o.rank == cal.FULL_REF_RANK)
-        assert ev["b1_lr"] == pytest.approx(cell.lr_star)
-    assert ev["b1_over_full"] == pytest.approx(2**cal.B1_OVER_FULL_LOG2) and ev["b1_over_full_from"] == "study"
+    study = study_ratio(fit, fit.regimes["B:1"])
+    assert math.log2(p.lr) == pytest.approx(ref - study.log2, abs=0.15)
+    assert half_width(p) >= 1.96 * study.se * 0.99  # the ratio's spread is in the interval
+    ev = p.evidence  # the anchor is one of B:1's own cells: the number `mua fit`'s η* table shows for it
+    cell = next(o for o in fit.optima_for("B:1") if o.rank == anchor_rank())
+    assert ev["b1_lr"] == pytest.approx(cell.lr_star) and ev["anchor"] == f"B:1's η* at rank {anchor_rank()}"
+    assert ev["b1_over_full"] == pytest.approx(study.ratio) and ev["b1_over_full_from"] == "study"
     assert p.lr == pytest.approx(ev["b1_lr"] / ev["b1_over_full"])
     raw = predict_full(fit, basis="muA-B:1")
     assert raw.basis == "muA-B:1" and "μA's raw rule" in raw.reason
     assert raw.lr > p.lr  # the raw 1:1 rule sits above: B:1 ≠ full in the study
 
 
+def test_full_ft_anchor_reads_the_studys_source_ranks_and_falls_back_to_the_line():
+    """A run that swept past rank 64 reads B:1 where the study did; one without the anchor's cell uses the line."""
+    wide = fit_run(trials({"B:1": -0.3}, ranks=(4, 16, 64, 256), seeds=(0, 1), noise=0.005))
+    p = predict_full(wide)
+    cell = next(o for o in wide.optima_for("B:1") if o.rank == anchor_rank())
+    assert p.evidence["b1_lr"] == pytest.approx(cell.lr_star)
+    low = fit_run(trials({"B:1": -0.3}, ranks=(2, 4, 8), seeds=(0, 1), noise=0.005))
+    q = predict_full(low)
+    assert q.evidence["anchor"] == f"B:1's fitted line at rank {anchor_rank()}"
+    assert any("stands in" in n for n in q.notes)
+    assert math.log2(q.evidence["b1_lr"]) == pytest.approx(truth(LOG2C, -0.3, anchor_rank()), abs=0.3)
+
+
 def test_full_ft_calibrated_on_a_proxy_run():
-    # proxy: another model whose full-ft optimum sits 1.2 octaves below its B:1 at the reference rank
-    proxy_ref = truth(-7.0, -0.2, cal.FULL_REF_RANK)
+    # proxy: another model whose full-ft optimum sits 1.2 octaves below its B:1 at the anchor's rank
+    r = anchor_rank()
+    proxy_ref = truth(-7.0, -0.2, r)
     proxy = fit_run(trials({"B:1": -0.2}, seeds=(0, 1), noise=0.005, log2c=-7.0, full_log2=proxy_ref - 1.2))
     target = fit_run(trials({"B:1": -0.3}, ranks=(4, 16, 64), seeds=(0, 1), noise=0.005))
     p = predict_full(target, calibration=proxy)
     assert p.basis == "calibrated" and "--calibrate run" in p.reason
-    assert math.log2(p.lr) == pytest.approx(truth(LOG2C, -0.3, cal.FULL_REF_RANK) - 1.2, abs=0.2)
+    assert math.log2(p.lr) == pytest.approx(truth(LOG2C, -0.3, r) - 1.2, abs=0.2)
     assert p.evidence["b1_over_full"] == pytest.approx(2**1.2, rel=0.12)
     assert p.evidence["b1_over_full_from"] == "--calibrate"
     with pytest.raises(MuaError, match="no usable B:1 and full-finetuning optima"):
@@ -253,7 +272,7 @@ def test_full_ft_with_a_ratio_model_reads_the_runs_slope(monkeypatch):
     log2_ratio = 1.5 - 1.0 * slope
     assert p.evidence["b1_over_full"] == pytest.approx(2**log2_ratio)
     assert p.lr == pytest.approx(p.evidence["b1_lr"] / 2**log2_ratio)
-    assert f"B:1's measured slope {slope:+.3f}" in p.reason
+    assert f"B:1's measured slope over ranks ≤ 64, {slope:+.3f}" in p.reason
     v = np.array([1.0, slope])
     se_ratio = 0.2 * math.sqrt(1 + v @ np.array(model["cov"]) @ v)
     assert half_width(p) > 2.2 * se_ratio  # t(10) quantile, wider than the normal's

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 # Root-mean-square distance of the measured rank exponents from μA's, over every regime and workload of the
 # study: the prior width with which `fit` shrinks a measured slope toward μA's exponent.
-SLOPE_PRIOR_SD = 0.438
+SLOPE_PRIOR_SD = 0.384
 # Scatter (log2) of one rank's η* about its regime's curve beyond the per-rank standard errors; the study
 # found none beyond them, so this is a floor that keeps a perfect-looking fit from claiming zero scatter.
 RANK_SCATTER_FLOOR = 0.05
@@ -20,23 +20,33 @@ RANK_SCATTER_FLOOR = 0.05
 # adds the anchor's SE and the ratio's spread B1_OVER_FULL_SD (log2, over B1_OVER_FULL_N workloads of
 # B1_OVER_FULL_FAMILIES families, each family weighted once in the mean) with a t(N − 1) quantile.
 FULL_REF_RANK = 16
-FULL_ANCHOR = "cell16"
-B1_OVER_FULL_LOG2 = 1.724
-B1_OVER_FULL_SD = 0.147
-B1_OVER_FULL_N = 6
-B1_OVER_FULL_FAMILIES = 2
+FULL_SOURCE_MAX_RANK = 64  # the study predicted from B:1's ranks ≤ 64 (a user's --ranks 4,16,64)
+FULL_ANCHOR = "cell-max"
+B1_OVER_FULL_LOG2 = 0.955
+B1_OVER_FULL_SD = 0.263
+B1_OVER_FULL_N = 12
+B1_OVER_FULL_FAMILIES = 7
 # Where the study chose a model of the ratio in a run's features over the constant: its columns (the study's
 # feature names), coefficients (intercept first), the matrix for a new run's leverage, its residual SD and
 # degrees of freedom, and for a ridge model the features' standardization. None: the constant above.
-B1_OVER_FULL_MODEL: dict | None = None
+B1_OVER_FULL_MODEL: dict | None = {
+    "kind": "slope",
+    "columns": ["slope"],
+    "coef": [1.04758, 0.26181],
+    "cov": [[0.95733, 3.56136], [3.56136, 14.5118]],
+    "s": 0.2728,
+    "dof": 10.0,
+    "mean": None,
+    "sd": None,
+}
 # Extra spread (log2) when an offset measured on a proxy run (`--calibrate`) is carried to the target run:
 # the study's two proxy pairs (fewer steps; half the width) carried theirs within 0.15; this is kept wider.
 CALIBRATE_SD = 0.3
 # Curvature of log2 η* in log2 r per regime (mean, spread across workloads), the coefficient of (log2 r)²:
 # Init[B] optima fall faster at high rank than a power law through ranks 4–64 says; Init[A] ones barely bend.
 RANK_CURVATURE: dict[str, tuple[float, float]] = {
+    "B:1": (-0.0465, 0.0266),
     "A:r": (0.0062, 0.0314),
-    "B:1": (-0.046, 0.0154),
     "A:sqrt": (-0.0171, 0.024),
     "A:1": (-0.0018, 0.0156),
     "B:r": (-0.0295, 0.02),
@@ -44,5 +54,5 @@ RANK_CURVATURE: dict[str, tuple[float, float]] = {
 }
 # `--to RANK` without that rank measured: the rule the study chose (transfer.RANK_BASES), and per rule the log2
 # spread its own standard error missed on the study's workloads (added to the interval in quadrature).
-RANK_BASIS = "measured-slope"
-RANK_EXTRA_SD: dict[str, float] = {"shrunk-slope": 0.0, "measured-slope": 0.0, "muA-slope": 1.015}
+RANK_BASIS = "shrunk-slope"
+RANK_EXTRA_SD: dict[str, float] = {"shrunk-slope": 0.0, "measured-slope": 0.0, "muA-slope": 1.13}

@@ -26,6 +26,7 @@ import pandas as pd
 
 from ..errors import MuaError
 from . import calibration as cal
+from .anchor import full_anchor
 from .rank_optima import Z95, RankOptimum, clean_trials, estimate, jsonable
 from .theory import FULL, REGIMES, TRANSFER_REGIME, get_regime
 
@@ -116,6 +117,7 @@ class FullComparison:
     ratio_interval: list[float]
     consistent_with_one: bool
     anchor: str = "line16"  # how B:1's η* was read (fit.ANCHORS); fit.json from before the anchor was chosen: the line
+    anchor_label: str = "B:1's fitted line at rank 16"  # the name `mua fit` and `transfer` print for it
 
     def to_dict(self) -> dict:
         return jsonable(asdict(self))
@@ -269,47 +271,12 @@ def _settings(df: pd.DataFrame) -> dict:
     }
 
 
-def b1_reference(b1: RegimeFit, rank: int = cal.FULL_REF_RANK) -> tuple[float, float]:
-    """log2 η* of B:1 at `rank` on its (shrunk) line, and its SE: where full finetuning's offset is measured."""
-    return b1.line(math.log2(rank))
-
-
-# Where B:1's level is read for the full-finetuning prediction (docs/validation.md, "Protocol"): a cell of
-# `mua fit`'s η* table, the fitted line at the reference rank, or the precision-weighted level over the ranks.
-ANCHORS = ("cell16", "line16", "pooled", "cell-min", "cell-max")
-ANCHOR_LABELS = {
-    "cell16": f"B:1's η* at rank {cal.FULL_REF_RANK}",
-    "line16": f"B:1's fitted line at rank {cal.FULL_REF_RANK}",
-    "pooled": "B:1's pooled η* over its ranks",
-    "cell-min": "B:1's η* at its smallest rank",
-    "cell-max": "B:1's η* at its largest rank",
-}
-
-
-def anchor_value(b1: RegimeFit, anchor: str) -> tuple[float, float] | None:
-    """(log2 η*, SE) of B:1 read as `anchor`, or None where the run lacks it (that rank has no η*)."""
-    if not b1.ranks_used:
-        return None
-    ys, ses = b1.log2_lr_stars, b1.se_log2s
-    if anchor == "line16":
-        return b1_reference(b1)
-    if anchor == "pooled":
-        w = [1 / s**2 for s in ses]
-        return sum(wi * y for wi, y in zip(w, ys, strict=True)) / sum(w), math.sqrt(1 / sum(w))
-    if anchor == "cell16":
-        i = b1.ranks_used.index(cal.FULL_REF_RANK) if cal.FULL_REF_RANK in b1.ranks_used else None
-    else:
-        i = 0 if anchor == "cell-min" else len(ys) - 1
-    return None if i is None else (ys[i], ses[i])
-
-
-def _compare(b1: RegimeFit, full: RankOptimum) -> FullComparison:
+def _compare(b1: RegimeFit, full: RankOptimum, optima: list[RankOptimum]) -> FullComparison | None:
     """B:1's η* read as the study's anchor against full finetuning's; the two log2 SEs add in quadrature."""
-    anchor = cal.FULL_ANCHOR
-    a = anchor_value(b1, anchor)
-    if a is None:  # the run lacks that cell: the fitted line at the reference rank, as the prediction falls back
-        anchor, a = "line16", anchor_value(b1, "line16")
-    c, c_se = a
+    a = full_anchor(b1, optima, fit_regime)
+    if a is None:
+        return None
+    c, c_se = a.log2, a.se
     r = c - full.log2_lr_star
     half = Z95 * math.sqrt(c_se**2 + full.se_log2**2)
     return FullComparison(
@@ -322,7 +289,8 @@ def _compare(b1: RegimeFit, full: RankOptimum) -> FullComparison:
         ratio=2**r,
         ratio_interval=[2 ** (r - half), 2 ** (r + half)],
         consistent_with_one=abs(r) <= half,
-        anchor=anchor,
+        anchor=a.how,
+        anchor_label=a.label,
     )
 
 
@@ -350,7 +318,7 @@ def fit_run(df: pd.DataFrame, prior_sd: float = cal.SLOPE_PRIOR_SD) -> FitResult
     present = {o.regime for o in optima}
     fits = {name: fit_regime(optima, name, prior_sd) for name in REGIMES if name in present}
     b1 = fits.get(TRANSFER_REGIME)
-    cmp = _compare(b1, full) if (full is not None and full.usable and b1 and b1.ranks_used) else None
+    cmp = _compare(b1, full, optima) if (full is not None and full.usable and b1 and b1.ranks_used) else None
     return FitResult(
         settings=_settings(df),
         optima=optima,

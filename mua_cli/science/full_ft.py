@@ -13,7 +13,8 @@ from scipy import stats
 
 from ..errors import MuaError
 from . import calibration as cal
-from .fit import ANCHOR_LABELS, ANCHORS, FitResult, RegimeFit, anchor_value  # noqa: F401 (ANCHORS: the study's names)
+from .anchor import full_anchor, source_b1
+from .fit import FitResult, RegimeFit, fit_regime
 from .rank_optima import Z95
 from .theory import HEURISTIC_FACTOR, HEURISTIC_REGIME, TRANSFER_REGIME
 from .transfer import FULL_BASES, FULL_TARGET, Prediction, check_basis, common_settings, lr_interval, lr_text, too_few
@@ -66,7 +67,9 @@ def _t(dof: float) -> float:
 
 
 def _features(fit: FitResult, b1: RegimeFit) -> dict[str, float]:
-    """The run's values of the features a ratio model may use (the study's names, studies/report.py)."""
+    """The run's values of the features a ratio model may use (the study's names, studies/report.py); B:1's
+    slope over the ranks the study predicted from."""
+    b1 = source_b1(b1, fit.optima, fit_regime)
     out = {"slope": b1.slope if b1.slope is not None else 0.0, "steps": math.log2(int(fit.settings.get("steps") or 1))}
     task = (fit.settings.get("recipe") or {}).get("task") or "causal-lm"
     for name in (cal.B1_OVER_FULL_MODEL or {}).get("columns", []):
@@ -91,7 +94,7 @@ def study_ratio(fit: FitResult, b1: RegimeFit) -> StudyRatio:
     log2 = float(v @ np.array(m["coef"]))
     se = m["s"] * math.sqrt(1 + float(v @ np.array(m["cov"]) @ v))
     shown = ", ".join(
-        f"B:1's measured slope {b1.slope:+.3f}"
+        f"B:1's measured slope over ranks ≤ {cal.FULL_SOURCE_MAX_RANK}, {feats['slope']:+.3f}"
         if c == "slope"
         else f"{int(fit.settings.get('steps'))} steps"
         if c == "steps"
@@ -99,20 +102,6 @@ def study_ratio(fit: FitResult, b1: RegimeFit) -> StudyRatio:
         for c in m["columns"]
     )
     return StudyRatio(log2, se, _t(m["dof"]), shown)
-
-
-def full_anchor(b1: RegimeFit) -> tuple[float, float, str, list[str]]:
-    """(log2 η*, SE, label, notes) of B:1 read as the study's anchor; the fitted line at the reference rank where
-    the run lacks that cell (its rank has no η*), said in a note."""
-    a = anchor_value(b1, cal.FULL_ANCHOR)
-    if a is not None:
-        return a[0], a[1], ANCHOR_LABELS[cal.FULL_ANCHOR], []
-    c, se = anchor_value(b1, "line16")
-    note = (
-        f"{ANCHOR_LABELS[cal.FULL_ANCHOR]} has no η* in this run: {ANCHOR_LABELS['line16']} is used instead, "
-        f"a rule the study scored lower (docs/validation.md)"
-    )
-    return c, se, ANCHOR_LABELS["line16"], [note]
 
 
 def _full_line(fit: FitResult, b1: RegimeFit, basis: str, calibration: FitResult | None):
@@ -125,10 +114,11 @@ def _full_line(fit: FitResult, b1: RegimeFit, basis: str, calibration: FitResult
             f"full-finetuning LR (labelled: the study found it too high, see docs/validation.md)"
         )
         return centre, Z95 * se, reason, [], {}
-    ref, ref_se, label, notes = full_anchor(b1)
-    at = f"{label} ({lr_text(2.0**ref)})"
+    anchor = full_anchor(b1, fit.optima, fit_regime)
+    ref, ref_se, notes = anchor.log2, anchor.se, list(anchor.notes)
+    at = f"{anchor.label} ({lr_text(2.0**ref)})"
     evidence = {
-        "anchor": label,
+        "anchor": anchor.label,
         "b1_lr": 2.0**ref,
         "b1_interval": [2 ** (ref - Z95 * ref_se), 2 ** (ref + Z95 * ref_se)],
     }
@@ -204,7 +194,7 @@ def predict_full(
         if fit.full_vs_b1 is not None:
             c = fit.full_vs_b1
             evidence.update(
-                anchor=ANCHOR_LABELS.get(c.anchor, c.anchor),
+                anchor=c.anchor_label,
                 b1_lr=c.b1_lr,
                 b1_interval=c.b1_interval,
                 b1_over_full=c.ratio,

@@ -90,6 +90,16 @@ def window(levels: np.ndarray, x_best: float) -> tuple[float, float]:
     return float(lo_edge), float(hi_edge)
 
 
+def near_best(x: np.ndarray, y: np.ndarray, seed: np.ndarray) -> tuple[float, np.ndarray]:
+    """The best LR (log2; by seed-adjusted means) of finite points (x, y, seed), and which points lie in its
+    window: those the local fit reads."""
+    adj = seed_adjusted(x, y, seed)
+    means = {v: adj[x == v].mean() for v in np.unique(x)}
+    x_best = min(means, key=means.get)
+    lo_edge, hi_edge = window(np.unique(x), x_best)
+    return float(x_best), (x >= lo_edge - 1e-9) & (x <= hi_edge + 1e-9)
+
+
 def profile(x: np.ndarray, y: np.ndarray, seed: np.ndarray, diverged_x: np.ndarray, grid_span) -> LocalFit | None:
     """Profile RSS(x*) for finite points (x, y, seed) and diverged LRs `diverged_x` (log2).
 
@@ -98,11 +108,8 @@ def profile(x: np.ndarray, y: np.ndarray, seed: np.ndarray, diverged_x: np.ndarr
     """
     order = np.argsort(x, kind="stable")
     x, y, seed = x[order], y[order], seed[order]
-    adj = seed_adjusted(x, y, seed)
-    means = {v: adj[x == v].mean() for v in np.unique(x)}
-    x_best = min(means, key=means.get)
+    x_best, keep = near_best(x, y, seed)
     lo_edge, hi_edge = window(np.unique(x), x_best)
-    keep = (x >= lo_edge - 1e-9) & (x <= hi_edge + 1e-9)
     x, y, seed = x[keep], y[keep], seed[keep]
     levels = np.unique(x)
     if len(levels) < 3:

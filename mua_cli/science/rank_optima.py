@@ -129,8 +129,15 @@ def _local(group: pd.DataFrame) -> tuple[RankOptimum, opt.LocalFit | None]:
         np.log2(d.loc[d["diverged"], "lr"].to_numpy(float)),
         (float(xs[0]), float(xs[-1])),
     )
-    if lf is None:
-        base.reason = f"only {int(finite.sum())} learning rates near the best have a finite loss; an optimum needs 3"
+    if lf is None:  # too few finite LRs in the window around the best: say how many there, not on the grid
+        x_fin = np.log2(fin["lr"].to_numpy(float))
+        x_best, near = opt.near_best(x_fin, fin["metric"].to_numpy(float), fin["seed"].to_numpy())
+        n_near, n_all = len(np.unique(x_fin[near])), len(np.unique(x_fin))
+        base.reason = (
+            f"only {n_near} learning rate{'s' if n_near != 1 else ''} with a finite loss lie within "
+            f"{opt.WINDOW:g} octaves of the best ({lr_label(2**x_best)}), where an optimum needs 3"
+            + (f" ({n_all} on the whole grid): add LRs between them" if n_all > n_near else "")
+        )
         return base, None
     base.n_points = lf.n
     if not lf.curved:

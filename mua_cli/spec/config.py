@@ -87,7 +87,8 @@ class ModelSpec:
     config: dict = knob({}, "for `embedded:` models, the transformers config (sizes)", key="model_config",
                         check=_model_config)  # fmt: skip
     dtype: str = knob("float32", "frozen weights' dtype on a GPU: `float32` or `bfloat16`; on the CPU always "
-                      "float32", check=_one_of("float32", "bfloat16"))  # fmt: skip
+                      "float32", check=_one_of("float32", "bfloat16"),
+                      flag="Frozen weights' dtype on a GPU: float32 or bfloat16.")  # fmt: skip
     targets: list[str] | str = knob("all-linear", "LoRA target modules: `all-linear`, or names such as "
                                     "`q_proj,v_proj` (a list in YAML)",
                                     flag="LoRA targets, e.g. q_proj,v_proj (default all-linear).")  # fmt: skip
@@ -106,13 +107,16 @@ class DataSpec:
     source: str = knob("embedded:britannica", "see [Data](#data)", key="data",
                        flag="A .txt/.jsonl/.csv file, a dataset, an image folder.")  # fmt: skip
     text_field: str = knob("text", "the input field; `a,b` joins two fields (a text pair for `seq-cls`); the "
-                           "image field for `image-cls`")  # fmt: skip
+                           "image field for `image-cls`",
+                           flag="The input field (a,b: a text pair; the image field for image-cls).")  # fmt: skip
     label_field: str = knob("label", "the class field of classification data (`labels` is tried when `label` "
-                            "is missing)")  # fmt: skip
+                            "is missing)", flag="The class field of classification data.")  # fmt: skip
     seq_len: int = knob(64, "LM window length; maximum tokens per example for `seq-cls`",
-                        check=_range(lambda v: v >= 2, "at least 2"))  # fmt: skip
+                        check=_range(lambda v: v >= 2, "at least 2"),
+                        flag="LM window length; most tokens per example for seq-cls.")  # fmt: skip
     eval_fraction: float = knob(0.1, "the share of records (or of a text's tail) held out",
-                                check=_range(lambda v: 0 <= v < 1, "in [0, 1)"))  # fmt: skip
+                                check=_range(lambda v: 0 <= v < 1, "in [0, 1)"),
+                                flag="The share of records held out, in [0, 1).")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -124,27 +128,36 @@ class Optim:
     batch_size: int = knob(8, "sequences (or images) per step", check=_range(lambda v: v >= 1, "at least 1"),
                            flag="Sequences per step.")  # fmt: skip
     warmup_frac: float = knob(0.05, "linear warmup, as a share of the steps",
-                              check=_range(lambda v: 0 <= v < 1, "in [0, 1)"))  # fmt: skip
+                              check=_range(lambda v: 0 <= v < 1, "in [0, 1)"),
+                              flag="Linear warmup, as a share of the steps.")  # fmt: skip
     min_lr_ratio: float = knob(0.1, "where the cosine decay ends, as a share of the peak LR",
-                               check=_range(lambda v: 0 < v <= 1, "in (0, 1]"))  # fmt: skip
-    weight_decay: float = knob(0.01, "AdamW's weight decay", check=_range(lambda v: v >= 0, "0 or more"))
+                               check=_range(lambda v: 0 < v <= 1, "in (0, 1]"),
+                               flag="Where the cosine decay ends, as a share of the peak LR.")  # fmt: skip
+    weight_decay: float = knob(
+        0.01, "AdamW's weight decay", check=_range(lambda v: v >= 0, "0 or more"), flag="AdamW's weight decay."
+    )
     betas: tuple[float, float] = knob((0.9, 0.999), "AdamW's β1, β2",
                                       check=_range(lambda v: all(0 <= b < 1 for b in v), "in [0, 1)"))  # fmt: skip
-    eps: float = knob(1e-8, "AdamW's ε", check=_range(lambda v: v > 0, "positive"))
-    grad_clip: float = knob(1.0, "the gradient norm's clip", check=_range(lambda v: v > 0, "positive"))
+    eps: float = knob(1e-8, "AdamW's ε", check=_range(lambda v: v > 0, "positive"), flag="AdamW's ε.")
+    grad_clip: float = knob(
+        1.0, "the gradient norm's clip", check=_range(lambda v: v > 0, "positive"), flag="The gradient norm's clip."
+    )
     alpha0: float = knob(1.0, "α0 in α = α0 · r^-γ", check=_range(lambda v: v > 0, "positive"),
                          flag="α0 in α = α0 · r^-γ.")  # fmt: skip
     head_lr: float = knob(1e-3, "the fixed LR of a classifier's head (see below)",
-                          check=_range(lambda v: v > 0, "positive"))  # fmt: skip
+                          check=_range(lambda v: v > 0, "positive"),
+                          flag="The fixed LR of a classifier's head.")  # fmt: skip
     per_layer_lr: bool = knob(False, "fan-in scaling of each layer's LR (see below)",
                               flag="Scale each layer's LR by its fan-in.")  # fmt: skip
     metric: str = knob("train", "`train` (training loss over the last `metric_frac` of steps) or `eval` "
                        "(held-out loss)", check=_one_of("train", "eval"),
                        flag="Final metric: 'train' (last 10 % of steps) or 'eval'.")  # fmt: skip
     metric_frac: float = knob(0.1, "the share of the last steps whose training loss is the metric",
-                              check=_range(lambda v: 0 < v <= 1, "in (0, 1]"))  # fmt: skip
+                              check=_range(lambda v: 0 < v <= 1, "in (0, 1]"),
+                              flag="The share of the last steps whose training loss is the metric.")  # fmt: skip
     divergence_factor: float = knob(2.0, "a trial whose loss passes this × its first loss stops as diverged",
-                                    check=_range(lambda v: v > 1, "above 1"))  # fmt: skip
+                                    check=_range(lambda v: v > 1, "above 1"),
+                                    flag="A trial whose loss passes this × its first stops as diverged.")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -162,12 +175,14 @@ class SweepSpec:
     seeds: int = knob(1, "seeds per grid point", check=_range(lambda v: v >= 1, "at least 1"), outcome=False,
                       flag="Seeds per grid point.")  # fmt: skip
     max_extend: int = knob(4, "rounds of grid extension past an edge where an optimum sits", outcome=False,
-                           check=_range(lambda v: v >= 0, "0 or more"))  # fmt: skip
+                           check=_range(lambda v: v >= 0, "0 or more"),
+                           flag="Rounds of grid extension past an edge where an optimum sits.")  # fmt: skip
     refine: int = knob(1, "`1`: run every other LR of a grid of 6 or more first, then only the grid's LRs the fit "
                        "reads around each optimum; once the grid settles, add half-octave LRs either side of each "
                        "interior optimum, then one more seed at the two LRs nearest each η* whose 95 % interval "
                        "is still wider than a factor 2; `0`: the whole grid, nothing added but extensions",
-                       check=_one_of(0, 1), outcome=False)  # fmt: skip
+                       check=_one_of(0, 1), outcome=False,
+                       flag="1: half the grid first, then fill and refine near optima; 0: the whole grid.")  # fmt: skip
     report_to: str = knob("", "experiment trackers that get each trial's loss curve, metric and hyperparameters: "
                           "`tensorboard`, `mlflow`, `wandb` (comma-separated; optional extras, docs/trackers.md)",
                           check=_trackers, outcome=False,

@@ -17,6 +17,7 @@ CACHE_NAME = "data-hashes.json"
 _CHUNK = 1 << 20
 CACHE_ENTRIES = 4096  # the newest files hashed; an image folder's files count one each
 _memo: dict[tuple, str] = {}
+_writes = [True]  # whether the cache file may be written (`mua sweep --dry-run` writes nothing)
 _DIRTY = "\0dirty"
 
 
@@ -93,8 +94,20 @@ def _read_cache() -> dict:
         return {}
 
 
+@contextlib.contextmanager
+def no_cache_writes():
+    """Hashes computed inside are kept in this process only."""
+    _writes[0] = False
+    try:
+        yield
+    finally:
+        _writes[0] = True
+
+
 def _write_cache(cache: dict) -> None:
     """Whole or not at all; a cache that cannot be written costs only a second hash next time."""
+    if not _writes[0]:
+        return
     path = cache_root() / CACHE_NAME
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with contextlib.suppress(OSError):

@@ -4,6 +4,7 @@
     worker   a shared study: its planner (round by round) and `mua worker`
     slots    where trials run: Inline (this thread) or a Pool; `start` picks by device and model size
     pool     Pool: slot threads (GPU) or slot processes (CPU), one queue fed for the whole sweep
+    forkserver  the server the CPU's slot processes fork from, started before anything heavy is imported
     trainer  Trainer: one device's workload, loaded once; a unit's run, out of memory never a stored failure
     sizing   how many: slots per device, trials per pass, units; Execution (how to run, not what)
     memory   a trial's GPU memory estimate, and the plan that keeps a pass within it

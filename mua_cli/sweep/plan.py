@@ -167,13 +167,31 @@ def _name(group: Group) -> str:
 
 
 def expected_total(recipe: Recipe) -> int:
-    """A guess at the trials a fresh sweep of `recipe` ends with, for an ETA before the rounds are known: the first
-    round, the fill that completes the grid around each optimum (measured: about half the grid's other LRs), and
-    with `refine` two half-octave LRs per group and the extra seeds at EXTRA_LRS LRs in about half the groups
-    (the embedded default: 18 + 10 + 12 + 12 = 52 of 52, benchmarks/default_plan.json)."""
+    """A guess at the trials a fresh sweep of `recipe` ends with, for an ETA before the groups have decided: the
+    first round, a fill of half the grid's other LRs, and with `refine` two half-octave LRs per group and seed
+    and an extra seed at EXTRA_LRS LRs in every group (the embedded default: 18 + 9 + 12 + 12 = 51 against the 52
+    it runs, benchmarks/default_plan.json). Extensions come on top."""
     first, n_groups, seeds = len(plan(recipe)), len(groups(recipe)), recipe.sweep.seeds
-    grid = len(parse_lrs(recipe.sweep.lrs)) * n_groups * seeds
-    rest = grid - first
+    rest = len(parse_lrs(recipe.sweep.lrs)) * n_groups * seeds - first
     if not recipe.sweep.refine:
-        return first + rest  # the whole grid, as planned; extensions come on top
-    return first + math.ceil(rest / 2) + 2 * n_groups * seeds + EXTRA_LRS * math.ceil(n_groups / 2)
+        return first + rest  # the whole grid, as planned
+    return first + math.ceil(rest / 2) + 2 * n_groups * seeds + EXTRA_LRS * n_groups
+
+
+def meta(recipe: Recipe, spec: TrialSpec) -> dict:
+    """What is stored with a trial besides its result: its LoRA settings and the recipe it ran."""
+    return {
+        **spec.lora_settings(recipe.optim.alpha0),
+        "steps": recipe.optim.steps,
+        "batch_size": recipe.optim.batch_size,
+        "seq_len": recipe.data.seq_len,
+        "fingerprint": recipe.fingerprint(),
+        "recipe": recipe.outcome_fields(),
+    }
+
+
+def stored_trial(t) -> tuple[TrialSpec, TrialResult]:
+    """A stored trial as the planner reads it: its spec and the result's status and metric."""
+    a, p = t.user_attrs, t.params
+    spec = TrialSpec(p["regime"], int(p["rank"]), float(p["lr"]), int(p["seed"]), a["key"])
+    return spec, TrialResult(a.get("status", "failed"), a.get("metric", math.nan))

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from ..errors import MuaError
 from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
-from .sizing import Execution, keep_freed_memory, slots_per_gpu, trials_per_pass, units
+from .forkserver import process_context
+from .sizing import Execution, keep_freed_memory, rides, slots_per_gpu, trials_per_pass, units
 from .trainer import Trainer
 
 LOSS_EVERY = 10  # steps between a running trial's losses sent to the main thread (Listener.loss)
@@ -36,37 +37,6 @@ def _serve(trainer: Trainer, tasks, results, on_step=None) -> None:
         note = lambda message: results.put(("note", trainer.device, message))  # noqa: E731
         for spec, result in zip(unit, trainer.run_unit(unit, step, note), strict=True):
             results.put(("done", spec, result))
-
-
-# What a CPU slot process imports before it can train: its processes fork from a server that imported these once
-# (multiprocessing's forkserver) instead of each starting Python and importing torch, transformers and peft again
-# (benchmarks/first_run.py --parts workers).
-SLOT_IMPORTS = ["mua_cli.quiet_libraries", "mua_cli.sweep.pool", "mua_cli.sweep.trainer"]
-
-
-def process_context(device: str):
-    """CPU slot processes: forkserver where the platform has it. GPU ones: spawn, as a process forked from one that
-    has asked CUDA anything cannot use it."""
-    import torch.multiprocessing as mp
-
-    if device != "cpu" or "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(SLOT_IMPORTS)
-    return ctx
-
-
-def start_process_server() -> None:
-    """Starts the CPU slot processes' server now, without importing torch here: it imports on the core that idles
-    while this process imports, and a sweep's first slot process then starts at once. Unused (a GPU, one slot), it waits
-    idle and ends with this process."""
-    import multiprocessing as mp
-
-    if "forkserver" in mp.get_all_start_methods():
-        from multiprocessing import forkserver
-
-        forkserver.set_forkserver_preload(SLOT_IMPORTS)
-        forkserver.ensure_running()
 
 
 def slot_process(recipe: Recipe, device: str, graphs: bool, fused: bool, tasks, results, threads: int = 0) -> None:
@@ -142,6 +112,7 @@ class Pool:
         self.trainers = [first]  # in the order built, closed in reverse: fused.py's process-wide patches nest
         self._shown = set(first.notes)  # what loading the workload said, said once
         self.k = trials_per_pass(ex, recipe, first.n_params)
+        self.rides = rides(self.k, first.n_params)
         self.n_slots = len(slots) + len(procs)
         self.units_out = 0  # units queued or running
         self.left: dict[int, int] = {}  # unit id → its trials not yet back
@@ -187,12 +158,13 @@ class Pool:
     def submit(self, specs: list[TrialSpec], spare: list[TrialSpec] = ()) -> list[list[TrialSpec]]:
         """Queues `specs` as units, at once: the slots take them as they free up. Where slots would idle, no fewer
         units than idle slots; else units as large as a pass allows. `spare`: trials that may ride along in a
-        unit with room (sizing.units); their results come back like any other. Returns the units queued."""
+        unit with room, up to a full pass, where the model is small (sizing.rides); their results come back like
+        any other. Returns the units queued."""
         if not specs:
             return []
         idle = max(1, self.n_slots - self.units_out)
         k = min(self.k, max(1, math.ceil(len(specs) / idle)))
-        queued = units(specs, self.recipe, k, spare)
+        queued = units(specs, self.recipe, k, spare if self.rides else (), room=self.k)
         for unit in queued:
             uid = self._ids = self._ids + 1
             self.left[uid] = len(unit)

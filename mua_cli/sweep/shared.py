@@ -28,6 +28,8 @@ from optuna.trial import TrialState
 
 from ..errors import MuaError
 from ..spec.trial import TrialResult, TrialSpec
+from .optuna_private import storage_of
+from .optuna_private import trial_id as id_of
 from .store import DISTRIBUTIONS, TrialStore
 from .trackers import intermediate_values
 
@@ -167,7 +169,7 @@ def _spec(t: optuna.trial.FrozenTrial) -> TrialSpec | None:
 
 def claim(study: optuna.Study, k: int, batchable: Callable[[TrialSpec], bool]) -> list[tuple[int, TrialSpec]]:
     """Up to k waiting trials of one (regime, rank, seed) that this process now holds (RUNNING); [] if none."""
-    storage = study._storage  # noqa: SLF001 — set_trial_state_values is the storage's public method
+    storage = storage_of(study)  # set_trial_state_values is the storage's public method
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     out: list[tuple[int, TrialSpec]] = []
     specs = [(t, spec) for t in waiting if (spec := _spec(t)) is not None]
@@ -175,13 +177,13 @@ def claim(study: optuna.Study, k: int, batchable: Callable[[TrialSpec], bool]) -
         if out and (len(out) >= k or not batchable(spec) or (spec.regime, spec.rank, spec.seed) != _group(out)):
             continue
         try:
-            if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):  # noqa: SLF001
-                storage.record_heartbeat(t._trial_id)  # noqa: SLF001
-                storage.set_trial_system_attr(t._trial_id, "mua_worker", worker_id())  # noqa: SLF001
+            if storage.set_trial_state_values(id_of(t), state=TrialState.RUNNING):
+                storage.record_heartbeat(id_of(t))
+                storage.set_trial_system_attr(id_of(t), "mua_worker", worker_id())
                 for name, value in _params(spec).items():  # what readers of finished trials go by
                     dist = DISTRIBUTIONS[name]
-                    storage.set_trial_param(t._trial_id, name, dist.to_internal_repr(value), dist)  # noqa: SLF001
-                out.append((t._trial_id, spec))  # noqa: SLF001
+                    storage.set_trial_param(id_of(t), name, dist.to_internal_repr(value), dist)
+                out.append((id_of(t), spec))
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # finished by another worker in the meantime
         if out and not batchable(out[0][1]):
@@ -196,7 +198,7 @@ def _group(held: list[tuple[int, TrialSpec]]) -> tuple:
 
 def finish(study: optuna.Study, trial_id: int, result: TrialResult, meta: dict) -> None:
     """Writes a held trial's result: its attributes, then its state (what readers go by)."""
-    storage = study._storage  # noqa: SLF001
+    storage = storage_of(study)
     attrs = {**result.to_dict(), **meta}
     status = attrs.pop("status")
     for name, value in [*attrs.items(), ("status", status)]:  # status last: present means every attribute is
@@ -211,7 +213,7 @@ def finish(study: optuna.Study, trial_id: int, result: TrialResult, meta: dict) 
 
 def release(study: optuna.Study, held: list[tuple[int, TrialSpec]]) -> None:
     """Hands trials this process holds back to the queue (Ctrl-C): each is failed and queued again at once."""
-    storage = study._storage  # noqa: SLF001
+    storage = storage_of(study)
     for trial_id, _ in held:
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             storage.set_trial_system_attr(trial_id, "mua_released", True)
@@ -245,7 +247,7 @@ class Heartbeat:
         self.thread.start()
 
     def _beat(self) -> None:
-        storage = self.study._storage  # noqa: SLF001
+        storage = storage_of(self.study)
         while not self._stop.wait(HEARTBEAT_S):
             for trial_id, _ in list(self.held):
                 with contextlib.suppress(Exception):  # a database restarting: the next beat tries again

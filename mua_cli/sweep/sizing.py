@@ -33,6 +33,12 @@ def size_class(n_params: int) -> str:
     return "small" if n_params < SMALL else "medium" if n_params < MEDIUM else "large"
 
 
+def rides(k: int, n_params: int) -> bool:
+    """Whether a unit takes trials the planner may ask for later along (Sweep's first round): where a pass holds
+    several trials of a small model, whose step costs little more for one more trial (docs/performance.md)."""
+    return k > 1 and size_class(n_params) == "small"
+
+
 def trials_per_pass(ex: Execution, recipe: Recipe, n_params: int) -> int:
     if ex.batch_trials:
         return ex.batch_trials
@@ -73,10 +79,10 @@ def planned(ex: Execution, recipe: Recipe, trainer) -> tuple[int, int]:
     return ex.workers_per_gpu or p.slots, ex.batch_trials or p.k
 
 
-def units(pending: list[TrialSpec], recipe: Recipe, k: int, spare=()) -> list[list[TrialSpec]]:
+def units(pending: list[TrialSpec], recipe: Recipe, k: int, spare=(), room: int = 0) -> list[list[TrialSpec]]:
     """Trials of one (regime, rank, seed) in groups of at most k, by LR; the rest one by one. Balanced groups:
     8 trials with k=6 make two groups of 4, not 6 and 2. `spare`: trials that may ride along where a unit of
-    their (regime, rank, seed) has room (one more trial in a batched pass costs little: docs/performance.md)."""
+    their (regime, rank, seed) has room, up to `room` trials (default k) a unit."""
     from ..train.stacked import can_batch
 
     out: list[list[TrialSpec]] = []
@@ -87,7 +93,8 @@ def units(pending: list[TrialSpec], recipe: Recipe, k: int, spare=()) -> list[li
         else:
             out.append([s])
     extra: dict[tuple, list[TrialSpec]] = defaultdict(list)
-    for s in spare if k > 1 else ():
+    room = room or k
+    for s in spare if room > 1 else ():
         if can_batch(s, recipe):
             extra[(s.regime, s.rank, s.seed)].append(s)
     for group, specs in by_group.items():
@@ -97,9 +104,9 @@ def units(pending: list[TrialSpec], recipe: Recipe, k: int, spare=()) -> list[li
         chunks = [specs[i : i + size] for i in range(0, len(specs), size)]
         riders = extra.get(group, [])
         for chunk in chunks:
-            room = k - len(chunk)
-            chunk.extend(riders[:room])
-            del riders[:room]
+            free = room - len(chunk)
+            chunk.extend(riders[:free])
+            del riders[:free]
             chunk.sort(key=lambda s: s.lr)
         out.extend(chunks)
     return out

@@ -14,7 +14,7 @@ from ..errors import MuaError
 from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
 from .pool import Pool
-from .sizing import Execution, cpu_slots, keep_freed_memory, planned, trials_per_pass, units
+from .sizing import Execution, cpu_slots, keep_freed_memory, planned, rides, trials_per_pass, units
 from .trainer import Trainer
 
 
@@ -24,6 +24,7 @@ class Inline:
     def __init__(self, recipe: Recipe, ex: Execution, listener, trainer: Trainer):
         self.recipe, self.listener, self.trainer = recipe, listener, trainer
         self.k = trials_per_pass(ex, recipe, trainer.n_params)
+        self.rides = rides(self.k, trainer.n_params)
         self.queue: deque[list[TrialSpec]] = deque()
         self.ready: deque[tuple[TrialSpec, TrialResult]] = deque()
         if self.k > 1:
@@ -34,7 +35,7 @@ class Inline:
         return sum(map(len, self.queue)) + len(self.ready)
 
     def submit(self, specs: list[TrialSpec], spare: list[TrialSpec] = ()) -> list[list[TrialSpec]]:
-        queued = units(specs, self.recipe, self.k, spare)
+        queued = units(specs, self.recipe, self.k, spare if self.rides else ())
         self.queue.extend(queued)
         return queued
 

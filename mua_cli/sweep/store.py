@@ -29,7 +29,6 @@ from optuna.trial import TrialState
 
 from ..errors import MuaError
 from ..science.theory import FULL, MAX_RANK, REGIMES
-from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
 from .trackers import intermediate_values
 from .urls import check_driver, connection_problem, redact, scrub, with_driver
@@ -271,25 +270,6 @@ class TrialStore:
                     self.study.set_user_attr(k, v)
         except STORAGE_ERRORS as e:
             raise self._error(e, "write") from None
-
-
-def meta(recipe: Recipe, spec: TrialSpec) -> dict:
-    """What is stored with a trial besides its result: its LoRA settings and the recipe it ran."""
-    return {
-        **spec.lora_settings(recipe.optim.alpha0),
-        "steps": recipe.optim.steps,
-        "batch_size": recipe.optim.batch_size,
-        "seq_len": recipe.data.seq_len,
-        "fingerprint": recipe.fingerprint(),
-        "recipe": recipe.outcome_fields(),
-    }
-
-
-def stored_trial(t: optuna.trial.FrozenTrial) -> tuple[TrialSpec, TrialResult]:
-    """A stored trial as the planner reads it: its spec and the result's status and metric."""
-    a, p = t.user_attrs, t.params
-    spec = TrialSpec(p["regime"], int(p["rank"]), float(p["lr"]), int(p["seed"]), a["key"])
-    return spec, TrialResult(a.get("status", "failed"), a.get("metric", math.nan))
 
 
 def load_trials(run_dir: Path, storage: str | None = None, study: str | None = None) -> pd.DataFrame:

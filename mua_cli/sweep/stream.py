@@ -22,9 +22,9 @@ from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
 from ..train.shapes import rank_limit
 from .grid import grid_plan, plan
-from .plan import Planner, expected_total
+from .plan import Planner, expected_total, meta, stored_trial
 from .sizing import Execution
-from .store import TrialStore, frame, meta, stored_trial
+from .store import TrialStore, frame
 from .trackers import Reporting, open_trackers
 
 

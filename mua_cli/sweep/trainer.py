@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import math
 import threading
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -159,7 +160,11 @@ class Trainer:
     def run_unit(self, unit: list[TrialSpec], on_step=None, on_note=None) -> list[TrialResult]:
         """The unit's results, in its order. `on_step(step, loss)`: called as it trains (raising there stops the
         unit: nothing of it is kept); `on_note`: this unit's notes (the trainer's own where None)."""
+        started = time.time()
         results = self._run_unit(unit, Callbacks(on_step, on_note or self.on_note))
+        finished = time.time()
+        for r in results:  # when it ran: a trial that rode along may be stored long after (stream.py)
+            r.info["started_at"], r.info["finished_at"] = round(started, 3), round(finished, 3)
         if self.device.startswith("cuda"):  # the GPU's high-water mark so far (every slot on it), stored with the trial
             peak = torch.cuda.max_memory_allocated(self.device) / 2**30
             for r in results:

@@ -15,10 +15,10 @@ from pathlib import Path
 from ..errors import MuaError
 from ..spec.recipe import Recipe, recipe_from_dict
 from . import shared
-from .plan import Planner
+from .plan import Planner, meta, stored_trial
 from .shared import SharedStudy
 from .sizing import Execution, trials_per_pass
-from .store import STORAGE_ERRORS, TrialStore, frame, meta, stored_trial
+from .store import STORAGE_ERRORS, TrialStore, frame
 from .trainer import Trainer
 
 RETRY_FOR_S = 600  # a database that stays unreachable this long ends the worker (its trials go stale, then back)

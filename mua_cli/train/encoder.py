@@ -39,7 +39,7 @@ CONFIG = dict(
 MAX_TOKENS = 512
 # 15 % of the bytes masked (80 % <mask>, 10 % a random byte, 10 % kept), windows of 126 bytes of both corpora
 PRETRAIN = dict(
-    data=["embedded:shakespeare", "embedded:britannica"], steps=800, lr=1e-3, batch_size=8, seq_len=126, seed=0
+    data=["embedded:shakespeare", "embedded:britannica"], steps=2000, lr=3e-3, batch_size=16, seq_len=126, seed=0
 )
 MASK_FRAC = 0.15
 
@@ -86,6 +86,9 @@ def model_folder(on_note=None) -> Path:
 
 
 def save(model, folder: Path, seconds: float | None = None) -> None:
+    from .models import quiet_transformers
+
+    quiet_transformers()  # no "Writing model shards" progress bar in a sweep's log
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     (folder / "generation_config.json").unlink(missing_ok=True)

@@ -14,8 +14,9 @@ from rich.text import Text
 
 from .. import quiet_libraries  # noqa: F401 — before any library prints
 from ..errors import MuaError
-from .console import OneLineErrors, Terminated, note, sigterm_as_interrupt, user_errors
+from .console import OneLineErrors, Terminated, note, sigterm_as_interrupt, stdout_console, user_errors, whole
 from .recipe_flags import recipe_flags
+from .runs import RUNS_DIR, name_run, run_folder
 
 app = typer.Typer(
     help="""Pick learning rates across LoRA ranks and for full finetuning (Maximal-Update Adaptation, μA).
@@ -34,42 +35,32 @@ Examples:
   mua transfer runs/tiny-1a2b3c4d --to 256 --json
 """,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     add_completion=False,
     cls=OneLineErrors,
 )
-RUNS_DIR = Path("runs")
+
+
+def _version(value: bool) -> None:
+    if value:
+        import mua_cli
+
+        typer.echo(f"mua {mua_cli.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_version, help="Print mua's version and exit.")
+    ] = False,
+):
+    pass
 
 
 def consoles(quiet: bool = False) -> tuple[Console, Console]:
-    return Console(quiet=quiet), Console(stderr=True)
-
-
-def latest_run() -> Path:
-    """The newest run folder under runs/ whose store holds a trial (a sweep killed before its first trial
-    leaves an empty one behind, which is no answer to `mua fit`)."""
-    from ..api import has_trials
-
-    runs = sorted(RUNS_DIR.glob("*/trials.db"), key=lambda p: p.stat().st_mtime) if RUNS_DIR.is_dir() else []
-    for db in reversed(runs):
-        try:
-            if has_trials(db.parent):
-                return db.parent
-        except MuaError:
-            continue
-    raise MuaError("no run folder with trials under runs/; run `mua sweep` first or name a RUN folder")
-
-
-def run_folder(run: Path | None, storage: str | None = None, study: str | None = None) -> Path:
-    """The run folder to read: the one named, or for a shared study runs/<study> (for fit.json), or the newest
-    under runs/."""
-    if run is None and (storage or study):
-        return RUNS_DIR / (study or "mua")  # made by the fit, once there is one to save
-    if run is None:
-        return latest_run()
-    if not run.is_dir():
-        raise MuaError(f"run folder {run} does not exist")
-    return run
+    return stdout_console(quiet), Console(stderr=True)
 
 
 def gpu_device_files() -> bool:
@@ -106,7 +97,15 @@ def sweep(
         bool,
         typer.Option("--retry-failed/--no-retry-failed", help="Run failed trials (errors, not divergences) again."),
     ] = True,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress and no table: the run folder alone, on stdout.")
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Check everything and print the plan (trials, memory, time); run and write nothing."
+        ),
+    ] = False,
     overrides: dict | None = None,
 ):
     """Run LoRA learning-rate sweeps at several ranks and store every trial.
@@ -124,6 +123,10 @@ def sweep(
       mua sweep --storage postgresql://mua@db/mua --study big --device cuda:0   (then `mua worker` anywhere)
     """
     with user_errors():
+        if dry_run:
+            from .plan import dry_run_plan
+
+            return dry_run_plan(recipe, out, device, overrides, storage, study, quiet)
         if device == "cpu" or (device == "auto" and not gpu_device_files()):
             from ..api import start_process_server
 
@@ -152,12 +155,14 @@ def sweep(
             raise typer.Exit(getattr(e, "exit_code", 130)) from None
         for line in summary.at_edge:
             console.print(Text("!", style="yellow"), Text(f"{line}: widen --lrs or raise max_extend"))
-        console.print(sweep_table(load_trials(run_dir, storage, study)))
+        console.print(whole(sweep_table(load_trials(run_dir, storage, study))))
         retried = f" ({summary.retried} of them failed before)" if summary.retried else ""
         console.print(
             f"ran {summary.ran} trial(s){retried}, skipped {summary.skipped} already stored · next: mua fit {run_dir}",
             markup=False,
         )
+        if quiet:  # RUN=$(mua sweep --quiet): the run folder, alone on stdout
+            typer.echo(str(run_dir))
 
 
 @app.command()
@@ -182,6 +187,7 @@ def fit(
         from .report import fit_tables
 
         run_dir = run_folder(run, storage, study)
+        name_run(run, run_dir, stderr=json_out, shared=bool(storage or study))
         from ..api import refit
 
         result, saved = refit(run_dir, note, storage, study)
@@ -196,9 +202,9 @@ def fit(
         if json_out:
             typer.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
             return
-        console = Console()
+        console = stdout_console()
         for table in fit_tables(result):
-            console.print(table)
+            console.print(whole(table))
         if wrote:
             console.print("wrote " + " and ".join(map(str, wrote)), markup=False)
 
@@ -250,7 +256,9 @@ def transfer(
         from .report import prediction_panel
 
         # fit.json where it is newer than the trials (fit wrote it), else a fresh fit
-        result = fit_of(run_folder(run, storage, study), fresh=False, on_note=note, storage=storage, study=study)
+        run_dir = run_folder(run, storage, study)
+        name_run(run, run_dir, stderr=json_out or quiet, shared=bool(storage or study))
+        result = fit_of(run_dir, fresh=False, on_note=note, storage=storage, study=study)
         proxy = fit_of(run_folder(calibrate), fresh=False, on_note=note) if calibrate is not None else None
         pred = predict(result, to, regime, basis, proxy, heuristic)
         if json_out:
@@ -258,7 +266,7 @@ def transfer(
         elif quiet:
             typer.echo(f"{pred.lr:.6g}")
         else:
-            Console().print(prediction_panel(pred))
+            stdout_console().print(prediction_panel(pred))
 
 
 @app.command()
@@ -347,7 +355,7 @@ def theory():
     """Print μA's regime table: how the optimal LR scales with rank and width per regime."""
     from .report import theory_table
 
-    Console().print(theory_table())
+    stdout_console().print(whole(theory_table()))
 
 
 @app.command()
@@ -356,7 +364,7 @@ def recipes():
     from ..spec.recipe import list_recipes
     from .report import recipes_table
 
-    Console().print(recipes_table(list_recipes()))
+    stdout_console().print(whole(recipes_table(list_recipes())))
 
 
 def main() -> None:

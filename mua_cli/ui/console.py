@@ -3,6 +3,7 @@ mistakes included), `note:` lines, and exit code 2."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -10,36 +11,64 @@ from contextlib import contextmanager
 
 import typer
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-try:  # typer carries its own click from 0.22 on
-    from typer._click.exceptions import ClickException, NoArgsIsHelpError
-except ImportError:  # pragma: no cover
-    from click.exceptions import ClickException, NoArgsIsHelpError
-
 from ..errors import MuaError
+
+# What a command line's mistake raises: typer's public base class (typer vendors click from 0.22 on, and its
+# click's exceptions derive from it), and click's own where an older typer uses click itself.
+try:
+    import click
+
+    USAGE_ERRORS: tuple[type[Exception], ...] = (typer.TyperException, click.ClickException)
+except ImportError:  # pragma: no cover - typer ≥ 0.22 needs no click
+    USAGE_ERRORS = (typer.TyperException,)
+
+WIDE = 10_000  # columns of a console that is no terminal: a log keeps every line and table whole
 
 
 class OneLineErrors(TyperGroup):
     """A mistake on the command line (an unknown option, a value of the wrong type) is one `error:` line and
-    exit code 2, as every other bad input is, not click's usage panel."""
+    exit code 2, as every other bad input is, not click's usage panel. `mua` alone prints the help."""
 
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
+    def main(self, args=None, prog_name=None, *rest, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, prog_name, *rest, standalone_mode=False, **kwargs)
+        argv = sys.argv[1:] if args is None else list(args)
+        if not argv:  # `mua` alone: the help, on stdout (a context made without parsing, so no error is raised)
+            with self.make_context(prog_name or "mua", [], resilient_parsing=True) as ctx:
+                typer.echo(ctx.get_help())
+            sys.exit(2)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
-        except NoArgsIsHelpError as e:  # `mua` alone: the help
-            typer.echo(e.ctx.get_help())
-            sys.exit(e.exit_code)
-        except ClickException as e:
-            hint = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""
-            error_line(e.format_message().replace("\n", " ") + hint)
-            sys.exit(e.exit_code)
+            code = super().main(argv, prog_name, *rest, standalone_mode=False, **kwargs)
         except typer.Abort:
             sys.exit(1)
+        except USAGE_ERRORS as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            message = e.format_message() if hasattr(e, "format_message") else str(e)
+            error_line(message.replace("\n", " ") + hint)
+            sys.exit(getattr(e, "exit_code", 2))
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def stdout_console(quiet: bool = False) -> Console:
+    """The console for a command's output: a terminal's width on a terminal, or the width COLUMNS asks for;
+    elsewhere (a pipe, a CI log) so wide that no line wraps and no table is cut, where rich would take 80."""
+    console = Console(quiet=quiet)
+    if console.is_terminal or os.environ.get("COLUMNS", "").strip().isdigit():
+        return console
+    return Console(quiet=quiet, width=WIDE)
+
+
+def whole(renderable):
+    """A table whose cells fold onto more lines where the screen is narrow, never cut with an ellipsis (anything
+    else as it is)."""
+    for column in renderable.columns if isinstance(renderable, Table) else ():
+        column.overflow, column.no_wrap = "fold", False
+    return renderable
 
 
 def error_line(message: str) -> None:

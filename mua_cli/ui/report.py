@@ -156,7 +156,9 @@ def full_table(fit) -> Table | None:
     """Full finetuning: B:1's η* as the study's rule reads it, the study's B:1 / full ratio, the prediction, and
     beside them what the run measured. Every number `mua transfer --to full-ft` quotes is here, under one name."""
     from ..errors import MuaError
-    from ..science.full_ft import full_anchor, predict_full, study_ratio
+    from ..science.anchor import full_anchor
+    from ..science.fit import fit_regime
+    from ..science.full_ft import predict_full, study_ratio
 
     b1 = fit.regimes.get("B:1")
     if b1 is None or not b1.ranks_used:
@@ -165,12 +167,14 @@ def full_table(fit) -> Table | None:
         pred = predict_full(fit, basis="predict")
     except MuaError:
         return None
-    ref, _, label, _ = full_anchor(b1)
+    anchor = full_anchor(b1, fit.optima, fit_regime)
+    ref, label = anchor.log2, anchor.label
     sr = study_ratio(fit, b1)
     lo, hi = sr.interval
     f = Table(title="full finetuning: B:1's η* ÷ the study's B:1 / full ratio (μA's raw rule: ratio 1)")
-    for col in (label, "study's B:1 / full", "predicted full-ft η*", "measured full-ft η*", "measured B:1 / full",
-                "predicted / measured"):  # fmt: skip
+    cols = [label, "study's B:1 / full", "predicted full-ft η*", "measured full-ft η*", "measured B:1 / full",
+            "predicted / measured"] + ["study's ratio read at"] * bool(sr.basis)  # fmt: skip
+    for col in cols:
         f.add_column(col)
     c = fit.full_vs_b1
     f.add_row(
@@ -180,6 +184,7 @@ def full_table(fit) -> Table | None:
         "—" if c is None else f"{_lr(c.full_lr)} {_interval(*c.full_interval)}",
         "—" if c is None else f"{c.ratio:.3g} {_interval(*c.ratio_interval)}",
         "—" if c is None else f"{pred.lr / c.full_lr:.2f}",
+        *([sr.basis] if sr.basis else []),
     )
     model = f" (its model's value at {sr.basis})" if sr.basis else ""
     f.caption = (
