@@ -39,7 +39,7 @@ CONFIG = dict(
 MAX_TOKENS = 512
 # 15 % of the bytes masked (80 % <mask>, 10 % a random byte, 10 % kept), windows of 126 bytes of both corpora
 PRETRAIN = dict(
-    data=["embedded:shakespeare", "embedded:britannica"], steps=2000, lr=3e-3, batch_size=16, seq_len=126, seed=0
+    data=["embedded:shakespeare", "embedded:britannica"], steps=1200, lr=3e-3, batch_size=16, seq_len=126, seed=0
 )
 MASK_FRAC = 0.15
 
