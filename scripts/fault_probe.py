@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,11 +69,12 @@ class Context:
         return path
 
 
-def mua(*args, env: dict | None = None, **kwargs) -> subprocess.Popen:
-    """`mua ARGS` in a process of its own (its own process group: what it leaves behind can be found)."""
+def mua(*args, env: dict | None = None, err=subprocess.PIPE) -> subprocess.Popen:
+    """`mua ARGS` in a process of its own (its own session: a kill of it reaches it alone). `err`: where its
+    stdout and stderr go (a file, where processes it leaves behind would hold a pipe open)."""
     return subprocess.Popen(
         [sys.executable, "-c", "from mua_cli.ui.cli import main; main()", *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=kwargs.get("cwd"),
+        stdout=subprocess.PIPE if err is subprocess.PIPE else err, stderr=err, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, start_new_session=True,
     )  # fmt: skip
 
@@ -135,10 +137,11 @@ def kill_during_write(ctx: Context) -> Row:
     return Row("`kill -9` inside a write transaction of `trials.db` (a hot journal left)",
                f"all {len(keys)} trials; `mua fit` rolls the write back (as `sqlite3` does) and gives the same fit "
                "byte for byte; the same sweep resumes with nothing to run", ok,
-               f"journal left: {journal}; fit equal: {after == before}; resume rc {rc}: {err.strip()[-300:]}")  # fmt: skip
+               f"journal left: {journal}; fit equal: {after == before}; resume rc {rc}: "
+               f"{err.strip()[-300:]}")  # fmt: skip
 
 
-def _descendants(pid: int) -> set[int]:
+def _descendants(pid: int, depth: int = 99) -> set[int]:
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -146,11 +149,12 @@ def _descendants(pid: int) -> set[int]:
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = set(), [pid]
+    out, todo = set(), [(pid, 0)]
     while todo:
-        for c in children.get(todo.pop(), []):
+        here, d = todo.pop()
+        for c in children.get(here, []) if d < depth else []:
             out.add(c)
-            todo.append(c)
+            todo.append((c, d + 1))
     return out
 
 
@@ -170,33 +174,37 @@ def _parent_death(ctx: Context, sig: int) -> tuple[bool, str, int, str]:
     """A sweep with worker processes, stopped by `sig` once its workers run; whether every one of them is gone
     within 20 s of it, and what the sweep said."""
     recipe = ctx.recipe(steps=400, lrs="2^-12:2^-9", ranks="2,4")
-    p = mua("sweep", "--recipe", recipe, "--out", ctx.work / f"run-{sig}", "--device", "cpu", "--workers-per-gpu", 2,
-            "--quiet")  # fmt: skip
+    log = ctx.work / f"sweep-{sig}.log"
+    with open(log, "w") as f:
+        p = mua("sweep", "--recipe", recipe, "--out", ctx.work / f"run-{sig}", "--device", "cpu", "--workers-per-gpu",
+                2, "--quiet", err=f)  # fmt: skip
     end, workers = time.monotonic() + 240, set()
-    while time.monotonic() < end and p.poll() is None:
-        family = _descendants(p.pid)  # the forkserver and the workers it forked
-        if len(family) >= 2 and time.monotonic() + 230 > end:
-            workers = family
-            break
+    while not workers and time.monotonic() < end and p.poll() is None:
+        # the forkserver and the resource tracker are the sweep's children from its start; workers, the forkserver's
+        workers = _descendants(p.pid) - _descendants(p.pid, depth=1)
         time.sleep(0.5)
     if not workers:
-        os.killpg(p.pid, signal.SIGKILL)
-        return False, "no worker process started", p.wait(), ""
+        os.kill(p.pid, signal.SIGKILL)
+        return False, "no worker process started", p.wait(), log.read_text()[-500:]
     time.sleep(3)  # the workers load their model and take units
     workers = _descendants(p.pid)
     os.kill(p.pid, sig)
     try:
-        _, err = p.communicate(timeout=60)
+        p.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.kill(p.pid, signal.SIGKILL)
-        _, err = p.communicate()
+        p.wait()
+    err = log.read_text()
     end = time.monotonic() + 20
     while _alive(workers) and time.monotonic() < end:
         time.sleep(0.2)
     left = _alive(workers)
     for pid in left:  # the probe cleans up after a failure
         os.kill(pid, signal.SIGKILL)
-    return not left, f"{len(workers)} processes under the sweep, {len(left)} left after 20 s", p.returncode, err
+    said = (
+        f"{len(workers)} processes under the sweep (forkserver, resource tracker, workers), {len(left)} left after 20 s"
+    )
+    return not left, said, p.returncode, err
 
 
 def parent_death(ctx: Context) -> Row:
@@ -211,7 +219,8 @@ def sigterm(ctx: Context) -> Row:
     ok = gone and said and rc == 143
     return Row("SIGTERM to a sweep with worker processes",
                "stops as Ctrl-C does: the workers stopped, `stopped by SIGTERM: finished trials are stored in X; run "
-               "the same command to resume`, exit code 143", ok, f"{detail}; exit code {rc}; said: {err.strip()[-300:]}")  # fmt: skip
+               "the same command to resume`, exit code 143", ok,
+               f"{detail}; exit code {rc}; said: {err.strip()[-300:]}")  # fmt: skip
 
 
 def symlinked_temp_file(ctx: Context) -> Row:
@@ -269,9 +278,10 @@ def failed_heartbeat(ctx: Context) -> Row:
                "CREATE FUNCTION fail_once() RETURNS trigger AS $$ BEGIN "
                "IF nextval('fault_once') = 1 THEN RAISE EXCEPTION 'injected: heartbeat refused'; END IF; "
                "RETURN NEW; END $$ LANGUAGE plpgsql; "
-               "CREATE TRIGGER fail_once BEFORE INSERT ON trial_heartbeats FOR EACH ROW EXECUTE FUNCTION fail_once()")  # fmt: skip
+               "CREATE TRIGGER fail_once BEFORE INSERT ON trial_heartbeats "
+               "FOR EACH ROW EXECUTE FUNCTION fail_once()")  # fmt: skip
     rc, out, err = run_mua("sweep", "--recipe", ctx.recipe(), "--storage", url, "--study", "hb", "--device", "cpu",
-                           "--quiet", "--out", ctx.work / "hb-run", env=FAST_BEAT, timeout=240)  # fmt: skip
+                           "--quiet", "--out", ctx.work / "hb-run", env=FAST_BEAT, timeout=400)  # fmt: skip
     ok, detail = _finished_once(url, "hb", 3) if rc == 0 else (False, err.strip()[-500:])
     return Row("the first heartbeat after a claim refused by PostgreSQL (a trigger)",
                "every trial, finished once; the planner ends (it hung before)", ok, detail)  # fmt: skip
@@ -279,34 +289,44 @@ def failed_heartbeat(ctx: Context) -> Row:
 
 def running_without_heartbeat(ctx: Context) -> Row:
     """A claim cut off between flipping a trial to RUNNING and its first heartbeat (a worker killed there): a
-    RUNNING trial with no heartbeat at all, which Optuna's stale-trial check passes over."""
+    RUNNING trial with no heartbeat at all, which Optuna's stale-trial check passes over. The probe flips one
+    waiting trial itself, while the planner's first claim is held up for 3 s (a trigger)."""
     import optuna
 
+    fault = "a trial left RUNNING with no heartbeat at all (a claim cut off before its first beat)"
     url = _pg_url(ctx, "noheart")
-    planner = mua("sweep", "--recipe", ctx.recipe(steps=200, lrs="2^-12:2^-10"), "--storage", url, "--study", "nh",
-                  "--device", "cpu", "--quiet", "--out", ctx.work / "nh-run", env=FAST_BEAT)  # fmt: skip
-    stolen, end = None, time.monotonic() + 180
+    optuna.storages.RDBStorage(url).engine.dispose()
+    _psql(url, "CREATE SEQUENCE slow_once; "
+               "CREATE FUNCTION slow_once() RETURNS trigger AS $$ BEGIN "
+               "IF NEW.state = 'RUNNING' AND nextval('slow_once') = 1 THEN PERFORM pg_sleep(3); END IF; "
+               "RETURN NEW; END $$ LANGUAGE plpgsql; "
+               "CREATE TRIGGER slow_once BEFORE UPDATE ON trials "
+               "FOR EACH ROW EXECUTE FUNCTION slow_once()")  # fmt: skip
+    log = ctx.work / "planner.log"
+    with open(log, "w") as f:
+        planner = mua("sweep", "--recipe", ctx.recipe(steps=40), "--storage", url, "--study", "nh", "--device", "cpu",
+                      "--quiet", "--out", ctx.work / "nh-run", env=FAST_BEAT, err=f)  # fmt: skip
+    stolen, end = None, time.monotonic() + 300
     while stolen is None and time.monotonic() < end and planner.poll() is None:
         try:
             study = optuna.load_study(study_name="nh", storage=url)
             waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-            for t in waiting:
+            if len(waiting) == 3:  # all queued: the last one, which the planner's first claim does not hold
+                t = waiting[-1]
                 if study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.RUNNING):  # noqa: SLF001
                     stolen = t._trial_id  # noqa: SLF001
-                    break
         except (KeyError, optuna.exceptions.UpdateFinishedTrialError):
             pass
-        time.sleep(0.2)
+        time.sleep(0.1)
     try:
-        out, err = planner.communicate(timeout=180)
+        planner.wait(timeout=400)
     except subprocess.TimeoutExpired:
-        os.killpg(planner.pid, signal.SIGKILL)
-        out, err = planner.communicate()
-        return Row("", "", False, f"the planner hung (a trial RUNNING with no heartbeat: {stolen})")
-    ok, detail = _finished_once(url, "nh", 3) if planner.returncode == 0 and stolen else (False, err[-500:])
-    return Row("a trial left RUNNING with no heartbeat at all (a claim cut off before its first beat)",
-               "it is reaped after the grace period and runs again; every trial finished once", ok,
-               f"trial {stolen} taken; {detail}")  # fmt: skip
+        os.kill(planner.pid, signal.SIGKILL)
+        planner.wait()
+        return Row(fault, "", False, f"the planner hung (trial {stolen} RUNNING with no heartbeat)")
+    ok, detail = _finished_once(url, "nh", 3) if planner.returncode == 0 else (False, log.read_text()[-500:])
+    return Row(fault, "it is reaped after the grace period and runs again; every trial finished once",
+               ok and stolen is not None, f"trial {stolen} taken; {detail}")  # fmt: skip
 
 
 def concurrent_starts(ctx: Context, n: int = 8, rounds: int = 3) -> Row:
@@ -355,8 +375,9 @@ def main() -> int:
     parser.add_argument("--markdown", action="store_true", help="print docs/reliability.md's table")
     args = parser.parse_args()
     names = args.names or list(PROBES)
-    rows, pg, pg_dir = [], None, None
-    os.environ.setdefault("MUA_CACHE", tempfile.mkdtemp(prefix="mua-probe-cache-"))
+    rows, pg, pg_dir, cache = [], None, None, None
+    if "MUA_CACHE" not in os.environ:  # the pretrained micro model, shared by the probes, removed at the end
+        os.environ["MUA_CACHE"] = cache = tempfile.mkdtemp(prefix="mua-probe-cache-")
     if any(n in POSTGRES_PROBES for n in names):
         from pg_server import PostgresUnavailable, start_server
 
@@ -378,6 +399,9 @@ def main() -> int:
     finally:
         if pg is not None:
             pg.stop()
+        for folder in (pg_dir, cache):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
     if args.markdown:
         print("| fault injected | what survived | result |\n|---|---|---|")
         for name, row, _ in rows:

@@ -98,6 +98,27 @@ class Ctx:
             optuna.create_study(storage=f"sqlite:///{self.tmp / name / 'trials.db'}", study_name=s)
         return name
 
+    def run_with_recipe_yaml(self, content: str | bytes | None) -> str:
+        """A copy of the run whose recipe.yaml holds `content`; None: removed."""
+        self.run()
+        if content is None:
+            (self.tmp / "run" / "recipe.yaml").unlink()
+            return "run"
+        self.write("run/recipe.yaml", content)
+        return "run"
+
+    def malicious_model(self, name: str = "evil") -> str:
+        """A model folder (the RoBERTa shape below) whose pytorch_model.bin is a pickle that would run a command."""
+        import pickle
+
+        class Evil:
+            def __reduce__(self):
+                return (os.system, ("touch pwned",))
+
+        self.cls_model(name)
+        self.write(f"{name}/pytorch_model.bin", pickle.dumps(Evil()))
+        return name
+
     def cls_model(self, name: str = "model") -> str:
         """A RoBERTa-shaped folder with config.json and a tokenizer (no weights): enough for seq-cls data checks."""
         shutil.copytree(self.world.cls_model, self.tmp / name)
@@ -114,6 +135,7 @@ class Case:
     bug: str = ""  # a known bug in mua: the case fails (strict xfail) until it is fixed
     gpus: int | None = None  # simulate this many visible CUDA GPUs
     leaves: tuple[str, ...] = ()  # paths (relative to the case's folder) the command may leave behind
+    env: tuple[tuple[str, str], ...] = ()  # environment variables the command runs under
 
 
 def sweep(*args) -> Callable[[Ctx], list]:
@@ -176,6 +198,11 @@ def _half(b: bytearray) -> bytes:
 
 
 GARBAGE = b"this is not a database\n" * 200
+CUSTOM_CODE_CONFIG = (
+    '{"model_type": "llama", "auto_map": {"AutoConfig": "configuration_x.XConfig", '
+    '"AutoModelForCausalLM": "modeling_x.XForCausalLM"}, "hidden_size": 32, "intermediate_size": 64, '
+    '"num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 260}'
+)
 TYPER = "typer's usage panel (several lines, no `error:` line) instead of one line naming the option"
 AS_MARKUP = "the message is printed as Rich markup"
 CORRUPTED = "trials.db is corrupted or not an SQLite database"
@@ -1150,6 +1177,210 @@ CASES: list[Case] = [
         sweep("--data", "[red]notes.txt"),
         "data [red]notes.txt does not exist",
     ),
+    # ------------------------------------------------------------- found by a hostile probe (issue #29)
+    Case(
+        "steps-huge",
+        NUMBERS,
+        "10^20 steps",
+        sweep("--steps", "100000000000000000000"),
+        "--steps must be at most 1000000000, not 100000000000000000000",
+    ),
+    recipe_case("steps-huge-recipe", NUMBERS, {"steps": 10**20}, "steps must be at most 1000000000"),
+    Case(
+        "batch-huge",
+        NUMBERS,
+        "a batch of 10^9",
+        sweep("--batch-size", "1000000000"),
+        "--batch-size must be at most 1000000, not 1000000000",
+    ),
+    Case(
+        "seeds-huge",
+        NUMBERS,
+        "10^8 seeds",
+        sweep("--seeds", "100000000"),
+        "--seeds must be at most 1000, not 100000000",
+    ),
+    Case(
+        "alpha0-inf",
+        NUMBERS,
+        "α0 = ∞ (NaN was refused already)",
+        sweep("--alpha0", "inf"),
+        "alpha0 must be finite, not inf",
+    ),
+    Case("alpha0-minus-inf", NUMBERS, "α0 = −∞", sweep("--alpha0", "-inf"), "alpha0 must be positive"),
+    recipe_case("alpha0-inf-recipe", NUMBERS, {"alpha0": float("inf")}, "alpha0 must be finite"),
+    recipe_case(
+        "eval-without-held-out",
+        NUMBERS,
+        {"metric": "eval", "eval_fraction": 0},
+        "metric: eval scores held-out data, but eval_fraction is 0",
+    ),
+    Case(
+        "eval-flag-without-held-out",
+        NUMBERS,
+        "`--metric eval` on a recipe that holds nothing out",
+        sweep("--recipe", lambda c: c.recipe(eval_fraction=0), "--metric", "eval"),
+        "eval_fraction is 0",
+    ),
+    Case(
+        "lrs-below-storable",
+        GRIDS,
+        "LRs below what a trial store keeps (2^-45)",
+        sweep("--lrs", "2^-45:2^-42"),
+        "learning rates must lie between 1e-12 and 1e+06",
+    ),
+    Case(
+        "lrs-above-storable",
+        GRIDS,
+        "LRs above what a trial store keeps (2^20)",
+        sweep("--lrs", "2^20:2^22"),
+        "learning rates must lie between 1e-12 and 1e+06",
+    ),
+    Case(
+        "lrs-list-tiny",
+        GRIDS,
+        "a list with one LR of 1e-13",
+        sweep("--lrs", "1e-13,1e-3,1e-2"),
+        "learning rates must lie between 1e-12 and 1e+06",
+    ),
+    recipe_case(
+        "model-config-typo",
+        RMODEL,
+        {"model_config": {**TINY_TEST_RECIPE["model_config"], "num_hiden_layers": 1}},
+        "model_config: unknown key 'num_hiden_layers' (did you mean 'num_hidden_layers'?)",
+    ),
+    recipe_case(
+        "model-config-unknown",
+        RMODEL,
+        {"model_config": {"flux_capacitor": 3}},
+        "model_config: unknown key 'flux_capacitor'",
+    ),
+    Case(
+        "model-custom-code",
+        RMODEL,
+        "a model folder whose config.json asks for its own code (`auto_map`)",
+        sweep("--model", lambda c: (c.write("custom/config.json", CUSTOM_CODE_CONFIG), "custom")[1], "--ranks", "2"),
+        "runs code of its own",
+    ),
+    Case(
+        "model-malicious-bin",
+        RMODEL,
+        "a `pytorch_model.bin` whose pickle would run a command",
+        sweep("--model", lambda c: c.malicious_model(), "--ranks", "2"),
+        "cannot be loaded safely",
+    ),
+    Case(
+        "out-empty",
+        PATHS,
+        "`--out ''` (it swept into the current folder)",
+        sweep("--out", ""),
+        "--out must name a folder",
+    ),
+    Case("out-name-too-long", PATHS, "a 300-character `--out`", sweep("--out", "x" * 300), "File name too long"),
+    Case("out-blank", PATHS, "`--out ' '`", sweep("--out", " "), "--out must name a folder"),
+    Case(
+        "data-newline",
+        PATHS,
+        "a path with a newline in it",
+        sweep("--data", "notes\nmore.txt"),
+        "data notes\\nmore.txt does not exist",
+    ),
+    Case("study-empty", STORAGE, "`--study ''` (it became `mua`)", sweep("--study", ""), "--study must name a study"),
+    Case(
+        "worker-study-empty",
+        STORAGE,
+        "`mua worker --study ''`",
+        cmd("worker", "--study", "", "--out", "run"),
+        "--study must name a study",
+    ),
+    Case(
+        "storage-sqlite-memory",
+        STORAGE,
+        "`--storage sqlite://` (in memory: every trial lost at exit)",
+        sweep("--storage", "sqlite://"),
+        "keeps nothing once the command ends",
+    ),
+    Case(
+        "storage-sqlite-memory-named",
+        STORAGE,
+        "`--storage sqlite:///:memory:`",
+        sweep("--storage", "sqlite:///:memory:"),
+        "keeps nothing once the command ends",
+    ),
+    Case(
+        "fit-storage-memory",
+        STORAGE,
+        "`mua fit --storage sqlite://`",
+        cmd("fit", "--storage", "sqlite://"),
+        "keeps nothing once the command ends",
+    ),
+    Case(
+        "fit-env-storage-named-run",
+        STORAGE,
+        "an exported `MUA_STORAGE` (unreachable) and `mua fit X` of a folder without trials (it blamed the URL)",
+        cmd("fit", lambda c: c.mkdir("empty-run")),
+        "holds no trial store (trials.db)",
+        env=(("MUA_STORAGE", PG_DOWN),),
+    ),
+    recipe_case("recipe-name-parent", RVALUE, {"name": "../../x"}, "name must be a plain name"),
+    recipe_case("recipe-name-slash", RVALUE, {"name": "a/b"}, "name must be a plain name"),
+    recipe_case("recipe-name-empty", RVALUE, {"name": ""}, "name must be a plain name"),
+    data_case(
+        "data-csv-row-longer",
+        "a CSV row with more fields than its header",
+        "d.csv",
+        "text\nhello,extra\n",
+        "d.csv: row 2 has more fields than its header",
+    ),
+    data_case(
+        "data-jsonl-deep",
+        "a JSONL line nested 100,000 deep",
+        "d.jsonl",
+        '{"text": ' + "[" * 100000 + "]" * 100000 + "}\n",
+        "d.jsonl: line 1 is nested too deeply",
+    ),
+    data_case(
+        "data-json-deep",
+        "a `.json` file nested 100,000 deep",
+        "d.json",
+        "[" * 100000 + "]" * 100000,
+        "d.json: nested too deeply",
+    ),
+    Case(
+        "data-dev-null",
+        DATA,
+        "`--data /dev/null`",
+        sweep("--data", "/dev/null"),
+        "data /dev/null is not a file or a folder",
+    ),
+    Case(
+        "run-recipe-yaml-list",
+        RUNS,
+        "a run folder whose recipe.yaml is a list",
+        sweep("--recipe", lambda c: c.recipe(), "--out", lambda c: c.run_with_recipe_yaml("- a\n- b\n")),
+        "was swept with other settings",
+    ),
+    Case(
+        "run-recipe-yaml-binary",
+        RUNS,
+        "a run folder whose recipe.yaml is binary",
+        sweep("--recipe", lambda c: c.recipe(), "--out", lambda c: c.run_with_recipe_yaml(b"\xff\xfe\x00\x81")),
+        "was swept with other settings",
+    ),
+    Case(
+        "run-recipe-yaml-missing",
+        RUNS,
+        "other settings (`steps: 12`, the run's 20) into a run folder whose recipe.yaml is gone (it rewrote it)",
+        sweep("--recipe", lambda c: c.recipe(), "--out", lambda c: c.run_with_recipe_yaml(None)),
+        "was swept with other settings (steps 20 → 12",
+    ),
+    Case(
+        "fit-recipe-yaml-binary",
+        RUNS,
+        "`mua fit` of a run whose recipe.yaml is binary and trials.db garbage",
+        cmd("fit", lambda c: c.store("bad", GARBAGE) and c.write("bad/recipe.yaml", b"\xff\xfe") and "bad"),
+        CORRUPTED,
+    ),
 ]
 CATEGORIES = list(dict.fromkeys(c.category for c in CASES))
 
@@ -1194,6 +1425,8 @@ def _play(case: Case, world: World, tmp: Path, mp: pytest.MonkeyPatch) -> Outcom
 
     mp.chdir(tmp)
     mp.delenv("MUA_STORAGE", raising=False)  # the run folder's own store unless a case names a URL
+    for name, value in case.env:
+        mp.setenv(name, value)
     mp.setattr("mua_cli.sweep.stream.Sweep.stream", trials_started)
     if case.gpus is not None:
         import torch
@@ -1291,7 +1524,7 @@ def test_bad_input(case: Case, world, tmp_path, monkeypatch):
 
 
 def test_the_catalog_is_large_and_its_ids_unique():
-    assert len({c.id for c in CASES}) == len(CASES) >= 110
+    assert len({c.id for c in CASES}) == len(CASES) >= 110 + 35  # 35 of them from issue #29's probe
     assert {"Ranks", "Regimes", "LR grids", "Recipe files", "Data files", "Run folders", "Storage URLs"} <= set(
         CATEGORIES
     )

@@ -418,3 +418,49 @@ def test_a_run_that_recorded_no_limit_is_not_checked(run_copy):
 def test_out_under_proc_is_one_line(micro_recipe_path):
     res = mua("sweep", "--recipe", micro_recipe_path, "--out", "/proc/mua-run", "--device", "cpu")
     one_line_error(res, "cannot create the run folder /proc/mua-run")
+
+
+# ------------------------------------------------------------------------ issue #29: found by a hostile probe
+
+
+def test_a_refused_sweep_leaves_a_run_without_recipe_yaml_resumable(swept, run_copy):
+    """recipe.yaml gone: the run's settings come from its trial store, so other settings are refused without a
+    byte written, and the run's own settings then resume it (it was locked out: the refusal rewrote recipe.yaml)."""
+    (run_copy / "recipe.yaml").unlink()
+    before = snapshot(run_copy)
+    res = mua("sweep", "--recipe", swept.recipe, *SWEEP, "--steps", 30, "--out", run_copy)
+    one_line_error(res, "was swept with other settings (steps 20 → 30")
+    assert snapshot(run_copy) == before
+    res = mua("sweep", "--recipe", swept.recipe, *SWEEP, "--out", run_copy)
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load((run_copy / "recipe.yaml").read_text())["steps"] == 20
+
+
+def test_a_run_whose_recipe_yaml_is_binary_resumes_with_its_own_settings(swept, run_copy):
+    (run_copy / "recipe.yaml").write_bytes(b"\xff\xfe\x00\x81")
+    res = mua("sweep", "--recipe", swept.recipe, *SWEEP, "--out", run_copy)
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load((run_copy / "recipe.yaml").read_text())["steps"] == 20  # written again, whole
+
+
+def test_an_exported_mua_storage_does_not_replace_a_named_run_folder(swept, run_copy, monkeypatch):
+    monkeypatch.setenv("MUA_STORAGE", "postgresql+psycopg://mua:secret@127.0.0.1:1/mua")  # nothing listens there
+    res = mua("fit", run_copy, "--json", "--no-plot")
+    assert res.exit_code == 0, res.output
+    res = mua("transfer", run_copy, "--to", "16", "--quiet")
+    assert res.exit_code == 0 and float(res.stdout) > 0, res.output
+    res = mua("sweep", "--recipe", swept.recipe, *SWEEP, "--out", run_copy)  # resumes the folder's own store
+    assert res.exit_code == 0, res.output
+
+
+def test_output_to_a_full_device_is_one_line(swept):
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-c", "from mua_cli.ui.cli import main; main()", "transfer", str(swept.run), "--to",
+             "16", "--quiet"], stdout=full, stderr=subprocess.PIPE, text=True, timeout=300,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == ["error: cannot write the output (No space left on device)"]

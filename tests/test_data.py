@@ -165,3 +165,18 @@ def test_split_indices_fixed_and_disjoint():
     assert len(b) == 10 and not set(a) & set(b) and sorted(a + b) == list(range(50))
     assert len(split_indices(5, 0.1)[1]) == 1  # at least one held-out record
     assert split_indices(5, 0.0)[1] == []
+
+
+def test_a_csv_with_a_byte_order_mark_and_a_pretty_printed_json_read_as_written(tmp_path):
+    """Excel's CSV starts with a UTF-8 BOM, which was read into the first field's name ("no field 'text'; its
+    fields: text"); a .json pretty-printed over many lines was read as JSON Lines ("line 1: not valid JSON")."""
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes("\ufefftext,label\nhello there,pos\nbad day,neg\n".encode())
+    recs = open_source(str(bom)).records
+    assert recs.columns == ["text", "label"] and record_texts(recs, "text", None)[0] == "hello there"
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text('[\n  {\n    "text": "one"\n  },\n  {\n    "text": "two"\n  }\n]\n')
+    assert record_texts(open_source(str(pretty)).records, "text", None) == ["one", "two"]
+    one = tmp_path / "one.json"
+    one.write_text('{\n  "text": "alone"\n}\n')
+    assert record_texts(open_source(str(one)).records, "text", None) == ["alone"]

@@ -5,6 +5,7 @@ the CLI and the key table in docs/recipes.md are all read from it."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,34 @@ def knob(default: Any, what: str, *, key: str = "", check=None, flag: str = "", 
 # A check takes (key, value) and returns what is wrong, as one line, or None.
 def _range(ok, want: str):
     return lambda key, v: None if ok(v) else f"{key} must be {want}, not {list(v) if isinstance(v, tuple) else v!r}"
+
+
+def _between(least: int, most: int):
+    def check(key, v):
+        if v < least:
+            return f"{key} must be at least {least}, not {v!r}"
+        return f"{key} must be at most {most}, not {v!r}" if v > most else None
+
+    return check
+
+
+def _positive_finite(key, v):
+    if not v > 0:  # NaN too
+        return f"{key} must be positive, not {v!r}"
+    return f"{key} must be finite, not {v!r}" if math.isinf(v) else None
+
+
+# Past these a trial is useless or never ends: each is far beyond any sweep mua is for
+MAX_STEPS, MAX_BATCH, MAX_SEEDS = 10**9, 10**6, 1000
+LR_MIN, LR_MAX = 1e-12, 1e6  # the learning rates a trial store keeps (sweep/store.py's DISTRIBUTIONS)
+
+
+def _lr_grid(key, v):
+    lrs = parse_lrs(v)  # raises its own one-line MuaError naming what is wrong
+    out = [lr for lr in lrs if not LR_MIN <= lr <= LR_MAX]
+    if out:
+        return f"{key}: learning rates must lie between {LR_MIN:g} and {LR_MAX:g}; {v!r} has {out[0]:.3g}"
+    return None
 
 
 def _one_of(*allowed):
@@ -123,9 +152,10 @@ class DataSpec:
 class Optim:
     """How each trial trains and is scored: the paper's AdamW, warmup 5 %, cosine to 0.1×, clip 1.0."""
 
-    steps: int = knob(100, "training steps per trial", check=_range(lambda v: v >= 2, "at least 2"),
+    steps: int = knob(100, "training steps per trial", check=_between(2, MAX_STEPS),
                       flag="Training steps per trial.")  # fmt: skip
-    batch_size: int = knob(8, "sequences (or images) per step", check=_range(lambda v: v >= 1, "at least 1"),
+    batch_size: int = knob(8, "sequences (or images) per step",
+                           check=_between(1, MAX_BATCH),
                            flag="Sequences per step.")  # fmt: skip
     warmup_frac: float = knob(0.05, "linear warmup, as a share of the steps",
                               check=_range(lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -142,7 +172,7 @@ class Optim:
     grad_clip: float = knob(
         1.0, "the gradient norm's clip", check=_range(lambda v: v > 0, "positive"), flag="The gradient norm's clip."
     )
-    alpha0: float = knob(1.0, "α0 in α = α0 · r^-γ", check=_range(lambda v: v > 0, "positive"),
+    alpha0: float = knob(1.0, "α0 in α = α0 · r^-γ", check=_positive_finite,
                          flag="α0 in α = α0 · r^-γ.")  # fmt: skip
     head_lr: float = knob(1e-3, "the fixed LR of a classifier's head (see below)",
                           check=_range(lambda v: v > 0, "positive"),
@@ -170,9 +200,10 @@ class SweepSpec:
                         check=_parses(parse_regimes), outcome=False,
                         flag="μA regimes <init>:<scaling>, e.g. A:r,B:1 (see `mua theory`).")  # fmt: skip
     lrs: str = knob("2^-12:2^-4", "the LR grid: a power-of-2 range `2^-12:2^-4` or a list `1e-3,2e-3`",
-                    check=_parses(parse_lrs), outcome=False,
+                    check=_lr_grid, outcome=False,
                     flag="LR grid: a power-of-2 range '2^-12:2^-4' or a list '1e-3,2e-3'.")  # fmt: skip
-    seeds: int = knob(1, "seeds per grid point", check=_range(lambda v: v >= 1, "at least 1"), outcome=False,
+    seeds: int = knob(1, "seeds per grid point", check=_between(1, MAX_SEEDS),
+                      outcome=False,
                       flag="Seeds per grid point.")  # fmt: skip
     max_extend: int = knob(4, "rounds of grid extension past an edge where an optimum sits", outcome=False,
                            check=_range(lambda v: v >= 0, "0 or more"),

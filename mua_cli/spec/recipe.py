@@ -53,10 +53,17 @@ class Recipe:
         for key in ("name", "description"):
             if key in flat and not isinstance(flat[key], str):
                 raise MuaError(f"{source}: {key} must be text, not {flat[key]!r}")
+        if "name" in flat and not _plain(flat["name"]):  # it names the run folder under runs/
+            raise MuaError(f"{source}: name must be a plain name, not a path or nothing, not {flat['name']!r}")
         top = {k: flat[k] for k in ("name", "description") if k in flat}
         recipe = cls(**top, **{s: SECTIONS[s](**kw) for s, kw in sections.items()})
         if (problem := embedded_problem(recipe.model)) is not None:
             raise MuaError(f"{source}: {problem}")
+        if recipe.optim.metric == "eval" and recipe.data.eval_fraction == 0:
+            raise MuaError(
+                f"{source}: metric: eval scores held-out data, but eval_fraction is 0 (nothing held out): set "
+                "eval_fraction (e.g. 0.1), or metric: train"
+            )
         return recipe
 
     def flat(self) -> dict:
@@ -218,6 +225,11 @@ def flatten(raw: dict, source: str) -> dict:
         else:
             flat[k] = v
     return flat
+
+
+def _plain(name: str) -> bool:
+    """A name that stays one folder under runs/: no separator, not `.` or `..`, not empty."""
+    return bool(name.strip()) and name not in (".", "..") and not any(c in name for c in "/\\\0")
 
 
 def _norm(v: Any) -> str:

@@ -7,6 +7,8 @@ attributes and heartbeat through the storage's other public methods. Both need w
   with no heartbeat settings unless given them, and a second connection pool per call;
 - a trial's storage id: `FrozenTrial._trial_id`. The public route (`storage.get_study_id_from_name`, then
   `get_trial_id_from_study_id_trial_number`) costs two queries per trial, on every claim of every worker.
+- which RUNNING trials have no heartbeat at all (a claim cut off before its first beat): Optuna's stale-trial
+  check passes them over, and only its table models (`optuna.storages._rdb.models`) can ask.
 tests/test_optuna_private.py checks that both still exist, are what shared.py assumes, and agree with the public
 route, so that an Optuna release that moves them fails there, by name, rather than in a worker mid-sweep."""
 
@@ -25,3 +27,23 @@ def storage_of(study: optuna.Study) -> BaseStorage:
 def trial_id(trial: FrozenTrial) -> int:
     """A trial's id in its storage (not its number within the study)."""
     return trial._trial_id  # noqa: SLF001
+
+
+def running_without_heartbeat(study: optuna.Study) -> set[int]:
+    """Storage ids of the study's RUNNING trials that have no heartbeat row."""
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    storage = storage_of(study)
+    rdb = getattr(storage, "_backend", storage)  # under Optuna's cache
+    query = (
+        sqlalchemy.select(models.TrialModel.trial_id)
+        .outerjoin(models.TrialHeartbeatModel, models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
+        .where(
+            models.TrialModel.study_id == study._study_id,  # noqa: SLF001
+            models.TrialModel.state == optuna.trial.TrialState.RUNNING,
+            models.TrialHeartbeatModel.trial_id.is_(None),
+        )
+    )
+    with rdb.engine.connect() as conn:
+        return {row[0] for row in conn.execute(query)}

@@ -28,9 +28,9 @@ from optuna.trial import TrialState
 
 from ..errors import MuaError
 from ..spec.trial import TrialResult, TrialSpec
-from .optuna_private import storage_of
+from .optuna_private import running_without_heartbeat, storage_of
 from .optuna_private import trial_id as id_of
-from .store import DISTRIBUTIONS, TrialStore
+from .store import DISTRIBUTIONS, STORAGE_ERRORS, TrialStore
 from .trackers import intermediate_values
 
 # a worker's heartbeat for the trials it holds; a RUNNING trial without one for GRACE_S is stale: failed, and
@@ -178,7 +178,7 @@ def claim(study: optuna.Study, k: int, batchable: Callable[[TrialSpec], bool]) -
             continue
         try:
             if storage.set_trial_state_values(id_of(t), state=TrialState.RUNNING):
-                storage.record_heartbeat(id_of(t))
+                first_beat(study, id_of(t))
                 storage.set_trial_system_attr(id_of(t), "mua_worker", worker_id())
                 for name, value in _params(spec).items():  # what readers of finished trials go by
                     dist = DISTRIBUTIONS[name]
@@ -189,6 +189,24 @@ def claim(study: optuna.Study, k: int, batchable: Callable[[TrialSpec], bool]) -
         if out and not batchable(out[0][1]):
             break
     return out
+
+
+def first_beat(study: optuna.Study, trial_id: int, tries: int = 3) -> None:
+    """The first heartbeat of a trial this process has just flipped to RUNNING. A claim and its first beat hold
+    or fail together: the beat is tried again (it writes one row per trial, so a retry is harmless), and where it
+    still cannot be written the trial goes back to the queue before the error is raised. A RUNNING trial without a
+    heartbeat would otherwise never go stale, and the planner would wait for it forever."""
+    storage = storage_of(study)
+    for attempt in range(tries):
+        try:
+            storage.record_heartbeat(trial_id)
+            return
+        except STORAGE_ERRORS:
+            if attempt == tries - 1:
+                with contextlib.suppress(Exception):  # the database is down: the reaper's no-heartbeat rule is left
+                    release(study, [(trial_id, None)])
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def _group(held: list[tuple[int, TrialSpec]]) -> tuple:
@@ -225,10 +243,23 @@ def release(study: optuna.Study, held: list[tuple[int, TrialSpec]]) -> None:
 
 
 def reap(study: optuna.Study) -> None:
-    """Fails the stale trials of dead workers, which queues them again."""
+    """Fails the stale trials of dead workers, which queues them again: those whose heartbeat stopped, and those
+    RUNNING with no heartbeat at all for GRACE_S (a claim cut off before its first beat), which Optuna's check
+    passes over."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    now, beatless = time.monotonic(), running_without_heartbeat(study)
+    for trial_id in list(_BEATLESS_SINCE):
+        if trial_id not in beatless:
+            del _BEATLESS_SINCE[trial_id]
+    # timed by this process's clock from when it first saw the trial so: no two machines' clocks are compared
+    stale = [t for t in beatless if now - _BEATLESS_SINCE.setdefault(t, now) > GRACE_S]
+    if stale:
+        release(study, [(t, None) for t in stale])
+
+
+_BEATLESS_SINCE: dict[int, float] = {}  # trial id -> when this process first saw it RUNNING without a heartbeat
 
 
 def counts(study: optuna.Study) -> tuple[int, int]:

@@ -29,16 +29,17 @@ from optuna.trial import TrialState
 
 from ..errors import MuaError
 from ..science.theory import FULL, MAX_RANK, REGIMES
+from ..spec.config import LR_MAX, LR_MIN
 from ..spec.trial import TrialResult, TrialSpec
+from .store_file import DB_NAME, _check_sqlite, _corrupted_message, _read_only, make_tables_once
 from .trackers import intermediate_values
 from .urls import check_driver, connection_problem, redact, scrub, with_driver
 
 STUDY = "mua"  # every run's study before they were named after their folders; such runs are read as they are
-DB_NAME = "trials.db"
 DISTRIBUTIONS = {
     "regime": CategoricalDistribution([*REGIMES, FULL]),
     "rank": IntDistribution(0, MAX_RANK),
-    "lr": FloatDistribution(1e-12, 1e6, log=True),
+    "lr": FloatDistribution(LR_MIN, LR_MAX, log=True),
     "seed": IntDistribution(0, 1 << 31),
 }
 # what a store's backend raises when the file or the disk under it fails (optuna wraps sqlalchemy's errors)
@@ -157,6 +158,7 @@ class TrialStore:
                         self.name = names[0]
                         return optuna.load_study(study_name=self.name, storage=storage)
                     return None
+            make_tables_once(url)
             storage = self.rdb = self._storage(url)
             if not self.shared:  # a run folder's one study keeps its name (older runs': `mua`)
                 names = optuna.get_all_study_names(storage)
@@ -305,73 +307,6 @@ def frame(store: TrialStore) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     df["rank"] = df["rank"].astype(int)
     return df.sort_values(["regime", "rank", "lr", "seed"]).reset_index(drop=True)
-
-
-def _read_only(db: Path) -> sqlite3.Connection:
-    """A connection that cannot write: SQLite refuses every write on it, whatever the file's permissions."""
-    return sqlite3.connect(f"{Path(db).resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
-
-
-def _check_sqlite(db: Path, run_dir: Path) -> None:
-    """An SQLite file whose pages are whole, checked read-only before anything opens it for writing."""
-    try:
-        with open(db, "rb") as f:
-            head = f.read(16)
-    except OSError as e:
-        raise MuaError(f"run folder {run_dir}: cannot read its trial store {DB_NAME} ({e.strerror or e})") from None
-    if not head:
-        return
-    if head != b"SQLite format 3\x00":
-        raise MuaError(_corrupted_message(run_dir, "no SQLite header"))
-    _roll_back(db, run_dir)
-    try:
-        con = _read_only(db)
-        try:
-            problems = [row[0] for row in con.execute("PRAGMA quick_check(1)")]
-            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        finally:
-            con.close()
-    except sqlite3.DatabaseError as e:  # "database disk image is malformed", "file is not a database"
-        raise MuaError(_corrupted_message(run_dir, _first_line(e))) from None
-    if problems != ["ok"]:
-        lines = [s for s in str(problems[0]).splitlines() if s.strip() and not s.startswith("***")]
-        raise MuaError(_corrupted_message(run_dir, (lines or ["quick_check failed"])[0][:200]))
-    if tables and "version_info" not in tables:  # another program's database: never written to
-        raise MuaError(
-            f"run folder {run_dir}: {DB_NAME} is an SQLite database but not a trial store (its tables: "
-            f"{', '.join(sorted(tables)[:5])}); it was left untouched: use another --out folder"
-        )
-
-
-def _roll_back(db: Path, run_dir: Path) -> None:
-    """Rolls back the unfinished write of a process killed mid-transaction, as any SQLite connection that may
-    write does when it first reads (a "hot" journal): the store is then as it was before that write, nothing
-    finished lost. A read-only connection cannot, and would take the store for unreadable. A journal of a write
-    still in progress (another sweep's) is not hot: SQLite then only waits for it."""
-    journal = db.with_name(db.name + "-journal")
-    try:
-        if not journal.is_file() or not journal.stat().st_size:
-            return
-        con = sqlite3.connect(db, timeout=60)
-        try:
-            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        finally:
-            con.close()
-    except sqlite3.Error as e:
-        if "readonly" not in str(e) and "read-only" not in str(e):
-            raise MuaError(_corrupted_message(run_dir, _first_line(e))) from None
-        raise MuaError(
-            f"run folder {run_dir}: its trial store {DB_NAME} holds a write cut off mid-way ({journal.name}, left by a "
-            "process killed while writing), which SQLite rolls back only where it may write: run the command "
-            "again where the folder is writable"
-        ) from None
-
-
-def _corrupted_message(run_dir: Path, why: str) -> str:
-    return (
-        f"run folder {run_dir}: its trial store {DB_NAME} is corrupted or not an SQLite database ({why}); "
-        "it was left untouched"
-    )
 
 
 def _read_only_message(run_dir: Path, why: str) -> str:

@@ -78,7 +78,10 @@ def run_sweep(
     that shared study instead, and work on it beside any `mua worker` (worker.py)."""
     listener = listener or Listener()
     run_dir = Path(run_dir)
-    fresh = not run_dir.exists()
+    try:
+        fresh = not run_dir.exists()
+    except OSError as e:  # a name too long for the file system, say
+        raise MuaError(f"cannot create the run folder {run_dir}: {e.strerror or e}") from None
     limit = rank_limit(recipe)  # before anything is stored: a rank past the model's layers is a bad input
     ex = dataclasses.replace(execution or Execution(), device=device)
     with contextlib.ExitStack() as stack:
@@ -99,6 +102,7 @@ def run_sweep(
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
         try:
+            _refuse_other_settings(run_dir, store, recipe)  # before either pin is written: a refusal writes nothing
             _pin_recipe(run_dir, recipe)
             _pin_study(store, recipe)
             done = store.keys(final_only=retry_failed)  # read before any write: a store that does not parse stays
@@ -270,6 +274,24 @@ def folder_lock(run_dir: Path, listener: Listener):
         os.close(fd)
 
 
+def _refuse_other_settings(run_dir: Path, store: TrialStore, recipe: Recipe) -> None:
+    """A run's settings as recipe.yaml pins them, else as its store does (the pin the sweep records there, or the
+    fingerprint each stored trial carries): a recipe.yaml lost or rewritten does not let other settings in, nor
+    lock the run's own settings out."""
+    old, stored = dict(store.info()), store.trials()
+    prints = {t.user_attrs.get("fingerprint") for t in stored} - {None}
+    if not old.get("fingerprint") and len(prints) == 1:
+        old["fingerprint"] = next(iter(prints))
+    same = [t for t in stored if t.user_attrs.get("fingerprint") == old.get("fingerprint")]
+    if same:  # the settings themselves, so that a refusal names what differs
+        old = {**same[0].user_attrs.get("recipe", {}), **old}
+    wrong = recipe.pin_mismatch(old, f"study {store.name!r}" if store.shared else str(run_dir))
+    if wrong:
+        raise MuaError(wrong.replace("--out folder", "--study") if store.shared else wrong)
+    if not store.shared:
+        _pin_recipe(run_dir, recipe, write=False)
+
+
 def _pin_study(store: TrialStore, recipe: Recipe) -> None:
     """One study, one set of outcome-changing settings, whatever shares its storage."""
     where = f"study {store.name!r}" if store.shared else f"the trial store of {store.run_dir}"
@@ -279,19 +301,22 @@ def _pin_study(store: TrialStore, recipe: Recipe) -> None:
     store.set_info(**recipe.pin())
 
 
-def _pin_recipe(run_dir: Path, recipe: Recipe) -> None:
-    """One run folder, one set of outcome-changing settings: a changed `--steps` needs a new folder."""
+def _pin_recipe(run_dir: Path, recipe: Recipe, write: bool = True) -> None:
+    """One run folder, one set of outcome-changing settings: a changed `--steps` needs a new folder. `write`:
+    False only checks."""
     path = run_dir / "recipe.yaml"
     if path.is_file():
         try:
-            old = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError:
+            old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError):  # unreadable: the store's pins stand in (_refuse_other_settings)
             old = {}
         wrong = recipe.pin_mismatch(old if isinstance(old, dict) else {}, str(run_dir))
         if wrong:
             raise MuaError(wrong)
+    if not write:
+        return
     text = yaml.safe_dump({**recipe.pin(), **recipe.to_dict()}, sort_keys=False)
-    if path.is_file() and path.read_text() == text:
+    if path.is_file() and path.read_bytes() == text.encode():
         return  # nothing to write: a full disk or a read-only folder cannot cost the resumed run its recipe
     try:
         write_atomic(path, text)

@@ -40,8 +40,13 @@ def with_driver(url: str) -> str:
 
 
 def check_driver(url: str) -> str | None:
-    """One line when the URL's database driver is not installed, else None."""
-    scheme = url.split("://", 1)[0]
+    """One line when the URL's database driver is not installed, or when it names no lasting store, else None."""
+    scheme, _, rest = url.partition("://")
+    if scheme.startswith("sqlite") and (rest.split("?")[0] in ("", "/", "/:memory:") or "mode=memory" in rest):
+        return (
+            f"storage {url}: an in-memory SQLite database keeps nothing once the command ends (every trial would be "
+            "lost); name a file, sqlite:///path/trials.db, or leave --storage out for the run folder's own store"
+        )
     if not scheme.startswith("postgres"):
         return None
     driver = scheme.split("+", 1)[1] if "+" in scheme else "psycopg2"

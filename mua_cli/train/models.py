@@ -3,9 +3,11 @@ package for `recipes/tiny.yaml`) or a Hugging Face model by hub name or local fo
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +31,21 @@ TINY_DEFAULTS = dict(
 PRETRAIN_DEFAULTS = dict(data="embedded:shakespeare", steps=300, lr=3e-3, batch_size=16, seed=0)
 
 
+SIZE_HINT = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+
+
 def cache_dir() -> Path:
     root = os.environ.get("MUA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mua"
     return Path(root)
 
 
 def embedded_config(m: ModelSpec) -> LlamaConfig:
+    known = set(LlamaConfig().to_dict())
+    for key in m.config:  # a typo would otherwise be kept as an unused attribute, and the model built without it
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else f"; LlamaConfig's keys include {', '.join(SIZE_HINT)}"
+            raise MuaError(f"recipe: model_config: unknown key {key!r}{hint}")
     cfg = {**TINY_DEFAULTS, **m.config, "vocab_size": BYTE_VOCAB}
     try:
         return LlamaConfig(**cfg)
@@ -192,6 +203,11 @@ def local_or_hub(name_or_path: str, what: str) -> None:
             raise MuaError(f"{what} {name_or_path} is a file; give the folder that holds config.json")
         if not (p / "config.json").is_file():
             raise MuaError(f"{what} folder {name_or_path} holds no config.json (save it with save_pretrained)")
+        if "auto_map" in (p / "config.json").read_text(errors="replace"):
+            raise MuaError(
+                f"{what} {name_or_path} runs code of its own (auto_map in its config.json), which mua does not run "
+                "(no trust_remote_code): use a model whose architecture transformers has built in"
+            )
         return
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
         raise MuaError(f"{what} {name_or_path} does not exist")
@@ -214,7 +230,7 @@ def load_hf(
     local_or_hub(name_or_path, "model")
     quiet_transformers()
     auto = getattr(transformers, AUTO_CLASSES[task])
-    kwargs: dict = {"dtype": dtype}
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": False}  # never a model's own code, and never a prompt
     if task != "causal-lm":
         if not labels or len(labels) < 2:
             raise MuaError(f"classification needs at least 2 classes; the data has {len(labels or [])}")
@@ -231,6 +247,11 @@ def load_hf(
             model, info = auto.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise MuaError(f"cannot load model {name_or_path!r} for {task}: {_first_line(e)}") from None
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused what the file would build
+        raise MuaError(
+            f"model {name_or_path!r}: its weights file cannot be loaded safely (it holds objects that are not "
+            f"tensors, which mua never unpickles: {_first_line(e)[:120]})"
+        ) from None
     new = sorted(
         set(info.get("missing_keys") or ())
         | {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()}
@@ -260,7 +281,7 @@ def load_tokenizer(name_or_path: str):
         raise MuaError(f"model folder {name_or_path} holds no tokenizer; save it beside the model (save_pretrained)")
     quiet_transformers()
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise MuaError(f"cannot load the tokenizer of {name_or_path!r}: {_first_line(e)}") from None
     if tok.pad_token is None:
@@ -279,7 +300,7 @@ def load_image_processor(name_or_path: str):
 
     quiet_transformers()
     try:
-        return AutoImageProcessor.from_pretrained(name_or_path)
+        return AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -67,7 +67,7 @@ def skeleton(m: ModelSpec):
 
     local_or_hub(m.name, "model")
     quiet_transformers()
-    config = transformers.AutoConfig.from_pretrained(m.name)
+    config = transformers.AutoConfig.from_pretrained(m.name, trust_remote_code=False)
     with torch.device("meta"):
         return getattr(transformers, AUTO_CLASSES[m.task]).from_config(config)
 

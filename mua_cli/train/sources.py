@@ -130,6 +130,8 @@ def open_source(spec: str) -> Source:
         )
     if p.is_dir():
         return Source(spec, records=_read_folder(p, spec))
+    if p.exists():  # /dev/null, a pipe: nothing a sweep can read records or text from
+        raise MuaError(f"data {spec} is not a file or a folder (a device, a pipe or a socket)")
     if _looks_local(spec):
         raise MuaError(f"data {spec} does not exist")
     return Source(spec, records=_load_hub_dataset(spec))
@@ -168,7 +170,6 @@ def _looks_local(spec: str) -> bool:
 
 
 def _read_record_file(p: Path, spec: str) -> Records:
-    import csv
     import json
 
     suffix = p.suffix.lower()
@@ -180,11 +181,11 @@ def _read_record_file(p: Path, spec: str) -> Records:
             datasets.logging.disable_progress_bar()
             with _quiet("datasets.packaged_modules.parquet.parquet"):  # it logs the error we then report
                 return Records(spec, dataset=datasets.Dataset.from_parquet(str(p)))
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's CSV) is not part of the first field
         if suffix in (".csv", ".tsv"):
-            rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
-        elif suffix == ".json" and text.lstrip().startswith("["):
-            rows = json.loads(text)
+            rows = _csv_rows(text, "\t" if suffix == ".tsv" else ",", spec)
+        elif suffix == ".json" and (whole := _whole_json(text, spec)) is not None:
+            rows = whole
         else:
             rows = []
             for i, line in enumerate(text.splitlines(), 1):
@@ -193,6 +194,8 @@ def _read_record_file(p: Path, spec: str) -> Records:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
                         raise MuaError(f"data file {spec}, line {i}: not valid JSON ({e.msg})") from None
+                    except RecursionError:
+                        raise MuaError(f"data file {spec}: line {i} is nested too deeply to read") from None
     except UnicodeDecodeError:
         raise MuaError(f"data file {spec} is not UTF-8 text") from None
     except (ValueError, OSError) as e:
@@ -202,6 +205,36 @@ def _read_record_file(p: Path, spec: str) -> Records:
     if not isinstance(rows, list) or any(not isinstance(r, dict) for r in rows):
         raise MuaError(f"data file {spec}: every record must be a JSON object")
     return Records(spec, rows=rows)
+
+
+def _csv_rows(text: str, delimiter: str, spec: str) -> list[dict]:
+    import csv
+
+    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    rows = []
+    for row in reader:
+        if None in row:  # DictReader keeps a row's fields past the header under the key None
+            raise MuaError(
+                f"data file {spec}: row {reader.line_num} has more fields than its header ({reader.fieldnames})"
+            )
+        rows.append(row)
+    return rows
+
+
+def _whole_json(text: str, spec: str) -> list | None:
+    """A .json file read whole: an array of records, or one record (pretty-printed over many lines); None where
+    it is not one JSON value (JSON Lines under a .json name)."""
+    import json
+
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        if text.lstrip().startswith("["):
+            raise
+        return None
+    except RecursionError:
+        raise MuaError(f"data file {spec}: nested too deeply to read") from None
+    return doc if isinstance(doc, list) else [doc]
 
 
 def _read_folder(p: Path, spec: str) -> Records:

@@ -14,7 +14,19 @@ from rich.text import Text
 
 from .. import quiet_libraries  # noqa: F401 — before any library prints
 from ..errors import MuaError
-from .console import OneLineErrors, Terminated, note, sigterm_as_interrupt, stdout_console, user_errors, whole
+from .console import (
+    OneLineErrors,
+    Terminated,
+    note,
+    output_failed,
+    own_store,
+    sigterm_as_interrupt,
+    stdout_broken,
+    stdout_console,
+    user_errors,
+    whole,
+    writing_stdout,
+)
 from .recipe_flags import recipe_flags
 from .runs import RUNS_DIR, name_run, run_folder
 
@@ -146,6 +158,7 @@ def sweep(
         try:
             with sigterm_as_interrupt(), listener:
                 ex = Execution(dev, workers_per_gpu, batch_trials, cuda_graphs, fused_kernels)
+                storage = own_store(out, storage, study)
                 summary = run_sweep(r, run_dir, dev, listener, storage, ex, retry_failed, study)
         except KeyboardInterrupt as e:
             Console(stderr=True).print(
@@ -188,6 +201,7 @@ def fit(
 
         run_dir = run_folder(run, storage, study)
         name_run(run, run_dir, stderr=json_out, shared=bool(storage or study))
+        storage = own_store(run, storage, study)  # after name_run: the named folder's own store is no shared one
         from ..api import refit
 
         result, saved = refit(run_dir, note, storage, study)
@@ -258,6 +272,7 @@ def transfer(
         # fit.json where it is newer than the trials (fit wrote it), else a fresh fit
         run_dir = run_folder(run, storage, study)
         name_run(run, run_dir, stderr=json_out or quiet, shared=bool(storage or study))
+        storage = own_store(run, storage, study)  # after name_run: the named folder's own store is no shared one
         result = fit_of(run_dir, fresh=False, on_note=note, storage=storage, study=study)
         proxy = fit_of(run_folder(calibrate), fresh=False, on_note=note) if calibrate is not None else None
         pred = predict(result, to, regime, basis, proxy, heuristic)
@@ -377,6 +392,10 @@ def main() -> None:
         code = 0
     except SystemExit as e:
         code = e.code
+    except OSError as e:  # stdout is a full disk (`> /dev/full`) or gone: one line, not a traceback
+        if not (writing_stdout(e) or stdout_broken()):
+            raise
+        code = output_failed(e)
     if not isinstance(code, int):
         if code is not None:
             print(code, file=sys.stderr)
@@ -384,7 +403,10 @@ def main() -> None:
     import atexit
 
     atexit._run_exitfuncs()  # noqa: SLF001 — what Python runs at exit; skipped by os._exit
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except OSError as e:
+        code = output_failed(e)
     sys.stderr.flush()
     os._exit(code)
 

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -37,6 +38,9 @@ class OneLineErrors(TyperGroup):
         if not standalone_mode:
             return super().main(args, prog_name, *rest, standalone_mode=False, **kwargs)
         argv = sys.argv[1:] if args is None else list(args)
+        if (blank := _blank_name(argv)) is not None:
+            error_line(blank)
+            sys.exit(2)
         if not argv:  # `mua` alone: the help, on stdout (a context made without parsing, so no error is raised)
             with self.make_context(prog_name or "mua", [], resilient_parsing=True) as ctx:
                 typer.echo(ctx.get_help())
@@ -71,8 +75,24 @@ def whole(renderable):
     return renderable
 
 
+# options whose value names something: an empty one would quietly mean the current folder or a default
+NAMING = {"--out": "a folder", "--study": "a study", "--storage": "a storage URL"}
+
+
+def _blank_name(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name in NAMING and (eq or i + 1 < len(argv)):
+            value = value if eq else argv[i + 1]
+            if not value.strip():
+                return f"{name} must name {NAMING[name]}, not {value!r}"
+    return None
+
+
 def error_line(message: str) -> None:
-    """One red `error:` line on stderr; the message is printed as it is (brackets are not markup)."""
+    """One red `error:` line on stderr; the message is printed as it is (brackets are not markup), a line break
+    in it (a path holding one, say) shown as `\\n`, so that the error stays one line."""
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
     Console(stderr=True).print(Text("error:", style="bold red"), Text(message), highlight=False, soft_wrap=True)
 
 
@@ -113,3 +133,36 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def own_store(folder: Path | None, storage: str | None, study: str | None) -> str | None:
+    """--storage; else, for a run folder named on the command line (without --study), that folder's own
+    trials.db, which an exported MUA_STORAGE does not replace; else None (MUA_STORAGE, or the run folder's)."""
+    if storage is None and folder is not None and study is None and os.environ.get("MUA_STORAGE"):
+        from ..api import DB_NAME
+
+        return f"sqlite:///{Path(folder).resolve() / DB_NAME}"
+    return storage
+
+
+def writing_stdout(e: OSError) -> bool:
+    """Whether `e` came from a write to stdout (the innermost frame holds stdout: click's echo, rich's print)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    ours = (sys.stdout, getattr(sys.stdout, "buffer", None))
+    held = [] if tb is None else [*tb.tb_frame.f_locals.values()]
+    return any(any(x is o for o in ours) for v in held for x in (v, getattr(v, "file", None)))
+
+
+def stdout_broken() -> bool:
+    try:
+        sys.stdout.flush()
+    except OSError:
+        return True
+    return False
+
+
+def output_failed(e: OSError) -> int:
+    error_line(f"cannot write the output ({e.strerror or e})")
+    return 2
