@@ -20,6 +20,7 @@ from .console import (
     note,
     output_failed,
     own_store,
+    print_version,
     sigterm_as_interrupt,
     stdout_broken,
     stdout_console,
@@ -55,18 +56,10 @@ Examples:
 )
 
 
-def _version(value: bool) -> None:
-    if value:
-        import mua_cli
-
-        typer.echo(f"mua {mua_cli.__version__}")
-        raise typer.Exit()
-
-
 @app.callback()
 def _options(
     version: Annotated[
-        bool, typer.Option("--version", is_eager=True, callback=_version, help="Print mua's version and exit.")
+        bool, typer.Option("--version", is_eager=True, callback=print_version, help="Print mua's version and exit.")
     ] = False,
 ):
     pass
@@ -76,8 +69,7 @@ def consoles(quiet: bool = False) -> tuple[Console, Console]:
     return stdout_console(quiet), Console(stderr=True)
 
 
-def gpu_device_files() -> bool:
-    """Whether this machine has NVIDIA's or AMD's GPU device files: a guess made without importing torch."""
+def gpu_device_files() -> bool:  # a guess made without importing torch
     return Path("/dev/nvidiactl").exists() or Path("/dev/kfd").exists()
 
 
@@ -146,13 +138,12 @@ def sweep(
             start_process_server()  # before this process imports torch: the two import side by side
         from ..api import Execution, load_trials, resolve_device, run_sweep
         from ..spec.recipe import load_recipe
-        from .report import sweep_table
 
         r = load_recipe(recipe, **(overrides or {}))
         dev = resolve_device(device)
         run_dir = out or RUNS_DIR / f"{r.name}-{r.fingerprint()[:8]}"
         console, _ = consoles(quiet)
-        from .progress import RichListener
+        from .progress import RichListener, sweep_done
 
         listener = RichListener(console, live=not quiet and console.is_terminal, notes=not quiet)
         listener.note(f"run folder {run_dir} · device {dev} · {r.settings_text()}")
@@ -167,16 +158,7 @@ def sweep(
                 Text(f"finished trials are stored in {run_dir}; run the same command to resume"),
             )
             raise typer.Exit(getattr(e, "exit_code", 130)) from None
-        for line in summary.at_edge:
-            console.print(Text("!", style="yellow"), Text(f"{line}: widen --lrs or raise max_extend"))
-        console.print(whole(sweep_table(load_trials(run_dir, storage, study))))
-        retried = f" ({summary.retried} of them failed before)" if summary.retried else ""
-        console.print(
-            f"ran {summary.ran} trial(s){retried}, skipped {summary.skipped} already stored · next: mua fit {run_dir}",
-            markup=False,
-        )
-        if quiet:  # RUN=$(mua sweep --quiet): the run folder, alone on stdout
-            typer.echo(str(run_dir))
+        sweep_done(console, summary, load_trials(run_dir, storage, study), run_dir, quiet)
 
 
 @app.command()

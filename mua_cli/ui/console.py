@@ -58,6 +58,15 @@ class OneLineErrors(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+def print_version(value: bool) -> None:
+    """`mua --version`."""
+    if value:
+        import mua_cli
+
+        typer.echo(f"mua {mua_cli.__version__}")
+        raise typer.Exit()
+
+
 def stdout_console(quiet: bool = False) -> Console:
     """The console for a command's output: a terminal's width on a terminal, or the width COLUMNS asks for;
     elsewhere (a pipe, a CI log) so wide that no line wraps and no table is cut, where rich would take 80."""

@@ -145,3 +145,21 @@ class RichListener(Listener):
         if self.progress and self.task is not None:
             self.progress.update(self.task, total=self.total, completed=self.done, description="trials",
                                  eta=self.eta_text())  # fmt: skip
+
+
+def sweep_done(console: Console, summary, trials, run_dir, quiet: bool) -> None:
+    """What a finished sweep prints: groups still at an edge, the table of its trials, what ran; with `--quiet`
+    the run folder alone, on stdout (RUN=$(mua sweep --quiet))."""
+    from .console import whole
+    from .report import sweep_table
+
+    for line in summary.at_edge:
+        console.print(Text("!", style="yellow"), Text(f"{line}: widen --lrs or raise max_extend"))
+    console.print(whole(sweep_table(trials)))
+    retried = f" ({summary.retried} of them failed before)" if summary.retried else ""
+    console.print(
+        f"ran {summary.ran} trial(s){retried}, skipped {summary.skipped} already stored · next: mua fit {run_dir}",
+        markup=False,
+    )
+    if quiet:
+        print(run_dir, flush=True)
