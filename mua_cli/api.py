@@ -98,7 +98,7 @@ def run_sweep(
 ) -> SweepSummary:
     """Runs `recipe`'s sweep into `run_dir` (its trial store; resumes what it holds) and says what it ran.
     `device`: "auto" (as `mua sweep`: every visible GPU, else the CPU), "cpu", "cuda" or "cuda:N". `listener`
-    hears its progress (sweep.run.Listener); `storage`, `study`: an Optuna storage URL and a shared study
+    hears its progress (sweep.stream.Listener); `storage`, `study`: an Optuna storage URL and a shared study
     (docs/scale-out.md); `execution`: slots and trials per pass (0: chosen by size)."""
     dev = resolve_device(device)
     if execution is not None and execution.device != dev:
