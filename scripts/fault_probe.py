@@ -215,6 +215,7 @@ def parent_death(ctx: Context) -> Row:
 
 def sigterm(ctx: Context) -> Row:
     gone, detail, rc, err = _parent_death(ctx, signal.SIGTERM)
+    err = " ".join(err.split())  # rich wraps a long run folder's line
     said = "stopped by SIGTERM" in err and "run the same command to resume" in err
     ok = gone and said and rc == 143
     return Row("SIGTERM to a sweep with worker processes",
