@@ -24,7 +24,12 @@ run: install
 	$(BIN)/mua transfer --to full-ft
 	$(BIN)/mua transfer --to 128
 
-test: install
+# the tests also cover the optional trackers (TensorBoard, MLflow): installed for them, not for `make run`
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[dev,trackers]"
+	touch $@
+
+test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
 
 lint: install

@@ -8,6 +8,7 @@ The `mua` command is a thin layer over these; everything else in mua_cli is inte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from contextlib import suppress
@@ -22,12 +23,13 @@ from .science.transfer import CHOICES, FULL_TARGET, Prediction, predict_rank
 from .spec.recipe import Recipe, load_recipe
 from .sweep.sizing import Execution
 from .sweep.store import DB_NAME, TrialStore, load_trials
-from .sweep.stream import Listener, SweepSummary, run_sweep
+from .sweep.stream import Listener, SweepSummary
+from .sweep.stream import run_sweep as _run_sweep
 
 __all__ = [
     "Execution", "FitResult", "Listener", "MuaError", "Prediction", "Recipe", "SweepSummary",
-    "apply_regime", "fit", "fit_run", "has_trials", "load_recipe", "load_trials", "lora_config", "predict",
-    "preview_sweep", "refit", "resolve_device", "run_sweep", "start_process_server", "work",
+    "apply_regime", "export_trials", "fit", "fit_run", "has_trials", "load_recipe", "load_trials", "lora_config",
+    "predict", "preview_sweep", "refit", "resolve_device", "run_sweep", "start_process_server", "work",
 ]  # fmt: skip
 
 
@@ -82,6 +84,26 @@ def save_text(path: Path, text: str, on_note: Callable[[str], None] | None = Non
         if on_note:
             on_note(f"{path.name} not saved: cannot write in {path.parent} ({e.strerror or e})")
         return False
+
+
+def run_sweep(
+    recipe: Recipe,
+    run_dir: str | Path,
+    device: str = "auto",
+    listener: Listener | None = None,
+    storage: str | None = None,
+    execution: Execution | None = None,
+    retry_failed: bool = True,
+    study: str | None = None,
+) -> SweepSummary:
+    """Runs `recipe`'s sweep into `run_dir` (its trial store; resumes what it holds) and says what it ran.
+    `device`: "auto" (as `mua sweep`: every visible GPU, else the CPU), "cpu", "cuda" or "cuda:N". `listener`
+    hears its progress (sweep.run.Listener); `storage`, `study`: an Optuna storage URL and a shared study
+    (docs/scale-out.md); `execution`: slots and trials per pass (0: chosen by size)."""
+    dev = resolve_device(device)
+    if execution is not None and execution.device != dev:
+        execution = dataclasses.replace(execution, device=dev)
+    return _run_sweep(recipe, Path(run_dir), dev, listener, storage, execution, retry_failed, study)
 
 
 def fit(
@@ -158,6 +180,43 @@ def predict(
     if name is None:
         raise MuaError("the run has no LoRA trials to predict from")
     return predict_rank(result, name, rank, basis=basis)
+
+
+TRIAL_FORMATS = ("csv", "json")
+
+
+def export_trials(run_dir: str | Path, fmt: str = "csv", storage: str | None = None, study: str | None = None) -> str:
+    """A run's trials as CSV or JSON text, one row (object) a trial, as `optuna trials -f json` exports a study:
+    the trial's number, regime, rank, lr, seed, status, metric, and what the store keeps of it (its key, loss
+    curve, held-out loss, peft settings, wall time). JSON: a non-finite metric (a diverged trial's) is null; CSV:
+    lists and mappings are JSON text in their cell."""
+    import math
+
+    if fmt not in TRIAL_FORMATS:
+        raise MuaError(f"unknown --format {fmt!r}; choose from {', '.join(TRIAL_FORMATS)}")
+    df = load_trials(Path(run_dir), storage, study)
+
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v.item() if hasattr(v, "item") and not isinstance(v, str | bytes) else v
+
+    rows = [{k: clean(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
+    if fmt == "json":
+        return json.dumps(rows, indent=1, allow_nan=False)
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(df.columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in row.items()})
+    return out.getvalue()
 
 
 def lora_config(regime: str, rank: int, targets: str | list[str] = "all-linear", alpha0: float = 1.0, **peft_kwargs):

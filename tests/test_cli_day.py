@@ -59,7 +59,10 @@ def test_a_log_gets_one_plain_line_per_trial_and_whole_tables(in_day):
     assert res.exit_code == 0, res.output
     lines = [line for line in res.stdout.splitlines() if line.startswith("trial ")]
     assert len(lines) == 6, res.stdout
-    pattern = r"trial \d/6: B:1 rank [28] lr 2\^-[678] \(0\.0\d+\) seed 0 (ok|diverged) metric \S+ \d+\.\d s"
+    pattern = (
+        r"trial \d/6: B:1 rank [28] lr 2\^-[678] \(0\.0\d+\) seed 0 (ok|diverged) metric \S+ \d+\.\d s"
+        r" · ETA \d:\d\d:\d\d \(about 6 trials in all\)"
+    )
     assert all(re.fullmatch(pattern, line) for line in lines), lines
     # a 40-column log (COLUMNS=40): the table's cells fold, none is cut short with an ellipsis ("diver…│")
     assert not re.search(r"…\s*│", res.stdout)

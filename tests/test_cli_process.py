@@ -38,7 +38,7 @@ def test_cpu_workers_fork_from_the_preloaded_server_and_stay_quiet(tmp_path):
     recipe.write_text(yaml.safe_dump({**TINY_TEST_RECIPE, **few}))
     res = _mua("sweep", "--recipe", str(recipe), "--out", str(run), "--device", "cpu", "--workers-per-gpu", "2")
     assert res.returncode == 0, res.stderr
-    assert "this process and 1 worker process(es)" in res.stderr + res.stdout
+    assert "this process and 1 slot process(es)" in res.stderr + res.stdout
     assert "Warning" not in res.stderr and "Loading weights" not in res.stderr, res.stderr
     trials = load_trials(run)
     assert len(trials) == 6 and set(trials["status"]) == {"ok"}

@@ -64,3 +64,20 @@ def test_typer_usage_errors_are_caught_by_a_public_class():
     assert issubclass(typer.BadParameter, USAGE_ERRORS), typer.BadParameter.__mro__
     e = typer.BadParameter("no good")
     assert e.format_message() == "Invalid value: no good" and e.exit_code == 2 and hasattr(e, "ctx")
+
+
+def test_running_without_heartbeat_reads_optunas_tables(study):
+    """The query on Optuna's private ORM models (optuna.storages._rdb.models) that finds RUNNING trials no worker
+    beats for: one claimed without a heartbeat is found; once it beats, or when it is only WAITING, it is not."""
+    from optuna.storages._rdb import models
+
+    assert hasattr(models, "TrialModel") and hasattr(models, "TrialHeartbeatModel"), f"optuna {optuna.__version__}"
+    storage = optuna_private.storage_of(study)
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    claimed, queued = (optuna_private.trial_id(t) for t in waiting)
+    assert optuna_private.running_without_heartbeat(study) == set()
+    storage.set_trial_state_values(claimed, state=TrialState.RUNNING)
+    assert optuna_private.running_without_heartbeat(study) == {claimed}
+    storage.record_heartbeat(claimed)
+    assert optuna_private.running_without_heartbeat(study) == set()
+    assert queued not in optuna_private.running_without_heartbeat(study)

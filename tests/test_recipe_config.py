@@ -17,6 +17,7 @@ DOC = RECIPES_DIR.parent / "docs" / "recipes.md"
 # be found by the same settings afterwards (these are the values the flat Recipe of commit 0a38a08 gave).
 FINGERPRINTS = {
     "tiny": "e698b01de32b7e3b",
+    "tiny-cls": "7c0e5df75ddb1824",
     "qwen2.5-0.5b-instruct": "ac0f980216d683ef",
     "roberta-base-sst2": "cc79c629feab224b",
     "vit-base-beans": "657f224cee2c9842",
@@ -32,9 +33,10 @@ def test_a_shipped_recipe_keeps_its_trial_identity(name):
 def test_the_outcome_keys_are_every_key_but_the_sweeps():
     recipe = load_recipe("tiny")
     assert set(recipe.outcome_fields()) == set(OUTCOME_KEYS)
-    assert set(KEYS) - set(OUTCOME_KEYS) == {"ranks", "regimes", "lrs", "seeds", "max_extend", "refine"}
+    assert set(KEYS) - set(OUTCOME_KEYS) == {"ranks", "regimes", "lrs", "seeds", "max_extend", "refine", "report_to"}
     # a key that only picks trials leaves the identity alone; one that changes training does not
     assert recipe.replace(ranks="4", lrs="2^-8,2^-7,2^-6", seeds=3).fingerprint() == recipe.fingerprint()
+    assert recipe.replace(report_to="tensorboard,mlflow").fingerprint() == recipe.fingerprint()
     assert recipe.replace(warmup_frac=0.1).fingerprint() != recipe.fingerprint()
 
 

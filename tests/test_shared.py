@@ -72,7 +72,7 @@ def alone(micro, tmp_path_factory, model_cache):
         res = CliRunner().invoke(app, ["sweep", "--recipe", str(micro), "--out", str(run), "--device", "cpu",
                                        "--quiet"])  # fmt: skip
     assert res.exit_code == 0, res.output
-    return _fit(run), len(_finished(optuna.load_study(study_name="mua", storage=f"sqlite:///{run}/trials.db")))
+    return _fit(run), len(_finished(optuna.load_study(study_name="run", storage=f"sqlite:///{run}/trials.db")))
 
 
 def _finished(study) -> list:
@@ -177,7 +177,7 @@ def test_two_sweeps_of_one_folder_at_once_store_each_trial_once(micro, alone, tm
     both = [_mua("sweep", "--recipe", micro, "--out", run, "--device", "cpu", "--quiet") for _ in range(2)]
     for rc, text in _finish(both):
         assert rc == 0, text
-    study = optuna.load_study(study_name="mua", storage=f"sqlite:///{run}/trials.db")
+    study = optuna.load_study(study_name="run", storage=f"sqlite:///{run}/trials.db")
     keys = [t.user_attrs["key"] for t in study.get_trials(deepcopy=False)]
     fitted, n = alone
     assert len(keys) == len(set(keys)) == n

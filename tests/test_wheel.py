@@ -55,6 +55,9 @@ def test_installed_wheel_has_the_default_model(fresh):
     res = _run(python, cwd, code)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "mua_cli/embedded" in res.stdout and str(ROOT) not in res.stdout
+    res = _run(python, cwd, "from mua_cli.train.encoder import shipped_folder; print(shipped_folder())")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "mua_cli/embedded/encoder-" in res.stdout and str(ROOT) not in res.stdout  # the encoder ships too
 
 
 def test_installed_wheel_sweeps_the_embedded_default(fresh):

@@ -203,8 +203,7 @@ def predict_full(
             )
         return Prediction(
             lr=measured.lr_star,
-            lo=measured.lo,
-            hi=measured.hi,
+            interval=(measured.lo, measured.hi),
             target=FULL_TARGET,
             regime="full",
             basis="measured",
@@ -228,8 +227,7 @@ def predict_full(
     lr, lo, hi = 2.0**centre, 2.0 ** (centre - half), 2.0 ** (centre + half)
     return Prediction(
         lr=lr,
-        lo=lo,
-        hi=hi,
+        interval=(lo, hi),
         target=FULL_TARGET,
         regime=TRANSFER_REGIME,
         basis=chosen,
@@ -247,8 +245,7 @@ def _heuristic(fit: FitResult, ar: RegimeFit) -> Prediction:
     lr, lo, hi = lr_interval(centre - shift, se)
     return Prediction(
         lr=lr,
-        lo=lo,
-        hi=hi,
+        interval=(lo, hi),
         target=FULL_TARGET,
         regime=HEURISTIC_REGIME,
         basis="heuristic",

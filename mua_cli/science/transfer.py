@@ -38,8 +38,7 @@ class Prediction:
     """One predicted learning rate. `to_dict()` is the `--json` schema."""
 
     lr: float
-    lo: float  # 95% interval, lr units
-    hi: float
+    interval: tuple[float, float]  # 95 % interval, lr units (the JSON's "interval")
     target: int | str  # a rank, or "full-ft"
     regime: str  # the regime the prediction comes from (and, for a rank, the one to train with)
     basis: str  # "measured", one of RANK_BASES or FULL_BASES, or "heuristic"
@@ -52,11 +51,19 @@ class Prediction:
     notes: list[str] = field(default_factory=list)
     lora_config: dict | None = None  # peft's LoraConfig(**lora_config) for a rank target, as swept
 
+    @property
+    def lo(self) -> float:
+        return self.interval[0]
+
+    @property
+    def hi(self) -> float:
+        return self.interval[1]
+
     def to_dict(self) -> dict:
         return jsonable(
             {
                 "lr": self.lr,
-                "interval": [self.lo, self.hi],
+                "interval": list(self.interval),
                 "target": self.target,
                 "regime": self.regime,
                 "basis": self.basis,
@@ -249,8 +256,7 @@ def predict_rank(fit: FitResult, regime: str, rank: int, basis: str = "auto") ->
     }
     return Prediction(
         lr=lr,
-        lo=lo,
-        hi=hi,
+        interval=(lo, hi),
         target=rank,
         regime=reg.name,
         basis=chosen,

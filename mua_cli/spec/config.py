@@ -98,12 +98,19 @@ def _pretrain(key, p: dict):
     return None
 
 
+def _trackers(key, v) -> str | None:
+    names = [n.strip().lower() for n in str(v).split(",") if n.strip()]
+    bad = [n for n in names if n not in ("tensorboard", "mlflow", "wandb", "none")]
+    return f"{key}: unknown tracker {bad[0]!r}; choose from tensorboard, mlflow, wandb" if bad else None
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What is finetuned, and which of its modules get LoRA."""
 
     name: str = knob("embedded:tiny", "a Hugging Face hub name or a local folder (`save_pretrained`), or "
-                     "`embedded:tiny`", key="model", flag="Hugging Face model: hub name or local folder.")  # fmt: skip
+                     "`embedded:tiny` (causal LM) or `embedded:encoder` (seq-cls)", key="model",
+                     flag="Hugging Face model: hub name or local folder.")  # fmt: skip
     task: str = knob("causal-lm", "`causal-lm`, `seq-cls` or `image-cls`", check=_one_of(*TASKS),
                      flag="causal-lm, seq-cls or image-cls.")  # fmt: skip
     config: dict = knob({}, "for `embedded:` models, the transformers config (sizes)", key="model_config",
@@ -207,6 +214,10 @@ class SweepSpec:
                        "is still wider than a factor 2; `0`: the whole grid, nothing added but extensions",
                        check=_one_of(0, 1), outcome=False,
                        flag="1: half the grid first, then fill and refine near optima; 0: the whole grid.")  # fmt: skip
+    report_to: str = knob("", "experiment trackers that get each trial's loss curve, metric and hyperparameters: "
+                          "`tensorboard`, `mlflow`, `wandb` (comma-separated; optional extras, docs/trackers.md)",
+                          check=_trackers, outcome=False,
+                          flag="Trackers for each trial's curve: tensorboard, mlflow, wandb.")  # fmt: skip
 
 
 SECTIONS = {"model": ModelSpec, "data": DataSpec, "optim": Optim, "sweep": SweepSpec}

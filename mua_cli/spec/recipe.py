@@ -22,6 +22,9 @@ from .data_identity import SCHEME, data_identity, is_content
 _PACKAGED = Path(__file__).resolve().parent.parent / "recipes"
 RECIPES_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[2] / "recipes"
 DEFAULT_RECIPE = "tiny"
+# `--task seq-cls` with no recipe and no model: the embedded encoder on embedded classification data
+TASK_DEFAULT_RECIPES = {"seq-cls": "tiny-cls"}
+EMBEDDED_MODELS = {"embedded:tiny": "causal-lm", "embedded:encoder": "seq-cls"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class Recipe:
             raise MuaError(f"{source}: name must be a plain name, not a path or nothing, not {flat['name']!r}")
         top = {k: flat[k] for k in ("name", "description") if k in flat}
         recipe = cls(**top, **{s: SECTIONS[s](**kw) for s, kw in sections.items()})
+        if (problem := embedded_problem(recipe.model)) is not None:
+            raise MuaError(f"{source}: {problem}")
         if recipe.optim.metric == "eval" and recipe.data.eval_fraction == 0:
             raise MuaError(
                 f"{source}: metric: eval scores held-out data, but eval_fraction is 0 (nothing held out): set "
@@ -136,6 +141,27 @@ class Recipe:
         )
 
 
+def embedded_problem(m: ModelSpec) -> str | None:
+    """Why an `embedded:` model cannot serve the recipe's task, or None: said when the recipe is read, before
+    any model or data loads."""
+    if not m.embedded:
+        return None
+    task = EMBEDDED_MODELS.get(m.name)
+    if task is None:
+        known = ", ".join(f"{k} ({v})" for k, v in EMBEDDED_MODELS.items())
+        return f"no embedded model {m.name!r}; the embedded models are {known}"
+    if task != m.task:
+        if m.name == "embedded:tiny" and m.task == "seq-cls":
+            return (
+                "the embedded model embedded:tiny is a causal LM, not a classifier; for --task seq-cls leave "
+                "--model and --recipe out (the embedded encoder, recipe tiny-cls) or give --model NAME_OR_PATH"
+            )
+        return f"the embedded model {m.name} is for --task {task}; task {m.task} needs --model NAME_OR_PATH"
+    if m.name == "embedded:encoder" and (m.config or m.pretrain):
+        return "embedded:encoder is shipped pretrained: model_config and pretrain apply to embedded:tiny only"
+    return None
+
+
 def find_recipe(name_or_path: str | None) -> Path:
     name = name_or_path or DEFAULT_RECIPE
     p = Path(name)
@@ -161,6 +187,9 @@ def list_recipes() -> list[tuple[str, Path, str]]:
 
 
 def load_recipe(name_or_path: str | None = None, **overrides) -> Recipe:
+    """A recipe by name or path (default: tiny; with `task=seq-cls` and no model, tiny-cls), flags applied."""
+    if name_or_path is None and overrides.get("model") is None:
+        name_or_path = TASK_DEFAULT_RECIPES.get(str(overrides.get("task") or "").strip())
     path = find_recipe(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

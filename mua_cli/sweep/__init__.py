@@ -1,5 +1,6 @@
 """Many trials, one stream per device. Every module in one line, from the top (each imports only those below it):
 
+    preview  `mua sweep --dry-run`: the checks and the plan, nothing run or written
     stream   Sweep: the recipe, its store, what is done, the summary and the listener; run_sweep
     worker   a shared study: its planner (round by round) and `mua worker`
     slots    where trials run: Inline (this thread) or a Pool; `start` picks by device and model size
@@ -11,6 +12,7 @@
     plan     Planner: what each group adds once its own trials are in; extra seeds once all have settled
     grid     which LRs: the first round, fill, extension, refinement (pure rules)
     shared   SharedStudy: the store as a queue many processes claim from
+    optuna_private  the one use of Optuna's private attributes
     store    TrialStore: the durable trials (Optuna storage; SQLite in the run folder by default)
     urls     storage URLs: the driver, and no password in any message
 

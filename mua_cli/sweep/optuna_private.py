@@ -9,8 +9,9 @@ attributes and heartbeat through the storage's other public methods. Both need w
   `get_trial_id_from_study_id_trial_number`) costs two queries per trial, on every claim of every worker.
 - which RUNNING trials have no heartbeat at all (a claim cut off before its first beat): Optuna's stale-trial
   check passes them over, and only its table models (`optuna.storages._rdb.models`) can ask.
-tests/test_optuna_private.py checks that both still exist, are what shared.py assumes, and agree with the public
-route, so that an Optuna release that moves them fails there, by name, rather than in a worker mid-sweep."""
+tests/test_optuna_private.py checks that all three still exist, are what shared.py assumes, and agree with the
+public route where there is one, so that an Optuna release that moves them fails there, by name, rather than in a
+worker mid-sweep."""
 
 from __future__ import annotations
 

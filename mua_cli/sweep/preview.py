@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from ..spec.recipe import Recipe
 from .grid import groups, plan
 from .plan import expected_total
-from .sizing import CPU_TOKEN_PARAMS_PER_S, Execution, size_class, trials_per_pass
+from .sizing import CPU_TOKEN_PARAMS_PER_S, Execution, cpu_slots, size_class, trials_per_pass
 
 GPU_FLOOR_S = 0.015  # a small model's step on an H200 is launch-bound at about 15 ms (DESIGN.md, §5)
 
@@ -31,6 +31,7 @@ class Preview:
     memory: dict[str, float] = field(default_factory=dict)  # GiB a slot holds, at the largest rank and full-ft
     seconds_per_trial: float | None = None
     time_basis: str = ""
+    slots: int = 1  # trials side by side (the CPU's worker processes; on a GPU, one per device at least)
     checks: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -83,8 +84,9 @@ def preview(recipe: Recipe, run_dir: Path, device: str = "cpu", execution: Execu
         basis = f"one CPU core's measured pace on the embedded default ({CPU_TOKEN_PARAMS_PER_S:.0e} tokens × params/s)"
         if size_class(n_params) != "small":
             basis += "; rough for a model this large"
+        slots = cpu_slots(ex, recipe, n_params, expected - stored)  # worker processes of one core each
     return Preview(run_dir, device, len(groups(recipe)), len(first), stored, expected, n_params, limit, data,
-                   memory, seconds, basis, checks)  # fmt: skip
+                   memory, seconds, basis, slots if not device.startswith("cuda") else 1, checks)  # fmt: skip
 
 
 def _check_data(recipe: Recipe, source) -> str:

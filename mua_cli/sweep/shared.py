@@ -31,6 +31,7 @@ from ..spec.trial import TrialResult, TrialSpec
 from .optuna_private import running_without_heartbeat, storage_of
 from .optuna_private import trial_id as id_of
 from .store import DISTRIBUTIONS, STORAGE_ERRORS, TrialStore
+from .trackers import intermediate_values
 
 # a worker's heartbeat for the trials it holds; a RUNNING trial without one for GRACE_S is stale: failed, and
 # queued again (whole seconds, as Optuna takes them; the environment may shorten both, as the tests do)
@@ -220,6 +221,8 @@ def finish(study: optuna.Study, trial_id: int, result: TrialResult, meta: dict) 
     status = attrs.pop("status")
     for name, value in [*attrs.items(), ("status", status)]:  # status last: present means every attribute is
         storage.set_trial_user_attr(trial_id, name, value)
+    for step, loss in intermediate_values(result.loss_curve).items():  # the curve, as a local store keeps it
+        storage.set_trial_intermediate_value(trial_id, step, loss)
     if result.status == "failed":
         storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
     else:

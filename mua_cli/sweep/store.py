@@ -32,9 +32,10 @@ from ..science.theory import FULL, MAX_RANK, REGIMES
 from ..spec.config import LR_MAX, LR_MIN
 from ..spec.trial import TrialResult, TrialSpec
 from .store_file import DB_NAME, _check_sqlite, _corrupted_message, _read_only, make_tables_once, tables_made
+from .trackers import intermediate_values
 from .urls import check_driver, connection_problem, redact, scrub, with_driver
 
-STUDY = "mua"
+STUDY = "mua"  # every run's study before they were named after their folders; such runs are read as they are
 DISTRIBUTIONS = {
     "regime": CategoricalDistribution([*REGIMES, FULL]),
     "rank": IntDistribution(0, MAX_RANK),
@@ -49,6 +50,11 @@ logging.getLogger("alembic").setLevel(logging.WARNING)
 
 def storage_url(run_dir: Path, storage: str | None = None) -> str:
     return with_driver(storage or os.environ.get("MUA_STORAGE") or _local_url(run_dir))
+
+
+def study_name(run_dir: Path) -> str:
+    """A run's own study, named after its folder (apart in optuna-dashboard; a store's one study keeps its name)."""
+    return Path(run_dir).resolve().name or STUDY
 
 
 def _local_url(run_dir: Path) -> str:
@@ -73,7 +79,7 @@ class TrialStore:
 
     @classmethod
     def _made(cls, run_dir: Path, storage: str | None, name: str | None, writable: bool) -> TrialStore:
-        store = cls(run_dir, storage_url(Path(run_dir), storage), name or STUDY, writable)
+        store = cls(run_dir, storage_url(Path(run_dir), storage), name or study_name(Path(run_dir)), writable)
         if name is not None:
             store.shared = True  # read or written as the study named, not the run's own
         if (problem := check_driver(store.url)) is not None:
@@ -123,8 +129,8 @@ class TrialStore:
         return store
 
     def _storage(self, url: str):
-        """The storage a writable study is made in: the URL itself (a shared study adds its heartbeats)."""
-        return url
+        """The storage a writable study is made in (a shared study adds its heartbeats)."""
+        return optuna.storages.get_storage(url)
 
     def _opened(self, study: optuna.Study) -> None:
         """Checks a study opened for writing (a shared study: its schema)."""
@@ -156,6 +162,10 @@ class TrialStore:
                     return None
             make_tables_once(url)
             storage = self.rdb = self._storage(url)
+            if not self.shared:  # a run folder's one study keeps its name (older runs': `mua`)
+                names = optuna.get_all_study_names(storage)
+                if len(names) == 1 and self.name not in names:
+                    self.name = names[0]
             study = optuna.create_study(storage=storage, study_name=self.name, load_if_exists=True)
             self._opened(study)
             return study
@@ -238,6 +248,7 @@ class TrialStore:
             value=None if state == TrialState.FAIL else result.metric,
             state=state,
             user_attrs=attrs,
+            intermediate_values=intermediate_values(result.loss_curve),
         )
         try:
             self.study.add_trial(trial)  # one transaction: a trial is stored whole or not at all

@@ -25,6 +25,7 @@ from .grid import grid_plan, plan
 from .plan import Planner, expected_total, meta, stored_trial
 from .sizing import Execution
 from .store import TrialStore, frame
+from .trackers import Reporting, open_trackers
 
 
 class Listener:
@@ -94,6 +95,8 @@ def run_sweep(
                 from .shared import SharedStudy
 
                 store = SharedStudy.create(run_dir, storage, study)
+            if trackers := open_trackers(recipe.sweep.report_to, run_dir, store.name):
+                listener = Reporting(listener, trackers, recipe)
         except MuaError:
             if fresh:
                 shutil.rmtree(run_dir, ignore_errors=True)

@@ -51,6 +51,13 @@ def skeleton(m: ModelSpec):
 
     from .models import AUTO_CLASSES, embedded_config, local_or_hub, quiet_transformers
 
+    if m.name.startswith("embedded:") and m.task == "seq-cls":  # the embedded encoder: its shape, two classes
+        from transformers import RobertaConfig, RobertaForSequenceClassification
+
+        from .encoder import CONFIG
+
+        with torch.device("meta"):
+            return RobertaForSequenceClassification(RobertaConfig(**CONFIG, num_labels=2))
     if m.name.startswith("embedded:"):
         from transformers import LlamaForCausalLM
 

@@ -113,6 +113,8 @@ def open_source(spec: str) -> Source:
     spec = str(spec).strip()
     if not spec:
         raise MuaError("no dataset given; set data in the recipe or --data")
+    if spec in EMBEDDED_RECORDS:
+        return Source(spec, records=corpus_passages())
     if spec.startswith("embedded:"):
         return Source(spec, text=read_text(spec))
     p = Path(spec).expanduser()
@@ -133,6 +135,27 @@ def open_source(spec: str) -> Source:
     if _looks_local(spec):
         raise MuaError(f"data {spec} does not exist")
     return Source(spec, records=_load_hub_dataset(spec))
+
+
+EMBEDDED_RECORDS = ("embedded:corpora-cls",)  # classification records made from the embedded corpora
+
+
+def corpus_passages(per_class: int = 1000, width: int = 200) -> Records:
+    """`embedded:corpora-cls`: passages of about `width` characters from each embedded corpus, labelled by the
+    corpus they come from (the embedded default for `--task seq-cls`, recipes/tiny-cls.yaml). Fixed: the same
+    passages every time, spread evenly over each corpus."""
+    rows = []
+    for label in EMBEDDED_CORPORA:
+        words = read_text(f"embedded:{label}").split()
+        chunks, cur = [], []
+        for w in words:
+            cur.append(w)
+            if sum(map(len, cur)) + len(cur) >= width:
+                chunks.append(" ".join(cur))
+                cur = []
+        step = max(1, len(chunks) // per_class)
+        rows += [{"text": c, "label": label} for c in chunks[::step][:per_class]]
+    return Records("embedded:corpora-cls", rows=rows)
 
 
 def _looks_local(spec: str) -> bool:

@@ -6,6 +6,7 @@ of their own. What loading found out (the data's size, the head, the LoRA target
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +66,17 @@ def _embedded(n: Need, on_note) -> tuple[torch.nn.Module, Task, list]:
     return (base.to(n.dtype) if n.dtype != torch.float32 else base), task, []
 
 
+def _embedded_encoder(n: Need, on_note) -> tuple[torch.nn.Module, Task, list]:
+    """The embedded encoder is an ordinary Hugging Face folder (weights, config, byte-level tokenizer), shipped or
+    cached: from there it loads as any other classifier does."""
+    from . import encoder
+
+    if n.data.seq_len > encoder.MAX_TOKENS - 2:
+        raise MuaError(f"seq_len {n.data.seq_len}: the embedded encoder reads at most {encoder.MAX_TOKENS - 2} bytes")
+    folder = encoder.model_folder(on_note)
+    return _seq_cls(dataclasses.replace(n, model=dataclasses.replace(n.model, name=str(folder))), on_note)
+
+
 def _causal_lm(n: Need, on_note) -> tuple[torch.nn.Module, Task, list]:
     d, tok = n.data, load_tokenizer(n.model.name)
     budget = 2 * n.steps * n.batch_size * (d.seq_len + 1)
@@ -121,7 +133,7 @@ def load_workload(recipe: Recipe, device: str = "cpu", on_note=None) -> Workload
     need = Need(m, recipe.data, o.steps, o.batch_size, device, compute_dtype(m, device))
     if m.dtype == "bfloat16" and need.dtype == torch.float32:
         notes.append("dtype bfloat16 is for GPUs: on the CPU the model runs in float32")
-    build = _embedded if m.embedded else BUILDERS[m.task]
+    build = (_embedded_encoder if m.task == "seq-cls" else _embedded) if m.embedded else BUILDERS[m.task]
     base, task, new = build(need, on_note)
     notes += _describe(recipe, base, task, new)
     for n in notes:

@@ -29,8 +29,8 @@ def dry_run_plan(recipe, out, device, overrides, storage, study, quiet) -> None:
         f"expected in all: about {p.expected} trial(s) (the grid's LRs the fit reads, refinements, extensions past "
         f"an edge)",
         "memory per slot (the GPU estimate): " + ("; ".join(f"{k} {v:.2f} GiB" for k, v in p.memory.items()) or "—"),
-        f"estimated time: about {p.seconds_per_trial:.1f} s per trial, "
-        f"{p.seconds_per_trial * max(p.expected - p.stored, 0) / 60:.1f} min for the sweep ({p.time_basis})",
+        f"estimated time: about {p.seconds_per_trial:.1f} s per trial, {p.slots} side by side: "
+        f"{p.seconds_per_trial * max(p.expected - p.stored, 0) / p.slots / 60:.1f} min for the sweep ({p.time_basis})",
         "dry run: nothing was trained or written; drop --dry-run to run it",
     ]
     for line in lines:

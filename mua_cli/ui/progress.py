@@ -119,13 +119,14 @@ class RichListener(Listener):
     # ------------------------------------------------------------------ rendering
 
     def trial_line(self, spec: TrialSpec, result: TrialResult) -> str:
-        """One finished trial as one plain line: what a log keeps."""
+        """One finished trial as one plain line: what a log keeps, with the time the sweep has left."""
         what = "full-ft" if spec.regime == FULL else f"{spec.regime} rank {spec.rank}"
         metric = f"metric {result.metric:.6g}" if math.isfinite(result.metric) else f"metric {result.metric}"
         error = f" ({result.error.splitlines()[0]})" if result.status == "failed" and result.error else ""
         return (
             f"trial {self.done}/{max(self.total, self.done)}: {what} lr {lr_label(spec.lr)} ({spec.lr:.4g}) "
             f"seed {spec.seed} {result.status}{error} {metric} {result.wall_time:.1f} s"
+            + (f" · {eta}" if (eta := self.eta_text()) else "")
         )
 
     def eta_text(self) -> str:
