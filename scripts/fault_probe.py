@@ -215,6 +215,7 @@ def parent_death(ctx: Context) -> Row:
 
 def sigterm(ctx: Context) -> Row:
     gone, detail, rc, err = _parent_death(ctx, signal.SIGTERM)
+    err = " ".join(err.split())  # rich wraps a long run folder's line
     said = "stopped by SIGTERM" in err and "run the same command to resume" in err
     ok = gone and said and rc == 143
     return Row("SIGTERM to a sweep with worker processes",
@@ -336,13 +337,24 @@ def concurrent_starts(ctx: Context, n: int = 8, rounds: int = 3) -> Row:
         "import sys, time; from mua_cli.sweep.shared import SharedStudy\n"
         "at = float(sys.argv[3])\n"
         "time.sleep(max(0.0, at - time.time()))\n"
-        "SharedStudy.create(sys.argv[1], sys.argv[2], 'many')\n"
+        "if int(sys.argv[4]) % 2 == 0:\n"
+        "    SharedStudy.create(sys.argv[1], sys.argv[2], 'many')\n"  # a planner
+        "else:\n"  # a worker: joins once the planner has made the study, as `mua worker --wait` does
+        "    from mua_cli.errors import MuaError\n"
+        "    for _ in range(600):\n"
+        "        try:\n"
+        "            SharedStudy.join(sys.argv[1], sys.argv[2], 'many')\n"
+        "            break\n"
+        "        except MuaError as e:\n"
+        "            if 'no study' not in str(e):\n"
+        "                raise\n"
+        "            time.sleep(0.1)\n"
     )
     failures, shown = 0, ""
     for r in range(rounds):
         url = _pg_url(ctx, f"many{r}")
         at = time.time() + 12  # every process imports first, then all open at once
-        procs = [subprocess.Popen([sys.executable, "-c", code, str(ctx.work / f"many{r}-{i}"), url, str(at)],
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(ctx.work / f"many{r}-{i}"), url, str(at), str(i)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env={**os.environ, "PYTHONPATH": str(ROOT)}) for i in range(n)]  # fmt: skip
         for p in procs:
@@ -350,7 +362,8 @@ def concurrent_starts(ctx: Context, n: int = 8, rounds: int = 3) -> Row:
             if p.returncode:
                 failures += 1
                 shown = shown or err.strip().splitlines()[-1][:300]
-    return Row(f"{n} processes opening one shared study at once on a fresh PostgreSQL database ({rounds} times)",
+    return Row(f"{n} processes (planners and workers) opening one shared study at once on a fresh PostgreSQL "
+               f"database ({rounds} times)",
                "every one starts; Optuna's tables are made once, under an advisory lock", not failures,
                f"{failures} of {n * rounds} failed {shown}")  # fmt: skip
 

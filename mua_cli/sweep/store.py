@@ -31,7 +31,7 @@ from ..errors import MuaError
 from ..science.theory import FULL, MAX_RANK, REGIMES
 from ..spec.config import LR_MAX, LR_MIN
 from ..spec.trial import TrialResult, TrialSpec
-from .store_file import DB_NAME, _check_sqlite, _corrupted_message, _read_only, make_tables_once
+from .store_file import DB_NAME, _check_sqlite, _corrupted_message, _read_only, make_tables_once, tables_made
 from .trackers import intermediate_values
 from .urls import check_driver, connection_problem, redact, scrub, with_driver
 
@@ -141,6 +141,8 @@ class TrialStore:
             if not self.writable:
                 kwargs = {"creator": creator} if creator else None
                 try:
+                    if not tables_made(url):  # Optuna's opening would write (stamp alembic) beside their maker
+                        raise sqlalchemy.exc.NoSuchTableError("version_info")
                     storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, skip_table_creation=True)
                 except STORAGE_ERRORS as e:
                     if "version_info" not in str(_root(e)):

@@ -23,11 +23,11 @@ def make_tables_once(url: str) -> None:
     others wait and then find them made. Nothing to do on other databases (SQLite's file lock serializes it)."""
     if not url.startswith("postgresql"):
         return
+    if tables_made(url):
+        return
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     try:
         with engine.connect() as conn:
-            if sqlalchemy.inspect(conn).has_table("alembic_version"):  # made last: every table is there
-                return
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _TABLES_LOCK})
             conn.commit()
             try:
@@ -35,6 +35,20 @@ def make_tables_once(url: str) -> None:
             finally:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _TABLES_LOCK})
                 conn.commit()
+    finally:
+        engine.dispose()
+
+
+def tables_made(url: str) -> bool:
+    """Whether a PostgreSQL database holds all of Optuna's tables (alembic's, made last, is there); True for any
+    other database. Optuna's opening stamps alembic's version where it finds none, even for a reader
+    (skip_table_creation), which would collide with the process making the tables under the lock."""
+    if not url.startswith("postgresql"):
+        return True
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return sqlalchemy.inspect(conn).has_table("alembic_version")
     finally:
         engine.dispose()
 

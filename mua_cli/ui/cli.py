@@ -14,20 +14,8 @@ from rich.text import Text
 
 from .. import quiet_libraries  # noqa: F401 — before any library prints
 from ..errors import MuaError
-from .console import (
-    OneLineErrors,
-    Terminated,
-    note,
-    output_failed,
-    own_store,
-    print_version,
-    sigterm_as_interrupt,
-    stdout_broken,
-    stdout_console,
-    user_errors,
-    whole,
-    writing_stdout,
-)
+from . import console as terminal  # SIGTERM, stdout's failures, MUA_STORAGE beside a named run folder
+from .console import OneLineErrors, note, print_version, stdout_console, user_errors, whole
 from .recipe_flags import recipe_flags
 from .runs import RUNS_DIR, name_run, run_folder
 from .trials import trials
@@ -148,13 +136,13 @@ def sweep(
         listener = RichListener(console, live=not quiet and console.is_terminal, notes=not quiet)
         listener.note(f"run folder {run_dir} · device {dev} · {r.settings_text()}")
         try:
-            with sigterm_as_interrupt(), listener:
+            with terminal.sigterm_as_interrupt(), listener:
                 ex = Execution(dev, workers_per_gpu, batch_trials, cuda_graphs, fused_kernels)
-                storage = own_store(out, storage, study)
+                storage = terminal.own_store(out, storage, study)
                 summary = run_sweep(r, run_dir, dev, listener, storage, ex, retry_failed, study)
         except KeyboardInterrupt as e:
             Console(stderr=True).print(
-                Text("stopped by SIGTERM:" if isinstance(e, Terminated) else "interrupted:", style="yellow"),
+                Text("stopped by SIGTERM:" if isinstance(e, terminal.Terminated) else "interrupted:", style="yellow"),
                 Text(f"finished trials are stored in {run_dir}; run the same command to resume"),
             )
             raise typer.Exit(getattr(e, "exit_code", 130)) from None
@@ -184,7 +172,7 @@ def fit(
 
         run_dir = run_folder(run, storage, study)
         name_run(run, run_dir, stderr=json_out, shared=bool(storage or study))
-        storage = own_store(run, storage, study)  # after name_run: the named folder's own store is no shared one
+        storage = terminal.own_store(run, storage, study)  # after name_run: not a shared store
         from ..api import refit
 
         result, saved = refit(run_dir, note, storage, study)
@@ -255,7 +243,7 @@ def transfer(
         # fit.json where it is newer than the trials (fit wrote it), else a fresh fit
         run_dir = run_folder(run, storage, study)
         name_run(run, run_dir, stderr=json_out or quiet, shared=bool(storage or study))
-        storage = own_store(run, storage, study)  # after name_run: the named folder's own store is no shared one
+        storage = terminal.own_store(run, storage, study)  # after name_run: not a shared store
         result = fit_of(run_dir, fresh=False, on_note=note, storage=storage, study=study)
         proxy = fit_of(run_folder(calibrate), fresh=False, on_note=note) if calibrate is not None else None
         pred = predict(result, to, regime, basis, proxy, heuristic)
@@ -357,9 +345,7 @@ def main() -> None:
     except SystemExit as e:
         code = e.code
     except OSError as e:  # stdout is a full disk (`> /dev/full`) or gone: one line, not a traceback
-        if not (writing_stdout(e) or stdout_broken()):
-            raise
-        code = output_failed(e)
+        code = terminal.output_error(e)
     if not isinstance(code, int):
         if code is not None:
             print(code, file=sys.stderr)
@@ -367,10 +353,7 @@ def main() -> None:
     import atexit
 
     atexit._run_exitfuncs()  # noqa: SLF001 — what Python runs at exit; skipped by os._exit
-    try:
-        sys.stdout.flush()
-    except OSError as e:
-        code = output_failed(e)
+    code = terminal.flush_stdout(code)
     sys.stderr.flush()
     os._exit(code)
 

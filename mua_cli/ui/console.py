@@ -175,3 +175,18 @@ def stdout_broken() -> bool:
 def output_failed(e: OSError) -> int:
     error_line(f"cannot write the output ({e.strerror or e})")
     return 2
+
+
+def output_error(e: OSError) -> int:
+    """Exit code 2 and one line for an error writing stdout; any other OSError is raised again (a bug)."""
+    if not (writing_stdout(e) or stdout_broken()):
+        raise e
+    return output_failed(e)
+
+
+def flush_stdout(code: int) -> int:
+    try:
+        sys.stdout.flush()
+    except OSError as e:
+        return output_failed(e)
+    return code
