@@ -95,9 +95,12 @@ def fit_of(run: Path, *extra) -> dict | None:
     return json.loads(out) if rc == 0 else None
 
 
-def trial_keys(url: str, study: str = "mua") -> list[str]:
+def trial_keys(url: str, study: str | None = None) -> list[str]:
+    """`study`: by default the storage's one study (a run folder's study is named after the folder)."""
     import optuna
 
+    if study is None:
+        (study,) = optuna.get_all_study_names(storage=url)
     s = optuna.load_study(study_name=study, storage=url)
     return [t.user_attrs["key"] for t in s.get_trials(deepcopy=False) if t.state.is_finished() and t.state.name ==
             "COMPLETE"]  # fmt: skip

@@ -434,14 +434,14 @@ CASES: list[Case] = [
         PATHS,
         "an unknown embedded model",
         sweep("--model", "embedded:nope"),
-        "no embedded model 'nope'",
+        "no embedded model 'embedded:nope'",
     ),
     Case(
         "task-embedded-seq-cls",
         PATHS,
         "a classification task on the embedded causal LM",
-        sweep("--task", "seq-cls"),
-        "the embedded model is a causal LM; task 'seq-cls' needs --model",
+        sweep("--model", "embedded:tiny", "--task", "seq-cls"),
+        "the embedded model embedded:tiny is a causal LM, not a classifier",
     ),
     # --------------------------------------------------------------------------------------- recipe files
     recipe_text("yaml-unclosed", "an unclosed list", "steps: [unclosed\n", "is not valid YAML"),
@@ -1097,7 +1097,7 @@ CASES: list[Case] = [
         STORAGE,
         "`worker --out RUN` for a study that RUN does not hold",
         cmd("worker", "--out", lambda c: c.run(), "--study", "nope", "--device", "cpu"),
-        "no study 'nope' in sqlite:///<tmp>/run/trials.db; studies there: mua",
+        "no study 'nope' in sqlite:///<tmp>/run/trials.db; studies there: run (`mua sweep --study NAME` plans one)",
     ),
     Case(
         "worker-no-such-study-url",

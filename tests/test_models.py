@@ -164,9 +164,8 @@ def test_workload_on_cpu_runs_bf16_recipes_in_fp32(folders, tmp_path):
 
 
 def test_embedded_model_is_only_a_causal_lm():
-    recipe = recipe_from_dict({"task": "seq-cls"})
-    with pytest.raises(MuaError, match="embedded model is a causal LM"):
-        load_workload(recipe, "cpu")
+    with pytest.raises(MuaError, match="embedded model embedded:tiny is a causal LM, not a classifier"):
+        load_workload(recipe_from_dict({"model": "embedded:tiny", "task": "seq-cls"}), "cpu")
 
 
 def test_image_model_without_processor_resizes_to_its_config(tmp_path):

@@ -124,6 +124,7 @@ def test_interrupted_pooled_sweep_stops_its_own_slot_and_resumes(micro_recipe_pa
     assert not [t for t in threading.enumerate() if t.name == "mua-cpu"]  # its thread (pool._Slot) has stopped
     stored = len(TrialStore.open(run).trials())
     assert 2 <= stored < 8
+
     class Record(Listener):  # what the CLI's progress reads: an ETA's denominator, the running trials' losses
         def __init__(self):
             self.guesses, self.losses = [], []

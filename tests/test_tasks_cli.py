@@ -123,7 +123,7 @@ def test_heuristic_transfer_from_a_r_only(root, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--task", "image-cls"], "embedded model is a causal LM"),
+        (["--task", "image-cls"], "embedded model embedded:tiny is for --task causal-lm"),
         (["--task", "speech"], "task must be 'causal-lm' or 'seq-cls' or 'image-cls', not 'speech'"),
         (["--data", "no/such/dir/data.jsonl"], "does not exist"),
         (["--model", "./no-such-model"], "does not exist"),
