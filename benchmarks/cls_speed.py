@@ -58,10 +58,22 @@ WORDS = ("river stone north market winter garden letter window silver harbor can
          "engine paper valley mirror castle thunder meadow").split()  # fmt: skip
 
 
+def save_minilm(path: Path, tokenizer, small: bool) -> None:
+    """A MiniLM-shaped BERT (random weights, seeded; a 1-layer toy when `small`) and its tokenizer into `path`."""
+    from transformers import BertConfig, BertModel
+
+    shape = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    if small:
+        shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, max_position_embeddings=512, **shape)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
 def minilm(folder: Path, n: int, small: bool) -> tuple[Path, Path]:
     """A MiniLM-shaped BERT, a word-level tokenizer, and n sentences labelled by the class word they hold."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "bright", "dark", *WORDS])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -71,12 +83,7 @@ def minilm(folder: Path, n: int, small: bool) -> tuple[Path, Path]:
     )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
                                    sep_token="[SEP]")  # fmt: skip
-    shape = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
-    if small:
-        shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30522, max_position_embeddings=512, **shape)).save_pretrained(folder / "model")
-    fast.save_pretrained(folder / "model")
+    save_minilm(folder / "model", fast, small)
     rng = random.Random(0)
     rows = []
     for i in range(n):
@@ -151,16 +158,10 @@ def minilm_text(folder: Path, n: int, small: bool) -> tuple[Path, Path]:
     """A MiniLM-shaped BERT (random weights) with a WordPiece tokenizer trained on the texts, and the standard
     library's docstrings labelled by package (`n` is not used: the corpus is what the sources hold; `small`: a
     tiny model, three packages)."""
-    from transformers import BertConfig, BertModel
 
     rows = docstring_texts(PACKAGES[:3] if small else PACKAGES)
     fast = wordpiece([r["text"] for r in rows], 2000 if small else 30522)
-    shape = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
-    if small:
-        shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30522, max_position_embeddings=512, **shape)).save_pretrained(folder / "model")
-    fast.save_pretrained(folder / "model")
+    save_minilm(folder / "model", fast, small)
     data = folder / "docstrings.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder / "model", data

@@ -56,18 +56,28 @@ def main() -> int:
         diff = max((shipped[k] - state[k]).abs().max().item() for k in state) if set(shipped) == set(state) else None
         print(f"{folder}: {'equal, bit for bit' if same else f'DIFFERENT (largest difference {diff})'}")
         return 0 if same else 1
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        (tmp / "generation_config.json").unlink(missing_ok=True)  # the embedded model never generates
+        (tmp / "settings.json").write_text(
+            json.dumps(embedded_settings(recipe.model, recipe.data.seq_len), indent=1, sort_keys=True, default=str)
+        )
+
+    replace_folder(folder, write)
+    return 0
+
+
+def replace_folder(folder: Path, write) -> None:
+    """`write(tmp)` fills a fresh folder beside `folder`, which then takes its place: a failed write leaves the
+    shipped weights as they were."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    (tmp / "generation_config.json").unlink(missing_ok=True)  # the embedded model never generates
-    (tmp / "settings.json").write_text(
-        json.dumps(embedded_settings(recipe.model, recipe.data.seq_len), indent=1, sort_keys=True, default=str)
-    )
+    write(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     size = sum(f.stat().st_size for f in folder.iterdir())
     print(f"wrote {folder} ({size / 2**20:.1f} MiB)")
-    return 0
 
 
 if __name__ == "__main__":

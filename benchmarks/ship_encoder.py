@@ -12,7 +12,6 @@ whether it does. It prints the masked-LM loss at the start and the end, and the 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ship_embedded import replace_folder  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from mua_cli.train import encoder  # noqa: E402
 
@@ -74,13 +75,7 @@ def main() -> int:
         diff = max((shipped[k] - state[k]).abs().max().item() for k in common) if common else None
         print(f"{folder}: {'equal, bit for bit' if same else f'DIFFERENT (largest difference {diff})'}")
         return 0 if same else 1
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    encoder.save(model, tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    size = sum(f.stat().st_size for f in folder.iterdir())
-    print(f"wrote {folder} ({size / 2**20:.1f} MiB)")
+    replace_folder(folder, lambda tmp: encoder.save(model, tmp))
     return 0
 
 
