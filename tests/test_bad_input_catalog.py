@@ -28,7 +28,8 @@ from typer.testing import CliRunner
 
 from mua_cli.ui.cli import app
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "bad_inputs.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "bad_inputs.md"
 SECRET = "secret"  # the password in the storage URLs below: never printed
 PG_DOWN = f"postgresql+psycopg://mua:{SECRET}@127.0.0.1:1/mua"  # nothing listens on port 1
 runner = CliRunner()
@@ -1454,9 +1455,10 @@ def _play(case: Case, world: World, tmp: Path, mp: pytest.MonkeyPatch) -> Outcom
 
 
 def _normal(text: str, tmp: Path) -> str:
+    """The doc must read the same on every clone: temporary folders and the checkout's own path are named."""
     for t in sorted({str(tmp.resolve()), str(tmp)}, key=len, reverse=True):
         text = text.replace(t, "<tmp>")
-    return text
+    return text.replace(f"{ROOT}{os.sep}", "<checkout>/")
 
 
 def _check(case: Case, out: Outcome) -> None:
