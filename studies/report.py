@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-from scipy import stats
+from scipy import optimize, stats
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -49,6 +49,8 @@ FEATURES = ("slope", "width", "depth", "steps", "task")
 RATIOS = ("const", *FEATURES, "all")
 RANK_RULES = ("line", "line-measured", "line-straight", "muA-pooled", "muA-last")
 RIDGE = 1.0
+EARLIER_WINNERS = ("cell-max ÷ slope",)  # the second run's winner, which docs/validation.md still quotes
+META = " (meta)"  # a candidate's name with the third run's random-effects interval
 
 
 @dataclass
@@ -231,18 +233,20 @@ class RatioRule:
     cov: np.ndarray | None  # (X'X)^-1-like matrix for the leverage
     mean: np.ndarray | None = None  # standardization (ridge)
     sd: np.ndarray | None = None
+    interval: str = "resid"  # "meta": s is τ, cov is Cov(β), and a new run's SE is √(τ² + v'Cov v)
 
     def predict(self, x: np.ndarray) -> tuple[float, float] | None:
         """(log2 ρ, SE of a new workload's log2 ρ around it) or None."""
         if self.coef is None:
             return None
-        if self.kind == "const":
-            return float(self.coef[0]), self.s * math.sqrt(1 + float(self.cov[0, 0]))
         z = x[self.cols]
         if self.mean is not None:
             z = (z - self.mean) / self.sd
         v = np.concatenate([[1.0], z])
-        return float(v @ self.coef), self.s * math.sqrt(1 + float(v @ self.cov @ v))
+        h = float(v @ self.cov @ v)
+        if self.interval == "meta":
+            return float(v @ self.coef), math.sqrt(self.s**2 + h)
+        return float(v @ self.coef), self.s * math.sqrt(1 + h)
 
 
 def fit_ratio(kind: str, ys: np.ndarray, X: np.ndarray, fams: list[str], names: list[str]) -> RatioRule:
@@ -278,15 +282,56 @@ def fit_ratio(kind: str, ys: np.ndarray, X: np.ndarray, fams: list[str], names: 
     return RatioRule(kind, coef, cols, s, dof, cov, mean, sd)
 
 
+def _reml(ys: np.ndarray, vs: np.ndarray, A: np.ndarray) -> float:
+    """τ², the between-workload variance of the true log2 ρ about x'β, by restricted maximum likelihood."""
+
+    def nll(tau2: float) -> float:
+        w = 1 / (vs + tau2)
+        M = A.T @ (A * w[:, None])
+        beta = np.linalg.solve(M, A.T @ (w * ys))
+        r = ys - A @ beta
+        return float(np.log(vs + tau2).sum() + np.linalg.slogdet(M)[1] + (w * r * r).sum())
+
+    return float(optimize.minimize_scalar(nll, bounds=(0.0, 4.0), method="bounded").x)
+
+
+def fit_meta(kind: str, data: RatioData, names: list[str]) -> RatioRule | None:
+    """The `meta` interval's rule (docs/validation.md, third run): random-effects meta-regression of log2 ρ on
+    `kind`'s features, each workload's known variance counted once; `s` is τ and `cov` Cov(β) itself."""
+    ys, vs, X, fams, k = data.ys, data.vs, data.X, data.fams, len(data.ys)
+    cols = [] if kind == "const" else [i for i, n in enumerate(names) if n.split("=")[0] == kind]
+    cols = [i for i in cols if np.ptp(X[:, i]) > 1e-9]
+    A = np.column_stack([np.ones(k), X[:, cols]])
+    if k < A.shape[1] + 1 or np.linalg.matrix_rank(A) < A.shape[1]:
+        return None
+    tau2 = _reml(ys, vs, A)
+    w = 1 / (vs + tau2)
+    if not cols:  # each family counts once, as for the residual constant
+        n_f = {f: fams.count(f) for f in fams}
+        a = w / np.array([n_f[f] for f in fams])
+        c = float((a * ys).sum() / a.sum())
+        var = float((a * a / w).sum() / a.sum() ** 2)
+        return RatioRule("const", np.array([c]), [], math.sqrt(tau2), k - 1, np.array([[var]]), interval="meta")
+    cov = np.linalg.inv(A.T @ (A * w[:, None]))
+    beta = cov @ A.T @ (w * ys)
+    return RatioRule(kind, beta, cols, math.sqrt(tau2), k - A.shape[1], cov, interval="meta")
+
+
 def _t(dof: float) -> float:
     return float(stats.t.ppf(0.975, dof))
 
 
-def _row(w: Workload, what: str, pred: float, truth: float, se: float | None, dof: float | None, **kw) -> dict:
-    half = math.inf if se is None or dof is None or not dof >= 1 else _t(dof) * se if dof < 1e6 else Z95 * se
+def _row(w: Workload, what: str, pred: float, truth: float, se: float | None, dof: float | None,
+         truth_se: float = 0.0, **kw) -> dict:  # fmt: skip
+    """One scored prediction. An interval for the *true* optimum (`truth_se` > 0, the `meta` intervals) covers
+    the measured one when the error is within the interval widened by the measurement's own SE ("covered");
+    "covered_raw" checks the interval itself."""
+    q = math.inf if se is None or dof is None or not dof >= 1 else _t(dof) if dof < 1e6 else Z95
+    half = q * se if math.isfinite(q) else math.inf
     err = pred - truth
     return {"workload": w.name, "family": w.family, "rule": what, "pred": pred, "truth": truth, "err": err,
-            "half": half, "covered": bool(math.isfinite(half) and abs(err) <= half),
+            "half": half, "covered": bool(math.isfinite(half) and abs(err) <= q * math.hypot(se, truth_se)),
+            "covered_raw": bool(math.isfinite(half) and abs(err) <= half),
             "width_x": 2 ** (2 * half) if math.isfinite(half) else math.inf,
             **kw}  # fmt: skip
 
@@ -294,9 +339,9 @@ def _row(w: Workload, what: str, pred: float, truth: float, se: float | None, do
 # ---------------------------------------------------------------- leave one family out
 
 
-def _ratio_table(ws: list[Workload], fold: Fold, anchor: str, tasks: list[str]):
-    """Per training workload with an anchor and a measured full-ft η*: (log2 ρ, feature vector, family)."""
-    ys, xs, fams = [], [], []
+def _ratio_table(ws: list[Workload], fold: Fold, anchor: str, tasks: list[str]) -> RatioData:
+    """Per training workload with an anchor and a measured full-ft η*: log2 ρ, its variance, features, family."""
+    ys, vs, xs, fams = [], [], [], []
     for w in ws:
         t = full_truth(w)
         b1 = fold.regime(w.source, "B:1")
@@ -304,9 +349,20 @@ def _ratio_table(ws: list[Workload], fold: Fold, anchor: str, tasks: list[str]):
         if t is None or a is None:
             continue
         ys.append(a[0] - t[0])
+        vs.append(a[1] ** 2 + t[1] ** 2)
         xs.append(np.concatenate(list(features(w, b1, tasks).values())))
         fams.append(w.family)
-    return np.array(ys), np.array(xs).reshape(len(ys), -1), fams
+    return RatioData(np.array(ys), np.array(vs), np.array(xs).reshape(len(ys), -1), fams)
+
+
+@dataclass
+class RatioData:
+    """Training workloads' log2 ρ, its known measurement variance (anchor's SE² + full-ft η*'s SE²), features."""
+
+    ys: np.ndarray
+    vs: np.ndarray
+    X: np.ndarray
+    fams: list[str]
 
 
 def feature_names(tasks: list[str]) -> list[str]:
@@ -323,9 +379,11 @@ def score_full(workloads: list[Workload]) -> pd.DataFrame:
         fold = Fold.of([w for w in workloads if w.family != fam])
         rules = {}
         for anchor in ANCHORS:
-            ys, X, fams = _ratio_table(fold.train, fold, anchor, tasks)
+            data = _ratio_table(fold.train, fold, anchor, tasks)
             for kind in RATIOS:
-                rules[anchor, kind] = fit_ratio(kind, ys, X, fams, names) if len(ys) else None
+                rules[anchor, kind] = fit_ratio(kind, data.ys, data.X, data.fams, names) if len(data.ys) else None
+                if kind != "all":
+                    rules[anchor, kind + META] = fit_meta(kind, data, names) if len(data.ys) else None
         proxy_d = [full_truth(w)[0] - w.proxy.full.log2_lr_star for w in fold.train
                    if w.proxy is not None and full_truth(w) and w.proxy.full and w.proxy.full.usable]  # fmt: skip
         for w in test:
@@ -342,7 +400,8 @@ def score_full(workloads: list[Workload]) -> pd.DataFrame:
                     rows.append({**_row(w, name, math.nan, t[0], None, None), "err": math.inf, "covered": False})
                     continue
                 se = math.sqrt(a[1] ** 2 + r[1] ** 2) if rule.dof >= 1 else None
-                rows.append(_row(w, name, a[0] - r[0], t[0], se, rule.dof, anchor=anchor, ratio=kind))
+                t_se = t[1] if rule.interval == "meta" else 0.0
+                rows.append(_row(w, name, a[0] - r[0], t[0], se, rule.dof, t_se, anchor=anchor, ratio=kind))
             c, c_se = b1.line(b1.centre_x, "mua")
             rows.append(_row(w, "muA-B:1 (ratio 1)", c, t[0], c_se, 1e9, anchor="pooled", ratio="1"))
             ref = anchor_value(b1, "line16")
@@ -448,11 +507,11 @@ def winner(rows: pd.DataFrame, candidates: list[str], simplicity) -> str:
 
 
 def full_winner(rows: pd.DataFrame) -> str:
-    cands = [f"{a} ÷ {k}" for a in ANCHORS for k in RATIOS]
+    cands = [f"{a} ÷ {k}{m}" for m in ("", META) for a in ANCHORS for k in RATIOS]
 
     def simple(rule):
-        a, k = rule.split(" ÷ ")
-        return RATIO_ORDER[k], ANCHOR_ORDER[a]
+        a, k = rule.removesuffix(META).split(" ÷ ")
+        return rule.endswith(META), RATIO_ORDER[k], ANCHOR_ORDER[a]
 
     return winner(rows, [c for c in cands if c in set(rows["rule"])], simple)
 
@@ -470,12 +529,13 @@ SHIPPABLE = ("slope", "steps", "task=")  # features a run records (width and dep
 
 def ratio_model(rule: RatioRule, names: list[str]) -> dict | None:
     """calibration.B1_OVER_FULL_MODEL for a fitted ratio model; None for the constant."""
-    if rule.kind == "const" or rule.coef is None or rule.cov is None or rule.cov.shape[0] == 1:
+    if rule.coef is None or rule.cov is None or (rule.interval != "meta" and rule.cov.shape[0] == 1):
         return None
     cols = [names[i] for i in rule.cols]
     r = lambda a: None if a is None else np.round(np.asarray(a, float), 5).tolist()  # noqa: E731
-    return {"kind": rule.kind, "columns": cols, "coef": r(rule.coef), "cov": r(rule.cov), "s": round(rule.s, 4),
-            "dof": round(float(rule.dof), 3), "mean": r(rule.mean), "sd": r(rule.sd)}  # fmt: skip
+    return {"kind": rule.kind, "interval": rule.interval, "columns": cols, "coef": r(rule.coef),
+            "cov": r(rule.cov), "s": round(rule.s, 4), "dof": round(float(rule.dof), 3), "mean": r(rule.mean),
+            "sd": r(rule.sd)}  # fmt: skip
 
 
 def constants(workloads: list[Workload], full_rule: str | None = None, rank_rule: str | None = None) -> dict:
@@ -483,13 +543,18 @@ def constants(workloads: list[Workload], full_rule: str | None = None, rank_rule
 
     A ratio model that needs a feature a run does not record (width, depth) cannot ship: then the constant
     ratio on the same anchor ships, and `shipped` says so."""
-    anchor, kind = (full_rule or f"{cal.FULL_ANCHOR} ÷ const").split(" ÷ ")
+    rule = full_rule or f"{cal.FULL_ANCHOR} ÷ const"
+    anchor, kind = rule.removesuffix(META).split(" ÷ ")
     fold = Fold.of(workloads)
     tasks = sorted({w.task for w in workloads})
     names = feature_names(tasks)
-    ys, X, fams = _ratio_table(workloads, fold, anchor, tasks)
+    data = _ratio_table(workloads, fold, anchor, tasks)
+    ys, X, fams = data.ys, data.X, data.fams
     const = fit_ratio("const", ys, X, fams, names)
-    model = ratio_model(fit_ratio(kind, ys, X, fams, names), names) if kind != "const" else None
+    if rule.endswith(META):
+        model = ratio_model(fit_meta(kind, data, names), names)
+    else:
+        model = ratio_model(fit_ratio(kind, ys, X, fams, names), names) if kind != "const" else None
     if model and not all(c.startswith(SHIPPABLE) for c in model["columns"]):
         model = None
     return {
@@ -525,6 +590,7 @@ def summary(rows: pd.DataFrame, by: str = "rule") -> pd.DataFrame:
             "median error (×)": g["err"].apply(lambda e: f"{2 ** e.abs().median():.2f}"),
             "worst (×)": g["err"].apply(lambda e: f"{2 ** e.abs().max():.2f}"),
             "95 % covers": g["covered"].apply(lambda c: int(c.sum())),
+            "covers, raw": g["covered_raw"].apply(lambda c: f"{int(c.sum())}/{len(c)}"),
             "median width (×)": g["width_x"].median(),
         }
     )
@@ -692,7 +758,7 @@ def main() -> None:
     fw, rw = full_winner(full), rank_winner(rank)
     consts = constants(workloads, fw, rw)
     fams = sorted({w.family for w in workloads})
-    shown = [fw, "line16 ÷ const", "cell16 ÷ const", "pooled ÷ const", "muA-B:1 (ratio 1)",
+    shown = [fw, *EARLIER_WINNERS, "line16 ÷ const", "cell16 ÷ const", "pooled ÷ const", "muA-B:1 (ratio 1)",
              "calibrated (older --calibrate)", "proxy-direct", "proxy-scaled"]  # fmt: skip
     proxied = sorted(set(full.loc[full["rule"].str.startswith("proxy"), "workload"]))
     parts = [
@@ -708,7 +774,14 @@ def main() -> None:
         md(summary(full[full["rule"] == fw], by="family")),
         "\nProxy calibration against the winner, on the workloads that have a proxy run"
         f" ({', '.join(proxied) or 'none in this study'}):\n\n",
-        md(summary(full[full["workload"].isin(proxied) & full["rule"].isin([fw, "proxy-direct", "proxy-scaled"])])),
+        md(
+            summary(
+                full[
+                    full["workload"].isin(proxied)
+                    & full["rule"].isin([fw, *EARLIER_WINNERS, "proxy-direct", "proxy-scaled"])
+                ]
+            )
+        ),  # fmt: skip
         "\nPer workload (log2 error: predicted − measured; ± the 95 % half-width):\n\n",
         md(_fmt_rows(full[full["rule"].isin(shown)])),
         "\n## `--to RANK`: the largest measured rank from the smaller ones, leave one family out\n\n",

@@ -37,7 +37,10 @@ def test_the_shipped_rules_are_the_leave_one_family_out_winners():
     spec.loader.exec_module(report)
     workloads = report.load_all()
     full, rank = report.score_full(workloads), report.score_rank(workloads)
-    anchor, kind = report.full_winner(full).split(" ÷ ")
+    rule = report.full_winner(full)
+    anchor, kind = rule.removesuffix(report.META).split(" ÷ ")
     assert cal.FULL_ANCHOR == anchor
-    assert (cal.B1_OVER_FULL_MODEL or {"kind": "const"})["kind"] == kind or kind in ("width", "depth", "all")
+    model = cal.B1_OVER_FULL_MODEL or {"kind": "const", "interval": "resid"}
+    assert model["kind"] == kind or kind in ("width", "depth", "all")
+    assert model.get("interval", "resid") == ("meta" if rule.endswith(report.META) else "resid")
     assert cal.RANK_BASIS == report.RANK_BASIS.get(report.rank_winner(rank))

@@ -37,7 +37,8 @@ def _faults(mode: str, cache: Path) -> tuple[str, int, str]:
     # glibc raises its mmap threshold as big blocks are freed, so how many pages a default run faults in depends on
     # the machine's history (25,700 here, 2,010 on CI). Pinning the thresholds at glibc's starting values makes the
     # default the worst case every time; keep_freed_memory's mallopt calls override them.
-    env = {**os.environ, "MUA_CACHE": str(cache), "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    pinned = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    env = {**os.environ, "MUA_CACHE": str(cache), **pinned}
     out = subprocess.run([sys.executable, "-c", PROBE, mode, str(STEPS)], cwd=ROOT, capture_output=True, text=True,
                          check=True, env=env)  # fmt: skip
     applied, faults, metric = out.stdout.split()[-3:]

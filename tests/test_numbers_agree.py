@@ -12,6 +12,7 @@ import yaml
 from rich.console import Console
 
 from mua_cli.science import calibration as cal
+from mua_cli.science.anchor import ANCHOR_LABELS
 from mua_cli.science.fit import fit_run
 from mua_cli.science.full_ft import predict_full
 from mua_cli.science.transfer import predict_rank
@@ -68,8 +69,10 @@ def test_the_ratio_has_one_direction_and_the_anchor_one_name():
     for t in (shown, quoted):
         assert "B:1 / full" in t and "full / B:1" not in t
         assert "±" not in t  # uncertainty is shown one way: 95 % intervals
-    label = fit.full_vs_b1.anchor_label  # e.g. "B:1's η* at rank 64": a cell of the η* table, by its rank
-    assert label.startswith("B:1's η* at rank ") and label in shown and label in quoted
+    label = fit.full_vs_b1.anchor_label  # a cell of the η* table by its rank, or the fitted line, named so
+    assert label == ANCHOR_LABELS.get(cal.FULL_ANCHOR, f"B:1's η* at rank {cal.FULL_SOURCE_MAX_RANK}")
+    assert label in shown and label in quoted
+    assert f"{fit.full_vs_b1.b1_lr:.3g}" in shown and f"{fit.full_vs_b1.b1_lr:.3g}" in quoted
 
 
 def test_the_ratio_model_reads_b1s_slope_over_the_studys_source_ranks():

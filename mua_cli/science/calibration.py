@@ -15,27 +15,30 @@ SLOPE_PRIOR_SD = 0.384
 # found none beyond them, so this is a floor that keeps a perfect-looking fit from claiming zero scatter.
 RANK_SCATTER_FLOOR = 0.05
 # Full finetuning without full-finetuning trials (the rule docs/validation.md chose, leave one family out):
-# η*_full = η*_B:1 read as FULL_ANCHOR (fit.ANCHORS: "cell16" is B:1's own η* at rank FULL_REF_RANK, the number
-# `mua fit`'s table shows) divided by the study's B:1 / full ratio 2**B1_OVER_FULL_LOG2. Its 95 % interval
-# adds the anchor's SE and the ratio's spread B1_OVER_FULL_SD (log2, over B1_OVER_FULL_N workloads of
-# B1_OVER_FULL_FAMILIES families, each family weighted once in the mean) with a t(N − 1) quantile.
+# η*_full = η*_B:1 read as FULL_ANCHOR (anchor.ANCHORS: "line16" is B:1's fitted line at rank FULL_REF_RANK,
+# which `mua fit`'s table shows under that name) divided by the study's B:1 / full ratio. B1_OVER_FULL_LOG2 and
+# B1_OVER_FULL_SD are the plain mean and spread of log2 ratio over B1_OVER_FULL_N workloads of
+# B1_OVER_FULL_FAMILIES families (each family weighted once), shown for reference.
 FULL_REF_RANK = 16
 FULL_SOURCE_MAX_RANK = 64  # the study predicted from B:1's ranks ≤ 64 (a user's --ranks 4,16,64)
-FULL_ANCHOR = "cell-max"
-B1_OVER_FULL_LOG2 = 0.955
-B1_OVER_FULL_SD = 0.263
+FULL_ANCHOR = "line16"
+B1_OVER_FULL_LOG2 = 1.651
+B1_OVER_FULL_SD = 0.312
 B1_OVER_FULL_N = 12
 B1_OVER_FULL_FAMILIES = 7
-# Where the study chose a model of the ratio in a run's features over the constant: its columns (the study's
-# feature names), coefficients (intercept first), the matrix for a new run's leverage, its residual SD and
-# degrees of freedom, and for a ridge model the features' standardization. None: the constant above.
+# The ratio a prediction uses: its columns (the study's feature names; none for a constant), coefficients
+# (intercept first), degrees of freedom, and for a ridge model the features' standardization. Its interval:
+# "resid": a new run's log2 ratio has SE s·√(1 + v'·cov·v) about the model; "meta" (a random-effects fit that
+# counts each study workload's own noise once): s is τ, the spread of the true ratio between workloads, cov is
+# the coefficients' covariance, and the SE is √(τ² + v'·cov·v). None: the constant above, "resid".
 B1_OVER_FULL_MODEL: dict | None = {
-    "kind": "slope",
-    "columns": ["slope"],
-    "coef": [1.04758, 0.26181],
-    "cov": [[0.95733, 3.56136], [3.56136, 14.5118]],
-    "s": 0.2728,
-    "dof": 10.0,
+    "kind": "const",
+    "interval": "meta",
+    "columns": [],
+    "coef": [1.61674],
+    "cov": [[0.04054]],
+    "s": 0.0024,
+    "dof": 11.0,
     "mean": None,
     "sd": None,
 }

@@ -78,11 +78,19 @@ def _features(fit: FitResult, b1: RegimeFit) -> dict[str, float]:
     return out
 
 
+def _model_se(m: dict, v: np.ndarray) -> float:
+    """A new run's log2 ratio's SE about the model at v = (1, features) (calibration.py says which interval)."""
+    h = float(v @ np.array(m["cov"]) @ v)
+    return math.sqrt(m["s"] ** 2 + h) if m.get("interval") == "meta" else m["s"] * math.sqrt(1 + h)
+
+
 def study_ratio(fit: FitResult, b1: RegimeFit) -> StudyRatio:
     """The study's B:1 / full ratio as it applies to this run, with the spread of a new workload about it."""
     m, n = cal.B1_OVER_FULL_MODEL, cal.B1_OVER_FULL_N
     if not m:
         return StudyRatio(cal.B1_OVER_FULL_LOG2, cal.B1_OVER_FULL_SD * math.sqrt(1 + 1 / max(n, 1)), _t(n - 1), "")
+    if not m["columns"]:
+        return StudyRatio(m["coef"][0], _model_se(m, np.ones(1)), _t(m["dof"]), "")
     feats = _features(fit, b1)
     missing = [c for c in m["columns"] if c not in feats]
     if missing:
@@ -92,7 +100,7 @@ def study_ratio(fit: FitResult, b1: RegimeFit) -> StudyRatio:
         z = (z - np.array(m["mean"])) / np.array(m["sd"])
     v = np.concatenate([[1.0], z])
     log2 = float(v @ np.array(m["coef"]))
-    se = m["s"] * math.sqrt(1 + float(v @ np.array(m["cov"]) @ v))
+    se = _model_se(m, v)
     shown = ", ".join(
         f"B:1's measured slope over ranks ≤ {cal.FULL_SOURCE_MAX_RANK}, {feats['slope']:+.3f}"
         if c == "slope"
