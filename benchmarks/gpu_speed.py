@@ -6,6 +6,7 @@
     python benchmarks/gpu_speed.py --scaling [--only 5m,124m] [--steps 300]   # mua on 1, 2, 4 … N GPUs
     python benchmarks/gpu_speed.py --smoke                 # tiny shapes on the CPU: the harness end to end
     python benchmarks/gpu_speed.py --table FILE.json [FILE.json ...]     # docs/performance.md's tables
+    MUA_BENCH_PROFILE=DIR python benchmarks/gpu_speed.py ...   # each `mua sweep` under cProfile, into DIR
 
 Each run writes one JSON file, benchmarks/out/gpu_speed-<UTC time>.json (or --out; benchmarks/record.py: the
 commit, the machine, the library versions and the command line go in with the numbers), rewritten after every
@@ -152,9 +153,33 @@ def failure(what: str, run: dict) -> str:
     return f"{what} exited {run['rc']}: " + " | ".join(tail)
 
 
+def profiled(name: str) -> list[str]:
+    """`mua`, or with MUA_BENCH_PROFILE=DIR `mua` under cProfile (its main thread: start-up, planning, storing,
+    waiting on the slots), the stats written to DIR/<name>.prof as the command exits."""
+    folder = os.environ.get("MUA_BENCH_PROFILE")
+    if not folder:
+        return MUA
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    stats = str(Path(folder) / f"{name}.prof")
+    code = ("import atexit, cProfile; p = cProfile.Profile(); "
+            f"atexit.register(lambda: (p.disable(), p.dump_stats({stats!r}))); p.enable(); "
+            "from mua_cli.ui.cli import main; main()")  # fmt: skip
+    return [sys.executable, "-c", code]
+
+
+def save_lines(name: str, run: dict) -> None:
+    """With MUA_BENCH_PROFILE=DIR, a command's output lines, each with its seconds from the command's start."""
+    if folder := os.environ.get("MUA_BENCH_PROFILE"):
+        text = "".join(f"{t - run['start']:8.2f}  {line}\n" for t, line in run["lines"])
+        (Path(folder) / f"{name}.lines.txt").write_text(text)
+
+
 def mua_answer(recipe_file: Path, run: Path, device: str, flags: list[str], env: dict | None = None) -> dict:
     """`mua sweep`, `mua fit`, `mua transfer --to full-ft`, one after another, timed as a user sees them."""
-    sweep = command([*MUA, "sweep", "--recipe", str(recipe_file), "--out", str(run), "--device", device, *flags], env)
+    name = f"sweep-{run.parent.name}-{run.name}"
+    sweep = command([*profiled(name), "sweep", "--recipe", str(recipe_file), "--out", str(run), "--device", device,
+                     *flags], env)  # fmt: skip
+    save_lines(name, sweep)
     if sweep["rc"] != 0:
         raise RuntimeError(failure("mua sweep", sweep))
     fit = command([*MUA, "fit", str(run)], env)
