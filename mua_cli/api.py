@@ -26,10 +26,12 @@ from .sweep.store import DB_NAME, TrialStore, load_trials
 from .sweep.stream import Listener, SweepSummary
 from .sweep.stream import run_sweep as _run_sweep
 
+FULL_CHECK = "full-check"  # a run folder's subfolder: its sweep's full-finetuning check (--full-check)
+
 __all__ = [
     "Execution", "FitResult", "Listener", "MuaError", "Prediction", "Recipe", "SweepSummary",
-    "apply_regime", "export_trials", "fit", "fit_run", "has_trials", "load_recipe", "load_trials", "lora_config",
-    "predict", "preview_sweep", "refit", "resolve_device", "run_sweep", "start_process_server", "work",
+    "apply_regime", "export_trials", "fit", "fit_run", "full_check_fit", "has_trials", "load_recipe", "load_trials",
+    "lora_config", "predict", "preview_sweep", "refit", "resolve_device", "run_sweep", "start_process_server", "work",
 ]  # fmt: skip
 
 
@@ -95,15 +97,37 @@ def run_sweep(
     execution: Execution | None = None,
     retry_failed: bool = True,
     study: str | None = None,
+    full_check: bool = False,
 ) -> SweepSummary:
     """Runs `recipe`'s sweep into `run_dir` (its trial store; resumes what it holds) and says what it ran.
     `device`: "auto" (as `mua sweep`: every visible GPU, else the CPU), "cpu", "cuda" or "cuda:N". `listener`
     hears its progress (sweep.stream.Listener); `storage`, `study`: an Optuna storage URL and a shared study
-    (docs/scale-out.md); `execution`: slots and trials per pass (0: chosen by size)."""
+    (docs/scale-out.md); `execution`: slots and trials per pass (0: chosen by size). `full_check`: then sweep
+    full finetuning alone at a quarter of the steps into run_dir/full-check (`Recipe.full_check`), which
+    `predict` shows beside a full-finetuning prediction (the summary's `check`)."""
+    if full_check and (storage is not None or study is not None):
+        raise MuaError("--full-check runs in a local run folder; it does not combine with --storage or --study")
+    if full_check and recipe.wants_full:
+        raise MuaError("--full-check is for sweeps without full finetuning; this one measures it (--ranks ...,full)")
     dev = resolve_device(device)
     if execution is not None and execution.device != dev:
         execution = dataclasses.replace(execution, device=dev)
-    return _run_sweep(recipe, Path(run_dir), dev, listener, storage, execution, retry_failed, study)
+    summary = _run_sweep(recipe, Path(run_dir), dev, listener, storage, execution, retry_failed, study)
+    if full_check:
+        check = recipe.full_check()
+        (listener or Listener()).note(f"full-finetuning check: full finetuning alone, {check.optim.steps} steps a "
+                                      f"trial, into {Path(run_dir) / FULL_CHECK}")  # fmt: skip
+        summary.check = _run_sweep(check, Path(run_dir) / FULL_CHECK, dev, listener, None, execution, retry_failed)
+        summary.full_check_offer = ""
+    return summary
+
+
+def full_check_fit(run_dir: str | Path, on_note: Callable[[str], None] | None = None) -> FitResult | None:
+    """The fit of a run's full-finetuning check (`run_sweep(..., full_check=True)`), or None where it has none."""
+    folder = Path(run_dir) / FULL_CHECK
+    if not (folder / DB_NAME).is_file() or not has_trials(folder):
+        return None
+    return fit(folder, fresh=False, on_note=on_note)
 
 
 def fit(
@@ -157,16 +181,18 @@ def predict(
     basis: str = "auto",
     calibration: FitResult | None = None,
     heuristic: bool = False,
+    check: FitResult | None = None,
 ) -> Prediction:
     """The learning rate for `to`: "full-ft" or a LoRA rank, in `regime` (default B:1 where it was swept).
-    `calibration`: a proxy run's fit whose measured full-finetuning offset replaces the study's."""
+    `calibration`: a proxy run's fit whose measured full-finetuning offset replaces the study's. `check`: the
+    run's full-finetuning check (`full_check_fit`), shown beside a full-finetuning prediction."""
     if basis not in CHOICES:
         raise MuaError(f"unknown --basis {basis!r}; choose from {', '.join(CHOICES)}")
     target = str(to).strip().lower()
     if target in (FULL_TARGET, "full"):
         if regime is not None and get_regime(regime).name != TRANSFER_REGIME:  # get_regime: one line if unknown
             raise MuaError(f"--regime applies to a rank target; full finetuning is predicted from {TRANSFER_REGIME}")
-        return predict_full(result, heuristic=heuristic, basis=basis, calibration=calibration)
+        return predict_full(result, heuristic=heuristic, basis=basis, calibration=calibration, check=check)
     if calibration is not None:
         raise MuaError("--calibrate applies to --to full-ft only")
     try:

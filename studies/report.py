@@ -51,6 +51,7 @@ RANK_RULES = ("line", "line-measured", "line-straight", "muA-pooled", "muA-last"
 RIDGE = 1.0
 EARLIER_WINNERS = ("cell-max ÷ slope",)  # the second run's winner, which docs/validation.md still quotes
 META = " (meta)"  # a candidate's name with the third run's random-effects interval
+GATE_RULE = "line16 ÷ const (meta)"  # the fourth run gates the full-ft check by this rule's interval (shipped)
 
 
 @dataclass
@@ -392,6 +393,7 @@ def score_full(workloads: list[Workload]) -> pd.DataFrame:
             if t is None or b1 is None or not b1.ranks_used:
                 continue
             x = np.concatenate(list(features(w, b1, tasks).values()))
+            gate = None  # GATE_RULE's (prediction, se, dof, truth's se) for this workload
             for (anchor, kind), rule in rules.items():
                 a = anchor_value(b1, anchor)
                 r = rule.predict(x) if rule is not None else None
@@ -402,6 +404,8 @@ def score_full(workloads: list[Workload]) -> pd.DataFrame:
                 se = math.sqrt(a[1] ** 2 + r[1] ** 2) if rule.dof >= 1 else None
                 t_se = t[1] if rule.interval == "meta" else 0.0
                 rows.append(_row(w, name, a[0] - r[0], t[0], se, rule.dof, t_se, anchor=anchor, ratio=kind))
+                if name == GATE_RULE:
+                    gate = (a[0] - r[0], se, rule.dof, t_se, rows[-1]["half"])
             c, c_se = b1.line(b1.centre_x, "mua")
             rows.append(_row(w, "muA-B:1 (ratio 1)", c, t[0], c_se, 1e9, anchor="pooled", ratio="1"))
             ref = anchor_value(b1, "line16")
@@ -416,6 +420,11 @@ def score_full(workloads: list[Workload]) -> pd.DataFrame:
                 k = len(proxy_d)
                 rms = float(np.sqrt(np.mean(np.square(proxy_d)))) if k else None
                 rows.append(_row(w, "proxy-direct", p, t[0], math.hypot(p_se, rms) if k else None, k or None))
+                if gate is not None:  # the fourth run: the check where it lies inside the shipped interval
+                    centre, g_se, g_dof, g_tse, g_half = gate
+                    inside = math.isfinite(g_half) and abs(p - centre) <= g_half
+                    rows.append(_row(w, "check-gated", p if inside else centre, t[0], g_se, g_dof, g_tse,
+                                     check_inside=inside))  # fmt: skip
                 if k >= 2:
                     m, sd = float(np.mean(proxy_d)), float(np.std(proxy_d, ddof=1))
                     rows.append(
@@ -759,7 +768,7 @@ def main() -> None:
     consts = constants(workloads, fw, rw)
     fams = sorted({w.family for w in workloads})
     shown = [fw, *EARLIER_WINNERS, "line16 ÷ const", "cell16 ÷ const", "pooled ÷ const", "muA-B:1 (ratio 1)",
-             "calibrated (older --calibrate)", "proxy-direct", "proxy-scaled"]  # fmt: skip
+             "calibrated (older --calibrate)", "proxy-direct", "proxy-scaled", "check-gated"]  # fmt: skip
     proxied = sorted(set(full.loc[full["rule"].str.startswith("proxy"), "workload"]))
     parts = [
         f"{len(workloads)} workloads, {len(fams)} families ({', '.join(fams)}).\n\n",
@@ -778,7 +787,7 @@ def main() -> None:
             summary(
                 full[
                     full["workload"].isin(proxied)
-                    & full["rule"].isin([fw, *EARLIER_WINNERS, "proxy-direct", "proxy-scaled"])
+                    & full["rule"].isin([fw, *EARLIER_WINNERS, "proxy-direct", "proxy-scaled", "check-gated"])
                 ]
             )
         ),  # fmt: skip

@@ -238,6 +238,20 @@ CASES: list[Case] = [
     Case("ranks-commas", RANKS, "commas alone", sweep("--ranks", ",,"), "no rank in ',,'"),
     Case("ranks-huge", RANKS, "a rank no layer has", sweep("--ranks", "99999999"), "no layer is that wide"),
     Case(
+        "full-check-with-full",
+        RANKS,
+        "`--full-check` on a sweep that measures full finetuning itself",
+        sweep("--ranks", "4,full", "--full-check"),
+        "--full-check is for sweeps without full finetuning",
+    ),
+    Case(
+        "full-check-with-study",
+        RANKS,
+        "`--full-check` with a shared study",
+        sweep("--full-check", "--storage", "sqlite:///s.db", "--study", "s"),
+        "--full-check runs in a local run folder",
+    ),
+    Case(
         "ranks-above-the-model",
         RANKS,
         "a rank above the tiny model's width (128)",

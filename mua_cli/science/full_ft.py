@@ -158,7 +158,7 @@ def _full_line(fit: FitResult, b1: RegimeFit, basis: str, calibration: FitResult
     reason = (
         f"empirical: {at} divided by the study's B:1 / full ratio {sr.ratio:.3g}{model} (95 % interval for a new "
         f"workload [{lo:.3g}, {hi:.3g}], from {n} workloads of {fams} model families; docs/validation.md). "
-        f"Measure your own with --ranks ...,full, or --calibrate a cheaper proxy run"
+        f"Measure your own with --ranks ...,full; `mua sweep --full-check` adds a cheap check"
     )
     evidence.update(b1_over_full=sr.ratio, b1_over_full_interval=[lo, hi], b1_over_full_from="study")
     return ref - sr.log2, half, reason, notes, evidence
@@ -175,13 +175,19 @@ def _proxy_differences(fit: FitResult, proxy: FitResult) -> list[str]:
 
 
 def predict_full(
-    fit: FitResult, heuristic: bool = False, basis: str = "auto", calibration: FitResult | None = None
+    fit: FitResult,
+    heuristic: bool = False,
+    basis: str = "auto",
+    calibration: FitResult | None = None,
+    check: FitResult | None = None,
 ) -> Prediction:
     """The full-finetuning LR: measured where the run has full-finetuning trials, else predicted from B:1.
 
     basis: "auto" (measured, else calibrated with `calibration`, else the study's offset), "predict" (the
     same without measured), "measured", or one of FULL_BASES. `heuristic=True` with no B:1 but A:r swept:
-    the "LoRA Without Regret" rule of thumb, labelled."""
+    the "LoRA Without Regret" rule of thumb, labelled. `check`: the run's full-finetuning check (a sweep of
+    full finetuning alone at fewer steps), shown beside a prediction, never in its place (docs/validation.md,
+    the fourth run)."""
     check_basis(basis, FULL_BASES, "--to full-ft")
     measured = fit.full if fit.full is not None and fit.full.usable else None
     if basis == "measured" and measured is None:
@@ -233,6 +239,8 @@ def predict_full(
     if alpha0 != 1.0:
         notes.append(f"B:1's transfer is studied at alpha0 = 1; this sweep used alpha0 = {alpha0:g}")
     lr, lo, hi = 2.0**centre, 2.0 ** (centre - half), 2.0 ** (centre + half)
+    if check is not None:
+        reason += _check(check, lo, hi, evidence, notes)
     return Prediction(
         lr=lr,
         interval=(lo, hi),
@@ -245,6 +253,28 @@ def predict_full(
         evidence=evidence,
         notes=notes,
     )
+
+
+def _check(check: FitResult, lo: float, hi: float, evidence: dict, notes: list[str]) -> str:
+    """What the run's full-finetuning check adds to a prediction with interval [lo, hi]: its measured optimum in
+    `evidence`, a clause for the reason, and a note where it disagrees or has no optimum."""
+    steps = check.settings.get("steps")
+    full = check.full
+    if full is None or not full.usable:
+        why = full.reason if full is not None else "no full-finetuning trials"
+        notes.append(f"the full-finetuning check ({steps} steps) has no usable optimum: {why}")
+        return ""
+    inside = lo <= full.lr_star <= hi
+    evidence["full_check"] = {"lr": full.lr_star, "interval": [full.lo, full.hi], "steps": steps, "inside": inside}
+    where = "inside" if inside else "outside"
+    if not inside:
+        notes.append(
+            f"the full-finetuning check ({steps} steps) put η* at {lr_text(full.lr_star)}, outside this interval: "
+            "the two disagree (in the study, the one check that lay outside was 39× off: docs/validation.md); "
+            "measure full finetuning at a few LRs around both (--ranks ...,full)"
+        )
+    return (f"; checked against this run's full-finetuning check ({steps} steps a trial): its η* "
+            f"{lr_text(full.lr_star)} lies {where} the interval")  # fmt: skip
 
 
 def _heuristic(fit: FitResult, ar: RegimeFit) -> Prediction:

@@ -49,6 +49,7 @@ def _positive_finite(key, v):
 
 # Past these a trial is useless or never ends: each is far beyond any sweep mua is for
 MAX_STEPS, MAX_BATCH, MAX_SEEDS = 10**9, 10**6, 1000
+MIN_STEPS = 2  # a schedule needs a first and a last step
 LR_MIN, LR_MAX = 1e-12, 1e6  # the learning rates a trial store keeps (sweep/store.py's DISTRIBUTIONS)
 
 
@@ -152,7 +153,7 @@ class DataSpec:
 class Optim:
     """How each trial trains and is scored: the paper's AdamW, warmup 5 %, cosine to 0.1×, clip 1.0."""
 
-    steps: int = knob(100, "training steps per trial", check=_between(2, MAX_STEPS),
+    steps: int = knob(100, "training steps per trial", check=_between(MIN_STEPS, MAX_STEPS),
                       flag="Training steps per trial.")  # fmt: skip
     batch_size: int = knob(8, "sequences (or images) per step",
                            check=_between(1, MAX_BATCH),

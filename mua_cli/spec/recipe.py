@@ -14,7 +14,7 @@ import yaml
 
 from ..errors import MuaError
 from ..science.theory import FULL, parse_ranks
-from .config import KEYS, OUTCOME_KEYS, SECTIONS, DataSpec, ModelSpec, Optim, SweepSpec, typed
+from .config import KEYS, MIN_STEPS, OUTCOME_KEYS, SECTIONS, DataSpec, ModelSpec, Optim, SweepSpec, typed
 from .data_identity import SCHEME, data_identity, is_content
 
 # An installed wheel ships the recipes inside the package; a checkout (and an editable install) keeps them in
@@ -24,6 +24,7 @@ RECIPES_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().pare
 DEFAULT_RECIPE = "tiny"
 # `--task seq-cls` with no recipe and no model: the embedded encoder on embedded classification data
 TASK_DEFAULT_RECIPES = {"seq-cls": "tiny-cls"}
+FULL_CHECK_FRACTION = 4  # `--full-check` trains full finetuning for 1/4 of the recipe's steps
 EMBEDDED_MODELS = {"embedded:tiny": "causal-lm", "embedded:encoder": "seq-cls"}
 
 
@@ -88,6 +89,11 @@ class Recipe:
     @property
     def wants_full(self) -> bool:
         return FULL in self.rank_list
+
+    def full_check(self) -> Recipe:
+        """`mua sweep --full-check`'s sweep: full finetuning alone at a quarter of the steps, with this recipe's
+        model, data, batch, LRs and seeds (docs/validation.md, the fourth run, measured what it is worth)."""
+        return self.replace(ranks=FULL, steps=max(MIN_STEPS, self.optim.steps // FULL_CHECK_FRACTION))
 
     def outcome_fields(self) -> dict:
         """The keys that change a trial's outcome (config.py's `outcome` metadata), resolved: local data by its

@@ -109,6 +109,21 @@ def usable_bytes(device: str) -> int:
     return int(HEADROOM * total * torch.cuda.get_per_process_memory_fraction(index))
 
 
+def full_fits(trainer) -> bool:
+    """Whether one full-finetuning trial fits where `trainer` runs: the GPU's usable memory, or on the CPU half
+    of the machine's memory (the estimate is a bf16 base's; the CPU trains in fp32, twice that)."""
+    need = trainer.memory(None).unit(1)
+    if trainer.device.startswith("cuda"):
+        return need <= usable_bytes(trainer.device)
+    import os
+
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no measure, no offer
+        return False
+    return 2 * need <= ram // 2
+
+
 @dataclass
 class Plan:
     slots: int  # per GPU

@@ -122,6 +122,11 @@ class Pool:
         self.outstanding = 0  # trials queued or running
         self._ids = 0
 
+    @property
+    def trainer(self) -> Trainer:
+        """The first slot's trainer, loaded before the slots started."""
+        return self.trainers[0]
+
     @classmethod
     def start(cls, recipe: Recipe, ex: Execution, listener, devices: list[str], first: Trainer,
               after_close: Callable[[], None] | None = None) -> Pool:  # fmt: skip

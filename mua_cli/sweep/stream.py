@@ -23,7 +23,7 @@ from ..spec.trial import TrialResult, TrialSpec
 from ..train.shapes import rank_limit
 from .grid import grid_plan, plan
 from .plan import Planner, expected_total, meta, stored_trial
-from .sizing import Execution
+from .sizing import FULL_WORK, Execution
 from .store import TrialStore, frame
 from .trackers import Reporting, open_trackers
 
@@ -62,6 +62,8 @@ class SweepSummary:
     added: list[str] = field(default_factory=list)  # one line per grid extension, fill or refinement
     at_edge: list[str] = field(default_factory=list)  # groups still at an edge after max_extend
     device: str = "cpu"
+    full_check_offer: str = ""  # where a full-finetuning check is cheap and fits: the line that offers it
+    check: SweepSummary | None = None  # `--full-check`'s own sweep (run_dir/full-check), where it ran
 
 
 def run_sweep(
@@ -173,11 +175,28 @@ class Sweep:
             raise
         try:
             self.stream(slots, pending)
+            self.summary.full_check_offer = self._offer(slots.trainer)
         except BaseException:
             slots.close(interrupted=True)
             raise
         slots.close()
         return self.summary
+
+    def _offer(self, trainer) -> str:
+        """The line that offers `--full-check`, where this sweep measured no full finetuning, one full trial fits
+        on the device and the check's expected trials cost less than this sweep's LoRA trials."""
+        r = self.recipe
+        if r.wants_full or not r.lora_ranks:
+            return ""
+        check = r.full_check()
+        cost = expected_total(check) * FULL_WORK * check.optim.steps / r.optim.steps  # in LoRA trials
+        from .memory import full_fits
+
+        if cost >= self.planned or not full_fits(trainer):
+            return ""
+        return (f"full finetuning fits on {trainer.device}: --full-check adds a check of it, {check.optim.steps} "
+                f"steps a trial, about {cost:.0f} LoRA trials' work (this sweep: {self.planned}); `mua transfer` "
+                "then shows it beside its prediction")  # fmt: skip
 
     def stream(self, slots, pending: list[TrialSpec]) -> None:
         """Feeds `slots` until nothing is left to plan: each result stored as it comes, its group's next trials

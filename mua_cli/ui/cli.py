@@ -90,6 +90,14 @@ def sweep(
         bool,
         typer.Option("--retry-failed/--no-retry-failed", help="Run failed trials (errors, not divergences) again."),
     ] = True,
+    full_check: Annotated[
+        bool,
+        typer.Option(
+            "--full-check",
+            help="Then sweep full finetuning alone at 1/4 of the steps into RUN/full-check; `mua transfer` shows "
+            "it beside its prediction.",
+        ),
+    ] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress and no table: the run folder alone, on stdout.")
     ] = False,
@@ -139,7 +147,7 @@ def sweep(
             with terminal.sigterm_as_interrupt(), listener:
                 ex = Execution(dev, workers_per_gpu, batch_trials, cuda_graphs, fused_kernels)
                 storage = terminal.own_store(out, storage, study)
-                summary = run_sweep(r, run_dir, dev, listener, storage, ex, retry_failed, study)
+                summary = run_sweep(r, run_dir, dev, listener, storage, ex, retry_failed, study, full_check)
         except KeyboardInterrupt as e:
             Console(stderr=True).print(
                 Text("stopped by SIGTERM:" if isinstance(e, terminal.Terminated) else "interrupted:", style="yellow"),
@@ -237,7 +245,7 @@ def transfer(
     """
     with user_errors():
         from ..api import fit as fit_of
-        from ..api import predict
+        from ..api import full_check_fit, predict
         from .report import prediction_panel
 
         # fit.json where it is newer than the trials (fit wrote it), else a fresh fit
@@ -246,7 +254,8 @@ def transfer(
         storage = terminal.own_store(run, storage, study)  # after name_run: not a shared store
         result = fit_of(run_dir, fresh=False, on_note=note, storage=storage, study=study)
         proxy = fit_of(run_folder(calibrate), fresh=False, on_note=note) if calibrate is not None else None
-        pred = predict(result, to, regime, basis, proxy, heuristic)
+        check = full_check_fit(run_dir, note) if storage is None and study is None else None
+        pred = predict(result, to, regime, basis, proxy, heuristic, check)
         if json_out:
             typer.echo(json.dumps(pred.to_dict(), allow_nan=False))
         elif quiet:

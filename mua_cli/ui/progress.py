@@ -161,5 +161,11 @@ def sweep_done(console: Console, summary, trials, run_dir, quiet: bool) -> None:
         f"ran {summary.ran} trial(s){retried}, skipped {summary.skipped} already stored · next: mua fit {run_dir}",
         markup=False,
     )
+    if summary.check is not None:
+        c = summary.check
+        console.print(f"full-finetuning check: ran {c.ran} trial(s), skipped {c.skipped} already stored, in "
+                      f"{c.run_dir}", markup=False)  # fmt: skip
+    elif summary.full_check_offer and not quiet:
+        console.print(Text("•", style="cyan"), Text(summary.full_check_offer))
     if quiet:
         print(run_dir, flush=True)
