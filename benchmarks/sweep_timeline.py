@@ -75,7 +75,8 @@ def stored_trials(run_dir: Path) -> list[dict]:
         out.append({"number": t.number, "device": str(a.get("device", "?")), "start": start, "end": end,
                     "batched_with": k, "status": a.get("status"), "regime": t.params.get("regime"),
                     "rank": t.params.get("rank"), "lr": t.params.get("lr"),
-                    "slot": a.get("slot", info.get("slot")), "own_start": own is not None})  # fmt: skip
+                    "slot": a.get("slot", info.get("slot")), "own_start": own is not None,
+                    "phases": info.get("phases_s")})  # fmt: skip
     return sorted(out, key=lambda r: r["start"])
 
 
@@ -154,6 +155,7 @@ def timeline(
         kind = p["phase"].split(" ")[0] if p["phase"] != "fit + transfer" else p["phase"]
         idle_by_kind[kind] = r(idle_by_kind.get(kind, 0.0) + sum(p["idle_s"].values()) / len(devices))
     return {
+        "unit_phases_s": unit_phases(trials),
         "run_dir": str(run_dir), "trials": len(trials), "failed": sum(t["status"] == "failed" for t in trials),
         "sweep_s": r(sweep_s), "answer_s": r(answer - start) if answer is not None else None,
         "gap_s": gap, "devices": per_device, "idle_s_by_kind": idle_by_kind, "phases": phases,
@@ -161,6 +163,28 @@ def timeline(
         "source": "the trials' own started_at" if all(t["own_start"] for t in trials)
         else "Optuna's datetime_complete less wall_time × batched_with",
     }  # fmt: skip
+
+
+def unit_phases(trials: list[dict]) -> dict:
+    """Slot-seconds summed over the units (a batched unit once), by what the unit was doing (loop.phases: build,
+    first_steps = warm-up and capture, steps, after = evaluation and results), and per unit size K: how many
+    units and their mean seconds. Units of trials that did not record their phases are counted apart."""
+    units = {}
+    for t in trials:
+        units.setdefault((t["device"], round(t["start"], 3), round(t["end"], 3)), t)
+    total: dict[str, float] = {}
+    by_k: dict[int, list[float]] = {}
+    unknown = 0
+    for (_, a, b), t in units.items():
+        by_k.setdefault(t["batched_with"], []).append(b - a)
+        if not isinstance(t["phases"], dict):
+            unknown += 1
+            continue
+        for k, v in t["phases"].items():
+            total[k] = total.get(k, 0.0) + float(v)
+    return {"units": len(units), "without_phases": unknown, "slot_s": {k: round(v, 2) for k, v in total.items()},
+            "by_size": {str(k): {"units": len(v), "mean_s": round(sum(v) / len(v), 2)}
+                        for k, v in sorted(by_k.items())}}  # fmt: skip
 
 
 def render(tl: dict) -> str:
@@ -184,6 +208,13 @@ def render(tl: dict) -> str:
                      f"{tl['sweep_s']} s ({share}), idle {v['idle_s']} s")  # fmt: skip
     lines.append("idle seconds by kind of phase (mean over devices): "
                  + ", ".join(f"{k} {v}" for k, v in tl["idle_s_by_kind"].items()))  # fmt: skip
+    u = tl.get("unit_phases_s") or {}
+    if u.get("slot_s"):
+        lines.append(f"{u['units']} units, slot-seconds by what they did: "
+                     + ", ".join(f"{k} {v}" for k, v in u["slot_s"].items()))  # fmt: skip
+    if u.get("by_size"):
+        sizes = [f"K={k}: {v['units']} × {v['mean_s']} s" for k, v in u["by_size"].items()]
+        lines.append("units by trials per pass: " + ", ".join(sizes))
     return "\n".join(lines)
 
 

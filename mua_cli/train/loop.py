@@ -19,7 +19,7 @@ import torch
 
 from .. import accel
 from ..accel.attention import model_kernels
-from ..accel.graphed import set_lrs
+from ..accel.graphed import WARMUP, set_lrs
 from ..spec.config import Optim
 from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
@@ -67,9 +67,11 @@ class Trainer:
     graphs: bool  # whether the step may be replayed as a CUDA graph (the batches keep one shape)
 
 
-def train_steps(t: Trainer, o: Optim, batch_at, device: str, on_step=None, on_note=None) -> list[list[float]]:
+def train_steps(t: Trainer, o: Optim, batch_at, device: str, on_step=None, on_note=None,
+                clock: dict | None = None) -> list[list[float]]:  # fmt: skip
     """The loop: every step's LR, batch and update; each trial's loss curve, up to the check after the last
-    trial diverged (finish() cuts each curve at its own first divergence)."""
+    trial diverged (finish() cuts each curve at its own first divergence). `clock`: gets `first_steps_at`, the
+    time the warm-up steps and the capture were done (accel/graphed.py's WARMUP + 1 steps)."""
     step_fn = accel.step(t.step, t.model, device, t.graphs, on_note)
     check = 1 if device == "cpu" else CHECK_EVERY
     schedule = lr_lambda(o)
@@ -80,6 +82,8 @@ def train_steps(t: Trainer, o: Optim, batch_at, device: str, on_step=None, on_no
         t.load(batch_at(step))
         step_fn(t.params)
         losses[step] = t.loss
+        if clock is not None and step == WARMUP:
+            clock["first_steps_at"] = time.perf_counter()
         if (step + 1) % check == 0 or step + 1 == o.steps:
             for curve, new in zip(curves, losses[len(curves[0]) : step + 1].T.tolist(), strict=True):
                 curve += new
@@ -156,8 +160,10 @@ def _train(spec, base, data, recipe, device, on_step, t0, graphs, on_note) -> Tr
     accel.prepare(model, device, task.unpadded, recipe.data.seq_len)
     groups = param_groups(model, spec.regime, spec.lr, head, o.head_lr, o.per_layer_lr, hidden_size(base))
     t = _one(model, groups, spec, task, o, device, graphs)
+    clock = {"ready_at": time.perf_counter()}
     curve = train_steps(t, o, task.train_batches(spec.seed, o.steps, o.batch_size, device), device, on_step,
-                        on_note)[0]  # fmt: skip
+                        on_note, clock)[0]  # fmt: skip
+    clock["steps_at"] = time.perf_counter()
     result = finish(curve, o, device)
     result.info = _info(o, task, groups, head, base)
     if result.status == "ok" and (o.metric == "eval" or recipe.data.eval_fraction > 0):
@@ -170,7 +176,17 @@ def _train(spec, base, data, recipe, device, on_step, t0, graphs, on_note) -> Tr
         if "accuracy" in scores:
             result.info["eval_accuracy"] = scores["accuracy"]
     result.wall_time = time.perf_counter() - t0
+    result.info["phases_s"] = phases(t0, clock)
     return result
+
+
+def phases(t0: float, clock: dict) -> dict[str, float]:
+    """Where a unit's seconds went: building its model and optimizer, the first steps (warm-up and, on a GPU,
+    the capture), the other steps (on a GPU up to their losses read back), and the rest (evaluation)."""
+    end = time.perf_counter()
+    first = clock.get("first_steps_at", clock["steps_at"])
+    return {"build": round(clock["ready_at"] - t0, 3), "first_steps": round(first - clock["ready_at"], 3),
+            "steps": round(clock["steps_at"] - first, 3), "after": round(end - clock["steps_at"], 3)}  # fmt: skip
 
 
 def _one(model, groups, spec: TrialSpec, task, o: Optim, device: str, graphs: bool) -> Trainer:
@@ -271,8 +287,10 @@ def _train_batched(specs, base, task, recipe, device, on_step, t0, graphs, on_no
     model.to(device).train()
     accel.prepare(model, device, task.unpadded, recipe.data.seq_len)
     t = _stacked(model, params, head_params, specs, task, o, device, graphs)
+    clock = {"ready_at": time.perf_counter()}
     curves = train_steps(t, o, task.train_batches(first.seed, o.steps, o.batch_size, device), device, on_step,
-                         on_note)  # fmt: skip
+                         on_note, clock)  # fmt: skip
+    clock["steps_at"] = time.perf_counter()
     results = [finish(c, o, device) for c in curves]
     if o.metric == "eval" or recipe.data.eval_fraction > 0:
         scores = evaluate_stacked(model, task, o.batch_size, k, device)
@@ -283,9 +301,10 @@ def _train_batched(specs, base, task, recipe, device, on_step, t0, graphs, on_no
                     r.info["eval_accuracy"] = float(scores["accuracy"][i])
     wall = (time.perf_counter() - t0) / k
     n_params = sum(p[0].numel() for p in params + head_params)
+    spent = phases(t0, clock)  # the unit's, not divided among its trials
     for r in results:
         r.wall_time = wall
-        r.info = {**r.info, "task": task.kind, "trainable_params": n_params, "batched_with": k,
+        r.info = {**r.info, "task": task.kind, "trainable_params": n_params, "batched_with": k, "phases_s": spent,
                   "base_dtype": str(next(base.parameters()).dtype).replace("torch.", "")}  # fmt: skip
     return results
 
