@@ -358,12 +358,12 @@ def scaling(name: str, steps: int, flags: list[str], smoke: bool = False) -> dic
                 mua = mua_answer(recipe_file, run, "cuda", flags, {"CUDA_VISIBLE_DEVICES": ",".join(ids[:n])})
             df = load_trials(run)
             s = mua["sweep"]
-            tl = timeline(run, s["start"], s["end"], s["start"] + mua["answer_s"])
+            tl = timeline(run, s["start"], s["end"], s["start"] + mua["answer_s"], lines=s["lines"])
             rows.append({"gpus": n, "trials": len(df), "sweep_s": mua["sweep_s"], "answer_s": mua["answer_s"],
                          "answer_lr": mua["answer_lr"], "failed": int((df["status"] == "failed").sum()),
                          "best_lr": best_lrs([(r["regime"], int(r["rank"]), float(r["lr"]), int(r["seed"]),
                                                float(r["metric"])) for _, r in df.iterrows()]),
-                         "devices": tl.get("devices")})  # fmt: skip
+                         "devices": tl.get("devices"), "timeline": tl})  # fmt: skip
     one = rows[0]
     for r in rows:
         r["x_one_gpu"] = round(one["sweep_s"] / r["sweep_s"], 2)
