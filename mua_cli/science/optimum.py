@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 WINDOW = 1.5  # octaves either side of the best grid LR: the quadratic model holds near the optimum only
 RHO_MAX = 4.0  # the curvature of one side is at most this × the other's
@@ -161,6 +161,6 @@ def interval(fit: LocalFit, sigma2: float, dof: int) -> tuple[float, float]:
     a group with no residual degrees of freedom of its own borrows the pool's."""
     k = min(POOL_DOF, dof)
     own = (fit.rss_min + k * sigma2) / (fit.dof + k) if fit.dof + k > 0 else sigma2
-    thresh = fit.rss_min + max(own, 1e-12) * float(stats.f.ppf(0.95, 1, fit.dof + k))
+    thresh = fit.rss_min + max(own, 1e-12) * float(special.fdtri(1, fit.dof + k, 0.95))
     inside = fit.grid[fit.rss <= thresh]
     return float(inside.min()), float(inside.max())
