@@ -55,6 +55,10 @@ def test_every_trial_records_what_the_issue_asks(micro_recipe_path, tmp_path):
     ok = df[df["status"] == "ok"]
     tail = ok.iloc[0]["loss_curve"][-math.ceil(0.1 * recipe.optim.steps) :]
     assert ok.iloc[0]["metric"] == pytest.approx(sum(tail) / len(tail))
+    for _, r in df.iterrows():  # where each unit's seconds went (benchmarks/sweep_timeline.py sums them)
+        spent = r["info"]["phases_s"]
+        assert set(spent) == {"build", "first_steps", "steps", "after"} and min(spent.values()) >= 0
+        assert sum(spent.values()) == pytest.approx(r["wall_time"] * r["info"].get("batched_with", 1), abs=0.02)
 
 
 def test_huge_lr_diverges_and_is_stored_as_diverged(micro_recipe_path, tmp_path):

@@ -192,7 +192,11 @@ class Sweep:
         cost = expected_total(check) * FULL_WORK * check.optim.steps / r.optim.steps  # in LoRA trials
         from .memory import full_fits
 
-        if cost >= self.planned or not full_fits(trainer):
+        try:
+            fits = cost < self.planned and full_fits(trainer)
+        except Exception:  # noqa: BLE001 — an estimate that cannot be made is no offer, never a failed sweep
+            fits = False
+        if not fits:
             return ""
         return (f"full finetuning fits on {trainer.device}: --full-check adds a check of it, {check.optim.steps} "
                 f"steps a trial, about {cost:.0f} LoRA trials' work (this sweep: {self.planned}); `mua transfer` "
