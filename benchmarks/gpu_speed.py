@@ -684,6 +684,17 @@ def legacy_table(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def work_ratios(r: dict) -> tuple[float | None, float | None, float]:
+    """A race's trial work alone: the plain loop's seconds in its trials over mua's sweep after its start-up
+    (trial work ×); the most any sweep could reach against this plain loop if its trials took no time and its
+    start-up were the plain process's own (plain s over the plain process's seconds outside its trials:
+    ceiling ×); and those seconds (Python, imports, CUDA, the model)."""
+    outside = round(r["plain_s"] - r["plain_trials_s"], 2)
+    after = r["mua_sweep_s"] - (r.get("mua_startup_s") or 0.0)
+    work = round(r["plain_trials_s"] / after, 2) if after > 0 else None
+    return work, round(r["plain_s"] / outside, 1) if outside > 0 else None, outside
+
+
 def markdown(reports: list[dict]) -> str:
     """docs/performance.md's tables, from this script's JSON outputs (record.py's), in the order given; a later
     report's row of a workload replaces an earlier one's."""
@@ -697,17 +708,19 @@ def markdown(reports: list[dict]) -> str:
                         if r.get("bf16_matmul_8192_tflops") else ""))  # fmt: skip
     if rows := latest(reports, "races"):
         lines += ["", "| workload | params | trials × steps | mua sweep s | plain s | trials/h mua / plain | ratio | "
-                  "mua answer s (fit + transfer) | plain answer s | ratio | start-up s | device busy | failed | "
-                  "best LR ±1 step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "mua answer s (fit + transfer) | plain answer s | ratio | start-up s mua / plain | trial work × | "
+                  "ceiling × | device busy | failed | best LR ±1 step |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in rows:
             busy = ", ".join(f"{v['busy_share']:.0%}" for v in r["timeline"].get("devices", {}).values()
                              if v.get("busy_share") is not None)  # fmt: skip
+            work, ceiling, outside = work_ratios(r)
             lines.append(
                 f"| {r['workload']} | {r['params_M']}M | {r['trials']} × {r['steps']} | {r['mua_sweep_s']} | "
                 f"{r['plain_s']} | {r['mua_trials_per_h']} / {r['plain_trials_per_h']} | **{r['x_trials_per_h']}×** | "
                 f"{r['mua_answer_s']} ({r['mua_fit_s']} + {r['mua_transfer_s']}) | {r['plain_answer_s']} | "
-                f"**{r['x_answer']}×** | {r['mua_startup_s']} | {busy} | {r['failed']} | "
-                f"{r['best_lr_within_one_step']} |"
+                f"**{r['x_answer']}×** | {r['mua_startup_s']} / {outside} | {work}× | {ceiling}× | {busy} | "
+                f"{r['failed']} | {r['best_lr_within_one_step']} |"
             )
     if rows := latest(reports, "mfu"):
         lines += ["", "| one LoRA trial | rank | tokens/step | TFLOP/step | plain ms/step | mua ms/step | mua TFLOP/s "
