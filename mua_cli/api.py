@@ -65,14 +65,22 @@ def work(run_dir: str | Path, storage: str | None, study: str, device: str, list
 
 
 def preview_sweep(recipe: Recipe, run_dir: str | Path, device: str = "cpu", storage: str | None = None,
-                  study: str | None = None):  # fmt: skip
+                  study: str | None = None, full_check: bool = False):  # fmt: skip
     """`mua sweep --dry-run`: every check a sweep makes before its first trial, and its plan (trials, memory per
-    slot, time), with nothing trained or written (sweep/preview.py)."""
+    slot, time), with nothing trained or written (sweep/preview.py); `full_check`: the check's plan too."""
     from .spec.data_identity import no_cache_writes
+    from .sweep.plan import expected_total
     from .sweep.preview import preview
 
+    if full_check:
+        _can_check(recipe, storage, study)
     with no_cache_writes():
-        return preview(recipe, Path(run_dir), device, storage=storage, study=study)
+        p = preview(recipe, Path(run_dir), device, storage=storage, study=study)
+    if full_check:
+        check = recipe.full_check()
+        p.full_check = {"run_dir": str(Path(run_dir) / FULL_CHECK), "steps": check.optim.steps,
+                        "expected": expected_total(check)}  # fmt: skip
+    return p
 
 
 def save_text(path: Path, text: str, on_note: Callable[[str], None] | None = None) -> bool:
@@ -105,10 +113,8 @@ def run_sweep(
     (docs/scale-out.md); `execution`: slots and trials per pass (0: chosen by size). `full_check`: then sweep
     full finetuning alone at a quarter of the steps into run_dir/full-check (`Recipe.full_check`), which
     `predict` shows beside a full-finetuning prediction (the summary's `check`)."""
-    if full_check and (storage is not None or study is not None):
-        raise MuaError("--full-check runs in a local run folder; it does not combine with --storage or --study")
-    if full_check and recipe.wants_full:
-        raise MuaError("--full-check is for sweeps without full finetuning; this one measures it (--ranks ...,full)")
+    if full_check:
+        _can_check(recipe, storage, study)
     dev = resolve_device(device)
     if execution is not None and execution.device != dev:
         execution = dataclasses.replace(execution, device=dev)
@@ -120,6 +126,13 @@ def run_sweep(
         summary.check = _run_sweep(check, Path(run_dir) / FULL_CHECK, dev, listener, None, execution, retry_failed)
         summary.full_check_offer = ""
     return summary
+
+
+def _can_check(recipe: Recipe, storage: str | None, study: str | None) -> None:
+    if storage is not None or study is not None:
+        raise MuaError("--full-check runs in a local run folder; it does not combine with --storage or --study")
+    if recipe.wants_full:
+        raise MuaError("--full-check is for sweeps without full finetuning; this one measures it (--ranks ...,full)")
 
 
 def full_check_fit(run_dir: str | Path, on_note: Callable[[str], None] | None = None) -> FitResult | None:

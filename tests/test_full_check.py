@@ -91,3 +91,12 @@ def test_the_check_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(MuaError, match="local run folder"):
         api.run_sweep(Recipe.of(), tmp_path / "b", "cpu", storage=f"sqlite:///{tmp_path}/s.db", full_check=True)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_dry_run_shows_the_checks_plan_and_writes_nothing(tmp_path, micro_recipe_path):
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["sweep", "--recipe", str(micro_recipe_path), "--out", str(out), "--device", "cpu",
+                                   "--dry-run", "--full-check"])  # fmt: skip
+    steps = Recipe.of(**TINY_TEST_RECIPE).full_check().optim.steps
+    assert res.exit_code == 0 and f"full finetuning, {steps} steps each, into {out / api.FULL_CHECK}" in res.stdout
+    assert not out.exists()

@@ -33,6 +33,7 @@ class Preview:
     time_basis: str = ""
     slots: int = 1  # trials side by side (the CPU's worker processes; on a GPU, one per device at least)
     checks: list[str] = field(default_factory=list)
+    full_check: dict | None = None  # `--full-check`: the check's folder, steps a trial and expected trials
 
     def to_dict(self) -> dict:
         from dataclasses import asdict

@@ -127,7 +127,7 @@ def sweep(
         if dry_run:
             from .plan import dry_run_plan
 
-            return dry_run_plan(recipe, out, device, overrides, storage, study, quiet)
+            return dry_run_plan(recipe, out, device, overrides, storage, study, quiet, full_check)
         if device == "cpu" or (device == "auto" and not gpu_device_files()):
             from ..api import start_process_server
 

@@ -6,7 +6,7 @@ from .console import stdout_console
 from .runs import RUNS_DIR
 
 
-def dry_run_plan(recipe, out, device, overrides, storage, study, quiet) -> None:
+def dry_run_plan(recipe, out, device, overrides, storage, study, quiet, full_check=False) -> None:
     """`mua sweep --dry-run`: the checks and the plan, printed; nothing run or written."""
     from ..api import preview_sweep, resolve_device
     from ..spec.data_identity import no_cache_writes
@@ -16,7 +16,7 @@ def dry_run_plan(recipe, out, device, overrides, storage, study, quiet) -> None:
         r = load_recipe(recipe, **(overrides or {}))
         dev = resolve_device(device)
         run_dir = out or RUNS_DIR / f"{r.name}-{r.fingerprint()[:8]}"
-    p = preview_sweep(r, run_dir, dev, storage, study)
+    p = preview_sweep(r, run_dir, dev, storage, study, full_check)
     console = stdout_console(quiet)
     for line in p.checks:
         console.print(f"ok  {line}", markup=False, highlight=False)
@@ -33,5 +33,9 @@ def dry_run_plan(recipe, out, device, overrides, storage, study, quiet) -> None:
         f"{p.seconds_per_trial * max(p.expected - p.stored, 0) / p.slots / 60:.1f} min for the sweep ({p.time_basis})",
         "dry run: nothing was trained or written; drop --dry-run to run it",
     ]
+    if p.full_check:
+        c = p.full_check
+        lines.insert(-1, f"then the full-finetuning check: about {c['expected']} trial(s) of full finetuning, "
+                         f"{c['steps']} steps each, into {c['run_dir']}")  # fmt: skip
     for line in lines:
         console.print(line, markup=False, highlight=False)
