@@ -53,12 +53,12 @@ def hparams(recipe: Recipe, spec: TrialSpec) -> dict:
     return out
 
 
-MAX_CURVE_POINTS = 500
+MAX_CURVE_POINTS = 25  # enough to draw a curve; each point is a row Optuna writes (and reads) one query at a time
 
 
 def intermediate_values(curve: list[float]) -> dict[int, float]:
     """A trial's training loss by step (0-based), as Optuna's intermediate values, so optuna-dashboard draws
-    each trial's curve. At most MAX_CURVE_POINTS steps, evenly spaced, the last always kept; non-finite losses
+    each trial's curve. At most MAX_CURVE_POINTS steps, evenly spaced, and the last; non-finite losses
     (the step a trial diverged) are left out."""
     every = max(1, math.ceil(len(curve) / MAX_CURVE_POINTS))
     steps = [*range(0, len(curve), every), *([len(curve) - 1] if curve and (len(curve) - 1) % every else [])]
