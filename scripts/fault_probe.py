@@ -176,7 +176,9 @@ def _alive(pids: set[int]) -> set[int]:
 def _parent_death(ctx: Context, sig: int) -> tuple[bool, str, int, str]:
     """A sweep with worker processes, stopped by `sig` once its workers run; whether every one of them is gone
     within 20 s of it, and what the sweep said."""
-    recipe = ctx.recipe(steps=400, lrs="2^-12:2^-9", ranks="2,4")
+    # far longer than the wait before the signal on any machine: a sweep that ends first proves nothing (at 400
+    # steps one finished within it on a fast 2-core machine)
+    recipe = ctx.recipe(steps=20000, lrs="2^-12:2^-9", ranks="2,4")
     log = ctx.work / f"sweep-{sig}.log"
     with open(log, "w") as f:
         p = mua("sweep", "--recipe", recipe, "--out", ctx.work / f"run-{sig}", "--device", "cpu", "--workers-per-gpu",
