@@ -157,8 +157,9 @@ def failure(what: str, run: dict) -> str:
 
 
 def profiled(name: str) -> list[str]:
-    """`mua`, or with MUA_BENCH_PROFILE=DIR `mua` under cProfile (its main thread: start-up, planning, storing,
-    waiting on the slots), the stats written to DIR/<name>.prof as the command exits."""
+    """`mua`, or with MUA_BENCH_PROFILE=DIR `mua` under cProfile, the stats written to DIR/<name>.prof as the
+    command exits: the main thread (start-up, planning, storing), and on Python 3.12 and later every thread, the
+    GPU slots' too, whose Python it slows: a profile of where time goes, not a timing."""
     folder = os.environ.get("MUA_BENCH_PROFILE")
     if not folder:
         return MUA

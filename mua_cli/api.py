@@ -187,6 +187,11 @@ def refit(
     return result, save_text(run_dir / "fit.json", json.dumps(result.to_dict(), indent=2, allow_nan=False), on_note)
 
 
+def is_full_target(to: str | int) -> bool:
+    """Whether `--to` names full finetuning ("full-ft", or "full")."""
+    return str(to).strip().lower() in (FULL_TARGET, "full")
+
+
 def predict(
     result: FitResult,
     to: str | int,
@@ -202,7 +207,7 @@ def predict(
     if basis not in CHOICES:
         raise MuaError(f"unknown --basis {basis!r}; choose from {', '.join(CHOICES)}")
     target = str(to).strip().lower()
-    if target in (FULL_TARGET, "full"):
+    if is_full_target(target):
         if regime is not None and get_regime(regime).name != TRANSFER_REGIME:  # get_regime: one line if unknown
             raise MuaError(f"--regime applies to a rank target; full finetuning is predicted from {TRANSFER_REGIME}")
         return predict_full(result, heuristic=heuristic, basis=basis, calibration=calibration, check=check)

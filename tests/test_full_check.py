@@ -83,6 +83,9 @@ def test_sweep_offers_the_check_then_runs_it_and_transfer_shows_it(tmp_path):
     assert shown["inside"] == (pred.lo <= shown["lr"] <= pred.hi)
     out = CliRunner().invoke(app, ["transfer", str(run), "--to", "full-ft", "--json"])
     assert out.exit_code == 0 and json.loads(out.stdout)["evidence"]["full_check"] == shown  # the command finds it
+    (run / api.FULL_CHECK / "trials.db").write_bytes(b"not a database")  # a rank target never reads the check
+    assert CliRunner().invoke(app, ["transfer", str(run), "--to", "16", "--quiet"]).exit_code == 0
+    assert CliRunner().invoke(app, ["transfer", str(run), "--to", "full-ft", "--quiet"]).exit_code == 2
 
 
 def test_the_check_refuses_what_it_cannot_do(tmp_path):

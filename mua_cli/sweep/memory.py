@@ -11,6 +11,7 @@ catches (runner.py).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -115,8 +116,6 @@ def full_fits(trainer) -> bool:
     need = trainer.memory(None).unit(1)
     if trainer.device.startswith("cuda"):
         return need <= usable_bytes(trainer.device)
-    import os
-
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not POSIX: no measure, no offer

@@ -245,7 +245,7 @@ def transfer(
     """
     with user_errors():
         from ..api import fit as fit_of
-        from ..api import full_check_fit, predict
+        from ..api import full_check_fit, is_full_target, predict
         from .report import prediction_panel
 
         # fit.json where it is newer than the trials (fit wrote it), else a fresh fit
@@ -254,7 +254,8 @@ def transfer(
         storage = terminal.own_store(run, storage, study)  # after name_run: not a shared store
         result = fit_of(run_dir, fresh=False, on_note=note, storage=storage, study=study)
         proxy = fit_of(run_folder(calibrate), fresh=False, on_note=note) if calibrate is not None else None
-        check = full_check_fit(run_dir, note) if storage is None and study is None else None
+        local_full = is_full_target(to) and storage is None and study is None  # a rank target reads no check
+        check = full_check_fit(run_dir, note) if local_full else None
         pred = predict(result, to, regime, basis, proxy, heuristic, check)
         if json_out:
             typer.echo(json.dumps(pred.to_dict(), allow_nan=False))
