@@ -21,7 +21,8 @@ from gpu_speed import gemm_seconds, recipe_for, seed_cache
 
 from mua_cli.accel.fused import fuse
 from mua_cli.spec.trial import TrialSpec
-from mua_cli.train.loop import run_batched, run_trial
+from mua_cli.train.batched import run_batched
+from mua_cli.train.loop import run_trial
 from mua_cli.train.workload import load_workload
 
 KINDS = [  # the first pattern a kernel's name matches names its kind (flash kernels' names contain "cutlass")

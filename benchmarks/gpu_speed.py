@@ -380,7 +380,7 @@ def step_times(name: str, steps: int) -> dict:
     graphed with Liger's kernels (K = 1…16), graphed without them (K = 1, 16), eager with them (K = 1, 16).
     Timed from the 10th step on: warm-up and capture excluded."""
     from mua_cli.accel.fused import fuse
-    from mua_cli.train.loop import run_batched
+    from mua_cli.train.batched import run_batched
 
     recipe = recipe_for(name, steps)
     seed_cache(recipe)

@@ -14,7 +14,8 @@ from mua_cli.sweep.sizing import Execution, units
 from mua_cli.sweep.store import load_trials
 from mua_cli.sweep.stream import run_sweep
 from mua_cli.sweep.trainer import Trainer
-from mua_cli.train.loop import run_batched, run_trial
+from mua_cli.train.batched import run_batched
+from mua_cli.train.loop import run_trial
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,12 @@ class FakeRunner:
 
     def __init__(self, device, on_note):
         self.device, self.ran, self.on_note, self.on_step = device, [], on_note, None
+        self.warm = None
         self.made.append(self)
+
+    def keep_warm(self, slots, k, shared=None):
+        self.warm = shared or [f"kept units on {self.device}"]  # a new object for each call without `shared`
+        return self.warm
 
     @classmethod
     def load(cls, recipe, device, on_note=None, graphs=True, fused=True):
@@ -140,7 +146,9 @@ def _pool(recipe, ex, listener, devices):
     """A pool as slots.start makes one: its first trainer loaded before it starts."""
     from mua_cli.sweep.pool import Pool
 
-    return Pool.start(recipe, ex, listener, devices, FakeRunner.load(recipe, devices[0], listener.note))
+    first = FakeRunner.load(recipe, devices[0], listener.note)
+    first.keep_warm(1, 1)
+    return Pool.start(recipe, ex, listener, devices, first)
 
 
 def _all(pool, specs):
@@ -220,6 +228,11 @@ def test_a_slot_that_fails_stops_the_sweep_with_its_error(micro, fake_gpus, monk
         _all(pool, plan(micro))
     pool.close(interrupted=True)
     assert FakeRunner.closed == FakeRunner.made[::-1] and len(FakeRunner.made) == 4  # two slots per GPU
+    by_gpu = {}
+    for r in FakeRunner.made:  # the slots of one GPU keep built units in one place (train/warm.py)
+        by_gpu.setdefault(r.device, set()).add(id(r.warm))
+    assert sorted(by_gpu) == ["cuda:0", "cuda:1"] and all(len(ids) == 1 for ids in by_gpu.values())
+    assert len(set().union(*by_gpu.values())) == 2
 
 
 def test_eager_pool_runs_units_in_this_process_too(micro, fake_gpus, monkeypatch):

@@ -12,7 +12,8 @@ import torch
 from mua_cli.spec.recipe import load_recipe
 from mua_cli.sweep.grid import make_spec
 from mua_cli.sweep.trainer import Trainer
-from mua_cli.train.loop import run_batched, run_trial
+from mua_cli.train.batched import run_batched
+from mua_cli.train.loop import run_trial
 from mua_cli.train.stacked import NotBatchable
 
 KINDS = {

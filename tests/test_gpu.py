@@ -12,7 +12,8 @@ from mua_cli.accel.graphed import Step
 from mua_cli.spec.recipe import load_recipe
 from mua_cli.sweep.grid import make_spec
 from mua_cli.sweep.trainer import Trainer
-from mua_cli.train.loop import run_batched, run_trial
+from mua_cli.train.batched import run_batched
+from mua_cli.train.loop import run_trial
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -69,6 +70,25 @@ def test_graphed_batch_matches_eager_with_a_diverging_trial(micro, runner):
     assert graphed[-1].status == "diverged"
     assert [len(r.loss_curve) for r in graphed[:2]] == [micro.optim.steps] * 2
     for a, b in zip(eager, graphed, strict=True):
+        _same(a, b)
+
+
+def test_a_kept_graphed_unit_replays_what_a_new_one_trains(micro, runner):
+    """A unit kept after its capture (train/warm.py) replays its graph from the first step of the next unit,
+    with another seed and other LRs, one of which diverges: what a newly built graphed unit trains."""
+    from mua_cli.train.warm import WarmUnits
+
+    micro = micro.replace(divergence_factor=1.2)
+    warm = WarmUnits(2**40)
+    first = [make_spec(micro, "B:1", 4, lr, 0) for lr in (2.0**-8, 2.0**-6, 2.0**-5)]
+    run_batched(first, runner.base, runner.data, micro, "cuda:0", graphs=True, warm=warm)
+    then = [make_spec(micro, "B:1", 4, lr, 1) for lr in (2.0**-9, 2.0**-6, 2.0**7)]
+    kept = run_batched(then, runner.base, runner.data, micro, "cuda:0", graphs=True, warm=warm)
+    fresh = run_batched(then, runner.base, runner.data, micro, "cuda:0", graphs=True)
+    warm.clear()
+    assert all(r.info.get("warm_unit") for r in kept) and warm.taken == 1
+    assert kept[-1].status == "diverged" and fresh[-1].status == "diverged"
+    for a, b in zip(fresh[:2], kept[:2], strict=True):
         _same(a, b)
 
 

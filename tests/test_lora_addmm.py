@@ -157,7 +157,8 @@ def test_trials_train_through_the_folded_layers(micro_recipe_path, monkeypatch):
     trials still train."""
     from mua_cli.spec.recipe import load_recipe
     from mua_cli.sweep.trainer import Trainer
-    from mua_cli.train.loop import run_batched, run_trial
+    from mua_cli.train.batched import run_batched
+    from mua_cli.train.loop import run_trial
 
     micro = load_recipe(str(micro_recipe_path))
     runner = Trainer.load(micro, "cpu")

@@ -5,15 +5,17 @@ The step function must read and write only tensors that live as long as the tria
 the optimizer's state, its LRs as device tensors). The first WARMUP steps are real steps run eagerly on a side
 stream (capture needs the allocator, cuBLAS and the optimizer's state warmed up); every later step replays the
 capture. cuBLAS may pick other kernels while capturing, so losses can differ from eager ones around the 5th
-digit (tests/test_gpu.py).
+digit (tests/test_gpu.py). A Step may serve several units of trials (a kept unit, train/warm.py): once
+captured, every step of a later unit, its first too, is a replay.
 
 Several threads may capture, one or two per GPU: a capture uses its own GPU's stream, forbids unsafe CUDA
-calls in its own thread only, and holds CAPTURE (with the warm-up steps and emptying the allocator's cache),
-so that no two threads capture at once on one GPU.
+calls in its own thread only, and holds CAPTURE (with the warm-up steps and, where memory is short, emptying
+the allocator's cache), so that no two threads capture at once on one GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 
@@ -24,6 +26,13 @@ from .attention import GRAPH_SAFE, kernels
 
 WARMUP = 3
 CAPTURE = threading.Lock()
+
+
+SHORT = 0.5  # of the GPU's memory held by this process's allocator, past which a capture first empties its cache
+
+
+def _memory_short(device: torch.device) -> bool:
+    return torch.cuda.memory_reserved(device) > SHORT * torch.cuda.get_device_properties(device).total_memory
 
 
 def empty_cache() -> None:
@@ -78,11 +87,23 @@ class Step:
         for p in params:
             p.grad = None  # so that backward allocates them in the graph's pool
         graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(self.device)
+        # Not torch.cuda.graph: it synchronizes the whole device and empties the allocator's cache before every
+        # capture, so that a slot's capture waited for the other slot's queued steps. This stream needs only
+        # its own thread's work before it; the cache is emptied only where memory is short.
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with CAPTURE:
-                torch.cuda.empty_cache()  # the warm-up's cached activations would otherwise sit beside the graph's
-                with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"), kernels(self.attention):
-                    self.fn()
+                if _memory_short(self.device):
+                    torch.cuda.empty_cache()  # the warm-up's cached activations would sit beside the graph's
+                with torch.cuda.stream(stream), kernels(self.attention):
+                    graph.capture_begin(capture_error_mode="thread_local")
+                    try:
+                        self.fn()
+                    except BaseException:
+                        with contextlib.suppress(RuntimeError):  # the capture's own error must not hide fn's
+                            graph.capture_end()
+                        raise
+                    graph.capture_end()
         except torch.cuda.OutOfMemoryError:
             raise  # the caller splits the batched trials and tries again
         except RuntimeError as e:
@@ -92,6 +113,7 @@ class Step:
             if self.on_note:
                 self.on_note(f"CUDA graph capture failed ({str(e).splitlines()[0]}); this trial runs eagerly")
             return
+        torch.cuda.current_stream(self.device).wait_stream(stream)
         self.graph = graph
 
     def close(self) -> None:

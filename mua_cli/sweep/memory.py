@@ -123,6 +123,20 @@ def full_fits(trainer) -> bool:
     return 2 * need <= ram // 2
 
 
+def warm_capacity(trainer, slots: int, k: int) -> int:
+    """Bytes of built units a GPU may keep idle between units (train/warm.py): what is usable beyond `slots`
+    running units, each beside its slot's base, of up to `k` LoRA trials (or one full-finetuning trial). None
+    on the CPU, whose units are single trials unless asked otherwise."""
+    if not trainer.device.startswith("cuda"):
+        return 0
+    r = trainer.recipe
+    running = [trainer.memory(max(r.lora_ranks)).unit(k)] if r.lora_ranks else []
+    if r.wants_full:
+        running.append(trainer.memory(None).unit(1))
+    base = trainer.memory(None).base
+    return max(0, usable_bytes(trainer.device) - slots * (base + max(running, default=0)))
+
+
 @dataclass
 class Plan:
     slots: int  # per GPU

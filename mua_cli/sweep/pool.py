@@ -223,6 +223,8 @@ class Pool:
                             return
                         slot.trainer = Trainer.load(self.recipe, slot.device, self._note(slot.device),
                                                     self.ex.cuda_graphs, self.ex.fused_kernels)  # fmt: skip
+                        kept = next((t.warm for t in self.trainers if t.device == slot.device), None)
+                        slot.trainer.keep_warm(self.ex.workers_per_gpu, self.k, kept)  # one cache per GPU
                         self.trainers.append(slot.trainer)
                 except Exception as e:  # noqa: BLE001 — this slot takes no units; the others run them
                     self.results.put(("error", slot.device, f"{type(e).__name__}: {e}"))

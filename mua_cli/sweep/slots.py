@@ -71,6 +71,7 @@ def start(recipe: Recipe, ex: Execution, listener, trials: int = 0) -> Inline | 
     # the memory plan, resolved here into explicit settings that every slot then follows
     slots, k = planned(dataclasses.replace(ex, device=devices[0]), recipe, first)
     ex = dataclasses.replace(ex, workers_per_gpu=slots, batch_trials=k)
+    first.keep_warm(slots, k)
     if len(devices) == 1 and slots == 1:
         return Inline(recipe, ex, listener, first)
     return Pool.start(recipe, ex, listener, devices, first)  # which closes `first` if it cannot start
@@ -84,6 +85,7 @@ def _cpu(recipe: Recipe, ex: Execution, listener, first: Trainer, trials: int) -
     keep_freed_memory()
     slots = cpu_slots(ex, recipe, first.n_params, trials)
     if slots == 1:
+        first.keep_warm(1, trials_per_pass(ex, recipe, first.n_params))  # memory.warm_capacity: none by default
         return Inline(recipe, ex, listener, first)
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, before // slots))  # this process's, and each slot process's (pool.slot_process)

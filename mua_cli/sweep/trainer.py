@@ -25,8 +25,10 @@ from ..errors import MuaError
 from ..science.theory import FULL
 from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
-from ..train.loop import run_batched, run_trial
+from ..train.batched import run_batched
+from ..train.loop import run_trial
 from ..train.stacked import NotBatchable
+from ..train.warm import WarmUnits
 from ..train.workload import load_workload
 
 
@@ -115,6 +117,8 @@ class Trainer:
         self._unfuse = unfuse or (lambda: None)
         self.share = gpu_share(device)
         self.batchable = True  # until a unit finds a part of the model that trials cannot share (train/stacked.py)
+        self.warm = WarmUnits()  # built units kept for the next of their shape: none until keep_warm
+        self._unit_bytes: dict[tuple, int] = {}
 
     @classmethod
     def load(cls, recipe: Recipe, device: str, on_note=None, graphs: bool = True, fused: bool = True) -> Trainer:
@@ -130,8 +134,26 @@ class Trainer:
         return cls(recipe, device, work.base, work.task, work.notes, graphs, on_note, unfuse)
 
     def close(self) -> None:
-        """Undoes what fusing the kernels changed beyond this trainer's models (fused.py)."""
+        """Frees the kept units, then undoes what fusing the kernels changed beyond this trainer's models
+        (fused.py)."""
+        self.warm.clear()
         self._unfuse()
+
+    def keep_warm(self, slots: int, k: int, shared: WarmUnits | None = None) -> WarmUnits:
+        """Keeps built units between units (train/warm.py), as many as the memory plan leaves room for beside
+        `slots` running units of up to `k` trials on this device (memory.warm_capacity); `shared`: the kept
+        units of another slot on the same device, used by both."""
+        from .memory import warm_capacity
+
+        self.warm = shared or WarmUnits(warm_capacity(self, slots, k), self._bytes)
+        return self.warm
+
+    def _bytes(self, shape: tuple) -> int:
+        """A kept unit's memory by the estimate (shape: train/loop.py's Batched.shape)."""
+        _, rank, k, _ = shape
+        if (rank, k) not in self._unit_bytes:
+            self._unit_bytes[rank, k] = self.memory(rank).unit(k)
+        return self._unit_bytes[rank, k]
 
     @property
     def n_params(self) -> int:
@@ -205,7 +227,7 @@ class Trainer:
                 if len(unit) == 1:
                     return [self.run(unit[0], graphs, cb.on_step, cb.on_note)]
                 return run_batched(unit, self.base, self.data, self.recipe, self.device, cb.on_step, graphs,
-                                   cb.on_note)  # fmt: skip
+                                   cb.on_note, self.warm)  # fmt: skip
             except torch.cuda.OutOfMemoryError:
                 oom = True
             except NotBatchable as e:
@@ -214,6 +236,7 @@ class Trainer:
                     cb.on_note(f"LoRA trials run one by one: {e}")
                 return None
         if oom:  # out of the except block: the failed step's frames, and the tensors they hold, are gone
+            self.warm.clear()  # the kept units' memory goes first
             gc.collect()
             empty_cache()
         return None

@@ -61,20 +61,28 @@ def init_lora(model: torch.nn.Module, regime: Regime, rank: int | None, seed: in
     `seed`, layer by layer in module order, so the same seed on the same model gives the same tensors (this is
     also `mua_cli.api.apply_regime`). Returns the number of adapted layers.
     """
-    g = torch.Generator(device="cpu").manual_seed(1_000 + seed)
     n = 0
+    for module, a, b in lora_draws(model, regime, rank, seed, adapter):
+        module.lora_A[adapter].weight.copy_(a)
+        module.lora_B[adapter].weight.copy_(b)
+        n += 1
+    return n
+
+
+def lora_draws(model: torch.nn.Module, regime: Regime, rank: int | None, seed: int, adapter: str = "default"):
+    """(layer, A, B) for each adapted layer in module order: the values init_lora sets. A layer whose adapters
+    were stacked for K trials (stacked.py, weights [K, out, in]) gets the one trial's shapes, so that copying
+    them in gives every trial the init a trial alone would have."""
+    g = torch.Generator(device="cpu").manual_seed(1_000 + seed)
     for module in model.modules():
         if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
             continue
-        a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight  # (r, n_in), (n_out, r)
+        a_shape = module.lora_A[adapter].weight.shape[-2:]  # (r, n_in)
+        b_shape = module.lora_B[adapter].weight.shape[-2:]  # (n_out, r)
         if regime.init == "A":
-            a.copy_(torch.randn(a.shape, generator=g) / math.sqrt(a.shape[1]))
-            b.zero_()
+            yield module, torch.randn(a_shape, generator=g) / math.sqrt(a_shape[1]), torch.zeros(b_shape)
         else:
-            a.zero_()
-            b.copy_(torch.randn(b.shape, generator=g) / math.sqrt(rank or a.shape[0]))
-        n += 1
-    return n
+            yield module, torch.zeros(a_shape), torch.randn(b_shape, generator=g) / math.sqrt(rank or a_shape[0])
 
 
 def regime_scaling_errors(model: torch.nn.Module, regime: Regime, alpha0: float, adapter: str = "default") -> list:

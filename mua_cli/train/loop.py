@@ -1,9 +1,9 @@
 """The training loop: where every trial's steps run, one trial alone or several LoRA trials side by side.
 
 `train_steps` is the one loop. It asks a `Trainer` for the rest: one trial's model with torch's AdamW
-(`run_trial`), or K trials that differ only in LR, stacked in one model with a per-trial AdamW (`run_batched`,
-stacked.py). On the CPU it is a plain PyTorch loop; on a GPU the same loop replays each step as a CUDA graph
-(accel.step) and reads the losses every CHECK_EVERY steps, so that the host never waits for the device.
+(`run_trial`), or K trials that differ only in LR, stacked in one model with a per-trial AdamW (batched.py).
+On the CPU it is a plain PyTorch loop; on a GPU the same loop replays each step as a CUDA graph (accel.step)
+and reads the losses every CHECK_EVERY steps, so that the host never waits for the device.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
 from .adapters import head_modules, param_groups, prepare
 from .models import hidden_size
-from .stacked import NotBatchable, StackedAdamW, build, evaluate_stacked, per_trial_loss, repeat
 from .tasks import as_task
 
 CHECK_EVERY = 10  # on a GPU, losses are read (and divergence checked) every this many steps
@@ -68,11 +67,13 @@ class Trainer:
 
 
 def train_steps(t: Trainer, o: Optim, batch_at, device: str, on_step=None, on_note=None,
-                clock: dict | None = None) -> list[list[float]]:  # fmt: skip
+                clock: dict | None = None, step_fn=None) -> list[list[float]]:  # fmt: skip
     """The loop: every step's LR, batch and update; each trial's loss curve, up to the check after the last
     trial diverged (finish() cuts each curve at its own first divergence). `clock`: gets `first_steps_at`, the
-    time the warm-up steps and the capture were done (accel/graphed.py's WARMUP + 1 steps)."""
-    step_fn = accel.step(t.step, t.model, device, t.graphs, on_note)
+    time the warm-up steps and the capture were done (accel/graphed.py's WARMUP + 1 steps). `step_fn`: a step
+    (accel.step) that outlives this loop, with its CUDA graph (Batched); else one made and closed here."""
+    own = step_fn is None
+    step_fn = step_fn or accel.step(t.step, t.model, device, t.graphs, on_note)
     check = 1 if device == "cpu" else CHECK_EVERY
     schedule = lr_lambda(o)
     losses = torch.full((o.steps, t.k), math.nan, device=device)  # stays on the device between checks
@@ -92,7 +93,8 @@ def train_steps(t: Trainer, o: Optim, batch_at, device: str, on_step=None, on_no
                 on_step(step, min(live) if live else curves[0][-1])
             if not live:
                 break
-    step_fn.close()
+    if own:
+        step_fn.close()
     return curves
 
 
@@ -116,12 +118,12 @@ def set_eval(result: TrialResult, eval_loss: float, o: Optim) -> None:
         result.status, result.metric = "diverged", math.inf
 
 
-def _autocast(device: str):
+def bf16_autocast(device: str):
     # autocast's weight-cast cache cannot live across graph replays; the base is bf16 where it matters
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=accel.is_gpu(device), cache_enabled=False)
 
 
-def _failed(e: Exception, n: int, device: str, t0: float) -> list[TrialResult]:
+def failed_results(e: Exception, n: int, device: str, t0: float) -> list[TrialResult]:
     error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
     return [TrialResult("failed", math.nan, wall_time=time.perf_counter() - t0, device=device, error=error)
             for _ in range(n)]  # fmt: skip
@@ -148,7 +150,7 @@ def run_trial(
     except (KeyboardInterrupt, SystemExit, torch.cuda.OutOfMemoryError):
         raise  # out of memory: the runner tries again with less on the GPU (sweep/runner.py)
     except Exception as e:  # a failed trial is stored with its error; the sweep goes on
-        return _failed(e, 1, device, t0)[0]
+        return failed_results(e, 1, device, t0)[0]
 
 
 def _train(spec, base, data, recipe, device, on_step, t0, graphs, on_note) -> TrialResult:
@@ -204,15 +206,15 @@ def _one(model, groups, spec: TrialSpec, task, o: Optim, device: str, graphs: bo
         fused=gpu or None,
         capturable=gpu,
     )
-    params, autocast, fixed = groups.params, _autocast(device), task.fixed_shape
+    params, autocast, fixed = groups.params, bf16_autocast(device), task.fixed_shape
     batch: dict = {}  # a fixed-shape batch is copied into one buffer that a graph can read
     loss_out = torch.zeros(1, device=device)
 
     def load(b) -> None:
         if fixed and "x" in batch:
-            _copy_batch(batch["x"], b)
+            copy_batch(batch["x"], b)
         else:
-            batch["x"] = _clone_batch(b) if fixed else b
+            batch["x"] = clone_batch(b) if fixed else b
 
     def one_step() -> None:
         with autocast:
@@ -240,107 +242,14 @@ def _info(o: Optim, task, groups, head, base) -> dict:
     return info
 
 
-def _clone_batch(batch):
+def clone_batch(batch):
     """A buffer for the step's batch (a tensor or a dict of them) that lives as long as the trial."""
     return {k: v.clone() for k, v in batch.items()} if isinstance(batch, dict) else batch.clone()
 
 
-def _copy_batch(dst, src) -> None:
+def copy_batch(dst, src) -> None:
     if isinstance(dst, dict):
         for k, v in dst.items():
             v.copy_(src[k])
     else:
         dst.copy_(src)
-
-
-# ------------------------------------------------------------------------------------------ batched trials
-
-
-def run_batched(
-    specs: list[TrialSpec],
-    base: torch.nn.Module,
-    task,
-    recipe: Recipe,
-    device: str = "cpu",
-    on_step=None,
-    graphs: bool = True,
-    on_note=None,
-) -> list[TrialResult]:
-    """Train trials that differ only in LR together (stacked.py); any error fails them all (with the error)."""
-    t0 = time.perf_counter()
-    try:
-        return _train_batched(specs, base, task, recipe, device, on_step, t0, graphs, on_note)
-    except (KeyboardInterrupt, SystemExit, torch.cuda.OutOfMemoryError, NotBatchable):
-        raise  # the caller splits the group and tries again, or runs its trials one by one
-    except Exception as e:
-        return _failed(e, len(specs), device, t0)
-
-
-def _train_batched(specs, base, task, recipe, device, on_step, t0, graphs, on_note) -> list[TrialResult]:
-    first, task, o = specs[0], as_task(task), recipe.optim
-    if any((s.regime, s.rank, s.seed) != (first.regime, first.rank, first.seed) for s in specs):
-        raise ValueError("batched trials must share regime, rank and seed")
-    if not task.fixed_shape:
-        raise NotBatchable("the task's batches change shape")
-    k = len(specs)
-    model, params, head_params = build(base, first, recipe, k)
-    model.to(device).train()
-    accel.prepare(model, device, task.unpadded, recipe.data.seq_len)
-    t = _stacked(model, params, head_params, specs, task, o, device, graphs)
-    clock = {"ready_at": time.perf_counter()}
-    curves = train_steps(t, o, task.train_batches(first.seed, o.steps, o.batch_size, device), device, on_step,
-                         on_note, clock)  # fmt: skip
-    clock["steps_at"] = time.perf_counter()
-    results = [finish(c, o, device) for c in curves]
-    if o.metric == "eval" or recipe.data.eval_fraction > 0:
-        scores = evaluate_stacked(model, task, o.batch_size, k, device)
-        for i, r in enumerate(results):
-            if r.status == "ok":
-                set_eval(r, float(scores["loss"][i]), o)
-                if "accuracy" in scores:
-                    r.info["eval_accuracy"] = float(scores["accuracy"][i])
-    wall = (time.perf_counter() - t0) / k
-    n_params = sum(p[0].numel() for p in params + head_params)
-    spent = phases(t0, clock)  # the unit's, not divided among its trials
-    for r in results:
-        r.wall_time = wall
-        r.info = {**r.info, "task": task.kind, "trainable_params": n_params, "batched_with": k, "phases_s": spent,
-                  "base_dtype": str(next(base.parameters()).dtype).replace("torch.", "")}  # fmt: skip
-    return results
-
-
-def _stacked(model, params, head_params, specs, task, o: Optim, device: str, graphs: bool) -> Trainer:
-    """K trials in one model: each its own LR, clip and divergence stop (a stopped trial's LR is 0)."""
-    k = len(specs)
-    opt = StackedAdamW([params, head_params], o)
-    peak = torch.tensor([s.lr for s in specs], device=device, dtype=torch.float32)
-    autocast = _autocast(device)
-    # What a captured step reads and writes lives as long as the trials (accel/graphed.py)
-    batch: dict = {}
-    lr = torch.zeros(k, device=device)
-    head_lr = torch.zeros(k, device=device)
-    loss_out = torch.zeros(k, device=device)
-    alive = torch.ones(k, dtype=torch.bool, device=device)
-    start = torch.full((k,), math.nan, device=device)  # each trial's first loss, set by the first step
-
-    def set_lr(factor: float) -> None:
-        lr.copy_(peak * factor)
-        head_lr.fill_(o.head_lr * factor)
-
-    def load(b) -> None:
-        if "x" in batch:
-            _copy_batch(batch["x"], repeat(b, k))
-        else:
-            batch["x"] = _clone_batch(repeat(b, k))
-
-    def one_step() -> None:
-        with autocast:
-            loss = per_trial_loss(task, model, batch["x"], k)
-        loss_out.copy_(loss.detach())
-        start.copy_(torch.where(start.isnan(), loss_out, start))
-        alive.logical_and_(torch.isfinite(loss_out) & (loss_out <= o.divergence_factor * start))
-        # torch.where, not a product: a stopped trial's NaN × 0 would still be NaN
-        torch.where(alive, loss, torch.zeros_like(loss)).sum().backward()
-        opt.step([lr * alive, head_lr * alive], alive)
-
-    return Trainer(model, opt.params, k, one_step, loss_out, set_lr, load, graphs)

@@ -1,0 +1,66 @@
+"""Built units of batched trials, kept between units of one device for the next unit of the same shape.
+
+Building K stacked trials (peft, the copy of the base, the kernels' preparation) and, on a GPU, running the
+warm-up steps and capturing the step as a CUDA graph cost more than the 100 steps of a small model's unit
+(docs/performance.md). A later unit of the same (regime, rank, K, graphs) takes a kept one, re-initializes it
+in place (loop.Batched.reset: its seed's init, fresh optimizer state, its LRs) and replays the captured step.
+
+What is kept is bounded in bytes (the sweep's memory plan says how many: sweep/memory.py); past that, the unit
+given back longest ago is freed first. Knows units only as objects with `close()`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+
+class WarmUnits:
+    """Idle built units by shape, for any slot of one device (thread-safe). `size(shape)`: a unit's bytes."""
+
+    def __init__(self, capacity: int = 0, size: Callable[[Hashable], int] = lambda shape: 0):
+        self.capacity, self.size = capacity, size
+        self._idle: OrderedDict[tuple, object] = OrderedDict()  # (shape, serial) → unit, least recent first
+        self._held = 0
+        self._serial = 0
+        self._lock = threading.Lock()
+        self.taken = 0  # units handed out again: what the cache saved, counted
+
+    def take(self, shape: Hashable):
+        """An idle unit of `shape` (the caller now owns it), or None."""
+        with self._lock:
+            for key in reversed(self._idle):  # the most recent: its memory is the likeliest still in cache
+                if key[0] == shape:
+                    self._held -= self.size(shape)
+                    self.taken += 1
+                    return self._idle.pop(key)
+        return None
+
+    def give(self, shape: Hashable, unit) -> None:
+        """Keeps `unit` for a later one of its shape, or frees it where it would not fit beside what is kept
+        (what was given back longest ago goes first)."""
+        need, freed = self.size(shape), []
+        with self._lock:
+            if need > self.capacity:
+                freed.append(unit)
+            else:
+                while self._idle and self._held + need > self.capacity:
+                    key, old = self._idle.popitem(last=False)
+                    self._held -= self.size(key[0])
+                    freed.append(old)
+                self._serial += 1
+                self._idle[(shape, self._serial)] = unit
+                self._held += need
+        for u in freed:
+            u.close()
+
+    def clear(self) -> None:
+        """Frees every kept unit (before a retry that needs the memory, and when the sweep ends)."""
+        with self._lock:
+            units, self._idle, self._held = list(self._idle.values()), OrderedDict(), 0
+        for u in units:
+            u.close()
+
+    def __len__(self) -> int:
+        return len(self._idle)

@@ -1,0 +1,128 @@
+"""A built unit of batched trials, kept and reset for the next unit of its shape (train/warm.py), must train
+exactly what a newly built unit trains: other LRs, another seed, after trials that diverged, a classifier's head."""
+
+from __future__ import annotations
+
+import pytest
+import tiny_hf as T
+import torch
+import yaml
+
+from mua_cli.spec.recipe import load_recipe
+from mua_cli.sweep.grid import make_spec
+from mua_cli.sweep.trainer import Trainer
+from mua_cli.train.batched import run_batched
+from mua_cli.train.warm import WarmUnits
+
+BIG = 2**40  # bytes: room for every unit these tests keep
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    from conftest import TINY_TEST_RECIPE
+
+    p = tmp_path_factory.mktemp("recipe") / "micro.yaml"
+    p.write_text(yaml.safe_dump(TINY_TEST_RECIPE))
+    return load_recipe(str(p)).replace(divergence_factor=1.05)
+
+
+def _same(fresh, reused) -> None:
+    assert [r.status for r in reused] == [r.status for r in fresh]
+    for a, b in zip(fresh, reused, strict=True):
+        assert b.loss_curve == a.loss_curve  # bit for bit: the same arithmetic on the same values
+        assert (b.metric, b.eval_loss) == (a.metric, a.eval_loss)
+
+
+@pytest.mark.parametrize("regime,rank", [("A:r", 8), ("B:1", 2)])
+def test_a_kept_unit_trains_what_a_new_one_trains(micro, regime, rank):
+    runner = Trainer.load(micro, "cpu")
+    first = [make_spec(micro, regime, rank, lr, 0) for lr in (2.0**-6, 2.0**-3, 2.0**7)]  # the last diverges
+    then = [make_spec(micro, regime, rank, lr, 1) for lr in (2.0**-9, 2.0**-5, 2.0**-4)]  # another seed, LRs
+    again = [make_spec(micro, regime, rank, lr, 0) for lr in (2.0**-8, 2.0**-7, 2.0**-2)]  # the first seed again
+    warm = WarmUnits(BIG)
+    assert run_batched(first, runner.base, runner.data, micro, "cpu", warm=warm)[-1].status == "diverged"
+    assert len(warm) == 1
+    for specs in (then, again):
+        reused = run_batched(specs, runner.base, runner.data, micro, "cpu", warm=warm)
+        assert all(r.info.get("warm_unit") for r in reused)
+        _same(run_batched(specs, runner.base, runner.data, micro, "cpu"), reused)
+    assert warm.taken == 2 and len(warm) == 1
+
+
+def test_only_a_unit_of_the_same_shape_is_reused(micro):
+    runner = Trainer.load(micro, "cpu")
+    warm = WarmUnits(BIG)
+    run_batched([make_spec(micro, "A:r", 8, lr, 0) for lr in (2.0**-6, 2.0**-5)], runner.base, runner.data, micro,
+                "cpu", warm=warm)  # fmt: skip
+    for regime, rank, n in [("A:r", 8, 3), ("A:r", 2, 2), ("B:1", 8, 2)]:  # another K, rank or regime
+        out = run_batched([make_spec(micro, regime, rank, 2.0**-6 + i * 1e-3, 0) for i in range(n)], runner.base,
+                          runner.data, micro, "cpu", warm=warm)  # fmt: skip
+        assert not any(r.info.get("warm_unit") for r in out)
+    assert warm.taken == 0 and len(warm) == 4
+
+
+def test_a_classifier_head_starts_again_from_the_base(tmp_path):
+    model, data = T.bert(tmp_path / "model"), T.cls_csv(tmp_path / "d.csv")
+    recipe = load_recipe(str(T.recipe_yaml(tmp_path / "r.yaml", model=str(model), data=str(data), task="seq-cls",
+                                           label_field="sentiment")))  # fmt: skip
+    recipe = recipe.replace(steps=8, eval_fraction=0.25)
+    runner = Trainer.load(recipe, "cpu")
+    for m in runner.base.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    runner.data.fixed_shape = True
+    warm = WarmUnits(BIG)
+    run_batched([make_spec(recipe, "B:1", 2, lr, 0) for lr in (2.0**-5, 2.0**-3)], runner.base, runner.data, recipe,
+                "cpu", warm=warm)  # fmt: skip
+    specs = [make_spec(recipe, "B:1", 2, lr, 1) for lr in (2.0**-8, 2.0**-6)]
+    reused = run_batched(specs, runner.base, runner.data, recipe, "cpu", warm=warm)
+    assert reused[0].info.get("warm_unit")
+    _same(run_batched(specs, runner.base, runner.data, recipe, "cpu"), reused)
+    assert reused[0].info["eval_accuracy"] is not None
+
+
+class _Unit:
+    def __init__(self):
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+
+def test_what_is_kept_stays_within_its_bytes_least_recent_freed_first():
+    warm = WarmUnits(capacity=10, size=lambda shape: shape[1])
+    a, b, c, huge = _Unit(), _Unit(), _Unit(), _Unit()
+    warm.give(("a", 4), a)
+    warm.give(("b", 4), b)
+    warm.give(("c", 4), c)  # 12 > 10: a, given back first, goes
+    assert a.closed and not b.closed and not c.closed and len(warm) == 2
+    warm.give(("huge", 11), huge)  # larger than everything allowed: freed at once, nothing else goes
+    assert huge.closed and len(warm) == 2
+    assert warm.take(("b", 4)) is b and warm.take(("b", 4)) is None and warm.taken == 1
+    warm.clear()
+    assert c.closed and len(warm) == 0 and not b.closed  # b is its taker's now
+    assert WarmUnits().take(("b", 4)) is None  # no capacity: nothing is ever kept
+
+
+def test_a_sweep_that_keeps_units_stores_what_one_that_builds_each_stores(micro, tmp_path, monkeypatch):
+    """The whole adaptive sweep (grid, fill, refinements), batched in units of up to 3 trials, once building
+    every unit and once keeping them (as a GPU does; the CPU keeps none by default): the same trials, bit for
+    bit, and some units were taken again."""
+    import math
+
+    from mua_cli.sweep.sizing import Execution
+    from mua_cli.sweep.store import load_trials
+    from mua_cli.sweep.stream import run_sweep
+
+    micro = micro.replace(lrs="2^-9:2^-4", divergence_factor=3.0)
+    ex = Execution("cpu", workers_per_gpu=1, batch_trials=3)
+    run_sweep(micro, tmp_path / "built", "cpu", execution=ex)
+    monkeypatch.setattr("mua_cli.sweep.memory.warm_capacity", lambda trainer, slots, k: BIG)
+    run_sweep(micro, tmp_path / "kept", "cpu", execution=ex)
+    built, kept = (load_trials(tmp_path / n).sort_values("key").reset_index(drop=True) for n in ("built", "kept"))
+    assert list(kept["key"]) == list(built["key"]) and len(built) > 12  # the grid, then what the planner added
+    assert list(kept["status"]) == list(built["status"])
+    same = [a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(built["metric"], kept["metric"], strict=True)]
+    assert all(same)
+    reused = [bool((i or {}).get("warm_unit")) for i in kept["info"]]
+    assert any(reused) and not any(bool((i or {}).get("warm_unit")) for i in built["info"])
