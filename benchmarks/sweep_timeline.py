@@ -76,7 +76,7 @@ def stored_trials(run_dir: Path) -> list[dict]:
                     "batched_with": k, "status": a.get("status"), "regime": t.params.get("regime"),
                     "rank": t.params.get("rank"), "lr": t.params.get("lr"),
                     "slot": a.get("slot", info.get("slot")), "own_start": own is not None,
-                    "phases": info.get("phases_s")})  # fmt: skip
+                    "phases": info.get("phases_s"), "warm": bool(info.get("warm_unit"))})  # fmt: skip
     return sorted(out, key=lambda r: r["start"])
 
 
@@ -168,7 +168,8 @@ def timeline(
 def unit_phases(trials: list[dict]) -> dict:
     """Slot-seconds summed over the units (a batched unit once), by what the unit was doing (loop.phases: build,
     first_steps = warm-up and capture, steps, after = evaluation and results), and per unit size K: how many
-    units and their mean seconds. Units of trials that did not record their phases are counted apart."""
+    units and their mean seconds; `kept`: the units that reused a kept unit's model and graph (train/warm.py).
+    Units of trials that did not record their phases are counted apart."""
     units = {}
     for t in trials:
         units.setdefault((t["device"], round(t["start"], 3), round(t["end"], 3)), t)
@@ -182,7 +183,9 @@ def unit_phases(trials: list[dict]) -> dict:
             continue
         for k, v in t["phases"].items():
             total[k] = total.get(k, 0.0) + float(v)
-    return {"units": len(units), "without_phases": unknown, "slot_s": {k: round(v, 2) for k, v in total.items()},
+    kept = sum(t.get("warm", False) for t in units.values())
+    return {"units": len(units), "kept": kept, "without_phases": unknown,
+            "slot_s": {k: round(v, 2) for k, v in total.items()},
             "by_size": {str(k): {"units": len(v), "mean_s": round(sum(v) / len(v), 2)}
                         for k, v in sorted(by_k.items())}}  # fmt: skip
 
@@ -210,7 +213,7 @@ def render(tl: dict) -> str:
                  + ", ".join(f"{k} {v}" for k, v in tl["idle_s_by_kind"].items()))  # fmt: skip
     u = tl.get("unit_phases_s") or {}
     if u.get("slot_s"):
-        lines.append(f"{u['units']} units, slot-seconds by what they did: "
+        lines.append(f"{u['units']} units ({u.get('kept', 0)} reused a kept one), slot-seconds by what they did: "
                      + ", ".join(f"{k} {v}" for k, v in u["slot_s"].items()))  # fmt: skip
     if u.get("by_size"):
         sizes = [f"K={k}: {v['units']} × {v['mean_s']} s" for k, v in u["by_size"].items()]
