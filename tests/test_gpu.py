@@ -282,7 +282,7 @@ def test_thread_slots_give_the_main_threads_trials(micro, runner, per_gpu):
     specs = plan(micro)  # 2 regimes × 2 ranks × 5 LRs, one trial per unit: the same units both ways
     ref = {s.key: run_trial(s, runner.base, runner.data, micro, "cuda:0") for s in specs}
     notes: list[str] = []
-    listener = SimpleNamespace(note=notes.append)
+    listener = SimpleNamespace(note=notes.append, loss=lambda spec, step, loss: None)
     first = Trainer.load(micro, "cuda:0", notes.append)
     pool = Pool.start(micro, Execution("cuda:0", per_gpu, 1), listener, ["cuda:0"], first)
     try:
