@@ -10,8 +10,8 @@ benchmark takes them all here, at its start, and writes each result into its own
 (ignored by git; `MUA_BENCH_OUT` or `out_dir=` names another folder, e.g. `$OUT` on a lent machine). The files
 kept in git are the few curated baselines in `benchmarks/baselines/` that docs/performance.md cites.
 
-The commit: `git rev-parse HEAD` and whether the tree differs from it; where the tree is a copy without .git (a
-lent machine), `MUA_COMMIT` (and `MUA_DIRTY=1`) say it, else it is "unknown".
+The commit: `MUA_COMMIT` (and `MUA_DIRTY=1`) where set, for a copy of a commit (a lent machine's, which may sit
+inside another checkout); else `git rev-parse HEAD` and whether the tree differs from it, else "unknown".
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ PACKAGES = ("torch", "transformers", "peft", "liger-kernel", "optuna", "numpy", 
 
 
 def git_commit(root: Path = ROOT) -> dict:
-    """The checkout's commit and whether its tracked files differ from it."""
+    """The checkout's commit and whether its tracked files differ from it; `MUA_COMMIT` first where it is set (a
+    copy of a commit inside another checkout would otherwise report that checkout's)."""
+    if os.environ.get("MUA_COMMIT"):
+        return {"commit": os.environ["MUA_COMMIT"], "dirty": os.environ.get("MUA_DIRTY") == "1", "from": "MUA_COMMIT"}
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=20)
         if sha.returncode == 0:
@@ -41,8 +44,6 @@ def git_commit(root: Path = ROOT) -> dict:
             return {"commit": sha.stdout.strip(), "dirty": bool(diff.stdout.strip()), "from": "git"}
     except (OSError, subprocess.SubprocessError):
         pass
-    if os.environ.get("MUA_COMMIT"):
-        return {"commit": os.environ["MUA_COMMIT"], "dirty": os.environ.get("MUA_DIRTY") == "1", "from": "MUA_COMMIT"}
     return {"commit": "unknown", "dirty": None, "from": None}
 
 

@@ -47,13 +47,15 @@ def test_recording_writes_context_and_results(tmp_path):
 
 
 def test_commit_from_the_environment_where_there_is_no_git(tmp_path, monkeypatch):
-    """A lent machine gets a copy of the tree without .git: MUA_COMMIT says which commit it is."""
+    """A lent machine gets a copy of the tree without .git: MUA_COMMIT says which commit it is, first."""
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # git must not find a repo above tmp_path
     monkeypatch.delenv("MUA_COMMIT", raising=False)
     assert record.git_commit(tmp_path)["commit"] == "unknown"
     monkeypatch.setenv("MUA_COMMIT", "abc1234")
     monkeypatch.setenv("MUA_DIRTY", "1")
     assert record.git_commit(tmp_path) == {"commit": "abc1234", "dirty": True, "from": "MUA_COMMIT"}
+    # a copy inside another checkout (the lent machine's copy of this repository): the variable, not that git
+    assert record.git_commit(record.ROOT) == {"commit": "abc1234", "dirty": True, "from": "MUA_COMMIT"}
 
 
 def _store(run_dir: Path, units: list[tuple[str, float, float, int]], t0: datetime.datetime, own=False) -> None:
