@@ -168,7 +168,8 @@ def timeline(
 def unit_phases(trials: list[dict]) -> dict:
     """Slot-seconds summed over the units (a batched unit once), by what the unit was doing (loop.phases: build,
     first_steps = warm-up and capture, steps, after = evaluation and results), and per unit size K: how many
-    units and their mean seconds; `kept`: the units that reused a kept unit's model and graph (train/warm.py).
+    units and their mean seconds; `kept`: the units that reused a kept unit's model and graph (train/warm.py),
+    at most units − `shapes` (the distinct regime, rank and K: each shape's first unit is built).
     Units of trials that did not record their phases are counted apart."""
     units = {}
     for t in trials:
@@ -184,7 +185,8 @@ def unit_phases(trials: list[dict]) -> dict:
         for k, v in t["phases"].items():
             total[k] = total.get(k, 0.0) + float(v)
     kept = sum(t.get("warm", False) for t in units.values())
-    return {"units": len(units), "kept": kept, "without_phases": unknown,
+    shapes = len({(t["regime"], t["rank"], t["batched_with"]) for t in units.values()})  # each one's first is built
+    return {"units": len(units), "shapes": shapes, "kept": kept, "without_phases": unknown,
             "slot_s": {k: round(v, 2) for k, v in total.items()},
             "by_size": {str(k): {"units": len(v), "mean_s": round(sum(v) / len(v), 2)}
                         for k, v in sorted(by_k.items())}}  # fmt: skip
@@ -213,7 +215,8 @@ def render(tl: dict) -> str:
                  + ", ".join(f"{k} {v}" for k, v in tl["idle_s_by_kind"].items()))  # fmt: skip
     u = tl.get("unit_phases_s") or {}
     if u.get("slot_s"):
-        lines.append(f"{u['units']} units ({u.get('kept', 0)} reused a kept one), slot-seconds by what they did: "
+        lines.append(f"{u['units']} units of {u.get('shapes', '?')} shapes ({u.get('kept', 0)} reused a kept one), "
+                     "slot-seconds by what they did: "
                      + ", ".join(f"{k} {v}" for k, v in u["slot_s"].items()))  # fmt: skip
     if u.get("by_size"):
         sizes = [f"K={k}: {v['units']} × {v['mean_s']} s" for k, v in u["by_size"].items()]
