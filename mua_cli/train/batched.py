@@ -141,7 +141,8 @@ class Batched:
 
     @staticmethod
     def shape(first: TrialSpec, k: int, graphs: bool) -> tuple:
-        """What a kept unit must match to be reused (the seed and LRs are reset)."""
+        """What a kept unit must match to be reused (the seed and LRs are reset). Units are kept per trainer, so
+        the recipe, task and base are those it was built with."""
         return first.regime, first.rank, k, graphs
 
     @torch.no_grad()
