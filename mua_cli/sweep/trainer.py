@@ -149,7 +149,7 @@ class Trainer:
         return self.warm
 
     def _bytes(self, shape: tuple) -> int:
-        """A kept unit's memory by the estimate (shape: train/loop.py's Batched.shape)."""
+        """A kept unit's memory by the estimate (shape: train/batched.py's Batched.shape)."""
         _, rank, k, _ = shape
         if (rank, k) not in self._unit_bytes:
             self._unit_bytes[rank, k] = self.memory(rank).unit(k)
