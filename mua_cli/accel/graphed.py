@@ -28,11 +28,14 @@ WARMUP = 3
 CAPTURE = threading.Lock()
 
 
-SHORT = 0.5  # of the GPU's memory held by this process's allocator, past which a capture first empties its cache
+SHORT = 0.5  # of what this process may hold on the GPU, past which a capture first empties the allocator's cache
 
 
 def _memory_short(device: torch.device) -> bool:
-    return torch.cuda.memory_reserved(device) > SHORT * torch.cuda.get_device_properties(device).total_memory
+    """Whether the allocator holds over SHORT of the GPU's memory, or of this process's cap where one is set."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    allowed = torch.cuda.get_device_properties(index).total_memory * torch.cuda.get_per_process_memory_fraction(index)
+    return torch.cuda.memory_reserved(index) > SHORT * allowed
 
 
 def empty_cache() -> None:
