@@ -95,7 +95,7 @@ class Batched:
 
     def __init__(self, base, first: TrialSpec, task, recipe: Recipe, k: int, device: str, graphs: bool):
         o = recipe.optim
-        self.k, self.regime, self.rank = k, get_regime(first.regime), first.rank
+        self.regime, self.rank = get_regime(first.regime), first.rank
         model, params, head_params = build(base, first, recipe, k)
         model.to(device).train()
         accel.prepare(model, device, task.unpadded, recipe.data.seq_len)
