@@ -288,7 +288,7 @@ def test_thread_slots_give_the_main_threads_trials(micro, runner, per_gpu):
     try:
         assert len(pool.slots) == per_gpu and pool.procs == []
         pool.submit(specs)
-        got = dict(pool.next() for _ in specs)
+        got = {spec.key: result for spec, result in (pool.next() for _ in specs)}
     finally:
         pool.close()
     assert sorted(got) == sorted(ref)

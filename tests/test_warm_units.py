@@ -126,3 +126,35 @@ def test_a_sweep_that_keeps_units_stores_what_one_that_builds_each_stores(micro,
     assert all(same)
     reused = [bool((i or {}).get("warm_unit")) for i in kept["info"]]
     assert any(reused) and not any(bool((i or {}).get("warm_unit")) for i in built["info"])
+
+
+def test_a_unit_is_freed_when_dropped_without_the_garbage_collector(micro, monkeypatch):
+    """A unit's K models (on a GPU, and its graph's memory) go as soon as nothing holds the unit: once run where
+    none is kept, and once freed from the kept ones, not at the collector's next full pass, which a GPU whose
+    memory is capped does not wait for."""
+    import gc
+    import weakref
+
+    import mua_cli.train.batched as batched
+
+    models = []
+    build = batched.Batched.__init__
+
+    def tracked(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        models.append(weakref.ref(self.model))
+
+    monkeypatch.setattr(batched.Batched, "__init__", tracked)
+    runner = Trainer.load(micro, "cpu")
+    specs = [make_spec(micro, "B:1", 2, lr, 0) for lr in (2.0**-6, 2.0**-5)]
+    warm = WarmUnits(BIG)
+    gc.collect()
+    gc.disable()
+    try:
+        run_batched(specs, runner.base, runner.data, micro, "cpu")
+        run_batched(specs, runner.base, runner.data, micro, "cpu", warm=warm)
+        assert models[0]() is None and models[1]() is not None  # the kept one lives on
+        warm.clear()
+        assert models[1]() is None
+    finally:
+        gc.enable()

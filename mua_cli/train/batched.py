@@ -109,7 +109,9 @@ class Batched:
         autocast = bf16_autocast(device)
         # What a captured step reads and writes lives as long as this object (accel/graphed.py)
         batch: dict = {}
-        self.peak = torch.zeros(k, device=device)
+        # The closures below read locals, never self: a cycle through self would keep the unit's K models and
+        # its graph's memory alive until the garbage collector's next full pass, long after close()
+        self.peak = peak = torch.zeros(k, device=device)
         lr = torch.zeros(k, device=device)
         head_lr = torch.zeros(k, device=device)
         loss_out = torch.zeros(k, device=device)
@@ -117,7 +119,7 @@ class Batched:
         self.start = start = torch.full((k,), math.nan, device=device)  # each trial's first loss, set by step 1
 
         def set_lr(factor: float) -> None:
-            lr.copy_(self.peak * factor)
+            lr.copy_(peak * factor)
             head_lr.fill_(o.head_lr * factor)
 
         def load(b) -> None:
