@@ -66,18 +66,6 @@ def grid_plan(recipe: Recipe) -> list[TrialSpec]:
     return _specs(recipe, parse_lrs(recipe.sweep.lrs))
 
 
-def half_octave_plan(recipe: Recipe) -> list[TrialSpec]:
-    """The trials `refinement` may add around any interior LR of the grid: where a pass has room for them, the
-    first round's units take them along (stream.Sweep), and a group's refinement then finds them done."""
-    lrs = parse_lrs(recipe.sweep.lrs)
-    out: list[float] = []
-    for lr in lrs[1:-1]:
-        for new in refinement({x: [0.0 if x == lr else 1.0] for x in lrs}):
-            if not _has(out, new):
-                out.append(new)
-    return _specs(recipe, sorted(out))
-
-
 def _specs(recipe: Recipe, lrs: list[float]) -> list[TrialSpec]:
     return [
         make_spec(recipe, reg, rank, lr, seed)

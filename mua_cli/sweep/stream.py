@@ -21,7 +21,7 @@ from ..errors import MuaError
 from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
 from ..train.shapes import rank_limit
-from .grid import grid_plan, half_octave_plan, plan
+from .grid import grid_plan, plan
 from .plan import Planner, expected_total, meta, stored_trial
 from .sizing import FULL_WORK, Execution
 from .store import TrialStore, frame
@@ -251,14 +251,12 @@ class Sweep:
         return len(specs)
 
     def _riders(self, specs: list[TrialSpec]) -> list[TrialSpec]:
-        """With batched passes, the first round's units take along, where they have room, the grid's other LRs
-        (the fill asks for most of them) and then its half-octave LRs (each group's refinement asks for two of
-        them): both then find them done, and a group settles without a unit of its own for either."""
+        """With batched passes, the first round's units take the grid's other LRs along where they have room:
+        the fill asks for most of them, and then finds them done."""
         if not self.recipe.sweep.refine:
             return []
         asked = {s.key for s in specs}
-        spare = [*grid_plan(self.recipe), *half_octave_plan(self.recipe)]
-        return [s for s in spare if s.key not in asked and s.key not in self.done]
+        return [s for s in grid_plan(self.recipe) if s.key not in asked and s.key not in self.done]
 
     def _store(self, spec: TrialSpec, result: TrialResult) -> None:
         self.store.add(spec, result, meta(self.recipe, spec))
