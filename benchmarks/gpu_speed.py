@@ -201,6 +201,14 @@ def mua_answer(recipe_file: Path, run: Path, device: str, flags: list[str], env:
     return out
 
 
+def failed_errors(df) -> dict[str, int]:
+    """Each distinct error of mua's failed trials (its first line, cut short), with how many trials had it."""
+    if "error" not in df:
+        return {}
+    errors = df.loc[df["status"] == "failed", "error"].dropna().astype(str)
+    return errors.map(lambda e: e.splitlines()[0][:200] if e else "").value_counts().to_dict()
+
+
 def mean_by_lr(rows) -> dict:
     """(regime, rank) → LR → the mean metric over seeds (inf: some seed diverged; failed trials left out)."""
     out: dict = {}
@@ -257,7 +265,8 @@ def race(name: str, steps: int, device: str, smoke: bool, flags: list[str]) -> d
         "plain_answer_s": plain_answer, "plain_peak_gib": plain["peak_gib"],
         "mua_trials_per_h": round(trials * 3600 / mua["sweep_s"]), "plain_trials_per_h": round(trials * 3600 / plain_s),
         "x_trials_per_h": round(plain_s / mua["sweep_s"], 2), "x_answer": round(plain_answer / mua["answer_s"], 2),
-        "failed": int((df["status"] == "failed").sum()), "diverged_mua": int((df["status"] == "diverged").sum()),
+        "failed": int((df["status"] == "failed").sum()), "errors": failed_errors(df),
+        "diverged_mua": int((df["status"] == "diverged").sum()),
         "diverged_plain": sum(1 for t in plain["trials"] if t[4] is not None and not math.isfinite(t[4])),
         "batched_with": sorted({i.get("batched_with", 1) for i in infos}),
         "peak_gib_mua": max((i.get("peak_memory_gib", 0) for i in infos), default=None),
@@ -365,6 +374,7 @@ def scaling(name: str, steps: int, flags: list[str], smoke: bool = False) -> dic
             tl = timeline(run, s["start"], s["end"], s["start"] + mua["answer_s"], lines=s["lines"])
             rows.append({"gpus": n, "trials": len(df), "sweep_s": mua["sweep_s"], "answer_s": mua["answer_s"],
                          "answer_lr": mua["answer_lr"], "failed": int((df["status"] == "failed").sum()),
+                         "errors": failed_errors(df),
                          "best_lr": best_lrs([(r["regime"], int(r["rank"]), float(r["lr"]), int(r["seed"]),
                                                float(r["metric"])) for _, r in df.iterrows()]),
                          "devices": tl.get("devices"), "timeline": tl})  # fmt: skip
