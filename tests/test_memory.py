@@ -91,6 +91,30 @@ def test_a_pass_that_does_not_fit_is_split_until_it_does(monkeypatch):
     assert [c[0] for c in runner.calls] == [8, 4, 2, 2, 4, 2, 2]
 
 
+def test_a_pass_that_ran_out_beside_kept_units_runs_again_whole_without_them(monkeypatch):
+    """Kept units (train/warm.py) hold memory a pass may need: freed, the pass runs again whole before it is
+    split, so that keeping units never makes a pass smaller than it would be without them."""
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 0)
+
+    class Keeping(_OomRunner):
+        kept = 1
+
+        def _attempt(self, unit, graphs, alone, cb):
+            if self.kept:  # runs out of memory and frees the kept units, as Trainer._attempt does
+                self.calls.append((len(unit), graphs, alone))
+                self.kept, self.freed_kept = 0, True
+                return None
+            self.freed_kept = False
+            return super()._attempt(unit, graphs, alone, cb)
+
+    runner = Keeping(lambda unit, graphs, alone: len(unit) <= 8)
+    got = runner.run_unit(_specs(8))
+    assert [r.status for r in got] == ["ok"] * 8 and runner.calls == [(8, True, False)] * 2
+    plain = _OomRunner(lambda unit, graphs, alone: len(unit) <= 4)  # nothing kept: split at once
+    plain.run_unit(_specs(8))
+    assert [c[0] for c in plain.calls] == [8, 4, 4]
+
+
 def test_a_single_trial_gets_eager_steps_then_the_gpu_alone(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 0)
     runner = _OomRunner(lambda unit, graphs, alone: alone)

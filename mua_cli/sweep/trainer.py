@@ -1,9 +1,10 @@
 """Trains on one device: the base model and the data loaded once (`Trainer.load`), then one unit of work after another
 (a unit is one trial, or several LoRA trials that differ only in LR and train side by side: train/stacked.py).
 
-Out of GPU memory is never a trial's result. A unit that runs out is split in halves until single trials
-remain; a single trial then runs with eager steps (no graph pool), then with the GPU to itself (the other slots
-on it wait), then eagerly with the GPU to itself. Only a trial that fits in none of these is stored as failed,
+Out of GPU memory is never a trial's result. A unit that runs out while built units are kept (train/warm.py)
+frees them and runs again whole; a unit that runs out otherwise is split in halves until single trials remain;
+a single trial then runs with eager steps (no graph pool), then with the GPU to itself (the other slots on it
+wait), then eagerly with the GPU to itself. Only a trial that fits in none of these is stored as failed,
 with what would fit.
 """
 
@@ -111,6 +112,8 @@ class Trainer:
     """One device's workload, loaded once, and the units it trains. `on_note`: where what it does besides
     training is said; each unit gets its own callbacks (a slot's thread routes them to the main thread)."""
 
+    freed_kept = False  # the last attempt ran out of memory while kept units held some, and freed them
+
     def __init__(self, recipe: Recipe, device: str, base, data, notes, graphs: bool, on_note=None, unfuse=None):
         self.recipe, self.device, self.graphs, self.on_note = recipe, device, graphs, on_note
         self.base, self.data, self.notes = base, data, notes  # data: a task (tasks.py)
@@ -197,6 +200,8 @@ class Trainer:
         if len(unit) > 1 and not self.batchable:
             return [r for spec in unit for r in self._run_unit([spec], cb)]
         out = self._attempt(unit, self.graphs, False, cb)
+        if out is None and self.freed_kept:  # kept units held memory when it ran out: whole again, without them
+            out = self._attempt(unit, self.graphs, False, cb)
         if out is not None and self.device.startswith("cuda") and any(map(clashed, out)):
             if cb.on_note:
                 cb.on_note(f"{unit[0].label}: a CUDA call met another slot's graph capture; it ran again with the "
@@ -235,6 +240,7 @@ class Trainer:
                 if cb.on_note:
                     cb.on_note(f"LoRA trials run one by one: {e}")
                 return None
+        self.freed_kept = oom and len(self.warm) > 0
         if oom:  # out of the except block: the failed step's frames, and the tensors they hold, are gone
             self.warm.clear()  # the kept units' memory goes first
             gc.collect()
