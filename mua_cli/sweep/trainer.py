@@ -226,7 +226,7 @@ class Trainer:
     def _attempt(self, unit: list[TrialSpec], graphs: bool, alone: bool, cb: Callbacks) -> list[TrialResult] | None:
         """The unit's results, or None if it ran out of GPU memory (its memory freed before returning) or cannot
         be batched."""
-        oom = False
+        oom = self.freed_kept = False
         with self.share.alone() if alone else self.share.shared():
             try:
                 if len(unit) == 1:
