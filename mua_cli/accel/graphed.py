@@ -9,13 +9,14 @@ digit (tests/test_gpu.py). A Step may serve several units of trials (a kept unit
 captured, every step of a later unit, its first too, is a replay.
 
 Several threads may capture, one or two per GPU: a capture uses its own GPU's stream, forbids unsafe CUDA
-calls in its own thread only, and holds CAPTURE (with the warm-up steps and, where memory is short, emptying
-the allocator's cache), so that no two threads capture at once on one GPU.
+calls in its own thread only, and holds CAPTURE (with the warm-up steps and, where memory is short, collecting
+garbage and emptying the allocator's cache), so that no two threads capture at once on one GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 from collections.abc import Callable
 
@@ -97,6 +98,7 @@ class Step:
         try:
             with CAPTURE:
                 if _memory_short(self.device):
+                    gc.collect()  # as torch.cuda.graph did: what only a reference cycle still holds goes first
                     torch.cuda.empty_cache()  # the warm-up's cached activations would sit beside the graph's
                 with torch.cuda.stream(stream), kernels(self.attention):
                     graph.capture_begin(capture_error_mode="thread_local")
