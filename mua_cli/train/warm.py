@@ -3,7 +3,7 @@
 Building K stacked trials (peft, the copy of the base, the kernels' preparation) and, on a GPU, running the
 warm-up steps and capturing the step as a CUDA graph cost more than the 100 steps of a small model's unit
 (docs/performance.md). A later unit of the same (regime, rank, K, graphs) takes a kept one, re-initializes it
-in place (loop.Batched.reset: its seed's init, fresh optimizer state, its LRs) and replays the captured step.
+in place (batched.Batched.reset: its seed's init, fresh optimizer state, its LRs) and replays the captured step.
 
 What is kept is bounded in bytes (the sweep's memory plan says how many: sweep/memory.py); past that, the unit
 given back longest ago is freed first. Knows units only as objects with `close()`.
