@@ -254,7 +254,9 @@ class Trainer:
         mem = t.memory(None if spec.regime == FULL else spec.rank)
         usable = usable_bytes(t.device)
         held = torch.cuda.memory_allocated(t.device) / 2**30
+        cached = torch.cuda.memory_reserved(t.device) / 2**30 - held  # graphs' pools, other streams' cache
         error = (f"OutOfMemoryError: one trial alone does not fit on {t.device}, eager or graphed, with the GPU "
                  f"to itself ({mem.describe(1)} estimated, {usable / 2**30:.1f} GiB usable, {held:.2f} GiB held "
-                 f"by this process's models); {what_fits(mem, usable, t.recipe.optim.batch_size)}")  # fmt: skip
+                 f"by this process's models, {cached:.2f} GiB more reserved); "
+                 f"{what_fits(mem, usable, t.recipe.optim.batch_size)}")  # fmt: skip
         return TrialResult("failed", math.nan, device=t.device, error=error)
