@@ -3,12 +3,13 @@ CUDA graph gives the eager step's trials, and a step that cannot be captured run
 
 from __future__ import annotations
 
+import gc
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from mua_cli.accel.graphed import Step
+from mua_cli.accel.graphed import Step, empty_cache
 from mua_cli.spec.recipe import load_recipe
 from mua_cli.sweep.grid import make_spec
 from mua_cli.sweep.trainer import Trainer
@@ -199,6 +200,29 @@ def test_a_step_that_cannot_be_captured_runs_eagerly():
     step.close()
     assert float(x) == 6 and seen == [1, 2, 3, 4, 5, 6]
     assert len(notes) == 1 and "runs eagerly" in notes[0]
+
+
+def test_a_failed_capture_leaves_no_memory_behind():
+    """A capture that fails gives back what it allocated (accel/graphed.py's release_failed_pools where torch
+    does not): else every later unit on the GPU runs short, and a capped sweep fails trials that fit."""
+    gc.collect()
+    empty_cache()
+    before = torch.cuda.memory_reserved(0)
+
+    def fn():
+        x = torch.ones(2**28, device="cuda:0")  # 1 GiB: in the graph's pool while capturing
+        x.sum().item()  # a host sync: not capturable
+
+    step = Step(fn, "cuda:0", True, None)
+    for _ in range(5):
+        step([])
+    assert not step.graphed  # the capture failed and the step ran eagerly
+    del step
+    gc.collect()
+    torch.cuda.empty_cache()
+    print(f"torch's own empty_cache left {(torch.cuda.memory_reserved(0) - before) / 2**30:.2f} GiB")  # -rP
+    empty_cache()
+    assert torch.cuda.memory_reserved(0) - before < 2**28
 
 
 def test_captured_step_attends_without_a_mask_tensor(micro, runner, monkeypatch):

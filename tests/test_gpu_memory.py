@@ -86,8 +86,10 @@ def _all_ok(df, notes, context: str = "") -> None:
     failed = df[df["status"] != "ok"]
     if len(failed):
         errors = "\n".join(sorted(set(failed["error"].dropna().astype(str))))
-        held = (f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated now, "
-                f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB reserved")
+        held = (
+            f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated now, "
+            f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB reserved"
+        )
         raise AssertionError(f"{len(failed)} of {len(df)} trials not ok ({context}; {held}):\n{errors}\n"
                              + "\n".join(notes.lines))  # fmt: skip
 

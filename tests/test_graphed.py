@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from types import SimpleNamespace
 
 import torch
@@ -22,3 +23,33 @@ def test_a_capture_empties_the_cache_only_where_memory_is_short(monkeypatch):
     assert graphed._memory_short(device)  # 30 of a 40 GiB cap
     held["reserved"] = 10 * gib
     assert not graphed._memory_short(device)
+
+
+def test_a_failed_captures_pool_is_released_only_when_left_behind_unused(monkeypatch):
+    """accel/graphed.py: a pool that outlived empty_cache, its graph gone and nothing of it in use, is released
+    once; one whose graph or memory is still in use waits for a later call; one already freed (a torch with
+    pytorch#190348) is not touched again."""
+    segments = [
+        {"device": 0, "segment_pool_id": (0, 7), "allocated_size": 0},  # left behind by a failed capture
+        {"device": 0, "segment_pool_id": (0, 8), "allocated_size": 4096},  # a failed step's tensor still alive
+        {"device": 0, "segment_pool_id": (0, 0), "allocated_size": 0},  # the ordinary cache
+    ]
+    released: list[tuple] = []
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: segments)
+    monkeypatch.setattr(torch._C, "_cuda_releasePool", lambda i, pool: released.append((i, pool)), raising=False)
+
+    class Graph:
+        pass
+
+    graph = Graph()  # a failed capture's graph that something still holds (an exception's frames)
+    gone, alive = (lambda: None), weakref.ref(graph)
+    failed = [(0, (0, 7), gone), (0, (0, 8), gone), (0, (0, 9), gone), (1, (0, 7), gone), (0, (0, 10), alive)]
+    segments.append({"device": 0, "segment_pool_id": (0, 10), "allocated_size": 0})
+    monkeypatch.setattr(graphed, "_FAILED", failed)
+    assert graphed.release_failed_pools() == 1
+    assert released == [(0, (0, 7))]
+    assert [f[1] for f in graphed._FAILED] == [(0, 8), (0, 10)]
+    segments[1]["allocated_size"] = 0
+    del graph
+    assert graphed.release_failed_pools() == 2 and released[1:] == [(0, (0, 8)), (0, (0, 10))]
+    assert graphed._FAILED == []

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import threading
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -32,17 +33,51 @@ CAPTURE = threading.Lock()
 SHORT = 0.5  # of what this process may hold on the GPU, past which a capture first empties the allocator's cache
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _memory_short(device: torch.device) -> bool:
     """Whether the allocator holds over SHORT of the GPU's memory, or of this process's cap where one is set."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(device)
     allowed = torch.cuda.get_device_properties(index).total_memory * torch.cuda.get_per_process_memory_fraction(index)
     return torch.cuda.memory_reserved(index) > SHORT * allowed
 
 
+# Captures that failed, as (device index, pool id, the graph while it lives); appended and read under CAPTURE.
+# Torch builds without pytorch#190348 never give back a failed capture's private pool, and empty_cache cannot
+# free it, so every later unit on that GPU runs short.
+_FAILED: list[tuple[int, tuple[int, int], weakref.ref]] = []
+
+
 def empty_cache() -> None:
-    """torch.cuda.empty_cache, never while another thread captures (it frees cached blocks on every GPU)."""
+    """torch.cuda.empty_cache, never while another thread captures (it frees cached blocks on every GPU), and
+    what failed captures still hold."""
     with CAPTURE:
+        _empty_cache()
+
+
+def _empty_cache() -> None:
+    torch.cuda.empty_cache()
+    if _FAILED and release_failed_pools():
         torch.cuda.empty_cache()
+
+
+def release_failed_pools() -> int:
+    """Releases each failed capture's pool that empty_cache left behind, its graph gone and none of its memory
+    in use: only a reference the failed capture never dropped keeps such a pool (a torch with the fix has freed
+    it already; one whose graph or memory is still in use waits for a later call). How many it released."""
+    segments = torch.cuda.memory_snapshot()
+    released, waiting = 0, []
+    for index, pool, graph in _FAILED:
+        mine = [s for s in segments if s["device"] == index and tuple(s["segment_pool_id"]) == pool]
+        if graph() is not None or any(s["allocated_size"] for s in mine):
+            waiting.append((index, pool, graph))
+        elif mine:
+            torch._C._cuda_releasePool(index, pool)
+            released += 1
+    _FAILED[:] = waiting
+    return released
 
 
 class Step:
@@ -99,16 +134,20 @@ class Step:
             with CAPTURE:
                 if _memory_short(self.device):
                     gc.collect()  # as torch.cuda.graph did: what only a reference cycle still holds goes first
-                    torch.cuda.empty_cache()  # the warm-up's cached activations would sit beside the graph's
+                    _empty_cache()  # the warm-up's cached activations would sit beside the graph's
                 with torch.cuda.stream(stream), kernels(self.attention):
                     graph.capture_begin(capture_error_mode="thread_local")
                     try:
-                        self.fn()
+                        try:
+                            self.fn()
+                        except BaseException:
+                            with contextlib.suppress(RuntimeError):  # the capture's own error must not hide fn's
+                                graph.capture_end()
+                            raise
+                        graph.capture_end()
                     except BaseException:
-                        with contextlib.suppress(RuntimeError):  # the capture's own error must not hide fn's
-                            graph.capture_end()
+                        _FAILED.append((_index(self.device), tuple(graph.pool()), weakref.ref(graph)))
                         raise
-                    graph.capture_end()
         except torch.cuda.OutOfMemoryError:
             raise  # the caller splits the batched trials and tries again
         except RuntimeError as e:
