@@ -50,6 +50,17 @@ def _memory_short(device: torch.device) -> bool:
 _FAILED: list[tuple[int, tuple[int, int], weakref.ref]] = []
 
 
+def _failed(graph: torch.cuda.CUDAGraph, index: int) -> None:
+    pool = tuple(graph.pool())
+    # Torch before pytorch#180395 (2.11 among them) skips ending the pool's capture when capture_end fails, and
+    # while the allocator believes a capture is under way, torch.cuda.empty_cache frees nothing, in any pool.
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    if end is not None:
+        with contextlib.suppress(RuntimeError):  # a torch with the fix ended it already
+            end(index, pool)
+    _FAILED.append((index, pool, weakref.ref(graph)))
+
+
 def empty_cache() -> None:
     """torch.cuda.empty_cache, never while another thread captures (it frees cached blocks on every GPU), and
     what failed captures still hold."""
@@ -146,7 +157,7 @@ class Step:
                             raise
                         graph.capture_end()
                     except BaseException:
-                        _FAILED.append((_index(self.device), tuple(graph.pool()), weakref.ref(graph)))
+                        _failed(graph, _index(self.device))
                         raise
         except torch.cuda.OutOfMemoryError:
             raise  # the caller splits the batched trials and tries again
