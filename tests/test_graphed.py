@@ -53,3 +53,26 @@ def test_a_failed_captures_pool_is_released_only_when_left_behind_unused(monkeyp
     del graph
     assert graphed.release_failed_pools() == 2 and released[1:] == [(0, (0, 8)), (0, (0, 10))]
     assert graphed._FAILED == []
+
+
+def test_a_failed_capture_ends_its_pools_capture_and_is_recorded(monkeypatch):
+    """accel/graphed.py: torch before pytorch#180395 leaves a failed capture's pool marked as being captured,
+    and empty_cache then frees nothing; a torch that ended it already raises, and that is no failure."""
+    ended: list[tuple] = []
+
+    def end(index, pool):
+        ended.append((index, pool))
+        if len(ended) > 1:
+            raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
+
+    class Graph:
+        def pool(self):
+            return (0, 3)
+
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", end, raising=False)
+    monkeypatch.setattr(graphed, "_FAILED", [])
+    graph = Graph()
+    graphed._failed(graph, 1)
+    graphed._failed(graph, 1)
+    assert ended == [(1, (0, 3))] * 2
+    assert [(i, p) for i, p, _ in graphed._FAILED] == [(1, (0, 3))] * 2 and graphed._FAILED[0][2]() is graph
