@@ -52,8 +52,9 @@ _FAILED: list[tuple[int, tuple[int, int], weakref.ref]] = []
 
 def _failed(graph: torch.cuda.CUDAGraph, index: int) -> None:
     pool = tuple(graph.pool())
-    # Torch before pytorch#180395 (2.11 among them) skips ending the pool's capture when capture_end fails, and
-    # while the allocator believes a capture is under way, torch.cuda.empty_cache frees nothing, in any pool.
+    # Torch before pytorch#180395 skips ending the pool's capture when capture_end fails, and while the allocator
+    # believes a capture is under way, torch.cuda.empty_cache frees nothing, in any pool (torch 2.11 on an H200:
+    # docs/performance.md).
     end = getattr(torch._C, "_cuda_endAllocateToPool", None)
     if end is not None:
         with contextlib.suppress(RuntimeError):  # a torch with the fix ended it already
