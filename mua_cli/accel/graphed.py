@@ -57,7 +57,7 @@ def _failed(graph: torch.cuda.CUDAGraph, index: int) -> None:
     # docs/performance.md).
     end = getattr(torch._C, "_cuda_endAllocateToPool", None)
     if end is not None:
-        with contextlib.suppress(RuntimeError):  # a torch with the fix ended it already
+        with contextlib.suppress(RuntimeError, TypeError):  # a torch with the fix ended it already
             end(index, pool)
     _FAILED.append((index, pool, weakref.ref(graph)))
 
@@ -82,12 +82,13 @@ def release_failed_pools() -> int:
     segments = torch.cuda.memory_snapshot()
     released, waiting = 0, []
     for index, pool, graph in _FAILED:
-        mine = [s for s in segments if s["device"] == index and tuple(s["segment_pool_id"]) == pool]
+        mine = [s for s in segments if s["device"] == index and tuple(s.get("segment_pool_id", ())) == pool]
         if graph() is not None or any(s["allocated_size"] for s in mine):
             waiting.append((index, pool, graph))
         elif mine:
-            torch._C._cuda_releasePool(index, pool)
-            released += 1
+            with contextlib.suppress(RuntimeError):  # best effort: a pool torch will not release stays held
+                torch._C._cuda_releasePool(index, pool)
+                released += 1
     _FAILED[:] = waiting
     return released
 
