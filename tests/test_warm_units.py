@@ -3,11 +3,15 @@ exactly what a newly built unit trains: other LRs, another seed, after trials th
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import tiny_hf as T
 import torch
 import yaml
 
+import mua_cli.train.batched as batched
 from mua_cli.spec.recipe import load_recipe
 from mua_cli.sweep.grid import make_spec
 from mua_cli.sweep.trainer import Trainer
@@ -132,11 +136,6 @@ def test_a_unit_is_freed_when_dropped_without_the_garbage_collector(micro, monke
     """A unit's K models (on a GPU, and its graph's memory) go as soon as nothing holds the unit: once run where
     none is kept, and once freed from the kept ones, not at the collector's next full pass, which a GPU whose
     memory is capped does not wait for."""
-    import gc
-    import weakref
-
-    import mua_cli.train.batched as batched
-
     models = []
     build = batched.Batched.__init__
 
