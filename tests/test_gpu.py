@@ -225,6 +225,46 @@ def test_a_failed_capture_leaves_no_memory_behind():
     assert torch.cuda.memory_reserved(0) - before < 2**28
 
 
+def test_a_capture_never_records_another_threads_replays():
+    """accel/graphed.side_stream: one thread replays its captured step on its own stream while another warms
+    up and captures forty steps. Were each capture on a stream made for it, one of them (torch hands out 32
+    streams a priority, round robin) would be the first thread's, and a replay launched there would land in
+    that capture: the first thread's step would run too few times, and the second's replays would run it."""
+    import threading
+
+    x = torch.zeros((), device="cuda:0")
+    own = torch.cuda.Stream("cuda:0")  # as a slot's stream (sweep/pool.py)
+    stop, steps, errors = threading.Event(), [0], []
+
+    def slot() -> None:
+        try:
+            with torch.cuda.stream(own):
+                step = Step(lambda: x.add_(1), "cuda:0", True, None)
+                while not stop.is_set() or steps[0] < 200:
+                    step([])
+                    steps[0] += 1
+                own.synchronize()
+        except BaseException as e:  # noqa: BLE001 — asserted below, in the test's thread
+            errors.append(e)
+
+    thread = threading.Thread(target=slot)
+    thread.start()
+    try:
+        for _ in range(40):
+            y = torch.zeros((), device="cuda:0")
+            step = Step(lambda y=y: y.add_(1), "cuda:0", True, None)
+            for _ in range(6):
+                step([])
+            assert step.graph is not None
+            assert float(y) == 6  # three warm-up steps, then the capture's replay and two more
+            step.close()
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors
+    assert float(x) == steps[0]
+
+
 def test_captured_step_attends_without_a_mask_tensor(micro, runner, monkeypatch):
     # transformers builds an explicit causal mask while a stream captures, and SDPA then cannot use flash
     # attention (attention.py); mua's trial models attend with is_causal and no mask, captured or not.

@@ -66,14 +66,14 @@ def test_a_failed_capture_ends_its_pools_capture_and_is_recorded(monkeypatch):
             raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
 
     class Graph:
-        def pool(self):
-            return (0, 3)
+        def pool(self):  # as torch's: a graph whose capture failed has no pool to say
+            raise RuntimeError("Called CUDAGraph::pool() without a preceding successful capture.")
 
     monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", end, raising=False)
     monkeypatch.setattr(graphed, "_FAILED", [])
     graph = Graph()
-    graphed._failed(graph, 1)
-    graphed._failed(graph, 1)
+    graphed._failed(graph, (0, 3), 1)
+    graphed._failed(graph, [0, 3], 1)
     assert ended == [(1, (0, 3))] * 2
     assert [(i, p) for i, p, _ in graphed._FAILED] == [(1, (0, 3))] * 2 and graphed._FAILED[0][2]() is graph
 
@@ -89,3 +89,28 @@ def test_a_pool_torch_will_not_release_is_left_as_it_is(monkeypatch):
     monkeypatch.setattr(torch._C, "_cuda_releasePool", refuse, raising=False)
     monkeypatch.setattr(graphed, "_FAILED", [(0, (0, 5), lambda: None)])
     assert graphed.release_failed_pools() == 0 and graphed._FAILED == []
+
+
+def test_each_thread_steps_aside_on_one_high_priority_stream_per_gpu(monkeypatch):
+    """accel/graphed.side_stream: made once per thread and GPU, from the pool the slots' own streams are not
+    drawn from. A stream made per unit would, every 32nd, be another slot's (torch hands them out round robin),
+    and that slot's replays would land in this thread's capture."""
+    import threading
+
+    made: list[tuple] = []
+
+    class Stream:
+        def __init__(self, index, priority=0):
+            made.append((index, priority))
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(graphed, "_SIDE", threading.local())
+    gpu0, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    mine = [graphed.side_stream(gpu0) for _ in range(40)]
+    assert all(s is mine[0] for s in mine) and graphed.side_stream(gpu1) is not mine[0]
+    theirs = []
+    t = threading.Thread(target=lambda: theirs.append(graphed.side_stream(gpu0)))
+    t.start()
+    t.join()
+    assert theirs[0] is not mine[0]
+    assert made == [(0, -1), (1, -1), (0, -1)]

@@ -8,9 +8,9 @@ capture. cuBLAS may pick other kernels while capturing, so losses can differ fro
 digit (tests/test_gpu.py). A Step may serve several units of trials (a kept unit, train/warm.py): once
 captured, every step of a later unit, its first too, is a replay.
 
-Several threads may capture, one or two per GPU: a capture uses its own GPU's stream, forbids unsafe CUDA
-calls in its own thread only, and holds CAPTURE (with the warm-up steps and, where memory is short, collecting
-garbage and emptying the allocator's cache), so that no two threads capture at once on one GPU.
+Several threads may capture, one or two per GPU: a capture records on its thread's side stream, forbids unsafe
+CUDA calls in its own thread only, and holds CAPTURE (with the warm-up steps and, where memory is short,
+collecting garbage and emptying the allocator's cache), so that no two threads capture at once on one GPU.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def _memory_short(device: torch.device) -> bool:
 _FAILED: list[tuple[int, tuple[int, int], weakref.ref]] = []
 
 
-def _failed(graph: torch.cuda.CUDAGraph, index: int) -> None:
-    pool = tuple(graph.pool())
+def _failed(graph: torch.cuda.CUDAGraph, pool: tuple[int, int], index: int) -> None:
+    """`pool`: the one the capture began with (a failed graph's pool() raises)."""
+    pool = tuple(pool)
     # Torch before pytorch#180395 skips ending the pool's capture when capture_end fails, and while the allocator
     # believes a capture is under way, torch.cuda.empty_cache frees nothing, in any pool (torch 2.11 on an H200:
     # docs/performance.md).
@@ -93,6 +94,21 @@ def release_failed_pools() -> int:
     return released
 
 
+_SIDE = threading.local()  # per thread, per GPU: where its warm-up steps run and its captures record
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """This thread's side stream on the GPU, for warm-up steps and captures, made once and used only under
+    CAPTURE. Not a new torch.cuda.Stream per unit: torch hands out 32 streams a priority, round robin, so every
+    32nd would be the stream another slot steps on, and that slot's replays, launched while this one captured,
+    would land in the capture. From the high-priority pool, apart from the slots' own streams (sweep/pool.py)."""
+    streams = _SIDE.__dict__.setdefault("by_index", {})
+    index = _index(device)
+    if index not in streams:
+        streams[index] = torch.cuda.Stream(index, priority=-1)
+    return streams[index]
+
+
 class Step:
     """Calls `fn` once per training step: eagerly, or (on a GPU, when `graphs`) by replaying its capture.
     A step that cannot be captured (an op that syncs with the host, say) falls back to eager, with a note.
@@ -122,11 +138,13 @@ class Step:
         if self.graph is not None:
             self.graph.replay()
         elif self.count <= WARMUP:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with CAPTURE, torch.cuda.stream(side), kernels(self.attention):
-                self.fn()
-            torch.cuda.current_stream().wait_stream(side)
+            current = torch.cuda.current_stream(self.device)
+            with CAPTURE:
+                side = side_stream(self.device)
+                side.wait_stream(current)
+                with torch.cuda.stream(side), kernels(self.attention):
+                    self.fn()
+                current.wait_stream(side)
         else:
             self._capture(params)
             if self.graph is not None:
@@ -138,18 +156,20 @@ class Step:
     def _capture(self, params: list[torch.Tensor]) -> None:
         for p in params:
             p.grad = None  # so that backward allocates them in the graph's pool
-        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(self.device)
+        graph, current = torch.cuda.CUDAGraph(), torch.cuda.current_stream(self.device)
+        pool = torch.cuda.graph_pool_handle()  # named here: a graph whose capture failed cannot say its pool
         # Not torch.cuda.graph: it synchronizes the whole device and empties the allocator's cache before every
-        # capture, so that a slot's capture waited for the other slot's queued steps. This stream needs only
-        # its own thread's work before it; the cache is emptied only where memory is short.
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+        # capture, so that a slot's capture waited for the other slot's queued steps. The side stream waits
+        # only for this thread's work; the cache is emptied only where memory is short.
         try:
             with CAPTURE:
                 if _memory_short(self.device):
                     gc.collect()  # as torch.cuda.graph did: what only a reference cycle still holds goes first
                     _empty_cache()  # the warm-up's cached activations would sit beside the graph's
+                stream = side_stream(self.device)
+                stream.wait_stream(current)
                 with torch.cuda.stream(stream), kernels(self.attention):
-                    graph.capture_begin(capture_error_mode="thread_local")
+                    graph.capture_begin(pool=pool, capture_error_mode="thread_local")
                     try:
                         try:
                             self.fn()
@@ -159,8 +179,11 @@ class Step:
                             raise
                         graph.capture_end()
                     except BaseException:
-                        _failed(graph, _index(self.device))
+                        _failed(graph, pool, _index(self.device))
+                        if torch.cuda.is_current_stream_capturing():  # a capture torch could not end: a new stream
+                            _SIDE.by_index.pop(_index(self.device), None)
                         raise
+                current.wait_stream(stream)
         except torch.cuda.OutOfMemoryError:
             raise  # the caller splits the batched trials and tries again
         except RuntimeError as e:
@@ -170,7 +193,6 @@ class Step:
             if self.on_note:
                 self.on_note(f"CUDA graph capture failed ({str(e).splitlines()[0]}); this trial runs eagerly")
             return
-        torch.cuda.current_stream(self.device).wait_stream(stream)
         self.graph = graph
 
     def close(self) -> None:

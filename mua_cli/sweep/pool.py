@@ -233,6 +233,7 @@ class Pool:
                 # the base's copy to the GPU was made on the default stream. Not torch.cuda.synchronize: a
                 # device-wide wait while another thread captures on the same GPU breaks that capture
                 torch.cuda.default_stream(slot.device).synchronize()
+                # priority 0, never a side stream (accel/graphed.side_stream): another slot's capture records there
                 torch.cuda.set_stream(torch.cuda.Stream(slot.device))
             _serve(slot.trainer, self.tasks, self.results, self._stop_point)
         except BaseException as e:  # noqa: BLE001 — raised again by next(), in the main thread
