@@ -251,6 +251,7 @@ def test_a_capture_never_records_another_threads_replays():
     thread.start()
     try:
         for _ in range(40):
+            torch.cuda.Stream("cuda:0")  # as other code may draw: so that no fixed phase of the 32 is skipped
             y = torch.zeros((), device="cuda:0")
             step = Step(lambda y=y: y.add_(1), "cuda:0", True, None)
             for _ in range(6):
