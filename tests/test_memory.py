@@ -8,9 +8,11 @@ import threading
 import time
 from types import SimpleNamespace
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from mua_cli.errors import MuaError
 from mua_cli.spec.recipe import Recipe
 from mua_cli.spec.trial import TrialResult, TrialSpec
 from mua_cli.sweep.memory import GIB, estimate, plan
@@ -145,6 +147,28 @@ def test_a_unit_that_met_another_slots_capture_runs_again_alone(monkeypatch):
     other = Clashing(lambda *a: True)
     got = other.run_unit([_specs(3)[0]])  # failed, but not by a clash: kept, not run again
     assert got[0].status == "failed" and other.calls == [(1, True, False)]
+
+
+def test_a_cuda_error_that_breaks_the_gpu_stops_the_sweep_instead_of_failing_every_trial_after(monkeypatch):
+    """After a device-side assert every later CUDA call in the process fails: the unit is not stored (it runs
+    again on resume) and the sweep stops with one line that says so. A trial's other failures are results."""
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 0)
+    assert_ = ("AcceleratorError: CUDA error: device-side assert triggered\nCUDA kernel errors might be "
+               "asynchronously reported at some other API call")  # fmt: skip
+
+    class Asserting(_OomRunner):
+        error = assert_
+
+        def _attempt(self, unit, graphs, alone, cb):
+            self.calls.append((len(unit), graphs, alone))
+            return [TrialResult("failed", math.nan, device=self.device, error=self.error) for s in unit]
+
+    with pytest.raises(MuaError, match="device-side assert triggered. This process cannot use the GPU") as e:
+        Asserting(lambda *a: True).run_unit(_specs(2))
+    assert "run the same command again to resume" in str(e.value) and "\n" not in str(e.value)
+    other = Asserting(lambda *a: True)
+    other.error = "ValueError: a trial's own failure"
+    assert [r.status for r in other.run_unit(_specs(2))] == ["failed", "failed"]
 
 
 def test_a_trial_that_never_fits_is_failed_with_what_would(monkeypatch):

@@ -177,7 +177,8 @@ class Sweep:
             self.stream(slots, pending)
             self.summary.full_check_offer = self._offer(slots.trainer)
         except BaseException:
-            slots.close(interrupted=True)
+            with contextlib.suppress(Exception):  # a GPU left broken may fail its clean-up: the first error is said
+                slots.close(interrupted=True)
             raise
         slots.close()
         return self.summary

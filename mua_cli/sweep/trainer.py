@@ -101,6 +101,17 @@ def clashed(result: TrialResult) -> bool:
     return result.status == "failed" and any(m in (result.error or "") for m in CAPTURE_CLASH)
 
 
+# CUDA errors after which the process's context on that GPU is unusable: every later call fails as well
+BROKEN = ("device-side assert triggered", "an illegal memory access", "unspecified launch failure",
+          "an illegal instruction", "misaligned address")  # fmt: skip
+
+
+def broken(result: TrialResult) -> str | None:
+    """The error's first line where a trial failed with a CUDA error that breaks the GPU for this process."""
+    error = result.error or ""
+    return error.splitlines()[0] if result.status == "failed" and any(m in error for m in BROKEN) else None
+
+
 class Callbacks(NamedTuple):
     """One unit's: `on_step(step, loss)` as it trains (raising there stops it), `on_note(message)`."""
 
@@ -184,10 +195,14 @@ class Trainer:
 
     def run_unit(self, unit: list[TrialSpec], on_step=None, on_note=None) -> list[TrialResult]:
         """The unit's results, in its order. `on_step(step, loss)`: called as it trains (raising there stops the
-        unit: nothing of it is kept); `on_note`: this unit's notes (the trainer's own where None)."""
+        unit: nothing of it is kept); `on_note`: this unit's notes (the trainer's own where None). A CUDA error that
+        leaves the GPU unusable to this process (BROKEN) stops the sweep with a MuaError, its unit not stored."""
         started = time.time()
         results = self._run_unit(unit, Callbacks(on_step, on_note or self.on_note))
         finished = time.time()
+        if error := next(filter(None, map(broken, results)), None):  # none of the unit is stored: it runs on resume
+            raise MuaError(f"{self.device}: {error}. This process cannot use the GPU any more; the trials stored "
+                           "so far are kept: run the same command again to resume")  # fmt: skip
         for r in results:  # when it ran: a trial that rode along may be stored long after (stream.py)
             r.info["started_at"], r.info["finished_at"] = round(started, 3), round(finished, 3)
         if self.device.startswith("cuda"):  # the GPU's high-water mark so far (every slot on it), stored with the trial
