@@ -4,6 +4,7 @@ CUDA graph gives the eager step's trials, and a step that cannot be captured run
 from __future__ import annotations
 
 import gc
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -230,8 +231,6 @@ def test_a_capture_never_records_another_threads_replays():
     up and captures forty steps. Were each capture on a stream made for it, one of them (torch hands out 32
     streams a priority, round robin) would be the first thread's, and a replay launched there would land in
     that capture: the first thread's step would run too few times, and the second's replays would run it."""
-    import threading
-
     x = torch.zeros((), device="cuda:0")
     own = torch.cuda.Stream("cuda:0")  # as a slot's stream (sweep/pool.py)
     stop, steps, errors = threading.Event(), [0], []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
 from types import SimpleNamespace
 
@@ -95,8 +96,6 @@ def test_each_thread_steps_aside_on_one_high_priority_stream_per_gpu(monkeypatch
     """accel/graphed.side_stream: made once per thread and GPU, from the pool the slots' own streams are not
     drawn from. A stream made per unit would, every 32nd, be another slot's (torch hands them out round robin),
     and that slot's replays would land in this thread's capture."""
-    import threading
-
     made: list[tuple] = []
 
     class Stream:
