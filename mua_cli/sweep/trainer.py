@@ -93,7 +93,8 @@ def gpu_share(device: str) -> GpuShare:
 
 
 # What torch raises in a slot when a CUDA call of its own meets another slot's graph capture on the same GPU
-# (how often it was seen: docs/performance.md): the trial is sound, its moment was not.
+# (how often it was seen: docs/performance.md): the trial is sound, its moment was not. Seen while captures drew
+# streams that could be a slot's own (accel/graphed.side_stream); kept for whatever else may still clash.
 CAPTURE_CLASH = ("during CUDA graph capture", "during capturing stage")
 
 
