@@ -229,8 +229,8 @@ def test_a_failed_capture_leaves_no_memory_behind():
 def test_a_capture_never_records_another_threads_replays():
     """accel/graphed.side_stream: one thread replays its captured step on its own stream while another warms
     up and captures forty steps. Were each capture on a stream made for it, one of them (torch hands out 32
-    streams a priority, round robin) would be the first thread's, and a replay launched there would land in
-    that capture: the first thread's step would run too few times, and the second's replays would run it."""
+    streams a priority, round robin) would be the first thread's, and its replay launched there would meet the
+    capture: it raises, or is recorded into the capture instead of running, and the counts differ."""
     x = torch.zeros((), device="cuda:0")
     own = torch.cuda.Stream("cuda:0")  # as a slot's stream (sweep/pool.py)
     stop, steps, errors = threading.Event(), [0], []

@@ -95,7 +95,7 @@ def test_a_pool_torch_will_not_release_is_left_as_it_is(monkeypatch):
 def test_each_thread_steps_aside_on_one_high_priority_stream_per_gpu(monkeypatch):
     """accel/graphed.side_stream: made once per thread and GPU, from the pool the slots' own streams are not
     drawn from. A stream made per unit would, every 32nd, be another slot's (torch hands them out round robin),
-    and that slot's replays would land in this thread's capture."""
+    and that slot's work would meet this thread's capture."""
     made: list[tuple] = []
 
     class Stream:

@@ -100,8 +100,9 @@ _SIDE = threading.local()  # per thread, per GPU: where its warm-up steps run an
 def side_stream(device: torch.device) -> torch.cuda.Stream:
     """This thread's side stream on the GPU, for warm-up steps and captures, made once and used only under
     CAPTURE. Not a new torch.cuda.Stream per unit: torch hands out 32 streams a priority, round robin, so every
-    32nd would be the stream another slot steps on, and that slot's replays, launched while this one captured,
-    would land in the capture. From the high-priority pool, apart from the slots' own streams (sweep/pool.py)."""
+    32nd would be the stream another slot steps on, and that slot's work, launched while this one captured,
+    would raise or be recorded into the capture instead of running (docs/performance.md). From the
+    high-priority pool, apart from the slots' own streams (sweep/pool.py)."""
     streams = _SIDE.__dict__.setdefault("by_index", {})
     index = _index(device)
     if index not in streams:
