@@ -178,11 +178,19 @@ def save_lines(name: str, run: dict) -> None:
         (Path(folder) / f"{name}.lines.txt").write_text(text)
 
 
+BROKEN_GPU = "This process cannot use the GPU any more"  # sweep/trainer.py's stop after a CUDA error of that kind
+
+
 def mua_answer(recipe_file: Path, run: Path, device: str, flags: list[str], env: dict | None = None) -> dict:
     """`mua sweep`, `mua fit`, `mua transfer --to full-ft`, one after another, timed as a user sees them."""
     name = f"sweep-{run.parent.name}-{run.name}"
-    sweep = command([*profiled(name), "sweep", "--recipe", str(recipe_file), "--out", str(run), "--device", device,
-                     *flags], env)  # fmt: skip
+    args = [*profiled(name), "sweep", "--recipe", str(recipe_file), "--out", str(run), "--device", device, *flags]
+    sweep, resumed = command(args, env), []
+    if sweep["rc"] != 0 and any(BROKEN_GPU in text for _, text in sweep["lines"]):
+        # as its message asks, and as a user would: the same command again, timed from the first one's start
+        resumed.append(failure("mua sweep", sweep))
+        again = command(args, env)
+        sweep = {**again, "start": sweep["start"], "lines": sweep["lines"] + again["lines"]}
     save_lines(name, sweep)
     if sweep["rc"] != 0:
         raise RuntimeError(failure("mua sweep", sweep))
@@ -190,7 +198,8 @@ def mua_answer(recipe_file: Path, run: Path, device: str, flags: list[str], env:
     transfer = command([*MUA, "transfer", str(run), "--to", "full-ft", "--json"], env)
     out = {"sweep": sweep, "sweep_s": round(sweep["end"] - sweep["start"], 2),
            "fit_s": round(fit["end"] - fit["start"], 2), "transfer_s": round(transfer["end"] - transfer["start"], 2),
-           "answer_s": round(transfer["end"] - sweep["start"], 2), "answer_lr": None, "answer_error": None}  # fmt: skip
+           "answer_s": round(transfer["end"] - sweep["start"], 2), "answer_lr": None, "answer_error": None,
+           "resumed": resumed}  # fmt: skip
     if fit["rc"] != 0:
         out["answer_error"] = failure("mua fit", fit)
     elif transfer["rc"] != 0:
@@ -265,7 +274,7 @@ def race(name: str, steps: int, device: str, smoke: bool, flags: list[str]) -> d
         "plain_answer_s": plain_answer, "plain_peak_gib": plain["peak_gib"],
         "mua_trials_per_h": round(trials * 3600 / mua["sweep_s"]), "plain_trials_per_h": round(trials * 3600 / plain_s),
         "x_trials_per_h": round(plain_s / mua["sweep_s"], 2), "x_answer": round(plain_answer / mua["answer_s"], 2),
-        "failed": int((df["status"] == "failed").sum()), "errors": failed_errors(df),
+        "failed": int((df["status"] == "failed").sum()), "errors": failed_errors(df), "mua_resumed": mua["resumed"],
         "diverged_mua": int((df["status"] == "diverged").sum()),
         "diverged_plain": sum(1 for t in plain["trials"] if t[4] is not None and not math.isfinite(t[4])),
         "batched_with": sorted({i.get("batched_with", 1) for i in infos}),

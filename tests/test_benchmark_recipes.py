@@ -159,3 +159,32 @@ def test_timeline_takes_a_trials_own_start(tmp_path):
     assert tl["source"] == "the trials' own started_at"
     assert tl["phases"][0]["to_s"] == 1  # 1 s before what its store time less its wall time says
     assert sweep_timeline.timeline(tmp_path / "run")["trials"] == 2  # the start from recipe.yaml, else the first unit
+
+
+def test_a_sweep_stopped_by_a_broken_gpu_is_resumed_once_and_timed_from_its_first_start(monkeypatch, tmp_path):
+    """gpu_speed.mua_answer: as the stop's message asks and a user would, the same `mua sweep` again, its time
+    counted from the first command's start; any other failure of the sweep ends the race."""
+    calls = []
+
+    def command(args, env=None):
+        calls.append(next(a for a in args if a in ("sweep", "fit", "transfer")))
+        n = len(calls)
+        if calls[-1] == "sweep" and n == 1:
+            line = f"error: cuda:0: CUDA error: device-side assert triggered. {gpu_speed.BROKEN_GPU}; run it again"
+            return {"start": 10.0, "end": 20.0, "rc": 2, "lines": [(19.0, line)]}
+        text = '{"lr": 0.001, "basis": "study-offset"}' if calls[-1] == "transfer" else "ok"
+        return {"start": 10.0 * n + 10, "end": 10.0 * n + 15, "rc": 0, "lines": [(10.0 * n + 14, text)]}
+
+    monkeypatch.setattr(gpu_speed, "command", command)
+    out = gpu_speed.mua_answer(tmp_path / "r.yaml", tmp_path / "run", "cuda:0", [])
+    assert calls == ["sweep", "sweep", "fit", "transfer"]
+    assert out["sweep_s"] == 25.0 and out["answer_s"] == 45.0 and out["answer_lr"] == 0.001  # from 10.0 to 35.0, 55.0
+    assert len(out["resumed"]) == 1 and "device-side assert" in out["resumed"][0]
+    assert len(out["sweep"]["lines"]) == 2
+
+    calls.clear()
+    monkeypatch.setattr(gpu_speed, "command", lambda args, env=None: calls.append(1) or
+                        {"start": 0.0, "end": 1.0, "rc": 2, "lines": [(0.5, "error: no such recipe")]})  # fmt: skip
+    with pytest.raises(RuntimeError, match="no such recipe"):
+        gpu_speed.mua_answer(tmp_path / "r.yaml", tmp_path / "run", "cuda:0", [])
+    assert calls == [1]
