@@ -228,6 +228,12 @@ def mean_by_lr(rows) -> dict:
     return {g: {lr: sum(v) / len(v) for lr, v in by.items()} for g, by in out.items()}
 
 
+def by_lr(rows) -> dict:
+    """mean_by_lr for JSON: so that best LRs that differ can be judged (a flat top, or noise, or a real gap)."""
+    return {g: {f"{lr:.6g}": round(m, 5) if math.isfinite(m) else None for lr, m in sorted(by.items())}
+            for g, by in mean_by_lr(rows).items()}  # fmt: skip
+
+
 def best_lrs(rows) -> dict:
     best = {}
     for group, by in mean_by_lr(rows).items():
@@ -280,6 +286,7 @@ def race(name: str, steps: int, device: str, smoke: bool, flags: list[str]) -> d
         "batched_with": sorted({i.get("batched_with", 1) for i in infos}),
         "peak_gib_mua": max((i.get("peak_memory_gib", 0) for i in infos), default=None),
         "best_lr_mua": bm, "best_lr_plain": bp, "best_lr_within_one_step": within,
+        "metric_by_lr_mua": by_lr(mua_rows), "metric_by_lr_plain": by_lr(plain["trials"]),
         "data": about, "timeline": tl,
     }  # fmt: skip
 

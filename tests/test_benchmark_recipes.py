@@ -23,6 +23,8 @@ import gpu_speed  # noqa: E402
 import record  # noqa: E402
 import sweep_timeline  # noqa: E402
 
+from mua_cli.science.theory import parse_lrs  # noqa: E402
+
 
 @pytest.mark.parametrize("name", sorted(gpu_speed.SHAPES))
 def test_gpu_speed_recipes_validate(name):
@@ -143,11 +145,21 @@ def test_gpu_speed_smoke_race_on_the_cpu(tmp_path):
         assert r["plain_answer_s"] == pytest.approx(r["plain_s"] + r["mua_fit_s"] + r["mua_transfer_s"], abs=0.02)
         assert r["x_answer"] == pytest.approx(r["plain_answer_s"] / r["mua_answer_s"], rel=0.01)
         assert set(r["best_lr_plain"]) == set(r["best_lr_mua"]) == {"B:1 r=4"}
+        for side in ("mua", "plain"):  # the losses behind each best LR, three LRs of the smoke grid
+            losses = r[f"metric_by_lr_{side}"]["B:1 r=4"]
+            assert len(losses) == 3 and float(min(losses, key=losses.get)) == r[f"best_lr_{side}"]["B:1 r=4"]
         tl = r["timeline"]
         assert tl["trials"] == 3 and tl["devices"]["cpu"]["busy_s"] > 0
         assert [p["phase"] for p in tl["phases"]][0] == "start-up" and tl["phases"][-1]["phase"] == "fit + transfer"
     assert races["minilm-text"]["data"]["classes"] == 3
     assert "x_answer" in proc.stdout and str(out) in proc.stdout
+
+
+def test_the_text_classifier_race_centres_its_grid_on_the_optimum_it_found():
+    """minilm-text's optimum sat at 2^-12:2^-5's low edge, where `mua transfer` refuses; its grid is moved down."""
+    lrs = parse_lrs(cls_speed.recipe_for("minilm-text", Path("m"), Path("d.jsonl"), 100, "16").to_dict()["lrs"])
+    assert (min(lrs), max(lrs), len(lrs)) == (2**-15, 2**-8, 8)
+    assert max(parse_lrs(cls_speed.recipe_for("vit-base", Path("m"), Path("d"), 100).to_dict()["lrs"])) == 2**-9
 
 
 def test_timeline_takes_a_trials_own_start(tmp_path):
