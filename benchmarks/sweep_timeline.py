@@ -76,7 +76,8 @@ def stored_trials(run_dir: Path) -> list[dict]:
                     "batched_with": k, "status": a.get("status"), "regime": t.params.get("regime"),
                     "rank": t.params.get("rank"), "lr": t.params.get("lr"), "seed": t.params.get("seed"),
                     "slot": a.get("slot", info.get("slot")), "own_start": own is not None,
-                    "phases": info.get("phases_s"), "warm": bool(info.get("warm_unit"))})  # fmt: skip
+                    "phases": info.get("phases_s"), "warm": bool(info.get("warm_unit")),
+                    "kept_idle": info.get("kept_idle"), "kept_freed": info.get("kept_freed")})  # fmt: skip
     return sorted(out, key=lambda r: r["start"])
 
 
@@ -170,7 +171,9 @@ def unit_phases(trials: list[dict]) -> dict:
     first_steps = warm-up and capture, steps, after = evaluation and results), and per unit size K: how many
     units and their mean seconds; `kept`: the units that reused a kept unit's model and graph (train/warm.py),
     at most units − `shapes` (the distinct regime, rank and K: each shape's first unit is built); `each`: every
-    unit in the order it started, its seconds from the first unit's start.
+    unit in the order it started, its seconds from the first unit's start, and how many kept units were idle
+    when it asked for one and had been freed by then (no room, or memory ran out: why a shape seen before
+    was built again; None where the sweep did not record it).
     Units of trials that did not record their phases are counted apart."""
     units = {}
     for t in trials:
@@ -189,10 +192,12 @@ def unit_phases(trials: list[dict]) -> dict:
     t0 = min((a for _, a, _ in units), default=0.0)
     ordered = sorted(units.items(), key=lambda u: u[0][1])
     each = [[t["device"], t["regime"], t["rank"], t.get("seed"), t["batched_with"], int(t.get("warm", False)),
-             round(a - t0, 2), round(b - t0, 2)] for (_, a, b), t in ordered]  # fmt: skip
+             round(a - t0, 2), round(b - t0, 2), t.get("kept_idle"), t.get("kept_freed")]
+            for (_, a, b), t in ordered]  # fmt: skip
     shapes = len({(t["regime"], t["rank"], t["batched_with"]) for t in units.values()})  # each one's first is built
     return {"units": len(units), "shapes": shapes, "kept": kept, "without_phases": unknown,
-            "each": {"columns": ["device", "regime", "rank", "seed", "k", "kept", "from_s", "to_s"], "rows": each},
+            "each": {"columns": ["device", "regime", "rank", "seed", "k", "kept", "from_s", "to_s", "kept_idle",
+                                 "kept_freed"], "rows": each},  # fmt: skip
             "slot_s": {k: round(v, 2) for k, v in total.items()},
             "by_size": {str(k): {"units": len(v), "mean_s": round(sum(v) / len(v), 2)}
                         for k, v in sorted(by_k.items())}}  # fmt: skip

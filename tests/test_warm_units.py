@@ -48,7 +48,7 @@ def test_a_kept_unit_trains_what_a_new_one_trains(micro, regime, rank):
     assert len(warm) == 1
     for specs in (then, again):
         reused = run_batched(specs, runner.base, runner.data, micro, "cpu", warm=warm)
-        assert all(r.info.get("warm_unit") for r in reused)
+        assert all(r.info.get("warm_unit") and (r.info["kept_idle"], r.info["kept_freed"]) == (1, 0) for r in reused)
         _same(run_batched(specs, runner.base, runner.data, micro, "cpu"), reused)
     assert warm.taken == 2 and len(warm) == 1
 
@@ -101,10 +101,10 @@ def test_what_is_kept_stays_within_its_bytes_least_recent_freed_first():
     warm.give(("c", 4), c)  # 12 > 10: a, given back first, goes
     assert a.closed and not b.closed and not c.closed and len(warm) == 2
     warm.give(("huge", 11), huge)  # larger than everything allowed: freed at once, nothing else goes
-    assert huge.closed and len(warm) == 2
+    assert huge.closed and len(warm) == 2 and warm.freed == 2  # a and huge: counted, so a sweep can say why
     assert warm.take(("b", 4)) is b and warm.take(("b", 4)) is None and warm.taken == 1
     warm.clear()
-    assert c.closed and len(warm) == 0 and not b.closed  # b is its taker's now
+    assert c.closed and len(warm) == 0 and not b.closed and warm.freed == 3  # b is its taker's now
     assert WarmUnits().take(("b", 4)) is None  # no capacity: nothing is ever kept
 
 

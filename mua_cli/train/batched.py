@@ -50,6 +50,8 @@ def _train_batched(specs, base, task, recipe, device, on_step, t0, graphs, on_no
         raise NotBatchable("the task's batches change shape")
     k = len(specs)
     shape = Batched.shape(first, k, graphs)
+    # what the cache held when this unit asked: why a unit of a shape seen before was built again
+    kept = {"kept_idle": len(warm), "kept_freed": warm.freed} if warm is not None else {}
     unit = warm.take(shape) if warm is not None else None
     reused = unit is not None
     try:
@@ -77,7 +79,7 @@ def _train_batched(specs, base, task, recipe, device, on_step, t0, graphs, on_no
     for r in results:
         r.wall_time = wall
         r.info = {**r.info, "task": task.kind, "trainable_params": unit.n_params, "batched_with": k,
-                  "phases_s": spent, "base_dtype": dtype}  # fmt: skip
+                  "phases_s": spent, "base_dtype": dtype, **kept}  # fmt: skip
         if reused:
             r.info["warm_unit"] = True
     if warm is not None:

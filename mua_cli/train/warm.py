@@ -26,6 +26,7 @@ class WarmUnits:
         self._serial = 0
         self._lock = threading.Lock()
         self.taken = 0  # units handed out again: what the cache saved, counted
+        self.freed = 0  # units freed before the sweep's end (no room beside the others, or memory ran out)
 
     def take(self, shape: Hashable):
         """An idle unit of `shape` (the caller now owns it), or None."""
@@ -52,6 +53,7 @@ class WarmUnits:
                 self._serial += 1
                 self._idle[(shape, self._serial)] = unit
                 self._held += need
+            self.freed += len(freed)
         for u in freed:
             u.close()
 
@@ -59,6 +61,7 @@ class WarmUnits:
         """Frees every kept unit (before a retry that needs the memory, and when the sweep ends)."""
         with self._lock:
             units, self._idle, self._held = list(self._idle.values()), OrderedDict(), 0
+            self.freed += len(units)
         for u in units:
             u.close()
 
