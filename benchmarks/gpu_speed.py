@@ -5,7 +5,8 @@
         [--out FILE]
     python benchmarks/gpu_speed.py --scaling [--only 5m,124m] [--steps 300]   # mua on 1, 2, 4 … N GPUs
     python benchmarks/gpu_speed.py --smoke                 # tiny shapes on the CPU: the harness end to end
-    python benchmarks/gpu_speed.py --table FILE.json [FILE.json ...]     # docs/performance.md's tables
+    python benchmarks/gpu_speed.py --table FILE.json [FILE.json ...]     # docs/performance.md's tables (a file: a
+                                                                        # report, or a list of reports)
     MUA_BENCH_PROFILE=DIR python benchmarks/gpu_speed.py ...   # each `mua sweep` under cProfile, into DIR
 
 Each run writes one JSON file, benchmarks/out/gpu_speed-<UTC time>.json (or --out; benchmarks/record.py: the
@@ -758,13 +759,22 @@ def markdown(reports: list[dict]) -> str:
                          f"{r['plain_step_ms']} | {r['mua_step_ms']} | {r['mua_tflops']} "
                          f"({r['mua_mfu_datasheet']:.1%} / {r['mua_mfu_measured_matmul']:.1%}) | "
                          f"{r.get('floor_step_ms')} ({r.get('floor_mfu_datasheet', 0):.0%}) |")  # fmt: skip
-    for r in latest(reports, "scaling"):
-        lines += ["", f"`--scaling`, {r['workload']}, {r['steps']} steps:", "",
-                  "| GPUs | trials | sweep s | × one GPU | answer s | same best LRs | failed |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {x['gpus']} | {x['trials']} | {x['sweep_s']} | {x['x_one_gpu']}× | {x['answer_s']} | "
-                  f"{x['same_best_lrs']} | {x['failed']} |" for x in r["runs"]]  # fmt: skip
+    for report in reports:  # each run's own: runs of one workload are compared with each other (A/B)
+        for r in report.get("scaling", []):
+            lines += ["", f"`--scaling`, {r['workload']}, {r['steps']} steps, at {report.get('commit')}:", "",
+                      "| GPUs | trials | sweep s | start-up s | × one GPU | answer s | units (shapes, kept, ran out) | "
+                      "same best LRs | failed |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            lines += [scaling_row(x) for x in r["runs"]]
     return "\n".join(lines)
+
+
+def scaling_row(x: dict) -> str:
+    tl = x.get("timeline") or {}
+    start = next((p["s"] for p in tl.get("phases", []) if p["phase"] == "start-up"), None)
+    u = tl.get("unit_phases_s") or {}
+    return (f"| {x['gpus']} | {x['trials']} | {x['sweep_s']} | {start} | {x['x_one_gpu']}× | {x['answer_s']} | "
+            f"{u.get('units')} ({u.get('shapes')}, {u.get('kept')}, {u.get('ran_out_beside_kept', '?')}) | "
+            f"{x['same_best_lrs']} | {x['failed']} |")
 
 
 def summary(doc: dict) -> str:
@@ -804,7 +814,8 @@ def main() -> None:
     ap.add_argument("--plain-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.table:
-        reports = [json.loads(Path(f).read_text()) for f in args.table]
+        loaded = [json.loads(Path(f).read_text()) for f in args.table]  # a report, or a list of them (one call's)
+        reports = [r for doc in loaded for r in (doc if isinstance(doc, list) else [doc])]
         new = [r for r in reports if "benchmark" in r]
         old = [r for r in reports if "benchmark" not in r]
         print("\n\n".join([*([legacy_table(old)] if old else []), *([markdown(new)] if new else [])]))

@@ -77,7 +77,8 @@ def stored_trials(run_dir: Path) -> list[dict]:
                     "rank": t.params.get("rank"), "lr": t.params.get("lr"), "seed": t.params.get("seed"),
                     "slot": a.get("slot", info.get("slot")), "own_start": own is not None,
                     "phases": info.get("phases_s"), "warm": bool(info.get("warm_unit")),
-                    "kept_idle": info.get("kept_idle"), "kept_freed": info.get("kept_freed")})  # fmt: skip
+                    "kept_idle": info.get("kept_idle"), "kept_freed": info.get("kept_freed"),
+                    "ran_out": bool(info.get("ran_out_beside_kept"))})  # fmt: skip
     return sorted(out, key=lambda r: r["start"])
 
 
@@ -195,7 +196,9 @@ def unit_phases(trials: list[dict]) -> dict:
              round(a - t0, 2), round(b - t0, 2), t.get("kept_idle"), t.get("kept_freed")]
             for (_, a, b), t in ordered]  # fmt: skip
     shapes = len({(t["regime"], t["rank"], t["batched_with"]) for t in units.values()})  # each one's first is built
-    return {"units": len(units), "shapes": shapes, "kept": kept, "without_phases": unknown,
+    ran_out = sum(t.get("ran_out", False) for t in units.values())  # each of these freed every kept unit
+    return {"units": len(units), "shapes": shapes, "kept": kept, "ran_out_beside_kept": ran_out,
+            "without_phases": unknown,
             "each": {"columns": ["device", "regime", "rank", "seed", "k", "kept", "from_s", "to_s", "kept_idle",
                                  "kept_freed"], "rows": each},  # fmt: skip
             "slot_s": {k: round(v, 2) for k, v in total.items()},

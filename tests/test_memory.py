@@ -112,8 +112,9 @@ def test_a_pass_that_ran_out_beside_kept_units_runs_again_whole_without_them(mon
     runner = Keeping(lambda unit, graphs, alone: len(unit) <= 8)
     got = runner.run_unit(_specs(8))
     assert [r.status for r in got] == ["ok"] * 8 and runner.calls == [(8, True, False)] * 2
+    assert all(r.info.get("ran_out_beside_kept") for r in got)  # recorded: why later units are built again
     plain = _OomRunner(lambda unit, graphs, alone: len(unit) <= 4)  # nothing kept: split at once
-    plain.run_unit(_specs(8))
+    assert not any(r.info.get("ran_out_beside_kept") for r in plain.run_unit(_specs(8)))
     assert [c[0] for c in plain.calls] == [8, 4, 4]
 
 

@@ -218,6 +218,8 @@ class Trainer:
         out = self._attempt(unit, self.graphs, False, cb)
         if out is None and self.freed_kept:  # kept units held memory when it ran out: whole again, without them
             out = self._attempt(unit, self.graphs, False, cb)
+            for r in out or []:  # recorded: every later unit of a shape seen before is built again
+                r.info["ran_out_beside_kept"] = True
         if out is not None and self.device.startswith("cuda") and any(map(clashed, out)):
             if cb.on_note:
                 cb.on_note(f"{unit[0].label}: a CUDA call met another slot's graph capture; it ran again with the "
