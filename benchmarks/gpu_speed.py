@@ -772,9 +772,11 @@ def scaling_row(x: dict) -> str:
     tl = x.get("timeline") or {}
     start = next((p["s"] for p in tl.get("phases", []) if p["phase"] == "start-up"), None)
     u = tl.get("unit_phases_s") or {}
-    return (f"| {x['gpus']} | {x['trials']} | {x['sweep_s']} | {start} | {x['x_one_gpu']}× | {x['answer_s']} | "
-            f"{u.get('units')} ({u.get('shapes')}, {u.get('kept')}, {u.get('ran_out_beside_kept', '?')}) | "
-            f"{x['same_best_lrs']} | {x['failed']} |")
+    return (
+        f"| {x['gpus']} | {x['trials']} | {x['sweep_s']} | {start} | {x['x_one_gpu']}× | {x['answer_s']} | "
+        f"{u.get('units')} ({u.get('shapes')}, {u.get('kept')}, {u.get('ran_out_beside_kept', '?')}) | "
+        f"{x['same_best_lrs']} | {x['failed']} |"
+    )
 
 
 def summary(doc: dict) -> str:
