@@ -114,7 +114,9 @@ class FakeRunner:
         self.made.append(self)
 
     def keep_warm(self, slots, k, shared=None):
-        self.warm = shared or [f"kept units on {self.device}"]  # a new object for each call without `shared`
+        self.warm = (
+            shared if shared is not None else [f"kept units on {self.device}"]
+        )  # a new object for each call without `shared`
         return self.warm
 
     @classmethod

@@ -157,3 +157,13 @@ def test_a_unit_is_freed_when_dropped_without_the_garbage_collector(micro, monke
         assert models[1]() is None
     finally:
         gc.enable()
+
+
+def test_a_slot_shares_its_gpus_kept_units_even_while_none_is_kept(micro):
+    """The second slot on a GPU joins the first's cache when it starts, before any unit is kept: an empty cache
+    is still the one to share (a falsy empty one made each slot its own, so a unit found its shape only when it
+    ran on the slot that built it)."""
+    first, second = Trainer.load(micro, "cpu"), Trainer.load(micro, "cpu")
+    shared = first.keep_warm(2, 3)
+    assert len(shared) == 0 and second.keep_warm(2, 3, shared) is shared
+    assert Trainer.load(micro, "cpu").keep_warm(2, 3) is not shared  # without `shared`: a cache of its own

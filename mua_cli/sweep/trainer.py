@@ -160,7 +160,7 @@ class Trainer:
         units of another slot on the same device, used by both."""
         from .memory import warm_capacity
 
-        self.warm = shared or WarmUnits(warm_capacity(self, slots, k), self._bytes)
+        self.warm = shared if shared is not None else WarmUnits(warm_capacity(self, slots, k), self._bytes)
         return self.warm
 
     def _bytes(self, shape: tuple) -> int:
