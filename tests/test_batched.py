@@ -114,9 +114,8 @@ class FakeRunner:
         self.made.append(self)
 
     def keep_warm(self, slots, k, shared=None):
-        self.warm = (
-            shared if shared is not None else [f"kept units on {self.device}"]
-        )  # a new object for each call without `shared`
+        # a new object for each call without `shared`; an empty shared cache is still the one (trainer.keep_warm)
+        self.warm = shared if shared is not None else [f"kept units on {self.device}"]
         return self.warm
 
     @classmethod

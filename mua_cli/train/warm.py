@@ -26,7 +26,7 @@ class WarmUnits:
         self._serial = 0
         self._lock = threading.Lock()
         self.taken = 0  # units handed out again: what the cache saved, counted
-        self.freed = 0  # units freed before the sweep's end (no room beside the others, or memory ran out)
+        self.freed = 0  # units freed: no room beside the others, memory ran out, or the sweep ended
 
     def take(self, shape: Hashable):
         """An idle unit of `shape` (the caller now owns it), or None."""
