@@ -141,8 +141,10 @@ def timeline(
                "busy_s": {d: r(overlap(busy[d], a, b)) for d in devices},
                "trials_ended": sum(a < t["end"] <= b for t in trials)}  # fmt: skip
         row["idle_s"] = {d: r(length - row["busy_s"][d]) for d in devices}
-        if lines:
-            row["output"] = [text for t, text in lines if a <= t < b][:6]
+        if lines:  # each line with its seconds from `start`; the first four and the last two, so that a phase's
+            # end (what the wind-down waited for, say) shows
+            seen = [f"{t - start:.2f}  {text}" for t, text in lines if a <= t < b]
+            row["output"] = seen if len(seen) <= 6 else [*seen[:4], f"… {len(seen) - 6} more", *seen[-2:]]
         phases.append(row)
     sweep_s = end - start
     per_device = {}
