@@ -105,8 +105,10 @@ def test_timeline_busy_and_idle_by_phase(tmp_path):
     assert "cuda:1" in sweep_timeline.render(tl)
     # the output each phase saw, with its seconds from the start: a long phase keeps its first four and last two
     lines = [(start + 0.5, "loading")] + [(start + 11.2 + i / 100, f"trial {i}") for i in range(8)]
-    out = {p["phase"]: p.get("output") for p in sweep_timeline.timeline(tmp_path / "run", start=start,
-                                                                        end=start + 12, lines=lines)["phases"]}
+    out = {
+        p["phase"]: p.get("output")
+        for p in sweep_timeline.timeline(tmp_path / "run", start=start, end=start + 12, lines=lines)["phases"]
+    }
     assert out["start-up"] == ["0.50  loading"]
     assert out["wind-down"] == ["11.20  trial 0", "11.21  trial 1", "11.22  trial 2", "11.23  trial 3",
                                 "… 2 more", "11.26  trial 6", "11.27  trial 7"]  # fmt: skip
