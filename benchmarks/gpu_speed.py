@@ -269,7 +269,7 @@ def race(name: str, steps: int, device: str, smoke: bool, flags: list[str]) -> d
     bm, bp = best_lrs(mua_rows), best_lrs(plain["trials"])
     within = all(bm.get(g) and v and abs(math.log2(bm[g] / v)) <= 1 for g, v in bp.items())
     infos = [i for i in df["info"] if isinstance(i, dict)] if "info" in df else []
-    startup = next((p["s"] for p in tl.get("phases", []) if p["phase"] == "start-up"), None)
+    startup = phase_seconds(tl, "start-up")
     return {
         "workload": name, "params_M": plain["params_M"], "trials": trials, "steps": recipe.optim.steps,
         "batch": recipe.optim.batch_size, "seq_len": recipe.data.seq_len,
@@ -737,8 +737,8 @@ def markdown(reports: list[dict]) -> str:
     if rows := latest(reports, "races"):
         lines += ["", "| workload | params | trials × steps | mua sweep s | plain s | trials/h mua / plain | ratio | "
                   "mua answer s (fit + transfer) | plain answer s | ratio | start-up s mua / plain | trial work × | "
-                  "ceiling × | device busy | failed | best LR ±1 step |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "ceiling × | device busy | failed | best LR ±1 step | mua's mean s a unit, K: built / reused | "
+                  "mua's wind-down s |", "|---" * 18 + "|"]  # fmt: skip
         for r in rows:
             busy = ", ".join(f"{v['busy_share']:.0%}" for v in r["timeline"].get("devices", {}).values()
                              if v.get("busy_share") is not None)  # fmt: skip
@@ -748,7 +748,9 @@ def markdown(reports: list[dict]) -> str:
                 f"{r['plain_s']} | {r['mua_trials_per_h']} / {r['plain_trials_per_h']} | **{r['x_trials_per_h']}×** | "
                 f"{r['mua_answer_s']} ({r['mua_fit_s']} + {r['mua_transfer_s']}) | {r['plain_answer_s']} | "
                 f"**{r['x_answer']}×** | {r['mua_startup_s']} / {outside} | {work}× | {ceiling}× | {busy} | "
-                f"{r['failed']} | {r['best_lr_within_one_step']} |"
+                f"{r['failed']} | {r['best_lr_within_one_step']} | "
+                f"{unit_seconds(r['timeline'].get('unit_phases_s') or {})} | "
+                f"{phase_seconds(r['timeline'], 'wind-down')} |"
             )
     if rows := latest(reports, "mfu"):
         lines += ["", "| one LoRA trial | rank | tokens/step | TFLOP/step | plain ms/step | mua ms/step | mua TFLOP/s "
@@ -763,20 +765,41 @@ def markdown(reports: list[dict]) -> str:
         for r in report.get("scaling", []):
             lines += ["", f"`--scaling`, {r['workload']}, {r['steps']} steps, at {report.get('commit')}:", "",
                       "| GPUs | trials | sweep s | start-up s | × one GPU | answer s | units (shapes, kept, ran out) | "
-                      "same best LRs | failed |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                      "mean s a unit, K: built / reused | same best LRs | failed |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
             lines += [scaling_row(x) for x in r["runs"]]
     return "\n".join(lines)
 
 
 def scaling_row(x: dict) -> str:
     tl = x.get("timeline") or {}
-    start = next((p["s"] for p in tl.get("phases", []) if p["phase"] == "start-up"), None)
+    start = phase_seconds(tl, "start-up")
     u = tl.get("unit_phases_s") or {}
     return (
         f"| {x['gpus']} | {x['trials']} | {x['sweep_s']} | {start} | {x['x_one_gpu']}× | {x['answer_s']} | "
         f"{u.get('units')} ({u.get('shapes')}, {u.get('kept')}, {u.get('ran_out_beside_kept', '?')}) | "
-        f"{x['same_best_lrs']} | {x['failed']} |"
+        f"{unit_seconds(u)} | {x['same_best_lrs']} | {x['failed']} |"
     )
+
+
+def phase_seconds(tl: dict, name: str) -> float | None:
+    """A timeline phase's seconds (sweep_timeline.timeline), None where it has none of that name."""
+    return next((p["s"] for p in tl.get("phases", []) if p["phase"] == name), None)
+
+
+def unit_seconds(u: dict) -> str:
+    """Mean seconds of a unit by its K, those built and those that reused a kept unit, from the timeline's
+    per-unit rows (sweep_timeline.unit_phases): `K: built / reused`, '–' where there were none."""
+    each = u.get("each") or {}
+    cols = each.get("columns", [])
+    if not {"k", "kept", "from_s", "to_s"} <= set(cols):
+        return "?"
+    spans: dict[tuple[int, int], list[float]] = {}
+    for row in each.get("rows", []):
+        r = dict(zip(cols, row, strict=False))
+        spans.setdefault((r["k"], r["kept"]), []).append(r["to_s"] - r["from_s"])
+    mean = lambda k, kept: f"{sum(v) / len(v):.2f}" if (v := spans.get((k, kept))) else "–"  # noqa: E731
+    return ", ".join(f"{k}: {mean(k, 0)} / {mean(k, 1)}" for k in sorted({k for k, _ in spans}, reverse=True))
 
 
 def summary(doc: dict) -> str:

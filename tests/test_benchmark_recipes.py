@@ -209,3 +209,11 @@ def test_a_sweep_stopped_by_a_broken_gpu_is_resumed_once_and_timed_from_its_firs
     with pytest.raises(RuntimeError, match="no such recipe"):
         gpu_speed.mua_answer(tmp_path / "r.yaml", tmp_path / "run", "cuda:0", [])
     assert calls == [1]
+
+
+def test_scaling_table_gives_each_unit_size_its_mean_seconds_built_and_reused():
+    cols = ["device", "regime", "rank", "seed", "k", "kept", "from_s", "to_s", "kept_idle", "kept_freed"]
+    rows = [["cuda:0", "A:r", 4, 0, 8, 0, 0.0, 4.0, 0, 0], ["cuda:0", "A:r", 4, 0, 2, 0, 4.0, 6.0, 1, 0],
+            ["cuda:0", "B:1", 4, 0, 2, 0, 4.0, 7.0, 1, 0], ["cuda:0", "A:r", 4, 1, 2, 1, 7.0, 7.5, 3, 0]]  # fmt: skip
+    assert gpu_speed.unit_seconds({"each": {"columns": cols, "rows": rows}}) == "8: 4.00 / –, 2: 2.50 / 0.50"
+    assert gpu_speed.unit_seconds({}) == "?"  # a timeline from before units were listed
