@@ -724,8 +724,9 @@ def work_ratios(r: dict) -> tuple[float | None, float | None, float]:
 
 
 def markdown(reports: list[dict]) -> str:
-    """docs/performance.md's tables, from this script's JSON outputs (record.py's), in the order given; a later
-    report's row of a workload replaces an earlier one's."""
+    """docs/performance.md's tables, from this script's JSON outputs (record.py's), in the order given: for races
+    and one-trial MFU a later report's row of a workload replaces an earlier one's; every scaling run is kept,
+    so that runs of one workload (an A/B) stand side by side."""
     lines = ["Runs (commit, date, machine, command):", ""]
     for r in reports:
         m, v = r["machine"], r["versions"]
