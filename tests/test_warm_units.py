@@ -111,7 +111,8 @@ def test_what_is_kept_stays_within_its_bytes_least_recent_freed_first():
 def test_a_sweep_that_keeps_units_stores_what_one_that_builds_each_stores(micro, tmp_path, monkeypatch):
     """The whole adaptive sweep (grid, fill, refinements), batched in units of up to 3 trials, once building
     every unit and once keeping them (as a GPU does; the CPU keeps none by default): the same trials, bit for
-    bit, and some units were taken again."""
+    bit (a lone trial up to rounding: where units are kept it runs as a unit of one), and some units were taken
+    again."""
     import math
 
     from mua_cli.sweep.sizing import Execution
@@ -126,8 +127,10 @@ def test_a_sweep_that_keeps_units_stores_what_one_that_builds_each_stores(micro,
     built, kept = (load_trials(tmp_path / n).sort_values("key").reset_index(drop=True) for n in ("built", "kept"))
     assert list(kept["key"]) == list(built["key"]) and len(built) > 12  # the grid, then what the planner added
     assert list(kept["status"]) == list(built["status"])
-    same = [a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(built["metric"], kept["metric"], strict=True)]
-    assert all(same)
+    lone = [(i or {}).get("batched_with") is None for i in built["info"]]
+    assert any(lone)  # a lone trial runs on its own where none is kept, as a kept unit of one where units are
+    for a, b, alone in zip(built["metric"], kept["metric"], lone, strict=True):  # bit for bit, but up to rounding
+        assert a == pytest.approx(b, rel=1e-4, nan_ok=True) if alone else (a == b or math.isnan(a) and math.isnan(b))
     reused = [bool((i or {}).get("warm_unit")) for i in kept["info"]]
     assert any(reused) and not any(bool((i or {}).get("warm_unit")) for i in built["info"])
 
@@ -167,3 +170,26 @@ def test_a_slot_shares_its_gpus_kept_units_even_while_none_is_kept(micro):
     shared = first.keep_warm(2, 3)
     assert len(shared) == 0 and second.keep_warm(2, 3, shared) is shared
     assert Trainer.load(micro, "cpu").keep_warm(2, 3) is not shared  # without `shared`: a cache of its own
+
+
+def test_a_lone_trial_runs_as_a_kept_unit_of_one_where_units_are_kept(micro):
+    """Where built units are kept (a GPU), a one-trial unit runs batched, is kept and is reset for the next lone
+    trial of its rank, and trains what the trial trains on its own; where none is kept (the CPU by default), and
+    for full finetuning, it runs on its own as before."""
+    from mua_cli.train.loop import run_trial
+
+    runner = Trainer.load(micro, "cpu")
+    specs = [make_spec(micro, "B:1", 2, lr, seed) for lr, seed in ((2.0**-6, 0), (2.0**-8, 1), (2.0**7, 0))]
+    alone = [run_trial(s, runner.base, runner.data, micro, "cpu") for s in specs]
+    assert [r.status for r in alone] == ["ok", "ok", "diverged"]
+    unkept = runner.run_unit(specs[:1])[0]
+    assert "batched_with" not in unkept.info and unkept.loss_curve == alone[0].loss_curve
+    runner.warm = WarmUnits(BIG)
+    ran = [runner.run_unit([s])[0] for s in specs]
+    assert [r.info["batched_with"] for r in ran] == [1, 1, 1]
+    assert [bool(r.info.get("warm_unit")) for r in ran] == [False, True, True] and len(runner.warm) == 1
+    for a, b in zip(alone, ran, strict=True):
+        assert b.status == a.status and len(b.loss_curve) == len(a.loss_curve)
+        assert b.loss_curve == pytest.approx(a.loss_curve, rel=1e-4, abs=1e-4)
+    full = runner.run_unit([make_spec(micro, "full", 0, 2.0**-8, 0)])[0]
+    assert full.status == "ok" and "batched_with" not in full.info and len(runner.warm) == 1

@@ -28,7 +28,7 @@ from ..spec.recipe import Recipe
 from ..spec.trial import TrialResult, TrialSpec
 from ..train.batched import run_batched
 from ..train.loop import run_trial
-from ..train.stacked import NotBatchable
+from ..train.stacked import NotBatchable, can_batch
 from ..train.warm import WarmUnits
 from ..train.workload import load_workload
 
@@ -247,7 +247,7 @@ class Trainer:
         oom = self.freed_kept = False
         with self.share.alone() if alone else self.share.shared():
             try:
-                if len(unit) == 1:
+                if len(unit) == 1 and not self._keeps(unit[0]):
                     return [self.run(unit[0], graphs, cb.on_step, cb.on_note)]
                 return run_batched(unit, self.base, self.data, self.recipe, self.device, cb.on_step, graphs,
                                    cb.on_note, self.warm)  # fmt: skip
@@ -257,13 +257,22 @@ class Trainer:
                 self.batchable = False
                 if cb.on_note:
                     cb.on_note(f"LoRA trials run one by one: {e}")
-                return None
-        self.freed_kept = oom and len(self.warm) > 0
+                if len(unit) > 1:
+                    return None
+        if not oom:  # a lone trial that the batched path turned away: now it runs on its own
+            return self._attempt(unit, graphs, alone, cb)
+        self.freed_kept = len(self.warm) > 0
         if oom:  # out of the except block: the failed step's frames, and the tensors they hold, are gone
             self.warm.clear()  # the kept units' memory goes first
             gc.collect()
             empty_cache()
         return None
+
+    def _keeps(self, spec: TrialSpec) -> bool:
+        """Whether a one-trial unit runs as a batched unit of one, which is kept and reused (a GPU keeps built
+        units: memory.warm_capacity) instead of being built, warmed up and captured again, as a trial run on
+        its own is each time. A batched trial trains what it would alone, up to rounding (train/stacked.py)."""
+        return self.warm.capacity > 0 and self.batchable and can_batch(spec, self.recipe)
 
     def _too_big(self, spec: TrialSpec) -> TrialResult:
         from .memory import usable_bytes, what_fits
