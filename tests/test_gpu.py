@@ -94,6 +94,25 @@ def test_a_kept_graphed_unit_replays_what_a_new_one_trains(micro, runner):
         _same(a, b)
 
 
+def test_a_lone_trial_as_a_kept_unit_of_one_trains_what_it_trains_alone(micro, runner):
+    """Where a GPU keeps built units, a one-trial unit runs batched (sweep/trainer.py): built and captured once,
+    then reset and replayed for the next lone trial, another seed and LR; each trains what it trains alone."""
+    from mua_cli.train.warm import WarmUnits
+
+    specs = [make_spec(micro, "B:1", 4, lr, seed) for lr, seed in ((2.0**-7, 0), (2.0**-6, 1))]
+    alone = [run_trial(s, runner.base, runner.data, micro, "cuda:0", graphs=True) for s in specs]
+    warm, runner.warm = runner.warm, WarmUnits(2**40)
+    try:
+        ran = [runner.run_unit([s])[0] for s in specs]
+        assert runner.warm.taken == 1 and [r.info.get("batched_with") for r in ran] == [1, 1]
+    finally:
+        runner.warm.clear()
+        runner.warm = warm
+    for a, b in zip(alone, ran, strict=True):
+        assert a.status == "ok", a.error
+        _same(a, b)
+
+
 def test_graphed_sweep_of_the_embedded_default_matches_eager():
     """The embedded default's B:1 r=4 grid, whose high LRs go unstable mid-run: with cuDNN attention inside the
     graph, trials that eager steps finish ended in NaN (graphed.py); every status and optimum must agree."""
