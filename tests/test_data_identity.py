@@ -140,3 +140,22 @@ def test_a_changed_setting_is_named(data_dir):
     assert recipe.pin_mismatch(old, "runs/x") is None
     other = recipe.replace(steps=7)
     assert "other settings (steps 6 → 7)" in other.pin_mismatch(old, "runs/x")
+
+
+def test_a_sweep_works_out_its_datas_identity_once_not_per_trial(data_dir, monkeypatch):
+    """Each stored trial carries its data's identity, which for a folder stats and hashes its every file: worked
+    out per trial, it held an image classifier's sweep 0.35 s a trial. The count does not grow with the trials."""
+    import mua_cli.spec.recipe as recipe_module
+
+    calls = []
+    monkeypatch.setattr(recipe_module, "data_identity", lambda spec: calls.append(spec) or di.data_identity(spec))
+    counts = []
+    for i, (lrs, trials) in enumerate((("2^-8:2^-6", 3), ("2^-8:2^-3", 6))):
+        p = _recipe(data_dir, "data/train.txt")
+        p.write_text(yaml.safe_dump({**yaml.safe_load(p.read_text()), "lrs": lrs}))
+        calls.clear()
+        res = _sweep("--recipe", p, "--out", f"runs/count{i}")
+        assert res.exit_code == 0, res.output
+        assert f"ran {trials} trial(s)" in res.output
+        counts.append(len(calls))
+    assert counts[0] == counts[1] > 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +101,15 @@ class Recipe:
         content (data_identity.py), so that an edited file makes new trials and two spellings of one file do not."""
         flat = self.flat()
         out = {k: flat[k] for k in OUTCOME_KEYS}
-        out["data"] = data_identity(self.data.source)
+        out["data"] = self.data_id
         return out
+
+    @cached_property
+    def data_id(self) -> str:
+        """The data's identity (data_identity.py), worked out once per recipe: every trial's key and stored
+        record carries it, and for a local folder it stats and hashes the folder's every file. A recipe names
+        its data as it was when first asked; a recipe loaded again reads it again."""
+        return data_identity(self.data.source)
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.outcome_fields(), sort_keys=True, default=str)
