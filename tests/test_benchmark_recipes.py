@@ -217,3 +217,12 @@ def test_scaling_table_gives_each_unit_size_its_mean_seconds_built_and_reused():
             ["cuda:0", "B:1", 4, 0, 2, 0, 4.0, 7.0, 1, 0], ["cuda:0", "A:r", 4, 1, 2, 1, 7.0, 7.5, 3, 0]]  # fmt: skip
     assert gpu_speed.unit_seconds({"each": {"columns": cols, "rows": rows}}) == "8: 4.00 / –, 2: 2.50 / 0.50"
     assert gpu_speed.unit_seconds({}) == "?"  # a timeline from before units were listed
+
+
+def test_store_add_times_the_recipe_part_without_touching_the_users_hash_cache(tmp_path, monkeypatch):
+    import store_add
+
+    monkeypatch.setenv("MUA_CACHE", str(tmp_path / "mine"))
+    row = store_add.recipe_part_ms(files=12, calls=2)
+    assert row["data_files"] == 12 and row["identity_afresh_ms"] > 0 and row["outcome_fields_kept_ms"] > 0
+    assert os.environ["MUA_CACHE"] == str(tmp_path / "mine") and not (tmp_path / "mine").exists()
