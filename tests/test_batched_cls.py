@@ -70,3 +70,18 @@ def test_padded_per_batch_runs_one_by_one(tmp_path):
     got = runner.run_unit(specs)
     assert [r.metric for r in got] == pytest.approx([runner.run(s).metric for s in specs], rel=1e-6)
     assert not runner.batchable and sum("one by one" in n for n in notes) == 1
+
+
+def test_a_lone_trial_the_batched_path_turns_away_runs_on_its_own(tmp_path):
+    """Where units are kept, a lone trial tries the batched path (sweep/trainer.py); batches that change shape
+    turn it away, and it runs on its own at once, with the serial path's result, said once."""
+    from mua_cli.train.warm import WarmUnits
+
+    runner, recipe = _runner("bert", tmp_path)
+    notes = []
+    runner.on_note, runner.warm = notes.append, WarmUnits(2**40)
+    spec = make_spec(recipe, "A:r", 2, 2.0**-6, 0)
+    got = runner.run_unit([spec])[0]
+    assert got.status == "ok" and "batched_with" not in got.info
+    assert got.metric == pytest.approx(runner.run(spec).metric, rel=1e-6)
+    assert not runner.batchable and sum("one by one" in n for n in notes) == 1 and len(runner.warm) == 0
