@@ -262,10 +262,10 @@ class Trainer:
         if not oom:  # a lone trial that the batched path turned away: now it runs on its own
             return self._attempt(unit, graphs, alone, cb)
         self.freed_kept = len(self.warm) > 0
-        if oom:  # out of the except block: the failed step's frames, and the tensors they hold, are gone
-            self.warm.clear()  # the kept units' memory goes first
-            gc.collect()
-            empty_cache()
+        # out of the except block: the failed step's frames, and the tensors they hold, are gone
+        self.warm.clear()  # the kept units' memory goes first
+        gc.collect()
+        empty_cache()
         return None
 
     def _keeps(self, spec: TrialSpec) -> bool:
