@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -55,30 +56,22 @@ def recipe_part_ms(files: int, calls: int) -> dict:
     from mua_cli.spec import data_identity as di
     from mua_cli.spec.recipe import Recipe
 
-    with tempfile.TemporaryDirectory() as d:
-        old_cache = os.environ.get("MUA_CACHE")
-        os.environ["MUA_CACHE"] = str(Path(d) / "cache")  # the user's hash cache left alone
-        try:
-            folder = Path(d) / "images"
-            for i in range(files):
-                sub = folder / f"class{i % 2}"
-                sub.mkdir(parents=True, exist_ok=True)
-                (sub / f"{i:05d}.png").write_bytes(os.urandom(2048))
-            recipe = Recipe.of(data=str(folder))
-            recipe.outcome_fields()  # hashes every file once; later calls hit the cache
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                di.data_identity(str(folder))
-            afresh = (time.perf_counter() - t0) / calls * 1000
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                recipe.outcome_fields()
-            kept = (time.perf_counter() - t0) / calls * 1000
-        finally:
-            if old_cache is None:
-                os.environ.pop("MUA_CACHE", None)
-            else:
-                os.environ["MUA_CACHE"] = old_cache
+    with tempfile.TemporaryDirectory() as d, mock.patch.dict(os.environ, {"MUA_CACHE": str(Path(d) / "cache")}):
+        folder = Path(d) / "images"  # the hash cache above is this call's: the user's is left alone
+        for i in range(files):
+            sub = folder / f"class{i % 2}"
+            sub.mkdir(parents=True, exist_ok=True)
+            (sub / f"{i:05d}.png").write_bytes(os.urandom(2048))
+        recipe = Recipe.of(data=str(folder))
+        recipe.outcome_fields()  # hashes every file once; later calls hit the cache
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            di.data_identity(str(folder))
+        afresh = (time.perf_counter() - t0) / calls * 1000
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            recipe.outcome_fields()
+        kept = (time.perf_counter() - t0) / calls * 1000
     return {"data_files": files, "calls": calls, "identity_afresh_ms": round(afresh, 2),
             "outcome_fields_kept_ms": round(kept, 3)}  # fmt: skip
 
