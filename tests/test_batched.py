@@ -118,6 +118,8 @@ class FakeRunner:
         self.warm = shared if shared is not None else [f"kept units on {self.device}"]
         return self.warm
 
+    def size_kept(self, slots, k): ...
+
     @classmethod
     def load(cls, recipe, device, on_note=None, graphs=True, fused=True):
         if device in cls.broken:

@@ -90,6 +90,7 @@ class Timed:
     with its start and end, per slot."""
 
     log: list = []
+    room: dict = {}  # device → the (slots, K) its kept units were last given room beside (Trainer.size_kept)
     n_params = 5_000_000
     notes: tuple = ()
     has_dropout = False
@@ -100,6 +101,9 @@ class Timed:
 
     def keep_warm(self, slots, k, shared=None):
         return shared
+
+    def size_kept(self, slots, k):
+        self.room[self.device] = (slots, k)  # one cache per GPU, as the slots of a real one share
 
     @classmethod
     def load(cls, recipe, device, on_note=None, graphs=True, fused=True):
@@ -116,7 +120,7 @@ class Timed:
         started = time.time()
         time.sleep(sum(10 * self.LORA_S if s.regime == "full" else self.LORA_S for s in unit))
         finished = time.time()
-        self.log.append((self.device, [s.key for s in unit], started, finished))
+        self.log.append((self.device, [s.key for s in unit], started, finished, self.room.get(self.device)))
         info = {"started_at": started, "finished_at": finished}
         return [TrialResult("ok", 1.0, device=self.device, info=dict(info)) for _ in unit]
 
@@ -151,7 +155,7 @@ def test_units_of_unequal_cost_spread_over_the_gpus_costliest_first(micro_recipe
     finally:
         pool.close()
     assert sorted(s.key for s, _ in done) == sorted(s.key for s in specs)
-    ends = {d: max(e for dd, _, _, e in Timed.log if dd == d) for d in ("cuda:0", "cuda:1")}
+    ends = {d: max(e for dd, _, _, e, _ in Timed.log if dd == d) for d in ("cuda:0", "cuda:1")}
     per_gpu = {d: sum(1 for dd, *_ in Timed.log if dd == d) for d in ends}
     assert min(per_gpu.values()) >= 1 and sum(per_gpu.values()) == 11
     # 0.4 s of work each: a slot ends late by at most its last LoRA unit (0.04 s) and a shared machine's noise
@@ -206,3 +210,30 @@ def test_a_group_is_split_over_the_idle_gpus(micro_recipe_path, monkeypatch, gpu
     finally:
         pool.close()
     assert len({d for d, keys, *_ in Timed.log if len(keys) == 2}) >= 2  # taken by whichever slots were free
+
+
+def test_kept_units_get_the_room_beside_the_largest_unit_queued_or_running(micro_recipe_path, monkeypatch, gpus):
+    """Two slots on one GPU, up to 4 trials a pass: while units of 4 are queued or running, the kept units get
+    the room beside units of 4, set before any of them runs; once those are done and only single trials follow
+    (an adaptive sweep's later rounds), the room beside single trials, which is larger."""
+    from mua_cli.spec.recipe import load_recipe
+    from mua_cli.sweep.pool import Pool
+
+    recipe = load_recipe(str(micro_recipe_path))
+    monkeypatch.setattr("mua_cli.sweep.pool.Trainer", Timed)
+    Timed.log, Timed.room = [], {}
+    ex = Execution("cuda", workers_per_gpu=2, batch_trials=4)
+    pool = Pool.start(recipe, ex, SimpleNamespace(note=lambda m: None), ["cuda:0"], Timed("cuda:0"))
+    try:
+        first = _specs(recipe, 8, 0)
+        assert [len(u) for u in pool.submit(first)] == [4, 4]
+        for _ in first:
+            pool.next()
+        assert Timed.room["cuda:0"] == (2, 1)  # nothing queued or running: room beside one trial
+        lone = _specs(recipe, 10, 0)[8:]
+        assert [len(u) for u in pool.submit(lone)] == [1, 1]
+        for _ in lone:
+            pool.next()
+    finally:
+        pool.close()
+    assert [(len(keys), room) for _, keys, _, _, room in Timed.log] == [(4, (2, 4))] * 2 + [(1, (2, 1))] * 2

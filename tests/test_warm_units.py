@@ -193,3 +193,48 @@ def test_a_lone_trial_runs_as_a_kept_unit_of_one_where_units_are_kept(micro):
         assert b.loss_curve == pytest.approx(a.loss_curve, rel=1e-4, abs=1e-4)
     full = runner.run_unit([make_spec(micro, "full", 0, 2.0**-8, 0)])[0]
     assert full.status == "ok" and "batched_with" not in full.info and len(runner.warm) == 1
+
+
+def test_a_smaller_bound_frees_the_least_recent_units_at_the_next_take_or_give():
+    """resize only sets the bound (the main thread calls it while slots may be capturing); the slot that next
+    takes or gives back a unit frees what no longer fits, the least recent first, before it builds its own."""
+    warm = WarmUnits(capacity=12, size=lambda shape: shape[1])
+    a, b, c, d = _Unit(), _Unit(), _Unit(), _Unit()
+    for name, unit in (("a", a), ("b", b), ("c", c)):
+        warm.give((name, 4), unit)
+    warm.resize(8)
+    assert len(warm) == 3 and not a.closed
+    assert warm.take(("none", 4)) is None and a.closed and not b.closed and len(warm) == 2 and warm.freed == 1
+    warm.resize(4)
+    warm.give(("d", 4), d)  # room for d alone: b and c go
+    assert b.closed and c.closed and not d.closed and len(warm) == 1 and warm.freed == 3
+    warm.resize(100)  # a larger bound keeps more
+    warm.give(("a", 4), _Unit())
+    assert len(warm) == 2 and warm.freed == 3
+
+
+def test_one_slot_gives_its_kept_units_the_room_beside_the_unit_it_runs(micro, monkeypatch):
+    """In the main thread's one slot (slots.Inline), each unit runs with the kept units bounded by the room
+    beside it, not beside the largest pass the plan allows."""
+    from types import SimpleNamespace
+
+    from mua_cli.sweep.sizing import Execution
+    from mua_cli.sweep.slots import Inline
+
+    monkeypatch.setattr("mua_cli.sweep.memory.warm_capacity", lambda trainer, slots, k: BIG // (slots * k))
+    runner = Trainer.load(micro, "cpu")
+    runner.keep_warm(1, 3)
+    assert runner.warm.capacity == BIG // 3
+    seen, run = [], runner.run_unit
+
+    def recorded(unit, *args):
+        seen.append((len(unit), runner.warm.capacity))
+        return run(unit, *args)
+
+    monkeypatch.setattr(runner, "run_unit", recorded)
+    listener = SimpleNamespace(note=lambda m: None, trial_start=lambda spec: None, step=None)
+    inline = Inline(micro, Execution("cpu", workers_per_gpu=1, batch_trials=3), listener, runner)
+    specs = [make_spec(micro, "B:1", 2, 2.0 ** -(6 + i), 0) for i in range(4)]
+    assert [len(u) for u in inline.submit(specs[:3]) + inline.submit(specs[3:])] == [3, 1]
+    assert sorted(inline.next()[0].key for _ in specs) == sorted(s.key for s in specs)
+    assert seen == [(3, BIG // 3), (1, BIG)]

@@ -180,8 +180,16 @@ class Pool:
                 self.unit_of[s.key] = uid
             self.units_out += 1
             self.outstanding += len(unit)
+        self._size_kept()  # before any slot takes the new units: a larger one shrinks the kept units' room first
+        for unit in queued:
             self.tasks.put(unit)
         return queued
+
+    def _size_kept(self) -> None:
+        """Each GPU's kept units get the room beside the largest unit queued or running (Trainer.size_kept)."""
+        k = max(map(len, self.unit.values()), default=1)
+        for trainer in list(self.trainers):  # a slot's thread may be adding its trainer
+            trainer.size_kept(self.ex.workers_per_gpu, k)
 
     def next(self) -> tuple[TrialSpec, TrialResult]:
         """The next finished trial, from any slot (waits for it); running trials' losses go to the listener."""
@@ -207,6 +215,7 @@ class Pool:
                         if "finished_at" in info:
                             self.costs.record(self.unit[uid], info["finished_at"] - info["started_at"])
                         del self.unit[uid]
+                        self._size_kept()
                 return spec, message[2]
 
     def _serve(self, slot: _Slot) -> None:

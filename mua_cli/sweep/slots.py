@@ -43,6 +43,7 @@ class Inline:
         """Runs the next unit when no result of the last one is left."""
         if not self.ready:
             unit = self.queue.popleft()
+            self.trainer.size_kept(1, len(unit))
             self.listener.trial_start(unit[0])
             results = self.trainer.run_unit(unit, self.listener.step, self.listener.note)
             self.ready.extend(zip(unit, results, strict=True))

@@ -134,6 +134,8 @@ class Trainer:
         self.batchable = True  # until a unit finds a part of the model that trials cannot share (train/stacked.py)
         self.warm = WarmUnits()  # built units kept for the next of their shape: none until keep_warm
         self._unit_bytes: dict[tuple, int] = {}
+        self._room_for: dict[tuple, int] = {}  # (slots, K) → memory.warm_capacity, worked out once
+        self._keeping = False
 
     @classmethod
     def load(cls, recipe: Recipe, device: str, on_note=None, graphs: bool = True, fused: bool = True) -> Trainer:
@@ -158,10 +160,23 @@ class Trainer:
         """Keeps built units between units (train/warm.py), as many as the memory plan leaves room for beside
         `slots` running units of up to `k` trials on this device (memory.warm_capacity); `shared`: the kept
         units of another slot on the same device, used by both."""
+        self.warm = shared if shared is not None else WarmUnits(self._room(slots, k), self._bytes)
+        self._keeping = True
+        return self.warm
+
+    def size_kept(self, slots: int, k: int) -> None:
+        """Bounds the kept units by the room beside `slots` running units of up to `k` trials: the largest the
+        sweep has queued or running now, which is often less than the plan's (a later round's units are small),
+        so more units are kept; a larger unit queued shrinks the room before it is built (WarmUnits.resize)."""
+        if self._keeping:  # not a cache that keep_warm never set up, whose units have no size
+            self.warm.resize(self._room(slots, k))
+
+    def _room(self, slots: int, k: int) -> int:
         from .memory import warm_capacity
 
-        self.warm = shared if shared is not None else WarmUnits(warm_capacity(self, slots, k), self._bytes)
-        return self.warm
+        if (slots, k) not in self._room_for:
+            self._room_for[slots, k] = warm_capacity(self, slots, k)
+        return self._room_for[slots, k]
 
     def _bytes(self, shape: tuple) -> int:
         """A kept unit's memory by the estimate (shape: train/batched.py's Batched.shape)."""

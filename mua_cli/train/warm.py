@@ -5,8 +5,9 @@ warm-up steps and capturing the step as a CUDA graph cost more than the 100 step
 (docs/performance.md). A later unit of the same (regime, rank, K, graphs) takes a kept one, re-initializes it
 in place (batched.Batched.reset: its seed's init, fresh optimizer state, its LRs) and replays the captured step.
 
-What is kept is bounded in bytes (the sweep's memory plan says how many: sweep/memory.py); past that, the unit
-given back longest ago is freed first. Knows units only as objects with `close()`.
+What is kept is bounded in bytes: the room the sweep's memory plan leaves beside the largest units it has queued
+or running (sweep/memory.py), so the bound moves as they do; past it, the unit given back longest ago is freed
+first. Knows units only as objects with `close()`.
 """
 
 from __future__ import annotations
@@ -29,33 +30,52 @@ class WarmUnits:
         self.freed = 0  # units freed: no room beside the others, memory ran out, or the sweep ended
 
     def take(self, shape: Hashable):
-        """An idle unit of `shape` (the caller now owns it), or None."""
+        """An idle unit of `shape` (the caller now owns it), or None. First frees what a smaller bound (resize)
+        no longer has room for, before the caller builds a unit in that memory."""
+        found = None
         with self._lock:
             for key in reversed(self._idle):  # the most recent: its memory is the likeliest still in cache
                 if key[0] == shape:
                     self._held -= self.size(shape)
                     self.taken += 1
-                    return self._idle.pop(key)
-        return None
+                    found = self._idle.pop(key)
+                    break
+            freed = self._trim(0)
+            self.freed += len(freed)
+        for u in freed:
+            u.close()
+        return found
 
     def give(self, shape: Hashable, unit) -> None:
         """Keeps `unit` for a later one of its shape, or frees it where it would not fit beside what is kept
         (what was given back longest ago goes first)."""
-        need, freed = self.size(shape), []
+        need = self.size(shape)
         with self._lock:
             if need > self.capacity:
-                freed.append(unit)
+                freed = [unit]
             else:
-                while self._idle and self._held + need > self.capacity:
-                    key, old = self._idle.popitem(last=False)
-                    self._held -= self.size(key[0])
-                    freed.append(old)
+                freed = self._trim(need)
                 self._serial += 1
                 self._idle[(shape, self._serial)] = unit
                 self._held += need
             self.freed += len(freed)
         for u in freed:
             u.close()
+
+    def resize(self, capacity: int) -> None:
+        """A new bound in bytes. What no longer fits is freed by the next take or give, in a thread that runs
+        units on this device: never from another thread while one of them captures a CUDA graph."""
+        with self._lock:
+            self.capacity = capacity
+
+    def _trim(self, need: int) -> list:
+        """Idle units taken out, the least recent first, until `need` more bytes fit (under the lock)."""
+        out = []
+        while self._idle and self._held + need > self.capacity:
+            key, old = self._idle.popitem(last=False)
+            self._held -= self.size(key[0])
+            out.append(old)
+        return out
 
     def clear(self) -> None:
         """Frees every kept unit (before a retry that needs the memory, and when the sweep ends)."""
