@@ -161,14 +161,14 @@ class Trainer:
         `slots` running units of up to `k` trials on this device (memory.warm_capacity); `shared`: the kept
         units of another slot on the same device, used by both."""
         self.warm = shared if shared is not None else WarmUnits(self._room(slots, k), self._bytes)
-        self._keeping = True
+        self._keeping = shared is None  # the trainer that made the cache sizes it (size_kept)
         return self.warm
 
     def size_kept(self, slots: int, k: int) -> None:
         """Bounds the kept units by the room beside `slots` running units of up to `k` trials: the largest the
         sweep has queued or running now, which is often less than the plan's (a later round's units are small),
         so more units are kept; a larger unit queued shrinks the room before it is built (WarmUnits.resize)."""
-        if self._keeping:  # not a cache that keep_warm never set up, whose units have no size
+        if self._keeping:  # not another slot's cache, nor one keep_warm never set up, whose units have no size
             self.warm.resize(self._room(slots, k))
 
     def _room(self, slots: int, k: int) -> int:
