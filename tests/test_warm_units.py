@@ -172,6 +172,25 @@ def test_a_slot_shares_its_gpus_kept_units_even_while_none_is_kept(micro):
     assert Trainer.load(micro, "cpu").keep_warm(2, 3) is not shared  # without `shared`: a cache of its own
 
 
+def test_only_the_trainer_that_made_a_gpus_cache_sizes_it(micro, monkeypatch):
+    """Every slot of a GPU is told the room (Pool sizes them all); the cache follows its maker. A cache that no
+    keep_warm set up (a first trainer a test hands the pool as is) keeps nothing, whoever shares it: its units
+    have no size, so room given to it would be unbounded."""
+    monkeypatch.setattr("mua_cli.sweep.memory.warm_capacity", lambda trainer, slots, k: BIG // k)
+    owner, other = Trainer.load(micro, "cpu"), Trainer.load(micro, "cpu")
+    other.keep_warm(2, 3, owner.warm)
+    for t in (owner, other):
+        t.size_kept(2, 1)
+    assert owner.warm.capacity == 0
+    shared = owner.keep_warm(2, 3)
+    other.keep_warm(2, 3, shared)
+    assert shared.capacity == BIG // 3
+    other.size_kept(2, 1)
+    assert shared.capacity == BIG // 3
+    owner.size_kept(2, 1)
+    assert shared.capacity == BIG
+
+
 def test_a_lone_trial_runs_as_a_kept_unit_of_one_where_units_are_kept(micro):
     """Where built units are kept (a GPU), a one-trial unit runs batched, is kept and is reset for the next lone
     trial of its rank, and trains what the trial trains on its own; where none is kept (the CPU by default), and
