@@ -64,7 +64,7 @@ class WarmUnits:
 
     def resize(self, capacity: int) -> None:
         """A new bound in bytes. What no longer fits is freed by the next take or give, in a thread that runs
-        units on this device: never from another thread while one of them captures a CUDA graph."""
+        units on this device (as give's own frees are), not in the sweep's main thread that resizes."""
         with self._lock:
             self.capacity = capacity
 
