@@ -230,6 +230,10 @@ def test_a_smaller_bound_frees_the_least_recent_units_at_the_next_take_or_give()
     warm.resize(100)  # a larger bound keeps more
     warm.give(("a", 4), _Unit())
     assert len(warm) == 2 and warm.freed == 3
+    warm.resize(4)
+    huge = _Unit()
+    warm.give(("huge", 11), huge)  # too large to keep, and the give still frees what the bound left over
+    assert huge.closed and len(warm) == 1 and warm.freed == 5
 
 
 def test_one_slot_gives_its_kept_units_the_room_beside_the_unit_it_runs(micro, monkeypatch):

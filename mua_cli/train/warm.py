@@ -51,13 +51,14 @@ class WarmUnits:
         (what was given back longest ago goes first)."""
         need = self.size(shape)
         with self._lock:
-            if need > self.capacity:
-                freed = [unit]
-            else:
-                freed = self._trim(need)
+            fits = need <= self.capacity
+            freed = self._trim(need if fits else 0)  # and what a smaller bound (resize) no longer has room for
+            if fits:
                 self._serial += 1
                 self._idle[(shape, self._serial)] = unit
                 self._held += need
+            else:
+                freed.append(unit)
             self.freed += len(freed)
         for u in freed:
             u.close()
