@@ -44,7 +44,11 @@ def start_process_server() -> None:
 
 
 def resolve_device(device: str) -> str:
-    """`auto`, `cpu`, `cuda` or `cuda:N`, checked against what this machine has (one line where it lacks it)."""
+    """`auto`, `cpu`, `cuda` or `cuda:N`, checked against what this machine has (one line where it lacks it).
+    A GPU's CUDA starts beside the imports that checking it needs (accel/cuda_start.py)."""
+    from .accel.cuda_start import start_cuda
+
+    start_cuda(device)
     from .sweep.trainer import resolve_device as resolve
 
     return resolve(device)
