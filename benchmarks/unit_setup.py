@@ -2,12 +2,16 @@
 units, one slot, in one process, so that what a process pays once, what a new shape pays and what every
 built unit pays stand apart.
 
-    python benchmarks/unit_setup.py [--only 5m,124m] [--steps 20] [--out FILE.json]
+    python benchmarks/unit_setup.py [--only 5m,124m] [--steps 20] [--kernels] [--out FILE.json]
 
 Units, in this order (B:1 unless named; K trials per pass): r16 K=8, r16 K=8 again (nothing new but the
 unit), r4 K=8 (new LoRA shapes), A:r r4 K=8 (new regime, same shapes), r4 K=2 (a new pass size), r4 K=1
 alone (the unbatched path). Each step and the capture are timed to the GPU's end (synchronized), so the
 times add up to the unit's; a sweep overlaps them with the other slot's work.
+
+`--kernels`, after the units: the forward and backward of Liger's rotary kernel and of SDPA's attention (the
+kernels a sweep's GPU step runs) at the 5m model's head shape, alone, first at a batch of a pass size no unit
+used, then again: what a new pass size costs each of them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from gpu_speed import recipe_for, seed_cache  # noqa: E402
 from record import Recording  # noqa: E402
 
 from mua_cli.accel import graphed  # noqa: E402
+from mua_cli.accel.attention import GPU_ORDER, kernels  # noqa: E402
 from mua_cli.accel.fused import fuse  # noqa: E402
 from mua_cli.spec.trial import TrialSpec  # noqa: E402
 from mua_cli.train.batched import run_batched  # noqa: E402
@@ -97,10 +102,43 @@ def probe(name: str, steps: int) -> list[dict]:
     return rows
 
 
+def first_calls(heads: int = 4, dim: int = 64, seq: int = 512) -> list[dict]:
+    """Seconds of the first and the second forward and backward of Liger's rotary kernel and of SDPA at batches
+    of 16·K for pass sizes K that no unit used."""
+    from liger_kernel.ops.rope import LigerRopeFunction
+
+    def rope(b: int) -> None:
+        q, k = (torch.randn(b, heads, seq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qk")
+        cos, sin = torch.randn(1, seq, dim, device="cuda"), torch.randn(1, seq, dim, device="cuda")
+        qo, ko = LigerRopeFunction.apply(q, k, cos, sin)
+        (qo.float().sum() + ko.float().sum()).backward()
+
+    def attention(b: int) -> None:
+        q, k, v = (torch.randn(b, heads, seq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in "qkv")  # fmt: skip
+        with kernels(GPU_ORDER):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).float().sum().backward()
+
+    rows = []
+    for name, fn in (("liger rotary", rope), ("SDPA attention", attention)):
+        for k in (3, 5, 6):
+            row = {"kernel": name, "batch": 16 * k}
+            for call in ("first_s", "second_s"):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                fn(16 * k)
+                torch.cuda.synchronize()
+                row[call] = round(time.perf_counter() - t, 4)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="5m,124m")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--kernels", action="store_true", help="then each kernel's first call at a new pass size")
     ap.add_argument("--out", help="the JSON file (default benchmarks/out/unit_setup-<UTC time>.json)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -110,6 +148,8 @@ def main() -> None:
         for row in probe(name, args.steps):
             rec.add("units", row)
         rec.save(args.out)
+    if args.kernels:
+        rec.set("first_calls", first_calls())
     print(f"wrote {rec.save(args.out)}")
 
 
