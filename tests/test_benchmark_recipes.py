@@ -226,3 +226,13 @@ def test_store_add_times_the_recipe_part_without_touching_the_users_hash_cache(t
     row = store_add.recipe_part_ms(files=12, calls=2)
     assert row["data_files"] == 12 and row["identity_afresh_ms"] > 0 and row["outcome_fields_kept_ms"] > 0
     assert os.environ["MUA_CACHE"] == str(tmp_path / "mine") and not (tmp_path / "mine").exists()
+
+
+def test_startup_sums_import_time_by_package():
+    import startup
+
+    own, slowest = startup.by_package("import json, email.parser")
+    assert {"json", "email"} <= set(own)
+    assert slowest and all("." not in name for name, _ in slowest)  # top-level packages, each with its imports
+    seconds = [s for _, s in slowest]
+    assert seconds == sorted(seconds, reverse=True)
