@@ -19,8 +19,10 @@ def gpus(monkeypatch):
     return touched
 
 
-@pytest.mark.parametrize(("device", "expected"), [("cuda", ["cuda:0"]), ("auto", ["cuda:0"]), ("cuda:1", ["cuda:1"]),
-                                                  ("cuda:2", []), ("cuda:x", [])])  # fmt: skip
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [("cuda", ["cuda:0"]), ("auto", ["cuda:0"]), ("cuda:1", ["cuda:1"]), ("cuda:2", []), ("cuda:x", []), ("tpu", [])],
+)
 def test_the_thread_starts_the_gpu_the_sweep_will_use(gpus, device, expected):
     thread = start_cuda(device)
     if thread is not None:
@@ -28,9 +30,9 @@ def test_the_thread_starts_the_gpu_the_sweep_will_use(gpus, device, expected):
     assert gpus == expected
 
 
-def test_the_cpu_starts_no_thread(gpus):
-    assert start_cuda("cpu") is None
-    assert gpus == []
+@pytest.mark.parametrize("device", ["cpu", "tpu", "cuda:x"])
+def test_no_thread_where_there_is_no_gpu_to_start(gpus, device):
+    assert start_cuda(device) is None
 
 
 def test_a_failed_start_says_nothing(monkeypatch, capsys):

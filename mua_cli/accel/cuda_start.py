@@ -1,7 +1,7 @@
 """CUDA's start (the driver, the GPU's context) in a thread of its own, begun as soon as torch is imported, so
 that it runs while the process goes on importing transformers and peft: a sweep on a GPU pays the longer of
-the two, not their sum (benchmarks/startup.py measures both). The context is made in the allocator's first
-call, which torch makes without holding Python's lock."""
+the two, not their sum (docs/performance.md: measured at 124m; benchmarks/startup.py times the parts). The
+context is made inside a tensor's creation, which torch runs without holding Python's lock."""
 
 from __future__ import annotations
 
@@ -12,13 +12,12 @@ import torch
 
 def start_cuda(device: str) -> threading.Thread | None:
     """Starts `device`'s CUDA (`auto`, `cuda` and `cuda:N`; `cuda` and `auto` start the first GPU) in a daemon
-    thread, or nothing for the CPU. Whatever fails there fails again, with its message, where the sweep first
-    uses the GPU (sweep/trainer.py), so the thread says nothing."""
-    if device == "cpu":
-        return None
-    index = device[5:] if device.startswith("cuda:") else "0"
+    thread, or nothing for the CPU or a name it does not know (resolve_device says what is wrong with it).
+    Whatever fails in the thread fails again, with its message, where the sweep first uses the GPU
+    (sweep/trainer.py), so the thread says nothing."""
+    index = device[5:] if device.startswith("cuda:") else "0" if device in ("auto", "cuda") else ""
     if not index.isdigit():
-        return None  # a bad name: resolve_device says so
+        return None
 
     def start() -> None:
         try:
