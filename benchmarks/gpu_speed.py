@@ -17,9 +17,10 @@ The race, per workload (5m, 124m, minilm, minilm-text, vit-base):
 1. mua, as a user runs it: `mua sweep --recipe R --out RUN`, then `mua fit RUN`, then `mua transfer RUN --to
    full-ft --json`, each a fresh process. **Time to answer**: from the sweep command's start to the transfer's
    value. Trials per hour: the trials the sweep stored over the sweep command's seconds.
-2. plain, the loop one writes by hand, as a fresh process too (this script with --plain): it reads the trials mua
-   ran back from the run's store (`mua_cli.api.load_trials`: the same regimes, ranks, LRs, seeds, steps and
-   batch; failed and retried ones counted once, as stored) and runs each, one after another: a copy of the fp32
+2. plain, the loop one writes by hand, as a fresh process too (benchmarks/plain_loop.py, which imports what
+   such a loop needs and no more): the trials mua ran, read back from the run's store here
+   (`mua_cli.api.load_trials`: the same regimes, ranks, LRs, seeds, steps and batch; failed and retried ones
+   counted once, as stored), are handed to it, and it runs each, one after another: a copy of the fp32
    base, peft `get_peft_model` with μA's init (as mua sets it), a classifier's head in modules_to_save at
    head_lr, torch AdamW (foreach), LambdaLR warmup + cosine as the recipe says, bf16 autocast on a GPU, gradient
    clipping, `loss.item()` every step, the same divergence stop and the held-out evaluation where the recipe has
@@ -71,13 +72,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from plain_loop import plain_trial  # noqa: E402
 from record import Recording, table  # noqa: E402
 from sweep_timeline import timeline  # noqa: E402
 
-from mua_cli.api import Recipe, load_recipe, load_trials  # noqa: E402
+from mua_cli.api import Recipe, load_trials  # noqa: E402
 from mua_cli.spec.trial import TrialSpec  # noqa: E402
-from mua_cli.train.adapters import head_modules, param_groups, prepare  # noqa: E402
-from mua_cli.train.loop import lr_lambda, run_trial  # noqa: E402
+from mua_cli.train.loop import run_trial  # noqa: E402
 from mua_cli.train.models import embedded_config, embedded_folder  # noqa: E402
 from mua_cli.train.workload import load_workload  # noqa: E402
 
@@ -252,10 +253,16 @@ def race(name: str, steps: int, device: str, smoke: bool, flags: list[str]) -> d
         recipe_file.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         run = folder / "run"
         mua = mua_answer(recipe_file, run, device, flags)
-        df = load_trials(run)
-        plain_out = folder / "plain.json"
-        plain_cmd = command([sys.executable, str(Path(__file__).resolve()), "--plain", str(run), "--recipe-file",
-                             str(recipe_file), "--device", device, "--plain-out", str(plain_out)])  # fmt: skip
+        df = load_trials(run).sort_values("number")
+        for col, want in (("steps", recipe.optim.steps), ("batch_size", recipe.optim.batch_size)):
+            if col in df and set(df[col].dropna().astype(int)) - {want}:
+                raise RuntimeError(f"the store's trials ran other {col} than the recipe's {want}")
+        specs, plain_out = folder / "trials.json", folder / "plain.json"
+        specs.write_text(json.dumps([[r["regime"], int(r["rank"]), float(r["lr"]), int(r["seed"])]
+                                     for _, r in df.iterrows()]))  # fmt: skip
+        loop = ROOT / "benchmarks" / "plain_loop.py"
+        plain_cmd = command([sys.executable, str(loop), "--trials", str(specs), "--recipe-file", str(recipe_file),
+                             "--device", device, "--out", str(plain_out)])  # fmt: skip
         if plain_cmd["rc"] != 0:
             raise RuntimeError(failure("the plain loop", plain_cmd))
         plain = json.loads(plain_out.read_text())
@@ -290,69 +297,6 @@ def race(name: str, steps: int, device: str, smoke: bool, flags: list[str]) -> d
         "metric_by_lr_mua": by_lr(mua_rows), "metric_by_lr_plain": by_lr(plain["trials"]),
         "data": about, "timeline": tl,
     }  # fmt: skip
-
-
-def plain_trial(spec, base, task, recipe: Recipe, device: str, times: list | None = None) -> float:
-    """The plain loop's trial; returns its metric (the mean training loss of the recipe's last steps, or the
-    held-out loss where the recipe's metric is eval; inf if diverged)."""
-    o = recipe.optim
-    head = head_modules(base, recipe.model.task)
-    torch.manual_seed(spec.seed)
-    model = prepare(base, spec.regime, spec.rank, o.alpha0, recipe.model.targets, spec.seed, head).to(device).train()
-    groups = param_groups(model, spec.regime, spec.lr, head, o.head_lr)
-    opt = torch.optim.AdamW(groups.groups, lr=spec.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o))
-    batch_at = task.train_batches(spec.seed, o.steps, o.batch_size, device)
-    cuda = device.startswith("cuda")
-    losses = []
-    for step in range(o.steps):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            loss = task.loss(model, batch_at(step))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(groups.params, o.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if times is not None:
-            times.append(time.perf_counter())
-        if not math.isfinite(losses[-1]) or losses[-1] > o.divergence_factor * losses[0]:
-            return math.inf
-    tail = losses[-max(1, math.ceil(o.metric_frac * len(losses))) :]
-    metric = sum(tail) / len(tail)
-    if o.metric == "eval" or recipe.data.eval_fraction > 0:
-        model.eval()
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            scores = task.evaluate(model, o.batch_size, device)
-        if o.metric == "eval":
-            metric = scores["loss"]
-    return metric
-
-
-def plain_main(run: Path, recipe_file: Path, device: str, out: Path) -> None:
-    """The plain loop over the trials stored in `run` (the --plain command)."""
-    t0 = time.perf_counter()
-    recipe = load_recipe(str(recipe_file)).replace(dtype="float32")  # fp32 weights; bf16 autocast on a GPU
-    df = load_trials(run).sort_values("number")
-    for col, want in (("steps", recipe.optim.steps), ("batch_size", recipe.optim.batch_size)):
-        if col in df and set(df[col].dropna().astype(int)) - {want}:
-            raise SystemExit(f"the store's trials ran other {col} than the recipe's {want}")
-    work = load_workload(recipe, "cpu")  # a classifier's batches padded each to its longest example
-    params = sum(p.numel() for p in work.base.parameters())
-    load_s = time.perf_counter() - t0
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    rows = []
-    t1 = time.perf_counter()
-    for _, r in df.iterrows():
-        spec = TrialSpec(r["regime"], int(r["rank"]), float(r["lr"]), int(r["seed"]))
-        rows.append(
-            [spec.regime, spec.rank, spec.lr, spec.seed, plain_trial(spec, work.base, work.task, recipe, device)]
-        )
-    trials_s = time.perf_counter() - t1
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    out.write_text(json.dumps({"load_s": round(load_s, 2), "trials_s": round(trials_s, 2), "trials": rows,
-                               "params_M": round(params / 1e6, 1), "peak_gib": peak and round(peak, 1)}))  # fmt: skip
 
 
 def triton_cache_files() -> int:
@@ -835,9 +779,6 @@ def main() -> None:
     ap.add_argument("--out", help="the JSON file (default benchmarks/out/gpu_speed-<UTC time>.json)")
     ap.add_argument("--table", nargs="+", metavar="FILE", help="print the markdown tables of JSON outputs "
                     "(in the order run) and exit; no GPU needed")  # fmt: skip
-    ap.add_argument("--plain", type=Path, help=argparse.SUPPRESS)  # the plain loop's own process, over RUN's trials
-    ap.add_argument("--recipe-file", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--plain-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.table:
         loaded = [json.loads(Path(f).read_text()) for f in args.table]  # a report, or a list of them (one call's)
@@ -848,9 +789,6 @@ def main() -> None:
         return
     cuda = torch.cuda.is_available()
     device = args.device or ("cuda:0" if cuda and not args.smoke else "cpu")
-    if args.plain:
-        plain_main(args.plain, args.recipe_file, device, args.plain_out)
-        return
     steps = args.steps or (4 if args.smoke else 100)
     only = (args.only or ("5m" if args.scaling else DEFAULT)).split(",")
     unknown = sorted(set(only) - {*RACES, "350m"})

@@ -34,6 +34,10 @@ VARIANTS = {
     "torch, CUDA started": f"import torch; {CUDA}",
     "transformers' model, peft": "import torch, peft, transformers.models.llama.modeling_llama",
     "a sweep's imports": SWEEP_IMPORTS,
+    "the race's plain loop (plain_loop.py)": "import sys; sys.path.insert(0, 'benchmarks'); import plain_loop",
+    "gpu_speed.py, the plain loop's process until 2026-12-07": (
+        "import sys; sys.path.insert(0, 'benchmarks'); import gpu_speed"
+    ),
     "a sweep's imports, then CUDA": f"import torch; {SWEEP_IMPORTS}; {CUDA}",
     "a sweep's imports, CUDA started beside them": (
         "import threading, torch; t = threading.Thread(target=lambda: (" + CUDA.replace("; ", ", ") + ")); "

@@ -236,3 +236,11 @@ def test_startup_sums_import_time_by_package():
     assert slowest and all("." not in name for name, _ in slowest)  # top-level packages, each with its imports
     seconds = [s for _, s in slowest]
     assert seconds == sorted(seconds, reverse=True)
+
+
+def test_the_plain_loop_imports_what_a_hand_written_loop_needs_and_no_more():
+    """Its process's start counts in the race: mua's store and fit (optuna, pandas) are not a plain loop's."""
+    code = "import sys, plain_loop; print(sorted(m for m in sys.modules if m.split('.')[0] in {'optuna', 'pandas', 'sqlalchemy'} or m.startswith(('mua_cli.sweep', 'mua_cli.science.fit', 'mua_cli.api'))))"  # noqa: E501
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks", capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    assert out.strip() == "[]"
