@@ -41,7 +41,7 @@ UNITS = [("B:1", 16, 8), ("B:1", 16, 8), ("B:1", 4, 8), ("A:r", 4, 8), ("B:1", 4
 
 
 class Timed:
-    """Wraps graphed.Step's calls: the seconds of each of a unit's first calls, and of its capture."""
+    """Wraps graphed.Step (patched for the whole process): the seconds of every step, and of every capture."""
 
     def __init__(self):
         self.calls: list[float] = []
