@@ -9,8 +9,9 @@ digit (tests/test_gpu.py). A Step may serve several units of trials (a kept unit
 captured, every step of a later unit, its first too, is a replay.
 
 Several threads may capture, one or two per GPU: a capture records on its thread's side stream, forbids unsafe
-CUDA calls in its own thread only, and holds CAPTURE (with the warm-up steps and, where memory is short,
-collecting garbage and emptying the allocator's cache), so that no two threads capture at once on one GPU.
+CUDA calls in its own thread only, and holds CAPTURE (with, where memory is short, collecting garbage and
+emptying the allocator's cache), so that no two threads capture at once on one GPU. The warm-up steps run on
+the same side stream, outside the lock.
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ _SIDE = threading.local()  # per thread, per GPU: where its warm-up steps run an
 
 
 def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """This thread's side stream on the GPU, for warm-up steps and captures, made once and used only under
-    CAPTURE. Not a new torch.cuda.Stream per unit: torch hands out 32 streams a priority, round robin, so every
+    """This thread's side stream on the GPU, for warm-up steps and captures, made once and used by this
+    thread alone. Not a new torch.cuda.Stream per unit: torch hands out 32 streams a priority, round robin, so every
     32nd would be the stream another slot steps on, and that slot's work, launched while this one captured,
     would raise or be recorded into the capture instead of running (docs/performance.md). From the
     high-priority pool, apart from the slots' own streams (sweep/pool.py)."""
@@ -139,13 +140,14 @@ class Step:
         if self.graph is not None:
             self.graph.replay()
         elif self.count <= WARMUP:
-            current = torch.cuda.current_stream(self.device)
-            with CAPTURE:
-                side = side_stream(self.device)
-                side.wait_stream(current)
-                with torch.cuda.stream(side), kernels(self.attention):
-                    self.fn()
-                current.wait_stream(side)
+            # Not under CAPTURE: an eager step is the same kind of work as a unit's build or evaluation, which
+            # run beside another thread's thread_local capture; holding the lock kept the other slot's first
+            # steps waiting (docs/performance.md, "The warm-up steps outside the capture lock").
+            current, side = torch.cuda.current_stream(self.device), side_stream(self.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side), kernels(self.attention):
+                self.fn()
+            current.wait_stream(side)
         else:
             self._capture(params)
             if self.graph is not None:
