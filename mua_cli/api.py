@@ -9,10 +9,12 @@ The `mua` command is a thin layer over these; everything else in mua_cli is inte
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .atomic import write_atomic
 from .errors import MuaError
@@ -22,9 +24,33 @@ from .science.theory import MAX_RANK, TRANSFER_REGIME, get_regime
 from .science.transfer import CHOICES, FULL_TARGET, Prediction, predict_rank
 from .spec.recipe import Recipe, load_recipe
 from .sweep.sizing import Execution
-from .sweep.store import DB_NAME, TrialStore, load_trials
-from .sweep.stream import Listener, SweepSummary
-from .sweep.stream import run_sweep as _run_sweep
+from .sweep.store_file import DB_NAME
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .sweep.stream import Listener, SweepSummary
+
+# The trial store and the sweep (Optuna, SQLAlchemy, pandas) load where they are used, so that `mua transfer` on a
+# fitted run reads fit.json without them; `from mua_cli.api import Listener` still works (__getattr__).
+_LATER = {"Listener": ".sweep.stream", "SweepSummary": ".sweep.stream"}
+
+
+def __getattr__(name: str):
+    if name not in _LATER:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LATER[name], __package__), name)
+    globals()[name] = value
+    return value
+
+
+def load_trials(run_dir: str | Path, storage: str | None = None, study: str | None = None) -> pd.DataFrame:
+    """Every stored trial of a run, one row a trial, read without writing to the store (`attrs["info"]`: what the
+    sweep recorded about the run besides its trials). `storage`, `study`: the trials live there."""
+    from .sweep.store import load_trials as load
+
+    return load(Path(run_dir), storage, study)
+
 
 FULL_CHECK = "full-check"  # a run folder's subfolder: its sweep's full-finetuning check (--full-check)
 
@@ -56,6 +82,8 @@ def resolve_device(device: str) -> str:
 
 def has_trials(run_dir: str | Path) -> bool:
     """Whether the run folder's store holds a trial (read only; a folder without a store has none)."""
+    from .sweep.store import TrialStore
+
     return bool(TrialStore.open(Path(run_dir)).trials())
 
 
@@ -63,6 +91,7 @@ def work(run_dir: str | Path, storage: str | None, study: str, device: str, list
          execution: Execution | None = None, wait_s: float = 0.0):  # fmt: skip
     """`mua worker`: runs a shared study's queued trials until its sweep is done (sweep/worker.py); the summary
     says how many it ran. `run_dir`: the run folder whose trials.db holds the study, where no `storage`."""
+    from .sweep.stream import Listener
     from .sweep.worker import join
 
     return join(Path(run_dir), storage, study, device, listener or Listener(), execution, wait_s)
@@ -117,6 +146,9 @@ def run_sweep(
     (docs/scale-out.md); `execution`: slots and trials per pass (0: chosen by size). `full_check`: then sweep
     full finetuning alone at a quarter of the steps into run_dir/full-check (`Recipe.full_check`), which
     `predict` shows beside a full-finetuning prediction (the summary's `check`)."""
+    from .sweep.stream import Listener
+    from .sweep.stream import run_sweep as _run_sweep
+
     if full_check:
         _can_check(recipe, storage, study)
     dev = resolve_device(device)

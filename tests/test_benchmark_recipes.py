@@ -244,3 +244,18 @@ def test_the_plain_loop_imports_what_a_hand_written_loop_needs_and_no_more():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks", capture_output=True, text=True,
                          check=True).stdout  # fmt: skip
     assert out.strip() == "[]"
+
+
+def test_answer_commands_times_fit_and_transfer_from_each_tree_with_the_same_answer(tmp_path):
+    """benchmarks/answer_commands.py end to end: a small real sweep, then `mua fit` and `mua transfer` from this
+    tree and from HEAD's files, each run from outside the repository and importing the tree it was given."""
+    out = tmp_path / "answer.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "answer_commands.py"), "--against", "HEAD",
+                           "--repeats", "1", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    rows = {(r["tree"], r["command"]): r for r in doc["rows"]}
+    assert set(rows) == {(t, c) for t in ("this tree", "HEAD") for c in ("fit", "transfer")}
+    assert all(r["median_s"] > 0 and len(r["each_s"]) == 1 for r in rows.values())
+    assert doc["same_answer"] and float(doc["answers"]["HEAD"][0]) > 0

@@ -19,16 +19,18 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from ..errors import MuaError
 from . import calibration as cal
 from .anchor import full_anchor
 from .rank_optima import Z95, RankOptimum, clean_trials, estimate, jsonable
 from .theory import FULL, REGIMES, TRANSFER_REGIME, get_regime
+
+if TYPE_CHECKING:  # pandas only where trials are fitted: a saved fit reads back without it (`mua transfer`)
+    import pandas as pd
 
 REQUIRED = ("regime", "rank", "lr", "seed", "status", "metric", "steps", "batch_size", "seq_len")
 
@@ -240,6 +242,8 @@ def _recipe(v: Any) -> dict:
 
 
 def _check_one_run(df: pd.DataFrame) -> None:
+    import pandas as pd
+
     recs = [_recipe(r) for r in df["recipe"]] if "recipe" in df else []
     seen = {c: [f"{v:g}" for v in pd.to_numeric(df[c]).dropna()] for c in ("steps", "batch_size", "seq_len")}
     # each trial carries its recipe's outcome keys (spec/config.py): rows that differ in any are not one run

@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import special
 
 from ..errors import MuaError
 from . import calibration as cal
@@ -63,6 +62,8 @@ class StudyRatio:
 
 
 def _t(dof: float) -> float:
+    from scipy import special  # where it is used: reading a saved fit needs no SciPy
+
     return float(special.stdtrit(dof, 0.975)) if dof >= 1 else math.inf  # t's 97.5 % quantile
 
 

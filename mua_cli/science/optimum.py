@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import special
 
 WINDOW = 1.5  # octaves either side of the best grid LR: the quadratic model holds near the optimum only
 RHO_MAX = 4.0  # the curvature of one side is at most this × the other's
@@ -159,6 +158,8 @@ def interval(fit: LocalFit, sigma2: float, dof: int) -> tuple[float, float]:
     σ² is the group's own residual variance shrunk toward the run's pooled σ² (which counts as POOL_DOF
     degrees of freedom): a group whose curve the model fits worse than the others gets a wider interval, and
     a group with no residual degrees of freedom of its own borrows the pool's."""
+    from scipy import special  # where intervals are computed: reading a saved fit needs no SciPy
+
     k = min(POOL_DOF, dof)
     own = (fit.rss_min + k * sigma2) / (fit.dof + k) if fit.dof + k > 0 else sigma2
     thresh = fit.rss_min + max(own, 1e-12) * float(special.fdtri(1, fit.dof + k, 0.95))

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from ..errors import MuaError
 from . import optimum as opt
 from .theory import FULL, lr_label
+
+if TYPE_CHECKING:  # pandas only where trials are fitted: a saved fit reads back without it (`mua transfer`)
+    import pandas as pd
 
 Z95 = 1.959963984540054
 
@@ -73,6 +75,8 @@ class RankOptimum:
 
 def clean_trials(df: pd.DataFrame) -> pd.DataFrame:
     """Drop failed (or unfinished) rows; a diverged row gets metric +inf, worse than any finite loss."""
+    import pandas as pd
+
     metric = pd.to_numeric(df["metric"], errors="coerce").astype(float).to_numpy()
     status = df["status"].astype(str).str.lower().to_numpy()
     diverged = (status == "diverged") | ((status == "ok") & np.isinf(metric))

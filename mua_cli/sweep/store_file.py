@@ -8,9 +8,6 @@ import hashlib
 import sqlite3
 from pathlib import Path
 
-import optuna
-import sqlalchemy
-
 from ..errors import MuaError
 
 DB_NAME = "trials.db"
@@ -25,6 +22,9 @@ def make_tables_once(url: str) -> None:
         return
     if tables_made(url):
         return
+    import optuna  # here: the run folder's SQLite checks (and DB_NAME, read by `mua transfer`) need neither
+    import sqlalchemy
+
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     try:
         with engine.connect() as conn:
@@ -45,6 +45,8 @@ def tables_made(url: str) -> bool:
     (skip_table_creation), which would collide with the process making the tables under the lock."""
     if not url.startswith("postgresql"):
         return True
+    import sqlalchemy
+
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     try:
         with engine.connect() as conn:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -14,6 +14,9 @@ from ..science import calibration as cal
 from ..science.optimum import seed_adjusted
 from ..science.theory import FULL, lr_label, theory_rows
 from ..science.transfer import curvature_text, used_slope_interval
+
+if TYPE_CHECKING:  # a table of trials gets its frame from the caller: `mua transfer` loads no pandas
+    import pandas as pd
 
 
 def theory_table() -> Table:
