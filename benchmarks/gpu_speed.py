@@ -802,7 +802,7 @@ def main() -> None:
     # Both sides start from the OS's file cache holding the libraries: on a fresh machine the first command to
     # import torch reads it from disk, and mua's sweep, which runs first, would pay that alone
     prime = (
-        "import torch, transformers, peft, optuna, mua_cli.api, mua_cli.sweep.trainer; "
+        "import torch, transformers, peft, mua_cli.api, mua_cli.sweep.stream, mua_cli.sweep.trainer; "
         "torch.cuda.is_available() and torch.zeros(1, device='cuda')"
     )
     primed = command([sys.executable, "-c", prime])

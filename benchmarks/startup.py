@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from record import Recording, table  # noqa: E402
 
-SWEEP_IMPORTS = "import mua_cli.api, mua_cli.sweep.slots, mua_cli.sweep.trainer"
+SWEEP_IMPORTS = "import mua_cli.api, mua_cli.sweep.stream, mua_cli.sweep.slots, mua_cli.sweep.trainer"  # as `mua sweep`
 CUDA = "torch.zeros(1, device='cuda'); torch.cuda.synchronize()"
 VARIANTS = {
     "python": "pass",
